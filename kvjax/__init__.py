@@ -1,0 +1,8 @@
+"""kvjax: long-context LLM inference in JAX with compressed KV caches."""
+
+from . import attention, policies
+from .models import LlamaConfig, get_preset
+from .policies import parse_policy
+from .state import KVState, LayerContext, SlotKV
+
+__version__ = "0.1.0"

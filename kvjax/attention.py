@@ -1,0 +1,170 @@
+"""The one attention entry point every model layer and policy goes through.
+
+Layouts (kvjax-wide):
+    q      [B, T, Nq, H]   new queries (post-RoPE)
+    k, v   [B, N, S, H]    cache slots, heads-major (N = num_kv_heads, Nq = N * G)
+    q_pos  [B, T]  int32   absolute position of each query (-1 = padding)
+    k_pos  [B, N, S] int32 absolute position held by each slot (-1 = empty)
+
+A slot is visible to a query when 0 <= k_pos <= q_pos (and q_pos - k_pos < window for
+local attention). Because visibility is decided by positions, evicted, merged and
+re-ordered caches need no special masks. `attend` picks an implementation by backend;
+`implementation="xla"` forces the jnp reference, which is also the CPU path.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class AttentionOutput(NamedTuple):
+    """out [B, T, Nq, H]; lse [B, T, Nq] (log-sum-exp of scaled logits, -inf when a row
+    sees nothing) or None; key_mass [B, N, S] (softmax mass each slot received, summed
+    over queries and the G query heads sharing it; H2O's statistic) or None."""
+
+    out: jax.Array
+    lse: jax.Array | None = None
+    key_mass: jax.Array | None = None
+
+
+def visibility_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None = None) -> jax.Array:
+    """Boolean [B, N, T, S]: which slot each query may attend to."""
+    qp = q_pos[:, None, :, None]
+    kp = k_pos[:, :, None, :]
+    mask = (kp >= 0) & (qp >= 0) & (kp <= qp)
+    if window is not None:
+        mask &= (qp - kp) < window
+    return mask
+
+
+def attention_logits(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
+    """Scaled logits [B, N, G, T, S] in float32 for q [B, T, N*G, H], k [B, N, S, H]."""
+    b, t, nq, h = q.shape
+    n = k.shape[1]
+    if nq % n:
+        raise ValueError(f"query heads {nq} must be a multiple of key heads {n}")
+    scale = h**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, n, nq // n, h)
+    return jnp.einsum("btngh,bnsh->bngts", qg, k, preferred_element_type=jnp.float32) * scale
+
+
+def attention_probs(q, k, q_pos, k_pos, *, window=None, scale=None) -> jax.Array:
+    """Softmax probabilities [B, N, G, T, S] (float32); rows that see nothing are zero."""
+    logits = attention_logits(q, k, scale)
+    mask = visibility_mask(q_pos, k_pos, window)[:, :, None]
+    logits = jnp.where(mask, logits, MASK_VALUE)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - m) * mask
+    return p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+
+
+def _attention_block(q, k, v, q_pos, k_pos, window, scale, want_mass):
+    b, t, nq, h = q.shape
+    n = k.shape[1]
+    logits = attention_logits(q, k, scale)
+    mask = visibility_mask(q_pos, k_pos, window)[:, :, None]
+    logits = jnp.where(mask, logits, MASK_VALUE)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - m) * mask
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    seen = l > 0
+    p_norm = p / jnp.where(seen, l, 1.0)
+    out = jnp.einsum("bngts,bnsh->btngh", p_norm.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]  # [B,N,G,T]
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, nq)
+    mass = jnp.sum(p_norm, axis=(2, 3)) if want_mass else None
+    return out.reshape(b, t, nq, h).astype(q.dtype), lse, mass
+
+
+def attention_reference(
+    q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False, q_chunk=512
+) -> AttentionOutput:
+    """Exact attention in jnp (float32 softmax), processed in query chunks of `q_chunk`
+    so memory stays O(q_chunk * S). Shapes as in the module docstring."""
+    b, t, nq, h = q.shape
+    if t <= q_chunk:
+        out, lse, mass = _attention_block(q, k, v, q_pos, k_pos, window, scale, want_mass)
+        return AttentionOutput(out, lse, mass)
+    pad = (-t) % q_chunk
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    pp = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
+    nc = (t + pad) // q_chunk
+    qc = qp.reshape(b, nc, q_chunk, nq, h).swapaxes(0, 1)
+    pc = pp.reshape(b, nc, q_chunk).swapaxes(0, 1)
+
+    def one(args):
+        return _attention_block(args[0], k, v, args[1], k_pos, window, scale, want_mass)
+
+    out, lse, mass = jax.lax.map(one, (qc, pc))
+    out = out.swapaxes(0, 1).reshape(b, nc * q_chunk, nq, h)[:, :t]
+    lse = lse.swapaxes(0, 1).reshape(b, nc * q_chunk, nq)[:, :t]
+    mass = jnp.sum(mass, axis=0) if want_mass else None
+    return AttentionOutput(out, lse, mass)
+
+
+def default_implementation() -> str:
+    """'xla' on CPU; kernels register faster paths for GPU/TPU in `_IMPLEMENTATIONS`."""
+    return "xla"
+
+
+_IMPLEMENTATIONS = {"xla": attention_reference}
+
+
+def register_implementation(name: str, fn) -> None:
+    """Plug a kernel-backed attention in behind `attend` (same signature as the reference)."""
+    _IMPLEMENTATIONS[name] = fn
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    *,
+    window: int | None = None,
+    scale: float | None = None,
+    want_mass: bool = False,
+    implementation: str | None = None,
+) -> AttentionOutput:
+    """Attention of q [B, T, Nq, H] over cache slots k, v [B, N, S, H] (see module doc).
+
+    Returns `AttentionOutput(out [B, T, Nq, H], lse [B, T, Nq], key_mass [B, N, S] | None)`.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"expected q [B,T,Nq,H] and k/v [B,N,S,H]; got q{q.shape} k{k.shape} v{v.shape}")
+    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k{k.shape} and v{v.shape} must agree on [B, N, S]")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q{q.shape} and k{k.shape} must agree on batch and head_dim")
+    if q_pos.shape != q.shape[:2]:
+        raise ValueError(f"q_pos{q_pos.shape} must be [B, T] = {q.shape[:2]}")
+    if k_pos.shape != k.shape[:3]:
+        raise ValueError(f"k_pos{k_pos.shape} must be [B, N, S] = {k.shape[:3]}")
+    impl = implementation or default_implementation()
+    try:
+        fn = _IMPLEMENTATIONS[impl]
+    except KeyError:
+        raise ValueError(f"unknown attention implementation={impl!r}; expected one of {sorted(_IMPLEMENTATIONS)}") from None
+    return fn(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass)
+
+
+def merge_partials(outs, lses):
+    """Merge partial attention results over disjoint key sets via their LSEs.
+
+    outs: sequence of [B, T, Nq, H]; lses: sequence of [B, T, Nq]. Returns (out, lse)."""
+    lse_all = jnp.stack(lses)
+    m = jnp.max(lse_all, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse_all - m_safe)
+    total = jnp.sum(w, axis=0)
+    out = sum(o.astype(jnp.float32) * wi[..., None] for o, wi in zip(outs, w))
+    out = out / jnp.where(total > 0, total, 1.0)[..., None]
+    lse = jnp.where(total > 0, m_safe + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+    return out.astype(outs[0].dtype), lse

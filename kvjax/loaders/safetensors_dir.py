@@ -1,0 +1,81 @@
+"""Read HF-format model directories: config.json + *.safetensors shards + tokenizer.json."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from ..models.config import LlamaConfig, RopeScaling
+from .errors import ModelFileError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def read_config(directory: str) -> LlamaConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{directory}: no config.json (expected an HF model directory)")
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: invalid JSON: {e}") from e
+    kind = c.get("model_type")
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ModelFileError(f"{path}: unsupported model_type {kind!r}; kvjax reads {SUPPORTED_MODEL_TYPES}")
+    scaling = None
+    rs = c.get("rope_scaling") or (c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else None)
+    if rs:
+        rtype = rs.get("rope_type", rs.get("type"))
+        if rtype == "llama3":
+            scaling = RopeScaling("llama3", rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"],
+                                  rs["original_max_position_embeddings"])
+        elif rtype == "linear":
+            scaling = RopeScaling("linear", rs["factor"])
+        elif rtype not in (None, "default"):
+            raise ModelFileError(f"{path}: unsupported rope scaling {rtype!r}")
+    theta = c.get("rope_theta", (rs or {}).get("rope_theta", 10000.0))
+    heads = c["num_attention_heads"]
+    eos = c.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    window = c.get("sliding_window") if c.get("use_sliding_window", kind == "mistral") else None
+    return LlamaConfig(
+        name=c.get("_name_or_path") or os.path.basename(os.path.normpath(directory)),
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads", heads),
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        rms_norm_eps=c.get("rms_norm_eps", 1e-5),
+        max_position=c.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=kind == "qwen2",
+        sliding_window=window,
+        bos_id=c.get("bos_token_id"),
+        eos_ids=eos_ids,
+        pad_id=c.get("pad_token_id") if c.get("pad_token_id") is not None else (eos_ids[0] if eos_ids else 0),
+    )
+
+
+def read_tensors(directory: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise ModelFileError(f"{directory}: no *.safetensors files")
+    out = {}
+    for path in files:
+        try:
+            with safe_open(path, "np") as f:
+                for name in f.keys():
+                    out[name] = np.asarray(f.get_tensor(name), dtype=np.float32)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFileError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from e
+    return out

@@ -1,0 +1,115 @@
+"""The policy contract: one state type and pure prefill / decode / compress functions.
+
+A policy is a frozen dataclass (hashable, so it is a static `jit` argument). The model
+calls, for every layer,
+
+    state, out = policy.prefill(state, q, k, v, q_pos, ctx)   # a prompt chunk [B, T]
+    state, out = policy.decode(state, q, k, v, q_pos, ctx)    # new token(s)
+
+with q [B, T, Nq, H], k/v [B, T, N, H] (post-RoPE), q_pos [B, T] (-1 = padding) and a
+static `LayerContext`. `init_layer` gives the state a prompt enters with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from .. import attention
+from ..state import KVState, LayerContext, SlotKV
+from . import slots
+
+
+class PolicyError(ValueError):
+    """A policy was configured or used with values it cannot honour."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Base class. Subclasses set `name` and override what they change."""
+
+    name: ClassVar[str] = ""
+
+    # ---- state ----------------------------------------------------------------------
+    def prefill_capacity(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Slots the state needs while the prompt is being prefilled."""
+        return prompt_len + max_new_tokens
+
+    def init_layer(self, layer: int, batch: int, prompt_len: int, max_new_tokens: int, config, dtype) -> Any:
+        return SlotKV.empty(
+            batch, config.num_kv_heads, self.prefill_capacity(prompt_len, max_new_tokens), config.head_dim, dtype
+        )
+
+    def init_state(self, config, batch: int, prompt_len: int, max_new_tokens: int, dtype=jnp.bfloat16) -> KVState:
+        """Empty whole-model state for `batch` prompts of (bucketed) length `prompt_len`."""
+        self.validate(prompt_len, config)
+        layers = tuple(
+            self.init_layer(i, batch, prompt_len, max_new_tokens, config, dtype) for i in range(config.num_layers)
+        )
+        return KVState(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))
+
+    def validate(self, prompt_len: int, config) -> None:
+        """Raise PolicyError when the policy cannot serve a prompt of this length."""
+
+    # ---- attention ------------------------------------------------------------------
+    def attend(self, state: SlotKV, q, q_pos, ctx: LayerContext, want_mass: bool = False):
+        return attention.attend(
+            q, state.k, state.v, q_pos, state.pos,
+            window=ctx.config.sliding_window, want_mass=want_mass, implementation=ctx.implementation,
+        )
+
+    def prefill(self, state, q, k, v, q_pos, ctx: LayerContext):
+        state = slots.append(state, k, v, q_pos)
+        res = self.attend(state, q, q_pos, ctx, want_mass=self.wants_mass(ctx))
+        state = self.after_prefill(state, q, q_pos, res, ctx)
+        return state, res.out
+
+    def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
+        state = slots.append(state, k, v, q_pos)
+        res = self.attend(state, q, q_pos, ctx)
+        return state, res.out
+
+    # ---- compression ----------------------------------------------------------------
+    def wants_mass(self, ctx: LayerContext) -> bool:
+        return False
+
+    def after_prefill(self, state, q, q_pos, res, ctx: LayerContext):
+        """Hook after a prompt chunk has been appended and attended (default: nothing)."""
+        return state
+
+    def compress(self, state, ctx: LayerContext, **observations):
+        """Return a smaller state. The dense cache never compresses."""
+        return state
+
+    # ---- introspection --------------------------------------------------------------
+    @classmethod
+    def parameters(cls) -> dict[str, Any]:
+        """Constructor parameters with their defaults (for `kvjax policies` and specs)."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+
+    def spec(self) -> str:
+        """The spec string that rebuilds this policy."""
+        args = ",".join(f"{k}={getattr(self, k)}" for k in self.parameters())
+        return f"{self.name}:{args}" if args else self.name
+
+
+def check_budget(budget: float) -> None:
+    if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+        raise PolicyError(f"budget={budget!r} must be a fraction of the prompt to keep, in (0, 1]")
+
+
+def check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, int) or value < minimum:
+        raise PolicyError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def budget_capacity(budget: float, prompt_len: int, minimum: int = 1) -> int:
+    """Static slot count for a fraction `budget` of a `prompt_len`-token prompt."""
+    return max(minimum, min(prompt_len, int(prompt_len * budget + 1e-4)))
+
+
+def tree_nbytes(tree) -> int:
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))

@@ -1,0 +1,114 @@
+"""Slot operations shared by policies: append, gather, top-k selection, replacement.
+
+All functions are pure and shape-static; per-row / per-head counts are data.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..state import SlotKV
+
+
+def to_heads_major(x: jax.Array) -> jax.Array:
+    """[B, T, N, H] -> [B, N, T, H]."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def append(state: SlotKV, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> SlotKV:
+    """Write T new tokens (k, v [B, T, N, H], positions q_pos [B, T]) at slot `fill`.
+
+    The caller sizes the capacity (generate reserves prompt + max_new_tokens slots); a
+    chunk larger than the whole cache is an error at trace time."""
+    b, t, n, _ = k.shape
+    if t > state.capacity:
+        raise ValueError(f"cannot append {t} tokens to a cache of capacity {state.capacity}")
+    kk = to_heads_major(k).astype(state.k.dtype)
+    vv = to_heads_major(v).astype(state.v.dtype)
+    pp = jnp.broadcast_to(q_pos[:, None, :], (b, n, t)).astype(jnp.int32)
+    start = jnp.minimum(state.fill, state.capacity - t)
+    z = jnp.zeros((), jnp.int32)
+    return state.replace(
+        k=jax.lax.dynamic_update_slice(state.k, kk, (z, z, start, z)),
+        v=jax.lax.dynamic_update_slice(state.v, vv, (z, z, start, z)),
+        pos=jax.lax.dynamic_update_slice(state.pos, pp, (z, z, start)),
+        fill=state.fill + t,
+    )
+
+
+def row_lengths(pos: jax.Array) -> jax.Array:
+    """Tokens seen per row [B] from slot positions [B, N, S] (max position + 1)."""
+    return jnp.max(pos, axis=(1, 2)) + 1
+
+
+def keep_counts(lengths: jax.Array, budget: float, minimum: int = 1) -> jax.Array:
+    """Per-row number of tokens to keep: floor(budget * length), at least `minimum`."""
+    n = jnp.floor(lengths.astype(jnp.float32) * budget + 1e-4).astype(jnp.int32)
+    return jnp.clip(n, minimum, jnp.maximum(lengths, minimum))
+
+
+def select(state: SlotKV, scores: jax.Array, keep: jax.Array, capacity: int, headroom: int) -> SlotKV:
+    """Keep, per (row, head), the `keep[b]` (or keep[b, n]) highest-scoring slots.
+
+    scores [B, N, S] (empty slots are never kept); keep [B] or [B, N] int32 <= capacity.
+    Returns a new state with static capacity `capacity + headroom`, kept slots first
+    (in ascending position order), the rest empty, fill = capacity."""
+    if capacity > state.capacity:
+        raise ValueError(f"cannot keep {capacity} slots out of {state.capacity}")
+    scores = jnp.where(state.pos >= 0, scores.astype(jnp.float32), -jnp.inf)
+    _, idx = jax.lax.top_k(scores, capacity)  # [B, N, C]
+    rank = jnp.arange(capacity)[None, None, :]
+    keep = keep[:, None] if keep.ndim == 1 else keep
+    chosen_pos = jnp.take_along_axis(state.pos, idx, axis=2)
+    valid = (rank < keep[..., None]) & (chosen_pos >= 0)
+    # Order kept slots by position (stable, deterministic layout); empty ones last.
+    order_key = jnp.where(valid, chosen_pos, jnp.iinfo(jnp.int32).max)
+    order = jnp.argsort(order_key, axis=2)
+    idx = jnp.take_along_axis(idx, order, axis=2)
+    valid = jnp.take_along_axis(valid, order, axis=2)
+    return gather(state, idx, valid, headroom)
+
+
+def gather(state: SlotKV, idx: jax.Array, valid: jax.Array, headroom: int) -> SlotKV:
+    """New state from slots idx [B, N, C] (invalid ones emptied) plus `headroom` empty slots."""
+    k = jnp.take_along_axis(state.k, idx[..., None], axis=2)
+    v = jnp.take_along_axis(state.v, idx[..., None], axis=2)
+    pos = jnp.where(valid, jnp.take_along_axis(state.pos, idx, axis=2), -1)
+    c = idx.shape[2]
+    if headroom:
+        pad = ((0, 0), (0, 0), (0, headroom), (0, 0))
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+        pos = jnp.pad(pos, ((0, 0), (0, 0), (0, headroom)), constant_values=-1)
+    return SlotKV(k=k, v=v, pos=pos, fill=jnp.asarray(c, jnp.int32))
+
+
+def write_slot(state: SlotKV, slot: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> SlotKV:
+    """Write one new token per row (k, v [B, 1, N, H], q_pos [B, 1]) into slot [B, N]."""
+    b, _, n, _ = k.shape
+    bi = jnp.arange(b)[:, None]
+    ni = jnp.arange(n)[None, :]
+    kk = k[:, 0].astype(state.k.dtype)  # [B, N, H]
+    vv = v[:, 0].astype(state.v.dtype)
+    pp = jnp.broadcast_to(q_pos[:, :1], (b, n)).astype(jnp.int32)
+    return state.replace(
+        k=state.k.at[bi, ni, slot].set(kk),
+        v=state.v.at[bi, ni, slot].set(vv),
+        pos=state.pos.at[bi, ni, slot].set(pp),
+        fill=state.fill + 1,
+    )
+
+
+def pool1d(x: jax.Array, kernel: int, kind: str = "avg") -> jax.Array:
+    """Same-length 1-D pooling over the last axis (zero padding, count_include_pad like
+    torch's avg_pool1d; -inf padding for max)."""
+    if kernel <= 1:
+        return x
+    pad = kernel // 2
+    widths = [(0, 0)] * (x.ndim - 1) + [(pad, pad)]
+    if kind == "avg":
+        xp = jnp.pad(x, widths)
+        out = jax.lax.reduce_window(xp, 0.0, jax.lax.add, (1,) * (x.ndim - 1) + (kernel,), (1,) * x.ndim, "VALID")
+        return out / kernel
+    xp = jnp.pad(x, widths, constant_values=-jnp.inf)
+    return jax.lax.reduce_window(xp, -jnp.inf, jax.lax.max, (1,) * (x.ndim - 1) + (kernel,), (1,) * x.ndim, "VALID")
