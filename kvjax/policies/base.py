@@ -84,6 +84,19 @@ class Policy:
         """Return a smaller state. The dense cache never compresses."""
         return state
 
+    # ---- composition ----------------------------------------------------------------
+    #: True when decode() changes which tokens are kept (H2O, StreamingLLM, TOVA...).
+    #: Such a policy cannot feed a second policy (Compose checks this).
+    evicts_on_decode: ClassVar[bool] = False
+    #: True for policies that store the slots another policy selected (quantizers,
+    #: low-rank stores): they implement `ingest`.
+    stores_slots: ClassVar[bool] = False
+
+    def ingest(self, slots_state: SlotKV, ctx: LayerContext):
+        """Take over a prefilled (possibly evicted) `SlotKV` and return this policy's own
+        state holding the same tokens (with its decode headroom). Identity by default."""
+        return slots_state
+
     # ---- introspection --------------------------------------------------------------
     @classmethod
     def parameters(cls) -> dict[str, Any]:

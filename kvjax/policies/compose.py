@@ -1,0 +1,72 @@
+"""Composition of policies: the first selects tokens at prefill, the next ones store them.
+
+`Compose(SnapKV(budget=0.2), KIVI(bits=2))`: SnapKV prefills and evicts on a full-precision
+cache, then KIVI ingests the kept slots and quantizes them; decode runs on KIVI's state.
+Both savings show in the state's bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..state import LayerContext
+from .base import Policy, PolicyError
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Compose(Policy):
+    """Compose(selector, store, ...): see module doc. Spec: ``a:...+b:...``."""
+
+    name = "compose"
+    policies: tuple = ()
+
+    def __init__(self, *policies: Policy):
+        if len(policies) < 2:
+            raise PolicyError(f"Compose needs at least two policies, got {len(policies)}")
+        for p in policies:
+            if not isinstance(p, Policy):
+                raise PolicyError(f"Compose takes Policy objects, got {p!r}")
+        for p in policies[:-1]:
+            if p.evicts_on_decode:
+                raise PolicyError(
+                    f"cannot compose {p.name!r} before {policies[-1].name!r}: {p.name} evicts during decoding, "
+                    "so the tokens it keeps change after the next policy has stored them"
+                )
+        for p in policies[1:]:
+            if not p.stores_slots:
+                raise PolicyError(
+                    f"cannot compose {p.name!r} after {policies[0].name!r}: {p.name} does not store another "
+                    "policy's kept slots (only quantizers and other stores can follow)"
+                )
+        object.__setattr__(self, "policies", tuple(policies))
+
+    @classmethod
+    def parameters(cls):
+        return {}
+
+    def spec(self) -> str:
+        return "+".join(p.spec() for p in self.policies)
+
+    @property
+    def evicts_on_decode(self) -> bool:  # type: ignore[override]
+        return self.policies[-1].evicts_on_decode
+
+    def validate(self, prompt_len, config):
+        for p in self.policies:
+            p.validate(prompt_len, config)
+
+    def prefill_capacity(self, prompt_len, max_new_tokens):
+        return self.policies[0].prefill_capacity(prompt_len, max_new_tokens)
+
+    def init_layer(self, layer, batch, prompt_len, max_new_tokens, config, dtype):
+        return self.policies[0].init_layer(layer, batch, prompt_len, max_new_tokens, config, dtype)
+
+    def prefill(self, state, q, k, v, q_pos, ctx: LayerContext):
+        state, out = self.policies[0].prefill(state, q, k, v, q_pos, ctx)
+        if ctx.final:
+            for p in self.policies[1:]:
+                state = p.ingest(state, ctx)
+        return state, out
+
+    def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
+        return self.policies[-1].decode(state, q, k, v, q_pos, ctx)

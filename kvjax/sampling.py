@@ -1,0 +1,43 @@
+"""Token sampling: greedy, temperature, top-k, top-p (nucleus), with an explicit PRNG key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """temperature 0 = greedy argmax. top_k 0 = off. top_p 1.0 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """logits [B, V] float32 -> token ids [B] int32."""
+        if self.temperature == 0.0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits / self.temperature
+        if self.top_k:
+            kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        if self.top_p < 1.0:
+            sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+            probs = jax.nn.softmax(sorted_logits, axis=-1)
+            cum = jnp.cumsum(probs, axis=-1)
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            cutoff_idx = jnp.sum(cum - probs < self.top_p, axis=-1, keepdims=True) - 1
+            cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+            logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
