@@ -1,6 +1,7 @@
 """kvjax: long-context LLM inference in JAX with compressed KV caches."""
 
 from . import attention, policies
+from . import quant  # registers the quantized caches (kivi, kvquant, ...)
 from .models import LlamaConfig, get_preset
 from .policies import parse_policy
 from .state import KVState, LayerContext, SlotKV

@@ -1,0 +1,90 @@
+"""KIVI: tuning-free asymmetric 2-bit KV cache quantization (Liu et al., arXiv:2402.02750).
+
+Keys are quantized per channel (groups of G tokens share a scale/zero per channel),
+values per token (groups of G channels), asymmetric min-max, codes packed into uint32
+words (keys along tokens, values along channels: the fused decode kernel's layout), and
+the newest tokens stay in a full-precision residual window: a block of G tokens is
+quantized when the window holds R + G of them, so the last R tokens are always exact.
+
+State (stream 0): KIVIData(k_codes [B, N, S/per_word, H], k_scale/k_zero [B, N, S/G, H],
+v_codes [B, N, S, H/per_word], v_scale/v_zero [B, N, S, H/G]) + residual [B, N, R+G, H].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import struct
+
+from ..pallas_kernels import packing
+from ..policies.base import PolicyError
+from ..policies.registry import register
+from . import affine
+from .attention import fused_kivi_attention
+from .base import QuantPolicy, check_group
+
+
+@struct.dataclass
+class KIVIData:
+    """KIVI layout (see module doc)."""
+
+    k_codes: object
+    k_scale: object
+    k_zero: object
+    v_codes: object
+    v_scale: object
+    v_zero: object
+
+
+@dataclasses.dataclass(frozen=True)
+class KIVICodec:
+    """Keys channel-wise over `group` tokens, values token-wise over `group` channels."""
+
+    bits: int
+    group: int
+    head_dim: int
+
+    def encode(self, k, v, pos, aux):
+        kc, ks, kz = affine.quant_channelwise(k, self.bits, self.group)
+        vc, vs, vz = affine.quant_tokenwise(v, self.bits, self.group)
+        return KIVIData(kc, ks, kz, vc, vs, vz)
+
+    def decode(self, d: KIVIData, aux):
+        k = affine.dequant_channelwise(d.k_codes, d.k_scale, d.k_zero, self.bits, self.group)
+        v = affine.dequant_tokenwise(d.v_codes, d.v_scale, d.v_zero, self.bits, self.group, self.head_dim)
+        return k, v, None
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class KIVI(QuantPolicy):
+    """KIVI with `bits` in {2, 3, 4, 8}, group size `group` (G, tokens for keys / channels
+    for values) and a full-precision residual window of `residual` (R) tokens."""
+
+    name = "kivi"
+    bits: int = 2
+    group: int = 32
+    residual: int = 128
+
+    def __post_init__(self):
+        if self.bits not in packing.SUPPORTED_BITS:
+            raise PolicyError(f"kivi: bits={self.bits!r} is not supported; expected one of {packing.SUPPORTED_BITS}")
+        per = packing.codes_per_word(self.bits)
+        if self.group <= 0 or self.group % per:
+            raise PolicyError(f"kivi: group={self.group} must be a positive multiple of {per} "
+                              f"(the {self.bits}-bit codes one uint32 word holds along tokens)")
+        if self.residual < 0 or self.residual % self.group:
+            raise PolicyError(f"kivi: residual={self.residual} must be a non-negative multiple of group={self.group}")
+
+    def block(self, ctx):
+        return self.group
+
+    def check_config(self, config):
+        super().check_config(config)
+        check_group("kivi", self.group, config.head_dim, "values are quantized per token in groups of channels")
+
+    def codec(self, ctx):
+        return KIVICodec(self.bits, self.group, ctx.config.head_dim)
+
+    def fused_attention(self, state, q, q_pos, ctx):
+        return fused_kivi_attention(state, q, q_pos, ctx, bits=self.bits, group=self.group)
