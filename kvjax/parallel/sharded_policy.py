@@ -1,0 +1,137 @@
+"""Run any policy on a cache sharded along the sequence (context parallelism).
+
+`SeqSharded(inner)` is the policy the model sees inside `shard_map` over the ring axis.
+Every shard holds `inner`'s state for its own tokens; the wrapper only changes where
+attention looks, through `ctx.implementation`:
+
+- prefill: the shard's queries attend over every shard's slots by ring attention
+  (`ring[...]` implementation, `kvjax.parallel.ring`);
+- decode: the new token's query (the same on every shard) attends to the local slots and
+  the shards' partial results merge through their log-sum-exp with `psum`
+  (`shardmerge[...]`); no shard ever holds another shard's K/V.
+
+New decode tokens are stored by shard 0 (which, in zigzag order, also holds the prompt's
+last chunk): the others receive the token with position -1, so their append leaves an
+invisible slot, and the attention recovers the true position with a `pmax`. Compression
+(`after_prefill`, `compress`, `ingest`) runs on each shard's own slots: an eviction
+budget is met per shard, and scores use that shard's view (see README, "Long prompts on
+many devices"). Policies that evict while decoding are refused: which token a shard drops
+would depend on the other shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+from .. import attention
+from ..policies.base import Policy, PolicyError
+from ..policies.dense import Dense
+from ..state import LayerContext
+from .ring import _mass, ring_attention_local
+
+_REGISTERED: set[str] = set()
+
+
+def ring_implementation(axis: str, kernel: str | None, inner: str | None) -> str:
+    """Register (once) and return the `attend` implementation name for ring prefill."""
+    name = f"ring[{axis},{kernel},{inner}]"
+    if name not in _REGISTERED:
+        def fn(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False):
+            return ring_attention_local(q, k, v, q_pos, k_pos, axis=axis, window=window, scale=scale,
+                                        want_mass=want_mass, implementation=inner, kernel=kernel)
+
+        attention.register_implementation(name, fn)
+        _REGISTERED.add(name)
+    return name
+
+
+def shard_merge_attention(q, k, v, q_pos, k_pos, *, axis: str, window=None, scale=None, want_mass=False,
+                          implementation=None) -> attention.AttentionOutput:
+    """Decode attention over a sequence-sharded cache (call inside shard_map over `axis`).
+
+    q [B, T, Nq, H] and q_pos [B, T] are the new tokens (q_pos -1 on shards that do not
+    store them: the true positions are recovered by pmax); k, v [B, N, S, H], k_pos
+    [B, N, S] this shard's slots. Local attention, then an LSE merge across shards."""
+    q_pos = lax.pmax(q_pos, axis)
+    r = attention.attend(q, k, v, q_pos, k_pos, window=window, scale=scale, implementation=implementation)
+    lse = r.lse.astype(jnp.float32)
+    m = lax.pmax(lse, axis)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse - m_safe)
+    num = lax.psum(r.out.astype(jnp.float32) * w[..., None], axis)
+    den = lax.psum(w, axis)
+    out = (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(q.dtype)
+    lse = jnp.where(den > 0, m_safe + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+    mass = None
+    if want_mass:
+        mass = _mass(q, q_pos, lse, k, k_pos, window, scale)
+    return attention.AttentionOutput(out, lse, mass)
+
+
+def merge_implementation(axis: str, inner: str | None) -> str:
+    """Register (once) and return the `attend` implementation name for sharded decode."""
+    name = f"shardmerge[{axis},{inner}]"
+    if name not in _REGISTERED:
+        def fn(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False):
+            return shard_merge_attention(q, k, v, q_pos, k_pos, axis=axis, window=window, scale=scale,
+                                         want_mass=want_mass, implementation=inner)
+
+        attention.register_implementation(name, fn)
+        _REGISTERED.add(name)
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqSharded(Policy):
+    """inner: the policy each shard runs; axis: the ring mesh axis; kernel: None (ring
+    blocks through `attend`) or a prefix kernel for the zigzag schedule ("xla", "cudnn")."""
+
+    name = "seq_sharded"
+    inner: Policy = Dense()
+    axis: str = "seq"
+    kernel: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.inner, Policy):
+            raise PolicyError(f"SeqSharded wraps a Policy, got {self.inner!r}")
+        if self.inner.evicts_on_decode:
+            raise PolicyError(
+                f"policy {self.inner.spec()!r} evicts while decoding; that cannot run on a cache sharded "
+                "along the sequence (each shard would evict on its own). Use a prefill-time policy "
+                "(dense, snapkv, quantizers, ...) with kvjax.parallel"
+            )
+
+    @property
+    def stores_slots(self) -> bool:  # type: ignore[override]
+        return self.inner.stores_slots
+
+    def spec(self) -> str:
+        return self.inner.spec()
+
+    def validate(self, prompt_len, config):
+        self.inner.validate(prompt_len, config)
+
+    def prefill_capacity(self, prompt_len, max_new_tokens):
+        return self.inner.prefill_capacity(prompt_len, max_new_tokens)
+
+    def init_layer(self, layer, batch, prompt_len, max_new_tokens, config, dtype):
+        return self.inner.init_layer(layer, batch, prompt_len, max_new_tokens, config, dtype)
+
+    def prefill(self, state, q, k, v, q_pos, ctx: LayerContext):
+        impl = ring_implementation(self.axis, self.kernel, ctx.implementation)
+        return self.inner.prefill(state, q, k, v, q_pos, dataclasses.replace(ctx, implementation=impl))
+
+    def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
+        impl = merge_implementation(self.axis, ctx.implementation)
+        owner = lax.axis_index(self.axis) == 0
+        q_pos = jnp.where(owner, q_pos, -1)
+        return self.inner.decode(state, q, k, v, q_pos, dataclasses.replace(ctx, implementation=impl))
+
+    def compress(self, state, ctx: LayerContext, **observations):
+        return self.inner.compress(state, ctx, **observations)
+
+    def ingest(self, slots_state, ctx: LayerContext):
+        return self.inner.ingest(slots_state, ctx)
