@@ -1,0 +1,80 @@
+"""Pieces shared by the decode kernels: GQA row grouping, the online-softmax step, and the
+LSE merge of split-K partial results."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+NEG_INIT = -1e30  # running-max start: finite, so fully masked blocks give p = 0, alpha = 1
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def group_rows(q, n: int):
+    """q [B, T, N*Gq, H] -> rows [B, N, rows_p, H] (row = t * Gq + g, zero-padded to a power
+    of two >= 16 so the tensor-core dot applies) and the unpadded row count."""
+    b, t, nq, h = q.shape
+    gq = nq // n
+    rows = t * gq
+    rows_p = max(16, next_pow2(rows))
+    qr = q.reshape(b, t, n, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, n, rows, h)
+    return jnp.pad(qr, ((0, 0), (0, 0), (0, rows_p - rows), (0, 0))), rows
+
+
+def ungroup_rows(out, lse, t: int, rows: int):
+    """Inverse of `group_rows` for out [B, N, rows_p, H] and lse [B, N, rows_p]."""
+    b, n, _, h = out.shape
+    gq = rows // t
+    out = out[:, :, :rows].reshape(b, n, t, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n * gq, h)
+    lse = lse[:, :, :rows].reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, n * gq)
+    return out, lse
+
+
+def init_carry(rows: int, h: int):
+    return (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), NEG_INIT, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def online_update(carry, s, v):
+    """One flash step: carry (acc [rows,H], m [rows], l [rows]), scaled masked logits s
+    [rows, n] (-inf = masked), values v [n, H]."""
+    acc, m, l = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return acc * alpha[:, None] + pv, m_new, l
+
+
+def finish(carry, o_ref, lse_ref):
+    """Write the normalized output and the natural-log LSE (-inf, out 0 for empty rows)."""
+    acc, m, l = carry
+    seen = l > 0
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+
+
+def merge_splits(o, lse, axis: int = 2):
+    """Merge normalized partial outputs o [..., P, rows, H] and lse [..., P, rows] over P."""
+    m = jnp.max(lse, axis=axis, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse - m_safe)
+    total = jnp.sum(w, axis=axis)
+    out = jnp.sum(o.astype(jnp.float32) * w[..., None], axis=axis) / jnp.where(total > 0, total, 1.0)[..., None]
+    m_safe = jnp.squeeze(m_safe, axis)
+    return out, jnp.where(total > 0, m_safe + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+
+
+def per_head(x, b: int, n: int, name: str):
+    """Lengths given per row [B] or per (row, kv head) [B, N] -> int32 [B, N]."""
+    x = jnp.asarray(x, jnp.int32)
+    if x.shape == (b,):
+        return jnp.broadcast_to(x[:, None], (b, n))
+    if x.shape != (b, n):
+        raise ValueError(f"{name} must be [B]=({b},) or [B, N]=({b}, {n}); got shape {x.shape}")
+    return x

@@ -1,0 +1,158 @@
+"""Sparse decode attention: each (row, KV head) reads only the KV blocks it selected (Quest,
+Tang et al. 2024, https://arxiv.org/abs/2406.10774; ShadowKV / retrieval heads alike).
+
+q [B, T, Nq, H] (one or a few tokens, Nq = N * Gq); cache k, v [B, N, S, H] (kvjax's
+heads-major layout) cut into blocks of `block_size` tokens; block_indices [B, N, K] int32
+selected block numbers, of which the first `block_counts` [B, N] are used (default all K);
+`lengths` [B] or [B, N] valid tokens (slots at or past it are masked, also inside a selected
+block). Every query row sees every selected valid token. The K selections are split over
+`num_splits` programs whose partial results merge through their LSEs.
+Returns (out [B, T, Nq, H], lse [B, T, Nq] float32; -inf and 0 where nothing was selected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _compat
+from ._compat import pl
+from ._decode_common import finish, group_rows, init_carry, merge_splits, online_update, per_head, ungroup_rows
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SparseDecodeBlockSizes:
+    """num_splits: programs per (row, KV head) over the K selected blocks (None = auto)."""
+
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _check(q, k, v, block_indices, block_size):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"expected q [B,T,Nq,H], k/v [B,N,S,H]; got q{q.shape} k{k.shape} v{v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k{k.shape} and v{v.shape} must have the same shape")
+    b, t, nq, h = q.shape
+    _, n, s, hk = k.shape
+    if k.shape[0] != b or hk != h:
+        raise ValueError(f"q{q.shape} and k{k.shape} must agree on batch and head_dim")
+    if nq % n:
+        raise ValueError(f"query heads {nq=} must be a multiple of key/value heads {n=}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not any(x.dtype == d for d in SUPPORTED_DTYPES):
+            raise ValueError(f"{name} dtype={x.dtype} is not supported; expected float32, bfloat16 or float16")
+    if s % block_size:
+        raise ValueError(f"S={s} must be a multiple of block_size={block_size}")
+    if block_indices.ndim != 3 or block_indices.shape[:2] != (b, n):
+        raise ValueError(f"block_indices shape {block_indices.shape} must be [B, N, K] with B={b}, N={n}")
+    if not jnp.issubdtype(block_indices.dtype, jnp.integer):
+        raise ValueError(f"block_indices dtype={block_indices.dtype} must be an integer type")
+    return b, t, nq, h, n, s
+
+
+def sparse_decode_attention_reference(q, k, v, block_indices, lengths, *, block_size, block_counts=None, scale=None):
+    """Gather-free jnp reference: a [B, N, S] visibility mask from the selected blocks."""
+    b, t, nq, h, n, s = _check(q, k, v, block_indices, block_size)
+    g = nq // n
+    scale = h**-0.5 if scale is None else scale
+    kk = block_indices.shape[2]
+    counts = jnp.full((b, n), kk, jnp.int32) if block_counts is None else per_head(block_counts, b, n, "block_counts")
+    used = jnp.arange(kk)[None, None, :] < counts[..., None]
+    blk_of = jnp.arange(s) // block_size
+    sel = jnp.any((block_indices[..., None, :] == blk_of[None, None, :, None]) & used[..., None, :], axis=-1)
+    vis = sel & (jnp.arange(s)[None, None, :] < per_head(lengths, b, n, "lengths")[..., None])  # [B,N,S]
+    qg = q.astype(jnp.float32).reshape(b, t, n, g, h)
+    logits = jnp.einsum("btngh,bnsh->bngts", qg, k.astype(jnp.float32), precision="highest") * scale
+    logits = jnp.where(vis[:, :, None, None, :], logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    seen = jnp.isfinite(m)
+    p = jnp.exp(logits - jnp.where(seen, m, 0.0))
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bngts,bnsh->btngh", p / jnp.where(seen, l, 1.0), v.astype(jnp.float32), precision="highest")
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]
+    return out.reshape(b, t, nq, h).astype(q.dtype), jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, nq)
+
+
+def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, bs, per_split, scale):
+    bi, ni, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q = q_ref[...]
+    rows, h = q.shape
+    length = len_ref[bi, ni]
+    first = si * per_split
+    n_here = jnp.clip(cnt_ref[bi, ni] - first, 0, per_split)
+
+    def body(j, carry):
+        start = idx_ref[bi, ni, first + j] * bs
+        k = k_ref[pl.ds(start, bs), :].astype(q.dtype)
+        v = v_ref[pl.ds(start, bs), :].astype(q.dtype)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        kpos = start + lax.broadcasted_iota(jnp.int32, (rows, bs), 1)
+        return online_update(carry, jnp.where(kpos < length, s, -jnp.inf), v)
+
+    finish(lax.fori_loop(0, n_here, body, init_carry(rows, h)), o_ref, lse_ref)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "bsz", "interpret"))
+def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, *, block_size, scale, bsz, interpret):
+    b, t, nq, h = q.shape
+    n, s = k.shape[1], k.shape[2]
+    kk = block_indices.shape[2]
+    splits = bsz.num_splits or max(1, min(kk, (132 * 4) // max(b * n, 1)))
+    per_split = -(-kk // splits)
+    qr, rows = group_rows(q, n)
+    rows_p = qr.shape[2]
+    # Out-of-range block numbers would read outside the cache: clamp them (they stay selected).
+    idx = jnp.clip(block_indices.astype(jnp.int32), 0, s // block_size - 1)
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, splits * per_split - kk)))
+    full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
+    o, lse = pl.pallas_call(
+        functools.partial(_kernel, bs=block_size, per_split=per_split, scale=scale),
+        grid=(b, n, splits),
+        in_specs=[
+            full(idx), full(block_counts), full(lengths),
+            pl.BlockSpec((None, None, rows_p, h), lambda bi, ni, si: (bi, ni, 0, 0)),
+            pl.BlockSpec((None, None, s, h), lambda bi, ni, si: (bi, ni, 0, 0)),
+            pl.BlockSpec((None, None, s, h), lambda bi, ni, si: (bi, ni, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows_p, h), lambda bi, ni, si: (bi, ni, si, 0, 0)),
+            pl.BlockSpec((None, None, None, rows_p), lambda bi, ni, si: (bi, ni, si, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((b, n, splits, rows_p, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, n, splits, rows_p), jnp.float32)],
+        compiler_params=None if interpret else _compat.triton_params(bsz.num_warps, bsz.num_stages),
+        interpret=interpret,
+        name="sparse_decode_attention",
+    )(idx, block_counts, lengths, qr, k, v)
+    out, lse = ungroup_rows(*merge_splits(o, lse), t, rows)
+    return out.astype(q.dtype), lse
+
+
+def sparse_decode_attention(q, k, v, block_indices, lengths, *, block_size: int, block_counts=None,
+                            scale: float | None = None, block_sizes: SparseDecodeBlockSizes | None = None,
+                            backend: str | None = None, interpret: bool = False):
+    """See module docstring. Returns (out [B, T, Nq, H], lse [B, T, Nq] float32)."""
+    b, t, nq, h, n, s = _check(q, k, v, block_indices, block_size)
+    if backend is None:
+        backend = "triton" if interpret else _compat.backend_kind()
+    _compat.check_backend(backend, ("triton", "mosaic_gpu", "xla"))
+    if backend == "xla":
+        return sparse_decode_attention_reference(q, k, v, block_indices, lengths, block_size=block_size,
+                                                 block_counts=block_counts, scale=scale)
+    for name, val in (("block_size", block_size), ("head_dim", h)):
+        if val < 16 or val & (val - 1):
+            raise ValueError(f"{name}={val} must be a power of two >= 16 for the triton backend")
+    kk = block_indices.shape[2]
+    counts = jnp.full((b, n), kk, jnp.int32) if block_counts is None else per_head(block_counts, b, n, "block_counts")
+    lengths = per_head(lengths, b, n, "lengths")
+    scale = float(h**-0.5 if scale is None else scale)
+    return _sparse_decode_jit(q, k, v, block_indices, jnp.minimum(counts, kk), lengths, block_size=block_size,
+                              scale=scale, bsz=block_sizes or SparseDecodeBlockSizes(), interpret=interpret)
