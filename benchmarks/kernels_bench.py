@@ -405,6 +405,8 @@ def section_decode(args):
         emit({"kind": "decode", "name": "torch sdpa bf16 dense", "error": repr(e)[:1000]})
     del kh, vh
 
+    if args.sweep:
+        _decode_sweep(args, attempt, q, ks_, b, n, s, h, r)
     for bits in (2, 4, 8):
         for gk, gv in ((32, 32), (128, min(128, h))):
             pw = 32 // bits
@@ -420,14 +422,14 @@ def section_decode(args):
             rl = jnp.full((b,), r, jnp.int32)
             nbytes = qda.compressed_bytes(b, n, s, h, bits, gk, gv, 2, r, 2)
             args_ = (q, kc, ksc, kz, vc, vsc, vz, qlens, kr, vr, rl)
-            for bs_ in (256,) if gk == 128 else (128, 256):
+            for bs_ in (qda.DecodeBlockSizes().block_s,):
                 blk = qda.DecodeBlockSizes(block_s=bs_)
                 fn = jax.jit(lambda q, kc, ksc, kz, vc, vsc, vz, ln, kr, vr, rl, bits=bits, blk=blk:
                              qda.quantized_decode_attention(q, kc, ksc, kz, vc, vsc, vz, ln, bits=bits, k_res=kr,
                                                             v_res=vr, res_lengths=rl, block_sizes=blk,
                                                             interpret=args.interpret))
                 name = f"kivi{bits} G{gk} triton bs{bs_}"
-                if bits == 2 and gk == 32 and bs_ == 256:  # full-size correctness of the headline variant
+                if bits == 2 and gk == 32:  # full-size correctness of the headline variant
                     try:
                         out, _ = fn(*args_)
                         ro, _ = jax.jit(lambda *a: qda.quantized_decode_attention_reference(
@@ -444,6 +446,54 @@ def section_decode(args):
                     *a[:8], bits=bits, k_res=a[8], v_res=a[9], res_lengths=a[10]))
                 attempt(f"kivi{bits} G32 xla (dequantize+attend)", xla, args_, nbytes, {"bits": bits, "G": gk})
             del kc, vc, ksc, kz, vsc, vz
+
+
+def _decode_sweep(args, attempt, q, keys, b, n, s, h, r):
+    """KIVI-2 (G32) decode over kernel variants: unpack strategy x block, then warps x splits x stages."""
+    import jax
+    import jax.numpy as jnp
+
+    from kvjax.pallas_kernels import quantized_decode_attention as qda
+
+    bits, gk, gv, pw = 2, 32, 32, 16
+    kc = jax.random.bits(keys[3], (b, n, s // pw, h), jnp.uint32)
+    vc = jax.random.bits(keys[4], (b, n, s, h // pw), jnp.uint32)
+    ksc = (jax.random.uniform(keys[5], (b, n, s // gk, h)) * 0.1).astype(jnp.bfloat16)
+    kz = jax.random.normal(keys[6], (b, n, s // gk, h), jnp.bfloat16)
+    vsc = (jax.random.uniform(keys[7], (b, n, s, h // gv)) * 0.1).astype(jnp.bfloat16)
+    vz = jax.random.normal(keys[5], (b, n, s, h // gv), jnp.bfloat16)
+    kr = jax.random.normal(keys[6], (b, n, r, h), jnp.bfloat16)
+    args_ = (q, kc, ksc, kz, vc, vsc, vz, jnp.full((b,), s, jnp.int32), kr, kr, jnp.full((b,), r, jnp.int32))
+    nbytes = qda.compressed_bytes(b, n, s, h, bits, gk, gv, 2, r, 2)
+    results = {}
+
+    def one(blk):
+        fn = jax.jit(lambda q, kc, ksc, kz, vc, vsc, vz, ln, kr, vr, rl: qda.quantized_decode_attention(
+            q, kc, ksc, kz, vc, vsc, vz, ln, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, block_sizes=blk,
+            interpret=args.interpret))
+        name = (f"sweep kivi2 G32 {blk.unpack} bs{blk.block_s} w{blk.num_warps} st{blk.num_stages} "
+                f"sp{blk.num_splits}")
+        attempt(name, fn, args_, nbytes, {"bits": 2, "G": 32, "sweep": True})
+        row = _ROWS[-1]
+        if "ms" in row:
+            results[blk] = row["ms"]
+
+    for unpack in ("grouped", "rows", "keys_t"):
+        for bs in (64, 128):
+            one(qda.DecodeBlockSizes(block_s=bs, unpack=unpack))
+    if not results:
+        return
+    best = min(results, key=results.get)
+    for warps in (4, 8):
+        for splits in (None, 32):
+            for stages in (2, 3):
+                blk = qda.DecodeBlockSizes(block_s=best.block_s, unpack=best.unpack, num_warps=warps,
+                                           num_splits=splits, num_stages=stages)
+                if blk not in results:
+                    one(blk)
+    best = min(results, key=results.get)
+    print(f"[decode] sweep best: {best} {results[best]:.4f} ms", flush=True)
+    emit({"kind": "sweep_best", "name": str(best), "ms": results[best]})
 
 
 # ----------------------------------------------------------------------------- driver
@@ -499,6 +549,7 @@ def main():
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (interpret mode)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep KIVI-2 decode kernel variants")
     args = ap.parse_args()
     args.backends = args.backends.split(",")
     out = _out_dir()
@@ -509,10 +560,10 @@ def main():
     results = []
     for sec in args.sections.split(","):
         cmd = [sys.executable, __file__, "--section", sec, "--backends", ",".join(args.backends), "--n", str(args.n),
-               "--reps", str(args.reps)] + (["--quick"] if args.quick else []) + (["--interpret"] if args.interpret else [])
+               "--reps", str(args.reps)] + (["--quick"] if args.quick else []) + (["--interpret"] if args.interpret else []) + (["--sweep"] if args.sweep else [])
         t0 = time.time()
         try:
-            rc = subprocess.run(cmd, timeout=TIMEOUTS[sec]).returncode
+            rc = subprocess.run(cmd, timeout=TIMEOUTS[sec] + (150 if args.sweep and sec == "decode" else 0)).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         print(f"== section {sec}: rc={rc} in {time.time() - t0:.0f} s", flush=True)

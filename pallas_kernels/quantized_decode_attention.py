@@ -38,10 +38,11 @@ FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 class DecodeBlockSizes:
     """block_s: tokens per inner step; num_splits: split-K chunks (None = fill the GPU)."""
 
-    block_s: int = 256
+    block_s: int = 128
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 2
+    unpack: str = "grouped"  # "grouped" (4-D, scales broadcast per group), "rows", "keys_t" (keys as [H, bs])
 
     @classmethod
     def get_default(cls, backend: str = "triton") -> "DecodeBlockSizes":
@@ -161,7 +162,7 @@ def _expand_cols(x, rep):
 
 
 def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, kr_ref, vr_ref, o_ref, lse_ref,
-            *, bits, scale, bs, chunk, gk, gv, gq, t, num_splits, has_res, compute_dtype):
+            *, bits, scale, bs, chunk, gk, gv, gq, t, num_splits, has_res, compute_dtype, unpack):
     bi, ni, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     pw = 32 // bits
     q = q_ref[...].astype(compute_dtype)  # [rows, H]
@@ -176,26 +177,44 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
         nblocks = jnp.clip(pl.cdiv(length - start, bs), 0, chunk // bs)
         k_shifts = (lax.broadcasted_iota(jnp.int32, (1, pw, 1), 1) * bits).astype(jnp.uint32)
         v_shifts = (lax.broadcasted_iota(jnp.int32, (1, 1, pw), 2) * bits).astype(jnp.uint32)
+        k4_shifts = (lax.broadcasted_iota(jnp.int32, (1, 1, pw, 1), 2) * bits).astype(jnp.uint32)
+        v4_shifts = (lax.broadcasted_iota(jnp.int32, (1, 1, 1, pw), 3) * bits).astype(jnp.uint32)
 
         def body(j, carry):
             s0 = start + j * bs
             kw = kc_ref[pl.ds(pl.multiple_of(s0 // pw, bs // pw), bs // pw), :]  # [bs/pw, H]
-            kcodes = ((kw[:, None, :] >> k_shifts) & mask_code).reshape(bs, h)
-            if bs >= gk:
-                ks = _expand_rows(ks_ref[pl.ds(s0 // gk, bs // gk), :].astype(jnp.float32), gk)
-                kz = _expand_rows(kz_ref[pl.ds(s0 // gk, bs // gk), :].astype(jnp.float32), gk)
+            ng = max(bs // gk, 1)
+            ks = ks_ref[pl.ds(s0 // gk, ng), :].astype(jnp.float32)  # [groups in block, H]
+            kz = kz_ref[pl.ds(s0 // gk, ng), :].astype(jnp.float32)
+            if unpack == "grouped":  # [groups, words/group, slots, H]; scales broadcast, one final reshape
+                wg = min(bs, gk) // pw
+                k4 = (kw.reshape(ng, wg, 1, h) >> k4_shifts) & mask_code
+                k = (_u32_to_f32(k4) * ks.reshape(ng, 1, 1, h) + kz.reshape(ng, 1, 1, h)).astype(compute_dtype)
+                sc = lax.dot_general(q, k.reshape(bs, h), (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32) * scale
+            elif unpack == "keys_t":  # [H, bs]: tokens (word, slot) are the two minor dims
+                kcodes = ((kw.T[:, :, None] >> v_shifts) & mask_code).reshape(h, bs)
+                kst, kzt = (_expand_cols(x.T, gk) if bs >= gk else x.T for x in (ks, kz))
+                k = (_u32_to_f32(kcodes) * kst + kzt).astype(compute_dtype)
+                sc = lax.dot_general(q, k, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32) * scale
             else:
-                ks = ks_ref[pl.ds(s0 // gk, 1), :].astype(jnp.float32)
-                kz = kz_ref[pl.ds(s0 // gk, 1), :].astype(jnp.float32)
-            k = (_u32_to_f32(kcodes) * ks + kz).astype(compute_dtype)
-            sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+                kcodes = ((kw[:, None, :] >> k_shifts) & mask_code).reshape(bs, h)
+                if bs >= gk:
+                    ks, kz = _expand_rows(ks, gk), _expand_rows(kz, gk)
+                k = (_u32_to_f32(kcodes) * ks + kz).astype(compute_dtype)
+                sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
             kpos = s0 + lax.broadcasted_iota(jnp.int32, (rows, bs), 1)
             sc = jnp.where(kpos < length, sc, -jnp.inf)
             vw = vc_ref[pl.ds(s0, bs), :]  # [bs, H/pw]
-            vcodes = ((vw[:, :, None] >> v_shifts) & mask_code).reshape(bs, h)
-            vs = _expand_cols(vs_ref[pl.ds(s0, bs), :].astype(jnp.float32), gv)
-            vz = _expand_cols(vz_ref[pl.ds(s0, bs), :].astype(jnp.float32), gv)
-            v = (_u32_to_f32(vcodes) * vs + vz).astype(compute_dtype)
+            vs = vs_ref[pl.ds(s0, bs), :].astype(jnp.float32)  # [bs, H/gv]
+            vz = vz_ref[pl.ds(s0, bs), :].astype(jnp.float32)
+            if unpack == "grouped":  # [bs, groups, words/group, slots]
+                v4 = (vw.reshape(bs, h // gv, gv // pw, 1) >> v4_shifts) & mask_code
+                v = (_u32_to_f32(v4) * vs.reshape(bs, h // gv, 1, 1) + vz.reshape(bs, h // gv, 1, 1))
+                v = v.astype(compute_dtype).reshape(bs, h)
+            else:
+                vcodes = ((vw[:, :, None] >> v_shifts) & mask_code).reshape(bs, h)
+                v = (_u32_to_f32(vcodes) * _expand_cols(vs, gv) + _expand_cols(vz, gv)).astype(compute_dtype)
             return online_update(carry, sc, v)
 
         finish(lax.fori_loop(0, nblocks, body, init), o_ref, lse_ref)
@@ -243,7 +262,8 @@ def _quantized_decode_jit(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
     num_prog = splits + (1 if has_res else 0)
     compute_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
     kernel = functools.partial(_kernel, bits=bits, scale=scale, bs=bs, chunk=chunk, gk=gk, gv=gv, gq=gq, t=t,
-                               num_splits=splits, has_res=has_res, compute_dtype=compute_dtype)
+                               num_splits=splits, has_res=has_res, compute_dtype=compute_dtype,
+                               unpack=bsz.unpack)
     per_bn = lambda *shape: pl.BlockSpec((None, None, *shape), lambda bi, ni, si: (bi, ni) + (0,) * len(shape))  # noqa
     full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
     o, lse = pl.pallas_call(
@@ -289,6 +309,11 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
     if s % bs or bs % pw or (bs % gk and gk % bs):
         raise ValueError(f"S={s} must be a multiple of block_s={bs}, which must be a multiple of {pw} (bits={bits}) "
                          f"and divide or be divided by the key group Gk={gk}")
+    if bsz.unpack not in ("grouped", "rows", "keys_t"):
+        raise ValueError(f"unpack={bsz.unpack!r}; expected 'grouped', 'rows' or 'keys_t'")
+    if bsz.unpack == "grouped" and (min(bs, gk) % pw or gv % pw):
+        raise ValueError(f"unpack='grouped' needs groups Gk={gk} (or block_s={bs}) and Gv={gv} to be multiples of "
+                         f"{pw} codes per word (bits={bits}); use unpack='rows'")
     splits = bsz.num_splits
     if splits is not None and s % (splits * bs):
         raise ValueError(f"S={s} must be a multiple of num_splits * block_s = {splits} * {bs}")

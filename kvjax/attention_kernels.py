@@ -1,0 +1,139 @@
+"""Kernel-backed attention behind `kvjax.attention.attend` (registered as "pallas").
+
+`attend` passes a cache in kvjax's layout (q [B,T,Nq,H], k/v [B,N,S,H], q_pos [B,T], k_pos
+[B,N,S]); the kernels want a prefix-valid cache. This module checks, on device and per call,
+whether the positions have that shape and otherwise runs the jnp reference, so a policy that
+evicts, merges or reorders slots gets exactly the reference result (`lax.cond`, both traced):
+
+  * prefill / chunks (T > 1): slots hold positions 0..len-1 in order (same len for every KV
+    head), queries sit at positions 0..T-1 (or -1 = padding) -> block-sparse flash attention
+    (causal, plus the sliding window) over the transposed, padded cache;
+  * decode (T == 1, no window): each KV head's slots hold 0..len-1 -> the sparse-decode
+    kernel with every block of the cache selected (a dense split-K decode).
+Everything else (want_mass, windowed decode, other position patterns) is the reference.
+
+Backends follow `kvjax.pallas_kernels._compat.backend_kind()`: Mosaic GPU (Hopper) or Triton
+on GPUs, Mosaic TPU on TPUs (prefill only), and on CPU the same kernels in interpret mode
+(slow; for tests) when "pallas" is asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from . import attention
+from .attention import AttentionOutput
+
+
+def _prefix_lengths(k_pos):
+    """(slots hold 0..len-1 then -1, for every (row, head)), lengths [B, N]."""
+    s = k_pos.shape[-1]
+    lens = jnp.sum(k_pos >= 0, axis=-1, dtype=jnp.int32)
+    ar = jnp.arange(s, dtype=k_pos.dtype)
+    ok = jnp.all(k_pos == jnp.where(ar < lens[..., None], ar, -1))
+    return ok, lens
+
+
+def _prefill_backend(q, backend):
+    """The block-sparse backend that can run these shapes, or None."""
+    from .pallas_kernels.block_sparse_attention import SUPPORTED_DTYPES
+
+    h = q.shape[-1]
+    if not any(q.dtype == d for d in SUPPORTED_DTYPES):
+        return None
+    pow2 = h >= 16 and not h & (h - 1)
+    if backend == "mosaic_gpu":
+        if q.dtype != jnp.float32 and h % 64 == 0:
+            return "mosaic_gpu"
+        return "triton" if pow2 else None
+    if backend == "triton":
+        return "triton" if pow2 else None
+    if backend == "mosaic_tpu":
+        return "mosaic_tpu"
+    return None
+
+
+def _prefill(q, k, v, q_pos, k_pos, window, scale, backend, interpret):
+    from .pallas_kernels.block_mask import MaskSpec
+    from .pallas_kernels.block_sparse_attention import BlockSizes, block_sparse_attention
+
+    b, t, nq, h = q.shape
+    s = k.shape[2]
+    bs = BlockSizes.get_default(backend)
+    mbq = bs.meta_block_q(backend)
+    tp, sp = -(-t // mbq) * mbq, -(-s // bs.block_kv) * bs.block_kv
+    ok, lens = _prefix_lengths(k_pos)
+    ok &= jnp.all(lens == lens[:, :1])
+    ok &= jnp.all((q_pos == jnp.arange(t, dtype=q_pos.dtype)[None]) | (q_pos < 0))
+
+    def kernel():
+        qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+        kt = jnp.pad(jnp.swapaxes(k, 1, 2), ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+        vt = jnp.pad(jnp.swapaxes(v, 1, 2), ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+        out, lse = block_sparse_attention(qp, kt, vt, mask=MaskSpec(causal=True, window=window),
+                                          kv_lengths=lens[:, 0], scale=scale, backend=backend, interpret=interpret)
+        valid = (q_pos >= 0)[..., None]
+        out = jnp.where(valid[..., None], out[:, :t], 0).astype(q.dtype)
+        return out, jnp.where(valid, lse[:, :t], -jnp.inf)
+
+    def reference():
+        r = attention.attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale)
+        return r.out, r.lse.astype(jnp.float32)
+
+    return lax.cond(ok, kernel, reference)
+
+
+def _decode(q, k, v, q_pos, k_pos, scale, interpret, block):
+    from .pallas_kernels.sparse_decode_attention import sparse_decode_attention
+
+    b, _, _, _ = q.shape
+    n, s = k.shape[1], k.shape[2]
+    ok, lens = _prefix_lengths(k_pos)
+    eff = jnp.minimum(lens, jnp.maximum(q_pos[:, :1] + 1, 0))  # slot s visible iff s < len and s <= q_pos
+    nblk = s // block
+    idx = jnp.broadcast_to(jnp.arange(nblk, dtype=jnp.int32), (b, n, nblk))
+
+    def kernel():
+        return sparse_decode_attention(q, k, v, idx, eff, block_size=block, block_counts=-(-eff // block),
+                                       scale=scale, interpret=interpret)
+
+    def reference():
+        r = attention.attention_reference(q, k, v, q_pos, k_pos, scale=scale)
+        return r.out, r.lse.astype(jnp.float32)
+
+    return lax.cond(ok, kernel, reference)
+
+
+def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False) -> AttentionOutput:
+    """`attend` through the Pallas kernels where the cache is prefix-valid (module docstring)."""
+    from .pallas_kernels import _compat
+
+    backend = _compat.backend_kind()
+    interpret = backend == "xla"
+    if interpret:
+        backend = "triton"
+    t, h = q.shape[1], q.shape[3]
+    s = k.shape[2]
+    if not want_mass:
+        if t > 1:
+            pb = _prefill_backend(q, backend)
+            if pb is not None:
+                return AttentionOutput(*_prefill(q, k, v, q_pos, k_pos, window, scale, pb, interpret))
+        elif window is None and backend in ("triton", "mosaic_gpu") and h >= 16 and not h & (h - 1):
+            block = next((bl for bl in (64, 32, 16) if s % bl == 0), None)
+            if block is not None and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+                return AttentionOutput(*_decode(q, k, v, q_pos, k_pos, scale, interpret, block))
+    return attention.attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass)
+
+
+def kernel_backend() -> str:
+    """Which kernel family "pallas" uses on the default device."""
+    from .pallas_kernels import _compat
+
+    return _compat.backend_kind()
+
+
+attention.register_implementation("pallas", pallas_attention)
+
+__all__ = ["pallas_attention", "kernel_backend"]
