@@ -1,6 +1,7 @@
 """kvjax: long-context LLM inference in JAX with compressed KV caches."""
 
 from . import attention, policies
+from . import attention_kernels  # registers attend(implementation="pallas")
 from . import quant  # registers the quantized caches (kivi, kvquant, ...)
 from .models import LlamaConfig, get_preset
 from .policies import parse_policy

@@ -109,7 +109,12 @@ def attention_reference(
 
 
 def default_implementation() -> str:
-    """'xla' on CPU; kernels register faster paths for GPU/TPU in `_IMPLEMENTATIONS`."""
+    """'xla' on CPU; 'pallas' (kvjax.attention_kernels: Mosaic GPU / Triton / Mosaic TPU kernels,
+    falling back to the reference per call) on GPU and TPU."""
+    if jax.default_backend() in ("gpu", "tpu"):
+        from . import attention_kernels  # noqa: F401  (registers "pallas")
+
+        return "pallas"
     return "xla"
 
 
