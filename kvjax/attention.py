@@ -43,6 +43,15 @@ def visibility_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None = Non
     return mask
 
 
+def _cpu_dot_operands(*xs):
+    """XLA:CPU cannot run some bf16 x bf16 -> f32 dots under jit ("Unsupported element type
+    for DotThunk::Execute"); products of bf16/f16 values are exact in f32, so upcasting the
+    operands there computes the same dot. Other backends keep the narrow operands."""
+    if jax.default_backend() != "cpu":
+        return xs
+    return tuple(x.astype(jnp.float32) if x.dtype in (jnp.bfloat16, jnp.float16) else x for x in xs)
+
+
 def attention_logits(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
     """Scaled logits [B, N, G, T, S] in float32 for q [B, T, N*G, H], k [B, N, S, H]."""
     b, t, nq, h = q.shape
@@ -50,7 +59,7 @@ def attention_logits(q: jax.Array, k: jax.Array, scale: float | None = None) -> 
     if nq % n:
         raise ValueError(f"query heads {nq} must be a multiple of key heads {n}")
     scale = h**-0.5 if scale is None else scale
-    qg = q.reshape(b, t, n, nq // n, h)
+    qg, k = _cpu_dot_operands(q.reshape(b, t, n, nq // n, h), k)
     return jnp.einsum("btngh,bnsh->bngts", qg, k, preferred_element_type=jnp.float32) * scale
 
 
@@ -75,7 +84,8 @@ def _attention_block(q, k, v, q_pos, k_pos, window, scale, want_mass):
     l = jnp.sum(p, axis=-1, keepdims=True)
     seen = l > 0
     p_norm = p / jnp.where(seen, l, 1.0)
-    out = jnp.einsum("bngts,bnsh->btngh", p_norm.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bngts,bnsh->btngh", *_cpu_dot_operands(p_norm.astype(v.dtype), v),
+                     preferred_element_type=jnp.float32)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]  # [B,N,G,T]
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, nq)
     mass = jnp.sum(p_norm, axis=(2, 3)) if want_mass else None
