@@ -4,7 +4,9 @@
     out = kvjax.parallel.generate(model, prompt, mesh=mesh, policy="dense", max_new_tokens=64)
 """
 
+from . import multihost
 from .context import Plan, decode, prefill
+from .generate import generate, put_prompt
 from .layout import LAYOUTS, inverse_order, padded_length, ring_order
 from .mesh import AXIS_RULES, logical_sharding, logical_spec, make_mesh, require_axis, shard_map
 from .ring import ring_attention, ring_attention_local
@@ -12,6 +14,6 @@ from .sharded_policy import SeqSharded, shard_merge_attention
 
 __all__ = [
     "AXIS_RULES", "LAYOUTS", "Plan", "SeqSharded", "decode", "inverse_order", "logical_sharding", "logical_spec",
-    "make_mesh", "padded_length", "prefill", "require_axis", "ring_attention", "ring_attention_local", "ring_order",
+    "generate", "make_mesh", "multihost", "padded_length", "prefill", "put_prompt", "require_axis", "ring_attention", "ring_attention_local", "ring_order",
     "shard_map", "shard_merge_attention",
 ]

@@ -5,7 +5,8 @@ In a zigzag ring over a right-padded prompt every block a shard computes is one 
   - a full block: every valid key is earlier than every valid query,
 and in both the valid queries and keys of row b are a prefix of the block (lengths
 q_len[b], kv_len[b]). Flash kernels that take per-row lengths (cuDNN) serve those blocks
-without a position mask. `kernel="xla"` computes the same function with
+without a position mask (kernel="cudnn"; kernel="pallas" is kvjax's block-sparse flash
+kernel with `kv_lengths`). `kernel="xla"` computes the same function with
 `kvjax.attention.attend` (positions synthesised from the lengths): the CPU reference.
 """
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from .. import attention
 
-KERNELS = ("xla", "cudnn")
+KERNELS = ("xla", "cudnn", "pallas")
 
 
 def prefix_attention(q, k, v, q_len, kv_len, *, causal: bool, scale: float | None = None, kernel: str = "xla",
@@ -37,6 +38,8 @@ def prefix_attention(q, k, v, q_len, kv_len, *, causal: bool, scale: float | Non
     kv_len = kv_len.astype(jnp.int32)
     if kernel == "cudnn":
         out, lse = _cudnn(q, k, v, q_len, kv_len, causal, scale)
+    elif kernel == "pallas":
+        out, lse = _pallas(q, k, v, kv_len, causal, scale)
     else:
         tq = jnp.arange(t, dtype=jnp.int32)[None, :]
         ts = jnp.arange(s, dtype=jnp.int32)[None, None, :]
@@ -69,6 +72,16 @@ def _cudnn(q, k, v, q_len, kv_len, causal, scale):
             query_seq_lengths=q_len, key_value_seq_lengths=kv_len, implementation="cudnn", return_residual=True,
         )
         return out, lse.astype(jnp.float32)
+
+
+def _pallas(q, k, v, kv_len, causal, scale):
+    """kvjax's block-sparse flash kernel (pallas_kernels; Mosaic GPU / Triton / Mosaic TPU).
+    T and S must be multiples of its query / key blocks (128 on Hopper)."""
+    from ..pallas_kernels.block_mask import MaskSpec
+    from ..pallas_kernels.block_sparse_attention import block_sparse_attention
+
+    return block_sparse_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=MaskSpec(causal=causal),
+                                  kv_lengths=kv_len, scale=scale)
 
 
 def attention_flops(batch: int, q_len: int, kv_len: int, num_heads: int, head_dim: int, causal: bool) -> float:

@@ -102,7 +102,7 @@ def _zigzag_block(step, q, q_pos, k, v, k_pos, *, i, n, scale, kernel, implement
     def as_f32(o, l):
         return o.astype(jnp.float32), l
 
-    if step == 0:
+    if isinstance(step, int) and step == 0:  # the shard's own block (a Python 0, never traced)
         return as_f32(*run(q, q_len, k, v, k_pos, True))
     src = (i - step) % n
     q_len_back = jnp.sum(q_pos[:, c:] >= 0, axis=1)
@@ -120,6 +120,24 @@ def _mass(q, q_pos, lse, k, k_pos, window, scale):
     l = jnp.transpose(lse.reshape(b, t, n, nq // n), (0, 2, 3, 1))[..., None]
     p = jnp.where(mask & jnp.isfinite(l), jnp.exp(logits - jnp.where(jnp.isfinite(l), l, 0.0)), 0.0)
     return jnp.sum(p, axis=(2, 3))
+
+
+def _ring_loop(n: int, axis: str, blk, acc, visit):
+    """acc = visit(step, blk_step, acc) for step = 0..n-1, where blk_step is the block of
+    shard (i - step) mod n. Each shift is issued before the visit of the current block;
+    the middle steps run in a fori_loop so the program does not grow with n."""
+    nxt = _shift(blk, axis, n) if n > 1 else None
+    acc = visit(0, blk, acc)
+    if n > 2:
+        def body(step, carry):
+            blk, acc = carry
+            nxt = _shift(blk, axis, n)
+            return nxt, visit(step, blk, acc)
+
+        nxt, acc = lax.fori_loop(1, n - 1, body, (nxt, acc))
+    if n > 1:
+        acc = visit(n - 1, nxt, acc)
+    return acc
 
 
 def ring_attention_local(q, k, v, q_pos, k_pos, *, axis: str = "seq", window: int | None = None,
@@ -145,21 +163,15 @@ def ring_attention_local(q, k, v, q_pos, k_pos, *, axis: str = "seq", window: in
         def step_fn(step, q, q_pos, k, v, k_pos):
             return _positions_block(q, q_pos, k, v, k_pos, window=window, scale=scale, implementation=implementation)
 
-    blk = (k, v, k_pos)
-    acc_o, acc_l = _empty(q)
-    for step in range(n):
-        nxt = _shift(blk, axis, n) if step + 1 < n else None  # issued before the local compute
+    def visit(step, blk, acc):
         o, l = step_fn(step, q, q_pos, *blk)
-        acc_o, acc_l = attention.merge_partials([acc_o, o], [acc_l, l])
-        blk = nxt
+        return tuple(attention.merge_partials([acc[0], o], [acc[1], l]))
+
+    acc_o, acc_l = _ring_loop(n, axis, (k, v, k_pos), _empty(q), visit)
     mass = None
     if want_mass:  # second pass: the queries (with their global lse) visit every shard's slots
-        mass = jnp.zeros(k_pos.shape, jnp.float32)
-        vis = (q, q_pos, acc_l)
-        for step in range(n):
-            nxt = _shift(vis, axis, n) if step + 1 < n else None
-            mass = mass + _mass(*vis, k, k_pos, window, scale)
-            vis = nxt
+        mass = _ring_loop(n, axis, (q, q_pos, acc_l), jnp.zeros(k_pos.shape, jnp.float32),
+                          lambda step, vis, m: m + _mass(*vis, k, k_pos, window, scale))
     return AttentionOutput(acc_o.astype(q.dtype), acc_l, mass)
 
 

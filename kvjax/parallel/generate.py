@@ -1,0 +1,99 @@
+"""`generate` for long prompts on many devices (one process or many).
+
+Same inputs and output as `kvjax.generate.generate`, plus a mesh: the prompt is padded to
+a multiple of the ring's block count, prefilled context-parallel, and decoded on the
+sequence-sharded state. With several processes (after `multihost.initialize`) every
+process calls it with the same prompts; each one only puts its own shards of the token
+array on its devices, and every process gets the full result.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ..generate import GenerateOutput, bucket_length, encode_batch
+from ..policies.base import Policy
+from ..policies.registry import parse_policy
+from ..sampling import Sampler
+from . import context, multihost
+from .layout import padded_length, ring_order
+
+
+def put_prompt(tokens: np.ndarray, lengths: np.ndarray, plan: context.Plan):
+    """Host tokens [B, W] (natural order) -> (global tokens in ring order sharded over the
+    ring axis, global lengths); each process loads only its own shards."""
+    order = ring_order(tokens.shape[1], plan.size, plan.layout)
+    bax = plan.batch_axis
+    tok_sh = NamedSharding(plan.mesh, P(bax, plan.axis))
+    toks = multihost.global_array(lambda idx: tokens[idx[0]][:, order[idx[1]]], tokens.shape, np.int32, tok_sh)
+    lens = multihost.global_array(lambda idx: lengths[idx], lengths.shape, np.int32, NamedSharding(plan.mesh, P(bax)))
+    return toks, lens
+
+
+def generate(model, prompts: str | Sequence[str], *, mesh: Mesh, policy: Policy | str = "dense",
+             max_new_tokens: int = 64, sampler: Sampler = Sampler(), seed: int = 0, chat: bool = False,
+             stop_ids: Sequence[int] | None = None, axis: str = "seq", layout: str = "zigzag",
+             kernel: str | None = None, implementation: str | None = None, timeout_s: float | None = None
+             ) -> GenerateOutput:
+    """Context-parallel `kvjax.generate.generate` over mesh axis `axis` (see module doc).
+    `timeout_s` bounds each phase when several processes run (`multihost.peer_guard`)."""
+    plan = context.Plan(mesh, axis, layout, kernel)
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    pol = parse_policy(policy) if isinstance(policy, str) else policy
+    cfg = model.config
+    ids, _ = encode_batch(model.tokenizer, prompts, chat)
+    longest = max(len(t) for t in ids)
+    if longest + max_new_tokens > cfg.max_position:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"max_position={cfg.max_position}")
+    width = padded_length(bucket_length(longest), plan.size, plan.layout)
+    tokens = np.full((len(ids), width), cfg.pad_id, np.int32)
+    for i, t in enumerate(ids):
+        tokens[i, : len(t)] = t
+    lengths = np.asarray([len(t) for t in ids], np.int32)
+    toks, lens = put_prompt(tokens, lengths, plan)
+    params = multihost.replicate(model.params, mesh) if jax.process_count() > 1 else model.params
+    stops = tuple(stop_ids) if stop_ids is not None else tuple(model.tokenizer.eos_ids)
+    common = dict(plan=plan, config=cfg, policy=pol, max_new_tokens=max_new_tokens, dtype=model.dtype,
+                  implementation=implementation)
+    t0 = time.perf_counter()
+    with multihost.peer_guard("prefill", timeout_s):
+        logits, state = context.prefill(params, toks, lens, ordered=True, **common)
+        jax.block_until_ready(logits)
+    t1 = time.perf_counter()
+    kv_after_prefill = state.nbytes
+    with multihost.peer_guard("decode", timeout_s):
+        key = multihost.replicate(jax.random.key_data(jax.random.key(seed)), mesh)
+        out, n_out, state = context.decode(params, state, logits, jax.random.wrap_key_data(key), sampler=sampler,
+                                           stop_ids=stops, **common)
+        out, n_out = multihost.to_numpy(out), multihost.to_numpy(n_out)
+    t2 = time.perf_counter()
+    texts = [model.tokenizer.decode(out[i, : n_out[i]]) for i in range(len(ids))]
+    stats = {
+        "prompt_tokens": int(lengths.sum()),
+        "prefill_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "prefill_tokens_per_s": float(lengths.sum()) / max(t1 - t0, 1e-9),
+        "decode_tokens_per_s": max(int(n_out.sum()) - len(ids), 0) / max(t2 - t1, 1e-9),
+        "generated_tokens": int(n_out.sum()),
+        "kv_bytes": state.nbytes,
+        "kv_bytes_after_prefill": kv_after_prefill,
+        "dense_kv_bytes": int(lengths.max()) * len(ids) * cfg.kv_bytes_per_token(jnp.dtype(model.dtype).itemsize),
+        "policy": pol.spec(),
+        "devices": int(mesh.devices.size),
+        "seq_shards": plan.size,
+        "processes": jax.process_count(),
+    }
+    return GenerateOutput(texts, out, n_out, state, stats)
