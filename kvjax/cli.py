@@ -78,6 +78,22 @@ def list_policies_cmd():
         typer.echo(f"{name:12s} {args}")
 
 
+@app.command()
+def calibrate(
+    method: str = typer.Option(..., help="kvquant, rotatekv, bfp or kv4"),
+    model: str = typer.Option("smollm2", help="'smollm2', a .gguf file or an HF safetensors directory"),
+    text: str = typer.Option("pydoc", help="'pydoc' (Python stdlib text) or a text file"),
+    tokens: int = typer.Option(1024, help="calibration tokens"),
+    out: Optional[str] = typer.Option(None, help="artifact directory (default: the one shipped in the package)"),
+):
+    """Calibrate a quantized cache offline (codebooks, channel orders) and save it with orbax."""
+    from .eval import load_text
+    from .quant.calibration import calibrate as run
+
+    path, shapes = run(method, _model(model), load_text(text), tokens=tokens, out=out)
+    typer.echo(json.dumps({"method": method, "path": path, "arrays": shapes}))
+
+
 def main():  # pragma: no cover
     app()
 

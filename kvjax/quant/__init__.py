@@ -5,8 +5,14 @@ eviction policy (`snapkv:budget=0.2+kivi:bits=2`). Importing registers every met
 from . import affine
 from .attention import kivi_decode_attention_reference, register_quantized_kernel
 from .base import QuantPolicy, QuantState, Stream, dequantize_state
+from .bfp import BFP
+from .calibration import CalibrationError
 from .kivi import KIVI
+from .kv4 import KV4
+from .kvquant import KVQuant
+from .rotatekv import RotateKV
 from .rtn import RTN
+from .zipcache import ZipCache
 
-__all__ = ["KIVI", "RTN", "QuantPolicy", "QuantState", "Stream", "affine", "dequantize_state",
+__all__ = ["BFP", "CalibrationError", "KIVI", "KV4", "KVQuant", "RTN", "RotateKV", "ZipCache", "QuantPolicy", "QuantState", "Stream", "affine", "dequantize_state",
            "kivi_decode_attention_reference", "register_quantized_kernel"]

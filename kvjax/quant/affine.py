@@ -28,10 +28,11 @@ def check_bits(bits: int, allowed=packing.SUPPORTED_BITS) -> None:
         raise ValueError(f"bits={bits!r} is not supported; expected one of {tuple(allowed)}")
 
 
-def minmax_params(x: jax.Array, bits: int, axis) -> tuple[jax.Array, jax.Array]:
-    """Asymmetric min-max scale and zero over `axis` (kept), rounded to float16."""
-    mn = jnp.min(x, axis=axis, keepdims=True).astype(jnp.float32)
-    mx = jnp.max(x, axis=axis, keepdims=True).astype(jnp.float32)
+def minmax_params(x: jax.Array, bits: int, axis, clip: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Asymmetric min-max scale and zero over `axis` (kept), rounded to float16; `clip`
+    < 1 shrinks the range (values outside saturate)."""
+    mn = jnp.min(x, axis=axis, keepdims=True).astype(jnp.float32) * clip
+    mx = jnp.max(x, axis=axis, keepdims=True).astype(jnp.float32) * clip
     scale = ((mx - mn) / (2**bits - 1)).astype(SCALE_DTYPE)
     scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))  # constant group: any scale is exact
     return scale, mn.astype(SCALE_DTYPE)
@@ -87,14 +88,14 @@ def dequant_channelwise(codes, scale, zero, bits: int, group: int) -> jax.Array:
     return dequantize(c, scale[:, :, :, None], zero[:, :, :, None]).reshape(b, n, s, h)
 
 
-def quant_tokenwise(x: jax.Array, bits: int, group: int):
+def quant_tokenwise(x: jax.Array, bits: int, group: int, clip: float = 1.0):
     """Values per token (KIVI) in groups of `group` channels: x [B, N, S, H] ->
     (codes [B, N, S, H/per_word], scale, zero [B, N, S, H/G])."""
     b, n, s, h = x.shape
     if h % group:
         raise ValueError(f"group={group} must divide head_dim={h}")
     xg = x.reshape(b, n, s, h // group, group)
-    scale, zero = minmax_params(xg, bits, axis=4)
+    scale, zero = minmax_params(xg, bits, axis=4, clip=clip)
     codes = quantize(xg, scale, zero, bits).reshape(b, n, s, h)
     return pack(codes, bits, axis=3), scale[..., 0], zero[..., 0]
 

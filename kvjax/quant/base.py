@@ -181,9 +181,9 @@ class QuantPolicy(Policy):
         return aux
 
     def encode_prompt(self, k, v, pos, count, scores, aux, ctx: LayerContext, cap: int) -> tuple:
-        """Quantize the first `count` [B, N] of k, v [B, N, cap, H] -> tuple of Streams."""
+        """Quantize the first `count` [B, N] of k, v [B, N, cap, H] -> (tuple of Streams, aux)."""
         data = self.codec(ctx).encode(k, v, pos, aux)
-        return (Stream(data, count, self.block(ctx)),)
+        return (Stream(data, count, self.block(ctx)),), aux
 
     def _ingest(self, st: SlotKV, ctx: LayerContext, scores, own: bool) -> QuantState:
         self.check_config(ctx.config)
@@ -198,7 +198,7 @@ class QuantPolicy(Policy):
         cap = self.capacity(c_in, ctx)
         aux = self.init_aux(k, v, pos, scores, ctx)
         qpos = jnp.where(jnp.arange(cap) < nq[..., None], fit_tokens(pos, cap, -1), -1)
-        streams = self.encode_prompt(fit_tokens(k, cap), fit_tokens(v, cap), qpos, nq,
+        streams, aux = self.encode_prompt(fit_tokens(k, cap), fit_tokens(v, cap), qpos, nq,
                                      None if scores is None else fit_tokens(scores, cap), aux, ctx, cap)
         ridx = nq[..., None] + jnp.arange(rc)
         valid = jnp.arange(rc) < (count - nq)[..., None]
@@ -279,7 +279,7 @@ class QuantPolicy(Policy):
     def stream_codecs(self, ctx: LayerContext) -> tuple:
         return (self.codec(ctx),)
 
-    def residual_mass(self, state: QuantState, mass) -> QuantState:
+    def residual_mass(self, state: QuantState, mass, ctx: LayerContext) -> QuantState:
         """Hook: softmax mass [B, N, R + T] the new query gave the residual window."""
         return state
 
@@ -309,7 +309,7 @@ class QuantPolicy(Policy):
         outs.append(r.out)
         lses.append(r.lse)
         if self.tracks_residual_mass:
-            state = self.residual_mass(state, r.key_mass)
+            state = self.residual_mass(state, r.key_mass, ctx)
         out, _ = attention.merge_partials(outs, lses)
         return state, out
 

@@ -1,0 +1,181 @@
+"""Offline calibration for the quantized caches (KVQuant codebooks and thresholds,
+RotateKV / block-floating-point / KV4 channel permutations).
+
+    stats = collect(model, tokens, grads=True)      # per-layer K (pre/post RoPE), V, Fisher
+    arrays = CALIBRATORS[method](stats, config)      # numpy arrays, leading axis = layer
+    save(path, method, config, arrays)               # orbax: arrays + JSON meta
+
+`kvjax calibrate --method kvquant --model smollm2 --text FILE --out DIR` runs the three
+steps. `load` checks method, model name, layer count, KV heads and head_dim and raises
+`CalibrationError` naming both models when a calibration was made for another model.
+Artifacts for SmolLM2 ship in `kvjax/quant/data/<method>/` (calibrated on the GPL-3 text,
+so evaluations on other texts do not see their own calibration data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..models.forward import forward
+from ..policies.base import PolicyError
+from ..policies.dense import Dense
+from ..state import KVState, LayerContext, SlotKV
+from .base import rope_heads
+
+VERSION = 1
+DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+CALIBRATORS: dict = {}
+
+
+class CalibrationError(PolicyError):
+    """A calibration artifact is missing, unreadable or made for another model/method."""
+
+
+def calibrator(method: str):
+    """Decorator: register fn(stats, config) -> {name: np.ndarray [num_layers, ...]}."""
+
+    def deco(fn):
+        CALIBRATORS[method] = fn
+        return fn
+
+    return deco
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def default_path(method: str, config) -> str:
+    """Where the shipped artifact for `config`'s model would be."""
+    return os.path.join(DATA_DIR, method, slug(config.name))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probe(Dense):
+    """Dense prefill that adds zero perturbations dk, dv [B, T, N, H] to the keys and
+    values, so jax.grad gives d loss / d K and d loss / d V (KVQuant's Fisher weights)."""
+
+    name = "_probe"
+
+    def prefill(self, state, q, k, v, q_pos, ctx):
+        sl, dk, dv = state
+        sl, out = Dense.prefill(self, sl, q, k + dk, v + dv, q_pos, ctx)
+        return (sl, dk, dv), out
+
+
+def collect(model, tokens, grads: bool = False) -> dict:
+    """Run `tokens` [T] through `model` with a dense cache. Returns numpy float32 arrays
+    [L, T, N, H]: k_post (post-RoPE keys), k_pre (pre-RoPE), v; with grads=True also
+    gk_pre, gv: gradients of the next-token loss w.r.t. pre-RoPE keys and values."""
+    cfg = model.config
+    toks = jnp.asarray(np.asarray(tokens, np.int32))[None]
+    t = toks.shape[1]
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    shape = (1, t, cfg.num_kv_heads, cfg.head_dim)
+    empty = SlotKV.empty(1, cfg.num_kv_heads, t, cfg.head_dim, jnp.float32)
+    ctx = LayerContext(0, cfg, "prefill", True, t, 0)
+
+    def loss(pert):
+        layers = tuple((empty, dk, dv) for dk, dv in pert)
+        state = KVState(layers=layers, lengths=jnp.zeros((1,), jnp.int32))
+        logits, st = forward(model.params, toks, pos, state, config=cfg, policy=_Probe(), ctx=ctx, dtype=jnp.float32)
+        logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
+        nll = -jnp.mean(jnp.take_along_axis(logp, toks[0, 1:, None], axis=-1))
+        return nll, st
+
+    pert = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers))
+    if grads:
+        (_, st), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(pert)
+    else:
+        _, st = jax.jit(loss)(pert)
+    kpost = jnp.stack([layer[0].k[0] for layer in st.layers])  # [L, N, T, H]
+    v = jnp.stack([layer[0].v[0] for layer in st.layers])
+    hpos = jnp.broadcast_to(jnp.arange(t)[None, None], kpost.shape[:3])
+    kpre = rope_heads(kpost, hpos, cfg, inverse=True)
+    out = {"k_post": kpost, "k_pre": kpre, "v": v}
+    if grads:
+        gk = jnp.stack([jnp.swapaxes(dk[0], 0, 1) for dk, _ in g])  # [L, N, T, H] post-RoPE grads
+        out["gk_pre"] = rope_heads(gk, hpos, cfg, inverse=True)  # R^T g: gradient w.r.t. pre-RoPE keys
+        out["gv"] = jnp.stack([jnp.swapaxes(dv[0], 0, 1) for _, dv in g])
+    return {name: np.asarray(jnp.swapaxes(x, 1, 2), np.float32) for name, x in out.items()}
+
+
+def _meta(method: str, config, extra: dict | None = None) -> dict:
+    return {"method": method, "model": config.name, "num_layers": config.num_layers,
+            "num_kv_heads": config.num_kv_heads, "head_dim": config.head_dim, "version": VERSION, **(extra or {})}
+
+
+def save(path: str, method: str, config, arrays: dict, extra_meta: dict | None = None) -> str:
+    """Write `arrays` ({name: [num_layers, ...]}) and the meta with orbax to `path`."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.path.expanduser(path))
+    for name, a in arrays.items():
+        if a.shape[0] != config.num_layers:
+            raise CalibrationError(f"array {name!r} has shape {a.shape}; expected {config.num_layers} layers first")
+    ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    ckpt.save(path, args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave({k: np.asarray(v) for k, v in arrays.items()}),
+        meta=ocp.args.JsonSave(_meta(method, config, extra_meta))), force=True)
+    return path
+
+
+@functools.lru_cache(maxsize=64)
+def _restore(path: str):
+    import orbax.checkpoint as ocp
+
+    ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        meta = ckpt.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        arrays = ckpt.restore(path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))["arrays"]
+    except Exception as e:  # orbax raises several types for a missing / foreign directory
+        raise CalibrationError(f"cannot read a calibration artifact at {path}: {type(e).__name__}: {e}") from e
+    return meta, {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def load(method: str, config, path: str | None = None) -> dict:
+    """The calibration arrays of `method` for `config`'s model: from `path`, or the shipped
+    artifact when path is empty. Raises CalibrationError when it is missing or was made for
+    another method or model (name, layers, KV heads, head_dim all checked)."""
+    path = os.path.abspath(os.path.expanduser(path)) if path else default_path(method, config)
+    hint = (f"run `kvjax calibrate --method {method} --model MODEL --out DIR` and pass "
+            f"{method}:calibration=DIR")
+    if not os.path.isdir(path):
+        raise CalibrationError(f"no {method} calibration for model {config.name!r} at {path}; {hint}")
+    meta, arrays = _restore(path)
+    if meta.get("method") != method:
+        raise CalibrationError(f"calibration at {path} is for method {meta.get('method')!r}, not {method!r}; {hint}")
+    want = _meta(method, config)
+    keys = ("model", "num_layers", "num_kv_heads", "head_dim")
+    if any(meta.get(k) != want[k] for k in keys):
+        got = ", ".join(f"{k}={meta.get(k)!r}" for k in keys)
+        exp = ", ".join(f"{k}={want[k]!r}" for k in keys)
+        raise CalibrationError(f"calibration at {path} was made for another model ({got}); this model has {exp}; {hint}")
+    for name, a in arrays.items():
+        if a.shape[0] != config.num_layers:
+            raise CalibrationError(f"calibration array {name!r} at {path} has shape {a.shape}; "
+                                   f"expected {config.num_layers} layers first")
+    return arrays
+
+
+def calibrate(method: str, model, text: str, tokens: int = 1024, out: str | None = None) -> tuple[str, dict]:
+    """Tokenize `text`, collect statistics over its first `tokens` tokens, run the
+    method's calibrator and save the artifact to `out` (default: the shipped location)."""
+    if method not in CALIBRATORS:
+        raise ValueError(f"method={method!r} needs no calibration or is unknown; calibrated methods: "
+                         f"{sorted(CALIBRATORS)}")
+    ids = model.tokenizer.encode(text)
+    if len(ids) < tokens:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than tokens={tokens}")
+    stats = collect(model, ids[:tokens], grads=method == "kvquant")
+    arrays = CALIBRATORS[method](stats, model.config)
+    path = save(out or default_path(method, model.config), method, model.config, arrays, {"tokens": tokens})
+    return path, {k: list(v.shape) for k, v in arrays.items()}
