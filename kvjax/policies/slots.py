@@ -48,12 +48,11 @@ def keep_counts(lengths: jax.Array, budget: float, minimum: int = 1) -> jax.Arra
     return jnp.clip(n, minimum, jnp.maximum(lengths, minimum))
 
 
-def select(state: SlotKV, scores: jax.Array, keep: jax.Array, capacity: int, headroom: int) -> SlotKV:
-    """Keep, per (row, head), the `keep[b]` (or keep[b, n]) highest-scoring slots.
+def select_indices(state: SlotKV, scores: jax.Array, keep: jax.Array, capacity: int):
+    """Per (row, head), the slots of the `keep` highest scores, ordered by position.
 
-    scores [B, N, S] (empty slots are never kept); keep [B] or [B, N] int32 <= capacity.
-    Returns a new state with static capacity `capacity + headroom`, kept slots first
-    (in ascending position order), the rest empty, fill = capacity."""
+    scores [B, N, S] (empty slots never chosen); keep [B] or [B, N] int32 <= capacity.
+    Returns idx [B, N, capacity] int32 and valid [B, N, capacity] bool (kept slots first)."""
     if capacity > state.capacity:
         raise ValueError(f"cannot keep {capacity} slots out of {state.capacity}")
     scores = jnp.where(state.pos >= 0, scores.astype(jnp.float32), -jnp.inf)
@@ -65,8 +64,13 @@ def select(state: SlotKV, scores: jax.Array, keep: jax.Array, capacity: int, hea
     # Order kept slots by position (stable, deterministic layout); empty ones last.
     order_key = jnp.where(valid, chosen_pos, jnp.iinfo(jnp.int32).max)
     order = jnp.argsort(order_key, axis=2)
-    idx = jnp.take_along_axis(idx, order, axis=2)
-    valid = jnp.take_along_axis(valid, order, axis=2)
+    return jnp.take_along_axis(idx, order, axis=2), jnp.take_along_axis(valid, order, axis=2)
+
+
+def select(state: SlotKV, scores: jax.Array, keep: jax.Array, capacity: int, headroom: int) -> SlotKV:
+    """Keep the `keep` best slots per (row, head) (see `select_indices`) in a new state of
+    static capacity `capacity + headroom`: kept slots first, the rest empty, fill = capacity."""
+    idx, valid = select_indices(state, scores, keep, capacity)
     return gather(state, idx, valid, headroom)
 
 

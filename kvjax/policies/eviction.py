@@ -1,0 +1,138 @@
+"""Shared machinery of score-based eviction (kvpress's ScorerPress, in pure JAX).
+
+A subclass defines `scores(state, q, q_pos, res, ctx) -> [B, N, S]` (higher = keep).
+After the final prompt chunk the cache keeps, per row, floor(budget * length) slots per
+KV head (at least `min_keep`) in a new, smaller state: real memory savings, not a mask.
+Policies that also evict while decoding (`evicts_on_decode`) keep one spare slot: each
+step writes the new token into it, attends, then empties the lowest-scoring slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .. import attention
+from ..state import LayerContext, SlotKV
+from . import slots
+from .base import Policy, PolicyError, budget_capacity, check_budget
+
+
+@struct.dataclass
+class ScoredKV:
+    """A SlotKV plus a running per-slot score [B, N, S] (float32) for decode-time eviction."""
+
+    kv: SlotKV
+    score: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EvictionPolicy(Policy):
+    """Base of the eviction methods; `budget` is the fraction of the prompt kept."""
+
+    budget: float = 0.2
+    min_keep: ClassVar[int] = 1
+
+    def __post_init__(self):
+        check_budget(self.budget)
+
+    # -- sizes --------------------------------------------------------------------------
+    def prefill_capacity(self, prompt_len, max_new_tokens):
+        return prompt_len
+
+    def capacity(self, prompt_len: int, ctx: LayerContext) -> int:
+        """Static kept-slot count per KV head for this layer (the largest per-row count)."""
+        return budget_capacity(self.budget, prompt_len, self.min_keep)
+
+    def keep_counts(self, lengths: jax.Array, ctx: LayerContext) -> jax.Array:
+        """Per-row kept-slot counts [B] (or [B, N]) for true prompt lengths [B]."""
+        return slots.keep_counts(lengths, self.budget, self.min_keep)
+
+    # -- prefill ------------------------------------------------------------------------
+    def prefill(self, state, q, k, v, q_pos, ctx: LayerContext):
+        state = slots.append(state, k, v, q_pos)
+        res = self.attend(state, q, q_pos, ctx, want_mass=self.wants_mass(ctx))
+        if ctx.final:
+            state = self.compress(state, ctx, q=q, q_pos=q_pos, res=res)
+        return state, res.out
+
+    def scores(self, state: SlotKV, q, q_pos, res, ctx: LayerContext) -> jax.Array:
+        raise NotImplementedError(f"{type(self).__name__} must define scores()")
+
+    def compress(self, state, ctx: LayerContext, *, q=None, q_pos=None, res=None):
+        lengths = slots.row_lengths(state.pos)
+        scores = self.scores(state, q, q_pos, res, ctx)
+        cap = self.capacity(ctx.prompt_len, ctx)
+        keep = self.keep_counts(lengths, ctx)
+        idx, valid = slots.select_indices(state, scores, keep, cap)
+        if not self.evicts_on_decode:
+            return slots.gather(state, idx, valid, ctx.max_new_tokens)
+        kept = slots.gather(state, idx, valid, 1)  # one spare slot for decode-time eviction
+        carried = jnp.take_along_axis(self.carried_score(state, res, ctx), idx, axis=2)
+        carried = jnp.pad(jnp.where(valid, carried, 0.0), ((0, 0), (0, 0), (0, 1)))
+        return ScoredKV(kept, carried)
+
+    # -- decode-time eviction -------------------------------------------------------------
+    def carried_score(self, state: SlotKV, res, ctx) -> jax.Array:
+        """Per-slot running score carried from the prompt into decoding [B, N, S]."""
+        return jnp.zeros(state.pos.shape, jnp.float32)
+
+    def decode_score(self, st: ScoredKV, res, q_pos, ctx) -> jax.Array:
+        """Running score [B, N, S] after a decode step (stored in the state)."""
+        raise NotImplementedError(f"{type(self).__name__} must define decode_score()")
+
+    def eviction_rank(self, score: jax.Array, kv: SlotKV) -> jax.Array:
+        """Ranking used to pick the slot freed after a decode step (lowest goes)."""
+        return score
+
+    def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
+        if not self.evicts_on_decode:
+            return super().decode(state, q, k, v, q_pos, ctx)
+        if k.shape[1] != 1:
+            raise PolicyError(f"{self.name} evicts one token per decode step; got {k.shape[1]} new tokens")
+        kv = state.kv
+        free = jnp.argmin(jnp.where(kv.pos < 0, 0, 1), axis=2)  # an empty slot (there is always one)
+        kv = slots.write_slot(kv, free, k, v, q_pos)
+        bi, ni = jnp.arange(kv.pos.shape[0])[:, None], jnp.arange(kv.pos.shape[1])[None]
+        st = ScoredKV(kv, state.score.at[bi, ni, free].set(0.0))
+        res = self.attend(kv, q, q_pos, ctx, want_mass=True)
+        score = self.decode_score(st, res, q_pos, ctx)
+        # Never evict the token just written: it is the newest and the next query's neighbour.
+        newest = kv.pos == q_pos[:, :1, None]
+        ranked = jnp.where((kv.pos < 0) | newest, jnp.inf, self.eviction_rank(score, kv))
+        victim = jnp.argmin(ranked, axis=2)
+        full = jnp.all(kv.pos >= 0, axis=2)  # evict only when no slot is free
+        pos = kv.pos.at[bi, ni, victim].set(jnp.where(full, -1, kv.pos[bi, ni, victim]))
+        return ScoredKV(kv.replace(pos=pos), score), res.out
+
+
+def observation_window(q, q_pos, window: int, ctx: LayerContext):
+    """The last `window` queries of each row: q_win [B, W, Nq, H], pos_win [B, W] (-1 where
+    the row is shorter than the window or its window lies before this chunk)."""
+    b, t = q_pos.shape
+    lengths = jnp.max(q_pos, axis=1) + 1
+    start = ctx.prompt_len - t  # the final chunk covers [prompt_len - t, prompt_len)
+    wanted = lengths[:, None] - window + jnp.arange(window)[None, :]  # absolute positions
+    local = wanted - start
+    ok = (wanted >= 0) & (local >= 0) & (local < t)
+    idx = jnp.clip(local, 0, t - 1)
+    q_win = jnp.take_along_axis(q, idx[:, :, None, None], axis=1)
+    return q_win, jnp.where(ok, wanted, -1)
+
+
+def window_attention(state: SlotKV, q, q_pos, window: int, ctx: LayerContext) -> jax.Array:
+    """Softmax weights of the observation window over the cache, [B, N, G, W, S] float32."""
+    q_win, pos_win = observation_window(q, q_pos, window, ctx)
+    return attention.attention_probs(q_win, state.k, pos_win, state.pos, window=ctx.config.sliding_window)
+
+
+def protect_window(scores: jax.Array, state: SlotKV, window: int) -> jax.Array:
+    """Give each row's last `window` tokens the top score (kvpress pads them with max + 1)."""
+    lengths = slots.row_lengths(state.pos)
+    in_window = state.pos >= (lengths[:, None, None] - window)
+    top = jnp.max(jnp.where(state.pos >= 0, scores, -jnp.inf)) + 1.0
+    return jnp.where(in_window & (state.pos >= 0), top, scores)

