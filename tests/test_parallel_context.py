@@ -18,6 +18,9 @@ import pytest
 from test_parallel_ring import run_child
 
 
+pytestmark = pytest.mark.slow  # one child process: ~20 s on an idle 2-core machine
+
+
 @pytest.fixture(scope="module")
 def ctx():
     return run_child("context", 4)
@@ -44,7 +47,6 @@ def test_kivi_state_is_smaller_than_dense(ctx):
     assert ctx["kivi2_kernel"]["bytes"] < ctx["dense"]["bytes"], ctx
 
 
-@pytest.mark.slow
 def test_smollm2_greedy_tokens_equal_one_device():
     r = run_child("smollm2", 4)
     assert r["many"] == r["one"], r

@@ -10,10 +10,11 @@ along the slot axis: each shard keeps its own tokens' slots (+ decode headroom).
 
 Global layout of a sharded state (how shards' local states are stitched together): a
 leaf of rank >= 3 ([B, N, S, ...], the slot layout of kvjax states) is the concatenation
-of the shards' leaves along S (axis 2, sharded over `seq`) and along B (over the batch
-mesh axis, if any); a leaf of rank < 3 (counters such as `fill`) gets a leading axis with
-one entry per shard. `KVState.lengths` is replicated. `nbytes` of the global state is the
-memory of all shards together.
+of the shards' leaves along S (axis 2, sharded over `seq`); a leaf of rank < 3 (counters
+such as `fill`) gets a leading axis with one entry per shard. `KVState.lengths` is
+replicated, and so is the work over mesh axes other than the ring axis (context
+parallelism shards the sequence only). `nbytes` of the global state is the memory of all
+shards together; each shard keeps `max_new_tokens` decode slots (only shard 0 fills them).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..policies.base import Policy
 from ..sampling import Sampler
 from ..state import KVState, LayerContext
 from .layout import check_layout, multiple_for, ring_order
-from .mesh import mesh_axis, require_axis, shard_map
+from .mesh import require_axis, shard_map
 from .sharded_policy import SeqSharded
 
 
@@ -61,11 +62,6 @@ class Plan:
         return int(self.mesh.shape[self.axis])
 
     @property
-    def batch_axis(self) -> str | None:
-        ax = mesh_axis("batch")
-        return ax if ax in self.mesh.shape and self.mesh.shape[ax] > 1 and ax != self.axis else None
-
-    @property
     def multiple(self) -> int:
         """Prompt widths must be a multiple of this."""
         return multiple_for(self.layout, self.size)
@@ -77,11 +73,6 @@ class Plan:
                 f"mesh axis {self.axis!r} of size {self.size}); pad it, e.g. with "
                 f"kvjax.generate.bucket_length(n, multiple={self.multiple})"
             )
-
-    def check_batch(self, batch: int) -> None:
-        ax = self.batch_axis
-        if ax is not None and batch % self.mesh.shape[ax]:
-            raise ValueError(f"batch={batch} must be a multiple of the mesh axis {ax!r} of size {self.mesh.shape[ax]}")
 
     def local_token_index(self, width_local: int) -> jax.Array:
         """Original token index [T/n] of this shard's tokens (inside shard_map)."""
@@ -98,18 +89,18 @@ class Plan:
 # ---- global <-> local state -------------------------------------------------------------
 def _leaf_spec(ndim: int, plan: Plan) -> P:
     """Spec of a global leaf built from a local leaf of rank `ndim` (module doc)."""
-    b = plan.batch_axis
     if ndim >= 3:
-        return P(b, None, plan.axis, *([None] * (ndim - 3)))
-    return P((b, plan.axis) if b else plan.axis, *([None] * ndim))
+        return P(None, None, plan.axis, *([None] * (ndim - 3)))
+    return P(plan.axis, *([None] * ndim)) if plan.size > 1 else P()
 
 
 def _is_stacked(spec: P, plan: Plan) -> bool:
-    return len(spec) > 0 and spec[0] in (plan.axis, (plan.batch_axis, plan.axis))
+    """A rank < 3 leaf kept once per shard (a one-shard ring keeps leaves as they are)."""
+    return plan.size > 1 and len(spec) > 0 and spec[0] == plan.axis
 
 
-def _to_global(layers):
-    return jax.tree.map(lambda x: x if x.ndim >= 3 else x[None], layers)
+def _to_global(layers, plan: Plan):
+    return jax.tree.map(lambda x: x if x.ndim >= 3 or plan.size == 1 else x[None], layers)
 
 
 def _to_local(layers, stacked):
@@ -131,12 +122,10 @@ def prefill(params, tokens, lengths, *, plan: Plan, config: LlamaConfig, policy:
     W must be a multiple of `plan.multiple`. ordered=True: tokens are already in ring
     order (e.g. loaded shard by shard, `kvjax.parallel.multihost`). Returns (logits at each
     row's last prompt token [B, V] float32, sharded KVState; see module doc)."""
-    b, w = tokens.shape
+    w = tokens.shape[1]
     plan.check_width(w)
-    plan.check_batch(b)
     pol = SeqSharded(policy, plan.axis, plan.kernel)
     toks = tokens if ordered else _in_ring_order(tokens, plan)
-    bax = plan.batch_axis
 
     def local(params, toks, lengths):
         bl, wl = toks.shape
@@ -152,14 +141,14 @@ def prefill(params, tokens, lengths, *, plan: Plan, config: LlamaConfig, policy:
 
     def local_global(params, toks, lengths):
         logits, state = local(params, toks, lengths)
-        return logits, state.replace(layers=_to_global(state.layers))
+        return logits, state.replace(layers=_to_global(state.layers, plan))
 
-    in_specs = (P(), P(bax, plan.axis), P(bax))
+    in_specs = (P(), P(None, plan.axis), P())
     # One shard's state shapes (the policy may change the state type at prefill, e.g. Compose).
     shapes = jax.eval_shape(shard_map(local, mesh=plan.mesh, in_specs=in_specs, out_specs=(P(), P())),
                             params, toks, lengths)[1]
-    specs = KVState(layers=jax.tree.map(lambda x: _leaf_spec(x.ndim, plan), shapes.layers), lengths=P(bax))
-    return shard_map(local_global, mesh=plan.mesh, in_specs=in_specs, out_specs=(P(bax), specs))(params, toks, lengths)
+    specs = KVState(layers=jax.tree.map(lambda x: _leaf_spec(x.ndim, plan), shapes.layers), lengths=P())
+    return shard_map(local_global, mesh=plan.mesh, in_specs=in_specs, out_specs=(P(), specs))(params, toks, lengths)
 
 
 def decode(params, state: KVState, first_logits, key, *, plan: Plan, config: LlamaConfig, policy: Policy,
@@ -186,16 +175,15 @@ def _spec_of(x) -> P:
 def _decode(params, state, first_logits, key, *, plan, config, policy, max_new_tokens, sampler, stop_ids, dtype,
             implementation, layer_specs):
     pol = SeqSharded(policy, plan.axis, plan.kernel)
-    bax = plan.batch_axis
     stacked = [_is_stacked(s, plan) for s in layer_specs]
-    specs = KVState(layers=jax.tree.unflatten(jax.tree.structure(state.layers), list(layer_specs)), lengths=P(bax))
+    specs = KVState(layers=jax.tree.unflatten(jax.tree.structure(state.layers), list(layer_specs)), lengths=P())
 
     def local(params, state, logits, key):
         state = state.replace(layers=_to_local(state.layers, stacked))
         out, n_out, state = gen.decode(params, state, logits, key, config=config, policy=pol,
                                        max_new_tokens=max_new_tokens, sampler=sampler, stop_ids=stop_ids,
                                        dtype=dtype, implementation=implementation)
-        return out, n_out, state.replace(layers=_to_global(state.layers))
+        return out, n_out, state.replace(layers=_to_global(state.layers, plan))
 
-    return shard_map(local, mesh=plan.mesh, in_specs=(P(), specs, P(bax), P()),
-                     out_specs=(P(bax), P(bax), specs))(params, state, first_logits, key)
+    return shard_map(local, mesh=plan.mesh, in_specs=(P(), specs, P(), P()),
+                     out_specs=(P(), P(), specs))(params, state, first_logits, key)

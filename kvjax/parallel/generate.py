@@ -30,10 +30,9 @@ def put_prompt(tokens: np.ndarray, lengths: np.ndarray, plan: context.Plan):
     """Host tokens [B, W] (natural order) -> (global tokens in ring order sharded over the
     ring axis, global lengths); each process loads only its own shards."""
     order = ring_order(tokens.shape[1], plan.size, plan.layout)
-    bax = plan.batch_axis
-    tok_sh = NamedSharding(plan.mesh, P(bax, plan.axis))
+    tok_sh = NamedSharding(plan.mesh, P(None, plan.axis))
     toks = multihost.global_array(lambda idx: tokens[idx[0]][:, order[idx[1]]], tokens.shape, np.int32, tok_sh)
-    lens = multihost.global_array(lambda idx: lengths[idx], lengths.shape, np.int32, NamedSharding(plan.mesh, P(bax)))
+    lens = multihost.global_array(lambda idx: lengths[idx], lengths.shape, np.int32, NamedSharding(plan.mesh, P()))
     return toks, lens
 
 
