@@ -25,7 +25,7 @@ import time
 import traceback
 
 SECTIONS = ("env", "correct", "prefill", "decode")
-TIMEOUTS = {"env": 60, "correct": 170, "prefill": 170, "decode": 170}
+TIMEOUTS = {"env": 60, "correct": 230, "prefill": 150, "decode": 150, "profile": 120}
 
 
 _ROWS: list = []
@@ -248,6 +248,9 @@ def section_correct(args):
             record(f"kivi{bits}_decode/triton/bf16/T4_G128",
                    lambda bits=bits: kivi(bits, 2, 4, 8, 2, 2048, 128, 128, 128, 64, jnp.bfloat16))
         record("kivi2_decode/triton/f32/T2", lambda: kivi(2, 2, 2, 4, 2, 1024, 64, 32, 16, 32, jnp.float32))
+        record("kivi4_decode/triton/bf16/T1_rows_magic_bs128",
+               lambda: kivi(4, 2, 1, 8, 2, 2048, 128, 32, 32, 64, jnp.bfloat16,
+                            qda.DecodeBlockSizes(block_s=128, num_warps=4, unpack="rows", convert="magic")))
 
         def sparse(dtype, t):
             b, nq, n, s, h, bs, kk = 3, 8, 2, 4096, 128, 64, 12
@@ -405,8 +408,8 @@ def section_decode(args):
         emit({"kind": "decode", "name": "torch sdpa bf16 dense", "error": repr(e)[:1000]})
     del kh, vh
 
-    if args.sweep:
-        _decode_sweep(args, attempt, q, ks_, b, n, s, h, r)
+    tuned = _decode_sweep(args, attempt, q, ks_, b, n, s, h, r) if args.sweep else None
+    tuned = tuned or qda.DecodeBlockSizes()
     for bits in (2, 4, 8):
         for gk, gv in ((32, 32), (128, min(128, h))):
             pw = 32 // bits
@@ -422,13 +425,13 @@ def section_decode(args):
             rl = jnp.full((b,), r, jnp.int32)
             nbytes = qda.compressed_bytes(b, n, s, h, bits, gk, gv, 2, r, 2)
             args_ = (q, kc, ksc, kz, vc, vsc, vz, qlens, kr, vr, rl)
-            for bs_ in (qda.DecodeBlockSizes().block_s,):
-                blk = qda.DecodeBlockSizes(block_s=bs_)
+            for blk in (tuned,):
+                bs_ = blk.block_s
                 fn = jax.jit(lambda q, kc, ksc, kz, vc, vsc, vz, ln, kr, vr, rl, bits=bits, blk=blk:
                              qda.quantized_decode_attention(q, kc, ksc, kz, vc, vsc, vz, ln, bits=bits, k_res=kr,
                                                             v_res=vr, res_lengths=rl, block_sizes=blk,
                                                             interpret=args.interpret))
-                name = f"kivi{bits} G{gk} triton bs{bs_}"
+                name = f"kivi{bits} G{gk} triton bs{bs_} w{blk.num_warps} {blk.convert}"
                 if bits == 2 and gk == 32:  # full-size correctness of the headline variant
                     try:
                         out, _ = fn(*args_)
@@ -446,6 +449,27 @@ def section_decode(args):
                     *a[:8], bits=bits, k_res=a[8], v_res=a[9], res_lengths=a[10]))
                 attempt(f"kivi{bits} G32 xla (dequantize+attend)", xla, args_, nbytes, {"bits": bits, "G": gk})
             del kc, vc, ksc, kz, vsc, vz
+
+
+def section_profile(args):
+    """One KIVI-2 G32 decode call at the benchmark shape, for `ncu -k regex:kivi -c 1`."""
+    import jax
+    import jax.numpy as jnp
+
+    from kvjax.pallas_kernels import quantized_decode_attention as qda
+
+    b, nq, n, h, s, r, gk, pw = 8, 32, 8, 128, 131072, 128, 32, 16
+    k = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(k[0], (b, 1, nq, h), jnp.bfloat16)
+    kc = jax.random.bits(k[1], (b, n, s // pw, h), jnp.uint32)
+    vc = jax.random.bits(k[2], (b, n, s, h // pw), jnp.uint32)
+    ks = jax.random.uniform(k[3], (b, n, s // gk, h)).astype(jnp.bfloat16)
+    vs = jax.random.uniform(k[3], (b, n, s, h // gk)).astype(jnp.bfloat16)
+    kr = jax.random.normal(k[0], (b, n, r, h), jnp.bfloat16)
+    out = qda.quantized_decode_attention(q, kc, ks, ks, vc, vs, vs, jnp.full((b,), s), bits=2, k_res=kr, v_res=kr,
+                                         res_lengths=jnp.full((b,), r))
+    jax.block_until_ready(out)
+    emit({"kind": "profile", "name": "kivi2 one call"})
 
 
 def _decode_sweep(args, attempt, q, keys, b, n, s, h, r):
@@ -471,29 +495,26 @@ def _decode_sweep(args, attempt, q, keys, b, n, s, h, r):
         fn = jax.jit(lambda q, kc, ksc, kz, vc, vsc, vz, ln, kr, vr, rl: qda.quantized_decode_attention(
             q, kc, ksc, kz, vc, vsc, vz, ln, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, block_sizes=blk,
             interpret=args.interpret))
-        name = (f"sweep kivi2 G32 {blk.unpack} bs{blk.block_s} w{blk.num_warps} st{blk.num_stages} "
-                f"sp{blk.num_splits}")
+        name = (f"sweep kivi2 G32 {blk.unpack}/{blk.convert} bs{blk.block_s} w{blk.num_warps} "
+                f"st{blk.num_stages} sp{blk.num_splits}{' f32' if blk.dequant_f32 else ''}")
         attempt(name, fn, args_, nbytes, {"bits": 2, "G": 32, "sweep": True})
         row = _ROWS[-1]
         if "ms" in row:
             results[blk] = row["ms"]
 
-    for unpack in ("grouped", "rows", "keys_t"):
-        for bs in (64, 128):
-            one(qda.DecodeBlockSizes(block_s=bs, unpack=unpack))
-    if not results:
-        return
-    best = min(results, key=results.get)
-    for warps in (4, 8):
-        for splits in (None, 32):
-            for stages in (2, 3):
-                blk = qda.DecodeBlockSizes(block_s=best.block_s, unpack=best.unpack, num_warps=warps,
-                                           num_splits=splits, num_stages=stages)
-                if blk not in results:
-                    one(blk)
+    D = qda.DecodeBlockSizes  # noqa: N806
+    for blk in (D(block_s=64, num_warps=2, num_stages=3, num_splits=32, convert="magic"),
+                D(block_s=64, num_warps=2, num_stages=3, num_splits=32, convert="mantissa"),
+                D(block_s=64, num_warps=4, num_stages=3, num_splits=32, convert="mantissa"),
+                D(block_s=128, num_warps=4, num_stages=3, num_splits=32, convert="mantissa"),
+                D(block_s=64, num_warps=1, num_stages=3, num_splits=32, convert="mantissa"),
+                D(block_s=64, num_warps=2, num_stages=3, num_splits=64, convert="mantissa"),
+                D(block_s=64, num_warps=2, num_stages=3, num_splits=32, unpack="rows", convert="magic")):
+        one(blk)
     best = min(results, key=results.get)
     print(f"[decode] sweep best: {best} {results[best]:.4f} ms", flush=True)
     emit({"kind": "sweep_best", "name": str(best), "ms": results[best]})
+    return best
 
 
 # ----------------------------------------------------------------------------- driver

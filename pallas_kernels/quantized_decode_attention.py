@@ -38,11 +38,13 @@ FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 class DecodeBlockSizes:
     """block_s: tokens per inner step; num_splits: split-K chunks (None = fill the GPU)."""
 
-    block_s: int = 128
+    block_s: int = 64
     num_splits: int | None = None
-    num_warps: int = 4
-    num_stages: int = 2
-    unpack: str = "grouped"  # "grouped" (4-D, scales broadcast per group), "rows", "keys_t" (keys as [H, bs])
+    num_warps: int = 2
+    num_stages: int = 3
+    unpack: str = "grouped"  # "grouped" (4-D tiles, scales broadcast per group) or "rows" (2-D, scales expanded)
+    convert: str = "mantissa"  # code -> float: "mantissa" (1 + c/2^b via a rotate) or "magic" (2^23 + c, subtract)
+    dequant_f32: bool = False  # keep dequantized K/V in float32 (tf32 dots on GPU) instead of q's dtype
 
     @classmethod
     def get_default(cls, backend: str = "triton") -> "DecodeBlockSizes":
@@ -145,6 +147,14 @@ def _u32_to_f32(codes):
     return lax.bitcast_convert_type(codes | jnp.uint32(0x4B000000), jnp.float32) - 8388608.0
 
 
+def _unit_codes(words, rot, bits):
+    """float32 1 + code / 2**bits for the code that `rot` rotates to the top of the mantissa:
+    a rotate and one and/or (the float is exact; dequantize as f * (2^b s) + (z - 2^b s))."""
+    r = (words << rot) | (words >> ((jnp.uint32(32) - rot) & jnp.uint32(31)))
+    field = jnp.uint32(((1 << bits) - 1) << (23 - bits))
+    return lax.bitcast_convert_type((r & field) | jnp.uint32(0x3F800000), jnp.float32)
+
+
 def _expand_rows(x, rep):
     """[r, c] -> [r * rep, c] (each row repeated)."""
     if rep == 1:
@@ -162,7 +172,7 @@ def _expand_cols(x, rep):
 
 
 def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, kr_ref, vr_ref, o_ref, lse_ref,
-            *, bits, scale, bs, chunk, gk, gv, gq, t, num_splits, has_res, compute_dtype, unpack):
+            *, bits, scale, bs, chunk, gk, gv, gq, t, num_splits, has_res, compute_dtype, unpack, convert):
     bi, ni, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     pw = 32 // bits
     q = q_ref[...].astype(compute_dtype)  # [rows, H]
@@ -179,6 +189,8 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
         v_shifts = (lax.broadcasted_iota(jnp.int32, (1, 1, pw), 2) * bits).astype(jnp.uint32)
         k4_shifts = (lax.broadcasted_iota(jnp.int32, (1, 1, pw, 1), 2) * bits).astype(jnp.uint32)
         v4_shifts = (lax.broadcasted_iota(jnp.int32, (1, 1, 1, pw), 3) * bits).astype(jnp.uint32)
+        k4_rot = (jnp.uint32(23 - bits + 32) - k4_shifts) & jnp.uint32(31)  # brings code j to mantissa bit 23-b
+        v4_rot = (jnp.uint32(23 - bits + 32) - v4_shifts) & jnp.uint32(31)
 
         def body(j, carry):
             s0 = start + j * bs
@@ -188,15 +200,16 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
             kz = kz_ref[pl.ds(s0 // gk, ng), :].astype(jnp.float32)
             if unpack == "grouped":  # [groups, words/group, slots, H]; scales broadcast, one final reshape
                 wg = min(bs, gk) // pw
-                k4 = (kw.reshape(ng, wg, 1, h) >> k4_shifts) & mask_code
-                k = (_u32_to_f32(k4) * ks.reshape(ng, 1, 1, h) + kz.reshape(ng, 1, 1, h)).astype(compute_dtype)
+                k4 = kw.reshape(ng, wg, 1, h)
+                ks4, kz4 = ks.reshape(ng, 1, 1, h), kz.reshape(ng, 1, 1, h)
+                if convert == "mantissa":
+                    a = ks4 * float(1 << bits)
+                    k = _unit_codes(k4, k4_rot, bits) * a + (kz4 - a)
+                else:
+                    k = _u32_to_f32((k4 >> k4_shifts) & mask_code) * ks4 + kz4
+                k = k.astype(compute_dtype)
                 sc = lax.dot_general(q, k.reshape(bs, h), (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32) * scale
-            elif unpack == "keys_t":  # [H, bs]: tokens (word, slot) are the two minor dims
-                kcodes = ((kw.T[:, :, None] >> v_shifts) & mask_code).reshape(h, bs)
-                kst, kzt = (_expand_cols(x.T, gk) if bs >= gk else x.T for x in (ks, kz))
-                k = (_u32_to_f32(kcodes) * kst + kzt).astype(compute_dtype)
-                sc = lax.dot_general(q, k, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32) * scale
             else:
                 kcodes = ((kw[:, None, :] >> k_shifts) & mask_code).reshape(bs, h)
                 if bs >= gk:
@@ -209,8 +222,13 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
             vs = vs_ref[pl.ds(s0, bs), :].astype(jnp.float32)  # [bs, H/gv]
             vz = vz_ref[pl.ds(s0, bs), :].astype(jnp.float32)
             if unpack == "grouped":  # [bs, groups, words/group, slots]
-                v4 = (vw.reshape(bs, h // gv, gv // pw, 1) >> v4_shifts) & mask_code
-                v = (_u32_to_f32(v4) * vs.reshape(bs, h // gv, 1, 1) + vz.reshape(bs, h // gv, 1, 1))
+                v4 = vw.reshape(bs, h // gv, gv // pw, 1)
+                vs4, vz4 = vs.reshape(bs, h // gv, 1, 1), vz.reshape(bs, h // gv, 1, 1)
+                if convert == "mantissa":
+                    a = vs4 * float(1 << bits)
+                    v = _unit_codes(v4, v4_rot, bits) * a + (vz4 - a)
+                else:
+                    v = _u32_to_f32((v4 >> v4_shifts) & mask_code) * vs4 + vz4
                 v = v.astype(compute_dtype).reshape(bs, h)
             else:
                 vcodes = ((vw[:, :, None] >> v_shifts) & mask_code).reshape(bs, h)
@@ -233,7 +251,7 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
 
 
 def _auto_splits(b, n, s, bs) -> int:
-    want = max(1, (132 * 4) // max(b * n, 1))  # ~4 programs per SM on a 132-SM part
+    want = max(1, (132 * 16) // max(b * n, 1))  # ~16 small programs per SM on a 132-SM part
     splits = 1
     while splits * 2 <= want and s % (splits * 2 * bs) == 0:
         splits *= 2
@@ -260,10 +278,10 @@ def _quantized_decode_jit(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
         res_lengths = jnp.zeros((b, n), jnp.int32)
     r = k_res.shape[2]
     num_prog = splits + (1 if has_res else 0)
-    compute_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
+    compute_dtype = jnp.float32 if (q.dtype == jnp.float32 or bsz.dequant_f32) else q.dtype
     kernel = functools.partial(_kernel, bits=bits, scale=scale, bs=bs, chunk=chunk, gk=gk, gv=gv, gq=gq, t=t,
                                num_splits=splits, has_res=has_res, compute_dtype=compute_dtype,
-                               unpack=bsz.unpack)
+                               unpack=bsz.unpack, convert=bsz.convert)
     per_bn = lambda *shape: pl.BlockSpec((None, None, *shape), lambda bi, ni, si: (bi, ni) + (0,) * len(shape))  # noqa
     full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
     o, lse = pl.pallas_call(
@@ -309,8 +327,9 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
     if s % bs or bs % pw or (bs % gk and gk % bs):
         raise ValueError(f"S={s} must be a multiple of block_s={bs}, which must be a multiple of {pw} (bits={bits}) "
                          f"and divide or be divided by the key group Gk={gk}")
-    if bsz.unpack not in ("grouped", "rows", "keys_t"):
-        raise ValueError(f"unpack={bsz.unpack!r}; expected 'grouped', 'rows' or 'keys_t'")
+    if bsz.unpack not in ("grouped", "rows") or bsz.convert not in ("mantissa", "magic"):
+        raise ValueError(f"unpack={bsz.unpack!r}, convert={bsz.convert!r}; expected unpack 'grouped' or 'rows' "
+                         "and convert 'mantissa' or 'magic'")
     if bsz.unpack == "grouped" and (min(bs, gk) % pw or gv % pw):
         raise ValueError(f"unpack='grouped' needs groups Gk={gk} (or block_s={bs}) and Gv={gv} to be multiples of "
                          f"{pw} codes per word (bits={bits}); use unpack='rows'")

@@ -1,0 +1,72 @@
+"""attend(implementation="pallas"): kernels where the cache is prefix-valid, the reference
+otherwise, and the same results either way."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import attention
+from kvjax.pallas_kernels.testing import assert_attention_close
+
+
+def _cache(rng, b, n, s, h, lens_bn, dtype=jnp.float32):
+    k, v = (jnp.asarray(rng.standard_normal((b, n, s, h)), jnp.float32).astype(dtype) for _ in range(2))
+    ar = np.arange(s)
+    pos = np.where(ar[None, None] < np.asarray(lens_bn)[..., None], ar[None, None], -1)
+    return k, v, jnp.asarray(pos, jnp.int32)
+
+
+def _both(q, k, v, qp, kp, **kw):
+    return (attention.attend(q, k, v, qp, kp, implementation="pallas", **kw),
+            attention.attend(q, k, v, qp, kp, implementation="xla", **kw))
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_prefill_prefix_cache_uses_kernel(rng, window):
+    b, t, nq, n, s, h = 2, 80, 4, 2, 96, 32  # T, S not multiples of the blocks: padded inside
+    lens = np.array([80, 50])
+    k, v, kp = _cache(rng, b, n, s, h, np.stack([lens, lens], 1))
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32)
+    qp = jnp.asarray(np.where(np.arange(t)[None] < lens[:, None], np.arange(t)[None], -1), jnp.int32)
+    got, want = _both(q, k, v, qp, kp, window=window)
+    assert_attention_close(got.out, got.lse, want.out, want.lse, jnp.float32, "prefill")
+    assert np.any(np.asarray(got.out) != np.asarray(want.out)), "the kernel path was not taken"
+
+
+def test_decode_per_head_lengths(rng):
+    b, nq, n, s, h = 2, 4, 2, 128, 32
+    k, v, kp = _cache(rng, b, n, s, h, [[128, 90], [7, 0]])
+    q = jnp.asarray(rng.standard_normal((b, 1, nq, h)), jnp.bfloat16)
+    got, want = _both(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), jnp.array([[127], [5]]), kp)
+    assert_attention_close(got.out, got.lse, want.out, want.lse, jnp.bfloat16, "decode")
+    assert np.any(np.asarray(got.lse) != np.asarray(want.lse)), "the kernel path was not taken"
+
+
+@pytest.mark.parametrize("t", [1, 64])
+def test_reordered_cache_falls_back_exactly(rng, t):
+    """Evicted / reordered slots are not a prefix: the reference runs, bit for bit."""
+    b, nq, n, s, h = 1, 2, 1, 64, 16
+    k, v, _ = _cache(rng, b, n, s, h, [[s]])
+    kp = jnp.asarray(rng.permutation(s)[None, None], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32)
+    qp = jnp.arange(s - t, s, dtype=jnp.int32)[None]
+    got, want = _both(q, k, v, qp, kp)
+    np.testing.assert_array_equal(got.out, want.out)
+    np.testing.assert_array_equal(got.lse, want.lse)
+
+
+def test_key_mass_and_small_heads_use_reference(rng):
+    b, t, nq, n, s, h = 1, 32, 2, 1, 32, 8  # head_dim 8: no kernel
+    k, v, kp = _cache(rng, b, n, s, h, [[s]])
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32)
+    qp = jnp.arange(t, dtype=jnp.int32)[None]
+    got, want = _both(q, k, v, qp, kp, want_mass=True)
+    np.testing.assert_array_equal(got.key_mass, want.key_mass)
+    np.testing.assert_array_equal(got.out, want.out)
+
+
+def test_default_implementation_by_backend():
+    expected = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    assert attention.default_implementation() == expected
+    assert "pallas" in attention._IMPLEMENTATIONS
