@@ -99,7 +99,7 @@ def check_kernels(kernels, dtype) -> dict:
             row["rel_err"] = max(e[0] for e in errs)
             row["lse_err"] = max(e[1] for e in errs)
             row["ok"] = row["rel_err"] < 2e-2 and row["lse_err"] < 2e-2
-            t = 8192
+            t = 8192 if jax.default_backend() == "gpu" else 256
             q = jax.random.normal(jax.random.key(3), (1, t, 32, 128), jnp.float32).astype(dtype)
             k = jax.random.normal(jax.random.key(4), (1, 8, t, 128), jnp.float32).astype(dtype)
             lens = jnp.asarray([t], jnp.int32)
@@ -172,6 +172,10 @@ def time_prefill(cfg, params, n_dev, length, policy_spec, kernel, reps, dtype) -
 
 
 def cmd_run(args) -> None:
+    if os.environ.get("RING_BENCH_SMOKE"):  # CPU dry run of a GPU plan: tiny model, short prompts
+        args.cpu_devices = 4
+        args.rows = [f"tiny@{r.split('@')[1]}@{min(int(r.split('@')[2]), 512)}@{r.split('@', 3)[3]}"
+                     for r in args.rows]
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.cpu_devices}"
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -188,7 +192,9 @@ def cmd_run(args) -> None:
          "job": args.job, "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES")})
     kernel = args.kernel
     if args.check_kernels:
-        res = check_kernels(["cudnn", "pallas"], dtype)
+        res = check_kernels(["cudnn"] if jax.default_backend() == "gpu" else ["xla"], dtype)
+        if not any(r.get("ok") for r in res.values()) and jax.default_backend() == "gpu":
+            res.update(check_kernels(["pallas"], dtype))
         good = [r for r in res.values() if r.get("ok")]
         kernel = min(good, key=lambda r: r["ms_8k_causal"])["kernel"] if good else "xla"
         log({"what": "kernel_choice", "kernel": kernel})
@@ -242,7 +248,11 @@ def cmd_gpu_x4(args) -> None:
                 out, _ = p.communicate()
                 print(f"job {job}: killed at the phase limit", flush=True)
             rows = [ln for ln in out.splitlines() if ln.startswith("ROW ")]
-            print("\n".join(rows), flush=True)
+            _ALL.extend(rows)
+            if os.environ.get("OUT"):
+                with open(os.path.join(os.environ["OUT"], f"job_{job}.log"), "w") as f:
+                    f.write(out)
+            print(f"job {job} done at {time.monotonic() - t0:.0f} s, exit {p.returncode}", flush=True)
             if p.returncode:
                 print(f"job {job} exited {p.returncode}; tail:\n" + "\n".join(out.splitlines()[-15:]), flush=True)
 
@@ -251,6 +261,23 @@ def cmd_gpu_x4(args) -> None:
     left = args.budget - (time.monotonic() - t0)
     finish({"b4": start("b4", left - 30)}, args.budget)
     print(f"total {time.monotonic() - t0:.0f} s", flush=True)
+    summary(_ALL)
+
+
+_ALL: list = []
+
+
+def summary(lines) -> None:
+    """Compact table of the prefill rows (the full rows are above and in $OUT)."""
+    print("model | gpus | tokens | policy | kernel | compile s | prefill s | tok/s | GB/dev | fits (est.) | error")
+    for ln in lines:
+        r = json.loads(ln[4:])
+        if r.get("what") != "prefill":
+            continue
+        print(f"{r['model']} | {r['devices']} | {r['tokens']} | {r['policy']} | {r.get('kernel')} | "
+              f"{r.get('compile_s', 0):.1f} | {r.get('prefill_s', float('nan')):.3f} | {r.get('tokens_per_s', 0):.0f} | "
+              f"{r.get('mem_per_device_gb', float('nan')):.1f} | {r.get('fits_tokens_est', '')} | "
+              f"{r.get('error', '')[:80]}", flush=True)
 
 
 def main(argv=None) -> None:

@@ -106,7 +106,10 @@ def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
     """`jax.shard_map` (replication checks off), or `jax.experimental.shard_map.shard_map`
     on JAX versions without it."""
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        try:
+            return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        except TypeError:  # pragma: no cover - a jax.shard_map without check_vma
+            return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     from jax.experimental.shard_map import shard_map as legacy  # pragma: no cover - old JAX
 
     return legacy(f, mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
