@@ -13,10 +13,12 @@ attention looks, through `ctx.implementation`:
 New decode tokens are stored by shard 0 (which, in zigzag order, also holds the prompt's
 last chunk): the others receive the token with position -1, so their append leaves an
 invisible slot, and the attention recovers the true position with a `pmax`. Compression
-(`after_prefill`, `compress`, `ingest`) runs on each shard's own slots: an eviction
-budget is met per shard, and scores use that shard's view (see README, "Long prompts on
-many devices"). Policies that evict while decoding are refused: which token a shard drops
-would depend on the other shards.
+(`after_prefill`, `compress`, `ingest`) runs on each shard's own slots: quantizers
+quantize each shard's tokens (each shard keeps its own full-precision residual window);
+an eviction policy keeps its budget per shard, which is only allowed when its scores need
+nothing but the slot (`SHARD_LOCAL_SCORES`): observation-window scorers (SnapKV, PyramidKV,
+AdaKV) would score with the wrong queries and are refused, as are policies that evict
+while decoding (which token a shard drops would depend on the other shards).
 """
 
 from __future__ import annotations
@@ -28,11 +30,17 @@ from jax import lax
 
 from .. import attention
 from ..policies.base import Policy, PolicyError
+from ..policies.compose import Compose
 from ..policies.dense import Dense
+from ..policies.eviction import EvictionPolicy
 from ..state import LayerContext
 from .ring import _mass, ring_attention_local
 
 _REGISTERED: set[str] = set()
+
+#: eviction policies whose per-slot scores depend on that slot only (so a shard can score
+#: its own slots exactly); each shard then keeps its budget of its own tokens.
+SHARD_LOCAL_SCORES = ("knorm",)
 
 
 def ring_implementation(axis: str, kernel: str | None, inner: str | None) -> str:
@@ -97,6 +105,14 @@ class SeqSharded(Policy):
     def __post_init__(self):
         if not isinstance(self.inner, Policy):
             raise PolicyError(f"SeqSharded wraps a Policy, got {self.inner!r}")
+        first = self.inner.policies[0] if isinstance(self.inner, Compose) else self.inner
+        if isinstance(first, EvictionPolicy) and first.name not in SHARD_LOCAL_SCORES:
+            raise PolicyError(
+                f"policy {first.name!r} scores the prompt with its last queries (an observation window); "
+                "on a cache sharded along the sequence each shard holds other tokens (zigzag order), so it "
+                f"would select the wrong ones. Eviction policies whose scores need only the slot itself "
+                f"work: {SHARD_LOCAL_SCORES}; or prefill dense with kvjax.parallel and compress on one device"
+            )
         if self.inner.evicts_on_decode:
             raise PolicyError(
                 f"policy {self.inner.spec()!r} evicts while decoding; that cannot run on a cache sharded "
