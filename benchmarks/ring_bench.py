@@ -218,12 +218,11 @@ def cmd_run(args) -> None:
 
 PLAN_X4 = {
     # job: (CUDA_VISIBLE_DEVICES, rows "model@gpus@tokens@policy", check kernels)
-    "a1": ("0", ["llama3.1-8b@1@131072@dense", "smollm2@1@131072@dense", "llama3.1-8b@1@131072@kivi:bits=2"], True),
+    "a1": ("0", ["llama3.1-8b@1@131072@dense", "smollm2@1@131072@dense"], True),
     "a2": ("1,2", ["llama3.1-8b@2@131072@dense", "smollm2@2@131072@dense"], True),
-    "a3": ("3", ["smollm2@1@32768@dense", "llama3.1-8b@1@32768@dense", "smollm2@1@262144@dense"], True),
-    "b4": ("0,1,2,3", ["llama3.1-8b@4@131072@dense", "smollm2@4@131072@dense", "smollm2@4@524288@dense",
-                       "llama3.1-8b@4@131072@kivi:bits=2", "smollm2@4@32768@dense", "llama3.1-8b@4@32768@dense",
-                       "llama3.1-8b@4@262144@dense"], True),
+    "a3": ("3", ["llama3.1-8b@1@131072@kivi:bits=2", "smollm2@1@32768@dense"], True),
+    "b4": ("0,1,2,3", ["llama3.1-8b@4@131072@dense", "llama3.1-8b@4@131072@kivi:bits=2", "smollm2@4@131072@dense",
+                       "smollm2@4@524288@dense", "smollm2@4@32768@dense", "llama3.1-8b@4@262144@dense"], True),
 }
 
 
