@@ -4,8 +4,10 @@
 attention over quantized tokens + the full-precision residual window, merged through
 their log-sum-exps). A fused kernel (pallas_kernels/quantized_decode_attention.py) plugs
 in with `register_quantized_kernel(name, fn)`; it is used only when the layer's
-`ctx.implementation` names it, with the same arguments as the reference, so results
-never change behind the caller's back: with no registered kernel the reference runs.
+implementation (`ctx.implementation`, else the backend default: "pallas" on GPU/TPU,
+"xla" on CPU) names it, with the same arguments and semantics as the reference, so
+results never change behind the caller's back: with no kernel, or shapes a kernel cannot
+take, the reference runs. "pallas" is registered here (`pallas_kivi_attention`).
 """
 
 from __future__ import annotations
@@ -49,10 +51,40 @@ def kivi_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scal
 
 
 def fused_kivi_attention(state, q, q_pos, ctx, *, bits: int, group: int):
-    """The registered kernel for ctx.implementation applied to a KIVI QuantState, or None."""
-    fn = _KERNELS.get(ctx.implementation or "")
+    """The kernel registered for the layer's implementation (ctx.implementation, else the
+    backend default: 'pallas' on GPU/TPU) applied to a KIVI QuantState; None (use the
+    reference) when none is registered or the kernel cannot take these shapes."""
+    impl = ctx.implementation or attention.default_implementation()
+    fn = _KERNELS.get(impl)
     if fn is None or ctx.config.sliding_window is not None:
         return None
     d = state.streams[0].data
     return fn(q, d.k_codes, d.k_scale, d.k_zero, d.v_codes, d.v_scale, d.v_zero, state.streams[0].count,
               state.res_k, state.res_v, state.res_len, bits=bits, group=group, res_pos=state.res_pos, q_pos=q_pos)
+
+
+def pallas_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, k_res, v_res, res_len, *,
+                          bits: int, group: int, res_pos=None, q_pos=None):
+    """Adapter to pallas_kernels.quantized_decode_attention (same layout). It pads the
+    residual window to the power of two the kernel wants (padding is masked by res_len)
+    and returns None where the kernel does not apply (3-bit codes, or a token count that is
+    not a multiple of its block), so the caller runs the reference instead."""
+    from ..pallas_kernels import quantized_decode_attention as kernel
+
+    if bits not in kernel.KERNEL_BITS or q.shape[1] != 1:
+        return None
+    r = k_res.shape[2]
+    r2 = max(16, 1 << (r - 1).bit_length())
+    if r2 != r:
+        pad = ((0, 0), (0, 0), (0, r2 - r), (0, 0))
+        k_res, v_res = jnp.pad(k_res, pad), jnp.pad(v_res, pad)
+    try:
+        out, _ = kernel.quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
+                                                   bits=bits, k_res=k_res.astype(q.dtype), v_res=v_res.astype(q.dtype),
+                                                   res_lengths=res_len)
+    except ValueError:  # shape constraints of the kernel (checked at trace time)
+        return None
+    return out
+
+
+register_quantized_kernel("pallas", pallas_kivi_attention)

@@ -180,8 +180,27 @@ class QuantPolicy(Policy):
         """Extras attached to the residual window at ingest (default: unchanged)."""
         return aux
 
+    def sink_count(self) -> int:
+        """Tokens kept in full precision as attention sinks (needs a codec storing positions)."""
+        return 0
+
+    def sink_rank(self, pos, scores):
+        """Ranking [B, N, S] of sink candidates (default: the earliest tokens)."""
+        return -pos.astype(jnp.float32)
+
     def encode_prompt(self, k, v, pos, count, scores, aux, ctx: LayerContext, cap: int) -> tuple:
-        """Quantize the first `count` [B, N] of k, v [B, N, cap, H] -> (tuple of Streams, aux)."""
+        """Quantize the first `count` [B, N] of k, v [B, N, cap, H] -> (tuple of Streams, aux).
+        The `sink_count()` best-ranked tokens go to a full-precision sink buffer in aux
+        (their stream slots are masked with position -1)."""
+        n = min(self.sink_count(), cap)
+        if n:
+            live = jnp.arange(cap) < count[..., None]
+            _, idx = jax.lax.top_k(jnp.where(live, self.sink_rank(pos, scores), -jnp.inf), n)
+            ok = take_tokens(live, idx)
+            hot = jnp.any((jnp.arange(cap) == idx[..., None]) & ok[..., None], axis=-2)
+            aux = {**(aux or {}), "sink_k": take_tokens(k, idx), "sink_v": take_tokens(v, idx),
+                   "sink_pos": jnp.where(ok, take_tokens(pos, idx), -1)}
+            pos = jnp.where(hot, -1, pos)
         data = self.codec(ctx).encode(k, v, pos, aux)
         return (Stream(data, count, self.block(ctx)),), aux
 
@@ -274,6 +293,8 @@ class QuantPolicy(Policy):
             valid = jnp.arange(k.shape[2]) < stream.count[..., None]
             kpos = jnp.zeros(valid.shape, jnp.int32) if pos is None else pos
             out.append((k, v, jnp.where(valid & (kpos >= 0), kpos, -1)))
+        if isinstance(state.aux, dict) and "sink_k" in state.aux:
+            out.append((state.aux["sink_k"], state.aux["sink_v"], state.aux["sink_pos"]))
         return out
 
     def stream_codecs(self, ctx: LayerContext) -> tuple:
@@ -291,7 +312,7 @@ class QuantPolicy(Policy):
 
     def _attend(self, state: QuantState, q, q_pos, ctx: LayerContext):
         fused = self.fused_attention(state, q, q_pos, ctx)
-        if fused is not None:
+        if fused is not None and not self.tracks_residual_mass:
             return state, fused
         return self.attend_reference(state, q, q_pos, ctx)
 

@@ -13,6 +13,7 @@ v_codes [B, N, S, H/per_word], v_scale/v_zero [B, N, S, H/G]) + residual [B, N, 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from flax import struct
 
@@ -21,7 +22,7 @@ from ..policies.base import PolicyError
 from ..policies.registry import register
 from . import affine
 from .attention import fused_kivi_attention
-from .base import QuantPolicy, check_group
+from .base import QuantPolicy, check_group, round_up
 
 
 @struct.dataclass
@@ -43,32 +44,42 @@ class KIVICodec:
     bits: int
     group: int
     head_dim: int
+    v_bits: int = 0  # 0: same as bits
+
+    @property
+    def vb(self) -> int:
+        return self.v_bits or self.bits
 
     def encode(self, k, v, pos, aux):
         kc, ks, kz = affine.quant_channelwise(k, self.bits, self.group)
-        vc, vs, vz = affine.quant_tokenwise(v, self.bits, self.group)
+        vc, vs, vz = affine.quant_tokenwise(v, self.vb, self.group)
         return KIVIData(kc, ks, kz, vc, vs, vz)
 
     def decode(self, d: KIVIData, aux):
         k = affine.dequant_channelwise(d.k_codes, d.k_scale, d.k_zero, self.bits, self.group)
-        v = affine.dequant_tokenwise(d.v_codes, d.v_scale, d.v_zero, self.bits, self.group, self.head_dim)
+        v = affine.dequant_tokenwise(d.v_codes, d.v_scale, d.v_zero, self.vb, self.group, self.head_dim)
         return k, v, None
 
 
 @register
 @dataclasses.dataclass(frozen=True)
 class KIVI(QuantPolicy):
-    """KIVI with `bits` in {2, 3, 4, 8}, group size `group` (G, tokens for keys / channels
+    """KIVI with `bits` in {2, 3, 4, 8} (`v_bits`: a different width for values, 0 = same),
+    group size `group` (G, tokens for keys / channels
     for values) and a full-precision residual window of `residual` (R) tokens."""
 
     name = "kivi"
     bits: int = 2
     group: int = 32
     residual: int = 128
+    v_bits: int = 0
 
     def __post_init__(self):
         if self.bits not in packing.SUPPORTED_BITS:
             raise PolicyError(f"kivi: bits={self.bits!r} is not supported; expected one of {packing.SUPPORTED_BITS}")
+        if self.v_bits and self.v_bits not in packing.SUPPORTED_BITS:
+            raise PolicyError(f"kivi: v_bits={self.v_bits!r} is not supported; expected 0 or one of "
+                              f"{packing.SUPPORTED_BITS}")
         per = packing.codes_per_word(self.bits)
         if self.group <= 0 or self.group % per:
             raise PolicyError(f"kivi: group={self.group} must be a positive multiple of {per} "
@@ -79,12 +90,18 @@ class KIVI(QuantPolicy):
     def block(self, ctx):
         return self.group
 
+    def capacity(self, c_in, ctx):
+        """Quantized tokens in whole blocks of 128 (the fused kernel's token block)."""
+        return round_up(super().capacity(c_in, ctx), math.lcm(self.group, 128))
+
     def check_config(self, config):
         super().check_config(config)
         check_group("kivi", self.group, config.head_dim, "values are quantized per token in groups of channels")
 
     def codec(self, ctx):
-        return KIVICodec(self.bits, self.group, ctx.config.head_dim)
+        return KIVICodec(self.bits, self.group, ctx.config.head_dim, self.v_bits)
 
     def fused_attention(self, state, q, q_pos, ctx):
+        if self.v_bits and self.v_bits != self.bits:
+            return None  # the fused kernel reads one bit width
         return fused_kivi_attention(state, q, q_pos, ctx, bits=self.bits, group=self.group)

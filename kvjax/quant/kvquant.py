@@ -16,7 +16,9 @@ scaled so the quantized distribution keeps the calibration mean and std).
 Static shapes: every token vector keeps `max(1, round(outliers * head_dim))` sparse
 entries (1 of 64 channels = 1.6% on SmolLM2), so the sparse part needs no dynamic CSR.
 Every token is quantized on arrival (offline key scales make that possible), so
-residual=0 by default. State per token and head: codes (bits * H / 8 bytes), position
+residual=0 by default; the first `sinks` tokens stay in full precision (the attention
+sink: on SmolLM2 its key has 8-13 of 64 channels beyond the calibrated thresholds, so
+with a 1-entry sparse budget its quantized key is off by more than 100% in deep layers). State per token and head: codes (bits * H / 8 bytes), position
 (int32), 2 float16 value scales, 3 bytes per sparse entry for K and V.
 """
 
@@ -116,13 +118,15 @@ class KVQuantCodec:
 @dataclasses.dataclass(frozen=True)
 class KVQuant(QuantPolicy):
     """KVQuant at `bits` in {2, 3, 4}; `outliers`: fraction of each token vector kept
-    sparse in float16; `qnorm`: use the Q-Norm centroids; `calibration`: artifact
+    sparse in float16; `qnorm`: use the Q-Norm centroids; `sinks`: first tokens kept in
+    full precision (KVQuant's attention-sink-aware `first_few_fp16`); `calibration`: artifact
     directory ("" = the shipped one for the model)."""
 
     name = "kvquant"
     bits: int = 3
     outliers: float = 0.01
     qnorm: bool = True
+    sinks: int = 1
     residual: int = 0
     calibration: str = ""
     needs_positions = True
@@ -133,8 +137,11 @@ class KVQuant(QuantPolicy):
                               "(the calibrated codebooks)")
         if not 0 <= self.outliers < 0.5:
             raise PolicyError(f"kvquant: outliers={self.outliers!r} must be a fraction in [0, 0.5)")
-        if self.residual < 0:
-            raise PolicyError(f"kvquant: residual={self.residual} must be >= 0")
+        if self.residual < 0 or self.sinks < 0:
+            raise PolicyError(f"kvquant: residual={self.residual} and sinks={self.sinks} must be >= 0")
+
+    def sink_count(self):
+        return self.sinks
 
     def check_config(self, config):
         super().check_config(config)

@@ -32,7 +32,7 @@ from ..pallas_kernels import packing
 from ..policies.base import PolicyError
 from ..policies.registry import register
 from . import affine, calibration
-from .base import QuantPolicy, check_group, rope_heads, take_tokens
+from .base import QuantPolicy, check_group, rope_heads
 
 
 def _group_heads(x, g):
@@ -130,25 +130,11 @@ class RotateKV(QuantPolicy):
                               "same tokens in every head; after a per-head eviction policy use head_group=1")
         return super().ingest(slots_state, ctx)
 
-    def encode_prompt(self, k, v, pos, count, scores, aux, ctx, cap):
-        n = min(self.sinks, cap)
-        if n == 0:
-            return super().encode_prompt(k, v, pos, count, scores, aux, ctx, cap)
-        live = jnp.arange(cap) < count[..., None]
-        rank = scores if scores is not None else -pos.astype(jnp.float32)  # no attention: earliest tokens
-        _, idx = jax.lax.top_k(jnp.where(live, rank, -jnp.inf), n)
-        ok = take_tokens(live, idx)
-        hot = jnp.any((jnp.arange(cap) == idx[..., None]) & ok[..., None], axis=-2)
-        aux = {"sink_k": take_tokens(k, idx), "sink_v": take_tokens(v, idx),
-               "sink_pos": jnp.where(ok, take_tokens(pos, idx), -1)}
-        streams, _ = super().encode_prompt(k, v, jnp.where(hot, -1, pos), count, scores, aux, ctx, cap)
-        return streams, aux
+    def sink_count(self):
+        return self.sinks
 
-    def segments(self, state, ctx):
-        segs = super().segments(state, ctx)
-        if state.aux:
-            segs.append((state.aux["sink_k"], state.aux["sink_v"], state.aux["sink_pos"]))
-        return segs
+    def sink_rank(self, pos, scores):
+        return -pos.astype(jnp.float32) if scores is None else scores  # no attention: earliest tokens
 
 
 @calibration.calibrator("rotatekv")
