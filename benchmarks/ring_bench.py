@@ -31,7 +31,11 @@ import time
 MODELS = {"smollm2": "smollm2-135m", "llama3.1-8b": "llama3.1-8b"}
 
 
+_T0 = time.monotonic()
+
+
 def log(row: dict) -> None:
+    row = {**row, "t": round(time.monotonic() - _T0, 1)}
     print("ROW " + json.dumps(row, default=str), flush=True)
     out = os.environ.get("OUT")
     if out:
@@ -94,7 +98,7 @@ def check_kernels(kernels, dtype) -> dict:
                 valid = np.arange(t)[None, :] < np.asarray(ql)[:, None]
                 d = np.where(valid[..., None, None], np.asarray(out, np.float32) - np.asarray(ref), 0)
                 r = np.where(valid[..., None, None], np.asarray(ref), 0)
-                le = np.where(valid[..., None], np.asarray(lse) - np.asarray(rlse), 0)
+                le = np.where(valid[..., None], np.asarray(lse) - np.where(valid[..., None], np.asarray(rlse), 0), 0)
                 errs.append((float(np.linalg.norm(d) / np.linalg.norm(r)), float(np.max(np.abs(le)))))
             row["rel_err"] = max(e[0] for e in errs)
             row["lse_err"] = max(e[1] for e in errs)
@@ -137,8 +141,11 @@ def time_prefill(cfg, params, n_dev, length, policy_spec, kernel, reps, dtype) -
     lengths = jnp.asarray([length], jnp.int32)
     kw = dict(plan=plan, config=cfg, policy=pol, max_new_tokens=0, dtype=dtype)
     t0 = time.perf_counter()
-    compiled = prefill.lower(params, tokens, lengths, **kw).compile()
-    row["compile_s"] = time.perf_counter() - t0
+    lowered = prefill.lower(params, tokens, lengths, **kw)
+    row["lower_s"] = time.perf_counter() - t0
+    log({"what": "stage", "stage": "lowered", "lower_s": row["lower_s"]})
+    compiled = lowered.compile()
+    row["compile_s"] = time.perf_counter() - t0 - row["lower_s"]
     try:
         m = compiled.memory_analysis()
         per_dev = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
@@ -208,6 +215,8 @@ def cmd_run(args) -> None:
         mesh = make_mesh(seq=n_dev, devices=jax.devices()[:n_dev])
         try:
             params = random_params(cfg, NamedSharding(mesh, P()), dtype)
+            jax.block_until_ready(params)
+            log({"what": "stage", "stage": "params", "row": item})
             log(time_prefill(cfg, params, n_dev, length, spec, kernel, args.reps, dtype))
         except Exception as err:  # noqa: BLE001 - OOM or a kernel failure is a result
             log({"what": "prefill", "model": cfg.name, "devices": n_dev, "tokens": length, "policy": spec,
