@@ -205,7 +205,8 @@ def section_correct(args):
         (2, 256, 512, 2, 2, 128, MaskSpec(), False, False),
     ]
     for backend in backends:
-        for dtype in (jnp.bfloat16, jnp.float16) if backend == "mosaic_gpu" else (jnp.bfloat16, jnp.float32):
+        dtypes = (jnp.bfloat16, jnp.float16) if backend == "mosaic_gpu" else (jnp.bfloat16, jnp.float32)
+        for dtype in dtypes[:1] if args.lite else dtypes:
             for ci, (b, t, s, nq, n, h, spec, use_bm, use_len) in enumerate(cases):
                 def run(b=b, t=t, s=s, nq=nq, n=n, h=h, spec=spec, use_bm=use_bm, use_len=use_len, backend=backend,
                         dtype=dtype):
@@ -571,6 +572,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--interpret", action="store_true", help="CPU smoke test of this script (interpret mode)")
     ap.add_argument("--sweep", action="store_true", help="also sweep KIVI-2 decode kernel variants")
+    ap.add_argument("--lite", action="store_true", help="correctness: bf16 only for the block-sparse kernels")
     args = ap.parse_args()
     args.backends = args.backends.split(",")
     out = _out_dir()
@@ -581,7 +583,7 @@ def main():
     results = []
     for sec in args.sections.split(","):
         cmd = [sys.executable, __file__, "--section", sec, "--backends", ",".join(args.backends), "--n", str(args.n),
-               "--reps", str(args.reps)] + (["--quick"] if args.quick else []) + (["--interpret"] if args.interpret else []) + (["--sweep"] if args.sweep else [])
+               "--reps", str(args.reps)] + (["--quick"] if args.quick else []) + (["--interpret"] if args.interpret else []) + (["--sweep"] if args.sweep else []) + (["--lite"] if args.lite else [])
         t0 = time.time()
         try:
             rc = subprocess.run(cmd, timeout=TIMEOUTS[sec] + (150 if args.sweep and sec == "decode" else 0)).returncode

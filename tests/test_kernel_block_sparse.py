@@ -53,6 +53,7 @@ def test_grid(rng, case):
     _run(rng, b, t, s, nq, n, h, dtype, spec, bm, lengths)
 
 
+@pytest.mark.slow
 @settings(max_examples=6, deadline=None)
 @given(b=st.integers(1, 2), nqb=st.integers(1, 2), nkb=st.integers(1, 3), g=st.sampled_from([1, 2]),
        n=st.integers(1, 2), h=st.sampled_from([16, 32]), causal=st.booleans(),

@@ -57,6 +57,7 @@ def test_variants(rng, kw):
     _run(rng, **kw)
 
 
+@pytest.mark.slow
 @settings(max_examples=5, deadline=None)
 @given(bits=st.sampled_from([2, 4, 8]), t=st.integers(1, 3), g=st.sampled_from([1, 4]), n=st.integers(1, 2),
        nblk=st.integers(1, 4), gk=st.sampled_from([32, 64]), residual=st.booleans(), seed=st.integers(0, 2**31 - 1))
