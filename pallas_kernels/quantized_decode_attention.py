@@ -36,14 +36,16 @@ FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DecodeBlockSizes:
-    """block_s: tokens per inner step; num_splits: split-K chunks (None = fill the GPU)."""
+    """block_s: tokens per inner step; num_splits: split-K chunks (None = about 16 programs per
+    SM). Defaults: the fastest KIVI-2 variant of `benchmarks/kernels_bench.py --sweep` (H100 and
+    H200, 2026-11-26); the other unpack / convert / dtype choices were measured slower."""
 
     block_s: int = 64
     num_splits: int | None = None
     num_warps: int = 2
     num_stages: int = 3
-    unpack: str = "grouped"  # "grouped" (4-D tiles, scales broadcast per group) or "rows" (2-D, scales expanded)
-    convert: str = "mantissa"  # code -> float: "mantissa" (1 + c/2^b via a rotate) or "magic" (2^23 + c, subtract)
+    unpack: str = "rows"  # "rows" (2-D tiles, scales expanded) or "grouped" (4-D, scales broadcast per group)
+    convert: str = "magic"  # code -> float: "magic" (2^23 + c, subtract) or "mantissa" (1 + c/2^b via a rotate)
     dequant_f32: bool = False  # keep dequantized K/V in float32 (tf32 dots on GPU) instead of q's dtype
 
     @classmethod

@@ -50,9 +50,11 @@ def test_bits_and_dtypes(rng, bits, dtype):
     dict(bits=4, t=2, nq=8, n=1, gk=128, s=256),                      # GQA 8, Gk > block
     dict(bits=2, residual=False, gk=64, gv=32),                       # no residual window
     dict(bits=8, h=64, blk=qda.DecodeBlockSizes(block_s=32, num_splits=1, unpack="rows", convert="magic")),
-    dict(bits=4, blk=qda.DecodeBlockSizes(block_s=128, num_splits=None, num_warps=4, convert="magic")),
-    dict(bits=2, b=1, blk=qda.DecodeBlockSizes(block_s=16, num_splits=4, unpack="rows")),
-], ids=["spec3", "gqa8", "nores", "rows8", "magic4", "bs16"])
+    dict(bits=4, blk=qda.DecodeBlockSizes(block_s=128, num_splits=None, num_warps=4, unpack="grouped",
+                                          convert="mantissa")),
+    dict(bits=8, t=2, blk=qda.DecodeBlockSizes(block_s=64, num_splits=2, unpack="grouped", convert="magic")),
+    dict(bits=2, b=1, blk=qda.DecodeBlockSizes(block_s=16, num_splits=4, unpack="grouped", dequant_f32=True)),
+], ids=["spec3", "gqa8", "nores", "rows8", "grouped_mantissa4", "grouped_magic8", "grouped_bs16_f32"])
 def test_variants(rng, kw):
     _run(rng, **kw)
 
