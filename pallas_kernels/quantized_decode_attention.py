@@ -15,6 +15,11 @@ GQA: q [B, T, Nq, H] with Nq = N * Gq; each program handles the T * Gq query row
 head. Split-K: the quantized tokens are cut into `num_splits` chunks (plus one program for the
 residual) whose partial results are merged through their LSEs. Codes are unpacked and
 dequantized in registers; the cache is read once. Returns (out [B,T,Nq,H], lse [B,T,Nq] f32).
+
+Backends: the Triton lowering on every CUDA GPU ("mosaic_gpu" also runs it: there is no Mosaic
+GPU version of this kernel), interpret mode on CPU, and "xla" = the jnp reference. No Mosaic TPU
+version yet. Measured in BENCHMARKS.md ("Kernels"): instruction-bound on the dequantization, so
+it misses the 3x-over-cuDNN target at 128k context.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ selected block numbers, of which the first `block_counts` [B, N] are used (defau
 block). Every query row sees every selected valid token. The K selections are split over
 `num_splits` programs whose partial results merge through their LSEs.
 Returns (out [B, T, Nq, H], lse [B, T, Nq] float32; -inf and 0 where nothing was selected).
+
+Backends: the Triton lowering on every CUDA GPU ("mosaic_gpu" runs it too), interpret mode on
+CPU, "xla" = the jnp reference; no Mosaic TPU version yet.
 """
 
 from __future__ import annotations
