@@ -8,6 +8,10 @@ through a `num_stages`-deep TMA ring. Both compute warpgroups walk the same key-
 metadata is built per 2 * block_q rows), so the pipeline needs no per-warpgroup epilogue;
 blocks flagged partial (or crossing the row's length) get an element mask. Tiles are issued
 heaviest first (reverse order) so causal grids end with short CTAs.
+
+Checked on the GPU by `benchmarks/kernels_bench.py` (section "correct"); on CPU the tests only
+lower it for a CUDA target, because jax's Mosaic GPU interpreter cannot run wgmma accumulators
+(`run_state`).
 """
 
 from __future__ import annotations
