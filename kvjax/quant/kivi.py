@@ -91,8 +91,8 @@ class KIVI(QuantPolicy):
         return self.group
 
     def capacity(self, c_in, ctx):
-        """Quantized tokens in whole blocks of 128 (the fused kernel's token block)."""
-        return round_up(super().capacity(c_in, ctx), math.lcm(self.group, 128))
+        """Quantized tokens in whole blocks of 64 (the fused kernel's default token block)."""
+        return round_up(super().capacity(c_in, ctx), math.lcm(self.group, 64))
 
     def check_config(self, config):
         super().check_config(config)
