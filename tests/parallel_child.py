@@ -134,7 +134,8 @@ def held_tokens(policy, layer_state, cfg, shards, max_new):
         if hasattr(st, "streams"):
             from kvjax.quant.base import dequantize_state
 
-            parts.append(dequantize_state(policy, st, LayerContext(0, cfg)))
+            store = policy.policies[-1] if hasattr(policy, "policies") else policy  # Compose: its quantizer
+            parts.append(dequantize_state(store, st, LayerContext(0, cfg)))
         else:
             parts.append((st.k, st.v, st.pos))
     k, v, p = (jnp.concatenate([jnp.asarray(x[i]) for x in parts], axis=2) for i in range(3))
@@ -169,6 +170,7 @@ def check_context(seed: int, devices: int) -> dict:
         "dense": ("dense", dict()),
         "dense_striped": ("dense", dict(layout="striped")),
         "kivi2_kernel": ("kivi:bits=2,group=16,residual=16", dict(kernel="xla")),
+        "knorm_kivi2": ("knorm:budget=0.5+kivi:bits=2,group=16,residual=0", dict()),
     }
     for name, (spec, kw) in runs.items():
         pol = parse_policy(spec)

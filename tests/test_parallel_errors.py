@@ -99,6 +99,15 @@ def test_policies_that_evict_while_decoding_are_refused():
         kp.SeqSharded(Evicting())
 
 
+@pytest.mark.parametrize("spec", ["snapkv:budget=0.5,window=8", "snapkv:budget=0.5,window=8+kivi:bits=2"])
+def test_observation_window_eviction_is_refused_on_sharded_caches(spec):
+    from kvjax.policies import parse_policy
+
+    with pytest.raises(PolicyError, match=r"policy 'snapkv' scores the prompt with its last queries"):
+        kp.SeqSharded(parse_policy(spec))
+    kp.SeqSharded(parse_policy("knorm:budget=0.5+kivi:bits=2"))  # slot-local scores are fine
+
+
 def test_decode_needs_the_sharded_state(tiny_config, tiny_params):
     tokens = jnp.ones((1, 8), jnp.int32)
     logits, state = G.prefill(tiny_params, tokens, jnp.asarray([8]), config=tiny_config, policy=Dense(),
