@@ -18,7 +18,7 @@ from kvjax.models import LlamaConfig, init_params  # noqa: E402
 
 TINY = LlamaConfig(
     name="tiny", vocab_size=97, hidden_size=48, intermediate_size=96, num_layers=3, num_heads=6,
-    num_kv_heads=2, head_dim=8, rope_theta=10000.0, max_position=512, bos_id=1, eos_ids=(2,), pad_id=0,
+    num_kv_heads=2, head_dim=32, rope_theta=10000.0, max_position=512, bos_id=1, eos_ids=(2,), pad_id=0,
 )
 
 
@@ -64,3 +64,16 @@ def hf_smollm2():
     )
     model.eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_calibrations(tiny_params, tmp_path_factory):
+    """Calibration artifacts of every calibrated method for the tiny model (random tokens)."""
+    import types
+
+    from kvjax.quant import calibration
+
+    model = types.SimpleNamespace(config=TINY, params=tiny_params)
+    stats = calibration.collect(model, np.random.default_rng(0).integers(0, TINY.vocab_size, 96), grads=True)
+    root = tmp_path_factory.mktemp("tiny_calibrations")
+    return {m: calibration.save(str(root / m), m, TINY, fn(stats, TINY)) for m, fn in calibration.CALIBRATORS.items()}

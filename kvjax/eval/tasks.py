@@ -65,11 +65,11 @@ def passkey_sample(tokenizer, context: int, depth: float, seed: int, text: str) 
     head = ("There is an important piece of information hidden inside a lot of irrelevant text. "
             "Find it and memorize it. I will quiz you about it.\n\n")
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    question = "\nWhat is the pass key? The pass key is"
+    question = "\n\nWhat is the pass key? Answer with the five-digit number only.\nAnswer: The pass key is"
     return Sample(_assemble(tokenizer, context, head, needle, question, text, depth, seed), key, depth, seed)
 
 
-def kv_retrieval_sample(tokenizer, context: int, depth: float, seed: int, text: str, pairs: int = 8) -> Sample:
+def kv_retrieval_sample(tokenizer, context: int, depth: float, seed: int, text: str, pairs: int = 3) -> Sample:
     """Key-value retrieval: `pairs` word->4-digit lines in one block at `depth`; asks one."""
     rng = np.random.default_rng(seed)
     keys = rng.choice(len(_WORDS), size=pairs, replace=False)
@@ -78,7 +78,8 @@ def kv_retrieval_sample(tokenizer, context: int, depth: float, seed: int, text: 
     target = int(rng.integers(0, pairs))
     head = ("Below is a long text. Somewhere in it is a list of secret codes. "
             "Find the list and remember every code.\n\n")
-    question = f"\nWhat is the code for {_WORDS[keys[target]]}? The code for {_WORDS[keys[target]]} is"
+    word = _WORDS[keys[target]]
+    question = f"\n\nWhat is the code for {word}? Answer with the four-digit number only.\nAnswer: The code for {word} is"
     return Sample(_assemble(tokenizer, context, head, lines, question, text, depth, seed),
                   str(values[target]), depth, seed)
 

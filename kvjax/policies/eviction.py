@@ -24,10 +24,12 @@ from .base import Policy, PolicyError, budget_capacity, check_budget
 
 @struct.dataclass
 class ScoredKV:
-    """A SlotKV plus a running per-slot score [B, N, S] (float32) for decode-time eviction."""
+    """A SlotKV plus a running per-slot score [B, N, S] (float32) and each (row, head)'s
+    slot budget [B, N] int32, for decode-time eviction."""
 
     kv: SlotKV
     score: jax.Array
+    limit: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +76,7 @@ class EvictionPolicy(Policy):
         kept = slots.gather(state, idx, valid, 1)  # one spare slot for decode-time eviction
         carried = jnp.take_along_axis(self.carried_score(state, res, ctx), idx, axis=2)
         carried = jnp.pad(jnp.where(valid, carried, 0.0), ((0, 0), (0, 0), (0, 1)))
-        return ScoredKV(kept, carried)
+        return ScoredKV(kept, carried, jnp.sum(valid, axis=2).astype(jnp.int32))
 
     # -- decode-time eviction -------------------------------------------------------------
     def carried_score(self, state: SlotKV, res, ctx) -> jax.Array:
@@ -98,16 +100,16 @@ class EvictionPolicy(Policy):
         free = jnp.argmin(jnp.where(kv.pos < 0, 0, 1), axis=2)  # an empty slot (there is always one)
         kv = slots.write_slot(kv, free, k, v, q_pos)
         bi, ni = jnp.arange(kv.pos.shape[0])[:, None], jnp.arange(kv.pos.shape[1])[None]
-        st = ScoredKV(kv, state.score.at[bi, ni, free].set(0.0))
+        st = ScoredKV(kv, state.score.at[bi, ni, free].set(0.0), state.limit)
         res = self.attend(kv, q, q_pos, ctx, want_mass=True)
         score = self.decode_score(st, res, q_pos, ctx)
         # Never evict the token just written: it is the newest and the next query's neighbour.
         newest = kv.pos == q_pos[:, :1, None]
         ranked = jnp.where((kv.pos < 0) | newest, jnp.inf, self.eviction_rank(score, kv))
         victim = jnp.argmin(ranked, axis=2)
-        full = jnp.all(kv.pos >= 0, axis=2)  # evict only when no slot is free
+        full = jnp.sum(kv.pos >= 0, axis=2) > state.limit  # evict only beyond the row's budget
         pos = kv.pos.at[bi, ni, victim].set(jnp.where(full, -1, kv.pos[bi, ni, victim]))
-        return ScoredKV(kv.replace(pos=pos), score), res.out
+        return ScoredKV(kv.replace(pos=pos), score, state.limit), res.out
 
 
 def observation_window(q, q_pos, window: int, ctx: LayerContext):
