@@ -1,0 +1,206 @@
+"""Generation speed: kvjax vs HF transformers.
+
+  --device cpu : SmolLM2-135M (the real weights), prefill 2k tokens then decode 128, batch 1,
+                 kvjax (jit) vs HF transformers (torch CPU, sdpa, DynamicCache).
+  --device gpu : Llama-3.1-8B-shaped random bf16 weights, 8k and 32k context, batch 1 and 8:
+                 per-step decode time against the memory roofline (weight bytes + KV bytes
+                 read per step over the measured HBM copy bandwidth), plus HF-torch (sdpa)
+                 at batch 1 / 8k for reference.
+Prints a table; with $OUT set, writes generate_bench.json there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+
+def _table(rows, cols):
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+
+
+def cpu_bench(prompt_tokens=2048, new_tokens=128):
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvjax.eval import load_text
+    from kvjax.generate import generate
+    from kvjax.loaders import load
+    from kvjax.loaders.load import embedded_path
+
+    m = load("smollm2")
+    ids = m.tokenizer.encode(load_text("kjv-judges"))[:prompt_tokens]
+    prompt = m.tokenizer.decode(ids)
+    rows = []
+    generate(m, prompt, max_new_tokens=new_tokens, stop_ids=())  # compile
+    best = None
+    for _ in range(2):
+        out = generate(m, prompt, max_new_tokens=new_tokens, stop_ids=())
+        s = out.stats
+        if best is None or s["decode_s"] < best["decode_s"]:
+            best = s
+    rows.append({"impl": f"kvjax (jax {jax.__version__}, jit)", "prefill tok/s": f"{best['prefill_tokens_per_s']:.0f}",
+                 "decode tok/s": f"{(new_tokens - 1) / best['decode_s']:.1f}",
+                 "ms/step": f"{1000 * best['decode_s'] / (new_tokens - 1):.1f}"})
+    path = embedded_path("smollm2")
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32, attn_implementation="sdpa").eval()
+    x = torch.tensor([m.tokenizer.encode(prompt)])
+    with torch.no_grad():
+        hf.generate(x, max_new_tokens=2, do_sample=False)
+        t0 = time.perf_counter()
+        hf(x)
+        t1 = time.perf_counter()
+        hf.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        t2 = time.perf_counter()
+    decode_s = (t2 - t1) - (t1 - t0)
+    rows.append({"impl": f"HF transformers (torch {torch.__version__}, sdpa)", "prefill tok/s": f"{x.shape[1] / (t1 - t0):.0f}",
+                 "decode tok/s": f"{(new_tokens - 1) / decode_s:.1f}", "ms/step": f"{1000 * decode_s / (new_tokens - 1):.1f}"})
+    print(f"SmolLM2-135M, CPU ({os.cpu_count()} cores), prompt {x.shape[1]} tokens, decode {new_tokens}, batch 1, float32")
+    _table(rows, ["impl", "prefill tok/s", "decode tok/s", "ms/step"])
+    return rows
+
+
+def _random_params(cfg, dtype):
+    """Random weights, one small jitted generator per distinct shape (fast to compile)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kvjax.models import init_params
+
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k, dtype), jax.random.key(0))
+    gens = {}
+
+    def make(i, leaf):
+        key = (leaf.shape, str(leaf.dtype))
+        if key not in gens:
+            gens[key] = jax.jit(lambda k, s=leaf.shape: (jax.random.normal(k, s, jnp.float32) * 0.02).astype(dtype))
+        return gens[key](jax.random.key(i))
+
+    leaves, tree = jax.tree_util.tree_flatten(shapes)
+    return jax.tree_util.tree_unflatten(tree, [make(i, l) for i, l in enumerate(leaves)])
+
+
+def _filled_state(cfg, batch, ctx, new, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    from kvjax.state import KVState, SlotKV
+
+    cap = ctx + new
+    shape = (batch, cfg.num_kv_heads, cap, cfg.head_dim)
+    fill = jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    pos = jnp.broadcast_to(jnp.where(jnp.arange(cap) < ctx, jnp.arange(cap), -1).astype(jnp.int32), shape[:3])
+    layers = tuple(SlotKV(fill(jax.random.key(2 * i)), fill(jax.random.key(2 * i + 1)), pos, jnp.asarray(ctx, jnp.int32))
+                   for i in range(cfg.num_layers))
+    return KVState(layers, jnp.full((batch,), ctx, jnp.int32))
+
+
+def gpu_bench(contexts=(8192, 32768), batches=(1, 8), new_tokens=33, hf=True):
+    import jax
+    import jax.numpy as jnp
+
+    from kvjax.generate import decode
+    from kvjax.models.presets import LLAMA3_1_8B as cfg
+    from kvjax.policies import Dense
+    from kvjax.sampling import Sampler
+
+    dev = jax.devices()[0]
+    print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
+    x = jnp.ones((1 << 30,), jnp.float32)  # 4 GiB
+    copy = jax.jit(lambda a: a * 1.0001)
+    copy(x).block_until_ready()
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        copy(x).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    bw = 2 * x.nbytes / min(ts)
+    del x
+    print(f"HBM copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    t = time.perf_counter()
+    params = _random_params(cfg, jnp.bfloat16)
+    jax.block_until_ready(params)
+    weight_bytes = sum(p.nbytes for p in jax.tree_util.tree_leaves(params))
+    print(f"weights ready in {time.perf_counter() - t:.1f}s ({weight_bytes / 1e9:.2f} GB)", flush=True)
+    rows = []
+    for ctx in contexts:
+        for b in batches:
+            state = _filled_state(cfg, b, ctx, new_tokens, jnp.bfloat16)
+            logits = jax.random.normal(jax.random.key(1), (b, cfg.vocab_size), jnp.float32)
+            kw = dict(config=cfg, policy=Dense(), max_new_tokens=new_tokens, sampler=Sampler(), stop_ids=(),
+                      dtype=jnp.bfloat16)
+            out = decode(params, state, logits, jax.random.key(0), **kw)
+            jax.block_until_ready(out)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                jax.block_until_ready(decode(params, state, logits, jax.random.key(0), **kw))
+                times.append(time.perf_counter() - t)
+            step = min(times) / (new_tokens - 1)
+            kv_read = b * ctx * cfg.kv_bytes_per_token(2)
+            roof = (weight_bytes + kv_read) / bw
+            rows.append({"context": ctx, "batch": b, "impl": "kvjax", "ms/step": f"{1000 * step:.2f}",
+                         "roofline ms": f"{1000 * roof:.2f}", "x roofline": f"{step / roof:.2f}",
+                         "tok/s": f"{b / step:.0f}"})
+            print(rows[-1], flush=True)
+            del state, out
+    if hf:
+        rows += _hf_gpu(cfg, bw, weight_bytes)
+    print(f"Llama-3.1-8B-shaped random bf16 weights on {dev.device_kind}; HBM copy {bw / 1e12:.2f} TB/s")
+    _table(rows, ["context", "batch", "impl", "ms/step", "roofline ms", "x roofline", "tok/s"])
+    return rows
+
+
+def _hf_gpu(cfg, bw, weight_bytes, ctx=8192, new=33):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                     num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta, max_position_embeddings=131072)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hc).eval()
+    torch.set_default_dtype(torch.float32)
+    model.config._attn_implementation = "sdpa"
+    x = torch.randint(0, cfg.vocab_size, (1, ctx), device="cuda")
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=2, do_sample=False)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    step = ((t2 - t1) - (t1 - t0)) / (new - 1)
+    roof = (weight_bytes + ctx * cfg.kv_bytes_per_token(2)) / bw
+    del model
+    torch.cuda.empty_cache()
+    return [{"context": ctx, "batch": 1, "impl": f"HF-torch {torch.__version__} sdpa", "ms/step": f"{1000 * step:.2f}",
+             "roofline ms": f"{1000 * roof:.2f}", "x roofline": f"{step / roof:.2f}", "tok/s": f"{1 / step:.0f}"}]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--no-hf", action="store_true")
+    a = ap.parse_args()
+    rows = cpu_bench() if a.device == "cpu" else gpu_bench(hf=not a.no_hf)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "generate_bench.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
