@@ -90,10 +90,10 @@ def render(rows: list[dict], main_text: str = "kjv-judges") -> str:
         if r is None:
             continue
         name, _, args = spec.partition(":")
-        bits = re.search(r"bits=(\d+)", args)
+        bits = re.search(r"(?<![a-z_])bits=(\d+)", args)
         rel = f"{100 * (r['ppl'] / dense['ppl'] - 1):+.1f}%" if dense else "-"
         rb = f"{r['bytes_per_token'] / dense['bytes_per_token']:.3f}" if dense else "-"
-        extra = re.sub(r"bits=\d+,?", "", args).strip(",")
+        extra = re.sub(r"(?<![a-z_])bits=\d+,?", "", args).strip(",")
         label = name + (f" ({extra})" if extra else "")
         pk = "".join(f"{extra.get(spec, {}).get(t, '-')} | " for t in texts)
         lines.append(f"| {label} | {bits.group(1) if bits else '-'} | {r['ppl']:.3f} | {rel} | "
