@@ -26,7 +26,7 @@ def _bound(x, scale, zero):
     return scale.astype(jnp.float32) / 2 * (1 + 1e-2) + 2e-3 * jnp.abs(zero.astype(jnp.float32)) + 1e-6
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4, 8]), groups=st.integers(1, 3), n=st.integers(1, 3),
        h=st.sampled_from([8, 32, 64]), seed=st.integers(0, 2**31))
 def test_channelwise_error_within_half_step(bits, groups, n, h, seed):
@@ -39,7 +39,7 @@ def test_channelwise_error_within_half_step(bits, groups, n, h, seed):
     assert bool(jnp.all(err <= _bound(x, scale, zero)[:, :, :, None]))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4, 8]), s=st.integers(1, 40), h=st.sampled_from([16, 48, 64]),
        group=st.sampled_from([8, 16]), seed=st.integers(0, 2**31))
 def test_tokenwise_error_within_half_step(bits, s, h, group, seed):
