@@ -82,3 +82,18 @@ def test_shipped_calibrations_load_for_smollm2(real, method):
     arrays = calibration.load(method, model.config)
     assert all(a.shape[0] == model.config.num_layers for a in arrays.values())
     assert calibration.default_path(method, model.config).startswith(calibration.DATA_DIR)
+
+
+def test_calibrate_cli_writes_a_loadable_artifact(real, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvjax.cli import app
+
+    model, _ = real
+    out = tmp_path / "bfp"
+    res = CliRunner().invoke(app, ["calibrate", "--method", "bfp", "--text", "kjv-judges", "--tokens", "64",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert calibration.load("bfp", model.config, str(out))["k_perm"].shape == (30, 3, 64)
+    res = CliRunner().invoke(app, ["calibrate", "--method", "kivi", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "method='kivi' needs no calibration or is unknown" in str(res.exception)
