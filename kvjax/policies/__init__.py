@@ -3,7 +3,14 @@
 from .base import Policy, PolicyError
 from .compose import Compose
 from .dense import Dense
-from . import adakv, h2o, knorm, pyramidkv, snapkv, streaming, tova  # noqa: F401  (registers)
+from . import adakv, elastic_cache, h2o, knorm, kvmerger, locret, pyramidkv, snapkv, streaming, tova  # noqa: F401  (registers)
 from .registry import REGISTRY, list_policies, parse_policy, register
+from .adakv import AdaKV
+from .h2o import H2O
+from .knorm import KNorm
+from .pyramidkv import PyramidKV
+from .snapkv import SnapKV
+from .streaming import StreamingLLM
+from .tova import TOVA
 
-__all__ = ["Compose", "Policy", "PolicyError", "Dense", "REGISTRY", "list_policies", "parse_policy", "register"]
+__all__ = ["AdaKV", "H2O", "KNorm", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA", "Compose", "Policy", "PolicyError", "Dense", "REGISTRY", "list_policies", "parse_policy", "register"]
