@@ -76,4 +76,10 @@ def tiny_calibrations(tiny_params, tmp_path_factory):
     model = types.SimpleNamespace(config=TINY, params=tiny_params)
     stats = calibration.collect(model, np.random.default_rng(0).integers(0, TINY.vocab_size, 96), grads=True)
     root = tmp_path_factory.mktemp("tiny_calibrations")
-    return {m: calibration.save(str(root / m), m, TINY, fn(stats, TINY)) for m, fn in calibration.CALIBRATORS.items()}
+    paths = {m: calibration.save(str(root / m), m, TINY, fn(stats, TINY)) for m, fn in calibration.CALIBRATORS.items()}
+    from kvjax.policies import locret_train  # Locret's retaining heads are trained (a few optax steps), not calibrated
+
+    tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, 96)
+    paths["locret"] = locret_train.train_and_save(model, [tokens], str(root / "locret"), context=64, steps=20,
+                                                  log=lambda _: None)[0]
+    return paths

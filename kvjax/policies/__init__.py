@@ -6,6 +6,9 @@ from .dense import Dense
 from . import adakv, elastic_cache, h2o, knorm, kvmerger, locret, pyramidkv, snapkv, streaming, tova  # noqa: F401  (registers)
 from .registry import REGISTRY, list_policies, parse_policy, register
 from .adakv import AdaKV
+from .elastic_cache import ElasticCache
+from .kvmerger import KVMerger
+from .locret import Locret
 from .h2o import H2O
 from .knorm import KNorm
 from .pyramidkv import PyramidKV
@@ -13,4 +16,4 @@ from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
 
-__all__ = ["AdaKV", "H2O", "KNorm", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA", "Compose", "Policy", "PolicyError", "Dense", "REGISTRY", "list_policies", "parse_policy", "register"]
+__all__ = ["AdaKV", "ElasticCache", "KVMerger", "Locret", "H2O", "KNorm", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA", "Compose", "Policy", "PolicyError", "Dense", "REGISTRY", "list_policies", "parse_policy", "register"]
