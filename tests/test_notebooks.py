@@ -1,0 +1,166 @@
+"""The Colab notebooks (colab/*.ipynb): committed without outputs, public API only, and every
+one executes top to bottom (nbclient, default sizes, on CPU here) without a cell raising.
+
+Each notebook runs in a fresh kernel of this interpreter (checked) whose working directory is
+an empty temporary folder that must still be empty afterwards (notebooks write no files).
+The selected notebooks execute two at a time in child processes: most of their time is XLA
+compiling, which is single-threaded, so two kernels keep CI's 2 cores busy.
+"""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+COLAB = Path(__file__).resolve().parent.parent / "colab"
+EXPECTED = ("01_quickstart", "02_compare_methods", "03_long_context", "04_kernels")
+NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
+# Notebooks that load the real SmolLM2 are `slow` (the marker's definition in pyproject.toml).
+USES_MODEL = {"01_quickstart", "02_compare_methods", "03_long_context"}
+BADGE = r"\(https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/main/colab/{name}\.ipynb\)"
+WORKERS = max(1, min(2, os.cpu_count() or 1))
+CELL_TIMEOUT_S = 900
+# The last cell appended before execution: which interpreter and which kvjax the kernel used.
+PROBE = "import sys, kvjax; print(sys.executable); print(kvjax.__file__)"
+
+
+def _read(path: Path):
+    return nbformat.read(path, as_version=4)
+
+
+def _code(nb) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "code"]
+
+
+def test_every_notebook_is_present():
+    assert {p.stem for p in NOTEBOOKS} >= set(EXPECTED), f"missing: {set(EXPECTED) - {p.stem for p in NOTEBOOKS}}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_clean(path):
+    """Stored without outputs or execution counts, valid nbformat, with the common furniture."""
+    nb = _read(path)
+    nbformat.validate(nb)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; strip them before committing"
+    first_md = next(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert re.search(BADGE.format(name=re.escape(path.stem)), first_md), \
+        f"{path.name}: the first markdown cell lacks its 'Open in Colab' badge"
+    code = _code(nb)
+    assert '"google.colab" in sys.modules' in code[0] and "jax.default_backend()" in code[0], \
+        f"{path.name}: the first code cell must install on Colab and detect the runtime"
+    assert any(re.search(r"^BIG = False\b", src, re.M) for src in code), f"{path.name}: needs `BIG = False`"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_public_api_only(path):
+    """Every kvjax import names public modules and public names (no `_private` parts)."""
+    for src in _code(_read(path)):
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "kvjax":
+                parts = node.module.split(".") + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                parts = [p for a in node.names if a.name.split(".")[0] == "kvjax" for p in a.name.split(".")]
+            else:
+                continue
+            private = [p for p in parts if p.startswith("_")]
+            assert not private, f"{path.name}: imports private {private} in {ast.unparse(node)!r}"
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+def _execute(path: Path, workdir: Path, executed: Path) -> dict:
+    """Run `path` in a child process (see `_child`); returns its exit status, output, time."""
+    workdir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, str(path), str(workdir), str(executed)],
+                          capture_output=True, text=True, timeout=4 * CELL_TIMEOUT_S)
+    return {"rc": proc.returncode, "log": (proc.stdout + proc.stderr)[-20000:], "seconds": time.perf_counter() - t0}
+
+
+class _Runner:
+    """Executes the notebooks this session selected, WORKERS at a time, longest first."""
+
+    ORDER = ("02_compare_methods", "03_long_context", "01_quickstart", "04_kernels")
+
+    def __init__(self, paths, root: Path):
+        paths = sorted(paths, key=lambda p: (self.ORDER.index(p.stem) if p.stem in self.ORDER else -1, p.stem))
+        self.root = root
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS)
+        self.jobs = {p: self.pool.submit(_execute, p, root / p.stem, root / f"{p.stem}.executed.ipynb") for p in paths}
+
+    def result(self, path: Path) -> tuple[dict, Path]:
+        if path not in self.jobs:  # not foreseen at collection: run it now
+            self.jobs[path] = self.pool.submit(_execute, path, self.root / path.stem,
+                                               self.root / f"{path.stem}.executed.ipynb")
+        return self.jobs[path].result(), self.root / f"{path.stem}.executed.ipynb"
+
+
+@pytest.fixture(scope="module")
+def runner(request, tmp_path_factory):
+    selected = [item.callspec.params["path"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_notebook_executes"]
+    r = _Runner(selected, tmp_path_factory.mktemp("notebooks"))
+    yield r
+    r.pool.shutdown(wait=True)
+
+
+def _params(paths):
+    return [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in USES_MODEL else []) for p in paths]
+
+
+@pytest.mark.parametrize("path", _params(NOTEBOOKS))
+def test_notebook_executes(path, runner):
+    res, executed = runner.result(path)
+    assert res["rc"] == 0, f"{path.name} failed after {res['seconds']:.0f} s:\n{res['log']}"
+    print(f"{path.name}: executed in {res['seconds']:.1f} s ({WORKERS} at a time)")
+    nb = _read(executed)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{path.name}: {[e.ename + ': ' + e.evalue for e in errors]}"
+    probe = nb.cells[-1]
+    assert probe.source == PROBE
+    exe, kvjax_file = "".join(o.get("text", "") for o in probe.outputs).split()
+    import kvjax
+
+    assert os.path.realpath(exe) == os.path.realpath(sys.executable), f"the kernel ran {exe}, not {sys.executable}"
+    assert os.path.realpath(kvjax_file) == os.path.realpath(kvjax.__file__), f"the kernel imported {kvjax_file}"
+    workdir = executed.parent / path.stem
+    assert not any(workdir.iterdir()), f"{path.name} left files: {sorted(p.name for p in workdir.iterdir())}"
+    stray = [p.name for p in COLAB.iterdir() if p.suffix != ".ipynb"]
+    assert not stray, f"colab/ holds files other than notebooks: {stray}"
+
+
+def _child(path: str, workdir: str, executed: str) -> int:
+    """Execute one notebook top to bottom in a kernel whose cwd is `workdir`; write the result
+    to `executed` (outside the repository); exit 1 with the failing cell's traceback."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PROBE))
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=False,
+                            resources={"metadata": {"path": workdir}})
+    try:
+        client.execute()
+    except CellExecutionError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    finally:
+        nbformat.write(nb, executed)
+    print(json.dumps({"cells": len(nb.cells)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(*sys.argv[1:4]))
