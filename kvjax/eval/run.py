@@ -10,17 +10,21 @@ from .metrics import perplexity
 from .tasks import TASKS, is_correct
 from .texts import DEFAULT_TEXT, load_text
 
-TASK_NAMES = ("passkey", "kv_retrieval", "ppl")
+SESSION_TASKS = ("prefix_suffix", "qa", "majority", "mix")
+TASK_NAMES = ("passkey", "kv_retrieval", "ppl") + SESSION_TASKS
 
 
 def evaluate(model, task: str, policy, context: int = 4096, trials: int = 10, seed: int = 0,
-             text: str = DEFAULT_TEXT, batch_size: int = 4, implementation: str | None = None) -> dict:
+             text: str = DEFAULT_TEXT, batch_size: int = 4, implementation: str | None = None,
+             mode: str = "inside", options: dict | None = None) -> dict:
     """Run `trials` samples of `task` at about `context` tokens with `policy` (object or spec).
 
     Retrieval tasks: needle depths spread evenly over [0.05, 0.95], greedy decoding; returns
     accuracy. "ppl": perplexity over `context` tokens of `text` (see metrics.perplexity).
     Always returns kv_bytes (compressed state after prefill), dense_kv_bytes and
-    compression_ratio."""
+    compression_ratio. The SCBench-style tasks (SESSION_TASKS) and mode="excluded" (the
+    question appended after the context is compressed) run through `kvjax.eval.sweep`
+    (`policy` must then be a registered spec); `options` go to their episode generator."""
     if task not in TASK_NAMES:
         raise ValueError(f"unknown task {task!r}; expected one of {TASK_NAMES}")
     pol = parse_policy(policy) if isinstance(policy, str) else policy
@@ -30,6 +34,14 @@ def evaluate(model, task: str, policy, context: int = 4096, trials: int = 10, se
         raise ValueError(f"trials={trials} must be >= 1")
     haystack = load_text(text)
     base = {"task": task, "policy": pol.spec(), "context": context, "seed": seed, "text": text}
+    if mode not in ("inside", "excluded"):
+        raise ValueError(f"mode={mode!r}; expected 'inside' or 'excluded'")
+    if task in SESSION_TASKS or (mode != "inside" and task != "ppl"):
+        from .sweep import Cell, run_cell
+
+        cell = Cell("kvjax", task, pol.spec(), context, seed, mode)
+        row = run_cell(model, cell, trials, text, batch_size, {task: options or {}})
+        return {**base, **{k: v for k, v in row.items() if k not in ("engine", "status")}}
     if task == "ppl":
         ids = model.tokenizer.encode(haystack)
         if len(ids) < context:

@@ -1,0 +1,244 @@
+"""SCBench-style tasks: one shared context, several questions (turns) asked on it.
+
+Every generator is `make(tokenizer, context, depth, seed, text, **options) -> Episode`,
+deterministic per (seed, depth, text), with every answer present in the context:
+
+* passkey — a 5-digit key hidden at `depth` (string retrieval, one turn);
+* kv_retrieval — `pairs` "The code for WORD is NNNN." lines in one block at `depth`;
+  `turns` of them are asked, one per turn (string retrieval, multi-turn);
+* prefix_suffix — entries "PREFIX-NNNN-SUFFIX" spread over the context; asked for the
+  number of the entry with a given prefix AND suffix, with one distractor sharing the prefix
+  and one sharing the suffix (string retrieval);
+* qa — questions answerable from one passage of the text itself (no insertions): facts
+  "X the son of Y", "X the wife of Y", "X king of Y", "X the Kenite" found in the context
+  become "Who was the father of X?" ... (semantic retrieval, multi-turn; needs a narrative
+  text such as kjv-judges);
+* majority — `votes` lines "Vote: ANIMAL." spread evenly over the whole context; asked which
+  animal got the most votes (global information);
+* mix — passkey, then kv_retrieval, then qa on the same context (multi-task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from .tasks import _WORDS, _filler_tokens
+
+_ANIMALS = ("horse camel eagle lion wolf bear goat sheep otter badger heron beaver").split()
+_STOP = {"And", "So", "Then", "But", "Now", "For", "The", "When", "Also", "Thus", "Behold", "Lord", "God", "LORD"}
+_FACTS = (  # (regex over the context, question, answer prefix); group 1 = subject, group 2 = answer
+    (r"\b([A-Z][a-z]+),? the son of ([A-Z][a-z]+)\b", "Who was the father of {x}?", "{x} was the son of"),
+    (r"\b([A-Z][a-z]+),? the wife of ([A-Z][a-z]+)\b", "Whose wife was {x}?", "{x} was the wife of"),
+    (r"\b([A-Z][a-z]+),? the daughter of ([A-Z][a-z]+)\b", "Whose daughter was {x}?", "{x} was the daughter of"),
+    (r"\b([A-Z][a-z]+),? (?:the )?king of ([A-Z][a-z]+)\b", "Of which land was {x} king?", "{x} was the king of"),
+    (r"\b([A-Z][a-z]+) the ([A-Z][a-z]+ite)\b", "Which people did {x} belong to?", "{x} the"),
+)
+_LONGEST_QA = "Question: Which people did Chushanrishathaim belong to?\nAnswer: Chushanrishathaim the Gileadite"
+HEAD = "Below is a long text. Read it carefully: I will ask you several questions about it.\n\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """question: text asked (ends with an answer prefix); answer: expected digits or word."""
+
+    question: str
+    answer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Episode:
+    """A shared context and the turns asked on it. `pieces()` are the texts appended after
+    the context: turn 0's question, then (previous gold answer + question) per later turn."""
+
+    task: str
+    context: str
+    turns: tuple
+    seed: int
+    depth: float
+
+    def pieces(self) -> list[str]:
+        out = []
+        for i, t in enumerate(self.turns):
+            prev = f" {self.turns[i - 1].answer}." if i else ""
+            out.append(prev + "\n\n" + t.question)
+        return out
+
+
+def check(generated: str, answer: str) -> bool:
+    """Digits: the generation's first number equals the answer. Words: its first word
+    equals the answer (case and punctuation ignored)."""
+    if answer.isdigit():
+        nums = re.findall(r"\d+", generated)
+        return bool(nums) and nums[0] == answer
+    words = re.findall(r"[A-Za-z]+", generated)
+    return bool(words) and words[0].lower() == answer.lower()
+
+
+def _weave(tokenizer, budget: int, text: str, seed: int, inserts) -> str:
+    """HEAD + `text` filler of about `budget` tokens with each (depth, line) of `inserts`
+    on its own line at that relative depth."""
+    fixed = len(tokenizer.encode(HEAD)) + sum(len(tokenizer.encode(s)) + 2 for _, s in inserts)
+    n = budget - fixed
+    if n < 64:
+        raise ValueError(f"context of {budget} tokens is too short for this task (needs > {fixed + 64})")
+    filler = _filler_tokens(tokenizer, text, n, seed)
+    cuts = sorted((int(round(d * len(filler))), s) for d, s in inserts)
+    parts, prev = [], 0
+    for cut, line in cuts:
+        parts.append(tokenizer.decode(filler[prev:cut]) + "\n" + line + "\n")
+        prev = cut
+    parts.append(tokenizer.decode(filler[prev:]))
+    return HEAD + "".join(parts)
+
+
+def _fit(tokenizer, context: int, build, question: str) -> str:
+    """Build a context so that it plus the first question holds at most `context` tokens."""
+    q = len(tokenizer.encode("\n\n" + question))
+    budget = context - q
+    for _ in range(4):
+        ctx = build(budget)
+        excess = len(tokenizer.encode(ctx)) + q - context
+        if excess <= 0:
+            return ctx
+        budget -= excess + 2
+    raise ValueError(f"could not fit the task into context={context} tokens")
+
+
+def passkey(tokenizer, context, depth, seed, text):
+    """One 5-digit key at `depth`; one turn."""
+    key = str(int(np.random.default_rng(seed).integers(10000, 100000)))
+    q = "What is the pass key? Answer with the five-digit number only.\nAnswer: The pass key is"
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, seed, [(depth, needle)]), q)
+    return Episode("passkey", ctx, (Turn(q, key),), seed, depth)
+
+
+def _kv_lines(rng, pairs: int):
+    keys = rng.choice(len(_WORDS), size=pairs, replace=False)
+    values = rng.integers(1000, 10000, size=pairs)
+    return [(_WORDS[k], str(v)) for k, v in zip(keys, values)]
+
+
+def _kv_turn(word, value):
+    return Turn(f"What is the code for {word}? Answer with the four-digit number only.\n"
+                f"Answer: The code for {word} is", value)
+
+
+def kv_retrieval(tokenizer, context, depth, seed, text, pairs: int = 2, turns: int = 1):
+    """`pairs` word->4-digit lines in one block at `depth`; `turns` distinct keys asked."""
+    if not 1 <= turns <= pairs:
+        raise ValueError(f"turns={turns} must be in [1, pairs={pairs}]")
+    rng = np.random.default_rng(seed)
+    kv = _kv_lines(rng, pairs)
+    block = "\n".join(f"The code for {w} is {v}." for w, v in kv)
+    asked = [_kv_turn(*kv[i]) for i in rng.permutation(pairs)[:turns]]
+    ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, seed, [(depth, block)]), asked[0].question)
+    return Episode("kv_retrieval", ctx, tuple(asked), seed, depth)
+
+
+def prefix_suffix(tokenizer, context, depth, seed, text, turns: int = 1):
+    """Per turn, a target entry at a spread depth (the first at `depth`), a distractor with
+    its prefix and one with its suffix elsewhere in the context."""
+    rng = np.random.default_rng(seed)
+    words = [_WORDS[i] for i in rng.choice(len(_WORDS), size=4 * turns, replace=False)]
+    inserts, asked = [], []
+    for t in range(turns):
+        p, s, p2, s2 = words[4 * t : 4 * t + 4]
+        nums = [str(x) for x in rng.choice(np.arange(1000, 10000), size=3, replace=False)]
+        d0 = depth if t == 0 else float(rng.uniform(0.05, 0.95))
+        others = rng.uniform(0.05, 0.95, size=2)
+        inserts += [(d0, f"Entry: {p}-{nums[0]}-{s}."), (float(others[0]), f"Entry: {p}-{nums[1]}-{s2}."),
+                    (float(others[1]), f"Entry: {p2}-{nums[2]}-{s}.")]
+        asked.append(Turn(f'Which entry starts with "{p}" and ends with "{s}"? Answer with its number.\n'
+                          f"Answer: {p}-", nums[0]))
+    ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, seed, inserts), asked[0].question)
+    return Episode("prefix_suffix", ctx, tuple(asked), seed, depth)
+
+
+def _facts(ctx: str):
+    """Unambiguous facts [(char offset, question, answer prefix, answer)] in `ctx`."""
+    seen: dict = {}
+    for regex, q, prefix in _FACTS:
+        for m in re.finditer(regex, ctx):
+            x, y = m.group(1), m.group(2)
+            if x in _STOP or y in _STOP or x == y:
+                continue
+            seen.setdefault((q, x), []).append((m.start(), prefix, y))
+    out = []
+    for (q, x), hits in seen.items():
+        if len({y for _, _, y in hits}) == 1:
+            out.append((hits[0][0], q.format(x=x), hits[0][1].format(x=x), hits[0][2]))
+    return sorted(out)
+
+
+def qa(tokenizer, context, depth, seed, text, turns: int = 2):
+    """`turns` questions about facts of the text window itself (see module doc)."""
+    rng = np.random.default_rng(seed)
+    for attempt in range(8):
+        s = seed + 7919 * attempt
+        ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, s, []), _LONGEST_QA)
+        facts = _facts(ctx)
+        if len(facts) >= turns:
+            break
+    else:
+        raise ValueError(f"text has fewer than {turns} facts ('X the son of Y', 'X king of Y', ...) in a "
+                         f"{context}-token window; the qa task needs a narrative text such as 'kjv-judges'")
+    picked = sorted(rng.choice(len(facts), size=turns, replace=False))
+    picked = [facts[i] for i in rng.permutation(picked)]
+    asked = tuple(Turn(f"Question: {q}\nAnswer: {prefix}", y) for _, q, prefix, y in picked)
+    return Episode("qa", ctx, asked, seed, picked[0][0] / len(ctx))
+
+
+def majority(tokenizer, context, depth, seed, text, votes: int = 5, winner: int = 3):
+    """`votes` vote lines spread evenly over the context, `winner` of them for one animal,
+    the others for distinct animals; asks for the most voted animal."""
+    if not votes // 2 < winner <= votes or votes - winner >= len(_ANIMALS):
+        raise ValueError(f"winner={winner} must be a strict majority of votes={votes}")
+    rng = np.random.default_rng(seed)
+    names = [_ANIMALS[i] for i in rng.choice(len(_ANIMALS), size=1 + votes - winner, replace=False)]
+    ballot = [names[0]] * winner + names[1:]
+    ballot = [ballot[i] for i in rng.permutation(votes)]
+    inserts = [(float(d), f"Vote: {a}.") for d, a in zip(np.linspace(0.05, 0.95, votes), ballot)]
+    q = "Which animal received the most votes?\nAnswer: The animal with the most votes is the"
+    ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, seed, inserts), q)
+    return Episode("majority", ctx, (Turn(q, names[0]),), seed, depth)
+
+
+def mix(tokenizer, context, depth, seed, text, pairs: int = 2):
+    """passkey, kv_retrieval and qa turns over one context (qa facts from the text)."""
+    rng = np.random.default_rng(seed)
+    key = str(int(rng.integers(10000, 100000)))
+    kv = _kv_lines(rng, pairs)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    block = "\n".join(f"The code for {w} is {v}." for w, v in kv)
+    pk = Turn("What is the pass key? Answer with the five-digit number only.\nAnswer: The pass key is", key)
+    inserts = [(depth, needle), (float((depth + 0.5) % 1.0), block)]
+    for attempt in range(8):
+        s = seed + 7919 * attempt
+        ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, s, inserts), pk.question)
+        facts = _facts(ctx)
+        if facts:
+            break
+    else:
+        raise ValueError(f"text has no facts ('X the son of Y', ...) in a {context}-token window; "
+                         "the mix task needs a narrative text such as 'kjv-judges'")
+    _, q, prefix, y = facts[int(rng.integers(0, len(facts)))]
+    turns = (pk, _kv_turn(*kv[int(rng.integers(0, pairs))]), Turn(f"Question: {q}\nAnswer: {prefix}", y))
+    return Episode("mix", ctx, turns, seed, depth)
+
+
+EPISODES = {"passkey": passkey, "kv_retrieval": kv_retrieval, "prefix_suffix": prefix_suffix, "qa": qa,
+            "majority": majority, "mix": mix}
+
+
+def make_episodes(task: str, tokenizer, context: int, trials: int, seed: int, text: str, **options) -> list[Episode]:
+    """`trials` episodes of `task`, depths spread over [0.05, 0.95], sample seeds derived
+    from `seed` as `kvjax.eval.evaluate` derives them."""
+    if task not in EPISODES:
+        raise ValueError(f"unknown task {task!r}; expected one of {tuple(EPISODES)} or 'ppl'")
+    depths = np.linspace(0.05, 0.95, trials) if trials > 1 else np.array([0.5])
+    return [EPISODES[task](tokenizer, context, float(d), seed * 100003 + i, text, **options)
+            for i, d in enumerate(depths)]

@@ -1,0 +1,97 @@
+"""The sweep runner on a tiny random model with a character tokenizer: resume after an
+interruption without redoing finished work, failing cells recorded, plan validation."""
+
+import json
+import types
+
+import jax.numpy as jnp
+import pytest
+
+from kvjax.eval import session, sweep
+
+
+class CharTokenizer:
+    """Printable ASCII -> ids 3..96 (newlines become spaces); enough for the tiny model."""
+
+    eos_ids = (2,)
+
+    def encode(self, text):
+        return [min(max(ord(c), 32), 125) - 29 for c in text.replace("\n", " ")]
+
+    def decode(self, ids):
+        return "".join(chr(int(i) + 29) for i in ids if int(i) >= 3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_config, tiny_params):
+    return types.SimpleNamespace(config=tiny_config, params=tiny_params, dtype=jnp.float32, tokenizer=CharTokenizer())
+
+
+def test_plan_expands_budgets_and_validates():
+    cells = sweep.plan(["passkey", "ppl"], ["dense", "knorm", "snapkv:window=8"], [0.5, 0.2], [400], [0, 1])
+    specs = sorted({c.policy for c in cells})
+    assert specs == ["dense", "knorm:budget=0.2", "knorm:budget=0.5", "snapkv:budget=0.2,window=8,kernel=5",
+                     "snapkv:budget=0.5,window=8,kernel=5"]
+    assert len(cells) == 5 * 2 * 2 and {c.mode for c in cells if c.task == "ppl"} == {"-"}
+    with pytest.raises(ValueError, match="unknown task 'haystack'"):
+        sweep.plan(["haystack"], ["dense"], [], [400], [0])
+    with pytest.raises(ValueError, match="unknown policy 'snapkvv'"):
+        sweep.plan(["passkey"], ["snapkvv"], [0.5], [400], [0])
+    with pytest.raises(ValueError, match="unknown mode 'outside'"):
+        sweep.plan(["passkey"], ["dense"], [0.5], [400], [0], modes=["outside"])
+
+
+def test_sweep_resumes_and_records_errors(tiny, tmp_path, monkeypatch):
+    cells = sweep.plan(["passkey"], ["dense", "knorm", "snapkv:window=600"], [0.5], [400], [0])
+    calls = []
+    real = session.run_session
+
+    def counting(model, pol, *a, **k):
+        calls.append(pol.spec())
+        again = k.pop("_again", False)
+        if len(calls) == 4 and not again:
+            raise KeyboardInterrupt  # the process dies in the middle of batch 1
+        return real(model, pol, *a, **k)
+
+    monkeypatch.setattr(sweep, "run_session", counting)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(tiny, cells, str(tmp_path), trials=4, batch_size=2, progress=False)
+    # batch 0: dense ok, knorm ok, snapkv fails (window > prompt) -> error cell; batch 1: dense interrupted
+    assert calls == ["dense", "knorm:budget=0.5", "snapkv:budget=0.5,window=600,kernel=5", "dense"]
+    first = sweep.read_jsonl(str(tmp_path / "cells.jsonl"))
+    assert [r["status"] for r in first] == ["error"] and "window=600" in first[0]["error"]
+    calls.clear()
+    monkeypatch.setattr(sweep, "run_session", lambda *a, **k: counting(*a, **k, _again=True))
+    rows = sweep.run_sweep(tiny, cells, str(tmp_path), trials=4, batch_size=2, progress=False)
+    assert calls == ["dense", "knorm:budget=0.5"]  # only batch 1 of the two unfinished cells
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert sorted(r["policy"] for r in ok) == ["dense", "knorm:budget=0.5"]
+    for r in ok:
+        assert r["trials"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and r["kv_bytes"] > 0
+    knorm = next(r for r in ok if r["policy"].startswith("knorm"))
+    dense = next(r for r in ok if r["policy"] == "dense")
+    assert knorm["kv_bytes"] < 0.6 * dense["kv_bytes"]
+    calls.clear()
+    sweep.run_sweep(tiny, cells, str(tmp_path), trials=4, batch_size=2, progress=False)
+    assert calls == []  # everything finished: nothing is redone
+    lines = (tmp_path / "cells.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(x)["policy"] for x in lines)
+
+
+def test_ppl_cells_match_metrics(tiny, tmp_path, monkeypatch):
+    """The sweep's perplexity (shared capture, chunked feeding) equals metrics.perplexity."""
+    import numpy as np
+
+    from kvjax.eval.metrics import perplexity
+    from kvjax.policies import parse_policy
+
+    text = " ".join(f"word{i % 37} and more{i % 11}" for i in range(200))
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    cells = sweep.plan(["ppl"], ["dense", "snapkv:window=8", "h2o"], [0.5], [256], [3])
+    rows = sweep.run_sweep(tiny, cells, str(tmp_path / "out"), text=str(path), progress=False)
+    ids = tiny.tokenizer.encode(text)
+    start = int(np.random.default_rng(3).integers(0, len(ids) - 256 + 1))
+    for r in rows:
+        ref = perplexity(tiny, ids[start : start + 256], parse_policy(r["policy"]))
+        assert r["status"] == "ok" and r["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
