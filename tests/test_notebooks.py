@@ -86,7 +86,10 @@ def _execute(path: Path, workdir: Path, executed: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, str(path), str(workdir), str(executed)],
                           capture_output=True, text=True, timeout=4 * CELL_TIMEOUT_S)
-    return {"rc": proc.returncode, "log": (proc.stdout + proc.stderr)[-20000:], "seconds": time.perf_counter() - t0}
+    res = {"rc": proc.returncode, "log": (proc.stdout + proc.stderr)[-20000:], "seconds": time.perf_counter() - t0}
+    if proc.returncode == 0:
+        res.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return res
 
 
 class _Runner:
@@ -124,7 +127,8 @@ def _params(paths):
 def test_notebook_executes(path, runner):
     res, executed = runner.result(path)
     assert res["rc"] == 0, f"{path.name} failed after {res['seconds']:.0f} s:\n{res['log']}"
-    print(f"{path.name}: executed in {res['seconds']:.1f} s ({WORKERS} at a time)")
+    print(f"{path.name}: executed in {res['seconds']:.1f} s wall ({WORKERS} at a time), "
+          f"kernel CPU {res['kernel_cpu_s']:.1f} s")
     nb = _read(executed)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{path.name}: {[e.ename + ': ' + e.evalue for e in errors]}"
@@ -158,7 +162,10 @@ def _child(path: str, workdir: str, executed: str) -> int:
         return 1
     finally:
         nbformat.write(nb, executed)
-    print(json.dumps({"cells": len(nb.cells)}))
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the kernel, shut down and reaped by nbclient
+    print(json.dumps({"kernel_cpu_s": usage.ru_utime + usage.ru_stime}))
     return 0
 
 
