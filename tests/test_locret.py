@@ -34,6 +34,11 @@ def _ctx(cfg, t, max_new, phase="prefill", final=True):
     return LayerContext(0, cfg, phase, final, t, max_new)
 
 
+def jitted(method):
+    """A policy's prefill/decode, jit-compiled (the LayerContext argument is static)."""
+    return jax.jit(method, static_argnums=5)
+
+
 def np_scores(heads, layer, q_pre, k_pre, v):
     """Reference head scores [B, T, N] from pre-RoPE q [B, T, Nq, H], k, v [B, T, N, H]."""
     b, t = q_pre.shape[:2]
@@ -90,10 +95,11 @@ def test_prefill_eviction_matches_reference(chunk, tiny_config, heads_path, rng)
     assert st.kv.capacity == (t if not chunk else kept + chunk)
     size = chunk or t
     scores, poss, originals = [], [], {}
+    pf = jitted(pol.prefill)
     for c in range(t // size):
         q, k, v, q_post, k_post, pos = random_chunk(rng, cfg, b, size, c * size, lengths)
         final = c == t // size - 1
-        st, out = pol.prefill(st, *(jnp.asarray(x, jnp.float32) for x in (q_post, k_post, v)),
+        st, out = pf(st, *(jnp.asarray(x, jnp.float32) for x in (q_post, k_post, v)),
                               jnp.asarray(pos, jnp.int32), _ctx(cfg, t, 4, final=final))
         if not final:
             assert isinstance(st, ScoredKV) and st.kv.capacity == kept + chunk  # fixed shapes across chunks
@@ -121,11 +127,11 @@ def test_decode_after_compression_equals_attention_over_kept(tiny_config, heads_
     pol = Locret(budget=0.25, stabilizers=2, calibration=heads_path)
     _, _, v, q_post, k_post, pos = random_chunk(rng, cfg, b, t, 0, lengths)
     st = pol.init_layer(0, b, t, 2, cfg, jnp.float32)
-    st, _ = pol.prefill(st, *(jnp.asarray(x, jnp.float32) for x in (q_post, k_post, v)), jnp.asarray(pos, jnp.int32),
+    st, _ = jitted(pol.prefill)(st, *(jnp.asarray(x, jnp.float32) for x in (q_post, k_post, v)), jnp.asarray(pos, jnp.int32),
                         _ctx(cfg, t, 2))
     q1, k1, v1 = (jnp.asarray(rng.normal(size=(b, 1, m, h)), jnp.float32) for m in (n * g, n, n))
     p1 = jnp.asarray(lengths[:, None], jnp.int32)
-    _, out = pol.decode(st, q1, k1, v1, p1, _ctx(cfg, t, 2, "decode"))
+    _, out = jitted(pol.decode)(st, q1, k1, v1, p1, _ctx(cfg, t, 2, "decode"))
     ref = attention.attention_reference(
         q1, jnp.concatenate([st.k, jnp.swapaxes(k1, 1, 2)], 2), jnp.concatenate([st.v, jnp.swapaxes(v1, 1, 2)], 2),
         p1, jnp.concatenate([st.pos, jnp.broadcast_to(p1[:, None], (b, n, 1))], 2)).out

@@ -26,6 +26,11 @@ def _ctx(cfg, t, max_new, phase="prefill", final=True):
     return LayerContext(0, cfg, phase, final, t, max_new)
 
 
+def jitted(method):
+    """A policy's prefill/decode, jit-compiled (the LayerContext argument is static)."""
+    return jax.jit(method, static_argnums=5)
+
+
 def np_probs(q, k, lengths):
     """Causal softmax [B, Nq, T, S] of q [B, T, Nq, H] over k [B, S, N, H] (GQA), float64;
     rows/keys at or beyond each row's length are zero."""
@@ -119,7 +124,7 @@ def test_elastic_prefill_merges_onto_frequency_anchors(tiny_config, rng):
     lengths = np.array([t, t - 7])
     pol = ElasticCache(budget=0.3, sink=2)
     st = pol.init_layer(0, b, t, 3, cfg, jnp.float32)
-    st, _ = pol.prefill(st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)),
+    st, _ = jitted(pol.prefill)(st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)),
                         _ctx(cfg, t, 3))
     assert isinstance(st, ScoredKV) and st.kv.capacity == int(t * 0.3) + 1  # anchors + one spare slot
     want = elastic_reference(q, k, v, lengths, 0.3, 2, cfg.group_size)
@@ -150,19 +155,20 @@ def test_elastic_decode_merges_the_truncation_point_and_attends_over_merged_kv(t
     lengths = np.array([t, t - 5])
     pol = ElasticCache(budget=0.35, sink=2, offset=3)
     st = pol.init_layer(0, b, t, 8, cfg, jnp.float32)
-    st, _ = pol.prefill(st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)),
+    st, _ = jitted(pol.prefill)(st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)),
                         _ctx(cfg, t, 8))
     ref = kept_by_position(st.kv, np.asarray(st.score))
     limit = np.asarray(st.limit)
-    for step in range(6):
+    step = jitted(pol.decode)
+    for i in range(6):
         q1, k1, v1 = (rng.normal(size=(b, 1, m, h)) for m in (n * g, n, n))
-        p1 = (lengths + step)[:, None]
+        p1 = (lengths + i)[:, None]
         # Reference output: attention over the merged KV held now plus the new token.
         kk = jnp.concatenate([st.kv.k, jnp.swapaxes(jnp.asarray(k1, jnp.float32), 1, 2)], axis=2)
         vv = jnp.concatenate([st.kv.v, jnp.swapaxes(jnp.asarray(v1, jnp.float32), 1, 2)], axis=2)
         pp = jnp.concatenate([st.kv.pos, jnp.broadcast_to(jnp.asarray(p1)[:, None, :], (b, n, 1))], axis=2)
         want_out = attention.attention_reference(jnp.asarray(q1, jnp.float32), kk, vv, jnp.asarray(p1), pp).out
-        st, out = pol.decode(st, *(jnp.asarray(x, jnp.float32) for x in (q1, k1, v1)), jnp.asarray(p1, jnp.int32),
+        st, out = step(st, *(jnp.asarray(x, jnp.float32) for x in (q1, k1, v1)), jnp.asarray(p1, jnp.int32),
                              _ctx(cfg, t, 8, "decode"))
         np.testing.assert_allclose(out, want_out, **TOL)
         ref = {(bi, ni): elastic_decode_reference(ref[bi, ni], int(p1[bi, 0]), k1[bi, 0, ni], v1[bi, 0, ni],
@@ -256,7 +262,7 @@ def test_kvmerger_prefill_and_decode_against_reference(tiny_config, rng):
     lengths = np.array([t, t - 9])
     pol = KVMerger(budget=0.3, threshold=0.9, window=4)
     st = pol.init_layer(0, b, t, 2, cfg, jnp.float32)
-    st, _ = pol.prefill(st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)),
+    st, _ = jitted(pol.prefill)(st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)),
                         _ctx(cfg, t, 2))
     assert isinstance(st, SlotKV) and st.capacity == int(t * 0.3) + 2
     want = kvmerger_reference(q, k, v, lengths, 0.3, 0.9, 4, g)
@@ -266,7 +272,7 @@ def test_kvmerger_prefill_and_decode_against_reference(tiny_config, rng):
     # Decoding attends over exactly the merged K/V (plus the new token).
     q1, k1, v1 = (rng.normal(size=(b, 1, m, h)) for m in (n * g, n, n))
     p1 = lengths[:, None]
-    _, out = pol.decode(st, *(jnp.asarray(x, jnp.float32) for x in (q1, k1, v1)), jnp.asarray(p1, jnp.int32),
+    _, out = jitted(pol.decode)(st, *(jnp.asarray(x, jnp.float32) for x in (q1, k1, v1)), jnp.asarray(p1, jnp.int32),
                         _ctx(cfg, t, 2, "decode"))
     for bi in range(b):
         for ni in range(n):
@@ -297,15 +303,16 @@ def test_bytes_shrink_with_budget(spec, tiny_config, tiny_params, rng):
     tokens = jnp.asarray(rng.integers(3, tiny_config.vocab_size, size=(1, 128)), jnp.int32)
     lengths = jnp.asarray([128], jnp.int32)
     sizes = []
-    for budget in (1.0, 0.5, 0.2, 0.1):
+    for budget in (1.0, 0.5, 0.1):
         pol = parse_policy(f"{spec},budget={budget}")
         logits, st = prefill(tiny_params, tokens, lengths, config=tiny_config, policy=pol, max_new_tokens=4)
-        out, _, st2 = decode(tiny_params, st, logits, jax.random.key(0), config=tiny_config, policy=pol,
-                             max_new_tokens=4, sampler=Sampler(), stop_ids=())
-        assert st2.nbytes == st.nbytes  # decoding keeps the shapes
+        if budget == 0.1:
+            out, _, st2 = decode(tiny_params, st, logits, jax.random.key(0), config=tiny_config, policy=pol,
+                                 max_new_tokens=4, sampler=Sampler(), stop_ids=())
+            assert st2.nbytes == st.nbytes  # decoding keeps the shapes
         sizes.append(st.nbytes)
-    assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
-    assert sizes[3] < 0.2 * sizes[0]
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert sizes[2] < 0.2 * sizes[0]
 
 
 def test_bad_inputs(tiny_config, tiny_params):
