@@ -89,8 +89,8 @@ def cost(
         return
     typer.echo(f"{cfg.name} on {device}, {context} tokens per user (peak rates x mfu 0.5 / mbu 0.8)")
     typer.echo(f"{'policy':36s} {'KV B/token':>10s} {'max users':>9s} {'prefill s':>9s} {'step ms':>8s} {'tok/s':>8s}")
-    for r in rows:
-        typer.echo(f"{r['policy'][:36]:36s} {r['kv_bytes_per_token']:10.0f} {r['max_users']:9d} {r['prefill_s']:9.1f} "
+    for spec, r in zip(policy, rows):
+        typer.echo(f"{spec:36s} {r['kv_bytes_per_token']:10.0f} {r['max_users']:9d} {r['prefill_s']:9.1f} "
                    f"{1000 * r['decode_step_s']:8.1f} {r['decode_tokens_per_s']:8.0f}")
 
 
