@@ -14,7 +14,6 @@ re-ordered caches need no special masks. `attend` picks an implementation by bac
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -75,7 +74,6 @@ def attention_probs(q, k, q_pos, k_pos, *, window=None, scale=None) -> jax.Array
 
 def _attention_block(q, k, v, q_pos, k_pos, window, scale, want_mass):
     b, t, nq, h = q.shape
-    n = k.shape[1]
     logits = attention_logits(q, k, scale)
     mask = visibility_mask(q_pos, k_pos, window)[:, :, None]
     logits = jnp.where(mask, logits, MASK_VALUE)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import List, Optional
 
 import typer
@@ -139,14 +138,17 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Score one policy on one task: accuracy (or ppl), KV bytes, compression ratio."""
-    from .eval import evaluate
+    from .eval import evaluate, load_text
     from .eval.commands import text_name
+    from .eval.run import TASK_NAMES
+    from .policies import parse_policy
 
     try:
-        text = text_name(text_file)
-        from .policies import parse_policy
-
+        if task not in TASK_NAMES:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASK_NAMES}")
         pol = parse_policy(policy)
+        text = text_name(text_file)
+        load_text(text)
         r = evaluate(_model(model), task, pol, context=context, trials=trials, seed=seed, text=text,
                      batch_size=batch_size, mode=mode)
     except ValueError as e:
@@ -184,6 +186,9 @@ def sweep_cmd(
                         c.split_list(context, int, "context"), c.split_list(seeds, int, "seed"),
                         c.split_list(modes, str, "mode"), c.split_list(engines, str, "engine"))
         text = c.text_name(text_file)
+        from .eval import load_text
+
+        load_text(text)
         m = _model(model)
         sw.check_inputs(m, cells, text)
         hf = None

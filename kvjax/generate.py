@@ -160,6 +160,25 @@ def encode_batch(tokenizer, prompts: Sequence[str], chat: bool, bucket_multiple:
     return ids, width
 
 
+def prepare_request(model, prompts, policy, max_new_tokens: int, chat: bool, bucket_multiple: int | None = None):
+    """Validate a generation request and tokenize it: returns (policy object, token id
+    lists, bucketed width). Raises ValueError naming the bad value."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    pol = parse_policy(policy) if isinstance(policy, str) else policy
+    ids, width = encode_batch(model.tokenizer, prompts, chat, bucket_multiple)
+    longest = max(len(t) for t in ids)
+    if longest + max_new_tokens > model.config.max_position:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"max_position={model.config.max_position}"
+        )
+    return pol, ids, width
+
+
 def generate(model, prompts: str | Sequence[str], *, policy: Policy | str = "dense", max_new_tokens: int = 64,
              sampler: Sampler = Sampler(), seed: int = 0, chat: bool = False, stop_ids: Sequence[int] | None = None,
              prefill_chunk: int | None = None, implementation: str | None = None) -> GenerateOutput:
@@ -167,21 +186,8 @@ def generate(model, prompts: str | Sequence[str], *, policy: Policy | str = "den
 
     `policy` is a Policy or a spec string ("snapkv:budget=0.2"). Prompt lengths are
     bucketed, so a new prompt of a similar length reuses the compiled program."""
-    single = isinstance(prompts, str)
-    prompts = [prompts] if single else list(prompts)
-    if not prompts:
-        raise ValueError("no prompts given")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    pol = parse_policy(policy) if isinstance(policy, str) else policy
+    pol, ids, width = prepare_request(model, prompts, policy, max_new_tokens, chat, prefill_chunk)
     cfg = model.config
-    ids, width = encode_batch(model.tokenizer, prompts, chat, prefill_chunk)
-    longest = max(len(t) for t in ids)
-    if longest + max_new_tokens > cfg.max_position:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-            f"max_position={cfg.max_position}"
-        )
     tokens = np.full((len(ids), width), cfg.pad_id, np.int32)
     for i, t in enumerate(ids):
         tokens[i, : len(t)] = t

@@ -18,9 +18,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..generate import GenerateOutput, bucket_length, encode_batch
+from ..generate import GenerateOutput, bucket_length, prepare_request
 from ..policies.base import Policy
-from ..policies.registry import parse_policy
 from ..sampling import Sampler
 from . import context, multihost
 from .layout import padded_length, ring_order
@@ -44,19 +43,9 @@ def generate(model, prompts: str | Sequence[str], *, mesh: Mesh, policy: Policy 
     """Context-parallel `kvjax.generate.generate` over mesh axis `axis` (see module doc).
     `timeout_s` bounds each phase when several processes run (`multihost.peer_guard`)."""
     plan = context.Plan(mesh, axis, layout, kernel)
-    single = isinstance(prompts, str)
-    prompts = [prompts] if single else list(prompts)
-    if not prompts:
-        raise ValueError("no prompts given")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    pol = parse_policy(policy) if isinstance(policy, str) else policy
+    pol, ids, _ = prepare_request(model, prompts, policy, max_new_tokens, chat)
     cfg = model.config
-    ids, _ = encode_batch(model.tokenizer, prompts, chat)
     longest = max(len(t) for t in ids)
-    if longest + max_new_tokens > cfg.max_position:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"max_position={cfg.max_position}")
     width = padded_length(bucket_length(longest), plan.size, plan.layout)
     tokens = np.full((len(ids), width), cfg.pad_id, np.int32)
     for i, t in enumerate(ids):
