@@ -7,14 +7,14 @@ deterministic per (seed, depth, text), with every answer present in the context:
 * kv_retrieval — `pairs` "The code for WORD is NNNN." lines in one block at `depth`;
   `turns` of them are asked, one per turn (string retrieval, multi-turn);
 * prefix_suffix — entries "PREFIX-NNNN-SUFFIX" spread over the context; asked for the
-  number of the entry with a given prefix AND suffix, with one distractor sharing the prefix
-  and one sharing the suffix (string retrieval);
+  number of the entry with a given prefix and suffix, among distractors sharing its suffix
+  (and, with `prefix_distractors`, its prefix) (string retrieval);
 * qa — questions answerable from one passage of the text itself (no insertions): facts
   "X the son of Y", "X the wife of Y", "X king of Y", "X the Kenite" found in the context
   become "Who was the father of X?" ... (semantic retrieval, multi-turn; needs a narrative
   text such as kjv-judges);
-* majority — `votes` lines "Vote: ANIMAL." spread evenly over the whole context; asked which
-  animal got the most votes (global information);
+* majority — `votes` lines "Vote for the ANIMAL." spread evenly over the whole context; asked
+  which animal got the most votes (global information);
 * mix — passkey, then kv_retrieval, then qa on the same context (multi-task).
 """
 
@@ -29,12 +29,12 @@ from .tasks import _WORDS, _filler_tokens
 
 _ANIMALS = ("horse camel eagle lion wolf bear goat sheep otter badger heron beaver").split()
 _STOP = {"And", "So", "Then", "But", "Now", "For", "The", "When", "Also", "Thus", "Behold", "Lord", "God", "LORD"}
-_FACTS = (  # (regex over the context, question, answer prefix); group 1 = subject, group 2 = answer
-    (r"\b([A-Z][a-z]+),? the son of ([A-Z][a-z]+)\b", "Who was the father of {x}?", "{x} was the son of"),
-    (r"\b([A-Z][a-z]+),? the wife of ([A-Z][a-z]+)\b", "Whose wife was {x}?", "{x} was the wife of"),
-    (r"\b([A-Z][a-z]+),? the daughter of ([A-Z][a-z]+)\b", "Whose daughter was {x}?", "{x} was the daughter of"),
-    (r"\b([A-Z][a-z]+),? (?:the )?king of ([A-Z][a-z]+)\b", "Of which land was {x} king?", "{x} was the king of"),
-    (r"\b([A-Z][a-z]+) the ([A-Z][a-z]+ite)\b", "Which people did {x} belong to?", "{x} the"),
+_FACTS = (  # (regex, question); group 1 = subject, group 2 = answer
+    (r"\b([A-Z][a-z]+),? the son of ([A-Z][a-z]+)\b", "Who was the father of {x}?"),
+    (r"\b([A-Z][a-z]+),? the wife of ([A-Z][a-z]+)\b", "Whose wife was {x}?"),
+    (r"\b([A-Z][a-z]+),? the daughter of ([A-Z][a-z]+)\b", "Whose daughter was {x}?"),
+    (r"\b([A-Z][a-z]+),? (?:the )?king of ([A-Z][a-z]+)\b", "Of which land was {x} king?"),
+    (r"\b([A-Z][a-z]+) the ([A-Z][a-z]+ite)\b", "Which people did {x} belong to?"),
 )
 _LONGEST_QA = "Question: Which people did Chushanrishathaim belong to?\nAnswer: Chushanrishathaim the Gileadite"
 HEAD = "Below is a long text. Read it carefully: I will ask you several questions about it.\n\n"
@@ -139,38 +139,46 @@ def kv_retrieval(tokenizer, context, depth, seed, text, pairs: int = 2, turns: i
     return Episode("kv_retrieval", ctx, tuple(asked), seed, depth)
 
 
-def prefix_suffix(tokenizer, context, depth, seed, text, turns: int = 1):
-    """Per turn, a target entry at a spread depth (the first at `depth`), a distractor with
-    its prefix and one with its suffix elsewhere in the context."""
+def prefix_suffix(tokenizer, context, depth, seed, text, turns: int = 1, suffix_distractors: int = 2,
+                  prefix_distractors: int = 0):
+    """Per turn, a target entry at a spread depth (the first at `depth`) and distractors
+    elsewhere sharing its suffix (and, if asked, its prefix). With a prefix distractor the
+    full cache on SmolLM2 scored 2/4 at 2k (it copies the digits after the first matching
+    prefix), so there is none by default."""
     rng = np.random.default_rng(seed)
-    words = [_WORDS[i] for i in rng.choice(len(_WORDS), size=4 * turns, replace=False)]
+    n = 2 + suffix_distractors + prefix_distractors
+    words = [_WORDS[i] for i in rng.choice(len(_WORDS), size=n * turns, replace=False)]
     inserts, asked = [], []
     for t in range(turns):
-        p, s, p2, s2 = words[4 * t : 4 * t + 4]
-        nums = [str(x) for x in rng.choice(np.arange(1000, 10000), size=3, replace=False)]
+        w = words[n * t : n * (t + 1)]
+        p, s = w[0], w[1]
+        nums = [str(x) for x in rng.choice(np.arange(1000, 10000), size=n - 1, replace=False)]
+        lines = [f"Entry: {p}-{nums[0]}-{s}."]
+        lines += [f"Entry: {w[2 + i]}-{nums[1 + i]}-{s}." for i in range(suffix_distractors)]
+        lines += [f"Entry: {p}-{nums[1 + suffix_distractors + i]}-{w[2 + suffix_distractors + i]}."
+                  for i in range(prefix_distractors)]
         d0 = depth if t == 0 else float(rng.uniform(0.05, 0.95))
-        others = rng.uniform(0.05, 0.95, size=2)
-        inserts += [(d0, f"Entry: {p}-{nums[0]}-{s}."), (float(others[0]), f"Entry: {p}-{nums[1]}-{s2}."),
-                    (float(others[1]), f"Entry: {p2}-{nums[2]}-{s}.")]
+        inserts += [(d0, lines[0])] + [(float(d), x) for d, x in zip(rng.uniform(0.05, 0.95, n - 2), lines[1:])]
         asked.append(Turn(f'Which entry starts with "{p}" and ends with "{s}"? Answer with its number.\n'
                           f"Answer: {p}-", nums[0]))
-    ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, seed, inserts), asked[0].question)
+    ctx = _fit(tokenizer, context, lambda k: _weave(tokenizer, k, text, seed, inserts), asked[0].question)
     return Episode("prefix_suffix", ctx, tuple(asked), seed, depth)
 
 
 def _facts(ctx: str):
-    """Unambiguous facts [(char offset, question, answer prefix, answer)] in `ctx`."""
+    """Unambiguous facts [(char offset, question, answer prefix, answer)] in `ctx`; the
+    answer prefix is the context's own words before the answer ("Ehud the son of")."""
     seen: dict = {}
-    for regex, q, prefix in _FACTS:
+    for regex, q in _FACTS:
         for m in re.finditer(regex, ctx):
             x, y = m.group(1), m.group(2)
-            if x in _STOP or y in _STOP or x == y:
+            if x in _STOP or y in _STOP or x == y or x.endswith("ites"):
                 continue
-            seen.setdefault((q, x), []).append((m.start(), prefix, y))
+            seen.setdefault((q, x), []).append((m.start(), ctx[m.start() : m.start(2)].rstrip(), y))
     out = []
     for (q, x), hits in seen.items():
         if len({y for _, _, y in hits}) == 1:
-            out.append((hits[0][0], q.format(x=x), hits[0][1].format(x=x), hits[0][2]))
+            out.append((hits[0][0], q.format(x=x), hits[0][1], hits[0][2]))
     return sorted(out)
 
 
@@ -193,16 +201,19 @@ def qa(tokenizer, context, depth, seed, text, turns: int = 2):
 
 
 def majority(tokenizer, context, depth, seed, text, votes: int = 5, winner: int = 3):
-    """`votes` vote lines spread evenly over the context, `winner` of them for one animal,
-    the others for distinct animals; asks for the most voted animal."""
+    """`votes` lines "Vote for the ANIMAL." spread evenly over the context, `winner` of them
+    for one animal, the others for distinct animals; asks which animal won. The answer
+    prefix repeats the vote line's words, so the model's copy of an earlier line decides:
+    votes seen more often weigh more (with "The animal with the most votes is the" the full
+    cache scored 0/4 at 2k)."""
     if not votes // 2 < winner <= votes or votes - winner >= len(_ANIMALS):
         raise ValueError(f"winner={winner} must be a strict majority of votes={votes}")
     rng = np.random.default_rng(seed)
     names = [_ANIMALS[i] for i in rng.choice(len(_ANIMALS), size=1 + votes - winner, replace=False)]
     ballot = [names[0]] * winner + names[1:]
     ballot = [ballot[i] for i in rng.permutation(votes)]
-    inserts = [(float(d), f"Vote: {a}.") for d, a in zip(np.linspace(0.05, 0.95, votes), ballot)]
-    q = "Which animal received the most votes?\nAnswer: The animal with the most votes is the"
+    inserts = [(float(d), f"Vote for the {a}.") for d, a in zip(np.linspace(0.05, 0.95, votes), ballot)]
+    q = "Votes were cast all through the text above. Which animal won the most votes?\nAnswer: Vote for the"
     ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, seed, inserts), q)
     return Episode("majority", ctx, (Turn(q, names[0]),), seed, depth)
 

@@ -154,9 +154,11 @@ def _part(cell, b, episodes, res: SessionResult, model, pol, width) -> dict:
     n = len(episodes)
     correct = [[check(o, t.answer) for o, t in zip(outs, e.turns)] for outs, e in zip(res.outputs, episodes)]
     return {"key": cell.key, "batch": b, "episodes": n, "correct": correct,
-            "kv_bytes": _state_bytes(model, pol, n, width) / n, "kv_bytes_held": res.kv_bytes,
+            "kv_bytes": res.kv_bytes if cell.engine == "kvpress" else _state_bytes(model, pol, n, width) / n,
+            "kv_bytes_held": res.kv_bytes,
             "dense_kv_bytes": res.dense_kv_bytes, "prefill_s": res.capture_s + res.compress_s,
-            "decode_s": res.append_s + res.decode_s, "shared_capture": shares_prefill(pol),
+            "decode_s": res.append_s + res.decode_s,
+            "shared_capture": cell.engine == "kvpress" or shares_prefill(pol),
             "samples": [{"depth": e.depth, "answers": [t.answer for t in e.turns], "outputs": o}
                         for e, o in zip(episodes, res.outputs)]}
 
@@ -179,14 +181,18 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
         sl = slice(start, start + batch_size)
         eps, ctx, trn = episodes[sl], contexts[sl], turns[sl]
         width = bucket_length(max(len(i) for i in prefill_ids(ctx, trn, c0.mode)))
-        captured = None
+        captured, pressed = None, {}
+        if c0.engine == "kvpress":  # one HF prefill per row serves every press
+            from .kvpress_bridge import run_press_sessions
+
+            pressed = run_press_sessions(hf, model.tokenizer, [c.policy for c in todo], ctx, trn, c0.mode)
         for c in todo:
             pol = pols[c.key]
             try:
                 if c.engine == "kvpress":
-                    from .kvpress_bridge import run_press_session
-
-                    res = run_press_session(hf, model.tokenizer, c.policy, ctx, trn, c0.mode)
+                    res = pressed[c.policy]
+                    if isinstance(res, Exception):
+                        raise res
                 elif pads_safely(pol) or len(eps) == 1:
                     if shares_prefill(pol) and captured is None:
                         captured = capture_batch(model, prefill_ids(ctx, trn, c0.mode))

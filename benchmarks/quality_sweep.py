@@ -1,0 +1,106 @@
+"""The quality grids behind BENCHMARKS.md "Quality" and docs/quality/ (SmolLM2, CPU).
+
+    python benchmarks/quality_sweep.py run issue3      # issue 3's table: 4k, every eviction method
+    python benchmarks/quality_sweep.py run issue7      # SCBench-style tasks at 2k and 4k, kvpress columns
+    python benchmarks/quality_sweep.py table issue3    # markdown for BENCHMARKS.md
+    python benchmarks/quality_sweep.py report issue7   # docs/quality/ report + PNG plots
+
+`run` is `kvjax sweep` with the grid below (resumable: rerun to continue; results in
+docs/quality/runs/GRID/cells.jsonl). Policies that are not registered (yet) are skipped
+with a note, so the same command picks up methods landed later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o", "elastic", "kvmerger", "locret")
+# kvpress has a press for these (h2o as ObservedAttention: normalized scores, no recent window)
+PRESSED = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o:recent=0,normalize=true")
+GRIDS = {
+    "issue3": dict(tasks=["passkey", "kv_retrieval", "ppl"], contexts=[4096], modes=["inside"], engines=["kvjax"],
+                   methods=("dense",) + METHODS, trials={"passkey": 20, "kv_retrieval": 10}, batch_size=5),
+    "issue7": dict(tasks=["passkey", "kv_retrieval", "prefix_suffix", "qa", "majority", "mix"], contexts=[2048, 4096],
+                   modes=["inside", "excluded"], engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED,
+                   trials=5, batch_size=5, options={"kv_retrieval": {"pairs": 2, "turns": 2}}),
+}
+BUDGETS = [0.5, 0.2, 0.1]
+
+
+def _out(grid: str) -> str:
+    return os.path.join(ROOT, "docs", "quality", "runs", {"issue3": "issue3_4k"}.get(grid, grid))
+
+
+def run(grid: str) -> None:
+    from kvjax.eval import kvpress_bridge, sweep
+    from kvjax.loaders import load
+    from kvjax.policies import REGISTRY
+
+    g = GRIDS[grid]
+    methods = [m for m in g["methods"] if m.split(":")[0] in REGISTRY]
+    missing = sorted(set(m.split(":")[0] for m in g["methods"]) - set(REGISTRY))
+    if missing:
+        print(f"not registered, skipped: {', '.join(missing)}", file=sys.stderr)
+    cells = []
+    for engine in g["engines"]:
+        cells += sweep.plan(g["tasks"], methods, BUDGETS, g["contexts"], [0], g["modes"], [engine])
+    cells.sort(key=lambda c: (c.context, c.task == "ppl", c.task, c.mode, c.engine))
+    model = load("smollm2")
+    hf = kvpress_bridge.load_hf("smollm2") if "kvpress" in g["engines"] else None
+    sweep.enable_compilation_cache()
+    sweep.run_sweep(model, cells, _out(grid), trials=g["trials"], batch_size=g["batch_size"],
+                    options=g.get("options"), hf=hf)
+
+
+def table(grid: str) -> str:
+    """Issue 3's table: a row per method and budget; passkey, KV retrieval, perplexity, KV bytes."""
+    from kvjax.eval.report import method_label
+    from kvjax.eval.sweep import read_jsonl
+
+    rows: dict = {}
+    for r in read_jsonl(os.path.join(_out(grid), "cells.jsonl")):
+        label, budget = method_label(r["policy"])
+        rows.setdefault((label, budget), {})[r["task"]] = r
+    head = ("| method | budget | passkey | KV retrieval | perplexity | KV bytes (MB) | vs dense |\n"
+            "|---|---|---|---|---|---|---|")
+    dense = rows.get(("dense", None), {}).get("passkey", {}).get("kv_bytes")
+    lines = [head]
+
+    def acc(r):
+        if r is None:
+            return "not run"
+        if r["status"] != "ok":
+            return "error"
+        return f"{r['correct']}/{r['questions']}"
+
+    for (label, budget), t in sorted(rows.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], -(kv[0][1] or 1))):
+        ppl = t.get("ppl")
+        ppl_s = "not run" if ppl is None else (f"{ppl['ppl']:.2f}" if ppl["status"] == "ok" else "error")
+        ref = next((x for x in (t.get("passkey"), t.get("kv_retrieval")) if x and x["status"] == "ok"), None)
+        kv = f"{ref['kv_bytes'] / 1e6:.1f}" if ref else "-"
+        rel = f"{ref['kv_bytes'] / dense:.3f}" if ref and dense else "-"
+        b = "-" if budget is None else f"{budget:g}"
+        lines.append(f"| {label} | {b} | {acc(t.get('passkey'))} | {acc(t.get('kv_retrieval'))} | {ppl_s} | {kv} | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cmd", choices=["run", "table", "report"])
+    p.add_argument("grid", choices=sorted(GRIDS))
+    a = p.parse_args()
+    if a.cmd == "run":
+        run(a.grid)
+    elif a.cmd == "table":
+        print(table(a.grid))
+    else:
+        from kvjax.eval.report import write_report
+
+        print(write_report(_out(a.grid), os.path.join(ROOT, "docs", "quality", a.grid)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""`kvjax report DIR`: markdown tables and PNG plots of a sweep's cells.jsonl.
+
+Tables, one per (context, mode): a row per method and budget, a column per task (accuracy
+in percent with the number of questions, or perplexity), KV bytes per episode, the
+measured compression ratio (state bytes / dense bytes) and seconds per episode; kvpress
+rows carry the "kvpress" engine label. Plots, one per (task, context, mode): score against
+the measured compression ratio, one line per method, kvpress dashed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+from ..policies.registry import parse_policy
+from .sweep import read_jsonl
+
+
+def method_label(spec: str) -> tuple[str, float | None]:
+    """('snapkv', 0.2) for 'snapkv:budget=0.2,window=64,kernel=5' (defaults dropped,
+    other parameters kept: 'snapkv(window=16)')."""
+    pol = parse_policy(spec)
+    parts = pol.policies if hasattr(pol, "policies") else (pol,)
+    labels, budget = [], None
+    for p in parts:
+        extra = [f"{k}={getattr(p, k)}" for k, d in type(p).parameters().items() if k != "budget" and getattr(p, k) != d]
+        labels.append(p.name + (f"({','.join(extra)})" if extra else ""))
+        budget = getattr(p, "budget", None) if budget is None else budget
+    return "+".join(labels), budget
+
+
+def _score(r: dict) -> str:
+    if r.get("status") != "ok":
+        return "error"
+    if "ppl" in r:
+        return f"{r['ppl']:.2f}"
+    return f"{100 * r['accuracy']:.0f} ({r['correct']}/{r['questions']})"
+
+
+def _rows(cells):
+    ok = [r for r in cells if r.get("status") == "ok"]
+    return ok, [r for r in cells if r.get("status") != "ok"]
+
+
+def tables(cells: list[dict]) -> str:
+    """The markdown tables (see module doc)."""
+    out = []
+    groups = defaultdict(list)
+    for r in cells:
+        groups[(r["context"], r["mode"] if r["task"] != "ppl" else None)].append(r)
+    contexts = sorted({c for c, _ in groups})
+    for ctx in contexts:
+        for mode in ("inside", "excluded"):
+            rows = groups.get((ctx, mode), []) + (groups.get((ctx, None), []) if mode == "inside" else [])
+            if not rows:
+                continue
+            tasks = sorted({r["task"] for r in rows}, key=lambda t: (t == "ppl", t))
+            by = defaultdict(dict)
+            for r in rows:
+                label, budget = method_label(r["policy"])
+                by[(r["engine"], label, budget)][r["task"]] = r
+            what = "question inside the compressed context" if mode == "inside" else "question excluded (appended after compression)"
+            out.append(f"### {ctx} tokens, {what}\n")
+            out.append("| engine | method | budget | " + " | ".join(tasks) + " | KV bytes | ratio | prefill s | decode s |")
+            out.append("|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|")
+            for (engine, label, budget), cols in sorted(by.items(), key=lambda kv: (kv[0][1] != "dense", kv[0][1],
+                                                                                   -(kv[0][2] or 1.0), kv[0][0])):
+                ref = next((cols[t] for t in tasks if t != "ppl" and cols.get(t, {}).get("status") == "ok"),
+                           next(iter(cols.values())))
+                cells_md = " | ".join(_score(cols[t]) if t in cols else "-" for t in tasks)
+                kv = f"{ref['kv_bytes'] / 1e6:.1f} MB" if "kv_bytes" in ref else "-"
+                ratio = f"{ref['compression_ratio']:.3f}" if "compression_ratio" in ref else "-"
+                times = " | ".join(f"{ref[k]:.1f}" if k in ref else "-" for k in ("prefill_s", "decode_s"))
+                b = "-" if budget is None else f"{budget:g}"
+                out.append(f"| {engine} | {label} | {b} | {cells_md} | {kv} | {ratio} | {times} |")
+            out.append("")
+    return "\n".join(out)
+
+
+def plots(cells: list[dict], out_dir: str) -> list[str]:
+    """One PNG per (task, context, mode); returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok, _ = _rows(cells)
+    groups = defaultdict(list)
+    for r in ok:
+        groups[(r["task"], r["context"], r["mode"])].append(r)
+    names = []
+    for (task, ctx, mode), rows in sorted(groups.items()):
+        lines = defaultdict(list)
+        for r in rows:
+            label, _ = method_label(r["policy"])
+            y = r["ppl"] if task == "ppl" else 100 * r["accuracy"]
+            lines[(label, r["engine"])].append((r["compression_ratio"], y))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        colors = {}
+        for (label, engine), pts in sorted(lines.items()):
+            pts.sort()
+            color = colors.setdefault(label, f"C{len(colors) % 10}")
+            style = "--" if engine == "kvpress" else "-"
+            marker = "s" if engine == "kvpress" else "o"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, color=color,
+                    label=f"{label} ({engine})")
+        ax.set_xlabel("KV bytes / dense KV bytes (measured)")
+        ax.set_ylabel("perplexity" if task == "ppl" else "accuracy (%)")
+        if task == "ppl":
+            ax.set_yscale("log")
+        where = "question inside" if mode == "inside" else ("question excluded" if mode == "excluded" else "")
+        ax.set_title(f"{task}, {ctx} tokens {('(' + where + ')') if where else ''}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="best")
+        fig.tight_layout()
+        name = f"{task}_{ctx}_{mode.strip('-') or 'na'}.png"
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def write_report(directory: str, out: str | None = None) -> str:
+    """Write report.md (+ PNG plots) for `directory`'s cells.jsonl into `out` (default:
+    the same directory); returns the markdown path. ValueError when there is nothing to report."""
+    path = os.path.join(directory, "cells.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory!r} holds no cells.jsonl; run `kvjax sweep --out {directory}` first")
+    cells = read_jsonl(path)
+    if not cells:
+        raise ValueError(f"{path} holds no finished cells yet")
+    out = out or directory
+    os.makedirs(out, exist_ok=True)
+    names = plots(cells, out)
+    ok, bad = _rows(cells)
+    md = [f"# Quality sweep: {directory}\n", f"{len(ok)} cells finished, {len(bad)} failed.\n", tables(cells)]
+    if bad:
+        md.append("### Failed cells\n")
+        md += [f"* {r['engine']} {r['task']} {r['policy']} {r['context']} {r['mode']}: {r.get('error', '?')}" for r in bad]
+        md.append("")
+    md.append("### Plots\n")
+    md += [f"![{n}]({n})" for n in names]
+    target = os.path.join(out, "report.md")
+    with open(target, "w") as f:
+        f.write("\n".join(md) + "\n")
+    return target

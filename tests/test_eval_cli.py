@@ -1,0 +1,80 @@
+"""`kvjax eval / sweep / report`: bad inputs fail fast with clear messages; the report
+renders tables and PNG plots from a cells.jsonl; spec-list parsing."""
+
+import json
+import types
+
+import pytest
+from typer.testing import CliRunner
+
+from kvjax.cli import app
+from kvjax.eval import commands, evaluate, sweep
+from kvjax.eval.report import method_label, write_report
+
+
+def _run(*args):
+    res = CliRunner().invoke(app, list(args))
+    return res.exit_code, res.output + (res.stderr if hasattr(res, "stderr") and res.stderr else "")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--task", "haystack"], "unknown task 'haystack'"),
+    (["eval", "--task", "passkey", "--policy", "snapkvv"], "unknown policy 'snapkvv'"),
+    (["eval", "--task", "passkey", "--text-file", "/nonexistent/t.txt"], "'/nonexistent/t.txt' does not exist"),
+    (["sweep", "--tasks", "passkey,nope", "--policies", "dense", "--out", "x"], "unknown task 'nope'"),
+    (["sweep", "--policies", "dense,tova:budget=2", "--out", "x"], "budget=2.0 must be a fraction"),
+    (["sweep", "--policies", "dense", "--budgets", "0.5,half", "--out", "x"], "budget 'half' is not a valid float"),
+    (["sweep", "--policies", "dense", "--text-file", "/nonexistent", "--out", "x"], "does not exist or is not readable"),
+    (["report", "/nonexistent/dir"], "holds no cells.jsonl"),
+])
+def test_cli_bad_inputs(args, message):
+    code, out = _run(*args)
+    assert code == 2 and message in out, out
+
+
+def test_unreadable_or_tiny_text_file(tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("only a few words")
+    code, out = _run("eval", "--task", "passkey", "--text-file", str(f))
+    assert code == 2 and "holds only 4 words" in out
+
+
+def test_context_longer_than_model(tiny_config):
+    model = types.SimpleNamespace(config=tiny_config)
+    with pytest.raises(ValueError, match="context=1000 exceeds what the model supports"):
+        evaluate(model, "passkey", "dense", context=1000)
+    with pytest.raises(ValueError, match="context=1000 exceeds what the model supports"):
+        sweep.check_inputs(model, sweep.plan(["qa"], ["dense"], [], [1000], [0]), "kjv-judges")
+
+
+def test_split_specs_and_options():
+    assert commands.split_specs("dense,snapkv:budget=0.2,window=32,tova;h2o:recent=0,normalize=true") == [
+        "dense", "snapkv:budget=0.2,window=32", "tova", "h2o:recent=0,normalize=true"]
+    assert commands.parse_trials("passkey=20,kv_retrieval=10") == {"passkey": 20, "kv_retrieval": 10}
+    assert commands.parse_trials("7") == 7
+    assert commands.parse_options(["kv_retrieval:pairs=3,turns=2"]) == {"kv_retrieval": {"pairs": 3, "turns": 2}}
+    with pytest.raises(ValueError, match="must look like TASK:key=value"):
+        commands.parse_options(["pairs=3"])
+    assert method_label("snapkv:budget=0.2,window=16,kernel=5") == ("snapkv(window=16)", 0.2)
+    assert method_label("dense") == ("dense", None)
+
+
+def test_report_writes_tables_and_plots(tmp_path):
+    rows = []
+    for engine in ("kvjax", "kvpress"):
+        for b, acc in ((0.5, 0.9), (0.2, 0.6)):
+            rows.append(dict(engine=engine, task="passkey", policy=f"snapkv:budget={b},window=64,kernel=5", context=2048,
+                             seed=0, mode="inside", status="ok", accuracy=acc, correct=int(10 * acc), questions=10,
+                             kv_bytes=b * 1e7, dense_kv_bytes=1e7, compression_ratio=b, prefill_s=1.0, decode_s=0.5))
+    rows.append(dict(engine="kvjax", task="ppl", policy="dense", context=2048, seed=0, mode="-", status="ok", ppl=12.3,
+                     kv_bytes=1e7, dense_kv_bytes=1e7, compression_ratio=1.0, prefill_s=1.0, decode_s=2.0))
+    rows.append(dict(engine="kvjax", task="passkey", policy="tova:budget=0.1", context=2048, seed=0, mode="inside",
+                     status="error", error="MemoryError: boom"))
+    (tmp_path / "cells.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md = open(write_report(str(tmp_path))).read()
+    assert "| kvpress | snapkv | 0.2 | 60 (6/6)" not in md  # counts are the recorded ones
+    assert "| kvjax | snapkv | 0.5 | 90 (9/10) |" in md and "| kvpress | snapkv | 0.2 | 60 (6/10) |" in md
+    assert "MemoryError: boom" in md and "12.30" in md
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["passkey_2048_inside.png", "ppl_2048_na.png"]
+    assert all((tmp_path / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

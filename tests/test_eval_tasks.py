@@ -1,0 +1,69 @@
+"""Task generators: deterministic per seed, answers present in the context, the first
+question fits the requested context, clear errors; plus the answer checker."""
+
+import pytest
+
+from kvjax.eval import load_text
+from kvjax.eval.episodes import EPISODES, check, make_episodes
+from kvjax.eval.tasks import TASKS
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return smollm2.tokenizer
+
+
+@pytest.fixture(scope="module")
+def kjv():
+    return load_text("kjv-judges")
+
+
+@pytest.mark.parametrize("task", sorted(EPISODES))
+@pytest.mark.parametrize("context", [1024, 2048])
+def test_episodes_deterministic_answers_present_and_fit(task, context, tok, kjv):
+    a = make_episodes(task, tok, context, 3, seed=7, text=kjv)
+    b = make_episodes(task, tok, context, 3, seed=7, text=kjv)
+    c = make_episodes(task, tok, context, 3, seed=8, text=kjv)
+    assert a == b
+    assert [e.context for e in a] != [e.context for e in c]
+    for e in a:
+        assert e.turns and all(t.answer and t.answer in e.context for t in e.turns)
+        n = len(tok.encode(e.context)) + len(tok.encode(e.pieces()[0]))
+        assert context - 48 <= n <= context
+        for i, piece in enumerate(e.pieces()):
+            assert piece.endswith(e.turns[i].question) and (i == 0 or e.turns[i - 1].answer in piece)
+        assert not any(t.answer in t.question for t in e.turns)  # the question never gives it away
+
+
+def test_multi_turn_options(tok, kjv):
+    (e,) = make_episodes("kv_retrieval", tok, 1024, 1, 0, kjv, pairs=4, turns=3)
+    assert len(e.turns) == 3 and len({t.answer for t in e.turns}) == 3
+    (e,) = make_episodes("qa", tok, 2048, 1, 0, kjv, turns=3)
+    assert len({t.question for t in e.turns}) == 3
+    with pytest.raises(ValueError, match=r"turns=3 must be in \[1, pairs=2\]"):
+        make_episodes("kv_retrieval", tok, 1024, 1, 0, kjv, pairs=2, turns=3)
+    with pytest.raises(ValueError, match="winner=2 must be a strict majority of votes=5"):
+        make_episodes("majority", tok, 1024, 1, 0, kjv, winner=2)
+
+
+def test_errors(tok, kjv):
+    with pytest.raises(ValueError, match="unknown task 'needle'"):
+        make_episodes("needle", tok, 1024, 1, 0, kjv)
+    with pytest.raises(ValueError, match="needs a narrative text such as 'kjv-judges'"):
+        make_episodes("qa", tok, 1024, 1, 0, load_text("pydoc"))
+    with pytest.raises(ValueError, match="context of .* tokens is too short"):
+        make_episodes("passkey", tok, 100, 1, 0, kjv)
+
+
+def test_legacy_samples_still_work(tok, kjv):
+    s = TASKS["kv_retrieval"](tok, 1024, 0.5, 3, kjv)
+    assert s.answer in s.prompt and s.prompt.count("The code for") == 3  # 2 pairs + the question
+
+
+@pytest.mark.parametrize("out,answer,ok", [
+    (" 12345.", "12345", True), ("12345 is the key", "12345", True), (" 1234.", "12345", False),
+    ("The key: 12345", "12345", True), (" 9 12345", "12345", False), (" Joash.", "Joash", True),
+    (" joash, the", "Joash", True), (" Gideon", "Joash", False), ("", "Joash", False),
+])
+def test_check(out, answer, ok):
+    assert check(out, answer) is ok
