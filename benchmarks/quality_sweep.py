@@ -1,7 +1,9 @@
 """The quality grids behind BENCHMARKS.md "Quality" and docs/quality/ (SmolLM2, CPU).
 
-    python benchmarks/quality_sweep.py run issue3      # issue 3's table: 4k, every eviction method
-    python benchmarks/quality_sweep.py run issue7      # SCBench-style tasks at 2k and 4k, kvpress columns
+    python benchmarks/quality_sweep.py run issue3          # 4k: every eviction method (shared capture)
+    python benchmarks/quality_sweep.py run issue3_merging  # 4k: merging and trained methods (own prefills)
+    python benchmarks/quality_sweep.py run issue7          # SCBench-style tasks at 2k, kvpress columns
+    python benchmarks/quality_sweep.py run issue7_merging  # the same tasks for merging / trained methods
     python benchmarks/quality_sweep.py table issue3    # markdown for BENCHMARKS.md
     python benchmarks/quality_sweep.py report issue7   # docs/quality/ report + PNG plots
 
@@ -18,14 +20,25 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o", "elastic", "kvmerger", "locret")
-# kvpress has a press for these (h2o as ObservedAttention: normalized scores, no recent window)
-PRESSED = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o:recent=0,normalize=true")
+# kvpress has a press for these (h2o as ObservedAttention: normalized scores, no recent
+# window; TOVA without decode-time eviction, as kvpress's TOVAPress)
+PRESSED = ("streaming", "snapkv", "pyramidkv", "adakv", "tova:on_decode=false", "knorm", "h2o:recent=0,normalize=true")
+EVICTION = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o")
+MERGING = ("elastic", "kvmerger", "locret")
+# Sized for a 2-core CPU (a 4k SmolLM2 prefill takes ~70 s there, 2k ~17 s): methods whose
+# prompt-time state comes from the shared dense capture are cheap per extra policy; merging
+# and trained methods run their own prefill per episode, so they get their own small grids.
 GRIDS = {
     "issue3": dict(tasks=["passkey", "kv_retrieval", "ppl"], contexts=[4096], modes=["inside"], engines=["kvjax"],
-                   methods=("dense",) + METHODS, trials={"passkey": 20, "kv_retrieval": 10}, batch_size=5),
-    "issue7": dict(tasks=["passkey", "kv_retrieval", "prefix_suffix", "qa", "majority", "mix"], contexts=[2048, 4096],
+                   methods=("dense",) + EVICTION, trials={"passkey": 20, "kv_retrieval": 5}, batch_size=5),
+    "issue3_merging": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
+                           methods=MERGING, trials={"passkey": 5}, batch_size=5),
+    "issue7": dict(tasks=["passkey", "kv_retrieval", "prefix_suffix", "qa", "majority"], contexts=[2048],
                    modes=["inside", "excluded"], engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED,
-                   trials=5, batch_size=5, options={"kv_retrieval": {"pairs": 2, "turns": 2}}),
+                   trials=3, batch_size=3, options={"kv_retrieval": {"pairs": 2, "turns": 2}},
+                   excluded_tasks=["passkey", "kv_retrieval", "qa"], kvjax_only=("tova",)),
+    "issue7_merging": dict(tasks=["passkey", "kv_retrieval"], contexts=[2048], modes=["inside"], engines=["kvjax"],
+                           methods=MERGING, trials=3, batch_size=3, options={"kv_retrieval": {"pairs": 2, "turns": 2}}),
 }
 BUDGETS = [0.5, 0.2, 0.1]
 
@@ -46,7 +59,10 @@ def run(grid: str) -> None:
         print(f"not registered, skipped: {', '.join(missing)}", file=sys.stderr)
     cells = []
     for engine in g["engines"]:
-        cells += sweep.plan(g["tasks"], methods, BUDGETS, g["contexts"], [0], g["modes"], [engine])
+        extra = [m for m in g.get("kvjax_only", ()) if engine == "kvjax"]  # no kvpress press for these
+        cells += sweep.plan(g["tasks"], methods + extra, BUDGETS, g["contexts"], [0], g["modes"], [engine])
+    if "excluded_tasks" in g:  # the question-excluded placement only for these tasks
+        cells = [c for c in cells if c.mode != "excluded" or c.task in g["excluded_tasks"]]
     cells.sort(key=lambda c: (c.context, c.task == "ppl", c.task, c.mode, c.engine))
     model = load("smollm2")
     hf = kvpress_bridge.load_hf("smollm2") if "kvpress" in g["engines"] else None

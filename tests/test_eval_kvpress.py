@@ -7,7 +7,7 @@ import pytest
 from kvjax.eval.kvpress_bridge import press_for
 
 SPECS = ["streaming:budget=0.5", "snapkv:budget=0.5,window=16", "pyramidkv:budget=0.5,window=16",
-         "tova:budget=0.5", "knorm:budget=0.5", "h2o:budget=0.5,recent=0,normalize=true",
+         "tova:budget=0.5,on_decode=false", "knorm:budget=0.5", "h2o:budget=0.5,recent=0,normalize=true",
          "adakv:budget=0.5,window=16"]
 
 
@@ -18,8 +18,10 @@ def test_press_mapping():
     assert (p.window_size, p.kernel_size) == (32, 7)
     assert press_for("dense") is None
     assert press_for("adakv:budget=0.1").press.compression_ratio == pytest.approx(0.9)
-    with pytest.raises(ValueError, match="no kvpress press matches 'h2o:budget=0.5'"):
-        press_for("h2o:budget=0.5")
+    assert type(press_for("tova:budget=0.3,on_decode=false")).__name__ == "TOVAPress"
+    for spec in ("h2o:budget=0.5", "tova:budget=0.5"):  # both evict while decoding; kvpress does not
+        with pytest.raises(ValueError, match=f"no kvpress press matches '{spec}'"):
+            press_for(spec)
 
 
 @pytest.mark.slow

@@ -134,7 +134,7 @@ def test_adakv_pool_gives_heads_different_budgets_and_attends_per_head(tiny_conf
         np.testing.assert_allclose(out[:, :, i * g:(i + 1) * g], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, c in REGISTRY.items() if issubclass(c, EvictionPolicy) and c.evicts_on_decode))
+@pytest.mark.parametrize("name", [n for n in EVICTION if make(n).evicts_on_decode])
 def test_decode_time_eviction_keeps_size(name, tiny_config, tiny_params, rng):
     pol = make(name, budget=0.25)
     tokens, lengths = _prompts(rng, tiny_config, b=2)
@@ -144,6 +144,21 @@ def test_decode_time_eviction_keeps_size(name, tiny_config, tiny_params, rng):
         kept0, kept1 = (np.asarray(a.kv.pos) >= 0).sum(2), (np.asarray(c.kv.pos) >= 0).sum(2)
         assert np.all(kept1 <= kept0 + 1)
         assert np.all(np.asarray(c.kv.pos).max(2) == np.asarray(state2.lengths)[:, None] - 1)  # newest kept
+
+
+def test_tova_without_decode_eviction_keeps_its_prompt_choice_and_appends(tiny_config, tiny_params, rng):
+    tokens, lengths = _prompts(rng, tiny_config, b=2)
+    _, s_on, _, _ = _run(tiny_params, tiny_config, make("tova", budget=0.25), tokens, lengths)
+    _, s_off, _, s_off2 = _run(tiny_params, tiny_config, make("tova", budget=0.25, on_decode=False), tokens, lengths)
+    new = [set(range(n, n + 5)) for n in np.asarray(lengths).tolist()]
+    for a, b, c in zip(s_on.layers, s_off.layers, s_off2.layers):
+        assert isinstance(a, ScoredKV) and isinstance(b, SlotKV)
+        for r in range(2):
+            for h in range(tiny_config.num_kv_heads):
+                kept = set(np.asarray(b.pos)[r, h][np.asarray(b.pos)[r, h] >= 0].tolist())
+                assert kept == set(np.asarray(a.kv.pos)[r, h][np.asarray(a.kv.pos)[r, h] >= 0].tolist())
+                after = np.asarray(c.pos)[r, h]
+                assert set(after[after >= 0].tolist()) == kept | new[r]  # nothing evicted, 5 appended
 
 
 def test_streaming_keeps_sinks_and_recent(tiny_config, tiny_params, rng):

@@ -6,7 +6,7 @@
     streaming:budget=b,sink=s        StreamingLLMPress(1-b, n_sink=s)
     snapkv:budget=b,window=w,kernel=k SnapKVPress(1-b, window_size=w, kernel_size=k)
     pyramidkv:...                     PyramidKVPress(1-b, window_size=w, kernel_size=k, beta)
-    tova:budget=b                     TOVAPress(1-b)
+    tova:budget=b,on_decode=false     TOVAPress(1-b)  (kvpress does not evict while decoding)
     knorm:budget=b                    KnormPress(1-b)
     h2o:budget=b,recent=0,normalize=true  ObservedAttentionPress(1-b)
     adakv:budget=b,...                AdaKVPress(SnapKVPress(1-b, w, k), alpha_safeguard)
@@ -50,14 +50,14 @@ def press_for(spec: str):
     if name == "pyramidkv":
         return kvpress.PyramidKVPress(compression_ratio=ratio, window_size=pol.window, kernel_size=pol.kernel,
                                       beta=pol.beta)
-    if name == "tova":
+    if name == "tova" and not pol.on_decode:
         return kvpress.TOVAPress(compression_ratio=ratio)
     if name == "knorm":
         return kvpress.KnormPress(compression_ratio=ratio)
     if name == "h2o" and pol.recent == 0 and pol.normalize:
         return kvpress.ObservedAttentionPress(compression_ratio=ratio)
     raise ValueError(f"no kvpress press matches {spec!r}; kvpress columns exist for dense, streaming, snapkv, "
-                     "pyramidkv, adakv, tova, knorm and h2o with recent=0,normalize=true")
+                     "pyramidkv, adakv, knorm, tova with on_decode=false and h2o with recent=0,normalize=true")
 
 
 def load_hf(model: str = "smollm2"):
