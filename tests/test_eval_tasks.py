@@ -67,3 +67,13 @@ def test_legacy_samples_still_work(tok, kjv):
 ])
 def test_check(out, answer, ok):
     assert check(out, answer) is ok
+
+
+@pytest.mark.slow
+def test_full_cache_finds_the_passkey_at_4k(smollm2):
+    """The harness's own bar for a task: the uncompressed cache must solve it. Two depths
+    (0.05 and 0.95) here; the 20-trial measurement is in BENCHMARKS.md "Quality"."""
+    from kvjax.eval import evaluate
+
+    r = evaluate(smollm2, "passkey", "dense", context=4096, trials=2)
+    assert r["accuracy"] >= 0.95, r["samples"]
