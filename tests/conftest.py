@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,40 +14,23 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from kvjax import jit_cache  # noqa: E402
 from kvjax.models import LlamaConfig, init_params  # noqa: E402
 
-# Every compiled CPU executable holds a few memory mappings of JIT code until jax's caches
-# drop it; one pytest process compiles thousands, and past vm.max_map_count (65530 on most
-# Linux machines) LLVM's next mmap fails and XLA segfaults mid-compile (seen in CI at ~360
-# tests). Dropping the caches after each module, and sooner when the count runs high,
-# keeps the process far below the limit; it costs only recompiles.
-_MAPS_HIGH = 30_000
-
-
-def _map_count() -> int:
-    try:
-        with open("/proc/self/maps", "rb") as f:
-            return sum(1 for _ in f)
-    except OSError:  # not Linux
-        return 0
-
-
-def _release_compiled_code() -> None:
-    jax.clear_caches()
-    gc.collect()
-
-
+# XLA:CPU keeps memory mappings for every compiled program while jax's caches hold it; one
+# pytest process compiles thousands and, past vm.max_map_count, XLA segfaults mid-compile
+# (seen in CI at ~360 tests). Drop the caches after each module, and after any test once
+# the count runs high (kvjax.jit_cache): it costs only recompiles.
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code_per_module():
     yield
-    _release_compiled_code()
+    jit_cache.release()
 
 
 @pytest.fixture(autouse=True)
 def _release_compiled_code_when_maps_run_high():
     yield
-    if _map_count() > _MAPS_HIGH:
-        _release_compiled_code()
+    jit_cache.release_if_high()
 
 
 TINY = LlamaConfig(

@@ -16,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 import numpy as np
 
+from .. import jit_cache
 from ..policies.registry import parse_policy
 from .episodes import EPISODES, check, make_episodes
 from .session import MODES, SessionResult, capture_batch, pads_safely, prefill_ids, run_session
@@ -213,6 +213,7 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
             state["parts"][(c.key, b)] = part
             _write(state["parts_path"], part)
             tick(1)
+            jit_cache.release_if_high()  # a sweep compiles programs per policy and shape
     for c in cells:
         if c.key in state["failed"]:
             continue
@@ -243,6 +244,7 @@ def _run_ppl(model, cells, state, text, tick):
         except Exception as e:
             _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error", "error": f"{type(e).__name__}: {e}"})
         tick(1)
+        jit_cache.release_if_high()
 
 
 def check_inputs(model, cells: list[Cell], text: str) -> None:
