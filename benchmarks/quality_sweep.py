@@ -37,7 +37,7 @@ GRIDS = {
                    modes=["inside", "excluded"], engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED,
                    trials=3, batch_size=3, options={"kv_retrieval": {"pairs": 2, "turns": 2}},
                    excluded_tasks=["passkey", "kv_retrieval", "qa"], kvjax_only=("tova",)),
-    "issue7_merging": dict(tasks=["passkey", "kv_retrieval"], contexts=[2048], modes=["inside"], engines=["kvjax"],
+    "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials=3, batch_size=3, options={"kv_retrieval": {"pairs": 2, "turns": 2}}),
 }
 BUDGETS = [0.5, 0.2, 0.1]
