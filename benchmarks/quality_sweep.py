@@ -29,22 +29,27 @@ MERGING = ("elastic", "kvmerger", "locret")
 # prompt-time state comes from the shared dense capture are cheap per extra policy; merging
 # and trained methods run their own prefill per episode, so they get their own small grids.
 GRIDS = {
-    "issue3": dict(tasks=["passkey", "kv_retrieval", "ppl"], contexts=[4096], modes=["inside"], engines=["kvjax"],
-                   methods=("dense",) + EVICTION, trials={"passkey": 20, "kv_retrieval": 5}, batch_size=5),
+    "issue3": dict(tasks=["passkey", "ppl"], contexts=[4096], modes=["inside"], engines=["kvjax"],
+                   methods=("dense",) + EVICTION, trials={"passkey": 10}, batch_size=5),
+    "issue3_kv": dict(tasks=["kv_retrieval"], contexts=[4096], modes=["inside"], engines=["kvjax"],
+                      methods=("dense",) + EVICTION, trials={"kv_retrieval": 5}, batch_size=5, out="issue3_4k"),
     "issue3_merging": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials={"passkey": 5}, batch_size=5),
-    "issue7": dict(tasks=["passkey", "kv_retrieval", "prefix_suffix", "qa", "majority"], contexts=[2048],
-                   modes=["inside", "excluded"], engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED,
-                   trials=3, batch_size=3, options={"kv_retrieval": {"pairs": 2, "turns": 2}},
-                   excluded_tasks=["passkey", "kv_retrieval", "qa"], kvjax_only=("tova",)),
+    "issue7": dict(tasks=["passkey", "kv_retrieval"], contexts=[2048], modes=["inside", "excluded"],
+                   engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED, trials=3, batch_size=3,
+                   kvjax_only=("tova",)),
+    "issue7_more": dict(tasks=["prefix_suffix", "qa", "majority"], contexts=[2048], modes=["inside", "excluded"],
+                        engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED, trials=3, batch_size=3,
+                        excluded_tasks=["qa"], kvjax_only=("tova",), out="issue7"),
     "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
-                           methods=MERGING, trials=3, batch_size=3, options={"kv_retrieval": {"pairs": 2, "turns": 2}}),
+                           methods=MERGING, trials=3, batch_size=3, out="issue7"),
 }
 BUDGETS = [0.5, 0.2, 0.1]
 
 
 def _out(grid: str) -> str:
-    return os.path.join(ROOT, "docs", "quality", "runs", {"issue3": "issue3_4k"}.get(grid, grid))
+    name = GRIDS[grid].get("out", {"issue3": "issue3_4k"}.get(grid, grid))
+    return os.path.join(ROOT, "docs", "quality", "runs", name)
 
 
 def run(grid: str) -> None:

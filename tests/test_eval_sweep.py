@@ -95,3 +95,31 @@ def test_ppl_cells_match_metrics(tiny, tmp_path, monkeypatch):
     for r in rows:
         ref = perplexity(tiny, ids[start : start + 256], parse_policy(r["policy"]))
         assert r["status"] == "ok" and r["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
+
+
+def test_episodes_are_woven_into_the_text_not_its_name(tiny, tmp_path, monkeypatch):
+    """Regression: the runner once handed the text's *name* ("kjv-judges") to the episode
+    generators, so every haystack was that word repeated (and qa found no facts)."""
+    from kvjax.eval import load_text
+
+    seen = []
+    real = sweep.make_episodes
+
+    def spy(task, tok, context, trials, seed, text, **kw):
+        seen.append(text)
+        return real(task, tok, context, trials, seed, text, **kw)
+
+    monkeypatch.setattr(sweep, "make_episodes", spy)
+    rows = sweep.run_sweep(tiny, sweep.plan(["passkey"], ["dense"], [], [400], [0]), str(tmp_path), trials=1,
+                           progress=False)
+    assert rows[0]["status"] == "ok" and seen == [load_text("kjv-judges")]
+
+
+def test_a_task_that_cannot_be_built_fails_its_cells_and_the_sweep_goes_on(tiny, tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("plain words without any narrative facts in them at all. " * 200)
+    cells = sweep.plan(["qa", "passkey"], ["dense"], [], [400], [0])
+    rows = sweep.run_sweep(tiny, cells, str(tmp_path / "out"), trials=1, text=str(f), progress=False)
+    by_task = {r["task"]: r for r in rows}
+    assert by_task["qa"]["status"] == "error" and "facts" in by_task["qa"]["error"]
+    assert by_task["passkey"]["status"] == "ok"

@@ -168,8 +168,15 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
     from ..generate import bucket_length
 
     c0 = cells[0]
-    episodes = make_episodes(c0.task, model.tokenizer, c0.context, trials, c0.seed, text,
-                             **options.get(c0.task, {}))
+    try:  # `text` is the haystack itself (run_sweep loads it once)
+        episodes = make_episodes(c0.task, model.tokenizer, c0.context, trials, c0.seed, text,
+                                 **options.get(c0.task, {}))
+    except Exception as e:  # e.g. a text without the facts `qa` needs: every cell of the group fails
+        for c in cells:
+            state["failed"].add(c.key)
+            _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error", "error": f"{type(e).__name__}: {e}"})
+        tick(len(cells) * -(-trials // batch_size))
+        return
     contexts = [model.tokenizer.encode(e.context) for e in episodes]
     turns = [[model.tokenizer.encode(p) for p in e.pieces()] for e in episodes]
     pols = {c.key: parse_policy(c.policy) for c in cells}
@@ -262,6 +269,7 @@ def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-
     trials: int or {task: int} (defaults DEFAULT_TRIALS, else 10); options: {task: kwargs}
     for the episode generators; hf: the transformers model for engine "kvpress" cells."""
     check_inputs(model, cells, text)
+    haystack = load_text(text)  # the episodes are woven into this text, not into its name
     os.makedirs(out, exist_ok=True)
     paths = {"cells_path": os.path.join(out, "cells.jsonl"), "parts_path": os.path.join(out, "parts.jsonl")}
     done = {r["engine"] + "|" + "|".join(str(r[k]) for k in ("task", "policy", "context", "seed", "mode"))
@@ -283,7 +291,7 @@ def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-
         if task == "ppl":
             _run_ppl(model, group, state, text, bar.update)
         else:
-            _run_group(model, group, state, n_trials(task), text, batch_size, options or {}, bar.update, hf)
+            _run_group(model, group, state, n_trials(task), haystack, batch_size, options or {}, bar.update, hf)
     bar.close()
     keys = {c.key for c in cells}
     return [r for r in read_jsonl(paths["cells_path"])
