@@ -1,11 +1,13 @@
 """The quality grids behind BENCHMARKS.md "Quality" and docs/quality/ (SmolLM2, CPU).
 
-    python benchmarks/quality_sweep.py run issue3          # 4k: every eviction method (shared capture)
+    python benchmarks/quality_sweep.py run issue3          # 4k: eviction methods, passkey + perplexity
+    python benchmarks/quality_sweep.py run issue3_kv       # 4k: the same methods on KV retrieval
     python benchmarks/quality_sweep.py run issue3_merging  # 4k: merging and trained methods (own prefills)
-    python benchmarks/quality_sweep.py run issue7          # SCBench-style tasks at 2k, kvpress columns
-    python benchmarks/quality_sweep.py run issue7_merging  # the same tasks for merging / trained methods
-    python benchmarks/quality_sweep.py table issue3    # markdown for BENCHMARKS.md
-    python benchmarks/quality_sweep.py report issue7   # docs/quality/ report + PNG plots
+    python benchmarks/quality_sweep.py run issue7          # 2k: passkey + KV retrieval, kvjax and kvpress
+    python benchmarks/quality_sweep.py run issue7_more     # 2k: prefix_suffix, qa, majority, both engines
+    python benchmarks/quality_sweep.py run issue7_merging  # 2k: passkey for merging / trained methods
+    python benchmarks/quality_sweep.py table issue3        # markdown for BENCHMARKS.md
+    python benchmarks/quality_sweep.py report issue7       # docs/quality/issue7: report.md + PNG plots
 
 `run` is `kvjax sweep` with the grid below (resumable: rerun to continue; results in
 docs/quality/runs/GRID/cells.jsonl). Policies that are not registered (yet) are skipped
@@ -68,7 +70,7 @@ def run(grid: str) -> None:
         cells += sweep.plan(g["tasks"], methods + extra, BUDGETS, g["contexts"], [0], g["modes"], [engine])
     if "excluded_tasks" in g:  # the question-excluded placement only for these tasks
         cells = [c for c in cells if c.mode != "excluded" or c.task in g["excluded_tasks"]]
-    cells.sort(key=lambda c: (c.context, c.task == "ppl", c.task, c.mode, c.engine))
+    cells.sort(key=lambda c: (c.context, g["tasks"].index(c.task), c.mode, c.engine))  # grid order
     model = load("smollm2")
     hf = kvpress_bridge.load_hf("smollm2") if "kvpress" in g["engines"] else None
     sweep.enable_compilation_cache()

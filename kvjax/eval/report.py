@@ -133,7 +133,7 @@ def write_report(directory: str, out: str | None = None) -> str:
     os.makedirs(out, exist_ok=True)
     names = plots(cells, out)
     ok, bad = _rows(cells)
-    md = [f"# Quality sweep: {directory}\n", f"{len(ok)} cells finished, {len(bad)} failed.\n", tables(cells)]
+    md = [f"# Quality sweep: {os.path.relpath(directory)}\n", f"{len(ok)} cells finished, {len(bad)} failed.\n", tables(cells)]
     if bad:
         md.append("### Failed cells\n")
         md += [f"* {r['engine']} {r['task']} {r['policy']} {r['context']} {r['mode']}: {r.get('error', '?')}" for r in bad]
