@@ -58,6 +58,13 @@ def attention_logits(q: jax.Array, k: jax.Array, scale: float | None = None) -> 
     if nq % n:
         raise ValueError(f"query heads {nq} must be a multiple of key heads {n}")
     scale = h**-0.5 if scale is None else scale
+    if t == 1 and jax.default_backend() == "cpu":
+        # One decode query per row: a multiply-reduce over H instead of a dot. XLA:CPU lowers
+        # the batch-1 dot form through a bitcast of the freshly updated cache that it fuses with
+        # the cache update and duplicates, copying every K/V buffer 3-4 times per layer per step
+        # (seen in the optimized HLO; gone at batch 2). The reduce reads the cache in place.
+        qg = q.reshape(b, n, nq // n, 1, 1, h).astype(jnp.float32)
+        return jnp.sum(qg * k[:, :, None, None].astype(jnp.float32), axis=-1) * scale
     qg, k = _cpu_dot_operands(q.reshape(b, t, n, nq // n, h), k)
     return jnp.einsum("btngh,bnsh->bngts", qg, k, preferred_element_type=jnp.float32) * scale
 

@@ -56,6 +56,25 @@ def test_no_recompile_for_new_prompt_contents(tiny_config, tiny_params, rng):
     assert bucket_length(30) == bucket_length(17) == 32 and bucket_length(33) == 64
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_loop_updates_the_cache_in_place(tiny_config, tiny_params, batch):
+    """No whole-cache copies inside the compiled decode loop (XLA:CPU used to copy every K/V
+    buffer 3-4 times per layer per step at batch 1; BENCHMARKS.md "CPU")."""
+    kw = dict(config=tiny_config, policy=Dense(), max_new_tokens=8)
+    tokens = jnp.ones((batch, 32), jnp.int32)
+    logits, state = prefill(tiny_params, tokens, jnp.full((batch,), 32, jnp.int32), **kw)
+    txt = decode.lower(tiny_params, state, logits, jax.random.key(0), sampler=Sampler(), stop_ids=(),
+                       **kw).compile().as_text()
+    shape = "[" + ",".join(map(str, state.layers[0].k.shape)) + "]"
+    body, copies = None, []
+    for line in txt.splitlines():
+        if line and not line.startswith(" ") and "{" in line:
+            body = None if line.startswith("ENTRY") else line
+        if body is not None and " copy(" in line and shape in line.split("=")[1].split("copy(")[0]:
+            copies.append(line.strip()[:120])
+    assert copies == [], f"{len(copies)} cache-shaped copies in the decode loop, e.g. {copies[:2]}"
+
+
 def test_sampling(tiny_config, tiny_params, rng):
     tokens, lengths = _batch(rng, tiny_config, [16], 16)
     kw = dict(config=tiny_config, policy=Dense(), max_new_tokens=12)
