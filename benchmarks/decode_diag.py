@@ -29,7 +29,7 @@ for impl in ("pallas", "xla"):
               implementation=impl)
     compiled = decode.lower(params, state, logits, jax.random.key(0), **kw).compile()
     txt = compiled.as_text()
-    shape = f"bf16[{b},{cfg.num_kv_heads},{ctx + new},{cfg.head_dim}]"
+    shape = f"bf16[{b},{cfg.num_kv_heads},{state.layers[0].k.shape[2]},{cfg.head_dim}]"
     copies = [l for l in txt.splitlines() if shape in l and re.search(r"\bcopy\(", l)]
     jax.block_until_ready(decode(params, state, logits, jax.random.key(0), **kw))
     ts = []
@@ -38,6 +38,6 @@ for impl in ("pallas", "xla"):
         jax.block_until_ready(decode(params, state, logits, jax.random.key(0), **kw))
         ts.append(time.perf_counter() - t)
     print(f"ctx={ctx} B={b} impl={impl}: {1000 * min(ts) / (new - 1):.2f} ms/step; cache-shaped copies in HLO: "
-          f"{len(copies)}", flush=True)
+          f"{len(copies)}; decode kernel in HLO: {'sparse_decode_attention' in txt}", flush=True)
     for l in copies[:4]:
         print("   ", l.strip()[:160])

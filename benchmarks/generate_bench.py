@@ -97,9 +97,10 @@ def _filled_state(cfg, batch, ctx, new, dtype):
     import jax
     import jax.numpy as jnp
 
+    from kvjax.policies import Dense
     from kvjax.state import KVState, SlotKV
 
-    cap = ctx + new
+    cap = Dense().prefill_capacity(ctx, new)  # what generate() allocates (rounded up to the kernel block)
     shape = (batch, cfg.num_kv_heads, cap, cfg.head_dim)
     fill = jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32)).astype(dtype))
     pos = jnp.broadcast_to(jnp.where(jnp.arange(cap) < ctx, jnp.arange(cap), -1).astype(jnp.int32), shape[:3])
