@@ -1,16 +1,18 @@
 """Kernel-backed attention behind `kvjax.attention.attend` (registered as "pallas").
 
 `attend` passes a cache in kvjax's layout (q [B,T,Nq,H], k/v [B,N,S,H], q_pos [B,T], k_pos
-[B,N,S]); the kernels want a prefix-valid cache. This module checks, on device and per call,
-whether the positions have that shape and otherwise runs the jnp reference, so a policy that
-evicts, merges or reorders slots gets exactly the reference result (`lax.cond`, both traced):
+[B,N,S]). The prefill kernel wants a prefix-valid cache: this module checks, on device and per
+call, whether the positions have that shape and otherwise runs the jnp reference, so a policy
+that evicts, merges or reorders slots gets exactly the reference result (`lax.cond`, both
+traced). The decode kernel reads the positions itself and needs no check:
 
   * prefill / chunks (T > 1): slots hold positions 0..len-1 in order (same len for every KV
     head), queries sit at positions 0..T-1 (or -1 = padding) -> block-sparse flash attention
     (causal, plus the sliding window) over the transposed, padded cache;
-  * decode (T == 1, no window): each KV head's slots hold 0..len-1 -> the sparse-decode
-    kernel with every block of the cache selected (a dense split-K decode).
-Everything else (want_mass, windowed decode, other position patterns) is the reference.
+  * decode (T == 1): the sparse-decode kernel with every block of the cache selected (a dense
+    split-K decode) and the slot positions masked inside it, so any cache layout takes it
+    (the capacity must be a multiple of 16 slots; `Dense` rounds it up to 64).
+Everything else (want_mass, prefill over other position patterns) is the reference.
 
 Backends follow `kvjax.pallas_kernels._compat.backend_kind()`: Mosaic GPU (Hopper) or Triton
 on GPUs, Mosaic TPU on TPUs (prefill only), and on CPU the same kernels in interpret mode
@@ -84,25 +86,19 @@ def _prefill(q, k, v, q_pos, k_pos, window, scale, backend, interpret):
     return lax.cond(ok, kernel, reference)
 
 
-def _decode(q, k, v, q_pos, k_pos, scale, interpret, block):
+def _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block):
+    """Every slot block, masked by the slot positions inside the kernel: exact for any cache
+    layout (prefix, evicted, merged), with no per-layer check or `lax.cond` (a conditional costs
+    the GPU a device-to-host sync per layer per step)."""
     from .pallas_kernels.sparse_decode_attention import sparse_decode_attention
 
     b, _, _, _ = q.shape
     n, s = k.shape[1], k.shape[2]
-    ok, lens = _prefix_lengths(k_pos)
-    eff = jnp.minimum(lens, jnp.maximum(q_pos[:, :1] + 1, 0))  # slot s visible iff s < len and s <= q_pos
     nblk = s // block
     idx = jnp.broadcast_to(jnp.arange(nblk, dtype=jnp.int32), (b, n, nblk))
-
-    def kernel():
-        return sparse_decode_attention(q, k, v, idx, eff, block_size=block, block_counts=-(-eff // block),
-                                       scale=scale, interpret=interpret)
-
-    def reference():
-        r = attention.attention_reference(q, k, v, q_pos, k_pos, scale=scale)
-        return r.out, r.lse.astype(jnp.float32)
-
-    return lax.cond(ok, kernel, reference)
+    lens = jnp.full((b, n), s, jnp.int32)
+    return sparse_decode_attention(q, k, v, idx, lens, block_size=block, scale=scale, k_pos=k_pos, q_pos=q_pos,
+                                   window=window, interpret=interpret)
 
 
 def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False) -> AttentionOutput:
@@ -120,10 +116,10 @@ def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mas
             pb = _prefill_backend(q, backend)
             if pb is not None:
                 return AttentionOutput(*_prefill(q, k, v, q_pos, k_pos, window, scale, pb, interpret))
-        elif window is None and backend in ("triton", "mosaic_gpu") and h >= 16 and not h & (h - 1):
+        elif backend in ("triton", "mosaic_gpu") and h >= 16 and not h & (h - 1):
             block = next((bl for bl in (64, 32, 16) if s % bl == 0), None)
             if block is not None and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-                return AttentionOutput(*_decode(q, k, v, q_pos, k_pos, scale, interpret, block))
+                return AttentionOutput(*_decode(q, k, v, q_pos, k_pos, window, scale, interpret, block))
     return attention.attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass)
 
 

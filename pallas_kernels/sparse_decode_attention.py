@@ -7,6 +7,11 @@ selected block numbers, of which the first `block_counts` [B, N] are used (defau
 `lengths` [B] or [B, N] valid tokens (slots at or past it are masked, also inside a selected
 block). Every query row sees every selected valid token. The K selections are split over
 `num_splits` programs whose partial results merge through their LSEs.
+Optionally (kvjax's position-masked caches) `k_pos` [B, N, S] int32 and `q_pos` [B, T] int32 with
+an optional local `window`: a selected slot is then visible to query t only where
+0 <= k_pos <= q_pos[t] (and q_pos[t] - k_pos < window) -- `kvjax.attention`'s visibility rule, so
+an evicted, merged or re-ordered cache needs no prefix check (the positions ride along: 4 bytes
+per slot next to 2 * H * itemsize of K and V).
 Returns (out [B, T, Nq, H], lse [B, T, Nq] float32; -inf and 0 where nothing was selected).
 
 Backends: the Triton lowering on every CUDA GPU ("mosaic_gpu" runs it too), interpret mode on
@@ -61,9 +66,23 @@ def _check(q, k, v, block_indices, block_size):
     return b, t, nq, h, n, s
 
 
-def sparse_decode_attention_reference(q, k, v, block_indices, lengths, *, block_size, block_counts=None, scale=None):
+def _check_positions(k_pos, q_pos, b, t, n, s):
+    if (k_pos is None) != (q_pos is None):
+        raise ValueError("pass both k_pos [B, N, S] and q_pos [B, T], or neither")
+    if k_pos is None:
+        return
+    if k_pos.shape != (b, n, s) or q_pos.shape != (b, t):
+        raise ValueError(f"k_pos{k_pos.shape} must be [B, N, S] = {(b, n, s)} and q_pos{q_pos.shape} [B, T] = {(b, t)}")
+    for name, x in (("k_pos", k_pos), ("q_pos", q_pos)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} dtype={x.dtype} must be an integer type")
+
+
+def sparse_decode_attention_reference(q, k, v, block_indices, lengths, *, block_size, block_counts=None, scale=None,
+                                      k_pos=None, q_pos=None, window=None):
     """Gather-free jnp reference: a [B, N, S] visibility mask from the selected blocks."""
     b, t, nq, h, n, s = _check(q, k, v, block_indices, block_size)
+    _check_positions(k_pos, q_pos, b, t, n, s)
     g = nq // n
     scale = h**-0.5 if scale is None else scale
     kk = block_indices.shape[2]
@@ -72,9 +91,16 @@ def sparse_decode_attention_reference(q, k, v, block_indices, lengths, *, block_
     blk_of = jnp.arange(s) // block_size
     sel = jnp.any((block_indices[..., None, :] == blk_of[None, None, :, None]) & used[..., None, :], axis=-1)
     vis = sel & (jnp.arange(s)[None, None, :] < per_head(lengths, b, n, "lengths")[..., None])  # [B,N,S]
+    vis = jnp.broadcast_to(vis[:, :, None, :], (b, n, t, s))
+    if k_pos is not None:
+        kp, qp = k_pos[:, :, None, :], q_pos[:, None, :, None]
+        ok = (kp >= 0) & (qp >= 0) & (kp <= qp)
+        if window is not None:
+            ok &= (qp - kp) < window
+        vis = vis & ok
     qg = q.astype(jnp.float32).reshape(b, t, n, g, h)
     logits = jnp.einsum("btngh,bnsh->bngts", qg, k.astype(jnp.float32), precision="highest") * scale
-    logits = jnp.where(vis[:, :, None, None, :], logits, -jnp.inf)
+    logits = jnp.where(vis[:, :, None], logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
     seen = jnp.isfinite(m)
     p = jnp.exp(logits - jnp.where(seen, m, 0.0))
@@ -84,27 +110,39 @@ def sparse_decode_attention_reference(q, k, v, block_indices, lengths, *, block_
     return out.reshape(b, t, nq, h).astype(q.dtype), jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, nq)
 
 
-def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, bs, per_split, scale):
+def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, *rest, bs, per_split, scale, positions, window):
+    if positions:
+        kp_ref, qp_ref, o_ref, lse_ref = rest
+    else:
+        o_ref, lse_ref = rest
     bi, ni, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q = q_ref[...]
     rows, h = q.shape
     length = len_ref[bi, ni]
     first = si * per_split
     n_here = jnp.clip(cnt_ref[bi, ni] - first, 0, per_split)
+    qp = qp_ref[...][:, None] if positions else None  # [rows, 1] query position of each row (-1 = padding)
 
     def body(j, carry):
         start = idx_ref[bi, ni, first + j] * bs
         k = k_ref[pl.ds(start, bs), :].astype(q.dtype)
         v = v_ref[pl.ds(start, bs), :].astype(q.dtype)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        kpos = start + lax.broadcasted_iota(jnp.int32, (rows, bs), 1)
-        return online_update(carry, jnp.where(kpos < length, s, -jnp.inf), v)
+        slot = start + lax.broadcasted_iota(jnp.int32, (rows, bs), 1)
+        vis = slot < length
+        if positions:
+            kp = kp_ref[pl.ds(start, bs)][None, :]
+            vis &= (kp >= 0) & (qp >= 0) & (kp <= qp)
+            if window is not None:
+                vis &= (qp - kp) < window
+        return online_update(carry, jnp.where(vis, s, -jnp.inf), v)
 
     finish(lax.fori_loop(0, n_here, body, init_carry(rows, h)), o_ref, lse_ref)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "bsz", "interpret"))
-def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, *, block_size, scale, bsz, interpret):
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "bsz", "interpret", "window"))
+def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, k_pos, q_pos, *, block_size, scale, bsz,
+                       interpret, window):
     b, t, nq, h = q.shape
     n, s = k.shape[1], k.shape[2]
     kk = block_indices.shape[2]
@@ -116,14 +154,23 @@ def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, *, block_s
     idx = jnp.clip(block_indices.astype(jnp.int32), 0, s // block_size - 1)
     idx = jnp.pad(idx, ((0, 0), (0, 0), (0, splits * per_split - kk)))
     full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
+    positions = k_pos is not None
+    extra, extra_specs = [], []
+    if positions:  # q position of each grouped row (row = t * Gq + g; padding rows -1)
+        qrow = jnp.repeat(q_pos.astype(jnp.int32), rows // t, axis=1)
+        extra = [k_pos.astype(jnp.int32), jnp.pad(qrow, ((0, 0), (0, rows_p - rows)), constant_values=-1)]
+        extra_specs = [pl.BlockSpec((None, None, s), lambda bi, ni, si: (bi, ni, 0)),
+                       pl.BlockSpec((None, rows_p), lambda bi, ni, si: (bi, 0))]
     o, lse = pl.pallas_call(
-        functools.partial(_kernel, bs=block_size, per_split=per_split, scale=scale),
+        functools.partial(_kernel, bs=block_size, per_split=per_split, scale=scale, positions=positions,
+                          window=window),
         grid=(b, n, splits),
         in_specs=[
             full(idx), full(block_counts), full(lengths),
             pl.BlockSpec((None, None, rows_p, h), lambda bi, ni, si: (bi, ni, 0, 0)),
             pl.BlockSpec((None, None, s, h), lambda bi, ni, si: (bi, ni, 0, 0)),
             pl.BlockSpec((None, None, s, h), lambda bi, ni, si: (bi, ni, 0, 0)),
+            *extra_specs,
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, rows_p, h), lambda bi, ni, si: (bi, ni, si, 0, 0)),
@@ -134,22 +181,27 @@ def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, *, block_s
         compiler_params=None if interpret else _compat.triton_params(bsz.num_warps, bsz.num_stages),
         interpret=interpret,
         name="sparse_decode_attention",
-    )(idx, block_counts, lengths, qr, k, v)
+    )(idx, block_counts, lengths, qr, k, v, *extra)
     out, lse = ungroup_rows(*merge_splits(o, lse), t, rows)
     return out.astype(q.dtype), lse
 
 
 def sparse_decode_attention(q, k, v, block_indices, lengths, *, block_size: int, block_counts=None,
-                            scale: float | None = None, block_sizes: SparseDecodeBlockSizes | None = None,
+                            scale: float | None = None, k_pos=None, q_pos=None, window: int | None = None,
+                            block_sizes: SparseDecodeBlockSizes | None = None,
                             backend: str | None = None, interpret: bool = False):
     """See module docstring. Returns (out [B, T, Nq, H], lse [B, T, Nq] float32)."""
     b, t, nq, h, n, s = _check(q, k, v, block_indices, block_size)
+    _check_positions(k_pos, q_pos, b, t, n, s)
+    if window is not None and (k_pos is None or window < 1):
+        raise ValueError(f"window={window} needs k_pos/q_pos and must be >= 1")
     if backend is None:
         backend = "triton" if interpret else _compat.backend_kind()
     _compat.check_backend(backend, ("triton", "mosaic_gpu", "xla"))
     if backend == "xla":
         return sparse_decode_attention_reference(q, k, v, block_indices, lengths, block_size=block_size,
-                                                 block_counts=block_counts, scale=scale)
+                                                 block_counts=block_counts, scale=scale, k_pos=k_pos, q_pos=q_pos,
+                                                 window=window)
     for name, val in (("block_size", block_size), ("head_dim", h)):
         if val < 16 or val & (val - 1):
             raise ValueError(f"{name}={val} must be a power of two >= 16 for the triton backend")
@@ -157,5 +209,6 @@ def sparse_decode_attention(q, k, v, block_indices, lengths, *, block_size: int,
     counts = jnp.full((b, n), kk, jnp.int32) if block_counts is None else per_head(block_counts, b, n, "block_counts")
     lengths = per_head(lengths, b, n, "lengths")
     scale = float(h**-0.5 if scale is None else scale)
-    return _sparse_decode_jit(q, k, v, block_indices, jnp.minimum(counts, kk), lengths, block_size=block_size,
-                              scale=scale, bsz=block_sizes or SparseDecodeBlockSizes(), interpret=interpret)
+    return _sparse_decode_jit(q, k, v, block_indices, jnp.minimum(counts, kk), lengths, k_pos, q_pos,
+                              block_size=block_size, scale=scale, bsz=block_sizes or SparseDecodeBlockSizes(),
+                              interpret=interpret, window=window)

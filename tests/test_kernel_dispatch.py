@@ -1,5 +1,6 @@
-"""attend(implementation="pallas"): kernels where the cache is prefix-valid, the reference
-otherwise, and the same results either way."""
+"""attend(implementation="pallas"): the prefill kernel where the cache is prefix-valid and the
+reference otherwise; the decode kernel for any cache (positions masked inside); the same results
+either way."""
 
 import jax
 import jax.numpy as jnp
@@ -67,10 +68,9 @@ def test_decode_per_head_lengths(rng, kernel_runs):
     assert kernel_runs == ["sparse_decode_attention"], "the kernel path was not taken"
 
 
-@pytest.mark.parametrize("t", [1, 64])
-def test_reordered_cache_falls_back_exactly(rng, t, kernel_runs):
-    """Evicted / reordered slots are not a prefix: the reference runs, bit for bit."""
-    b, nq, n, s, h = 1, 2, 1, 64, 16
+def test_reordered_cache_prefill_falls_back_exactly(rng, kernel_runs):
+    """Evicted / reordered slots are not a prefix: the prefill reference runs, bit for bit."""
+    b, t, nq, n, s, h = 1, 64, 2, 1, 64, 16
     k, v, _ = _cache(rng, b, n, s, h, [[s]])
     kp = jnp.asarray(rng.permutation(s)[None, None], jnp.int32)
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32)
@@ -78,7 +78,22 @@ def test_reordered_cache_falls_back_exactly(rng, t, kernel_runs):
     got, want = _both(q, k, v, qp, kp)
     np.testing.assert_array_equal(got.out, want.out)
     np.testing.assert_array_equal(got.lse, want.lse)
-    assert kernel_runs == [], "a reordered cache must not reach the kernels"
+    assert kernel_runs == [], "a reordered cache must not reach the prefill kernel"
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_over_evicted_cache_uses_kernel(rng, window, kernel_runs):
+    """Decode masks by slot positions inside the kernel: shuffled positions, empty slots (-1),
+    slots from the future (> q_pos) and a local window all match the reference."""
+    b, nq, n, s, h = 2, 8, 2, 128, 32
+    k, v, _ = _cache(rng, b, n, s, h, [[s, s], [s, s]])
+    kp = np.stack([np.stack([rng.permutation(s) for _ in range(n)]) for _ in range(b)]).astype(np.int32)
+    kp[rng.random(kp.shape) < 0.2] = -1
+    q = jnp.asarray(rng.standard_normal((b, 1, nq, h)), jnp.float32)
+    qp = jnp.array([[100], [127]], jnp.int32)
+    got, want = _both(q, k, v, qp, jnp.asarray(kp), window=window)
+    assert_attention_close(got.out, got.lse, want.out, want.lse, jnp.float32, "evicted decode")
+    assert kernel_runs == ["sparse_decode_attention"], "the kernel path was not taken"
 
 
 def test_key_mass_and_small_heads_use_reference(rng):

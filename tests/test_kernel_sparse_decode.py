@@ -41,6 +41,37 @@ def test_hypothesis(t, g, n, k, splits, seed):
     _run(np.random.default_rng(seed), t=t, nq=g * n, n=n, k=k, splits=splits)
 
 
+@pytest.mark.parametrize("window", [None, 50])
+@pytest.mark.parametrize("t", [1, 2])
+def test_position_masking(rng, t, window):
+    """k_pos / q_pos / window: kvjax's visibility rule inside the kernel (shuffled, empty and
+    future slots), on top of the block selection and lengths."""
+    b, nq, n, s, h, bs = 2, 4, 2, 128, 32, 32
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    q, k, v = f(b, t, nq, h), f(b, n, s, h), f(b, n, s, h)
+    kp = np.stack([np.stack([rng.permutation(s) for _ in range(n)]) for _ in range(b)]).astype(np.int32)
+    kp[rng.random(kp.shape) < 0.25] = -1
+    qp = jnp.asarray([[90, 91][:t], [-1, 127][-t:]], jnp.int32)  # row 1, t=1: a padding query
+    idx = jnp.asarray(np.stack([[rng.choice(s // bs, 3, replace=False) for _ in range(n)] for _ in range(b)]))
+    lens = jnp.asarray([[s, 100], [64, s]], jnp.int32)
+    kw = dict(block_size=bs, k_pos=jnp.asarray(kp), q_pos=qp, window=window)
+    out, lse = sda.sparse_decode_attention(q, k, v, idx, lens, interpret=INTERPRET, **kw)
+    ref_out, ref_lse = sda.sparse_decode_attention_reference(q, k, v, idx, lens, **kw)
+    assert_attention_close(out, lse, ref_out, ref_lse, jnp.float32, "position-masked decode")
+
+
+def test_position_arguments_errors(rng):
+    q, k = jnp.zeros((1, 1, 2, 32)), jnp.zeros((1, 1, 64, 32))
+    idx, lens = jnp.zeros((1, 1, 2), jnp.int32), jnp.array([64])
+    with pytest.raises(ValueError, match="pass both k_pos"):
+        sda.sparse_decode_attention(q, k, k, idx, lens, block_size=32, k_pos=jnp.zeros((1, 1, 64), jnp.int32))
+    with pytest.raises(ValueError, match=r"k_pos\(1, 64\) must be \[B, N, S\]"):
+        sda.sparse_decode_attention(q, k, k, idx, lens, block_size=32, k_pos=jnp.zeros((1, 64), jnp.int32),
+                                    q_pos=jnp.zeros((1, 1), jnp.int32))
+    with pytest.raises(ValueError, match="window=0 needs k_pos"):
+        sda.sparse_decode_attention(q, k, k, idx, lens, block_size=32, window=0)
+
+
 def test_all_blocks_is_dense_decode(rng):
     """Selecting every block reproduces plain attention over the valid prefix."""
     from kvjax.attention import attention_reference
@@ -56,14 +87,16 @@ def test_all_blocks_is_dense_decode(rng):
     assert_attention_close(out, lse, want.out, want.lse, jnp.float32, "dense via sparse")
 
 
-def test_triton_lowering():
+@pytest.mark.parametrize("positions", [False, True])
+def test_triton_lowering(positions):
     b, nq, n, s, h = 8, 32, 8, 131072, 128
     z = jnp.zeros
     fn = functools.partial(sda._sparse_decode_jit, block_size=64, scale=0.1, bsz=sda.SparseDecodeBlockSizes(),
-                           interpret=False)
+                           interpret=False, window=4096 if positions else None)
+    pos = (z((b, n, s), jnp.int32), z((b, 1), jnp.int32)) if positions else (None, None)
     text = lower_for("cuda", fn, z((b, 1, nq, h), jnp.bfloat16), z((b, n, s, h), jnp.bfloat16),
                      z((b, n, s, h), jnp.bfloat16), z((b, n, 256), jnp.int32), z((b, n), jnp.int32),
-                     z((b, n), jnp.int32))
+                     z((b, n), jnp.int32), *pos)
     assert "triton" in text
 
 
