@@ -15,8 +15,8 @@ traced). The decode kernel reads the positions itself and needs no check:
 Everything else (want_mass, prefill over other position patterns) is the reference.
 
 Backends follow `kvjax.pallas_kernels._compat.backend_kind()`: Mosaic GPU (Hopper) or Triton
-on GPUs, Mosaic TPU on TPUs (prefill only), and on CPU the same kernels in interpret mode
-(slow; for tests) when "pallas" is asked for explicitly.
+on GPUs, Mosaic TPU on TPUs (prefill, and decode with blocks of up to 512 slots), and on CPU
+the same kernels in interpret mode (slow; for tests) when "pallas" is asked for explicitly.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _prefill(q, k, v, q_pos, k_pos, window, scale, backend, interpret):
     return lax.cond(ok, kernel, reference)
 
 
-def _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block):
+def _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block, backend=None):
     """Every slot block, masked by the slot positions inside the kernel: exact for any cache
     layout (prefix, evicted, merged), with no per-layer check or `lax.cond` (a conditional costs
     the GPU a device-to-host sync per layer per step)."""
@@ -98,7 +98,7 @@ def _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block):
     idx = jnp.broadcast_to(jnp.arange(nblk, dtype=jnp.int32), (b, n, nblk))
     lens = jnp.full((b, n), s, jnp.int32)
     return sparse_decode_attention(q, k, v, idx, lens, block_size=block, scale=scale, k_pos=k_pos, q_pos=q_pos,
-                                   window=window, interpret=interpret)
+                                   window=window, backend=backend, interpret=interpret)
 
 
 def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False) -> AttentionOutput:
@@ -120,6 +120,11 @@ def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mas
             block = next((bl for bl in (64, 32, 16) if s % bl == 0), None)
             if block is not None and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
                 return AttentionOutput(*_decode(q, k, v, q_pos, k_pos, window, scale, interpret, block))
+        elif backend == "mosaic_tpu":  # one grid step per block: larger blocks, fewer steps
+            block = next((bl for bl in (512, 256, 128, 64, 32, 16, 8) if s % bl == 0), None)
+            if block is not None and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+                return AttentionOutput(*_decode(q, k, v, q_pos, k_pos, window, scale, interpret, block,
+                                                backend="mosaic_tpu"))
     return attention.attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass)
 
 

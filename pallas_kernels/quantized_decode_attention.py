@@ -17,8 +17,10 @@ residual) whose partial results are merged through their LSEs. Codes are unpacke
 dequantized in registers; the cache is read once. Returns (out [B,T,Nq,H], lse [B,T,Nq] f32).
 
 Backends: the Triton lowering on every CUDA GPU ("mosaic_gpu" also runs it: there is no Mosaic
-GPU version of this kernel), interpret mode on CPU, and "xla" = the jnp reference. No Mosaic TPU
-version yet. Measured in BENCHMARKS.md ("Kernels"): instruction-bound on the dequantization, so
+GPU version of this kernel), interpret mode on CPU, "mosaic_tpu" (grid over blocks of quantized
+tokens plus a residual step, one online softmax in VMEM, in `quantized_decode_attention_tpu.py`;
+of `block_sizes` only block_s and dequant_f32 apply, None picks the largest block that fits;
+with `interpret=True` it runs in the TPU interpreter), and "xla" = the jnp reference. Measured in BENCHMARKS.md ("Kernels"): instruction-bound on the dequantization, so
 it misses the 3x-over-cuDNN target at 128k context.
 """
 
@@ -324,11 +326,17 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
     b, t, nq, h, n, s, gk, gv = _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
     if backend is None:
         backend = "triton" if interpret else _compat.backend_kind()
-    _compat.check_backend(backend, ("triton", "mosaic_gpu", "xla"))
+    _compat.check_backend(backend, ("triton", "mosaic_gpu", "mosaic_tpu", "xla"))
     if backend == "xla":
         return quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
                                                     bits=bits, k_res=k_res, v_res=v_res, res_lengths=res_lengths,
                                                     scale=scale)
+    if backend == "mosaic_tpu":
+        from .quantized_decode_attention_tpu import quantized_decode_attention_tpu
+
+        return quantized_decode_attention_tpu(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
+                                              bits=bits, k_res=k_res, v_res=v_res, res_lengths=res_lengths,
+                                              scale=scale, block_sizes=block_sizes, interpret=interpret)
     bsz = block_sizes or DecodeBlockSizes.get_default(backend)
     bs, pw = bsz.block_s, 32 // bits
     if s % bs or bs % pw or (bs % gk and gk % bs):

@@ -15,7 +15,9 @@ per slot next to 2 * H * itemsize of K and V).
 Returns (out [B, T, Nq, H], lse [B, T, Nq] float32; -inf and 0 where nothing was selected).
 
 Backends: the Triton lowering on every CUDA GPU ("mosaic_gpu" runs it too), interpret mode on
-CPU, "xla" = the jnp reference; no Mosaic TPU version yet.
+CPU, "mosaic_tpu" (grid over the selected blocks with scalar-prefetched block numbers, in
+`sparse_decode_attention_tpu.py`; `block_sizes` does not apply; with `interpret=True` it runs
+in the TPU interpreter) and "xla" = the jnp reference.
 """
 
 from __future__ import annotations
@@ -197,11 +199,17 @@ def sparse_decode_attention(q, k, v, block_indices, lengths, *, block_size: int,
         raise ValueError(f"window={window} needs k_pos/q_pos and must be >= 1")
     if backend is None:
         backend = "triton" if interpret else _compat.backend_kind()
-    _compat.check_backend(backend, ("triton", "mosaic_gpu", "xla"))
+    _compat.check_backend(backend, ("triton", "mosaic_gpu", "mosaic_tpu", "xla"))
     if backend == "xla":
         return sparse_decode_attention_reference(q, k, v, block_indices, lengths, block_size=block_size,
                                                  block_counts=block_counts, scale=scale, k_pos=k_pos, q_pos=q_pos,
                                                  window=window)
+    if backend == "mosaic_tpu":
+        from .sparse_decode_attention_tpu import sparse_decode_attention_tpu
+
+        return sparse_decode_attention_tpu(q, k, v, block_indices, lengths, block_size=block_size,
+                                           block_counts=block_counts, scale=scale, k_pos=k_pos, q_pos=q_pos,
+                                           window=window, interpret=interpret)
     for name, val in (("block_size", block_size), ("head_dim", h)):
         if val < 16 or val & (val - 1):
             raise ValueError(f"{name}={val} must be a power of two >= 16 for the triton backend")

@@ -132,6 +132,6 @@ def test_bad_inputs_name_the_values(rng):
         call(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, k_res=kr, v_res=kr)
     with pytest.raises(ValueError, match=r"pass both k_res and v_res"):
         call(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, k_res=kr)
-    with pytest.raises(ValueError, match=r"backend='mosaic_tpu' is not supported by this kernel"):
-        call(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, backend="mosaic_tpu")
+    with pytest.raises(ValueError, match=r"backend='cuda' is not supported by this kernel"):
+        call(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, backend="cuda")
 
