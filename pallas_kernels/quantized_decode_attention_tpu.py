@@ -8,7 +8,7 @@ q [B, T, Nq, H]; k_codes uint32 [B, N, S/pw, H] (packed along tokens), k_scale/k
 
 Grid (B, N, S/block_s [+ 1]), the last axis "arbitrary": step i attends to quantized tokens
 [i * block_s, (i + 1) * block_s), the extra last step (only with a residual window) to the
-residual window with its causal rule, all through one online softmax kept in VMEM scratch
+residual window (query t sees slots r < res_len - (T - 1 - t)), all through one online softmax kept in VMEM scratch
 (so nothing is merged afterwards). The lengths are scalar-prefetched: steps past a (row, KV
 head)'s length are skipped with `pl.when`, and their BlockSpec index_map repeats the last
 valid block so the pipeline issues no DMA for them.
@@ -23,13 +23,16 @@ Dequantization in VMEM (codes are `packing.pack` words: code j of a word in bits
     <= 255, exact in bfloat16) is multiplied by a 0/1 matrix [H/pw, H] that sends word c's
     byte to the channels c*pw + j it holds; the sum is every channel's byte (exact, float32
     accumulation), shifted/masked to its code. The per-(token, channel-group) scales / zeros
-    [block_s, H/Gv] are spread to [block_s, H] the same way (float32 at HIGHEST precision).
+    [block_s, H/Gv] are spread to [block_s, H] the same way (bfloat16 in one pass, other
+    dtypes as float32 at HIGHEST precision). K and V then go to the dots in q's dtype
+    (float32 with `dequant_f32`), like the Triton kernel.
 
 Shapes: block_s (default: the largest of 512, 256, ..., 8 that fits) must divide S, be a
 multiple of 8 and of pw = 32 // bits, and divide or be divided by the key group Gk.
 bits in {2, 4, 8}. On a real TPU head_dim should be a multiple of 128 (lane tiling); smaller
 head dims run in interpret mode, which is what the CPU tests use. Validated in the TPU
-interpreter only (`interpret=True`): no TPU was available to compile or time it.
+interpreter only (`interpret=True`), and its lowering to Mosaic checked from CPU; no TPU was
+available to compile (Mosaic's layout passes) or time it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from jax import lax
 from . import _compat
 from ._compat import pl
 from ._decode_common import NEG_INIT, group_rows, per_head, ungroup_rows
+from .quantized_decode_attention import _infer, _u32_to_f32
 
 _BLOCK_CHOICES = (512, 256, 128, 64, 32, 16, 8)
 
@@ -52,8 +56,8 @@ def _fits(bs: int, s: int, pw: int, gk: int) -> bool:
 
 
 def _lane_spread(x, rep: int, width: int, dtype, precision=None):
-    """x [r, c] -> [r, c * rep] with column c repeated `rep` times, as a dot with a 0/1 matrix
-    (exact for bfloat16 integers <= 256, or float32 at HIGHEST precision)."""
+    """x [r, c] -> [r, c * rep] with column c repeated `rep` times, as a dot with a 0/1 matrix:
+    exact, every output being one input times 1 (bfloat16 in one MXU pass, float32 at HIGHEST)."""
     c = x.shape[1]
     col = lax.broadcasted_iota(jnp.int32, (c, width), 1)
     sel = (col // rep == lax.broadcasted_iota(jnp.int32, (c, width), 0)).astype(dtype)
@@ -63,8 +67,6 @@ def _lane_spread(x, rep: int, width: int, dtype, precision=None):
 
 def _values(vw, vs, vz, bits: int, h: int):
     """Words [bs, H/pw] uint32, scales / zeros [bs, H/Gv] -> float32 values [bs, H]."""
-    from .quantized_decode_attention import _u32_to_f32
-
     pw, cpb = 32 // bits, 8 // bits  # codes per word, per byte
     col = lax.broadcasted_iota(jnp.int32, (vw.shape[1], h), 1)
     row = lax.broadcasted_iota(jnp.int32, (vw.shape[1], h), 0)
@@ -89,8 +91,6 @@ def _values(vw, vs, vz, bits: int, h: int):
 
 def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *rest, bits, scale, bs, gk,
             gq, t, n, nsb, has_res, compute_dtype):
-    from .quantized_decode_attention import _u32_to_f32
-
     if has_res:
         kr_ref, vr_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, kbuf = rest
     else:
@@ -241,8 +241,6 @@ def quantized_decode_attention_tpu(q, k_codes, k_scale, k_zero, v_codes, v_scale
     """Mosaic TPU KIVI decode attention (module docstring); `interpret=True` runs it in the TPU
     interpreter. block_sizes: a `DecodeBlockSizes` (only block_s and dequant_f32 apply here)
     or None. Returns (out [B, T, Nq, H] q.dtype, lse [B, T, Nq] float32)."""
-    from .quantized_decode_attention import _infer
-
     b, t, nq, h, n, s, gk, gv = _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
     pw = 32 // bits
     if block_sizes is None:

@@ -11,8 +11,9 @@ Grid (B, N, K), the K axis "arbitrary": step j of (row, KV head) attends to its 
 block, carrying the online-softmax state (m, l, acc) in VMEM scratch. The block numbers are
 scalar-prefetched into SMEM so the k/v BlockSpec index_map DMAs only the selected blocks.
 Before the kernel (a few integer ops on [B, N, K]) the selection is cleaned to what the
-reference means: entries past `block_counts`, out of range (< 0) or starting at or past the
-length are dropped, duplicates count once, and the rest is sorted (sequential reads) and
+reference means: entries past `block_counts`, negative, or starting at or past the length
+(so also past the cache) are dropped, duplicates count once (the Triton kernel clamps
+out-of-range numbers and counts a duplicate twice), and the rest is sorted (sequential reads) and
 packed to the front; steps past the kept count repeat the last kept block number (the
 pipeline sees an unchanged block index and issues no DMA) and are skipped with `pl.when`.
 GQA: the T * Gq query rows of one KV head are the rows of one tile (`group_rows`), padded
@@ -22,7 +23,8 @@ along as a [1, block_size] lane row and the query positions as a [rows, 1] colum
 Shapes: block_size must be a multiple of 8 (sublane tiling; 16 suits bfloat16 better).
 On a real TPU head_dim should be a multiple of 128 (lane tiling); smaller head dims
 (e.g. 32, 64) run in interpret mode, which is what the CPU tests use. Validated in the TPU
-interpreter only (`interpret=True`): no TPU was available to compile or time it.
+interpreter only (`interpret=True`), and its lowering to Mosaic checked from CPU; no TPU was
+available to compile (Mosaic's layout passes) or time it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from jax import lax
 from . import _compat
 from ._compat import pl
 from ._decode_common import NEG_INIT, group_rows, per_head, ungroup_rows
+from .sparse_decode_attention import _check, _check_positions
 
 
 def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, *rest, bs: int, kk: int, n: int, scale: float,
@@ -164,8 +167,6 @@ def sparse_decode_attention_tpu(q, k, v, block_indices, lengths, *, block_size: 
                                 interpret: bool = False):
     """Mosaic TPU sparse decode attention (module docstring); `interpret=True` runs it in the
     TPU interpreter. Returns (out [B, T, Nq, H] q.dtype, lse [B, T, Nq] float32)."""
-    from .sparse_decode_attention import _check, _check_positions
-
     b, t, nq, h, n, s = _check(q, k, v, block_indices, block_size)
     _check_positions(k_pos, q_pos, b, t, n, s)
     if window is not None and (k_pos is None or window < 1):
