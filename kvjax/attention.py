@@ -97,13 +97,76 @@ def _attention_block(q, k, v, q_pos, k_pos, window, scale, want_mass):
     return out.reshape(b, t, nq, h).astype(q.dtype), lse, mass
 
 
+def _skipping_attention(q, k, v, q_pos, k_pos, window, scale, kv_chunk):
+    """Online-softmax attention of q [B,T,Nq,H] over the slots in blocks of `kv_chunk`, skipping
+    (with `lax.cond`, so the work is not done) every block no query can see: its valid positions
+    all lie after the last query's, or before the window. Exact for any slot layout; on a causal
+    prefill it skips about half of the blocks. Returns (out [B,T,Nq,H], lse [B,T,Nq])."""
+    b, t, nq, h = q.shape
+    n, s = k.shape[1], k.shape[2]
+    g = nq // n
+    nb = -(-s // kv_chunk)
+    pad = nb * kv_chunk - s
+    if pad:
+        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k, v))
+        k_pos = jnp.pad(k_pos, ((0, 0), (0, 0), (0, pad)), constant_values=-1)
+    big = jnp.iinfo(jnp.int32).max
+    kpb = k_pos.reshape(b, n, nb, kv_chunk)
+    kmin = jnp.min(jnp.where(kpb >= 0, kpb, big), axis=(0, 1, 3))  # [nb]
+    kmax = jnp.max(kpb, axis=(0, 1, 3))
+    qmax = jnp.max(jnp.where(q_pos >= 0, q_pos, -1))
+    qmin = jnp.min(jnp.where(q_pos >= 0, q_pos, big))
+    scale = h**-0.5 if scale is None else scale
+    (qg,) = _cpu_dot_operands(q.reshape(b, t, n, g, h))
+
+    def block(j, carry):
+        m, l, acc = carry
+        start = j * kv_chunk
+        kb, vb = (jax.lax.dynamic_slice_in_dim(x, start, kv_chunk, axis=2) for x in (k, v))
+        pb = jax.lax.dynamic_slice_in_dim(k_pos, start, kv_chunk, axis=2)
+        kb, vb = _cpu_dot_operands(kb, vb)
+        logits = jnp.einsum("btngh,bnsh->bngts", qg, kb, preferred_element_type=jnp.float32) * scale
+        mask = visibility_mask(q_pos, pb, window)[:, :, None]
+        logits = jnp.where(mask, logits, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1, keepdims=True))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(logits - m_safe)
+        l = l * alpha + jnp.sum(p, axis=-1, keepdims=True)
+        pv = jnp.einsum("bngts,bnsh->bngth", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        return m_new, l, acc * alpha + pv
+
+    def maybe(j, carry):
+        visible = (kmin[j] <= qmax) & (kmax[j] >= 0)
+        if window is not None:
+            visible &= kmax[j] > qmin - window
+        return jax.lax.cond(visible, block, lambda _, c: c, j, carry)
+
+    init = (jnp.full((b, n, g, t, 1), -jnp.inf, jnp.float32), jnp.zeros((b, n, g, t, 1), jnp.float32),
+            jnp.zeros((b, n, g, t, h), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, nb, maybe, init)
+    seen = l > 0
+    out = acc / jnp.where(seen, l, 1.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]  # [B,N,G,T]
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, nq, h)
+    return out.astype(q.dtype), jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, nq)
+
+
 def attention_reference(
-    q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False, q_chunk=512
+    q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False, q_chunk=512, kv_chunk=128
 ) -> AttentionOutput:
     """Exact attention in jnp (float32 softmax), processed in query chunks of `q_chunk`
-    so memory stays O(q_chunk * S). Shapes as in the module docstring."""
+    so memory stays O(q_chunk * S). Without `want_mass`, several queries over more than
+    `kv_chunk` slots take the block-skipping online softmax (`_skipping_attention`) in
+    `kv_chunk` x `kv_chunk` tiles (128: fastest of 64-1024 for a SmolLM2 prefill on XLA:CPU,
+    2-3x faster than the unskipped path at 2k-4k tokens). Shapes as in the module docstring."""
     b, t, nq, h = q.shape
+    skip = not want_mass and t > 1 and k.shape[2] > kv_chunk
+    if skip:
+        q_chunk = kv_chunk
     if t <= q_chunk:
+        if skip:
+            return AttentionOutput(*_skipping_attention(q, k, v, q_pos, k_pos, window, scale, kv_chunk))
         out, lse, mass = _attention_block(q, k, v, q_pos, k_pos, window, scale, want_mass)
         return AttentionOutput(out, lse, mass)
     pad = (-t) % q_chunk
@@ -114,6 +177,8 @@ def attention_reference(
     pc = pp.reshape(b, nc, q_chunk).swapaxes(0, 1)
 
     def one(args):
+        if skip:
+            return _skipping_attention(args[0], k, v, args[1], k_pos, window, scale, kv_chunk) + (None,)
         return _attention_block(args[0], k, v, args[1], k_pos, window, scale, want_mass)
 
     out, lse, mass = jax.lax.map(one, (qc, pc))
