@@ -98,7 +98,7 @@ def _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block, backend=None
     idx = jnp.broadcast_to(jnp.arange(nblk, dtype=jnp.int32), (b, n, nblk))
     lens = jnp.full((b, n), s, jnp.int32)
     return sparse_decode_attention(q, k, v, idx, lens, block_size=block, scale=scale, k_pos=k_pos, q_pos=q_pos,
-                                   window=window, backend=backend, interpret=interpret)
+                                   window=window, selection_is_clean=True, backend=backend, interpret=interpret)
 
 
 def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False) -> AttentionOutput:

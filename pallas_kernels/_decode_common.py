@@ -78,3 +78,21 @@ def per_head(x, b: int, n: int, name: str):
     if x.shape != (b, n):
         raise ValueError(f"{name} must be [B]=({b},) or [B, N]=({b}, {n}); got shape {x.shape}")
     return x
+
+
+def clean_selection(block_indices, counts, lengths, *, block_size: int, num_blocks: int):
+    """block_indices [B, N, K], counts [B, N], lengths [B, N] -> (indices [B, N, K] int32: the
+    kept blocks sorted and packed to the front, then the last kept one repeated (0 if none);
+    kept counts [B, N] int32). Kept = listed (j < count), 0 <= idx, idx * block_size < length,
+    first occurrence."""
+    kk = block_indices.shape[-1]
+    nvalid = (jnp.clip(lengths, 0, num_blocks * block_size) + block_size - 1) // block_size
+    idx = block_indices.astype(jnp.int32)
+    ok = (jnp.arange(kk) < counts[..., None]) & (idx >= 0) & (idx < nvalid[..., None])
+    key = jnp.sort(jnp.where(ok, idx, num_blocks), axis=-1)  # num_blocks = "dropped", sorts last
+    dup = jnp.concatenate([jnp.zeros_like(key[..., :1], bool), key[..., 1:] == key[..., :-1]], axis=-1)
+    key = jnp.sort(jnp.where(dup, num_blocks, key), axis=-1)
+    kept = jnp.sum(key < num_blocks, axis=-1, dtype=jnp.int32)
+    last = jnp.take_along_axis(key, jnp.maximum(kept - 1, 0)[..., None], axis=-1)
+    last = jnp.where(kept[..., None] > 0, last, 0)
+    return jnp.where(jnp.arange(kk) < kept[..., None], key, last), kept

@@ -271,7 +271,7 @@ def _tpu_kernel(cnt_ref, idx_ref, flg_ref, len_ref, q_ref, k_ref, v_ref, o_ref, 
 def _tpu_call(q, k, v, meta, lengths, *, spec, scale, bs: BlockSizes, has_lengths, interpret):
     pltpu = _compat.pltpu
     b, t, nq, h = q.shape
-    s, n = k.shape[1], k.shape[2]
+    n = k.shape[2]
     g = nq // n
     counts, indices, partial = meta
     per_head = indices.shape[0] > 1

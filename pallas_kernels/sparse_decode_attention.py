@@ -31,7 +31,7 @@ from jax import lax
 
 from . import _compat
 from ._compat import pl
-from ._decode_common import finish, group_rows, init_carry, merge_splits, online_update, per_head, ungroup_rows
+from ._decode_common import clean_selection, finish, group_rows, init_carry, merge_splits, online_update, per_head, ungroup_rows
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -142,9 +142,9 @@ def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, *rest, bs, per_split
     finish(lax.fori_loop(0, n_here, body, init_carry(rows, h)), o_ref, lse_ref)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "scale", "bsz", "interpret", "window"))
+@functools.partial(jax.jit, static_argnames=("block_size", "scale", "bsz", "interpret", "window", "clean"))
 def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, k_pos, q_pos, *, block_size, scale, bsz,
-                       interpret, window):
+                       interpret, window, clean=False):
     b, t, nq, h = q.shape
     n, s = k.shape[1], k.shape[2]
     kk = block_indices.shape[2]
@@ -152,8 +152,11 @@ def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, k_pos, q_p
     per_split = -(-kk // splits)
     qr, rows = group_rows(q, n)
     rows_p = qr.shape[2]
-    # Out-of-range block numbers would read outside the cache: clamp them (they stay selected).
-    idx = jnp.clip(block_indices.astype(jnp.int32), 0, s // block_size - 1)
+    if clean:  # the caller promises distinct in-range blocks
+        idx = jnp.clip(block_indices.astype(jnp.int32), 0, s // block_size - 1)
+    else:  # the reference's meaning: drop out-of-range and repeated blocks (a repeat would count twice)
+        idx, block_counts = clean_selection(block_indices, block_counts, lengths, block_size=block_size,
+                                            num_blocks=s // block_size)
     idx = jnp.pad(idx, ((0, 0), (0, 0), (0, splits * per_split - kk)))
     full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
     positions = k_pos is not None
@@ -190,9 +193,13 @@ def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, k_pos, q_p
 
 def sparse_decode_attention(q, k, v, block_indices, lengths, *, block_size: int, block_counts=None,
                             scale: float | None = None, k_pos=None, q_pos=None, window: int | None = None,
-                            block_sizes: SparseDecodeBlockSizes | None = None,
+                            block_sizes: SparseDecodeBlockSizes | None = None, selection_is_clean: bool = False,
                             backend: str | None = None, interpret: bool = False):
-    """See module docstring. Returns (out [B, T, Nq, H], lse [B, T, Nq] float32)."""
+    """See module docstring. Returns (out [B, T, Nq, H], lse [B, T, Nq] float32).
+
+    Block numbers that are repeated, negative or past the last block are dropped, as in the
+    reference (a sort per (row, head)); `selection_is_clean=True` skips that pass when the
+    caller knows the list is distinct and in range (e.g. every block, in order)."""
     b, t, nq, h, n, s = _check(q, k, v, block_indices, block_size)
     _check_positions(k_pos, q_pos, b, t, n, s)
     if window is not None and (k_pos is None or window < 1):
@@ -219,4 +226,4 @@ def sparse_decode_attention(q, k, v, block_indices, lengths, *, block_size: int,
     scale = float(h**-0.5 if scale is None else scale)
     return _sparse_decode_jit(q, k, v, block_indices, jnp.minimum(counts, kk), lengths, k_pos, q_pos,
                               block_size=block_size, scale=scale, bsz=block_sizes or SparseDecodeBlockSizes(),
-                              interpret=interpret, window=window)
+                              interpret=interpret, window=window, clean=selection_is_clean)

@@ -60,6 +60,19 @@ def test_position_masking(rng, t, window):
     assert_attention_close(out, lse, ref_out, ref_lse, jnp.float32, "position-masked decode")
 
 
+def test_repeated_and_out_of_range_blocks_count_once(rng):
+    """A repeated block number attends once and a negative or past-the-end one not at all, as
+    in the reference (the kernel used to clamp and double-count them)."""
+    b, nq, n, s, h, bs = 1, 2, 2, 128, 32, 32
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    q, k, v = f(b, 1, nq, h), f(b, n, s, h), f(b, n, s, h)
+    idx = jnp.asarray([[[2, 2, 0, 9, -1], [3, 1, 3, 4, 1]]], jnp.int32)
+    lens = jnp.asarray([[s, 100]], jnp.int32)
+    out, lse = sda.sparse_decode_attention(q, k, v, idx, lens, block_size=bs, interpret=INTERPRET)
+    ref_out, ref_lse = sda.sparse_decode_attention_reference(q, k, v, idx, lens, block_size=bs)
+    assert_attention_close(out, lse, ref_out, ref_lse, jnp.float32, "messy selection")
+
+
 def test_position_arguments_errors(rng):
     q, k = jnp.zeros((1, 1, 2, 32)), jnp.zeros((1, 1, 64, 32))
     idx, lens = jnp.zeros((1, 1, 2), jnp.int32), jnp.array([64])
