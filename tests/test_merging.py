@@ -202,10 +202,12 @@ def kvmerger_reference(q, k, v, lengths, budget, threshold, window, group):
             mass = p[bi, ni * group:(ni + 1) * group].sum(axis=(0, 1))[:length]
             kk, vv = k[bi, :length, ni], v[bi, :length, ni]
             recent = np.arange(length) >= length - window
+            cos = [kk[s] @ kk[s - 1] / np.linalg.norm(kk[s]) / np.linalg.norm(kk[s - 1]) for s in range(1, length)]
+            cands = [s for s in range(1, length) if not recent[s] and not recent[s - 1] and cos[s - 1] >= threshold]
+            linked = set(sorted(cands, key=lambda s: (-cos[s - 1], s))[:length - keep])  # at most length - keep links
             sets, cur = [], [0]
             for s in range(1, length):
-                cos = kk[s] @ kk[s - 1] / np.linalg.norm(kk[s]) / np.linalg.norm(kk[s - 1])
-                if not recent[s] and not recent[s - 1] and cos >= threshold:
+                if s in linked:
                     cur.append(s)
                 else:
                     sets.append(cur)
@@ -234,6 +236,19 @@ def test_merging_sets_follow_consecutive_key_similarity(rng):
     mergeable[8] = False  # a token outside the mergeable range splits its run
     ids = np.asarray(merging_sets(jnp.asarray(k)[None, None], jnp.asarray(mergeable)[None, None], 0.99))[0, 0]
     np.testing.assert_array_equal(ids, [0, 0, 0, 1, 2, 2, 3, 3, 4, 5])
+
+
+def test_merging_links_are_capped_most_similar_first(rng):
+    """max_links keeps only the most similar links: the budget bounds how much is merged."""
+    angles = np.array([0.0, 0.01, 0.5, 0.52, 1.5, 1.5005])  # neighbour gaps 0.01, 0.49, 0.02, 0.98, 0.0005
+    k = np.stack([np.cos(angles), np.sin(angles)], -1)
+    mergeable = jnp.ones((1, 1, 6), bool)
+    ids = merging_sets(jnp.asarray(k)[None, None], mergeable, 0.0, max_links=jnp.asarray([2]))
+    np.testing.assert_array_equal(np.asarray(ids)[0, 0], [0, 0, 1, 2, 3, 3])  # the two closest pairs only
+    ids = merging_sets(jnp.asarray(k)[None, None], mergeable, 0.0, max_links=jnp.asarray([3]))
+    np.testing.assert_array_equal(np.asarray(ids)[0, 0], [0, 0, 1, 1, 2, 2])
+    uncapped = merging_sets(jnp.asarray(k)[None, None], mergeable, 0.6)
+    np.testing.assert_array_equal(np.asarray(uncapped)[0, 0], [0, 0, 0, 0, 1, 1])  # cos(0.98 rad) = 0.56 < 0.6
 
 
 def test_gaussian_merge_matches_hand_computation(rng):
