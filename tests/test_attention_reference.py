@@ -1,6 +1,7 @@
 """The jnp reference attention: its block-skipping online softmax (long prompts, CPU path)
 equals one exact softmax over all slots, for any slot layout."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,11 +31,11 @@ def test_block_skipping_equals_one_softmax(rng, window, layout, dtype):
     q, k, v, qp, kp = _case(rng, 2, 300, 4, 2, 700, 32, dtype, layout)
     got = attention.attention_reference(q, k, v, qp, kp, window=window)
     want_out, want_lse, _ = attention._attention_block(q, k, v, qp, kp, window, None, False)
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    tol = 1e-5 if dtype == jnp.float32 and jax.default_backend() == "cpu" else 1e-2  # GPU float32 dots use TF32
     np.testing.assert_allclose(np.asarray(got.out, np.float32), np.asarray(want_out, np.float32), atol=tol, rtol=tol)
     np.testing.assert_array_equal(np.isfinite(got.lse), np.isfinite(want_lse))
     fin = np.isfinite(want_lse)
-    np.testing.assert_allclose(np.asarray(got.lse)[fin], np.asarray(want_lse)[fin], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.lse)[fin], np.asarray(want_lse)[fin], atol=tol)
     assert not np.isnan(np.asarray(got.out, np.float32)).any()
 
 

@@ -76,8 +76,11 @@ def test_reordered_cache_prefill_falls_back_exactly(rng, kernel_runs):
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32)
     qp = jnp.arange(s - t, s, dtype=jnp.int32)[None]
     got, want = _both(q, k, v, qp, kp)
-    np.testing.assert_array_equal(got.out, want.out)
-    np.testing.assert_array_equal(got.lse, want.lse)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got.out, want.out)
+        np.testing.assert_array_equal(got.lse, want.lse)
+    else:  # the same jnp code compiled into two programs: TF32 dots may round differently
+        assert_attention_close(got.out, got.lse, want.out, want.lse, jnp.float32, "reference fallback")
     assert kernel_runs == [], "a reordered cache must not reach the prefill kernel"
 
 

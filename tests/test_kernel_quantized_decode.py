@@ -3,6 +3,7 @@ Caches are built with `pallas_kernels.packing.pack` in the layout the quantizati
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,8 +82,9 @@ def test_reference_matches_plain_attention_on_dequantized_cache(rng):
     pos = jnp.where(jnp.arange(s)[None, None] < lens[..., None], jnp.arange(s), -1)
     want = attention_reference(q, k, v, jnp.full((b, 1), s), pos)
     out, lse = qda.quantized_decode_attention_reference(q, *cache, lens, bits=bits)
-    np.testing.assert_allclose(out, want.out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(lse, want.lse, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if jax.default_backend() == "cpu" else 5e-3  # GPU float32 dots default to TF32
+    np.testing.assert_allclose(out, want.out, rtol=tol, atol=tol)
+    np.testing.assert_allclose(lse, want.lse, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
