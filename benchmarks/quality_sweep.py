@@ -37,7 +37,7 @@ GRIDS = {
     "issue3_kv": dict(tasks=["kv_retrieval"], contexts=[4096], modes=["inside"], engines=["kvjax"],
                       methods=("dense",) + EVICTION, trials={"kv_retrieval": 5}, batch_size=5, out="issue3_4k"),
     "issue3_merging": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
-                           methods=MERGING, trials={"passkey": 3}, batch_size=3),
+                           methods=MERGING, trials={"passkey": 3}, batch_size=3, out="issue3_4k"),
     "issue7": dict(tasks=["passkey", "kv_retrieval"], contexts=[2048], modes=["inside", "excluded"],
                    engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED, trials=3, batch_size=3,
                    kvjax_only=("tova",)),
