@@ -16,7 +16,6 @@ import json
 import os
 import time
 
-import numpy as np
 
 
 def _table(rows, cols):
