@@ -17,7 +17,6 @@ import os
 import time
 
 
-
 def _table(rows, cols):
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
