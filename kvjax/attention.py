@@ -156,12 +156,14 @@ def attention_reference(
     q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False, q_chunk=512, kv_chunk=128
 ) -> AttentionOutput:
     """Exact attention in jnp (float32 softmax), processed in query chunks of `q_chunk`
-    so memory stays O(q_chunk * S). Without `want_mass`, several queries over more than
+    so memory stays O(q_chunk * S). On CPU, without `want_mass`, several queries over more than
     `kv_chunk` slots take the block-skipping online softmax (`_skipping_attention`) in
     `kv_chunk` x `kv_chunk` tiles (128: fastest of 64-1024 for a SmolLM2 prefill on XLA:CPU,
     2-3x faster than the unskipped path at 2k-4k tokens). Shapes as in the module docstring."""
     b, t, nq, h = q.shape
-    skip = not want_mass and t > 1 and k.shape[2] > kv_chunk
+    # CPU only: on GPUs / TPUs each `lax.cond` is a device-to-host sync, and the kernels serve
+    # the long prefills there anyway.
+    skip = not want_mass and t > 1 and k.shape[2] > kv_chunk and jax.default_backend() == "cpu"
     if skip:
         q_chunk = kv_chunk
     if t <= q_chunk:
