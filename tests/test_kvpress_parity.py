@@ -10,6 +10,8 @@ best within that rounding can land on either side: we require >= 99.5% of the ke
 agree and measured 99.9-100% (a handful of ties out of 9,000-18,000 kept tokens).
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -31,7 +33,12 @@ def prompt_ids(smollm2):
     from kvjax.eval import load_text
 
     text = load_text("kjv-judges")
-    start = np.random.default_rng().integers(0, len(text) - 4000)
+    # A fixed prompt by default, so CI is deterministic: agreement is prompt-dependent (ties at
+    # the k-th score); a random prompt measured 99.3% once for SnapKV (65 of 9,000), most give
+    # 99.9-100%. KVJAX_TEST_SEED=N tries another prompt.
+    seed = int(os.environ.get("KVJAX_TEST_SEED", 0))
+    print(f"prompt seed {seed} (replay with KVJAX_TEST_SEED={seed})")
+    start = np.random.default_rng(seed).integers(0, len(text) - 4000)
     return smollm2.tokenizer.encode(text[start : start + 4000])[:400]
 
 
@@ -94,4 +101,5 @@ def test_kept_indices_match_kvpress(press_name, kwargs, spec, agreement, smollm2
             assert len(t) == len(o)  # same budget per layer and head
             total += len(t)
             agree += len(t & o)
+    print(f"{press_name}: {agree}/{total} kept tokens agree")
     assert agree / total >= agreement, f"{press_name}: {agree}/{total} kept tokens agree"
