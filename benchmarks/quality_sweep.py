@@ -33,7 +33,7 @@ MERGING = ("elastic", "kvmerger", "locret")
 # and trained methods run their own prefill per episode, so they get their own small grids.
 GRIDS = {
     "issue3": dict(tasks=["passkey", "ppl"], contexts=[4096], modes=["inside"], engines=["kvjax"],
-                   methods=("dense",) + EVICTION, trials={"passkey": 20}, batch_size=5),
+                   methods=("dense",) + EVICTION, trials={"passkey": 10}, batch_size=5),
     "issue3_kv": dict(tasks=["kv_retrieval"], contexts=[4096], modes=["inside"], engines=["kvjax"],
                       methods=("dense",) + EVICTION, trials={"kv_retrieval": 5}, batch_size=5, out="issue3_4k"),
     "issue3_merging": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
