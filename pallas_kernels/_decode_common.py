@@ -1,5 +1,6 @@
-"""Pieces shared by the decode kernels: GQA row grouping, the online-softmax step, and the
-LSE merge of split-K partial results."""
+"""Pieces shared by the decode kernels: GQA row grouping, the online-softmax step (in registers
+for the Triton kernels, in VMEM scratch refs for the Mosaic TPU ones), and the LSE merge of
+split-K partial results."""
 
 from __future__ import annotations
 
@@ -96,3 +97,31 @@ def clean_selection(block_indices, counts, lengths, *, block_size: int, num_bloc
     last = jnp.take_along_axis(key, jnp.maximum(kept - 1, 0)[..., None], axis=-1)
     last = jnp.where(kept[..., None] > 0, last, 0)
     return jnp.where(jnp.arange(kk) < kept[..., None], key, last), kept
+
+
+def scratch_init(m_scr, l_scr, acc_scr):
+    """Start an online softmax held in scratch refs m, l [rows, 1] and acc [rows, H]."""
+    m_scr[...] = jnp.full(m_scr.shape, NEG_INIT, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+
+def scratch_update(m_scr, l_scr, acc_scr, s, v):
+    """`online_update` on scratch refs: scaled masked logits s [rows, n], values v [n, H]."""
+    m_prev = m_scr[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m_prev - m_new)
+    p = jnp.exp(s - m_new)
+    l_scr[...] = l_scr[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    acc_scr[...] = acc_scr[...] * alpha + pv
+    m_scr[...] = m_new
+
+
+def scratch_finish(m_scr, l_scr, acc_scr, o_ref, lse_ref):
+    """`finish` from scratch refs (lse reshaped to lse_ref's block)."""
+    l = l_scr[...]
+    seen = l > 0
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = (acc_scr[...] / l_safe).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(l_safe), -jnp.inf).reshape(lse_ref.shape)

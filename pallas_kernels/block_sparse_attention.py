@@ -26,9 +26,9 @@ from jax import lax
 
 from . import _compat
 from ._compat import pl
+from ._decode_common import NEG_INIT, scratch_finish, scratch_init, scratch_update
 from .block_mask import BlockMetadata, MaskSpec, build_block_metadata
 
-_NEG_INIT = -1e30  # running-max start: finite, so fully masked blocks give p = 0, alpha = 1
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -185,7 +185,7 @@ def _generic_kernel(cnt_ref, idx_ref, flg_ref, len_ref, q_ref, k_ref, v_ref, o_r
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return acc * alpha[:, None] + pv, m_new, l
 
-    init = (jnp.zeros((bq, h), jnp.float32), jnp.full((bq,), _NEG_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    init = (jnp.zeros((bq, h), jnp.float32), jnp.full((bq,), NEG_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
     acc, m, l = lax.fori_loop(0, cnt, body, init)
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
@@ -238,9 +238,7 @@ def _tpu_kernel(cnt_ref, idx_ref, flg_ref, len_ref, q_ref, k_ref, v_ref, o_ref, 
 
     @pl.when(j == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, _NEG_INIT, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        scratch_init(m_scr, l_scr, acc_scr)
 
     @pl.when(j < cnt_ref[(bi * hm + hs) * nqb + qi])
     def _block():
@@ -250,22 +248,11 @@ def _tpu_kernel(cnt_ref, idx_ref, flg_ref, len_ref, q_ref, k_ref, v_ref, o_ref, 
             qpos = qi * bq + spec.q_offset + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
             kpos = start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
             s = jnp.where(_element_visible(qpos, kpos, length, spec, has_lengths), s, -jnp.inf)
-        m_prev = m_scr[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m_prev - m_new)
-        p = jnp.exp(s - m_new)
-        l_scr[...] = l_scr[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        acc_scr[...] = acc_scr[...] * alpha + pv
-        m_scr[...] = m_new
+        scratch_update(m_scr, l_scr, acc_scr, s, v)
 
     @pl.when(j == maxk - 1)
     def _finish():
-        l = l_scr[...]
-        seen = l > 0
-        l_safe = jnp.where(seen, l, 1.0)
-        o_ref[...] = (acc_scr[...] / l_safe).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(l_safe), -jnp.inf).reshape(lse_ref.shape)
+        scratch_finish(m_scr, l_scr, acc_scr, o_ref, lse_ref)
 
 
 def _tpu_call(q, k, v, meta, lengths, *, spec, scale, bs: BlockSizes, has_lengths, interpret):

@@ -45,7 +45,7 @@ from jax import lax
 
 from . import _compat
 from ._compat import pl
-from ._decode_common import NEG_INIT, group_rows, per_head, ungroup_rows
+from ._decode_common import group_rows, per_head, scratch_finish, scratch_init, scratch_update, ungroup_rows
 from .quantized_decode_attention import _infer, _u32_to_f32
 
 _BLOCK_CHOICES = (512, 256, 128, 64, 32, 16, 8)
@@ -102,19 +102,7 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
 
     @pl.when(si == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, NEG_INIT, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
-
-    def update(s, v):
-        m_prev = m_scr[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m_prev - m_new)
-        p = jnp.exp(s - m_new)
-        l_scr[...] = l_scr[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        acc_scr[...] = acc_scr[...] * alpha + pv
-        m_scr[...] = m_new
+        scratch_init(m_scr, l_scr, acc_scr)
 
     length = len_ref[bn]
 
@@ -138,7 +126,7 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
         kpos = si * bs + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         s = jnp.where(kpos < length, s, -jnp.inf)
         v = _values(vc_ref[...], vs_ref[...], vz_ref[...], bits, h)
-        update(s, v.astype(compute_dtype))
+        scratch_update(m_scr, l_scr, acc_scr, s, v.astype(compute_dtype))
 
     if has_res:
         @pl.when(si == nsb)
@@ -149,15 +137,11 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
             row_t = lax.broadcasted_iota(jnp.int32, s.shape, 0) // gq  # query token of each row
             limit = rlen_ref[bn] - (t - 1 - row_t)
             s = jnp.where(lax.broadcasted_iota(jnp.int32, s.shape, 1) < limit, s, -jnp.inf)
-            update(s, vr_ref[...].astype(compute_dtype))
+            scratch_update(m_scr, l_scr, acc_scr, s, vr_ref[...].astype(compute_dtype))
 
     @pl.when(si == nsb + (1 if has_res else 0) - 1)
     def _finish():
-        l = l_scr[...]
-        seen = l > 0
-        l_safe = jnp.where(seen, l, 1.0)
-        o_ref[...] = (acc_scr[...] / l_safe).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(l_safe), -jnp.inf)
+        scratch_finish(m_scr, l_scr, acc_scr, o_ref, lse_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "scale", "block_s", "dequant_f32", "interpret"))

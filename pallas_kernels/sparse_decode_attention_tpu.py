@@ -37,7 +37,7 @@ from jax import lax
 
 from . import _compat
 from ._compat import pl
-from ._decode_common import NEG_INIT, clean_selection, group_rows, per_head, ungroup_rows
+from ._decode_common import clean_selection, group_rows, per_head, scratch_finish, scratch_init, scratch_update, ungroup_rows
 from .sparse_decode_attention import _check, _check_positions
 
 
@@ -52,9 +52,7 @@ def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, *rest, bs: int, kk: 
 
     @pl.when(j == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, NEG_INIT, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        scratch_init(m_scr, l_scr, acc_scr)
 
     @pl.when(j < cnt_ref[bn])
     def _block():
@@ -71,22 +69,11 @@ def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, *rest, bs: int, kk: 
             if window is not None:
                 vis &= (qp - kp) < window
         s = jnp.where(vis, s, -jnp.inf)
-        m_prev = m_scr[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m_prev - m_new)
-        p = jnp.exp(s - m_new)
-        l_scr[...] = l_scr[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        acc_scr[...] = acc_scr[...] * alpha + pv
-        m_scr[...] = m_new
+        scratch_update(m_scr, l_scr, acc_scr, s, v)
 
     @pl.when(j == kk - 1)
     def _finish():
-        l = l_scr[...]
-        seen = l > 0
-        l_safe = jnp.where(seen, l, 1.0)
-        o_ref[...] = (acc_scr[...] / l_safe).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_scr[...] + jnp.log(l_safe), -jnp.inf)
+        scratch_finish(m_scr, l_scr, acc_scr, o_ref, lse_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "scale", "window", "interpret"))
