@@ -12,6 +12,7 @@ Prints a table; with $OUT set, writes generate_bench.json there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -107,7 +108,7 @@ def _filled_state(cfg, batch, ctx, new, dtype):
     return KVState(layers, jnp.full((batch,), ctx, jnp.int32))
 
 
-def gpu_bench(contexts=(8192, 32768), batches=(1, 8), new_tokens=33, hf=True):
+def gpu_bench(contexts=(8192, 32768), batches=(1, 8), new_tokens=33, hf=True, fused_variants=(False, True)):
     import jax
     import jax.numpy as jnp
 
@@ -129,32 +130,36 @@ def gpu_bench(contexts=(8192, 32768), batches=(1, 8), new_tokens=33, hf=True):
     bw = 2 * x.nbytes / min(ts)
     del x
     print(f"HBM copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    t = time.perf_counter()
-    params = _random_params(cfg, jnp.bfloat16)
-    jax.block_until_ready(params)
-    weight_bytes = sum(p.nbytes for p in jax.tree_util.tree_leaves(params))
-    print(f"weights ready in {time.perf_counter() - t:.1f}s ({weight_bytes / 1e9:.2f} GB)", flush=True)
     rows = []
-    for ctx in contexts:
-        for b in batches:
-            state = _filled_state(cfg, b, ctx, new_tokens, jnp.bfloat16)
-            logits = jax.random.normal(jax.random.key(1), (b, cfg.vocab_size), jnp.float32)
-            kw = dict(config=cfg, policy=Dense(), max_new_tokens=new_tokens, sampler=Sampler(), stop_ids=(),
-                      dtype=jnp.bfloat16)
-            jax.block_until_ready(decode(params, state, logits, jax.random.key(0), **kw))  # compile
-            times = []
-            for _ in range(3):
-                t = time.perf_counter()
-                jax.block_until_ready(decode(params, state, logits, jax.random.key(0), **kw))
-                times.append(time.perf_counter() - t)
-            step = min(times) / (new_tokens - 1)
-            kv_read = b * ctx * cfg.kv_bytes_per_token(2)
-            roof = (weight_bytes + kv_read) / bw
-            rows.append({"context": ctx, "batch": b, "impl": "kvjax", "ms/step": f"{1000 * step:.2f}",
-                         "roofline ms": f"{1000 * roof:.2f}", "x roofline": f"{step / roof:.2f}",
-                         "tok/s": f"{b / step:.0f}"})
-            print(rows[-1], flush=True)
-            del state
+    for fused in fused_variants:  # q/k/v and gate/up as one matmul each, or five
+        vcfg = dataclasses.replace(cfg, fused_projections=fused)
+        t = time.perf_counter()
+        params = _random_params(vcfg, jnp.bfloat16)
+        jax.block_until_ready(params)
+        weight_bytes = sum(p.nbytes for p in jax.tree_util.tree_leaves(params))
+        print(f"weights ready in {time.perf_counter() - t:.1f}s ({weight_bytes / 1e9:.2f} GB)", flush=True)
+        impl = "kvjax (fused projections)" if fused else "kvjax"
+        for ctx in contexts:
+            for b in batches:
+                state = _filled_state(vcfg, b, ctx, new_tokens, jnp.bfloat16)
+                logits = jax.random.normal(jax.random.key(1), (b, vcfg.vocab_size), jnp.float32)
+                kw = dict(config=vcfg, policy=Dense(), max_new_tokens=new_tokens, sampler=Sampler(), stop_ids=(),
+                          dtype=jnp.bfloat16)
+                jax.block_until_ready(decode(params, state, logits, jax.random.key(0), **kw))  # compile
+                times = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    jax.block_until_ready(decode(params, state, logits, jax.random.key(0), **kw))
+                    times.append(time.perf_counter() - t)
+                step = min(times) / (new_tokens - 1)
+                kv_read = b * ctx * vcfg.kv_bytes_per_token(2)
+                roof = (weight_bytes + kv_read) / bw
+                rows.append({"context": ctx, "batch": b, "impl": impl, "ms/step": f"{1000 * step:.2f}",
+                             "roofline ms": f"{1000 * roof:.2f}", "x roofline": f"{step / roof:.2f}",
+                             "tok/s": f"{b / step:.0f}"})
+                print(rows[-1], flush=True)
+                del state
+        del params
     if hf:
         rows += _hf_gpu(cfg, bw, weight_bytes)
     print(f"Llama-3.1-8B-shaped random bf16 weights on {dev.device_kind}; HBM copy {bw / 1e12:.2f} TB/s")

@@ -1,6 +1,7 @@
 """The quality grids behind BENCHMARKS.md "Quality" and docs/quality/ (SmolLM2, CPU).
 
     python benchmarks/quality_sweep.py run issue3          # 4k: eviction methods, passkey + perplexity
+    python benchmarks/quality_sweep.py run issue3_seed1    # 4k: 10 more passkey trials (seed 1)
     python benchmarks/quality_sweep.py run issue3_kv       # 4k: the same methods on KV retrieval
     python benchmarks/quality_sweep.py run issue3_merging  # 4k: merging and trained methods (own prefills)
     python benchmarks/quality_sweep.py run issue7          # 2k: passkey + KV retrieval, kvjax and kvpress
@@ -34,6 +35,9 @@ MERGING = ("elastic", "kvmerger", "locret")
 GRIDS = {
     "issue3": dict(tasks=["passkey", "ppl"], contexts=[4096], modes=["inside"], engines=["kvjax"],
                    methods=("dense",) + EVICTION, trials={"passkey": 10}, batch_size=5),
+    # a second seed doubles issue 3's passkey trials to 20 (the table sums over seeds)
+    "issue3_seed1": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"], seeds=[1],
+                         methods=("dense",) + EVICTION, trials={"passkey": 10}, batch_size=5, out="issue3_4k"),
     "issue3_kv": dict(tasks=["kv_retrieval"], contexts=[4096], modes=["inside"], engines=["kvjax"],
                       methods=("dense",) + EVICTION, trials={"kv_retrieval": 5}, batch_size=5, out="issue3_4k"),
     "issue3_merging": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
@@ -70,7 +74,8 @@ def run(grid: str) -> None:
     cells = []
     for engine in g["engines"]:
         extra = [m for m in g.get("kvjax_only", ()) if engine == "kvjax"]  # no kvpress press for these
-        cells += sweep.plan(g["tasks"], methods + extra, BUDGETS, g["contexts"], [0], g["modes"], [engine])
+        cells += sweep.plan(g["tasks"], methods + extra, BUDGETS, g["contexts"], g.get("seeds", [0]), g["modes"],
+                            [engine])
     if "excluded_tasks" in g:  # the question-excluded placement only for these tasks
         cells = [c for c in cells if c.mode != "excluded" or c.task in g["excluded_tasks"]]
     cells.sort(key=lambda c: (c.context, g["tasks"].index(c.task), c.mode, c.engine))  # grid order
@@ -87,9 +92,16 @@ def table(grid: str) -> str:
     from kvjax.eval.sweep import read_jsonl
 
     rows: dict = {}
-    for r in read_jsonl(os.path.join(_out(grid), "cells.jsonl")):
+    for r in read_jsonl(os.path.join(_out(grid), "cells.jsonl")):  # cells of several seeds add up
         label, budget = method_label(r["policy"])
-        rows.setdefault((label, budget), {})[r["task"]] = r
+        prev = rows.setdefault((label, budget), {}).get(r["task"])
+        if prev is not None and r["task"] == "ppl":
+            r = prev  # one text window is the perplexity
+        elif prev is not None and prev["status"] == r["status"] == "ok":
+            r = {**r, "correct": prev["correct"] + r["correct"], "questions": prev["questions"] + r["questions"]}
+        elif prev is not None and prev["status"] != "ok":
+            r = prev  # an error in any seed shows
+        rows[(label, budget)][r["task"]] = r
     head = ("| method | budget | passkey | KV retrieval | perplexity | KV bytes (MB) | vs dense |\n"
             "|---|---|---|---|---|---|---|")
     dense = rows.get(("dense", None), {}).get("passkey", {}).get("kv_bytes")

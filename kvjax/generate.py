@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
+import types
 from typing import Sequence
 
 import jax
@@ -220,3 +222,14 @@ def generate(model, prompts: str | Sequence[str], *, policy: Policy | str = "den
         "policy": pol.spec(),
     }
     return GenerateOutput(texts, out, n_out, state, stats)
+
+
+class _CallableModule(types.ModuleType):
+    """Makes `kvjax.generate(model, prompts, ...)` call `generate` while `kvjax.generate.prefill`,
+    `.decode` and `from kvjax.generate import ...` keep working (the module stays the module)."""
+
+    def __call__(self, *args, **kwargs) -> GenerateOutput:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

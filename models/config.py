@@ -46,6 +46,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
     sliding_window: int | None = None  # Mistral v0.1 style local attention
+    fused_projections: bool = False  # q/k/v and gate/up as one matmul each (models.fuse_projections)
     bos_id: int | None = 1
     eos_ids: tuple[int, ...] = (2,)
     pad_id: int = 0

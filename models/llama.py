@@ -49,9 +49,14 @@ class Attention(nn.Module):
     def __call__(self, x, positions, state, ctx):
         c = self.config
         b, t, _ = x.shape
-        q = _dense(c.num_heads * c.head_dim, "q_proj", self.dtype, self.param_dtype, c.qkv_bias)(x)
-        k = _dense(c.num_kv_heads * c.head_dim, "k_proj", self.dtype, self.param_dtype, c.qkv_bias)(x)
-        v = _dense(c.num_kv_heads * c.head_dim, "v_proj", self.dtype, self.param_dtype, c.qkv_bias)(x)
+        nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        if c.fused_projections:  # one [D, nq + 2 nkv] matmul (a single weight read per decode step)
+            qkv = _dense(nq + 2 * nkv, "qkv_proj", self.dtype, self.param_dtype, c.qkv_bias)(x)
+            q, k, v = jnp.split(qkv, [nq, nq + nkv], axis=-1)
+        else:
+            q = _dense(nq, "q_proj", self.dtype, self.param_dtype, c.qkv_bias)(x)
+            k = _dense(nkv, "k_proj", self.dtype, self.param_dtype, c.qkv_bias)(x)
+            v = _dense(nkv, "v_proj", self.dtype, self.param_dtype, c.qkv_bias)(x)
         q = apply_rope(q.reshape(b, t, c.num_heads, c.head_dim), positions, c)
         k = apply_rope(k.reshape(b, t, c.num_kv_heads, c.head_dim), positions, c)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
@@ -69,8 +74,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = _dense(c.intermediate_size, "gate_proj", self.dtype, self.param_dtype)(x)
-        up = _dense(c.intermediate_size, "up_proj", self.dtype, self.param_dtype)(x)
+        if c.fused_projections:
+            gate, up = jnp.split(_dense(2 * c.intermediate_size, "gate_up_proj", self.dtype, self.param_dtype)(x), 2, -1)
+        else:
+            gate = _dense(c.intermediate_size, "gate_proj", self.dtype, self.param_dtype)(x)
+            up = _dense(c.intermediate_size, "up_proj", self.dtype, self.param_dtype)(x)
         return _dense(c.hidden_size, "down_proj", self.dtype, self.param_dtype)(nn.silu(gate) * up)
 
 

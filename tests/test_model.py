@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.models import PRESETS, forward, get_preset, init_params
+from kvjax.models import PRESETS, forward, fuse_projections, get_preset, init_params
 from kvjax.models.rope import apply_rope, inverse_frequencies, invert_rope
 from kvjax.policies import Dense
 from kvjax.state import LayerContext
@@ -85,6 +85,28 @@ def test_incremental_decoding_equals_full_forward_ragged(tiny_config, tiny_param
     for r in range(b):
         n = int(lengths[r])
         np.testing.assert_allclose(inc[r, : n - p0], full[r, p0:n], rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_projections_compute_the_same_model(tiny_config, rng, qkv_bias):
+    """fuse_projections concatenates q/k/v and gate/up; logits stay those of the separate weights."""
+    cfg = dataclasses.replace(tiny_config, qkv_bias=qkv_bias)
+    params = jax.tree_util.tree_map(lambda x: x + 0.1 * jnp.ones_like(x), init_params(cfg, jax.random.key(1)))
+    fused, fcfg = fuse_projections(params, cfg)
+    attn = fused["params"]["layers_0"]["self_attn"]
+    assert fcfg.fused_projections and set(attn) == {"qkv_proj", "o_proj"}
+    assert set(fused["params"]["layers_0"]["mlp"]) == {"gate_up_proj", "down_proj"}
+    assert ("bias" in attn["qkv_proj"]) == qkv_bias
+    assert fuse_projections(fused, fcfg)[0] is fused  # already fused: unchanged
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(2, 9)), jnp.int32)
+    lengths = jnp.asarray([9, 6])
+    a, inc_a, _ = _full_and_incremental(params, cfg, tokens, lengths)
+    b, inc_b, _ = _full_and_incremental(fused, fcfg, tokens, lengths)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(inc_b, inc_a, rtol=1e-5, atol=1e-5)
+    broken = {"params": {**params["params"], "layers_1": {**params["params"]["layers_1"], "mlp": {}}}}
+    with pytest.raises(ValueError, match=r"layers_1.mlp lacks \['gate_proj', 'up_proj'\]"):
+        fuse_projections(broken, cfg)
 
 
 @pytest.mark.slow
