@@ -137,6 +137,20 @@ def test_generate_batch_of_ragged_prompts_matches_single(tiny_config, tiny_param
     assert both.stats["kv_bytes"] > 0 and both.stats["decode_tokens_per_s"] > 0
 
 
+def test_top_level_api(tiny_config, tiny_params):
+    """`kvjax.load` and `kvjax.generate(model, prompts, policy=...)`; the module stays importable."""
+    import kvjax
+    import kvjax.generate as gen_module
+
+    from kvjax.loaders import load
+
+    m = _Model(tiny_config, tiny_params)
+    out = kvjax.generate(m, "short", max_new_tokens=3, stop_ids=(), policy=kvjax.policies.StreamingLLM(budget=0.5, sink=1))
+    ref = generate(m, "short", max_new_tokens=3, stop_ids=(), policy="streaming:budget=0.5,sink=1")
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    assert kvjax.load is load and kvjax.generate.prefill is prefill and gen_module is kvjax.generate
+
+
 def test_generate_errors(tiny_config, tiny_params):
     m = _Model(tiny_config, tiny_params)
     with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1"):
