@@ -2,12 +2,14 @@
 
     python benchmarks/quality_sweep.py run issue3          # 4k: eviction methods, passkey + perplexity
     python benchmarks/quality_sweep.py run issue3_seed1    # 4k: 10 more passkey trials (seed 1)
+    python benchmarks/quality_sweep.py run issue3_merging_seed1  # 4k: merging rows to 20 trials
     python benchmarks/quality_sweep.py run issue3_kv       # 4k: the same methods on KV retrieval
     python benchmarks/quality_sweep.py run issue3_merging  # 4k: merging and trained methods (own prefills)
     python benchmarks/quality_sweep.py run issue7          # 2k: passkey + KV retrieval, kvjax and kvpress
     python benchmarks/quality_sweep.py run issue7_more     # 2k: prefix_suffix, qa, majority, both engines
     python benchmarks/quality_sweep.py run issue7_merging  # 2k: passkey for merging / trained methods
     python benchmarks/quality_sweep.py run issue7_4k       # 4k: passkey, kvjax and kvpress side by side
+    python benchmarks/quality_sweep.py run issue7_4k_more  # 4k: the other tasks, kvjax only
     python benchmarks/quality_sweep.py table issue3        # markdown for BENCHMARKS.md
     python benchmarks/quality_sweep.py report issue7       # docs/quality/issue7: report.md + PNG plots
 
@@ -42,6 +44,9 @@ GRIDS = {
                       methods=("dense",) + EVICTION, trials={"kv_retrieval": 5}, batch_size=5, out="issue3_4k"),
     "issue3_merging": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials={"passkey": 3}, batch_size=3, out="issue3_4k"),
+    # 17 more trials (seed 1) take the merging / trained rows to 20 (run on a GPU: they prefill per episode)
+    "issue3_merging_seed1": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"], seeds=[1],
+                                 methods=MERGING, trials={"passkey": 17}, batch_size=3, out="issue3_4k"),
     "issue7": dict(tasks=["passkey", "kv_retrieval"], contexts=[2048], modes=["inside", "excluded"],
                    engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED, trials=3, batch_size=3,
                    kvjax_only=("tova",)),
@@ -50,6 +55,9 @@ GRIDS = {
                         excluded_tasks=["qa"], kvjax_only=("tova",), out="issue7"),
     "issue7_4k": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax", "kvpress"],
                       methods=("dense",) + PRESSED, trials=3, batch_size=3, out="issue7"),
+    "issue7_4k_more": dict(tasks=["kv_retrieval", "prefix_suffix", "qa", "majority"], contexts=[4096],
+                           modes=["inside", "excluded"], engines=["kvjax"], methods=("dense",) + PRESSED, trials=3,
+                           batch_size=3, excluded_tasks=["qa"], kvjax_only=("tova",), out="issue7"),
     "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials=3, batch_size=3, out="issue7"),
 }
@@ -61,7 +69,7 @@ def _out(grid: str) -> str:
     return os.path.join(ROOT, "docs", "quality", "runs", name)
 
 
-def run(grid: str) -> None:
+def run(grid: str, model_path: str = "smollm2") -> None:
     from kvjax.eval import kvpress_bridge, sweep
     from kvjax.loaders import load
     from kvjax.policies import REGISTRY
@@ -79,8 +87,8 @@ def run(grid: str) -> None:
     if "excluded_tasks" in g:  # the question-excluded placement only for these tasks
         cells = [c for c in cells if c.mode != "excluded" or c.task in g["excluded_tasks"]]
     cells.sort(key=lambda c: (c.context, g["tasks"].index(c.task), c.mode, c.engine))  # grid order
-    model = load("smollm2")
-    hf = kvpress_bridge.load_hf("smollm2") if "kvpress" in g["engines"] else None
+    model = load(model_path)
+    hf = kvpress_bridge.load_hf(model_path) if "kvpress" in g["engines"] else None
     sweep.enable_compilation_cache()
     sweep.run_sweep(model, cells, _out(grid), trials=g["trials"], batch_size=g["batch_size"],
                     options=g.get("options"), hf=hf)
@@ -129,9 +137,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cmd", choices=["run", "table", "report"])
     p.add_argument("grid", choices=sorted(GRIDS))
+    p.add_argument("--model", default="smollm2", help="the SmolLM2 GGUF by path (e.g. on a machine without the package)")
     a = p.parse_args()
     if a.cmd == "run":
-        run(a.grid)
+        run(a.grid, a.model)
     elif a.cmd == "table":
         print(table(a.grid))
     else:
