@@ -10,7 +10,7 @@ the measured compression ratio, one line per method, kvpress dashed.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from ..policies.registry import parse_policy
 from .sweep import read_jsonl
@@ -133,7 +133,11 @@ def write_report(directory: str, out: str | None = None) -> str:
     os.makedirs(out, exist_ok=True)
     names = plots(cells, out)
     ok, bad = _rows(cells)
-    md = [f"# Quality sweep: {os.path.relpath(directory)}\n", f"{len(ok)} cells finished, {len(bad)} failed.\n", tables(cells)]
+    ran = Counter(d for r in ok for d in r.get("devices", ["not recorded"]))
+    where = ", ".join(f"{d}: {n}" for d, n in sorted(ran.items()))
+    md = [f"# Quality sweep: {os.path.relpath(directory)}\n",
+          f"{len(ok)} cells finished, {len(bad)} failed. Cells by device ({where}); prefill / decode seconds "
+          "are only comparable between cells of one device.\n", tables(cells)]
     if bad:
         md.append("### Failed cells\n")
         md += [f"* {r['engine']} {r['task']} {r['policy']} {r['context']} {r['mode']}: {r.get('error', '?')}" for r in bad]

@@ -146,8 +146,16 @@ def _aggregate(cell: Cell, parts: list[dict]) -> dict:
     for k in ("prefill_s", "decode_s"):
         out[k] = float(sum(p[k] for p in warm) / episodes)
     out["shared_capture"] = parts[0]["shared_capture"]
+    out["devices"] = sorted({p.get("device", "unrecorded") for p in parts})  # where the batches ran
     out["samples"] = [s for p in parts for s in p["samples"]][:40]
     return out
+
+
+def _device(engine: str) -> str:
+    """What ran the cell: the jax device kind (kvjax) or torch's device (kvpress, CPU torch)."""
+    import jax
+
+    return "cpu (torch)" if engine == "kvpress" else jax.devices()[0].device_kind
 
 
 def _part(cell, b, episodes, res: SessionResult, model, pol, width) -> dict:
@@ -159,6 +167,7 @@ def _part(cell, b, episodes, res: SessionResult, model, pol, width) -> dict:
             "dense_kv_bytes": res.dense_kv_bytes, "prefill_s": res.capture_s + res.compress_s,
             "decode_s": res.append_s + res.decode_s,
             "shared_capture": cell.engine == "kvpress" or shares_prefill(pol),
+            "device": _device(cell.engine),
             "samples": [{"depth": e.depth, "answers": [t.answer for t in e.turns], "outputs": o}
                         for e, o in zip(episodes, res.outputs)]}
 
@@ -247,7 +256,7 @@ def _run_ppl(model, cells, state, text, tick):
             r["kv_bytes_held"], r["kv_bytes"] = r["kv_bytes"], _state_bytes(model, pol, 1, c0.context // 2)
             r["compression_ratio"] = r["kv_bytes"] / max(r["dense_kv_bytes"], 1)
             _write(state["cells_path"], {**dataclasses.asdict(c), "status": "ok", **r,
-                                         "shared_capture": shares_prefill(pol)})
+                                         "shared_capture": shares_prefill(pol), "devices": [_device(c.engine)]})
         except Exception as e:
             _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error", "error": f"{type(e).__name__}: {e}"})
         tick(1)
