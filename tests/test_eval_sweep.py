@@ -4,7 +4,9 @@ interruption without redoing finished work, failing cells recorded, plan validat
 import json
 import types
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from kvjax.eval import session, sweep
@@ -68,6 +70,7 @@ def test_sweep_resumes_and_records_errors(tiny, tmp_path, monkeypatch):
     assert sorted(r["policy"] for r in ok) == ["dense", "knorm:budget=0.5"]
     for r in ok:
         assert r["trials"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and r["kv_bytes"] > 0
+        assert r["devices"] == [jax.devices()[0].device_kind]  # where its batches ran
     knorm = next(r for r in ok if r["policy"].startswith("knorm"))
     dense = next(r for r in ok if r["policy"] == "dense")
     assert knorm["kv_bytes"] < 0.6 * dense["kv_bytes"]
@@ -80,8 +83,6 @@ def test_sweep_resumes_and_records_errors(tiny, tmp_path, monkeypatch):
 
 def test_ppl_cells_match_metrics(tiny, tmp_path, monkeypatch):
     """The sweep's perplexity (shared capture, chunked feeding) equals metrics.perplexity."""
-    import numpy as np
-
     from kvjax.eval.metrics import perplexity
     from kvjax.policies import parse_policy
 
@@ -95,6 +96,7 @@ def test_ppl_cells_match_metrics(tiny, tmp_path, monkeypatch):
     for r in rows:
         ref = perplexity(tiny, ids[start : start + 256], parse_policy(r["policy"]))
         assert r["status"] == "ok" and r["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
+        assert r["devices"] == [jax.devices()[0].device_kind]
 
 
 def test_episodes_are_woven_into_the_text_not_its_name(tiny, tmp_path, monkeypatch):
