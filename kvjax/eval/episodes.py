@@ -127,13 +127,17 @@ def _kv_turn(word, value):
                 f"Answer: The code for {word} is", value)
 
 
-def kv_retrieval(tokenizer, context, depth, seed, text, pairs: int = 2, turns: int = 1):
-    """`pairs` word->4-digit lines in one block at `depth`; `turns` distinct keys asked."""
+def kv_retrieval(tokenizer, context, depth, seed, text, pairs: int = 2, turns: int = 1, repeat: int = 1):
+    """`pairs` word->4-digit lines in one block at `depth`; `turns` distinct keys asked.
+    repeat: each line stated that many times in a row (as the passkey needle states its key
+    twice), which makes the task easier for a small model at long context."""
     if not 1 <= turns <= pairs:
         raise ValueError(f"turns={turns} must be in [1, pairs={pairs}]")
+    if repeat < 1:
+        raise ValueError(f"repeat={repeat} must be >= 1")
     rng = np.random.default_rng(seed)
     kv = _kv_lines(rng, pairs)
-    block = "\n".join(f"The code for {w} is {v}." for w, v in kv)
+    block = "\n".join(" ".join([f"The code for {w} is {v}."] * repeat) for w, v in kv)
     asked = [_kv_turn(*kv[i]) for i in rng.permutation(pairs)[:turns]]
     ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, seed, [(depth, block)]), asked[0].question)
     return Episode("kv_retrieval", ctx, tuple(asked), seed, depth)
