@@ -44,6 +44,12 @@ def test_multi_turn_options(tok, kjv):
         make_episodes("kv_retrieval", tok, 1024, 1, 0, kjv, pairs=2, turns=3)
     with pytest.raises(ValueError, match="winner=2 must be a strict majority of votes=5"):
         make_episodes("majority", tok, 1024, 1, 0, kjv, winner=2)
+    (e,) = make_episodes("kv_retrieval", tok, 1024, 1, 0, kjv, pairs=1, repeat=2)  # the tuned 4k variant
+    assert e.context.count(f"is {e.turns[0].answer}.") == 2
+    (e,) = make_episodes("majority", tok, 1024, 1, 0, kjv, votes=7, winner=6)
+    assert e.context.count(f"Vote for the {e.turns[0].answer}.") == 6 and e.context.count("Vote for the") == 7
+    with pytest.raises(ValueError, match="repeat=0 must be >= 1"):
+        make_episodes("kv_retrieval", tok, 1024, 1, 0, kjv, repeat=0)
 
 
 def test_errors(tok, kjv):
