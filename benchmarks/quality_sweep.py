@@ -9,7 +9,7 @@
     python benchmarks/quality_sweep.py run issue7_more     # 2k: prefix_suffix, qa, majority, both engines
     python benchmarks/quality_sweep.py run issue7_merging  # 2k: passkey for merging / trained methods
     python benchmarks/quality_sweep.py run issue7_4k       # 4k: passkey, kvjax and kvpress side by side
-    python benchmarks/quality_sweep.py run issue7_4k_more  # 4k: the other tasks, kvjax only
+    python benchmarks/quality_sweep.py run issue7_4k_more  # 4k: the other tasks, both engines
     python benchmarks/quality_sweep.py table issue3        # markdown for BENCHMARKS.md
     python benchmarks/quality_sweep.py report issue7       # docs/quality/issue7: report.md + PNG plots
 
@@ -62,7 +62,7 @@ GRIDS = {
     "issue7_4k": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax", "kvpress"],
                       methods=("dense",) + PRESSED, trials=3, batch_size=3, out="issue7"),
     "issue7_4k_more": dict(tasks=["kv_retrieval", "prefix_suffix", "majority", "qa"], contexts=[4096],
-                           modes=["inside", "excluded"], engines=["kvjax"], methods=("dense",) + PRESSED, trials=3,
+                           modes=["inside", "excluded"], engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED, trials=3,
                            batch_size=3, excluded_tasks=["qa"], kvjax_only=("tova",), out="issue7", options=TUNED),
     "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials=3, batch_size=3, out="issue7"),
