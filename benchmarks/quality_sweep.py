@@ -62,8 +62,8 @@ GRIDS = {
     "issue7_4k": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax", "kvpress"],
                       methods=("dense",) + PRESSED, trials=3, batch_size=3, out="issue7"),
     "issue7_4k_more": dict(tasks=["kv_retrieval", "prefix_suffix", "majority", "qa"], contexts=[4096],
-                           modes=["inside", "excluded"], engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED, trials=3,
-                           batch_size=3, excluded_tasks=["qa"], kvjax_only=("tova",), out="issue7", options=TUNED),
+                           modes=["inside", "excluded"], engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED,
+                           trials=3, batch_size=3, excluded_tasks=["qa"], kvjax_only=("tova",), out="issue7", options=TUNED),
     "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials=3, batch_size=3, out="issue7"),
 }
