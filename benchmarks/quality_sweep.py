@@ -10,6 +10,7 @@
     python benchmarks/quality_sweep.py run issue7_merging  # 2k: passkey for merging / trained methods
     python benchmarks/quality_sweep.py run issue7_4k       # 4k: passkey, kvjax and kvpress side by side
     python benchmarks/quality_sweep.py run issue7_4k_more  # 4k: the other tasks, both engines
+    python benchmarks/quality_sweep.py run issue7_mix      # 2k and 4k: the multi-task mix, both engines
     python benchmarks/quality_sweep.py table issue3        # markdown for BENCHMARKS.md
     python benchmarks/quality_sweep.py report issue7       # docs/quality/issue7: report.md + PNG plots
 
@@ -25,11 +26,13 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o", "elastic", "kvmerger", "locret")
+METHODS = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o", "chunkkv", "elastic", "kvmerger", "locret")
 # kvpress has a press for these (h2o as ObservedAttention: normalized scores, no recent
 # window; TOVA without decode-time eviction, as kvpress's TOVAPress)
-PRESSED = ("streaming", "snapkv", "pyramidkv", "adakv", "tova:on_decode=false", "knorm", "h2o:recent=0,normalize=true")
-EVICTION = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o")
+PRESSED = ("streaming", "snapkv", "pyramidkv", "adakv", "tova:on_decode=false", "knorm", "h2o:recent=0,normalize=true",
+           "chunkkv")
+# chunkkv: the paper's SnapKV-window scorer; chunkkv:scorer=tova chunks TOVA's scores
+EVICTION = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o", "chunkkv", "chunkkv:scorer=tova")
 MERGING = ("elastic", "kvmerger", "locret")
 # Sized for a 2-core CPU (a 4k SmolLM2 prefill takes ~70 s there, 2k ~17 s): methods whose
 # prompt-time state comes from the shared dense capture are cheap per extra policy; merging
@@ -64,6 +67,10 @@ GRIDS = {
     "issue7_4k_more": dict(tasks=["kv_retrieval", "prefix_suffix", "majority", "qa"], contexts=[4096],
                            modes=["inside", "excluded"], engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED,
                            trials=3, batch_size=3, excluded_tasks=["qa"], kvjax_only=("tova",), out="issue7", options=TUNED),
+    # the multi-task mix (passkey, KV-retrieval and qa turns over one context); one code at 4k
+    "issue7_mix": dict(tasks=["mix"], contexts=[2048, 4096], modes=["inside"], engines=["kvjax", "kvpress"],
+                       methods=("dense",) + PRESSED, trials=3, batch_size=3, kvjax_only=("tova",), out="issue7",
+                       options={"mix": {"pairs": 1}}),
     "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials=3, batch_size=3, out="issue7"),
 }

@@ -8,7 +8,7 @@ from kvjax.eval.kvpress_bridge import press_for
 
 SPECS = ["streaming:budget=0.5", "snapkv:budget=0.5,window=16", "pyramidkv:budget=0.5,window=16",
          "tova:budget=0.5,on_decode=false", "knorm:budget=0.5", "h2o:budget=0.5,recent=0,normalize=true",
-         "adakv:budget=0.5,window=16"]
+         "adakv:budget=0.5,window=16", "chunkkv:budget=0.5,chunk=10,window=16"]
 
 
 @pytest.mark.kvpress
@@ -19,6 +19,9 @@ def test_press_mapping():
     assert press_for("dense") is None
     assert press_for("adakv:budget=0.1").press.compression_ratio == pytest.approx(0.9)
     assert type(press_for("tova:budget=0.3,on_decode=false")).__name__ == "TOVAPress"
+    c = press_for("chunkkv:budget=0.2,chunk=16,scorer=tova")
+    assert (type(c).__name__, type(c.press).__name__, c.chunk_length) == ("ChunkKVPress", "TOVAPress", 16)
+    assert c.compression_ratio == pytest.approx(0.8)
     for spec in ("h2o:budget=0.5", "tova:budget=0.5"):  # both evict while decoding; kvpress does not
         with pytest.raises(ValueError, match=f"no kvpress press matches '{spec}'"):
             press_for(spec)
@@ -38,7 +41,7 @@ def test_replay_equals_each_press(hf_smollm2, smollm2):
     _, kept = kb._prefill_all(hf_smollm2, ids, presses)
     for spec, press, layers in zip(SPECS, presses, kept):
         cache = DynamicCache()
-        kb._set_impl(hf_smollm2, "sdpa" if spec.startswith("adakv") else "eager")
+        kb._set_impl(hf_smollm2, "sdpa" if spec.startswith(("adakv", "chunkkv")) else "eager")
         with torch.no_grad(), press(hf_smollm2):
             hf_smollm2.model(input_ids=torch.tensor([ids]), past_key_values=cache)
         for i, layer in enumerate(cache.layers):

@@ -172,6 +172,39 @@ def test_streaming_keeps_sinks_and_recent(tiny_config, tiny_params, rng):
         sorted(pos2[pos2 >= 0].tolist()) == [0, 1, 2, 3] + list(range(64 + 4 - 13, 64 + 4))
 
 
+@pytest.mark.parametrize("scorer", ["snapkv", "tova", "knorm"])
+def test_chunkkv_keeps_whole_chunks_shared_by_heads(scorer, tiny_config, tiny_params, rng):
+    """Rows of 64, 53 and 41 tokens at 25% kept, chunks of 4: every head keeps the same
+    positions, and at most one chunk (the one crossing the budget) is kept in part."""
+    pol = parse_policy(f"chunkkv:budget=0.25,chunk=4,scorer={scorer},window=4")
+    tokens, lengths = _prompts(rng, tiny_config)
+    _, state, _, _ = _run(tiny_params, tiny_config, pol, tokens, lengths, max_new=2)
+    for layer in state.layers:
+        pos = np.asarray(layer.pos)
+        for r, n in enumerate(np.asarray(lengths)):
+            kept = [set(p[p >= 0].tolist()) for p in pos[r]]
+            assert all(k == kept[0] for k in kept)
+            assert len(kept[0]) == int(n * 0.25)
+            sizes = np.bincount([p // 4 for p in kept[0]])
+            partial = [c for c, m in enumerate(sizes) if 0 < m < min(4, n - 4 * c)]
+            assert len(partial) <= 1, (sorted(kept[0]), partial)
+
+
+def test_chunk_scores_average_each_chunk_over_heads():
+    from kvjax.policies.chunkkv import chunk_scores
+
+    scores = jnp.asarray([[[1.0, 3.0, 0.0, 8.0, 5.0], [1.0, 1.0, 2.0, 0.0, 9.0]]])  # [1, 2, 5]
+    pos = jnp.asarray([[[0, 1, 2, 3, -1], [0, 1, 2, 3, -1]]])
+    out = np.asarray(chunk_scores(scores, pos, 2, 4))
+    np.testing.assert_allclose(out[0, 0, :4], [3.0, 3.0, 5.0, 5.0])  # (1+1+3+1)/2, (0+2+8+0)/2
+    np.testing.assert_array_equal(out[0, 0], out[0, 1])
+
+
+def test_chunkkv_rejects_unknown_scorer():
+    with pytest.raises(PolicyError, match="chunkkv: scorer='h2o'; expected one of"):
+        parse_policy("chunkkv:scorer=h2o")
+
+
 @pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, "x"])
 @pytest.mark.parametrize("name", EVICTION)
 def test_bad_budget(name, budget):

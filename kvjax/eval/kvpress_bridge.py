@@ -10,6 +10,7 @@
     knorm:budget=b                    KnormPress(1-b)
     h2o:budget=b,recent=0,normalize=true  ObservedAttentionPress(1-b)
     adakv:budget=b,...                AdaKVPress(SnapKVPress(1-b, w, k), alpha_safeguard)
+    chunkkv:budget=b,chunk=c,scorer=s ChunkKVPress(<s's press>(1-b), chunk_length=c)  (without weights)
     dense                             no press (HF's full cache)
 
 `run_press_sessions` runs one prefill per row for all presses at once: a forward hook on
@@ -56,8 +57,14 @@ def press_for(spec: str):
         return kvpress.KnormPress(compression_ratio=ratio)
     if name == "h2o" and pol.recent == 0 and pol.normalize:
         return kvpress.ObservedAttentionPress(compression_ratio=ratio)
+    if name == "chunkkv":
+        scorer = {"snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio, window_size=pol.window,
+                                                        kernel_size=pol.kernel),
+                  "tova": lambda: kvpress.TOVAPress(compression_ratio=ratio),
+                  "knorm": lambda: kvpress.KnormPress(compression_ratio=ratio)}[pol.scorer]()
+        return kvpress.ChunkKVPress(scorer, chunk_length=pol.chunk)
     raise ValueError(f"no kvpress press matches {spec!r}; kvpress columns exist for dense, streaming, snapkv, "
-                     "pyramidkv, adakv, knorm, tova with on_decode=false and h2o with recent=0,normalize=true")
+                     "pyramidkv, adakv, knorm, chunkkv, tova with on_decode=false and h2o with recent=0,normalize=true")
 
 
 def load_hf(model: str = "smollm2"):
@@ -105,7 +112,8 @@ def _prefill_all(hf, ids, presses):
             adakv = type(p).__name__ == "AdaKVPress"
             if adakv:  # its eager-mode guard protects decoding, which runs under sdpa here
                 module.config._attn_implementation = "sdpa"
-            k, v = p.compress(module, kwargs["hidden_states"], keys, values, output[1], kwargs)
+            weights = None if type(p).__name__ == "ChunkKVPress" else output[1]  # it refuses them
+            k, v = p.compress(module, kwargs["hidden_states"], keys, values, weights, kwargs)
             if adakv:
                 module.config._attn_implementation = "eager"
             kept[i][module.layer_idx] = (k, v, getattr(module, "masked_key_indices", None))

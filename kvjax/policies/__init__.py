@@ -3,9 +3,10 @@
 from .base import Policy, PolicyError
 from .compose import Compose
 from .dense import Dense
-from . import adakv, elastic_cache, h2o, knorm, kvmerger, locret, pyramidkv, snapkv, streaming, tova  # noqa: F401  (registers)
+from . import adakv, chunkkv, elastic_cache, h2o, knorm, kvmerger, locret, pyramidkv, snapkv, streaming, tova  # noqa: F401  (registers)
 from .registry import REGISTRY, list_policies, parse_policy, register
 from .adakv import AdaKV
+from .chunkkv import ChunkKV
 from .elastic_cache import ElasticCache
 from .kvmerger import KVMerger
 from .locret import Locret
@@ -16,4 +17,4 @@ from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
 
-__all__ = ["AdaKV", "ElasticCache", "KVMerger", "Locret", "H2O", "KNorm", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA", "Compose", "Policy", "PolicyError", "Dense", "REGISTRY", "list_policies", "parse_policy", "register"]
+__all__ = ["AdaKV", "ChunkKV", "ElasticCache", "KVMerger", "Locret", "H2O", "KNorm", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA", "Compose", "Policy", "PolicyError", "Dense", "REGISTRY", "list_policies", "parse_policy", "register"]
