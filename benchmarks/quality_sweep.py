@@ -3,6 +3,7 @@
     python benchmarks/quality_sweep.py run issue3          # 4k: eviction methods, passkey + perplexity
     python benchmarks/quality_sweep.py run issue3_seed1    # 4k: 10 more passkey trials (seed 1)
     python benchmarks/quality_sweep.py run issue3_merging_seed1  # 4k: merging rows to 20 trials
+    python benchmarks/quality_sweep.py run issue3_chunk_seed2  # 4k: 10 more trials, chunk rows + TOVA
     python benchmarks/quality_sweep.py run issue3_kv       # 4k: the same methods on KV retrieval
     python benchmarks/quality_sweep.py run issue3_merging  # 4k: merging and trained methods (own prefills)
     python benchmarks/quality_sweep.py run issue7          # 2k: passkey + KV retrieval, kvjax and kvpress
@@ -48,6 +49,10 @@ GRIDS = {
     # a second seed doubles issue 3's passkey trials to 20 (the table sums over seeds)
     "issue3_seed1": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"], seeds=[1],
                          methods=("dense",) + EVICTION, trials={"passkey": 10}, batch_size=5, out="issue3_4k"),
+    # 10 more passkey trials (seed 2) for the chunk rows and TOVA, beside the 20-trial table
+    "issue3_chunk_seed2": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"], seeds=[2],
+                               methods=("tova", "chunkkv", "chunkkv:scorer=tova"), trials={"passkey": 10},
+                               batch_size=5, out="issue3_4k_seed2"),
     "issue3_kv": dict(tasks=["kv_retrieval"], contexts=[4096], modes=["inside"], engines=["kvjax"],
                       methods=("dense",) + EVICTION, trials={"kv_retrieval": 10}, batch_size=5, out="issue3_4k",
                       options=TUNED),
