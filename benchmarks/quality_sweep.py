@@ -11,7 +11,7 @@
     python benchmarks/quality_sweep.py run issue7_merging  # 2k: passkey for merging / trained methods
     python benchmarks/quality_sweep.py run issue7_4k       # 4k: passkey, kvjax and kvpress side by side
     python benchmarks/quality_sweep.py run issue7_4k_more  # 4k: the other tasks, both engines
-    python benchmarks/quality_sweep.py run issue7_mix      # 2k and 4k: the multi-task mix, both engines
+    python benchmarks/quality_sweep.py run issue7_mix      # 2k: the multi-task mix, both engines
     python benchmarks/quality_sweep.py table issue3        # markdown for BENCHMARKS.md
     python benchmarks/quality_sweep.py report issue7       # docs/quality/issue7: report.md + PNG plots
 
@@ -72,8 +72,8 @@ GRIDS = {
     "issue7_4k_more": dict(tasks=["kv_retrieval", "prefix_suffix", "majority", "qa"], contexts=[4096],
                            modes=["inside", "excluded"], engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED,
                            trials=3, batch_size=3, excluded_tasks=["qa"], kvjax_only=("tova",), out="issue7", options=TUNED),
-    # the multi-task mix (passkey, KV-retrieval and qa turns over one context); one code at 4k
-    "issue7_mix": dict(tasks=["mix"], contexts=[2048, 4096], modes=["inside"], engines=["kvjax", "kvpress"],
+    # the multi-task mix (passkey, KV-retrieval and qa turns over one context), one code
+    "issue7_mix": dict(tasks=["mix"], contexts=[2048], modes=["inside"], engines=["kvjax", "kvpress"],
                        methods=("dense",) + PRESSED, trials=3, batch_size=3, kvjax_only=("tova",), out="issue7",
                        options={"mix": {"pairs": 1}}),
     "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
