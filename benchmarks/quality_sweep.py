@@ -51,7 +51,7 @@ GRIDS = {
                          methods=("dense",) + EVICTION, trials={"passkey": 10}, batch_size=5, out="issue3_4k"),
     # 10 more passkey trials (seed 2) for the chunk rows and TOVA, beside the 20-trial table
     "issue3_chunk_seed2": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"], seeds=[2],
-                               methods=("tova", "chunkkv", "chunkkv:scorer=tova"), trials={"passkey": 10},
+                               methods=("dense", "tova", "chunkkv", "chunkkv:scorer=tova"), trials={"passkey": 10},
                                batch_size=5, out="issue3_4k_seed2"),
     "issue3_kv": dict(tasks=["kv_retrieval"], contexts=[4096], modes=["inside"], engines=["kvjax"],
                       methods=("dense",) + EVICTION, trials={"kv_retrieval": 10}, batch_size=5, out="issue3_4k",
