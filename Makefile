@@ -24,8 +24,10 @@ demo: $(STAMP)
 		--prompt "The three most useful things to know about the ocean are" \
 		--prompt "Write one sentence about the moon:"
 
+# Two workers (CI has 2 cores; most test time is single-threaded XLA compilation); one test
+# file per worker so module fixtures (the real model, HF) load once per file.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout 900
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
