@@ -28,6 +28,12 @@ VARIANTS = [
     ("majority", 4096, {"votes": 5, "winner": 4}),
     ("majority", 2048, {"votes": 7, "winner": 6}),
     ("majority", 4096, {"votes": 7, "winner": 6}),
+    ("qa", 2048, {}),
+    ("qa", 4096, {}),
+    ("qa", 2048, {"mentions": 2}),
+    ("qa", 4096, {"mentions": 2}),
+    ("qa", 2048, {"mentions": 1, "turns": 1}),
+    ("qa", 4096, {"mentions": 1, "turns": 1}),
 ]
 
 
@@ -36,13 +42,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "kvjax_task_difficulty"))
+    ap.add_argument("--tasks", nargs="*", help="only these tasks' variants")
     a = ap.parse_args()
     from kvjax.eval import sweep
     from kvjax.loaders import load
 
     model = load(a.model)
     rows = []
-    for task, context, options in VARIANTS:
+    for task, context, options in [v for v in VARIANTS if not a.tasks or v[0] in a.tasks]:
         name = f"{task}_{context}_" + "_".join(f"{k}{v}" for k, v in sorted(options.items()))
         cells = sweep.plan([task], ["dense"], [], [context], [0])
         recs = sweep.run_sweep(model, cells, os.path.join(a.out, name), trials=a.trials, batch_size=5,

@@ -37,6 +37,9 @@ _FACTS = (  # (regex, question); group 1 = subject, group 2 = answer
     (r"\b([A-Z][a-z]+) the ([A-Z][a-z]+ite)\b", "Which people did {x} belong to?"),
 )
 _LONGEST_QA = "Question: Which people did Chushanrishathaim belong to?\nAnswer: Chushanrishathaim the Gileadite"
+# Text windows tried per qa / mix episode (seed, seed + 7919, ...) before giving up: facts are
+# sparse, and mentions= filters most of them out.
+_ATTEMPTS = 48
 HEAD = "Below is a long text. Read it carefully: I will ask you several questions about it.\n\n"
 
 
@@ -169,14 +172,17 @@ def prefix_suffix(tokenizer, context, depth, seed, text, turns: int = 1, suffix_
     return Episode("prefix_suffix", ctx, tuple(asked), seed, depth)
 
 
-def _facts(ctx: str):
+def _facts(ctx: str, mentions: int = 0):
     """Unambiguous facts [(char offset, question, answer prefix, answer)] in `ctx`; the
-    answer prefix is the context's own words before the answer ("Ehud the son of")."""
+    answer prefix is the context's own words before the answer ("Ehud the son of").
+    mentions > 0: only facts whose subject is named at most that often in `ctx`."""
     seen: dict = {}
     for regex, q in _FACTS:
         for m in re.finditer(regex, ctx):
             x, y = m.group(1), m.group(2)
             if x in _STOP or y in _STOP or x == y or x.endswith("ites"):
+                continue
+            if mentions and len(re.findall(rf"\b{x}\b", ctx)) > mentions:
                 continue
             seen.setdefault((q, x), []).append((m.start(), ctx[m.start() : m.start(2)].rstrip(), y))
     out = []
@@ -186,13 +192,14 @@ def _facts(ctx: str):
     return sorted(out)
 
 
-def qa(tokenizer, context, depth, seed, text, turns: int = 2):
-    """`turns` questions about facts of the text window itself (see module doc)."""
+def qa(tokenizer, context, depth, seed, text, turns: int = 2, mentions: int = 0):
+    """`turns` questions about facts of the text window itself (see module doc); mentions > 0:
+    ask only about people named at most that often in the window (fewer passages to confuse)."""
     rng = np.random.default_rng(seed)
-    for attempt in range(8):
+    for attempt in range(_ATTEMPTS):
         s = seed + 7919 * attempt
         ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, s, []), _LONGEST_QA)
-        facts = _facts(ctx)
+        facts = _facts(ctx, mentions)
         if len(facts) >= turns:
             break
     else:
@@ -222,8 +229,9 @@ def majority(tokenizer, context, depth, seed, text, votes: int = 5, winner: int 
     return Episode("majority", ctx, (Turn(q, names[0]),), seed, depth)
 
 
-def mix(tokenizer, context, depth, seed, text, pairs: int = 2):
-    """passkey, kv_retrieval and qa turns over one context (qa facts from the text)."""
+def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0):
+    """passkey, kv_retrieval and qa turns over one context (qa facts from the text; mentions
+    as in qa)."""
     rng = np.random.default_rng(seed)
     key = str(int(rng.integers(10000, 100000)))
     kv = _kv_lines(rng, pairs)
@@ -231,10 +239,10 @@ def mix(tokenizer, context, depth, seed, text, pairs: int = 2):
     block = "\n".join(f"The code for {w} is {v}." for w, v in kv)
     pk = Turn("What is the pass key? Answer with the five-digit number only.\nAnswer: The pass key is", key)
     inserts = [(depth, needle), (float((depth + 0.5) % 1.0), block)]
-    for attempt in range(8):
+    for attempt in range(_ATTEMPTS):
         s = seed + 7919 * attempt
         ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, s, inserts), pk.question)
-        facts = _facts(ctx)
+        facts = _facts(ctx, mentions)
         if facts:
             break
     else:
