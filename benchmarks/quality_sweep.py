@@ -6,6 +6,7 @@
     python benchmarks/quality_sweep.py run issue3_chunk_seed2  # 4k: 10 more trials, chunk rows + TOVA
     python benchmarks/quality_sweep.py run issue3_kv       # 4k: the same methods on KV retrieval
     python benchmarks/quality_sweep.py run issue3_merging  # 4k: merging and trained methods (own prefills)
+    python benchmarks/quality_sweep.py run issue3_merging_more  # 4k: their perplexity, KV retrieval (3 trials)
     python benchmarks/quality_sweep.py run issue7          # 2k: passkey + KV retrieval, kvjax and kvpress
     python benchmarks/quality_sweep.py run issue7_more     # 2k: prefix_suffix, qa, majority, both engines
     python benchmarks/quality_sweep.py run issue7_merging  # 2k: passkey for merging / trained methods
@@ -58,6 +59,10 @@ GRIDS = {
                       options=TUNED),
     "issue3_merging": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials={"passkey": 3}, batch_size=3, out="issue3_4k"),
+    # perplexity and KV retrieval (3 trials) for the merging / trained rows
+    "issue3_merging_more": dict(tasks=["ppl", "kv_retrieval"], contexts=[4096], modes=["inside"], engines=["kvjax"],
+                                methods=MERGING, trials={"kv_retrieval": 3}, batch_size=3, out="issue3_4k",
+                                options=TUNED),
     # 17 more trials (seed 1) take the merging / trained rows to 20 (run on a GPU: they prefill per episode)
     "issue3_merging_seed1": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"], seeds=[1],
                                  methods=MERGING, trials={"passkey": 17}, batch_size=3, out="issue3_4k"),

@@ -1,6 +1,8 @@
 """Task generators: deterministic per seed, answers present in the context, the first
 question fits the requested context, clear errors; plus the answer checker."""
 
+import re
+
 import pytest
 
 from kvjax.eval import load_text
@@ -50,6 +52,10 @@ def test_multi_turn_options(tok, kjv):
     assert e.context.count(f"Vote for the {e.turns[0].answer}.") == 6 and e.context.count("Vote for the") == 7
     with pytest.raises(ValueError, match="repeat=0 must be >= 1"):
         make_episodes("kv_retrieval", tok, 1024, 1, 0, kjv, repeat=0)
+    for e in make_episodes("qa", tok, 2048, 2, 0, kjv, mentions=2):  # people named at most twice
+        for t in e.turns:
+            person = t.question.split("Answer: ")[1].split()[0].rstrip(",")  # "Heber the Kenite"
+            assert 1 <= len(re.findall(rf"\b{person}\b", e.context)) <= 2, (person, t.question)
 
 
 def test_errors(tok, kjv):
