@@ -2,9 +2,7 @@
 
 import json
 import os
-import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

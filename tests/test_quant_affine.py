@@ -2,7 +2,6 @@
 Walsh-Hadamard transform and block floating point (fresh random inputs every run)."""
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings, strategies as st

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.quant import affine, calibration
+from kvjax.quant import calibration
 from kvjax.quant.kivi import KIVICodec
 from kvjax.policies import parse_policy
 from kvjax.quant.base import dequantize_state
