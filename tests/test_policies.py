@@ -200,9 +200,12 @@ def test_chunk_scores_average_each_chunk_over_heads():
     np.testing.assert_array_equal(out[0, 0], out[0, 1])
 
 
-def test_chunkkv_rejects_unknown_scorer():
+def test_chunkkv_rejects_unknown_scorer_and_a_window_longer_than_the_prompt(tiny_config, tiny_params):
     with pytest.raises(PolicyError, match="chunkkv: scorer='h2o'; expected one of"):
         parse_policy("chunkkv:scorer=h2o")
+    with pytest.raises(PolicyError, match="window=64 must be smaller than the prompt \\(32 tokens\\)"):
+        prefill(tiny_params, jnp.ones((1, 32), jnp.int32), jnp.asarray([20]), config=tiny_config,
+                policy=parse_policy("chunkkv:budget=0.5,window=64"), max_new_tokens=1)
 
 
 @pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, "x"])
