@@ -75,8 +75,7 @@ class ChunkKV(EvictionPolicy):
             raise PolicyError(f"chunkkv: scorer={self.scorer!r}; expected one of {SCORERS}")
 
     def validate(self, prompt_len, config):
-        if self.scorer == "snapkv" and self.window >= prompt_len:
-            raise PolicyError(f"window={self.window} must be smaller than the prompt ({prompt_len} tokens)")
+        self.token_scorer().validate(prompt_len, config)
 
     def token_scorer(self) -> EvictionPolicy:
         """The token-level policy whose scores the chunks average."""
