@@ -1,0 +1,175 @@
+"""The Mosaic GPU KIVI decode kernel (pallas_kernels/quantized_decode_attention_mgpu.py) on CPU:
+its fragment layout, its arithmetic (a numpy model of one CTA's partial sums, finished by the
+kernel's own XLA epilogue, against the float32 reference), lowering for a CUDA target, and its
+errors. The kernel itself runs on the GPU in `benchmarks/kernels_bench.py` (Mosaic GPU has no
+interpreter for wgmma)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.pallas_kernels import packing
+from kvjax.pallas_kernels import quantized_decode_attention as qda
+from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
+from kvjax.pallas_kernels._decode_common import merge_splits
+from kvjax.pallas_kernels.testing import assert_attention_close, lower_for
+
+
+def _cache(rng, b, n, s, h, bits, gk, gv):
+    kc = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (b, n, s, h))), bits, axis=2)
+    vc = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (b, n, s, h))), bits, axis=3)
+    bf = lambda x: jnp.asarray(x, jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+    return (kc, bf(rng.random((b, n, s // gk, h)) * 0.5), bf(rng.standard_normal((b, n, s // gk, h))),
+            vc, bf(rng.random((b, n, s, h // gv)) * 0.5), bf(rng.standard_normal((b, n, s, h // gv))))
+
+
+def _codes_from_words(words, m_rows, k_cols, bits):
+    """Inverse of the fragment packing: words [..., tiles, 128*W] -> codes [..., tiles, m_rows, k_cols]."""
+    rows, cols = mg.fragment_slots(m_rows, k_cols, bits)
+    w = np.asarray(words).reshape(*words.shape[:-1], 128, -1)
+    shifts = bits * np.arange(16 // bits)[:, None] + 16 * np.arange(2)[None, :]
+    codes = (w[..., None, None] >> shifts) & ((1 << bits) - 1)  # [..., 128, W, R, 2]
+    out = np.zeros((*words.shape[:-1], m_rows, k_cols), np.int64)
+    out[..., rows, cols] = codes
+    return out
+
+
+@pytest.mark.parametrize("m_rows,k_cols", [(64, 128), (128, 64), (64, 64), (256, 64)])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fragment_slots_hold_every_code_once(m_rows, k_cols, bits):
+    rows, cols = mg.fragment_slots(m_rows, k_cols, bits)
+    hits = np.zeros((m_rows, k_cols), int)
+    np.add.at(hits, (rows.ravel(), cols.ravel()), 1)
+    assert (hits == 1).all()
+    assert rows.shape == (128, m_rows * k_cols * bits // 32 // 128, 16 // bits, 2)
+    # a thread's two halves of a register are neighbouring columns of one row (one bf16x2)
+    np.testing.assert_array_equal(rows[..., 0], rows[..., 1])
+    np.testing.assert_array_equal(cols[..., 1], cols[..., 0] + 1)
+
+
+@pytest.mark.parametrize("bits,h", [(2, 128), (4, 64)])
+def test_to_fragment_layout_keeps_every_code(rng, bits, h):
+    b, n, s = 2, 3, 128
+    kc, ks, kz, vc, vs, vz = _cache(rng, b, n, s, h, bits, 32, 32)
+    fr = mg.to_fragment_layout(kc, ks, kz, vc, vs, vz, bits=bits)
+    keys = np.asarray(packing.unpack(kc, bits, axis=2)).reshape(b, n, s // 64, 64, h)
+    vals = np.asarray(packing.unpack(vc, bits, axis=3)).reshape(b, n, s // 64, 64, h)
+    k_tiles = _codes_from_words(fr.k_words, 64, h, bits)  # wgmma columns = permuted channels
+    np.testing.assert_array_equal(k_tiles, keys[..., mg.key_channel(np.arange(h), h)])
+    v_tiles = _codes_from_words(fr.v_words, h, 64, bits)  # V^T: rows = channels
+    np.testing.assert_array_equal(v_tiles, np.swapaxes(vals, -1, -2))
+    np.testing.assert_array_equal(fr.v_scale_t, jnp.swapaxes(vs, 2, 3))
+    assert fr.k_words.dtype == jnp.uint32 and fr.k_words.shape == (b, n, s // 64, 64 * h * bits // 32)
+
+
+def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale):
+    """numpy model of the kernel's per-CTA outputs (acc [H, NB], corr/lsum/m [64, NB] per split)
+    with the same roundings: bf16 dequantized keys, bf16 scaled probabilities, 128-offset codes."""
+    bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    qb = np.asarray(qb.astype(jnp.float32))
+    b, n, nb, h = qb.shape
+    tiles = fr.k_words.shape[2]
+    kcode = _codes_from_words(fr.k_words, 64, h, bits).reshape(b, n, tiles * 64, h)  # permuted channels
+    vcode = np.swapaxes(_codes_from_words(fr.v_words, h, 64, bits), -1, -2).reshape(b, n, tiles * 64, h)
+    perm = mg.key_channel(np.arange(h), h)
+    ks = np.repeat(np.asarray(fr.k_scale, np.float32), gk, axis=2)[..., perm]
+    kz = np.repeat(np.asarray(fr.k_zero, np.float32), gk, axis=2)[..., perm]
+    k = bf(kcode * ks + kz)  # [B,N,S,H]
+    grp = (np.arange(nb) // rows_q) % (h // gv)
+    sv = np.swapaxes(np.asarray(fr.v_scale_t, np.float32), 2, 3)[..., grp]  # [B,N,S,NB]
+    zv = np.swapaxes(np.asarray(fr.v_zero_t, np.float32), 2, 3)[..., grp]
+    per = tiles * 64 // splits
+    acc = np.zeros((b, n, splits, h, nb), np.float32)
+    corr, lsum, mm = (np.zeros((b, n, splits, 64, nb), np.float32) for _ in range(3))
+    lengths = np.asarray(lengths)
+    for bi in range(b):
+        for ni in range(n):
+            for si in range(splits):
+                sl = slice(si * per, (si + 1) * per)
+                logits = k[bi, ni, sl] @ qb[bi, ni].T * scale * np.log2(np.e)  # [per, NB]
+                pos = np.arange(si * per, (si + 1) * per)
+                logits = np.where((pos < lengths[bi, ni])[:, None], logits, -np.inf)
+                m = np.maximum(logits.max(axis=0), -1e30)
+                p = np.exp2(logits - m)
+                bv = bf(p * sv[bi, ni, sl])
+                acc[bi, ni, si] = (128.0 + vcode[bi, ni, sl]).T @ bv
+                corr[bi, ni, si, 0] = (p * zv[bi, ni, sl] - 128.0 * bv).sum(axis=0)
+                lsum[bi, ni, si, 0] = p.sum(axis=0)
+                mm[bi, ni, si] = m
+    return acc, corr, lsum, mm
+
+
+@pytest.mark.parametrize("bits,t,nq,n,h,gk,gv", [
+    (2, 1, 8, 2, 128, 32, 32),     # GQA 4, the benchmark's groups
+    (4, 2, 4, 2, 64, 64, 64),      # speculative T=2, one value group (columns repeated to 16)
+    (2, 1, 4, 2, 64, 16, 16),      # Gk = 16 (four key groups a tile)
+])
+def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, gv):
+    """The kernel's algebra — key-channel permutation, value scales folded into the probabilities,
+    128-offset codes corrected through column sums, repeated columns — finished by the kernel's own
+    XLA epilogue equals the float32 reference within bf16 tolerance."""
+    b, s, splits = 2, 256, 2
+    cache = _cache(rng, b, n, s, h, bits, gk, gv)
+    fr = mg.to_fragment_layout(*cache, bits=bits)
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
+    lengths = jnp.asarray([[s, 150], [0, 77]][:b], jnp.int32)[:, :n]
+    qb, _, rows_q = mg.query_columns(q, n, gv)
+    scale = h**-0.5
+    parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_q, splits=splits, scale=scale)
+    out, lse = mg._finish(*map(jnp.asarray, parts), rows_q=rows_q, gv=gv)
+    out, lse = merge_splits(out, lse)
+    gq = nq // n
+    out = out.reshape(b, n, t, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
+    lse = lse.reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, nq)
+    ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
+    assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi{bits} mgpu model")
+
+
+@pytest.mark.parametrize("bits,t,gk,h", [(2, 1, 32, 128), (4, 4, 128, 128), (2, 2, 16, 64)])
+def test_lowers_for_cuda(bits, t, gk, h):
+    b, nq, n, s, r = 2, 8, 2, 1024, 64
+    sds = jax.ShapeDtypeStruct
+    w = 64 * h * bits // 32
+    fr = mg.KiviFragments(sds((b, n, s // 64, w), jnp.uint32), sds((b, n, s // gk, h), jnp.bfloat16),
+                          sds((b, n, s // gk, h), jnp.bfloat16), sds((b, n, s // 64, w), jnp.uint32),
+                          sds((b, n, h // 32, s), jnp.bfloat16), sds((b, n, h // 32, s), jnp.bfloat16))
+
+    def fn(q, fr, lens, kr, vr, rl):
+        return mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
+                                                  num_splits=4)
+
+    text = lower_for("cuda", fn, sds((b, t, nq, h), jnp.bfloat16), fr, sds((b,), jnp.int32),
+                     sds((b, n, r, h), jnp.bfloat16), sds((b, n, r, h), jnp.bfloat16), sds((b,), jnp.int32))
+    assert "mosaic_gpu" in text
+
+
+def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32):
+    w = 64 * h * bits // 32
+    z = jnp.zeros
+    return mg.KiviFragments(z((b, n, s // 64, w), jnp.uint32), z((b, n, s // gk, h), jnp.bfloat16),
+                            z((b, n, s // gk, h), jnp.bfloat16), z((b, n, s // 64, w), jnp.uint32),
+                            z((b, n, h // gv, s), jnp.bfloat16), z((b, n, h // gv, s), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("kw,fr_kw,match", [
+    (dict(bits=3), {}, r"bits=3 is not supported by the Mosaic GPU KIVI kernel"),
+    (dict(dtype=jnp.float32), {}, r"q dtype=float32 is not supported .* expected bfloat16"),
+    (dict(nq=3), {}, r"query heads nq=3 must be a multiple of key/value heads n=2"),
+    (dict(), dict(bits=4), r"k_words\(1, 2, 4, 1024\)/v_words.* must be \[B, N, S/64, 512\] for bits=2"),
+    (dict(nq=2), {}, r"T \* Gq = 1 query rows per KV head must be even"),
+    (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
+])
+def test_bad_input_names_the_value(kw, fr_kw, match):
+    bits = kw.get("bits", 2)
+    q = jnp.zeros((1, 1, kw.get("nq", 8), 128), kw.get("dtype", jnp.bfloat16))
+    with pytest.raises(ValueError, match=match):
+        mg.quantized_decode_attention_mgpu(q, _frags(**fr_kw), jnp.array([256]), bits=bits)
+
+
+def test_to_fragment_layout_rejects_a_context_off_the_tile():
+    kc = jnp.zeros((1, 1, 96 // 16, 128), jnp.uint32)
+    vc = jnp.zeros((1, 1, 96, 128 // 16), jnp.uint32)
+    sc = jnp.zeros((1, 1, 3, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"S % 64 == 0 and H % 64 == 0; got S=96, H=128"):
+        mg.to_fragment_layout(kc, sc, sc, vc, jnp.zeros((1, 1, 96, 4)), jnp.zeros((1, 1, 96, 4)), bits=2)
