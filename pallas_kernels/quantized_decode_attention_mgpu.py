@@ -53,17 +53,16 @@ _MAGIC = 0x43004300  # two bf16 128.0: OR-ing a code < 128 into the mantissa giv
 
 
 class KiviFragments(NamedTuple):
-    """A KIVI cache in the fragment layout of this kernel (see module doc).
+    """A KIVI cache in the fragment layout of this kernel (see module doc); keys and values,
+    scales and zeros sit side by side so that one pipeline step issues three copies, not six.
 
-    k_words [B, N, S/64, 64*H*b/32] uint32; k_scale, k_zero [B, N, S/Gk, H] (unchanged);
-    v_words [B, N, S/64, 64*H*b/32] uint32; v_scale_t, v_zero_t [B, N, H/Gv, S] (transposed)."""
+    words [B, N, S/64, 2, 64*H*b/32] uint32 (keys, values); k_sz [B, N, S/Gk, 2, H] bf16 (key
+    scale, zero: per channel, per group of Gk tokens); v_sz_t [B, N, 2, H/Gv, S] bf16 (value
+    scale, zero: per token, per group of Gv channels; tokens last)."""
 
-    k_words: jax.Array
-    k_scale: jax.Array
-    k_zero: jax.Array
-    v_words: jax.Array
-    v_scale_t: jax.Array
-    v_zero_t: jax.Array
+    words: jax.Array
+    k_sz: jax.Array
+    v_sz_t: jax.Array
 
 
 # ----------------------------------------------------------------------------- layout
@@ -124,7 +123,10 @@ def to_fragment_layout(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, *, bi
     vrows, vcols = fragment_slots(h, TILE, bits)
     vt = jnp.swapaxes(vc.reshape(b, n, s // TILE, TILE, h), -1, -2)  # [..., H, 64]
     v_words = _pack_tiles(vt, vrows, vcols, bits)
-    return KiviFragments(k_words, k_scale, k_zero, v_words, jnp.swapaxes(v_scale, 2, 3), jnp.swapaxes(v_zero, 2, 3))
+    bf16 = jnp.bfloat16
+    return KiviFragments(jnp.stack([k_words, v_words], axis=3),
+                         jnp.stack([k_scale.astype(bf16), k_zero.astype(bf16)], axis=3),
+                         jnp.stack([jnp.swapaxes(v_scale, 2, 3), jnp.swapaxes(v_zero, 2, 3)], axis=2).astype(bf16))
 
 
 # ----------------------------------------------------------------------------- register code
@@ -133,7 +135,6 @@ def to_fragment_layout(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, *, bi
 def _mgpu():
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector
-    from jax.experimental import mosaic as _m  # noqa: F401
     import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils
@@ -154,17 +155,18 @@ def _idx(x):
     return arith.index_cast(ir.IndexType.get(), x)
 
 
-def _load_words(ref, lead, tid, words):
-    """This thread's `words` consecutive int32 words of a tile stored as [W*128/128, 128]
-    (16-byte loads; 8-byte ones when a thread has only 2 words)."""
+def _load_words(ref, row0, tid, words):
+    """This thread's `words` consecutive int32 words of a tile stored as rows [row0, row0 +
+    words) of 128 words (16-byte loads; 8-byte ones when a thread has only 2 words)."""
     ir, arith, _, _, vector, _, _, utils = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     out = []
     width = min(words, 4)
     for v in range(words // width):
         off = arith.addi(arith.muli(tid, utils.c(words, i32)), utils.c(width * v, i32))
-        row, col = arith.divui(off, utils.c(128, i32)), arith.remui(off, utils.c(128, i32))
-        vec = vector.load(ir.VectorType.get((width,), i32), ref, [*lead, _idx(row), _idx(col)])
+        row = arith.addi(arith.divui(off, utils.c(128, i32)), utils.c(row0, i32))
+        col = arith.remui(off, utils.c(128, i32))
+        vec = vector.load(ir.VectorType.get((width,), i32), ref, [_idx(row), _idx(col)])
         out += [vector.extract(vec, [], [k]) for k in range(width)]
     return out
 
@@ -194,31 +196,38 @@ def _dequant_pair(word, shift, bits, s2, z2):
     return _asm(i32, [word, s2, z2], body, "=r,r,r,r")
 
 
-def _unpack_fn(m_rows, k_cols, bits, gk, h):
-    """inline_mgpu body: (words ref[, scale ref, zero ref]) -> bf16 [m_rows, k_cols] in the
-    WGMMA layout. With scales (keys): code * s + z; without (values): 128 + code."""
+def _unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
+    """inline_mgpu body for tile `t` of a pipeline step: (words ref [rows, 128][, k_sz ref
+    [groups, 2, H]]) -> bf16 [m_rows, k_cols] in the WGMMA layout. kv=0 (keys, with scales):
+    code * s + z; kv=1 (values): 128 + code."""
     r = 16 // bits
     col_tiles = k_cols // 8
     words = (m_rows // 64) * col_tiles * 2 // r
+    row0 = (2 * t + kv) * words  # words of a tile: [128 threads * words] = `words` rows of 128
 
     def fn(ctx, words_ref, *scale_refs):
         ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
         i32 = ir.IntegerType.get_signless(32)
         bf16 = ir.BF16Type.get()
         tid, warp, lane = _thread_coords()
-        ws = _load_words(words_ref, [], tid, words)
+        ws = _load_words(words_ref, row0, tid, words)
         pairs = None
         if scale_refs:
-            s_ref, z_ref = scale_refs
+            (sz_ref,) = scale_refs
             q = arith.remui(lane, utils.c(4, i32))
-            g = utils.c(0, i32) if gk >= TILE else arith.divui(arith.muli(warp, utils.c(16, i32)), utils.c(gk, i32))
+            if gk >= TILE:  # one group a tile: row (t*64)//gk of this step's block
+                g = utils.c((t * TILE) // gk % k_rows_per_step, i32)
+            else:
+                g = arith.addi(utils.c(t * (TILE // gk), i32),
+                               arith.divui(arith.muli(warp, utils.c(16, i32)), utils.c(gk, i32)))
             base = arith.muli(q, utils.c(h // 4, i32))
             pairs = []
-            for ref in (s_ref, z_ref):
+            for which in (0, 1):
                 vals = []
                 for v in range(h // 32):  # H/4 channels = H/32 vectors of 8
                     off = arith.addi(base, utils.c(8 * v, i32))
-                    vec = vector.load(ir.VectorType.get((8,), bf16), ref, [_idx(g), _idx(off)])
+                    vec = vector.load(ir.VectorType.get((8,), bf16), sz_ref,
+                                      [_idx(g), _idx(utils.c(which, i32)), _idx(off)])
                     for p in range(4):
                         two = vector.extract_strided_slice(ir.VectorType.get((2,), bf16), vec, [2 * p], [2], [1])
                         vals.append(utils.bitcast(two, i32))
@@ -241,9 +250,10 @@ def _unpack_fn(m_rows, k_cols, bits, gk, h):
     return fn
 
 
-def _expand_fn(nb, rows_q, n_gc):
-    """inline_mgpu body: ref [H/Gv, 64] bf16 -> f32 [64, NB] in the WGMMA layout with element
-    (t, j) = ref[j // rows_q, t] (a per-token value group's scale for every column of it)."""
+def _expand_fn(nb, rows_q, n_gc, t, which):
+    """inline_mgpu body: v_sz ref [2, H/Gv, 64 * tiles] bf16 -> f32 [64, NB] in the WGMMA layout
+    with element (r, j) = ref[which, (j // rows_q) % (H/Gv), 64 t + r] (tile t's per-token
+    value-group scale (which=0) or zero (1) for every column of its group)."""
 
     def fn(ctx, ref):
         ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
@@ -260,12 +270,25 @@ def _expand_fn(nb, rows_q, n_gc):
             col = arith.addi(utils.c(8 * jt, i32), arith.muli(q, utils.c(2, i32)))
             grp = arith.remui(arith.divui(col, utils.c(rows_q, i32)), utils.c(n_gc, i32))
             for half in range(2):
-                row = arith.addi(row0, utils.c(8 * half, i32))
-                x = arith.extf(f32, memref.load(ref, [_idx(grp), _idx(row)]))
+                row = arith.addi(row0, utils.c(8 * half + TILE * t, i32))
+                x = arith.extf(f32, memref.load(ref, [_idx(utils.c(which, i32)), _idx(grp), _idx(row)]))
                 idx = [0] * len(shape)
                 idx[1], idx[4] = jt, half
                 regs[tuple(idx)] = vector.broadcast(ir.VectorType.get((2,), f32), x)
         return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return fn
+
+
+def _tile_fn(reps: int):
+    """inline_mgpu body: a WGMMA-layout [64, N] (or WGMMA_COL [N]) array -> its columns repeated
+    `reps` times (no instructions: the registers are reused)."""
+
+    def fn(ctx, x):
+        _, _, _, _, _, mgpu, _, _ = _mgpu()
+        axis = 1 if len(x.shape) == 2 else 0
+        regs = np.concatenate([x.registers] * reps, axis=axis)
+        return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=x.is_signed)
 
     return fn
 
@@ -280,63 +303,73 @@ def _swizzle(row_bytes: int) -> int:
     raise ValueError(f"rows of {row_bytes} bytes cannot be swizzled")
 
 
-def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, splits, scale, stages):
-    """qb [B, N, NB, H] bf16 (query rows, repeated per value group, key channels permuted).
-    Returns per split: acc [B,N,P,H,NB], corr/l/m [B,N,P,64,NB] f32 (see `_finish`)."""
-    b, n, nb, h = qb.shape
-    tiles = fr.k_words.shape[2]
-    steps = tiles // splits
-    wk, wv = fr.k_words.shape[3], fr.v_words.shape[3]
+def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, splits, scale, stages, overlap_v,
+                     mask_cond, tiles_per_step, auto_barriers):
+    """qb [B, N, NS, H] bf16 (`query_columns`). Returns per split: acc [B,N,P,H,NB], corr
+    [B,N,P,64,NB], lsum and m [B,N,P,64,NS] float32 (see `_finish`)."""
+    b, n, ns, h = qb.shape
+    nb = _value_columns(h // gv, rows_q)
+    tiles = fr.words.shape[2]
+    tps = tiles_per_step
+    steps = tiles // (splits * tps)
+    w = fr.words.shape[4]
     n_gc = h // gv
-    gk_rows = max(1, TILE // gk)
+    k_rows = max(1, tps * TILE // gk)  # key scale rows a step
     log2e_scale = scale * math.log2(math.e)
     wgmma_layout = plgpu.Layout.WGMMA
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     bf16 = jnp.bfloat16
-    unpack_k = plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()),
-        return_type=plgpu.ShapeDtypeStruct((TILE, h), bf16, layout=wgmma_layout),
-    )(_unpack_fn(TILE, h, bits, gk, h))
-    unpack_v = plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(),),
-        return_type=plgpu.ShapeDtypeStruct((h, TILE), bf16, layout=wgmma_layout),
-    )(_unpack_fn(h, TILE, bits, gk, h))
-    expand = plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(),),
-        return_type=plgpu.ShapeDtypeStruct((TILE, nb), jnp.float32, layout=wgmma_layout),
-    )(_expand_fn(nb, rows_q, n_gc))
+    ref = plgpu.RefType()
+    unpack_k = [plgpu.inline_mgpu(arg_types=(ref, ref), return_type=plgpu.ShapeDtypeStruct(
+        (TILE, h), bf16, layout=wgmma_layout))(_unpack_fn(TILE, h, bits, gk, h, t, 0, k_rows)) for t in range(tps)]
+    unpack_v = [plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
+        (h, TILE), bf16, layout=wgmma_layout))(_unpack_fn(h, TILE, bits, gk, h, t, 1, k_rows)) for t in range(tps)]
+    expand = [[plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
+        (TILE, nb), jnp.float32, layout=wgmma_layout))(_expand_fn(nb, rows_q, n_gc, t, which)) for which in (0, 1)]
+        for t in range(tps)]
+    reps = nb // ns
+    tile2 = plgpu.inline_mgpu(arg_types=(wgmma_layout,), return_type=plgpu.ShapeDtypeStruct(
+        (TILE, nb), jnp.float32, layout=wgmma_layout))(_tile_fn(reps))
+    tile1 = plgpu.inline_mgpu(arg_types=(col_layout,), return_type=plgpu.ShapeDtypeStruct(
+        (nb,), jnp.float32, layout=col_layout))(_tile_fn(reps))
     q_swz = _swizzle(h * 2)
     b_swz = _swizzle(nb * 2)
 
-    def body(qb_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, len_ref,
-             acc_out, corr_out, l_out, m_out, q_smem, b_smem, bar):
+    def body(qb_ref, words_ref, ksz_ref, vsz_ref, len_ref, acc_out, corr_out, l_out, m_out, q_smem, b_smem, bar):
         si, ni, bi = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
         plgpu.copy_gmem_to_smem(qb_ref.at[bi, ni], q_smem, bar)
         plgpu.barrier_wait(bar)
         length = len_ref[bi, ni]
-        first = si * steps
+        first = si * steps * tps  # first tile of this split
 
-        def step(idx, kw, ks, kz, vw, vs, vz, carry):
+        def tile_step(tile, t, words, ksz, vsz, carry):
             acc, m, corr, lsum = carry
-            (ti,) = idx
-            a_k = unpack_k(kw, ks, kz)
+            a_k = unpack_k[t](words, ksz)
 
-            def qk(acc_ref):  # the values unpack while the tensor cores work on the keys
+            def qk(acc_ref):  # overlap_v: the values unpack while the tensor cores work on the keys
                 plgpu.wgmma(acc_ref, a_k, plgpu.transpose_ref(q_smem, (1, 0)))
-                a_v = unpack_v(vw)
+                a_v = unpack_v[t](words) if overlap_v else None
                 return acc_ref[...], a_v
 
-            s, a_v = pl.run_scoped(qk, plgpu.ACC((TILE, nb), jnp.float32))
+            s, a_v = pl.run_scoped(qk, plgpu.ACC((TILE, ns), jnp.float32))
+            a_v = a_v if overlap_v else unpack_v[t](words)
             s = s * log2e_scale
-            tok = (first + ti) * TILE + plgpu.broadcasted_iota(jnp.int32, (TILE, nb), 0, layout=wgmma_layout)
-            s = jnp.where(tok < length, s, -jnp.inf)
+            start = tile * TILE
+
+            def mask(x):
+                tok = start + plgpu.broadcasted_iota(jnp.int32, (TILE, ns), 0, layout=wgmma_layout)
+                return jnp.where(tok < length, x, -jnp.inf)
+
+            s = lax.cond(start + TILE > length, mask, lambda x: x, s) if mask_cond else mask(s)
             m_new = jnp.maximum(m, s.max(axis=0))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
-            bv = (p * expand(vs)).astype(bf16)
-            alpha_r = lax.broadcast_in_dim(alpha, s.shape, [1])
-            corr = corr * alpha_r + (p * expand(vz) - 128.0 * bv.astype(jnp.float32))
-            lsum = lsum * alpha_r + p
+            lsum = lsum * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
+            if reps > 1:  # one copy of the probabilities per value group
+                p, alpha = tile2(p), tile1(alpha)
+            bv = (p * expand[t][0](vsz)).astype(bf16)
+            corr = corr * lax.broadcast_in_dim(alpha, p.shape, [1]) + (p * expand[t][1](vsz)
+                                                                       - 128.0 * bv.astype(jnp.float32))
             b_smem[...] = bv
             plgpu.commit_smem()
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
@@ -344,45 +377,42 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, a_v, b_smem)
 
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            return acc, m_new, corr, lsum
+            return pl.run_state(pv)(plgpu.ACC.init(acc)), m_new, corr, lsum
 
-        zeros_t = plgpu.layout_cast(jnp.zeros((TILE, nb), jnp.float32), wgmma_layout)
-        carry = (plgpu.layout_cast(jnp.zeros((h, nb), jnp.float32), wgmma_layout),
-                 plgpu.layout_cast(jnp.full((nb,), -1e30, jnp.float32), col_layout), zeros_t, zeros_t)
-        tile_blk = lambda shape, f: plgpu.BlockSpec(shape, f)  # noqa: E731
-        if gk >= TILE:
-            k_map = lambda i: (i // (gk // TILE), 0)  # noqa: E731
+        def step(idx, words, ksz, vsz, carry):
+            (i,) = idx
+            for t in range(tps):
+                carry = tile_step(first + i * tps + t, t, words, ksz, vsz, carry)
+            return carry
+
+        rows_w = 2 * w // 128  # rows of 128 words a tile (keys, then values)
+        if gk > tps * TILE:  # one key group spans several steps: blocks of one row
+            k_map = lambda i: (i * tps * TILE // gk, 0, 0)  # noqa: E731
+            k_first, k_total = first * TILE // gk, max(1, steps * tps * TILE // gk)
         else:
-            k_map = lambda i: (i, 0)  # noqa: E731
-        pipe = plgpu.emit_pipeline(
-            step,
-            grid=(steps,),
-            in_specs=[
-                tile_blk((None, wk // 128, 128), lambda i: (i, 0, 0)),
-                tile_blk((gk_rows, h), k_map), tile_blk((gk_rows, h), k_map),
-                tile_blk((None, wv // 128, 128), lambda i: (i, 0, 0)),
-                tile_blk((n_gc, TILE), lambda i: (0, i)), tile_blk((n_gc, TILE), lambda i: (0, i)),
-            ],
-            max_concurrent_steps=stages,
-            init_carry=carry,
-        )
-        k_first = first * TILE // gk if gk >= TILE else first * (TILE // gk)
-        k_rows = steps * TILE // gk if gk >= TILE else steps * gk_rows
-        acc, m, corr, lsum = pipe(
-            kw_ref.at[bi, ni, pl.ds(first, steps)],
-            ks_ref.at[bi, ni, pl.ds(k_first, k_rows)], kz_ref.at[bi, ni, pl.ds(k_first, k_rows)],
-            vw_ref.at[bi, ni, pl.ds(first, steps)],
-            vs_ref.at[bi, ni, :, pl.ds(first * TILE, steps * TILE)],
-            vz_ref.at[bi, ni, :, pl.ds(first * TILE, steps * TILE)],
-        )
+            k_map = lambda i: (i, 0, 0)  # noqa: E731
+            k_first, k_total = first * TILE // gk, steps * k_rows
+        in_specs = [
+            plgpu.BlockSpec((tps * rows_w, 128), lambda i: (i, 0)),
+            plgpu.BlockSpec((k_rows, 2, h), k_map),
+            plgpu.BlockSpec((2, n_gc, tps * TILE), lambda i: (0, 0, i)),
+        ]
+        gmem = (words_ref.at[bi, ni, pl.ds(first * rows_w, steps * tps * rows_w)],
+                ksz_ref.at[bi, ni, pl.ds(k_first, k_total)],
+                vsz_ref.at[bi, ni, :, :, pl.ds(first * TILE, steps * tps * TILE)])
+        zeros_t = plgpu.layout_cast(jnp.zeros((TILE, nb), jnp.float32), wgmma_layout)
+        zeros_s = plgpu.layout_cast(jnp.zeros((TILE, ns), jnp.float32), wgmma_layout)
+        m0 = plgpu.layout_cast(jnp.full((ns,), -1e30, jnp.float32), col_layout)
+        acc0 = plgpu.layout_cast(jnp.zeros((h, nb), jnp.float32), wgmma_layout)
+        acc, m, corr, lsum = plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages,
+                                                 init_carry=(acc0, m0, zeros_t, zeros_s))(*gmem)
         acc_out.at[bi, ni, si][...] = acc
         corr_out.at[bi, ni, si][...] = corr
         l_out.at[bi, ni, si][...] = lsum
-        m_out.at[bi, ni, si][...] = lax.broadcast_in_dim(m, (TILE, nb), [1])
+        m_out.at[bi, ni, si][...] = lax.broadcast_in_dim(m, (TILE, ns), [1])
 
     def entry(*refs):
-        q_scr = plgpu.SMEM((nb, h), bf16, transforms=(plgpu.TilingTransform((8, q_swz // 2)),
+        q_scr = plgpu.SMEM((ns, h), bf16, transforms=(plgpu.TilingTransform((8, q_swz // 2)),
                                                        plgpu.SwizzleTransform(q_swz)))
         b_scr = plgpu.SMEM((TILE, nb), bf16, transforms=(plgpu.TilingTransform((8, b_swz // 2)),
                                                           plgpu.SwizzleTransform(b_swz)))
@@ -391,22 +421,21 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     f32 = jnp.float32
     out_type = (jax.ShapeDtypeStruct((b, n, splits, h, nb), f32),
                 jax.ShapeDtypeStruct((b, n, splits, TILE, nb), f32),
-                jax.ShapeDtypeStruct((b, n, splits, TILE, nb), f32),
-                jax.ShapeDtypeStruct((b, n, splits, TILE, nb), f32))
+                jax.ShapeDtypeStruct((b, n, splits, TILE, ns), f32),
+                jax.ShapeDtypeStruct((b, n, splits, TILE, ns), f32))
+    words = lax.bitcast_convert_type(fr.words, jnp.int32)
+    words = words.reshape(b, n, tiles * 2 * w // 128, 128)  # TMA boxes hold <= 256 elements a side
     return plgpu.kernel(
         entry,
         out_type=out_type,
         grid=(splits, n, b),
         grid_names=("split", "head", "batch"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(qb, _as_rows(fr.k_words), fr.k_scale.astype(bf16), fr.k_zero.astype(bf16), _as_rows(fr.v_words), fr.v_scale_t.astype(bf16), fr.v_zero_t.astype(bf16),
-      lengths)
-
-
-def _as_rows(words):
-    """uint32 [B, N, tiles, W] -> int32 [B, N, tiles, W/128, 128] (TMA boxes hold <= 256 elements a side)."""
-    w = lax.bitcast_convert_type(words, jnp.int32)
-    return w.reshape(*w.shape[:-1], w.shape[-1] // 128, 128)
+        # No automatic barriers around every SMEM store and copy: each step's reads of its pipeline
+        # slot end before the step's own warpgroup barrier (commit_smem), so the slot is free by the
+        # time any thread issues the copy that refills it, and B is rewritten only after the
+        # wgmma that read it has been waited for.
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
+    )(qb, words, fr.k_sz, fr.v_sz_t, lengths)
 
 
 def _finish(acc, corr, lsum, m, *, rows_q, gv):
@@ -445,19 +474,30 @@ def _residual_partial(qr, k_res, v_res, res_lengths, *, t, scale):
     return out[:, :, None], lse[:, :, None]
 
 
-def query_columns(q, n: int, gv: int):
-    """q [B, T, N*Gq, H] -> (qb [B, N, NB, H]: the T*Gq query rows of each KV head, key channels
-    permuted (`key_channel`), repeated to NB = (H/Gv) * rows columns (doubled until a multiple
-    of 16): column j is query row j % rows, of value group (j // rows) % (H/Gv); qr [B, N, rows,
-    H] unpermuted; rows)."""
+def _score_columns(rows_q: int) -> int:
+    """Columns of the key product: the query rows, repeated up to 8 (wgmma's smallest N)."""
+    return rows_q if rows_q % 8 == 0 else 8
+
+
+def _value_columns(n_gc: int, rows_q: int) -> int:
+    """Columns of the value product: one copy of the query rows per value group, repeated until
+    a multiple of 16 (wgmma's B needs rows of >= 32 bytes) and of the score columns."""
+    nb = n_gc * rows_q
+    while nb % 16 or nb % _score_columns(rows_q):
+        nb *= 2
+    return nb
+
+
+def query_columns(q, n: int):
+    """q [B, T, N*Gq, H] -> (qb [B, N, NS, H]: the T*Gq query rows of each KV head with the key
+    channels permuted (`key_channel`), repeated to NS columns (`_score_columns`): column j is
+    query row j % rows; qr [B, N, rows, H] unpermuted; rows)."""
     b, t, nq, h = q.shape
     gq = nq // n
     rows_q = t * gq
     qr = q.reshape(b, t, n, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, n, rows_q, h)
-    nb = (h // gv) * rows_q
-    while nb % 16:  # wgmma's B needs rows of >= 32 bytes: repeat the columns
-        nb *= 2
-    return jnp.tile(qr[..., key_channel(np.arange(h), h)], (1, 1, nb // rows_q, 1)), qr, rows_q
+    ns = _score_columns(rows_q)
+    return jnp.tile(qr[..., key_channel(np.arange(h), h)], (1, 1, ns // rows_q, 1)), qr, rows_q
 
 
 def check_shapes(q, fr: KiviFragments, bits: int):
@@ -471,64 +511,83 @@ def check_shapes(q, fr: KiviFragments, bits: int):
     b, t, nq, h = q.shape
     if q.dtype != jnp.bfloat16:
         raise ValueError(f"q dtype={q.dtype} is not supported by the Mosaic GPU KIVI kernel; expected bfloat16")
-    n, tiles = fr.k_words.shape[1], fr.k_words.shape[2]
+    if fr.words.ndim != 5 or fr.words.dtype != jnp.uint32:
+        raise ValueError(f"words must be uint32 [B, N, S/64, 2, W]; got {fr.words.dtype}{fr.words.shape}")
+    n, tiles = fr.words.shape[1], fr.words.shape[2]
     s = tiles * TILE
     w = TILE * h * bits // 32
-    if fr.k_words.shape != (b, n, tiles, w) or fr.v_words.shape != (b, n, tiles, w):
-        raise ValueError(f"k_words{fr.k_words.shape}/v_words{fr.v_words.shape} must be [B, N, S/64, {w}] for "
-                         f"bits={bits}, H={h} (from q{q.shape}); build them with to_fragment_layout")
+    if fr.words.shape != (b, n, tiles, 2, w):
+        raise ValueError(f"words{fr.words.shape} must be [B, N, S/64, 2, {w}] for bits={bits}, H={h} (from "
+                         f"q{q.shape}); build it with to_fragment_layout")
     if nq % n:
         raise ValueError(f"query heads {nq=} must be a multiple of key/value heads {n=}")
     if h % 64 or h > 256:
         raise ValueError(f"head_dim H={h} must be 64, 128, 192 or 256 for the Mosaic GPU KIVI kernel")
-    gk = s // fr.k_scale.shape[2]
-    gv = h // fr.v_scale_t.shape[2]
-    if fr.k_scale.shape != (b, n, s // gk, h) or fr.k_zero.shape != fr.k_scale.shape:
-        raise ValueError(f"k_scale{fr.k_scale.shape}/k_zero{fr.k_zero.shape} must be [B, N, S/Gk, H]")
-    if fr.v_scale_t.shape != (b, n, h // gv, s) or fr.v_zero_t.shape != fr.v_scale_t.shape:
-        raise ValueError(f"v_scale_t{fr.v_scale_t.shape}/v_zero_t{fr.v_zero_t.shape} must be [B, N, H/Gv, S]")
+    if fr.k_sz.ndim != 5 or fr.k_sz.shape[:2] != (b, n) or fr.k_sz.shape[3:] != (2, h) or s % fr.k_sz.shape[2]:
+        raise ValueError(f"k_sz{fr.k_sz.shape} must be [B, N, S/Gk, 2, H] with B={b}, N={n}, S={s}, H={h}")
+    if fr.v_sz_t.ndim != 5 or fr.v_sz_t.shape[:3] != (b, n, 2) or fr.v_sz_t.shape[4] != s or h % fr.v_sz_t.shape[3]:
+        raise ValueError(f"v_sz_t{fr.v_sz_t.shape} must be [B, N, 2, H/Gv, S] with B={b}, N={n}, S={s}, H={h}")
+    for name, x in (("k_sz", fr.k_sz), ("v_sz_t", fr.v_sz_t)):
+        if x.dtype != jnp.bfloat16:
+            raise ValueError(f"{name} dtype={x.dtype} is not supported by the Mosaic GPU KIVI kernel; expected bfloat16")
+    gk = s // fr.k_sz.shape[2]
+    gv = h // fr.v_sz_t.shape[3]
     if not (gk % 16 == 0 and (TILE % gk == 0 or gk % TILE == 0)):
         raise ValueError(f"key group Gk={gk} must be 16, 32, 64 or a multiple of 64 for the Mosaic GPU KIVI kernel")
     rows_q = t * (nq // n)
-    if rows_q % 2 or h % gv or gv % 2:
-        raise ValueError(f"T * Gq = {rows_q} query rows per KV head must be even and the value group Gv={gv} must "
-                         f"divide H={h} for the Mosaic GPU KIVI kernel")
+    if rows_q % 2 or (rows_q < 8 and 8 % rows_q) or (rows_q > 8 and rows_q % 8) or h % gv or gv % 2:
+        raise ValueError(f"T * Gq = {rows_q} query rows per KV head must be 2, 4 or a multiple of 8 and the value "
+                         f"group Gv={gv} must divide H={h} for the Mosaic GPU KIVI kernel")
     return b, t, nq, h, n, s, gk, gv
 
 
 def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int, k_res=None, v_res=None,
                                     res_lengths=None, scale: float | None = None, num_splits: int | None = None,
-                                    stages: int = 4):
+                                    stages: int = 4, tiles_per_step: int = 1, overlap_v: bool = True,
+                                    mask_cond: bool = True, auto_barriers: bool = False):
     """KIVI decode attention on Hopper (module doc). q [B, T, Nq, H] bf16; fr: the cache in the
     fragment layout (`to_fragment_layout`); lengths [B] or [B, N] valid quantized tokens; the
     residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`.
+    Tuning: num_splits (split-K programs per (row, KV head); None: about 8 CTAs per SM), stages
+    (pipeline depth), tiles_per_step (64-token tiles per pipeline step), overlap_v (unpack the values
+    while the key product runs), mask_cond (mask only the tiles that cross a row's length),
+    auto_barriers (Pallas' conservative barrier around every SMEM store and copy; not needed).
     Returns (out [B, T, Nq, H] bf16, lse [B, T, Nq] float32)."""
     b, t, nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
+    tps = tiles_per_step
+    if tps not in (1, 2, 4) or (gk < tps * TILE and (tps * TILE) % gk):
+        raise ValueError(f"tiles_per_step={tps} must be 1, 2 or 4 (and a step's {tps * TILE} tokens a multiple of "
+                         f"the key group Gk={gk} when they hold several groups)")
     if (k_res is None) != (v_res is None) or (k_res is not None and res_lengths is None):
         raise ValueError("pass k_res, v_res and res_lengths together, or none of them")
     scale = float(h**-0.5 if scale is None else scale)
     tiles = s // TILE
+    fits = lambda p: tiles % (p * tps) == 0 and (tiles // p * TILE) % gk == 0  # noqa: E731
     if num_splits is None:
         num_splits = 1
-        while (num_splits * 2 * b * n <= 132 * 8 and tiles % (num_splits * 2) == 0
-               and (tiles // (num_splits * 2) * TILE) % gk == 0):
+        while num_splits * 2 * b * n <= 132 * 8 and fits(num_splits * 2):
             num_splits *= 2
-    if tiles % num_splits or (tiles // num_splits * TILE) % gk:
-        raise ValueError(f"S/64 = {tiles} tiles must be a multiple of num_splits={num_splits}, and each split's "
-                         f"{tiles // max(num_splits, 1) * TILE} tokens a multiple of the key group Gk={gk}")
+    if not fits(num_splits):
+        raise ValueError(f"S/64 = {tiles} tiles must be a multiple of num_splits * tiles_per_step = {num_splits} * "
+                         f"{tps}, and each split's {tiles // max(num_splits, 1) * TILE} tokens a multiple of the key "
+                         f"group Gk={gk}")
     lengths = jnp.minimum(per_head(lengths, b, n, "lengths"), s)
     return _mgpu_jit(q, fr, lengths, k_res, v_res, None if res_lengths is None else per_head(res_lengths, b, n,
-                     "res_lengths"), bits=bits, gk=gk, gv=gv, scale=scale, splits=num_splits, stages=stages)
+                     "res_lengths"), bits=bits, gk=gk, gv=gv, scale=scale, splits=num_splits, stages=stages,
+                     overlap_v=overlap_v, mask_cond=mask_cond, tiles_per_step=tps, auto_barriers=auto_barriers)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "gk", "gv", "scale", "splits", "stages"))
-def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale, splits, stages):
+@functools.partial(jax.jit, static_argnames=("bits", "gk", "gv", "scale", "splits", "stages", "overlap_v",
+                                             "mask_cond", "tiles_per_step", "auto_barriers"))
+def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale, splits, stages, overlap_v,
+              mask_cond, tiles_per_step, auto_barriers):
     b, t, nq, h = q.shape
-    n = fr.k_words.shape[1]
+    n = fr.words.shape[1]
     gq = nq // n
-    qb, qr, rows_q = query_columns(q, n, gv)
+    qb, qr, rows_q = query_columns(q, n)
     acc, corr, lsum, m = _kernel_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_q, splits=splits,
-                                          scale=scale, stages=stages)
+                                          scale=scale, stages=stages, overlap_v=overlap_v, mask_cond=mask_cond,
+                                          tiles_per_step=tiles_per_step, auto_barriers=auto_barriers)
     out, lse = _finish(acc, corr, lsum, m, rows_q=rows_q, gv=gv)
     if k_res is not None:
         ro, rl = _residual_partial(qr, k_res, v_res, jnp.minimum(res_lengths, k_res.shape[2]), t=t, scale=scale)

@@ -55,12 +55,13 @@ def test_to_fragment_layout_keeps_every_code(rng, bits, h):
     fr = mg.to_fragment_layout(kc, ks, kz, vc, vs, vz, bits=bits)
     keys = np.asarray(packing.unpack(kc, bits, axis=2)).reshape(b, n, s // 64, 64, h)
     vals = np.asarray(packing.unpack(vc, bits, axis=3)).reshape(b, n, s // 64, 64, h)
-    k_tiles = _codes_from_words(fr.k_words, 64, h, bits)  # wgmma columns = permuted channels
+    k_tiles = _codes_from_words(fr.words[:, :, :, 0], 64, h, bits)  # wgmma columns = permuted channels
     np.testing.assert_array_equal(k_tiles, keys[..., mg.key_channel(np.arange(h), h)])
-    v_tiles = _codes_from_words(fr.v_words, h, 64, bits)  # V^T: rows = channels
+    v_tiles = _codes_from_words(fr.words[:, :, :, 1], h, 64, bits)  # V^T: rows = channels
     np.testing.assert_array_equal(v_tiles, np.swapaxes(vals, -1, -2))
-    np.testing.assert_array_equal(fr.v_scale_t, jnp.swapaxes(vs, 2, 3))
-    assert fr.k_words.dtype == jnp.uint32 and fr.k_words.shape == (b, n, s // 64, 64 * h * bits // 32)
+    np.testing.assert_array_equal(fr.k_sz[:, :, :, 1], kz)
+    np.testing.assert_array_equal(fr.v_sz_t[:, :, 0], jnp.swapaxes(vs, 2, 3))
+    assert fr.words.dtype == jnp.uint32 and fr.words.shape == (b, n, s // 64, 2, 64 * h * bits // 32)
 
 
 def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale):
@@ -68,34 +69,37 @@ def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale):
     with the same roundings: bf16 dequantized keys, bf16 scaled probabilities, 128-offset codes."""
     bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
     qb = np.asarray(qb.astype(jnp.float32))
-    b, n, nb, h = qb.shape
-    tiles = fr.k_words.shape[2]
-    kcode = _codes_from_words(fr.k_words, 64, h, bits).reshape(b, n, tiles * 64, h)  # permuted channels
-    vcode = np.swapaxes(_codes_from_words(fr.v_words, h, 64, bits), -1, -2).reshape(b, n, tiles * 64, h)
+    b, n, ns, h = qb.shape
+    nb = mg._value_columns(h // gv, rows_q)
+    tiles = fr.words.shape[2]
+    kcode = _codes_from_words(fr.words[:, :, :, 0], 64, h, bits).reshape(b, n, tiles * 64, h)  # permuted channels
+    vcode = np.swapaxes(_codes_from_words(fr.words[:, :, :, 1], h, 64, bits), -1, -2).reshape(b, n, tiles * 64, h)
     perm = mg.key_channel(np.arange(h), h)
-    ks = np.repeat(np.asarray(fr.k_scale, np.float32), gk, axis=2)[..., perm]
-    kz = np.repeat(np.asarray(fr.k_zero, np.float32), gk, axis=2)[..., perm]
+    ks = np.repeat(np.asarray(fr.k_sz[:, :, :, 0], np.float32), gk, axis=2)[..., perm]
+    kz = np.repeat(np.asarray(fr.k_sz[:, :, :, 1], np.float32), gk, axis=2)[..., perm]
     k = bf(kcode * ks + kz)  # [B,N,S,H]
     grp = (np.arange(nb) // rows_q) % (h // gv)
-    sv = np.swapaxes(np.asarray(fr.v_scale_t, np.float32), 2, 3)[..., grp]  # [B,N,S,NB]
-    zv = np.swapaxes(np.asarray(fr.v_zero_t, np.float32), 2, 3)[..., grp]
+    sv = np.swapaxes(np.asarray(fr.v_sz_t[:, :, 0], np.float32), 2, 3)[..., grp]  # [B,N,S,NB]
+    zv = np.swapaxes(np.asarray(fr.v_sz_t[:, :, 1], np.float32), 2, 3)[..., grp]
     per = tiles * 64 // splits
     acc = np.zeros((b, n, splits, h, nb), np.float32)
-    corr, lsum, mm = (np.zeros((b, n, splits, 64, nb), np.float32) for _ in range(3))
+    corr = np.zeros((b, n, splits, 64, nb), np.float32)
+    lsum, mm = (np.zeros((b, n, splits, 64, ns), np.float32) for _ in range(2))
     lengths = np.asarray(lengths)
     for bi in range(b):
         for ni in range(n):
             for si in range(splits):
                 sl = slice(si * per, (si + 1) * per)
-                logits = k[bi, ni, sl] @ qb[bi, ni].T * scale * np.log2(np.e)  # [per, NB]
+                logits = k[bi, ni, sl] @ qb[bi, ni].T * scale * np.log2(np.e)  # [per, NS]
                 pos = np.arange(si * per, (si + 1) * per)
                 logits = np.where((pos < lengths[bi, ni])[:, None], logits, -np.inf)
                 m = np.maximum(logits.max(axis=0), -1e30)
                 p = np.exp2(logits - m)
+                lsum[bi, ni, si, 0] = p.sum(axis=0)
+                p = np.tile(p, (1, nb // ns))  # one copy per value group
                 bv = bf(p * sv[bi, ni, sl])
                 acc[bi, ni, si] = (128.0 + vcode[bi, ni, sl]).T @ bv
                 corr[bi, ni, si, 0] = (p * zv[bi, ni, sl] - 128.0 * bv).sum(axis=0)
-                lsum[bi, ni, si, 0] = p.sum(axis=0)
                 mm[bi, ni, si] = m
     return acc, corr, lsum, mm
 
@@ -114,7 +118,7 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     fr = mg.to_fragment_layout(*cache, bits=bits)
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 150], [0, 77]][:b], jnp.int32)[:, :n]
-    qb, _, rows_q = mg.query_columns(q, n, gv)
+    qb, _, rows_q = mg.query_columns(q, n)
     scale = h**-0.5
     parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_q, splits=splits, scale=scale)
     out, lse = mg._finish(*map(jnp.asarray, parts), rows_q=rows_q, gv=gv)
@@ -126,45 +130,47 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi{bits} mgpu model")
 
 
-@pytest.mark.parametrize("bits,t,gk,h", [(2, 1, 32, 128), (4, 4, 128, 128), (2, 2, 16, 64)])
-def test_lowers_for_cuda(bits, t, gk, h):
-    b, nq, n, s, r = 2, 8, 2, 1024, 64
+@pytest.mark.parametrize("bits,t,gk,h,tps", [(2, 1, 32, 128, 2), (4, 4, 128, 128, 1), (2, 2, 16, 64, 4),
+                                             (4, 1, 256, 128, 2)])
+def test_lowers_for_cuda(bits, t, gk, h, tps):
+    b, nq, n, s, r = 2, 8, 2, 2048, 64
     sds = jax.ShapeDtypeStruct
     w = 64 * h * bits // 32
-    fr = mg.KiviFragments(sds((b, n, s // 64, w), jnp.uint32), sds((b, n, s // gk, h), jnp.bfloat16),
-                          sds((b, n, s // gk, h), jnp.bfloat16), sds((b, n, s // 64, w), jnp.uint32),
-                          sds((b, n, h // 32, s), jnp.bfloat16), sds((b, n, h // 32, s), jnp.bfloat16))
+    fr = mg.KiviFragments(sds((b, n, s // 64, 2, w), jnp.uint32), sds((b, n, s // gk, 2, h), jnp.bfloat16),
+                          sds((b, n, 2, h // 32, s), jnp.bfloat16))
 
     def fn(q, fr, lens, kr, vr, rl):
         return mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
-                                                  num_splits=4)
+                                                  num_splits=4, tiles_per_step=tps)
 
     text = lower_for("cuda", fn, sds((b, t, nq, h), jnp.bfloat16), fr, sds((b,), jnp.int32),
                      sds((b, n, r, h), jnp.bfloat16), sds((b, n, r, h), jnp.bfloat16), sds((b,), jnp.int32))
     assert "mosaic_gpu" in text
 
 
-def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32):
+def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     w = 64 * h * bits // 32
     z = jnp.zeros
-    return mg.KiviFragments(z((b, n, s // 64, w), jnp.uint32), z((b, n, s // gk, h), jnp.bfloat16),
-                            z((b, n, s // gk, h), jnp.bfloat16), z((b, n, s // 64, w), jnp.uint32),
-                            z((b, n, h // gv, s), jnp.bfloat16), z((b, n, h // gv, s), jnp.bfloat16))
+    return mg.KiviFragments(z((b, n, s // 64, 2, w), jnp.uint32), z((b, n, s // gk, 2, h), sz_dtype),
+                            z((b, n, 2, h // gv, s), sz_dtype))
 
 
 @pytest.mark.parametrize("kw,fr_kw,match", [
     (dict(bits=3), {}, r"bits=3 is not supported by the Mosaic GPU KIVI kernel"),
     (dict(dtype=jnp.float32), {}, r"q dtype=float32 is not supported .* expected bfloat16"),
     (dict(nq=3), {}, r"query heads nq=3 must be a multiple of key/value heads n=2"),
-    (dict(), dict(bits=4), r"k_words\(1, 2, 4, 1024\)/v_words.* must be \[B, N, S/64, 512\] for bits=2"),
-    (dict(nq=2), {}, r"T \* Gq = 1 query rows per KV head must be even"),
+    (dict(), dict(bits=4), r"words\(1, 2, 4, 2, 1024\) must be \[B, N, S/64, 2, 512\] for bits=2"),
+    (dict(), dict(sz_dtype=jnp.float32), r"k_sz dtype=float32 is not supported .* expected bfloat16"),
+    (dict(tiles_per_step=3), {}, r"tiles_per_step=3 must be 1, 2 or 4"),
+    (dict(nq=2), {}, r"T \* Gq = 1 query rows per KV head must be 2, 4 or a multiple of 8"),
     (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
 ])
 def test_bad_input_names_the_value(kw, fr_kw, match):
     bits = kw.get("bits", 2)
     q = jnp.zeros((1, 1, kw.get("nq", 8), 128), kw.get("dtype", jnp.bfloat16))
     with pytest.raises(ValueError, match=match):
-        mg.quantized_decode_attention_mgpu(q, _frags(**fr_kw), jnp.array([256]), bits=bits)
+        mg.quantized_decode_attention_mgpu(q, _frags(**fr_kw), jnp.array([256]), bits=bits,
+                                           tiles_per_step=kw.get("tiles_per_step", 2))
 
 
 def test_to_fragment_layout_rejects_a_context_off_the_tile():
