@@ -488,16 +488,24 @@ def _value_columns(n_gc: int, rows_q: int) -> int:
     return nb
 
 
+def padded_rows(rows_q: int) -> int:
+    """Query rows the kernel computes for `rows_q` real ones: 2, 4, 8 or a multiple of 8 (the
+    extra rows are zero queries whose results are dropped)."""
+    return next(r for r in (2, 4, 8) if rows_q <= r) if rows_q <= 8 else -(-rows_q // 8) * 8
+
+
 def query_columns(q, n: int):
-    """q [B, T, N*Gq, H] -> (qb [B, N, NS, H]: the T*Gq query rows of each KV head with the key
-    channels permuted (`key_channel`), repeated to NS columns (`_score_columns`): column j is
-    query row j % rows; qr [B, N, rows, H] unpermuted; rows)."""
+    """q [B, T, N*Gq, H] -> (qb [B, N, NS, H]: the T*Gq query rows of each KV head, zero-padded
+    to `padded_rows`, key channels permuted (`key_channel`), repeated to NS columns
+    (`_score_columns`): column j is padded row j % rows_p; qr [B, N, rows, H] unpermuted and
+    unpadded; rows; rows_p)."""
     b, t, nq, h = q.shape
     gq = nq // n
     rows_q = t * gq
+    rows_p = padded_rows(rows_q)
     qr = q.reshape(b, t, n, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, n, rows_q, h)
-    ns = _score_columns(rows_q)
-    return jnp.tile(qr[..., key_channel(np.arange(h), h)], (1, 1, ns // rows_q, 1)), qr, rows_q
+    qp = jnp.pad(qr, ((0, 0), (0, 0), (0, rows_p - rows_q), (0, 0)))[..., key_channel(np.arange(h), h)]
+    return jnp.tile(qp, (1, 1, _score_columns(rows_p) // rows_p, 1)), qr, rows_q, rows_p
 
 
 def check_shapes(q, fr: KiviFragments, bits: int):
@@ -534,10 +542,8 @@ def check_shapes(q, fr: KiviFragments, bits: int):
     gv = h // fr.v_sz_t.shape[3]
     if not (gk % 16 == 0 and (TILE % gk == 0 or gk % TILE == 0)):
         raise ValueError(f"key group Gk={gk} must be 16, 32, 64 or a multiple of 64 for the Mosaic GPU KIVI kernel")
-    rows_q = t * (nq // n)
-    if rows_q % 2 or (rows_q < 8 and 8 % rows_q) or (rows_q > 8 and rows_q % 8) or h % gv or gv % 2:
-        raise ValueError(f"T * Gq = {rows_q} query rows per KV head must be 2, 4 or a multiple of 8 and the value "
-                         f"group Gv={gv} must divide H={h} for the Mosaic GPU KIVI kernel")
+    if h % gv or gv % 2:
+        raise ValueError(f"the value group Gv={gv} must be even and divide H={h} for the Mosaic GPU KIVI kernel")
     return b, t, nq, h, n, s, gk, gv
 
 
@@ -584,11 +590,12 @@ def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale,
     b, t, nq, h = q.shape
     n = fr.words.shape[1]
     gq = nq // n
-    qb, qr, rows_q = query_columns(q, n)
-    acc, corr, lsum, m = _kernel_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_q, splits=splits,
+    qb, qr, rows_q, rows_p = query_columns(q, n)
+    acc, corr, lsum, m = _kernel_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits,
                                           scale=scale, stages=stages, overlap_v=overlap_v, mask_cond=mask_cond,
                                           tiles_per_step=tiles_per_step, auto_barriers=auto_barriers)
-    out, lse = _finish(acc, corr, lsum, m, rows_q=rows_q, gv=gv)
+    out, lse = _finish(acc, corr, lsum, m, rows_q=rows_p, gv=gv)
+    out, lse = out[:, :, :, :rows_q], lse[:, :, :, :rows_q]  # drop the padding rows
     if k_res is not None:
         ro, rl = _residual_partial(qr, k_res, v_res, jnp.minimum(res_lengths, k_res.shape[2]), t=t, scale=scale)
         out, lse = jnp.concatenate([out, ro], axis=2), jnp.concatenate([lse, rl], axis=2)

@@ -108,6 +108,7 @@ def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale):
     (2, 1, 8, 2, 128, 32, 32),     # GQA 4, the benchmark's groups
     (4, 2, 4, 2, 64, 64, 64),      # speculative T=2, one value group (columns repeated to 16)
     (2, 1, 4, 2, 64, 16, 16),      # Gk = 16 (four key groups a tile)
+    (2, 1, 6, 2, 64, 32, 32),      # GQA 3 (SmolLM2): rows padded to 4
 ])
 def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, gv):
     """The kernel's algebra — key-channel permutation, value scales folded into the probabilities,
@@ -118,11 +119,11 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     fr = mg.to_fragment_layout(*cache, bits=bits)
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 150], [0, 77]][:b], jnp.int32)[:, :n]
-    qb, _, rows_q = mg.query_columns(q, n)
+    qb, _, rows_q, rows_p = mg.query_columns(q, n)
     scale = h**-0.5
-    parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_q, splits=splits, scale=scale)
-    out, lse = mg._finish(*map(jnp.asarray, parts), rows_q=rows_q, gv=gv)
-    out, lse = merge_splits(out, lse)
+    parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=scale)
+    out, lse = mg._finish(*map(jnp.asarray, parts), rows_q=rows_p, gv=gv)
+    out, lse = merge_splits(out[:, :, :, :rows_q], lse[:, :, :, :rows_q])
     gq = nq // n
     out = out.reshape(b, n, t, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
     lse = lse.reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, nq)
@@ -130,10 +131,10 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi{bits} mgpu model")
 
 
-@pytest.mark.parametrize("bits,t,gk,h,tps", [(2, 1, 32, 128, 2), (4, 4, 128, 128, 1), (2, 2, 16, 64, 4),
-                                             (4, 1, 256, 128, 2)])
-def test_lowers_for_cuda(bits, t, gk, h, tps):
-    b, nq, n, s, r = 2, 8, 2, 2048, 64
+@pytest.mark.parametrize("bits,t,gk,h,tps,nq", [(2, 1, 32, 128, 2, 8), (4, 4, 128, 128, 1, 8), (2, 2, 16, 64, 4, 8),
+                                                (4, 1, 256, 128, 2, 8), (2, 1, 32, 64, 1, 6)])
+def test_lowers_for_cuda(bits, t, gk, h, tps, nq):
+    b, n, s, r = 2, 2, 2048, 64
     sds = jax.ShapeDtypeStruct
     w = 64 * h * bits // 32
     fr = mg.KiviFragments(sds((b, n, s // 64, 2, w), jnp.uint32), sds((b, n, s // gk, 2, h), jnp.bfloat16),
@@ -162,7 +163,7 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     (dict(), dict(bits=4), r"words\(1, 2, 4, 2, 1024\) must be \[B, N, S/64, 2, 512\] for bits=2"),
     (dict(), dict(sz_dtype=jnp.float32), r"k_sz dtype=float32 is not supported .* expected bfloat16"),
     (dict(tiles_per_step=3), {}, r"tiles_per_step=3 must be 1, 2 or 4"),
-    (dict(nq=2), {}, r"T \* Gq = 1 query rows per KV head must be 2, 4 or a multiple of 8"),
+    (dict(), dict(gv=1), r"value group Gv=1 must be even and divide H=128"),
     (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
 ])
 def test_bad_input_names_the_value(kw, fr_kw, match):
