@@ -57,12 +57,14 @@ class KiviFragments(NamedTuple):
     scales and zeros sit side by side so that one pipeline step issues three copies, not six.
 
     words [B, N, S/64, 2, 64*H*b/32] uint32 (keys, values); k_sz [B, N, S/Gk, 2, H] bf16 (key
-    scale, zero: per channel, per group of Gk tokens); v_sz_t [B, N, 2, H/Gv, S] bf16 (value
-    scale, zero: per token, per group of Gv channels; tokens last)."""
+    scale, zero: per channel, per group of Gk tokens); v_sz [B, N, S/64, 2, H/Gv, 64] bf16 (value
+    scale, zero: per token, per group of Gv channels; tokens last within each 64-token tile).
+    Every leaf has its token axis (in tiles, groups or tokens) at axis 2, so a cache appends
+    whole tiles with one dynamic_update_slice per leaf."""
 
     words: jax.Array
     k_sz: jax.Array
-    v_sz_t: jax.Array
+    v_sz: jax.Array
 
 
 # ----------------------------------------------------------------------------- layout
@@ -124,9 +126,36 @@ def to_fragment_layout(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, *, bi
     vt = jnp.swapaxes(vc.reshape(b, n, s // TILE, TILE, h), -1, -2)  # [..., H, 64]
     v_words = _pack_tiles(vt, vrows, vcols, bits)
     bf16 = jnp.bfloat16
+    v_sz = jnp.stack([v_scale.astype(bf16), v_zero.astype(bf16)], axis=3)  # [B,N,S,2,H/Gv]
+    v_sz = jnp.moveaxis(v_sz.reshape(b, n, s // TILE, TILE, 2, -1), 3, 5)  # [B,N,S/64,2,H/Gv,64]
     return KiviFragments(jnp.stack([k_words, v_words], axis=3),
-                         jnp.stack([k_scale.astype(bf16), k_zero.astype(bf16)], axis=3),
-                         jnp.stack([jnp.swapaxes(v_scale, 2, 3), jnp.swapaxes(v_zero, 2, 3)], axis=2).astype(bf16))
+                         jnp.stack([k_scale.astype(bf16), k_zero.astype(bf16)], axis=3), v_sz)
+
+
+def from_fragment_layout(fr: KiviFragments, *, bits: int):
+    """Inverse of `to_fragment_layout` for the codes: -> (key codes [B,N,S,H], value codes
+    [B,N,S,H] int32, k_scale, k_zero [B,N,S/Gk,H], v_scale, v_zero [B,N,S,H/Gv] bf16)."""
+    b, n, tiles, _, w = fr.words.shape
+    h = w * 32 // bits // TILE
+    out = []
+    for kv, (m_rows, k_cols) in enumerate(((TILE, h), (h, TILE))):
+        rows, cols = fragment_slots(m_rows, k_cols, bits)
+        if kv == 0:
+            cols = key_channel(cols, h)
+        # inverse map: for each tile element, its word (thread * W + word) and bit offset
+        flat_word = np.zeros((m_rows, k_cols), np.int32)
+        bit = np.zeros((m_rows, k_cols), np.int32)
+        t_, m_, i_, e_ = np.meshgrid(*map(np.arange, rows.shape), indexing="ij")
+        flat_word[rows, cols] = t_ * rows.shape[1] + m_
+        bit[rows, cols] = bits * i_ + 16 * e_
+        words = fr.words[:, :, :, kv]  # [B,N,tiles,128*W]
+        codes = (words[..., flat_word] >> jnp.asarray(bit, jnp.uint32)) & jnp.uint32((1 << bits) - 1)
+        codes = codes.astype(jnp.int32)  # [B,N,tiles,m_rows,k_cols]
+        if kv == 1:
+            codes = jnp.swapaxes(codes, -1, -2)  # V^T -> [tokens, channels]
+        out.append(codes.reshape(b, n, tiles * TILE, h))
+    v_sz = jnp.moveaxis(fr.v_sz, 5, 3).reshape(b, n, tiles * TILE, 2, -1)
+    return (out[0], out[1], fr.k_sz[:, :, :, 0], fr.k_sz[:, :, :, 1], v_sz[:, :, :, 0], v_sz[:, :, :, 1])
 
 
 # ----------------------------------------------------------------------------- register code
@@ -251,9 +280,9 @@ def _unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
 
 
 def _expand_fn(nb, rows_q, n_gc, t, which):
-    """inline_mgpu body: v_sz ref [2, H/Gv, 64 * tiles] bf16 -> f32 [64, NB] in the WGMMA layout
-    with element (r, j) = ref[which, (j // rows_q) % (H/Gv), 64 t + r] (tile t's per-token
-    value-group scale (which=0) or zero (1) for every column of its group)."""
+    """inline_mgpu body: v_sz ref [tiles * 2 * H/Gv, 64] bf16 (tile-major rows) -> f32 [64, NB]
+    in the WGMMA layout with element (r, j) = ref[(2 t + which) H/Gv + (j // rows_q) % (H/Gv), r]
+    (tile t's per-token value-group scale (which=0) or zero (1) for every column of its group)."""
 
     def fn(ctx, ref):
         ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
@@ -270,8 +299,9 @@ def _expand_fn(nb, rows_q, n_gc, t, which):
             col = arith.addi(utils.c(8 * jt, i32), arith.muli(q, utils.c(2, i32)))
             grp = arith.remui(arith.divui(col, utils.c(rows_q, i32)), utils.c(n_gc, i32))
             for half in range(2):
-                row = arith.addi(row0, utils.c(8 * half + TILE * t, i32))
-                x = arith.extf(f32, memref.load(ref, [_idx(utils.c(which, i32)), _idx(grp), _idx(row)]))
+                row = arith.addi(row0, utils.c(8 * half, i32))
+                grp_row = arith.addi(grp, utils.c((2 * t + which) * n_gc, i32))
+                x = arith.extf(f32, memref.load(ref, [_idx(grp_row), _idx(row)]))
                 idx = [0] * len(shape)
                 idx[1], idx[4] = jt, half
                 regs[tuple(idx)] = vector.broadcast(ir.VectorType.get((2,), f32), x)
@@ -395,11 +425,11 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         in_specs = [
             plgpu.BlockSpec((tps * rows_w, 128), lambda i: (i, 0)),
             plgpu.BlockSpec((k_rows, 2, h), k_map),
-            plgpu.BlockSpec((2, n_gc, tps * TILE), lambda i: (0, 0, i)),
+            plgpu.BlockSpec((tps * 2 * n_gc, TILE), lambda i: (i, 0)),
         ]
         gmem = (words_ref.at[bi, ni, pl.ds(first * rows_w, steps * tps * rows_w)],
                 ksz_ref.at[bi, ni, pl.ds(k_first, k_total)],
-                vsz_ref.at[bi, ni, :, :, pl.ds(first * TILE, steps * tps * TILE)])
+                vsz_ref.at[bi, ni, pl.ds(first * 2 * n_gc, steps * tps * 2 * n_gc)])
         zeros_t = plgpu.layout_cast(jnp.zeros((TILE, nb), jnp.float32), wgmma_layout)
         zeros_s = plgpu.layout_cast(jnp.zeros((TILE, ns), jnp.float32), wgmma_layout)
         m0 = plgpu.layout_cast(jnp.full((ns,), -1e30, jnp.float32), col_layout)
@@ -435,7 +465,7 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         # time any thread issues the copy that refills it, and B is rewritten only after the
         # wgmma that read it has been waited for.
         compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
-    )(qb, words, fr.k_sz, fr.v_sz_t, lengths)
+    )(qb, words, fr.k_sz, fr.v_sz.reshape(b, n, tiles * 2 * n_gc, TILE), lengths)
 
 
 def _finish(acc, corr, lsum, m, *, rows_q, gv):
@@ -533,13 +563,14 @@ def check_shapes(q, fr: KiviFragments, bits: int):
         raise ValueError(f"head_dim H={h} must be 64, 128, 192 or 256 for the Mosaic GPU KIVI kernel")
     if fr.k_sz.ndim != 5 or fr.k_sz.shape[:2] != (b, n) or fr.k_sz.shape[3:] != (2, h) or s % fr.k_sz.shape[2]:
         raise ValueError(f"k_sz{fr.k_sz.shape} must be [B, N, S/Gk, 2, H] with B={b}, N={n}, S={s}, H={h}")
-    if fr.v_sz_t.ndim != 5 or fr.v_sz_t.shape[:3] != (b, n, 2) or fr.v_sz_t.shape[4] != s or h % fr.v_sz_t.shape[3]:
-        raise ValueError(f"v_sz_t{fr.v_sz_t.shape} must be [B, N, 2, H/Gv, S] with B={b}, N={n}, S={s}, H={h}")
-    for name, x in (("k_sz", fr.k_sz), ("v_sz_t", fr.v_sz_t)):
+    if (fr.v_sz.ndim != 6 or fr.v_sz.shape[:4] != (b, n, tiles, 2) or fr.v_sz.shape[5] != TILE
+            or h % fr.v_sz.shape[4]):
+        raise ValueError(f"v_sz{fr.v_sz.shape} must be [B, N, S/64, 2, H/Gv, 64] with B={b}, N={n}, S={s}, H={h}")
+    for name, x in (("k_sz", fr.k_sz), ("v_sz", fr.v_sz)):
         if x.dtype != jnp.bfloat16:
             raise ValueError(f"{name} dtype={x.dtype} is not supported by the Mosaic GPU KIVI kernel; expected bfloat16")
     gk = s // fr.k_sz.shape[2]
-    gv = h // fr.v_sz_t.shape[3]
+    gv = h // fr.v_sz.shape[4]
     if not (gk % 16 == 0 and (TILE % gk == 0 or gk % TILE == 0)):
         raise ValueError(f"key group Gk={gk} must be 16, 32, 64 or a multiple of 64 for the Mosaic GPU KIVI kernel")
     if h % gv or gv % 2:

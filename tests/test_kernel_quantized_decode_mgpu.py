@@ -60,7 +60,9 @@ def test_to_fragment_layout_keeps_every_code(rng, bits, h):
     v_tiles = _codes_from_words(fr.words[:, :, :, 1], h, 64, bits)  # V^T: rows = channels
     np.testing.assert_array_equal(v_tiles, np.swapaxes(vals, -1, -2))
     np.testing.assert_array_equal(fr.k_sz[:, :, :, 1], kz)
-    np.testing.assert_array_equal(fr.v_sz_t[:, :, 0], jnp.swapaxes(vs, 2, 3))
+    back = mg.from_fragment_layout(fr, bits=bits)
+    for got, want in zip(back, (keys.reshape(b, n, s, h), vals.reshape(b, n, s, h), ks, kz, vs, vz)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     assert fr.words.dtype == jnp.uint32 and fr.words.shape == (b, n, s // 64, 2, 64 * h * bits // 32)
 
 
@@ -79,8 +81,9 @@ def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale):
     kz = np.repeat(np.asarray(fr.k_sz[:, :, :, 1], np.float32), gk, axis=2)[..., perm]
     k = bf(kcode * ks + kz)  # [B,N,S,H]
     grp = (np.arange(nb) // rows_q) % (h // gv)
-    sv = np.swapaxes(np.asarray(fr.v_sz_t[:, :, 0], np.float32), 2, 3)[..., grp]  # [B,N,S,NB]
-    zv = np.swapaxes(np.asarray(fr.v_sz_t[:, :, 1], np.float32), 2, 3)[..., grp]
+    *_, vs, vz = mg.from_fragment_layout(fr, bits=bits)
+    sv = np.asarray(vs, np.float32)[..., grp]  # [B,N,S,NB]
+    zv = np.asarray(vz, np.float32)[..., grp]
     per = tiles * 64 // splits
     acc = np.zeros((b, n, splits, h, nb), np.float32)
     corr = np.zeros((b, n, splits, 64, nb), np.float32)
@@ -138,7 +141,7 @@ def test_lowers_for_cuda(bits, t, gk, h, tps, nq):
     sds = jax.ShapeDtypeStruct
     w = 64 * h * bits // 32
     fr = mg.KiviFragments(sds((b, n, s // 64, 2, w), jnp.uint32), sds((b, n, s // gk, 2, h), jnp.bfloat16),
-                          sds((b, n, 2, h // 32, s), jnp.bfloat16))
+                          sds((b, n, s // 64, 2, h // 32, 64), jnp.bfloat16))
 
     def fn(q, fr, lens, kr, vr, rl):
         return mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
@@ -153,7 +156,7 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     w = 64 * h * bits // 32
     z = jnp.zeros
     return mg.KiviFragments(z((b, n, s // 64, 2, w), jnp.uint32), z((b, n, s // gk, 2, h), sz_dtype),
-                            z((b, n, 2, h // gv, s), sz_dtype))
+                            z((b, n, s // 64, 2, h // gv, 64), sz_dtype))
 
 
 @pytest.mark.parametrize("kw,fr_kw,match", [

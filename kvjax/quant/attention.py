@@ -55,10 +55,16 @@ def fused_kivi_attention(state, q, q_pos, ctx, *, bits: int, group: int):
     backend default: 'pallas' on GPU/TPU) applied to a KIVI QuantState; None (use the
     reference) when none is registered or the kernel cannot take these shapes."""
     impl = ctx.implementation or attention.default_implementation()
-    fn = _KERNELS.get(impl)
-    if fn is None or ctx.config.sliding_window is not None:
-        return None
     d = state.streams[0].data
+    if ctx.config.sliding_window is not None:
+        return None
+    if type(d).__name__ == "KiviFragments":  # the Hopper kernel's layout (kvjax.quant.kivi, layout=...)
+        if impl != "pallas":
+            return None
+        return mgpu_kivi_attention(q, d, state.streams[0].count, state.res_k, state.res_v, state.res_len, bits=bits)
+    fn = _KERNELS.get(impl)
+    if fn is None:
+        return None
     return fn(q, d.k_codes, d.k_scale, d.k_zero, d.v_codes, d.v_scale, d.v_zero, state.streams[0].count,
               state.res_k, state.res_v, state.res_len, bits=bits, group=group, res_pos=state.res_pos, q_pos=q_pos)
 
@@ -82,6 +88,24 @@ def pallas_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
         out, _ = kernel.quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
                                                    bits=bits, k_res=k_res.astype(q.dtype), v_res=v_res.astype(q.dtype),
                                                    res_lengths=res_len)
+    except ValueError:  # shape constraints of the kernel (checked at trace time)
+        return None
+    return out
+
+
+def mgpu_kivi_attention(q, fr, lengths, k_res, v_res, res_len, *, bits: int):
+    """Adapter to the Hopper kernel (pallas_kernels/quantized_decode_attention_mgpu.py) for a
+    cache in its fragment layout: every residual slot below res_len is visible (the decode
+    query is the newest token). None (the caller runs the reference) off a Hopper GPU, for a
+    non-bf16 model, or for shapes the kernel does not take."""
+    from ..pallas_kernels import _compat
+    from ..pallas_kernels import quantized_decode_attention_mgpu as kernel
+
+    if _compat.backend_kind() != "mosaic_gpu" or q.dtype != jnp.bfloat16:
+        return None
+    try:
+        out, _ = kernel.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=k_res.astype(q.dtype),
+                                                        v_res=v_res.astype(q.dtype), res_lengths=res_len)
     except ValueError:  # shape constraints of the kernel (checked at trace time)
         return None
     return out

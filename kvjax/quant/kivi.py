@@ -8,6 +8,12 @@ quantized when the window holds R + G of them, so the last R tokens are always e
 
 State (stream 0): KIVIData(k_codes [B, N, S/per_word, H], k_scale/k_zero [B, N, S/G, H],
 v_codes [B, N, S, H/per_word], v_scale/v_zero [B, N, S, H/G]) + residual [B, N, R+G, H].
+
+`layout="fragments"` stores the same codes in the fragment layout of the Hopper kernel
+(`pallas_kernels/quantized_decode_attention_mgpu.py`: KiviFragments, scales in bf16) and
+flushes whole 64-token tiles (blocks of lcm(G, 64) tokens); "auto" (the default) picks it
+on a Hopper GPU when the kernel takes the shapes (2/4 bits, one width, head_dim a multiple
+of 64, G in {16, 32} or a multiple of 64), else the standard layout.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import math
 
 from flax import struct
 
-from ..pallas_kernels import packing
+from ..pallas_kernels import _compat, packing
+from ..pallas_kernels import quantized_decode_attention_mgpu as mgpu
 from ..policies.base import PolicyError
 from ..policies.registry import register
 from . import affine
@@ -61,18 +68,53 @@ class KIVICodec:
         return k, v, None
 
 
+@dataclasses.dataclass(frozen=True)
+class KIVIFragmentCodec:
+    """KIVICodec's quantization, stored as `mgpu.KiviFragments` (scales rounded to bf16, the
+    kernel's fma type); `encode` takes whole 64-token tiles."""
+
+    bits: int
+    group: int
+    head_dim: int
+
+    def encode(self, k, v, pos, aux):
+        kc, ks, kz = affine.quant_channelwise(k, self.bits, self.group)
+        vc, vs, vz = affine.quant_tokenwise(v, self.bits, self.group)
+        return mgpu.to_fragment_layout(kc, ks, kz, vc, vs, vz, bits=self.bits)
+
+    def decode(self, d, aux):
+        kc, vc, ks, kz, vs, vz = mgpu.from_fragment_layout(d, bits=self.bits)
+        b, n, s, h = kc.shape
+        k = affine.dequantize(kc.reshape(b, n, s // self.group, self.group, h), ks[:, :, :, None], kz[:, :, :, None])
+        v = affine.dequantize(vc.reshape(b, n, s, h // self.group, self.group), vs[..., None], vz[..., None])
+        return k.reshape(b, n, s, h), v.reshape(b, n, s, h), None
+
+
+def fragments_fit(bits: int, v_bits: int, group: int, head_dim: int | None = None) -> str | None:
+    """Why the fragment layout cannot hold this KIVI configuration (None: it can)."""
+    if bits not in mgpu.MGPU_BITS or v_bits not in (0, bits):
+        return f"bits={bits}, v_bits={v_bits}: the fragment layout holds one width of {mgpu.MGPU_BITS}"
+    if group % 16 or not (64 % group == 0 or group % 64 == 0):
+        return f"group={group}: the fragment layout needs 16, 32, 64 or a multiple of 64"
+    if head_dim is not None and (head_dim % 64 or head_dim > 256):
+        return f"head_dim={head_dim}: the fragment layout needs 64, 128, 192 or 256"
+    return None
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class KIVI(QuantPolicy):
     """KIVI with `bits` in {2, 3, 4, 8} (`v_bits`: a different width for values, 0 = same),
     group size `group` (G, tokens for keys / channels
-    for values) and a full-precision residual window of `residual` (R) tokens."""
+    for values), a full-precision residual window of `residual` (R) tokens and a storage
+    `layout`: "standard", "fragments" (the Hopper kernel's) or "auto" (module doc)."""
 
     name = "kivi"
     bits: int = 2
     group: int = 32
     residual: int = 128
     v_bits: int = 0
+    layout: str = "auto"
 
     def __post_init__(self):
         if self.bits not in packing.SUPPORTED_BITS:
@@ -86,9 +128,26 @@ class KIVI(QuantPolicy):
                               f"(the {self.bits}-bit codes one uint32 word holds along tokens)")
         if self.residual < 0 or self.residual % self.group:
             raise PolicyError(f"kivi: residual={self.residual} must be a non-negative multiple of group={self.group}")
+        if self.layout not in ("auto", "standard", "fragments"):
+            raise PolicyError(f"kivi: layout={self.layout!r} is not supported; expected 'auto', 'standard' or "
+                              "'fragments'")
+        if self.layout == "fragments" and (why := fragments_fit(self.bits, self.v_bits, self.group)):
+            raise PolicyError(f"kivi: layout='fragments' cannot hold {why}")
+
+    def fragments(self, ctx) -> bool:
+        """Whether this layer's cache uses the fragment layout (static per model and device)."""
+        if self.layout == "standard":
+            return False
+        fits = fragments_fit(self.bits, self.v_bits, self.group, ctx.config.head_dim) is None
+        if self.layout == "fragments":
+            if not fits:
+                raise PolicyError("kivi: layout='fragments' cannot hold "
+                                  f"{fragments_fit(self.bits, self.v_bits, self.group, ctx.config.head_dim)}")
+            return True
+        return fits and _compat.backend_kind() == "mosaic_gpu"
 
     def block(self, ctx):
-        return self.group
+        return math.lcm(self.group, mgpu.TILE) if self.fragments(ctx) else self.group
 
     def capacity(self, c_in, ctx):
         """Quantized tokens in whole blocks of 64 (the fused kernel's default token block)."""
@@ -99,6 +158,8 @@ class KIVI(QuantPolicy):
         check_group("kivi", self.group, config.head_dim, "values are quantized per token in groups of channels")
 
     def codec(self, ctx):
+        if self.fragments(ctx):
+            return KIVIFragmentCodec(self.bits, self.group, ctx.config.head_dim)
         return KIVICodec(self.bits, self.group, ctx.config.head_dim, self.v_bits)
 
     def fused_attention(self, state, q, q_pos, ctx):
