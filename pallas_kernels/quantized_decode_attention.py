@@ -16,12 +16,14 @@ head. Split-K: the quantized tokens are cut into `num_splits` chunks (plus one p
 residual) whose partial results are merged through their LSEs. Codes are unpacked and
 dequantized in registers; the cache is read once. Returns (out [B,T,Nq,H], lse [B,T,Nq] f32).
 
-Backends: the Triton lowering on every CUDA GPU ("mosaic_gpu" also runs it: there is no Mosaic
-GPU version of this kernel), interpret mode on CPU, "mosaic_tpu" (grid over blocks of quantized
-tokens plus a residual step, one online softmax in VMEM, in `quantized_decode_attention_tpu.py`;
-of `block_sizes` only block_s and dequant_f32 apply, None picks the largest block that fits;
-with `interpret=True` it runs in the TPU interpreter), and "xla" = the jnp reference. Measured in BENCHMARKS.md ("Kernels"): instruction-bound on the dequantization, so
-it misses the 3x-over-cuDNN target at 128k context.
+Backends: the Triton lowering on every CUDA GPU ("mosaic_gpu" also runs it on this layout),
+interpret mode on CPU, "mosaic_tpu" (grid over blocks of quantized tokens plus a residual step,
+one online softmax in VMEM, in `quantized_decode_attention_tpu.py`; of `block_sizes` only
+block_s and dequant_f32 apply, None picks the largest block that fits; with `interpret=True` it
+runs in the TPU interpreter), and "xla" = the jnp reference. Measured in BENCHMARKS.md
+("Kernels"): instruction-bound on the dequantization (0.6-0.9x cuDNN at 128k). The Hopper kernel,
+`quantized_decode_attention_mgpu.py` (2.0-2.2x cuDNN), reads the same codes in a fragment
+layout of its own (`to_fragment_layout`); KIVI caches on Hopper store that layout directly.
 """
 
 from __future__ import annotations
