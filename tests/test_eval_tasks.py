@@ -6,7 +6,7 @@ import re
 import pytest
 
 from kvjax.eval import load_text
-from kvjax.eval.episodes import EPISODES, check, make_episodes
+from kvjax.eval.episodes import EPISODES, _facts, check, make_episodes
 from kvjax.eval.tasks import TASKS
 
 
@@ -56,6 +56,34 @@ def test_multi_turn_options(tok, kjv):
         for t in e.turns:
             person = t.question.split("Answer: ")[1].split()[0].rstrip(",")  # "Heber the Kenite"
             assert 1 <= len(re.findall(rf"\b{person}\b", e.context)) <= 2, (person, t.question)
+
+
+def test_qa_facts_are_unambiguous():
+    def facts(text):
+        return [(q, prefix, y) for _, q, prefix, y in _facts(text)]
+
+    # apposition: Balak is the king of Moab, not Zippor
+    assert facts("better than Balak the son of Zippor, king of Moab? did he") == [
+        ("Who was the father of Balak?", "Balak the son of", "Zippor")]
+    # the answer has a father of its own in the window: only the last link is asked
+    assert facts("And Abimelech the son of Jerubbaal went. And Jerubbaal the son of Joash dwelt.") == [
+        ("Who was the father of Jerubbaal?", "Jerubbaal the son of", "Joash")]
+    assert facts("Tola the son of Puah, the son of Dodo, a man of Issachar") == []  # a genealogy
+    assert facts("Jabin king of Canaan, and Jabin the king of Hazor") == []  # two answers
+    assert facts("Eglon the king of Moab. And Eglon king of Moab was fat.") == [
+        ("Of which land was Eglon king?", "Eglon the king of", "Moab")]
+    assert facts("Now Jephthah the Gileadite was a mighty man") == []  # "Jephthah the" is no clear prefix
+
+
+def test_qa_turns_read_from_the_text(tok, kjv):
+    for context in (2048, 4096):
+        for e in make_episodes("qa", tok, context, 10, 0, kjv):
+            assert len({t.answer for t in e.turns}) == len(e.turns)  # never the same answer twice
+            for t in e.turns:
+                prefix = t.question.split("Answer: ")[1]
+                assert prefix + " " + t.answer in e.context  # the answer as the text states it
+    text_facts = _facts(kjv)
+    assert text_facts and not any("Zippor king" in q or "belong to" in q for _, q, _, _ in text_facts)
 
 
 def test_errors(tok, kjv):

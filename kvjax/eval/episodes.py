@@ -33,10 +33,11 @@ _FACTS = (  # (regex, question); group 1 = subject, group 2 = answer
     (r"\b([A-Z][a-z]+),? the son of ([A-Z][a-z]+)\b", "Who was the father of {x}?"),
     (r"\b([A-Z][a-z]+),? the wife of ([A-Z][a-z]+)\b", "Whose wife was {x}?"),
     (r"\b([A-Z][a-z]+),? the daughter of ([A-Z][a-z]+)\b", "Whose daughter was {x}?"),
-    (r"\b([A-Z][a-z]+),? (?:the )?king of ([A-Z][a-z]+)\b", "Of which land was {x} king?"),
-    (r"\b([A-Z][a-z]+) the ([A-Z][a-z]+ite)\b", "Which people did {x} belong to?"),
+    # no comma: in "Balak the son of Zippor, king of Moab" the king is Balak, not Zippor
+    (r"\b([A-Z][a-z]+) (?:the )?king of ([A-Z][a-z]+)\b", "Of which land was {x} king?"),
 )
-_LONGEST_QA = "Question: Which people did Chushanrishathaim belong to?\nAnswer: Chushanrishathaim the Gileadite"
+_KIN = r"(?:son|wife|daughter) of"
+_LONGEST_QA = "Question: Of which land was Chushanrishathaim king?\nAnswer: Chushanrishathaim the king of"
 # Text windows tried per qa / mix episode (seed, seed + 7919, ...) before giving up: facts are
 # sparse, and mentions= filters most of them out.
 _ATTEMPTS = 48
@@ -172,41 +173,57 @@ def prefix_suffix(tokenizer, context, depth, seed, text, turns: int = 1, suffix_
     return Episode("prefix_suffix", ctx, tuple(asked), seed, depth)
 
 
-def _facts(ctx: str, mentions: int = 0):
+def _facts(ctx: str, mentions: int = 0, quote: int = 0):
     """Unambiguous facts [(char offset, question, answer prefix, answer)] in `ctx`; the
     answer prefix is the context's own words before the answer ("Ehud the son of").
-    mentions > 0: only facts whose subject is named at most that often in `ctx`."""
+    A fact is kept only if every statement of it in `ctx` gives the same answer, its answer
+    is not itself given a father / husband in `ctx` ("Abimelech the son of Jerubbaal" with
+    "Jerubbaal the son of Joash": SmolLM2 answers the grandfather) and it is not a later link
+    of a genealogy ("Tola the son of Puah, the son of Dodo": Puah's). mentions > 0: only
+    facts whose subject is named at most that often in `ctx`."""
+    found = [(q, m) for regex, q in _FACTS for m in re.finditer(regex, ctx)]
+    kin = r"\b([A-Z][a-z]+),? the " + _KIN
+    has_kin = {m.group(1) for m in re.finditer(kin, ctx)}
     seen: dict = {}
-    for regex, q in _FACTS:
-        for m in re.finditer(regex, ctx):
-            x, y = m.group(1), m.group(2)
-            if x in _STOP or y in _STOP or x == y or x.endswith("ites"):
-                continue
-            if mentions and len(re.findall(rf"\b{x}\b", ctx)) > mentions:
-                continue
-            seen.setdefault((q, x), []).append((m.start(), ctx[m.start() : m.start(2)].rstrip(), y))
+    for q, m in found:
+        x, y = m.group(1), m.group(2)
+        if x in _STOP or y in _STOP or x == y or x.endswith("ites"):
+            continue
+        if mentions and len(re.findall(rf"\b{x}\b", ctx)) > mentions:
+            continue
+        chained = y in has_kin or re.search(_KIN + r",? $", ctx[max(0, m.start() - 16) : m.start()]) is not None
+        prefix = ctx[m.start() : m.start(2)].rstrip()
+        if quote:  # up to `quote` more words of the sentence, never reaching back to the answer
+            words = re.split(r"[.;:?!\n]", ctx[max(0, m.start() - 200) : m.start()])[-1].split()[-quote:]
+            while words and any(re.search(rf"\b{y}\b", w) for w in words):
+                words = words[1:]
+            prefix = " ".join(words + [prefix])
+        seen.setdefault((q, x), []).append((m.start(), prefix, y, chained))
     out = []
     for (q, x), hits in seen.items():
-        if len({y for _, _, y in hits}) == 1:
+        if len({h[2] for h in hits}) == 1 and not any(h[3] for h in hits):
             out.append((hits[0][0], q.format(x=x), hits[0][1], hits[0][2]))
     return sorted(out)
 
 
-def qa(tokenizer, context, depth, seed, text, turns: int = 2, mentions: int = 0):
+def qa(tokenizer, context, depth, seed, text, turns: int = 2, mentions: int = 0, quote: int = 0):
     """`turns` questions about facts of the text window itself (see module doc); mentions > 0:
     ask only about people named at most that often in the window (fewer passages to confuse)."""
     rng = np.random.default_rng(seed)
     for attempt in range(_ATTEMPTS):
         s = seed + 7919 * attempt
         ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, s, []), _LONGEST_QA)
-        facts = _facts(ctx, mentions)
-        if len(facts) >= turns:
+        by_answer: dict = {}  # one episode never asks two facts with the same answer
+        for f in _facts(ctx, mentions, quote):
+            by_answer.setdefault(f[3], []).append(f)
+        if len(by_answer) >= turns:
             break
     else:
-        raise ValueError(f"text has fewer than {turns} facts ('X the son of Y', 'X king of Y', ...) in a "
-                         f"{context}-token window; the qa task needs a narrative text such as 'kjv-judges'")
-    picked = sorted(rng.choice(len(facts), size=turns, replace=False))
-    picked = [facts[i] for i in rng.permutation(picked)]
+        raise ValueError(f"text has fewer than {turns} facts ('X the son of Y', 'X king of Y', ...) with distinct "
+                         f"answers in a {context}-token window; the qa task needs a narrative text such as 'kjv-judges'")
+    answers = sorted(by_answer)
+    picked = [by_answer[answers[i]] for i in rng.choice(len(answers), size=turns, replace=False)]
+    picked = [f[int(rng.integers(0, len(f)))] for f in picked]
     asked = tuple(Turn(f"Question: {q}\nAnswer: {prefix}", y) for _, q, prefix, y in picked)
     return Episode("qa", ctx, asked, seed, picked[0][0] / len(ctx))
 
@@ -229,7 +246,7 @@ def majority(tokenizer, context, depth, seed, text, votes: int = 5, winner: int 
     return Episode("majority", ctx, (Turn(q, names[0]),), seed, depth)
 
 
-def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0):
+def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0, quote: int = 0):
     """passkey, kv_retrieval and qa turns over one context (qa facts from the text; mentions
     as in qa)."""
     rng = np.random.default_rng(seed)
@@ -242,7 +259,7 @@ def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0
     for attempt in range(_ATTEMPTS):
         s = seed + 7919 * attempt
         ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, s, inserts), pk.question)
-        facts = _facts(ctx, mentions)
+        facts = _facts(ctx, mentions, quote)
         if facts:
             break
     else:
