@@ -34,6 +34,16 @@ def ungroup_rows(out, lse, t: int, rows: int):
     return out, lse
 
 
+def masked_softmax(logits):
+    """logits [..., S] (-inf = masked) -> (probabilities [..., S], natural-log LSE [...]); rows
+    with every key masked give p = 0 and LSE -inf (the references' convention)."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    seen = jnp.isfinite(m)
+    p = jnp.exp(logits - jnp.where(seen, m, 0.0))
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(seen, l, 1.0), jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]
+
+
 def init_carry(rows: int, h: int):
     return (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), NEG_INIT, jnp.float32),
             jnp.zeros((rows,), jnp.float32))

@@ -52,7 +52,7 @@ from jax import lax
 
 from . import packing
 from ._compat import pl, plgpu
-from ._decode_common import merge_splits, per_head
+from ._decode_common import masked_softmax, merge_splits, per_head
 
 TILE = 64  # tokens per pipeline step (the wgmma M of the key product)
 MGPU_BITS = (2, 4)
@@ -502,12 +502,8 @@ def _residual_partial(qr, k_res, v_res, res_lengths, *, t, scale):
     row_t = jnp.arange(rows) // (rows // t)
     limit = res_lengths[:, :, None] - (t - 1 - row_t)[None, None, :]
     sc = jnp.where(jnp.arange(r)[None, None, None, :] < limit[..., None], sc, -jnp.inf)
-    m = jnp.max(sc, axis=-1, keepdims=True)
-    seen = jnp.isfinite(m)
-    p = jnp.exp(sc - jnp.where(seen, m, 0.0))
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bnqr,bnrh->bnqh", p / jnp.where(seen, l, 1.0), v_res.astype(jnp.float32), precision="highest")
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]
+    p, lse = masked_softmax(sc)
+    out = jnp.einsum("bnqr,bnrh->bnqh", p, v_res.astype(jnp.float32), precision="highest")
     return out[:, :, None], lse[:, :, None]
 
 

@@ -31,7 +31,8 @@ from jax import lax
 
 from . import _compat
 from ._compat import pl
-from ._decode_common import clean_selection, finish, group_rows, init_carry, merge_splits, online_update, per_head, ungroup_rows
+from ._decode_common import (clean_selection, finish, group_rows, init_carry, masked_softmax, merge_splits,
+                             online_update, per_head, ungroup_rows)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -103,12 +104,8 @@ def sparse_decode_attention_reference(q, k, v, block_indices, lengths, *, block_
     qg = q.astype(jnp.float32).reshape(b, t, n, g, h)
     logits = jnp.einsum("btngh,bnsh->bngts", qg, k.astype(jnp.float32), precision="highest") * scale
     logits = jnp.where(vis[:, :, None], logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    seen = jnp.isfinite(m)
-    p = jnp.exp(logits - jnp.where(seen, m, 0.0))
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bngts,bnsh->btngh", p / jnp.where(seen, l, 1.0), v.astype(jnp.float32), precision="highest")
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]
+    p, lse = masked_softmax(logits)
+    out = jnp.einsum("bngts,bnsh->btngh", p, v.astype(jnp.float32), precision="highest")
     return out.reshape(b, t, nq, h).astype(q.dtype), jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, nq)
 
 

@@ -183,3 +183,22 @@ def test_to_fragment_layout_rejects_a_context_off_the_tile():
     sc = jnp.zeros((1, 1, 3, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"S % 64 == 0 and H % 64 == 0; got S=96, H=128"):
         mg.to_fragment_layout(kc, sc, sc, vc, jnp.zeros((1, 1, 96, 4)), jnp.zeros((1, 1, 96, 4)), bits=2)
+
+
+def test_residual_window_part_matches_the_reference(rng):
+    """The full-precision residual window (XLA, merged with the kernel's splits) equals the
+    reference over an empty quantized part, speculative rows included (query t sees slots
+    < res_len - (T - 1 - t))."""
+    b, t, nq, n, h, r = 2, 3, 4, 2, 64, 32
+    cache = _cache(rng, b, n, 64, h, 2, 32, 32)
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
+    kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
+    rl = jnp.asarray([[32, 5], [2, 0]], jnp.int32)
+    _, qr, rows_q, _ = mg.query_columns(q, n)
+    out, lse = mg._residual_partial(qr, kr, vr, rl, t=t, scale=h**-0.5)
+    gq = nq // n
+    out = out[:, :, 0].reshape(b, n, t, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
+    lse = lse[:, :, 0].reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, nq)
+    ro, rlse = qda.quantized_decode_attention_reference(q, *cache, jnp.zeros((b, n), jnp.int32), bits=2, k_res=kr,
+                                                        v_res=vr, res_lengths=rl)
+    assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, "residual part")  # the reference returns bf16
