@@ -110,9 +110,11 @@ def test_fragments_need_a_head_dim_multiple_of_64():
     import dataclasses
 
     pol = parse_policy("kivi:group=16,residual=16,layout=fragments")
-    c = LayerContext(0, dataclasses.replace(CFG, head_dim=32, hidden_size=192), "decode", True, 50, 16, None)
+    cfg = dataclasses.replace(CFG, head_dim=32, hidden_size=192)
     with pytest.raises(PolicyError, match=r"head_dim=32: the fragment layout needs 64, 128, 192 or 256"):
-        pol.block(c)
+        pol.validate(100, cfg)  # what generate calls before tracing
+    with pytest.raises(PolicyError, match=r"head_dim=32: the fragment layout needs 64, 128, 192 or 256"):
+        pol.block(LayerContext(0, cfg, "decode", True, 50, 16, None))
 
 
 def test_auto_layout_is_standard_off_hopper():

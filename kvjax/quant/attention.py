@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from .. import attention
+from ..pallas_kernels.quantized_decode_attention_mgpu import KiviFragments
 from . import affine
 
 _KERNELS: dict = {}
@@ -58,7 +59,7 @@ def fused_kivi_attention(state, q, q_pos, ctx, *, bits: int, group: int):
     d = state.streams[0].data
     if ctx.config.sliding_window is not None:
         return None
-    if type(d).__name__ == "KiviFragments":  # the Hopper kernel's layout (kvjax.quant.kivi, layout=...)
+    if isinstance(d, KiviFragments):  # the Hopper kernel's layout (kvjax.quant.kivi, layout=...)
         if impl != "pallas":
             return None
         return mgpu_kivi_attention(q, d, state.streams[0].count, state.res_k, state.res_v, state.res_len, bits=bits)
@@ -96,19 +97,21 @@ def pallas_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
 def mgpu_kivi_attention(q, fr, lengths, k_res, v_res, res_len, *, bits: int):
     """Adapter to the Hopper kernel (pallas_kernels/quantized_decode_attention_mgpu.py) for a
     cache in its fragment layout: every residual slot below res_len is visible (the decode
-    query is the newest token). None (the caller runs the reference) off a Hopper GPU, for a
-    non-bf16 model, or for shapes the kernel does not take."""
+    query is the newest token). The kernel computes in bf16 (a float32 model's query and
+    residual window are rounded to bf16; the output comes back in q's dtype). None (the
+    caller runs the reference) off a Hopper GPU or for shapes the kernel does not take."""
     from ..pallas_kernels import _compat
     from ..pallas_kernels import quantized_decode_attention_mgpu as kernel
 
-    if _compat.backend_kind() != "mosaic_gpu" or q.dtype != jnp.bfloat16:
+    if _compat.backend_kind() != "mosaic_gpu":
         return None
+    bf16 = jnp.bfloat16
     try:
-        out, _ = kernel.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=k_res.astype(q.dtype),
-                                                        v_res=v_res.astype(q.dtype), res_lengths=res_len)
+        out, _ = kernel.quantized_decode_attention_mgpu(q.astype(bf16), fr, lengths, bits=bits, k_res=k_res.astype(bf16),
+                                                        v_res=v_res.astype(bf16), res_lengths=res_len)
     except ValueError:  # shape constraints of the kernel (checked at trace time)
         return None
-    return out
+    return out.astype(q.dtype)
 
 
 register_quantized_kernel("pallas", pallas_kivi_attention)

@@ -155,6 +155,8 @@ class KIVI(QuantPolicy):
 
     def check_config(self, config):
         super().check_config(config)
+        if self.layout == "fragments" and (why := fragments_fit(self.bits, self.v_bits, self.group, config.head_dim)):
+            raise PolicyError(f"kivi: layout='fragments' cannot hold {why}")
         check_group("kivi", self.group, config.head_dim, "values are quantized per token in groups of channels")
 
     def codec(self, ctx):
