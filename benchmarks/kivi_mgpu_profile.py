@@ -1,4 +1,5 @@
-"""One Mosaic GPU KIVI-2 G32 decode call at the benchmark shape (B8 Hq32 Hkv8 D128, 128k), for ncu."""
+"""One Mosaic GPU KIVI-2 decode call at the benchmark shape (B8 Hq32 Hkv8 D128, 128k; argv[1] = the
+group G, default 32) on random codes, for Nsight Compute (command in BENCHMARKS.md, "Decode")."""
 import sys
 import jax, jax.numpy as jnp
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
