@@ -5,7 +5,9 @@ that the full cache score >= 90% on SmolLM2 at every tested length).
 
 Runs the dense policy only, over the variants in VARIANTS (task, context, options), through
 `kvjax.eval.sweep.run_sweep` (one output folder per variant under --out, resumable), and prints
-a markdown table: task, context, options, correct / questions.
+a markdown table: task, context, options, correct / questions. The qa rows before the
+unambiguity rules and the `quote` option (2026-11-27: 15/20 at 2k, 11/20 at 4k by default) are
+in git history; `mentions` and `turns=1` did not help then.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ VARIANTS = [
     ("majority", 4096, {"votes": 5, "winner": 4}),
     ("majority", 2048, {"votes": 7, "winner": 6}),
     ("majority", 4096, {"votes": 7, "winner": 6}),
-    ("qa", 2048, {}),
+    ("qa", 2048, {}),  # unambiguous facts, answer prefix quoting 6 words more of the sentence
     ("qa", 4096, {}),
+    ("qa", 2048, {"quote": 0}),  # answer prefix "X the son of" only
+    ("qa", 4096, {"quote": 0}),
     ("qa", 2048, {"mentions": 2}),
     ("qa", 4096, {"mentions": 2}),
-    ("qa", 2048, {"mentions": 1, "turns": 1}),
-    ("qa", 4096, {"mentions": 1, "turns": 1}),
+    ("mix", 2048, {}),
+    ("mix", 4096, {}),
 ]
 
 

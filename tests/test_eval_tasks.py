@@ -54,7 +54,7 @@ def test_multi_turn_options(tok, kjv):
         make_episodes("kv_retrieval", tok, 1024, 1, 0, kjv, repeat=0)
     for e in make_episodes("qa", tok, 2048, 2, 0, kjv, mentions=2):  # people named at most twice
         for t in e.turns:
-            person = t.question.split("Answer: ")[1].split()[0].rstrip(",")  # "Heber the Kenite"
+            person = re.search(r"(\w+),? (?:the )?(?:son|wife|daughter|king) of$", t.question).group(1)
             assert 1 <= len(re.findall(rf"\b{person}\b", e.context)) <= 2, (person, t.question)
 
 
@@ -73,6 +73,11 @@ def test_qa_facts_are_unambiguous():
     assert facts("Eglon the king of Moab. And Eglon king of Moab was fat.") == [
         ("Of which land was Eglon king?", "Eglon the king of", "Moab")]
     assert facts("Now Jephthah the Gileadite was a mighty man") == []  # "Jephthah the" is no clear prefix
+    # quote: the sentence's words before the subject join the answer prefix, never the answer
+    ((_, _, prefix, y),) = _facts("Jotham left.\nAnd upon them came the curse of Jotham the son of Jerubbaal.", quote=6)
+    assert (prefix, y) == ("upon them came the curse of Jotham the son of", "Jerubbaal")  # 6 words
+    ((_, _, prefix, _),) = _facts("Joash came; Joash saw Ehud the son of Joash go.", quote=6)
+    assert prefix == "saw Ehud the son of"
 
 
 def test_qa_turns_read_from_the_text(tok, kjv):

@@ -10,9 +10,17 @@ deterministic per (seed, depth, text), with every answer present in the context:
   number of the entry with a given prefix and suffix, among distractors sharing its suffix
   (and, with `prefix_distractors`, its prefix) (string retrieval);
 * qa — questions answerable from one passage of the text itself (no insertions): facts
-  "X the son of Y", "X the wife of Y", "X king of Y", "X the Kenite" found in the context
-  become "Who was the father of X?" ... (semantic retrieval, multi-turn; needs a narrative
-  text such as kjv-judges);
+  "X the son of Y", "X the wife of Y", "X the daughter of Y", "X (the) king of Y" found in the
+  context become "Who was the father of X?" ...; the answer prefix quotes the text's words
+  before the answer ("And Gaal the son of"; `quote` of them ahead of the subject, 6 by
+  default). Facts must be unambiguous in the window: one answer however often stated, not a
+  link of a chain or genealogy ("Abimelech the son of Jerubbaal" with "Jerubbaal the son of
+  Joash"; "Tola the son of Puah, the son of Dodo"), no apposition ("Balak the son of Zippor,
+  king of Moab" makes no Zippor king), and the turns of an episode have distinct answers
+  (semantic retrieval, multi-turn; needs a narrative text such as kjv-judges). Full cache on
+  SmolLM2 (kjv-judges, 10 episodes x 2 turns, seed 0): 20/20 at 2k, 18/20 at 4k; without the
+  quote ("Gaal the son of", quote=0) 18/20 and 13/20, and before the unambiguity rules (with
+  "X the Gileadite" facts, asked "Jephthah the" -> "son of ...") 15/20 and 11/20;
 * majority — `votes` lines "Vote for the ANIMAL." spread evenly over the whole context; asked
   which animal got the most votes (global information);
 * mix — passkey, then kv_retrieval, then qa on the same context (multi-task).
@@ -39,7 +47,7 @@ _FACTS = (  # (regex, question); group 1 = subject, group 2 = answer
 _KIN = r"(?:son|wife|daughter) of"
 _LONGEST_QA = "Question: Of which land was Chushanrishathaim king?\nAnswer: Chushanrishathaim the king of"
 # Text windows tried per qa / mix episode (seed, seed + 7919, ...) before giving up: facts are
-# sparse, and mentions= filters most of them out.
+# sparse, and the unambiguity rules and mentions= filter many of them out.
 _ATTEMPTS = 48
 HEAD = "Below is a long text. Read it carefully: I will ask you several questions about it.\n\n"
 
@@ -180,7 +188,8 @@ def _facts(ctx: str, mentions: int = 0, quote: int = 0):
     is not itself given a father / husband in `ctx` ("Abimelech the son of Jerubbaal" with
     "Jerubbaal the son of Joash": SmolLM2 answers the grandfather) and it is not a later link
     of a genealogy ("Tola the son of Puah, the son of Dodo": Puah's). mentions > 0: only
-    facts whose subject is named at most that often in `ctx`."""
+    facts whose subject is named at most that often in `ctx`. quote > 0: the answer prefix
+    starts up to that many words earlier in the sentence (never at or before the answer)."""
     found = [(q, m) for regex, q in _FACTS for m in re.finditer(regex, ctx)]
     kin = r"\b([A-Z][a-z]+),? the " + _KIN
     has_kin = {m.group(1) for m in re.finditer(kin, ctx)}
@@ -206,13 +215,16 @@ def _facts(ctx: str, mentions: int = 0, quote: int = 0):
     return sorted(out)
 
 
-def qa(tokenizer, context, depth, seed, text, turns: int = 2, mentions: int = 0, quote: int = 0):
-    """`turns` questions about facts of the text window itself (see module doc); mentions > 0:
-    ask only about people named at most that often in the window (fewer passages to confuse)."""
+def qa(tokenizer, context, depth, seed, text, turns: int = 2, mentions: int = 0, quote: int = 6):
+    """`turns` questions about facts of the text window itself, with distinct answers (see
+    module doc); mentions > 0: ask only about people named at most that often in the window
+    (did not help: 15/20 at 2k, 13/20 at 4k before the unambiguity rules); quote: words of
+    the sentence before the subject kept in the answer prefix (0: "X the son of" only)."""
     rng = np.random.default_rng(seed)
     for attempt in range(_ATTEMPTS):
         s = seed + 7919 * attempt
-        ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, s, []), _LONGEST_QA)
+        ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, s, []),
+                   _LONGEST_QA.replace("Answer: ", "Answer: " + "Jerubbaal " * quote))
         by_answer: dict = {}  # one episode never asks two facts with the same answer
         for f in _facts(ctx, mentions, quote):
             by_answer.setdefault(f[3], []).append(f)
@@ -246,9 +258,9 @@ def majority(tokenizer, context, depth, seed, text, votes: int = 5, winner: int 
     return Episode("majority", ctx, (Turn(q, names[0]),), seed, depth)
 
 
-def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0, quote: int = 0):
+def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0, quote: int = 6):
     """passkey, kv_retrieval and qa turns over one context (qa facts from the text; mentions
-    as in qa)."""
+    and quote as in qa)."""
     rng = np.random.default_rng(seed)
     key = str(int(rng.integers(10000, 100000)))
     kv = _kv_lines(rng, pairs)
