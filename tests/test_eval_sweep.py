@@ -125,3 +125,25 @@ def test_a_task_that_cannot_be_built_fails_its_cells_and_the_sweep_goes_on(tiny,
     by_task = {r["task"]: r for r in rows}
     assert by_task["qa"]["status"] == "error" and "facts" in by_task["qa"]["error"]
     assert by_task["passkey"]["status"] == "ok"
+
+
+def test_cells_of_an_older_generator_version_are_redone_and_labelled(tiny, tmp_path, monkeypatch):
+    """A record without the task's current generator version (episodes.VERSIONS) is not reused
+    on resume, and a report shows it in a column of its own ("TASK-vN")."""
+    from kvjax.eval import episodes, report
+
+    cells = sweep.plan(["passkey"], ["dense"], [], [400], [0])
+    sweep.run_sweep(tiny, cells, str(tmp_path), trials=2, batch_size=2, progress=False)
+    (rec,) = sweep.read_jsonl(str(tmp_path / "cells.jsonl"))
+    assert rec["task_version"] == episodes.task_version("passkey") == 1
+    calls = []
+    real = session.run_session
+    monkeypatch.setattr(sweep, "run_session", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sweep.run_sweep(tiny, cells, str(tmp_path), trials=2, batch_size=2, progress=False)
+    assert calls == []  # current version: reused
+    monkeypatch.setitem(episodes.VERSIONS, "passkey", 2)  # the generator changed
+    rows = sweep.run_sweep(tiny, cells, str(tmp_path), trials=2, batch_size=2, progress=False)
+    assert calls == [1] and [r["task_version"] for r in rows] == [2]  # redone, the old record ignored
+    md = open(report.write_report(str(tmp_path))).read()
+    assert "passkey-v1" in md and "older version of that task's episode generator" in md
+    assert "| passkey | passkey-v1 |" in md

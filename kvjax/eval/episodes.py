@@ -282,6 +282,17 @@ def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0
     return Episode("mix", ctx, turns, seed, depth)
 
 
+# Generator versions: bumped when a task's episodes change, so that a resumed sweep redoes the
+# cells of the old version and a report labels them (qa/mix 2: 2026-11-27, unambiguous facts
+# and quoted answer prefixes).
+VERSIONS = {"qa": 2, "mix": 2}
+
+
+def task_version(task: str) -> int:
+    """The current generator version of `task` (1 unless bumped in VERSIONS)."""
+    return VERSIONS.get(task, 1)
+
+
 EPISODES = {"passkey": passkey, "kv_retrieval": kv_retrieval, "prefix_suffix": prefix_suffix, "qa": qa,
             "majority": majority, "mix": mix}
 

@@ -120,6 +120,21 @@ def plots(cells: list[dict], out_dir: str) -> list[str]:
     return names
 
 
+def _label_versions(cells: list[dict]) -> tuple[list[dict], set]:
+    """Cells of an older generator version get the task label "TASK-vN" (their own column and
+    plots); returns (cells, those labels)."""
+    from .episodes import task_version
+
+    out, stale = [], set()
+    for r in cells:
+        v = r.get("task_version", 1)
+        if r["task"] != "ppl" and v != task_version(r["task"]):
+            r = {**r, "task": f"{r['task']}-v{v}"}
+            stale.add(r["task"])
+        out.append(r)
+    return out, stale
+
+
 def write_report(directory: str, out: str | None = None) -> str:
     """Write report.md (+ PNG plots) for `directory`'s cells.jsonl into `out` (default:
     the same directory); returns the markdown path. ValueError when there is nothing to report."""
@@ -129,6 +144,7 @@ def write_report(directory: str, out: str | None = None) -> str:
     cells = read_jsonl(path)
     if not cells:
         raise ValueError(f"{path} holds no finished cells yet")
+    cells, stale = _label_versions(cells)
     out = out or directory
     os.makedirs(out, exist_ok=True)
     names = plots(cells, out)
@@ -137,7 +153,11 @@ def write_report(directory: str, out: str | None = None) -> str:
     where = ", ".join(f"{d}: {n}" for d, n in sorted(ran.items()))
     md = [f"# Quality sweep: {os.path.relpath(directory)}\n",
           f"{len(ok)} cells finished, {len(bad)} failed. Cells by device ({where}); prefill / decode seconds "
-          "are only comparable between cells of one device.\n", tables(cells)]
+          "are only comparable between cells of one device.\n"]
+    if stale:
+        md.append(f"Columns {', '.join(sorted(stale))} come from an older version of that task's episode generator "
+                  "(`kvjax.eval.episodes.VERSIONS`); rerunning the sweep into this folder redoes them.\n")
+    md.append(tables(cells))
     if bad:
         md.append("### Failed cells\n")
         md += [f"* {r['engine']} {r['task']} {r['policy']} {r['context']} {r['mode']}: {r.get('error', '?')}" for r in bad]

@@ -7,7 +7,8 @@ Results go to `out/cells.jsonl`, one JSON line per finished cell (status "ok" wi
 accuracy or ppl, KV bytes, compression ratio, times; or status "error" with the message —
 a failing cell never stops the run). Each batch of a cell is first written to
 `out/parts.jsonl`, so an interrupted run resumes at the next unfinished batch and never
-redoes a finished cell. Within one (task, context, seed, mode) group the dense prefill of
+redoes a finished cell — of the task's current generator version (`episodes.task_version`,
+stored in every record; records of an older version are redone). Within one (task, context, seed, mode) group the dense prefill of
 each batch is captured once and shared by every policy that `shares_prefill`.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from .. import jit_cache
 from ..policies.registry import parse_policy
-from .episodes import EPISODES, check, make_episodes
+from .episodes import EPISODES, check, make_episodes, task_version
 from .session import MODES, SessionResult, capture_batch, pads_safely, prefill_ids, run_session
 from .shared import shares_prefill
 from .texts import load_text
@@ -137,7 +138,7 @@ def _aggregate(cell: Cell, parts: list[dict]) -> dict:
     turns = np.array(correct, dtype=float)
     warm = parts[1:] or parts  # the first batch of a policy includes jit compilation
     episodes = sum(p["episodes"] for p in warm)
-    out = {**dataclasses.asdict(cell), "status": "ok", "trials": len(correct),
+    out = {**dataclasses.asdict(cell), "status": "ok", "task_version": task_version(cell.task), "trials": len(correct),
            "accuracy": float(turns.mean()), "turn_accuracy": turns.mean(axis=0).tolist(),
            "correct": int(turns.sum()), "questions": int(turns.size)}
     for k in ("kv_bytes", "kv_bytes_held", "dense_kv_bytes"):
@@ -161,7 +162,7 @@ def _device(engine: str) -> str:
 def _part(cell, b, episodes, res: SessionResult, model, pol, width) -> dict:
     n = len(episodes)
     correct = [[check(o, t.answer) for o, t in zip(outs, e.turns)] for outs, e in zip(res.outputs, episodes)]
-    return {"key": cell.key, "batch": b, "episodes": n, "correct": correct,
+    return {"key": cell.key, "batch": b, "task_version": task_version(cell.task), "episodes": n, "correct": correct,
             "kv_bytes": res.kv_bytes if cell.engine == "kvpress" else _state_bytes(model, pol, n, width) / n,
             "kv_bytes_held": res.kv_bytes,
             "dense_kv_bytes": res.dense_kv_bytes, "prefill_s": res.capture_s + res.compress_s,
@@ -183,7 +184,8 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
     except Exception as e:  # e.g. a text without the facts `qa` needs: every cell of the group fails
         for c in cells:
             state["failed"].add(c.key)
-            _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error", "error": f"{type(e).__name__}: {e}"})
+            _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error", "task_version": task_version(c.task),
+                                         "error": f"{type(e).__name__}: {e}"})
         tick(len(cells) * -(-trials // batch_size))
         return
     contexts = [model.tokenizer.encode(e.context) for e in episodes]
@@ -223,7 +225,7 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
             except Exception as e:  # recorded; the sweep goes on
                 state["failed"].add(c.key)
                 _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error",
-                                             "error": f"{type(e).__name__}: {e}"})
+                                             "task_version": task_version(c.task), "error": f"{type(e).__name__}: {e}"})
                 tick(len(batches) - b)
                 continue
             state["parts"][(c.key, b)] = part
@@ -258,7 +260,8 @@ def _run_ppl(model, cells, state, text, tick):
             _write(state["cells_path"], {**dataclasses.asdict(c), "status": "ok", **r,
                                          "shared_capture": shares_prefill(pol), "devices": [_device(c.engine)]})
         except Exception as e:
-            _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error", "error": f"{type(e).__name__}: {e}"})
+            _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error", "task_version": task_version(c.task),
+                                         "error": f"{type(e).__name__}: {e}"})
         tick(1)
         jit_cache.release_if_high()
 
@@ -281,9 +284,11 @@ def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-
     haystack = load_text(text)  # the episodes are woven into this text, not into its name
     os.makedirs(out, exist_ok=True)
     paths = {"cells_path": os.path.join(out, "cells.jsonl"), "parts_path": os.path.join(out, "parts.jsonl")}
+    current = lambda r: r.get("task_version", 1) == task_version(r["task"])  # noqa: E731
     done = {r["engine"] + "|" + "|".join(str(r[k]) for k in ("task", "policy", "context", "seed", "mode"))
-            for r in read_jsonl(paths["cells_path"])}
-    parts = {(p["key"], p["batch"]): p for p in read_jsonl(paths["parts_path"])}
+            for r in read_jsonl(paths["cells_path"]) if current(r)}
+    parts = {(p["key"], p["batch"]): p for p in read_jsonl(paths["parts_path"])
+             if p.get("task_version", 1) == task_version(p["key"].split("|")[1])}
     state = {**paths, "parts": parts, "failed": set()}
     todo = [c for c in cells if c.key not in done]
     groups: dict = {}
@@ -304,7 +309,7 @@ def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-
     bar.close()
     keys = {c.key for c in cells}
     return [r for r in read_jsonl(paths["cells_path"])
-            if Cell(*(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))).key in keys]
+            if current(r) and Cell(*(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))).key in keys]
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
