@@ -3,21 +3,14 @@ Asymmetric 2bit Quantization for KV Cache", https://arxiv.org/abs/2402.02750): c
 unpacked straight into the registers that feed `wgmma`, so the tensor cores do every
 multiply-add and the CUDA cores spend about one instruction per code.
 
-Why a layout of its own. `wgmma` reads its A operand from registers in a fixed fragment
-layout (thread `l` of warp `w` holds rows 16w + l/4 (+8) and column pairs 8j + 2(l%4)). The
-Triton kernel (`quantized_decode_attention.py`) unpacks codes in one layout and pays for a trip
-through shared memory into the MMA layout; here the codes are stored so that each thread's
-16-byte load already holds exactly its fragment (Marlin-style, Frantar et al. 2024):
-
-* keys: for every 64-token tile, A = K [64 tokens, H] with the channels permuted so that a
-  thread's H/4 channels are contiguous (its scales and zeros are then two vector loads); word
-  m of thread t holds, at bits (b*i, 16 + b*i), the two codes of register m*R + i (R = 16/b);
-* values: A = V^T [H, 64 tokens] (rows = channels), packed the same way.
-
-Keys, values and their scales sit side by side (`KiviFragments`), so a pipeline step issues
-three TMA copies. `to_fragment_layout` converts the standard KIVI layout (the one
-`quantized_decode_attention` reads) into this one; `kvjax.quant.kivi` (layout="fragments", the
-default on Hopper) writes it directly.
+Why a layout of its own (`kivi_fragments.py`): the Triton kernel (`quantized_decode_attention.py`)
+unpacks codes in one layout and pays for a trip through shared memory into the MMA operand
+layout; here the codes are stored so that each thread's 16-byte load already holds exactly its
+`wgmma` A fragment (keys as A = K [64 tokens, H], values as A = V^T [H, 64 tokens]). Keys,
+values and their scales sit side by side (`KiviFragments`), so a pipeline step issues three
+TMA copies. `kvjax.quant.kivi` (layout="fragments", the default on Hopper) writes the layout
+directly; `to_fragment_layout` converts a standard KIVI cache. The register-level code is in
+`_kivi_mgpu_registers.py`.
 
 Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
   1. keys: each register = `lop3(word >> b*i, mask, 0x43004300)` (bf16 128 + code, exact),
@@ -43,294 +36,20 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import packing
 from ._compat import pl, plgpu
 from ._decode_common import masked_softmax, merge_splits, per_head
+from ._kivi_mgpu_registers import expand_fn, tile_fn, unpack_fn
+from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
+                             to_fragment_layout)
 
-TILE = 64  # tokens per pipeline step (the wgmma M of the key product)
-MGPU_BITS = (2, 4)
-_MAGIC = 0x43004300  # two bf16 128.0: OR-ing a code < 128 into the mantissa gives 128 + code
-
-
-class KiviFragments(NamedTuple):
-    """A KIVI cache in the fragment layout of this kernel (see module doc); keys and values,
-    scales and zeros sit side by side so that one pipeline step issues three copies, not six.
-
-    words [B, N, S/64, 2, 64*H*b/32] uint32 (keys, values); k_sz [B, N, S/Gk, 2, H] bf16 (key
-    scale, zero: per channel, per group of Gk tokens); v_sz [B, N, S/64, 2, H/Gv, 64] bf16 (value
-    scale, zero: per token, per group of Gv channels; tokens last within each 64-token tile).
-    Every leaf has its token axis (in tiles, groups or tokens) at axis 2, so a cache appends
-    whole tiles with one dynamic_update_slice per leaf."""
-
-    words: jax.Array
-    k_sz: jax.Array
-    v_sz: jax.Array
-
-
-# ----------------------------------------------------------------------------- layout
-
-
-@functools.lru_cache(maxsize=None)
-def fragment_slots(m_rows: int, k_cols: int, bits: int):
-    """Where each code of an A tile [m_rows, k_cols] sits: int arrays row, col of shape
-    [128 threads, W words, R regs a word, 2 halves] (the wgmma fragment row and column of the
-    code stored at bits (bits*i + 16*half) of word w of thread t)."""
-    if bits not in MGPU_BITS:
-        raise ValueError(f"bits={bits} is not supported by the Mosaic GPU KIVI kernel; expected {MGPU_BITS}")
-    r = 16 // bits
-    col_tiles = k_cols // 8
-    nregs = (m_rows // 64) * col_tiles * 2
-    words = nregs // r
-    t = np.arange(128)[:, None, None, None]
-    m = np.arange(words)[None, :, None, None]
-    i = np.arange(r)[None, None, :, None]
-    e = np.arange(2)[None, None, None, :]
-    warp, lane = t // 32, t % 32
-    flat = m * r + i  # index into the (row tile, column tile, row half) register array
-    rt, j, half = flat // (2 * col_tiles), (flat // 2) % col_tiles, flat % 2
-    row = 64 * rt + 16 * warp + 8 * half + lane // 4
-    col = 8 * j + 2 * (lane % 4) + e
-    shape = (128, words, r, 2)
-    return np.broadcast_to(row, shape).copy(), np.broadcast_to(col, shape).copy()
-
-
-def key_channel(col, h: int):
-    """Channel that wgmma column `col` of the key tile holds: thread l%4 = q owns the
-    contiguous channels q*H/4 ... (q+1)*H/4 - 1 (col 8j + 2q + e -> q*H/4 + 2j + e)."""
-    j, q, e = col // 8, (col % 8) // 2, col % 2
-    return q * (h // 4) + 2 * j + e
-
-
-def _pack_tiles(codes, rows, cols, bits):
-    """codes [..., 64-token tiles, A rows, A cols] ints -> words [..., tiles, 128 * W] uint32."""
-    c = codes[..., rows, cols].astype(jnp.uint32)  # [..., 128, W, R, 2]
-    r = 16 // bits
-    shifts = (bits * np.arange(r)[:, None] + 16 * np.arange(2)[None, :]).astype(np.uint32)
-    w = jnp.sum(c << shifts, axis=(-2, -1), dtype=jnp.uint32)  # disjoint bits: sum == or
-    return w.reshape(*w.shape[:-2], -1)
-
-
-def to_fragment_layout(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, *, bits: int) -> KiviFragments:
-    """Standard KIVI layout (k_codes [B,N,S/pw,H], v_codes [B,N,S,H/pw] uint32; scales as in
-    `quantized_decode_attention`) -> `KiviFragments`. S must be a multiple of 64, H of 64."""
-    b, n, _, h = k_codes.shape
-    kc = packing.unpack(k_codes, bits, axis=2)  # [B,N,S,H]
-    s = kc.shape[2]
-    if s % TILE or h % 64:
-        raise ValueError(f"the Mosaic GPU KIVI kernel needs S % 64 == 0 and H % 64 == 0; got S={s}, H={h}")
-    vc = packing.unpack(v_codes, bits, axis=3)  # [B,N,S,H]
-    rows, cols = fragment_slots(TILE, h, bits)
-    kt = kc.reshape(b, n, s // TILE, TILE, h)
-    k_words = _pack_tiles(kt, rows, key_channel(cols, h), bits)
-    vrows, vcols = fragment_slots(h, TILE, bits)
-    vt = jnp.swapaxes(vc.reshape(b, n, s // TILE, TILE, h), -1, -2)  # [..., H, 64]
-    v_words = _pack_tiles(vt, vrows, vcols, bits)
-    bf16 = jnp.bfloat16
-    v_sz = jnp.stack([v_scale.astype(bf16), v_zero.astype(bf16)], axis=3)  # [B,N,S,2,H/Gv]
-    v_sz = jnp.moveaxis(v_sz.reshape(b, n, s // TILE, TILE, 2, -1), 3, 5)  # [B,N,S/64,2,H/Gv,64]
-    return KiviFragments(jnp.stack([k_words, v_words], axis=3),
-                         jnp.stack([k_scale.astype(bf16), k_zero.astype(bf16)], axis=3), v_sz)
-
-
-def from_fragment_layout(fr: KiviFragments, *, bits: int):
-    """Inverse of `to_fragment_layout` for the codes: -> (key codes [B,N,S,H], value codes
-    [B,N,S,H] int32, k_scale, k_zero [B,N,S/Gk,H], v_scale, v_zero [B,N,S,H/Gv] bf16)."""
-    b, n, tiles, _, w = fr.words.shape
-    h = w * 32 // bits // TILE
-    out = []
-    for kv, (m_rows, k_cols) in enumerate(((TILE, h), (h, TILE))):
-        rows, cols = fragment_slots(m_rows, k_cols, bits)
-        if kv == 0:
-            cols = key_channel(cols, h)
-        # inverse map: for each tile element, its word (thread * W + word) and bit offset
-        flat_word = np.zeros((m_rows, k_cols), np.int32)
-        bit = np.zeros((m_rows, k_cols), np.int32)
-        t_, m_, i_, e_ = np.meshgrid(*map(np.arange, rows.shape), indexing="ij")
-        flat_word[rows, cols] = t_ * rows.shape[1] + m_
-        bit[rows, cols] = bits * i_ + 16 * e_
-        words = fr.words[:, :, :, kv]  # [B,N,tiles,128*W]
-        codes = (words[..., flat_word] >> jnp.asarray(bit, jnp.uint32)) & jnp.uint32((1 << bits) - 1)
-        codes = codes.astype(jnp.int32)  # [B,N,tiles,m_rows,k_cols]
-        if kv == 1:
-            codes = jnp.swapaxes(codes, -1, -2)  # V^T -> [tokens, channels]
-        out.append(codes.reshape(b, n, tiles * TILE, h))
-    v_sz = jnp.moveaxis(fr.v_sz, 5, 3).reshape(b, n, tiles * TILE, 2, -1)
-    return (out[0], out[1], fr.k_sz[:, :, :, 0], fr.k_sz[:, :, :, 1], v_sz[:, :, :, 0], v_sz[:, :, :, 1])
-
-
-# ----------------------------------------------------------------------------- register code
-
-
-def _mgpu():
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector
-    import jax.experimental.mosaic.gpu as mgpu
-    from jax.experimental.mosaic.gpu import fragmented_array as fa
-    from jax.experimental.mosaic.gpu import utils
-
-    return ir, arith, gpu, llvm, vector, mgpu, fa, utils
-
-
-def _thread_coords():
-    ir, arith, gpu, _, _, _, _, utils = _mgpu()
-    i32 = ir.IntegerType.get_signless(32)
-    tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
-    tid = arith.remui(tid, utils.c(128, i32))
-    return tid, arith.divui(tid, utils.c(32, i32)), arith.remui(tid, utils.c(32, i32))
-
-
-def _idx(x):
-    ir, arith, *_ = _mgpu()
-    return arith.index_cast(ir.IndexType.get(), x)
-
-
-def _load_words(ref, row0, tid, words):
-    """This thread's `words` consecutive int32 words of a tile stored as rows [row0, row0 +
-    words) of 128 words (16-byte loads; 8-byte ones when a thread has only 2 words)."""
-    ir, arith, _, _, vector, _, _, utils = _mgpu()
-    i32 = ir.IntegerType.get_signless(32)
-    out = []
-    width = min(words, 4)
-    for v in range(words // width):
-        off = arith.addi(arith.muli(tid, utils.c(words, i32)), utils.c(width * v, i32))
-        row = arith.addi(arith.divui(off, utils.c(128, i32)), utils.c(row0, i32))
-        col = arith.remui(off, utils.c(128, i32))
-        vec = vector.load(ir.VectorType.get((width,), i32), ref, [_idx(row), _idx(col)])
-        out += [vector.extract(vec, [], [k]) for k in range(width)]
-    return out
-
-
-def _asm(ret_ty, args, body, constraints):
-    _, _, _, llvm, *_ = _mgpu()
-    return llvm.inline_asm(ret_ty, args, body, constraints)
-
-
-def _code_pair(word, shift, bits):
-    """bf16x2 (as i32) 128 + code for the codes at bits `shift` and 16 + `shift` of `word`."""
-    ir, *_ = _mgpu()
-    i32 = ir.IntegerType.get_signless(32)
-    mask = ((1 << bits) - 1) * 0x00010001
-    sh = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
-    return _asm(i32, [word], f"{{ .reg .b32 t; {sh} lop3.b32 $0, t, {mask:#x}, {_MAGIC:#x}, 0xEA; }}", "=r,r")
-
-
-def _dequant_pair(word, shift, bits, s2, z2):
-    """bf16x2 (as i32) code * s + z (one rounding) for the codes at `shift` / 16 + `shift`."""
-    ir, *_ = _mgpu()
-    i32 = ir.IntegerType.get_signless(32)
-    mask = ((1 << bits) - 1) * 0x00010001
-    sh = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
-    body = (f"{{ .reg .b32 t, m; {sh} lop3.b32 t, t, {mask:#x}, {_MAGIC:#x}, 0xEA; mov.b32 m, {_MAGIC:#x}; "
-            f"sub.rn.bf16x2 t, t, m; fma.rn.bf16x2 $0, t, $2, $3; }}")
-    return _asm(i32, [word, s2, z2], body, "=r,r,r,r")
-
-
-def _unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
-    """inline_mgpu body for tile `t` of a pipeline step: (words ref [rows, 128][, k_sz ref
-    [groups, 2, H]]) -> bf16 [m_rows, k_cols] in the WGMMA layout. kv=0 (keys, with scales):
-    code * s + z; kv=1 (values): 128 + code."""
-    r = 16 // bits
-    col_tiles = k_cols // 8
-    words = (m_rows // 64) * col_tiles * 2 // r
-    row0 = (2 * t + kv) * words  # words of a tile: [128 threads * words] = `words` rows of 128
-
-    def fn(ctx, words_ref, *scale_refs):
-        ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
-        i32 = ir.IntegerType.get_signless(32)
-        bf16 = ir.BF16Type.get()
-        tid, warp, lane = _thread_coords()
-        ws = _load_words(words_ref, row0, tid, words)
-        pairs = None
-        if scale_refs:
-            (sz_ref,) = scale_refs
-            q = arith.remui(lane, utils.c(4, i32))
-            if gk >= TILE:  # one group a tile: row (t*64)//gk of this step's block
-                g = utils.c((t * TILE) // gk % k_rows_per_step, i32)
-            else:
-                g = arith.addi(utils.c(t * (TILE // gk), i32),
-                               arith.divui(arith.muli(warp, utils.c(16, i32)), utils.c(gk, i32)))
-            base = arith.muli(q, utils.c(h // 4, i32))
-            pairs = []
-            for which in (0, 1):
-                vals = []
-                for v in range(h // 32):  # H/4 channels = H/32 vectors of 8
-                    off = arith.addi(base, utils.c(8 * v, i32))
-                    vec = vector.load(ir.VectorType.get((8,), bf16), sz_ref,
-                                      [_idx(g), _idx(utils.c(which, i32)), _idx(off)])
-                    for p in range(4):
-                        two = vector.extract_strided_slice(ir.VectorType.get((2,), bf16), vec, [2 * p], [2], [1])
-                        vals.append(utils.bitcast(two, i32))
-                pairs.append(vals)
-        shape = fa.WGMMA_LAYOUT.registers_shape((m_rows, k_cols))
-        regs = np.empty(shape, dtype=object)
-        for m in range(words):
-            for i in range(r):
-                flat = m * r + i
-                rt, j, half = flat // (2 * col_tiles), (flat // 2) % col_tiles, flat % 2
-                if pairs is None:
-                    x = _code_pair(ws[m], bits * i, bits)
-                else:
-                    x = _dequant_pair(ws[m], bits * i, bits, pairs[0][j], pairs[1][j])
-                idx = [0] * len(shape)
-                idx[0], idx[1], idx[4] = rt, j, half
-                regs[tuple(idx)] = utils.bitcast(x, ir.VectorType.get((2,), bf16))
-        return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
-
-    return fn
-
-
-def _expand_fn(nb, rows_q, n_gc, t, which):
-    """inline_mgpu body: v_sz ref [tiles * 2 * H/Gv, 64] bf16 (tile-major rows) -> f32 [64, NB]
-    in the WGMMA layout with element (r, j) = ref[(2 t + which) H/Gv + (j // rows_q) % (H/Gv), r]
-    (tile t's per-token value-group scale (which=0) or zero (1) for every column of its group)."""
-
-    def fn(ctx, ref):
-        ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
-        from jax._src.lib.mlir.dialects import memref
-
-        i32 = ir.IntegerType.get_signless(32)
-        f32 = ir.F32Type.get()
-        _, warp, lane = _thread_coords()
-        q = arith.remui(lane, utils.c(4, i32))
-        row0 = arith.addi(arith.muli(warp, utils.c(16, i32)), arith.divui(lane, utils.c(4, i32)))
-        shape = fa.WGMMA_LAYOUT.registers_shape((64, nb))
-        regs = np.empty(shape, dtype=object)
-        for jt in range(nb // 8):
-            col = arith.addi(utils.c(8 * jt, i32), arith.muli(q, utils.c(2, i32)))
-            grp = arith.remui(arith.divui(col, utils.c(rows_q, i32)), utils.c(n_gc, i32))
-            for half in range(2):
-                row = arith.addi(row0, utils.c(8 * half, i32))
-                grp_row = arith.addi(grp, utils.c((2 * t + which) * n_gc, i32))
-                x = arith.extf(f32, memref.load(ref, [_idx(grp_row), _idx(row)]))
-                idx = [0] * len(shape)
-                idx[1], idx[4] = jt, half
-                regs[tuple(idx)] = vector.broadcast(ir.VectorType.get((2,), f32), x)
-        return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
-
-    return fn
-
-
-def _tile_fn(reps: int):
-    """inline_mgpu body: a WGMMA-layout [64, N] (or WGMMA_COL [N]) array -> its columns repeated
-    `reps` times (no instructions: the registers are reused)."""
-
-    def fn(ctx, x):
-        _, _, _, _, _, mgpu, _, _ = _mgpu()
-        axis = 1 if len(x.shape) == 2 else 0
-        regs = np.concatenate([x.registers] * reps, axis=axis)
-        return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=x.is_signed)
-
-    return fn
-
-
-# ----------------------------------------------------------------------------- kernel
+__all__ = ["KiviFragments", "MGPU_BITS", "TILE", "check_shapes", "fragment_slots", "from_fragment_layout",
+           "key_channel", "query_columns", "quantized_decode_attention_mgpu", "to_fragment_layout"]
 
 
 def _swizzle(row_bytes: int) -> int:
@@ -358,17 +77,17 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     bf16 = jnp.bfloat16
     ref = plgpu.RefType()
     unpack_k = [plgpu.inline_mgpu(arg_types=(ref, ref), return_type=plgpu.ShapeDtypeStruct(
-        (TILE, h), bf16, layout=wgmma_layout))(_unpack_fn(TILE, h, bits, gk, h, t, 0, k_rows)) for t in range(tps)]
+        (TILE, h), bf16, layout=wgmma_layout))(unpack_fn(TILE, h, bits, gk, h, t, 0, k_rows)) for t in range(tps)]
     unpack_v = [plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
-        (h, TILE), bf16, layout=wgmma_layout))(_unpack_fn(h, TILE, bits, gk, h, t, 1, k_rows)) for t in range(tps)]
+        (h, TILE), bf16, layout=wgmma_layout))(unpack_fn(h, TILE, bits, gk, h, t, 1, k_rows)) for t in range(tps)]
     expand = [[plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
-        (TILE, nb), jnp.float32, layout=wgmma_layout))(_expand_fn(nb, rows_q, n_gc, t, which)) for which in (0, 1)]
+        (TILE, nb), jnp.float32, layout=wgmma_layout))(expand_fn(nb, rows_q, n_gc, t, which)) for which in (0, 1)]
         for t in range(tps)]
     reps = nb // ns
     tile2 = plgpu.inline_mgpu(arg_types=(wgmma_layout,), return_type=plgpu.ShapeDtypeStruct(
-        (TILE, nb), jnp.float32, layout=wgmma_layout))(_tile_fn(reps))
+        (TILE, nb), jnp.float32, layout=wgmma_layout))(tile_fn(reps))
     tile1 = plgpu.inline_mgpu(arg_types=(col_layout,), return_type=plgpu.ShapeDtypeStruct(
-        (nb,), jnp.float32, layout=col_layout))(_tile_fn(reps))
+        (nb,), jnp.float32, layout=col_layout))(tile_fn(reps))
     q_swz = _swizzle(h * 2)
     b_swz = _swizzle(nb * 2)
 

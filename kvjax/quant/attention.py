@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from .. import attention
-from ..pallas_kernels.quantized_decode_attention_mgpu import KiviFragments
+from ..pallas_kernels.kivi_fragments import KiviFragments
 from . import affine
 
 _KERNELS: dict = {}

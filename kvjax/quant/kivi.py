@@ -10,10 +10,10 @@ State (stream 0): KIVIData(k_codes [B, N, S/per_word, H], k_scale/k_zero [B, N, 
 v_codes [B, N, S, H/per_word], v_scale/v_zero [B, N, S, H/G]) + residual [B, N, R+G, H].
 
 `layout="fragments"` stores the same codes in the fragment layout of the Hopper kernel
-(`pallas_kernels/quantized_decode_attention_mgpu.py`: KiviFragments, scales in bf16) and
-flushes whole 64-token tiles (blocks of lcm(G, 64) tokens); "auto" (the default) picks it
-on a Hopper GPU when the kernel takes the shapes (2/4 bits, one width, head_dim a multiple
-of 64, G in {16, 32} or a multiple of 64), else the standard layout.
+(`pallas_kernels/kivi_fragments.py`, read by `quantized_decode_attention_mgpu.py`; scales in
+bf16) and flushes whole 64-token tiles (blocks of lcm(G, 64) tokens); "auto" (the default)
+picks it on a Hopper GPU when the kernel takes the shapes (2/4 bits, one width, head_dim a
+multiple of 64, G in {16, 32} or a multiple of 64), else the standard layout.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import math
 from flax import struct
 
 from ..pallas_kernels import _compat, packing
-from ..pallas_kernels import quantized_decode_attention_mgpu as mgpu
+from ..pallas_kernels import kivi_fragments
 from ..policies.base import PolicyError
 from ..policies.registry import register
 from . import affine
@@ -70,7 +70,7 @@ class KIVICodec:
 
 @dataclasses.dataclass(frozen=True)
 class KIVIFragmentCodec:
-    """KIVICodec's quantization, stored as `mgpu.KiviFragments` (scales rounded to bf16, the
+    """KIVICodec's quantization, stored as `kivi_fragments.KiviFragments` (scales rounded to bf16, the
     kernel's fma type); `encode` takes whole 64-token tiles."""
 
     bits: int
@@ -80,10 +80,10 @@ class KIVIFragmentCodec:
     def encode(self, k, v, pos, aux):
         kc, ks, kz = affine.quant_channelwise(k, self.bits, self.group)
         vc, vs, vz = affine.quant_tokenwise(v, self.bits, self.group)
-        return mgpu.to_fragment_layout(kc, ks, kz, vc, vs, vz, bits=self.bits)
+        return kivi_fragments.to_fragment_layout(kc, ks, kz, vc, vs, vz, bits=self.bits)
 
     def decode(self, d, aux):
-        kc, vc, ks, kz, vs, vz = mgpu.from_fragment_layout(d, bits=self.bits)
+        kc, vc, ks, kz, vs, vz = kivi_fragments.from_fragment_layout(d, bits=self.bits)
         b, n, s, h = kc.shape
         k = affine.dequantize(kc.reshape(b, n, s // self.group, self.group, h), ks[:, :, :, None], kz[:, :, :, None])
         v = affine.dequantize(vc.reshape(b, n, s, h // self.group, self.group), vs[..., None], vz[..., None])
@@ -92,8 +92,8 @@ class KIVIFragmentCodec:
 
 def fragments_fit(bits: int, v_bits: int, group: int, head_dim: int | None = None) -> str | None:
     """Why the fragment layout cannot hold this KIVI configuration (None: it can)."""
-    if bits not in mgpu.MGPU_BITS or v_bits not in (0, bits):
-        return f"bits={bits}, v_bits={v_bits}: the fragment layout holds one width of {mgpu.MGPU_BITS}"
+    if bits not in kivi_fragments.MGPU_BITS or v_bits not in (0, bits):
+        return f"bits={bits}, v_bits={v_bits}: the fragment layout holds one width of {kivi_fragments.MGPU_BITS}"
     if group % 16 or not (64 % group == 0 or group % 64 == 0):
         return f"group={group}: the fragment layout needs 16, 32, 64 or a multiple of 64"
     if head_dim is not None and (head_dim % 64 or head_dim > 256):
@@ -147,7 +147,7 @@ class KIVI(QuantPolicy):
         return fits and _compat.backend_kind() == "mosaic_gpu"
 
     def block(self, ctx):
-        return math.lcm(self.group, mgpu.TILE) if self.fragments(ctx) else self.group
+        return math.lcm(self.group, kivi_fragments.TILE) if self.fragments(ctx) else self.group
 
     def capacity(self, c_in, ctx):
         """Quantized tokens in whole blocks of 64 (the fused kernel's default token block)."""

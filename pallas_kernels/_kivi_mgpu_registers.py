@@ -1,0 +1,174 @@
+"""Register-level pieces of the Hopper KIVI decode kernel (`quantized_decode_attention_mgpu.py`),
+written with Mosaic GPU's FragmentedArray API inside `plgpu.inline_mgpu`: loading a thread's
+words, turning codes into bf16 pairs with one `lop3` (inline PTX), and building WGMMA-layout
+arrays register by register.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kivi_fragments import TILE
+
+_MAGIC = 0x43004300  # two bf16 128.0: OR-ing a code < 128 into the mantissa gives 128 + code
+
+def _mgpu():
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils
+
+    return ir, arith, gpu, llvm, vector, mgpu, fa, utils
+
+
+def _thread_coords():
+    ir, arith, gpu, _, _, _, _, utils = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
+    tid = arith.remui(tid, utils.c(128, i32))
+    return tid, arith.divui(tid, utils.c(32, i32)), arith.remui(tid, utils.c(32, i32))
+
+
+def _idx(x):
+    ir, arith, *_ = _mgpu()
+    return arith.index_cast(ir.IndexType.get(), x)
+
+
+def _load_words(ref, row0, tid, words):
+    """This thread's `words` consecutive int32 words of a tile stored as rows [row0, row0 +
+    words) of 128 words (16-byte loads; 8-byte ones when a thread has only 2 words)."""
+    ir, arith, _, _, vector, _, _, utils = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    out = []
+    width = min(words, 4)
+    for v in range(words // width):
+        off = arith.addi(arith.muli(tid, utils.c(words, i32)), utils.c(width * v, i32))
+        row = arith.addi(arith.divui(off, utils.c(128, i32)), utils.c(row0, i32))
+        col = arith.remui(off, utils.c(128, i32))
+        vec = vector.load(ir.VectorType.get((width,), i32), ref, [_idx(row), _idx(col)])
+        out += [vector.extract(vec, [], [k]) for k in range(width)]
+    return out
+
+
+def _asm(ret_ty, args, body, constraints):
+    _, _, _, llvm, *_ = _mgpu()
+    return llvm.inline_asm(ret_ty, args, body, constraints)
+
+
+def _code_pair(word, shift, bits):
+    """bf16x2 (as i32) 128 + code for the codes at bits `shift` and 16 + `shift` of `word`."""
+    ir, *_ = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    mask = ((1 << bits) - 1) * 0x00010001
+    sh = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
+    return _asm(i32, [word], f"{{ .reg .b32 t; {sh} lop3.b32 $0, t, {mask:#x}, {_MAGIC:#x}, 0xEA; }}", "=r,r")
+
+
+def _dequant_pair(word, shift, bits, s2, z2):
+    """bf16x2 (as i32) code * s + z (one rounding) for the codes at `shift` / 16 + `shift`."""
+    ir, *_ = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    mask = ((1 << bits) - 1) * 0x00010001
+    sh = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
+    body = (f"{{ .reg .b32 t, m; {sh} lop3.b32 t, t, {mask:#x}, {_MAGIC:#x}, 0xEA; mov.b32 m, {_MAGIC:#x}; "
+            f"sub.rn.bf16x2 t, t, m; fma.rn.bf16x2 $0, t, $2, $3; }}")
+    return _asm(i32, [word, s2, z2], body, "=r,r,r,r")
+
+
+def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
+    """inline_mgpu body for tile `t` of a pipeline step: (words ref [rows, 128][, k_sz ref
+    [groups, 2, H]]) -> bf16 [m_rows, k_cols] in the WGMMA layout. kv=0 (keys, with scales):
+    code * s + z; kv=1 (values): 128 + code."""
+    r = 16 // bits
+    col_tiles = k_cols // 8
+    words = (m_rows // 64) * col_tiles * 2 // r
+    row0 = (2 * t + kv) * words  # words of a tile: [128 threads * words] = `words` rows of 128
+
+    def fn(ctx, words_ref, *scale_refs):
+        ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
+        i32 = ir.IntegerType.get_signless(32)
+        bf16 = ir.BF16Type.get()
+        tid, warp, lane = _thread_coords()
+        ws = _load_words(words_ref, row0, tid, words)
+        pairs = None
+        if scale_refs:
+            (sz_ref,) = scale_refs
+            q = arith.remui(lane, utils.c(4, i32))
+            if gk >= TILE:  # one group a tile: row (t*64)//gk of this step's block
+                g = utils.c((t * TILE) // gk % k_rows_per_step, i32)
+            else:
+                g = arith.addi(utils.c(t * (TILE // gk), i32),
+                               arith.divui(arith.muli(warp, utils.c(16, i32)), utils.c(gk, i32)))
+            base = arith.muli(q, utils.c(h // 4, i32))
+            pairs = []
+            for which in (0, 1):
+                vals = []
+                for v in range(h // 32):  # H/4 channels = H/32 vectors of 8
+                    off = arith.addi(base, utils.c(8 * v, i32))
+                    vec = vector.load(ir.VectorType.get((8,), bf16), sz_ref,
+                                      [_idx(g), _idx(utils.c(which, i32)), _idx(off)])
+                    for p in range(4):
+                        two = vector.extract_strided_slice(ir.VectorType.get((2,), bf16), vec, [2 * p], [2], [1])
+                        vals.append(utils.bitcast(two, i32))
+                pairs.append(vals)
+        shape = fa.WGMMA_LAYOUT.registers_shape((m_rows, k_cols))
+        regs = np.empty(shape, dtype=object)
+        for m in range(words):
+            for i in range(r):
+                flat = m * r + i
+                rt, j, half = flat // (2 * col_tiles), (flat // 2) % col_tiles, flat % 2
+                if pairs is None:
+                    x = _code_pair(ws[m], bits * i, bits)
+                else:
+                    x = _dequant_pair(ws[m], bits * i, bits, pairs[0][j], pairs[1][j])
+                idx = [0] * len(shape)
+                idx[0], idx[1], idx[4] = rt, j, half
+                regs[tuple(idx)] = utils.bitcast(x, ir.VectorType.get((2,), bf16))
+        return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return fn
+
+
+def expand_fn(nb, rows_q, n_gc, t, which):
+    """inline_mgpu body: v_sz ref [tiles * 2 * H/Gv, 64] bf16 (tile-major rows) -> f32 [64, NB]
+    in the WGMMA layout with element (r, j) = ref[(2 t + which) H/Gv + (j // rows_q) % (H/Gv), r]
+    (tile t's per-token value-group scale (which=0) or zero (1) for every column of its group)."""
+
+    def fn(ctx, ref):
+        ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
+        from jax._src.lib.mlir.dialects import memref
+
+        i32 = ir.IntegerType.get_signless(32)
+        f32 = ir.F32Type.get()
+        _, warp, lane = _thread_coords()
+        q = arith.remui(lane, utils.c(4, i32))
+        row0 = arith.addi(arith.muli(warp, utils.c(16, i32)), arith.divui(lane, utils.c(4, i32)))
+        shape = fa.WGMMA_LAYOUT.registers_shape((64, nb))
+        regs = np.empty(shape, dtype=object)
+        for jt in range(nb // 8):
+            col = arith.addi(utils.c(8 * jt, i32), arith.muli(q, utils.c(2, i32)))
+            grp = arith.remui(arith.divui(col, utils.c(rows_q, i32)), utils.c(n_gc, i32))
+            for half in range(2):
+                row = arith.addi(row0, utils.c(8 * half, i32))
+                grp_row = arith.addi(grp, utils.c((2 * t + which) * n_gc, i32))
+                x = arith.extf(f32, memref.load(ref, [_idx(grp_row), _idx(row)]))
+                idx = [0] * len(shape)
+                idx[1], idx[4] = jt, half
+                regs[tuple(idx)] = vector.broadcast(ir.VectorType.get((2,), f32), x)
+        return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return fn
+
+
+def tile_fn(reps: int):
+    """inline_mgpu body: a WGMMA-layout [64, N] (or WGMMA_COL [N]) array -> its columns repeated
+    `reps` times (no instructions: the registers are reused)."""
+
+    def fn(ctx, x):
+        _, _, _, _, _, mgpu, _, _ = _mgpu()
+        axis = 1 if len(x.shape) == 2 else 0
+        regs = np.concatenate([x.registers] * reps, axis=axis)
+        return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=x.is_signed)
+
+    return fn

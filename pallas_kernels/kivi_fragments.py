@@ -1,0 +1,131 @@
+"""The fragment layout of the Hopper KIVI decode kernel (`quantized_decode_attention_mgpu.py`):
+KIVI codes (Liu et al. 2024, https://arxiv.org/abs/2402.02750) arranged so that each thread's
+16-byte load holds exactly the registers `wgmma` reads for its A operand (Marlin-style, Frantar
+et al. 2024).
+
+`wgmma` reads A from registers in a fixed fragment layout (thread `l` of warp `w` holds rows
+16w + l/4 (+8) and column pairs 8j + 2(l%4)). Per 64-token tile:
+* keys: A = K [64 tokens, H], the channels permuted so that a thread's H/4 channels are
+  contiguous (`key_channel`: its scales and zeros are then two vector loads);
+* values: A = V^T [H, 64 tokens] (rows = channels);
+word m of thread t holds, at bits (b*i, 16 + b*i), the two codes of register m*R + i (R = 16/b)
+(`fragment_slots`). `to_fragment_layout` / `from_fragment_layout` convert from / to the
+standard KIVI layout that `quantized_decode_attention` reads.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import packing
+
+TILE = 64  # tokens per pipeline step (the wgmma M of the key product)
+MGPU_BITS = (2, 4)
+
+
+class KiviFragments(NamedTuple):
+    """A KIVI cache in the fragment layout of this kernel (see module doc); keys and values,
+    scales and zeros sit side by side so that one pipeline step issues three copies, not six.
+
+    words [B, N, S/64, 2, 64*H*b/32] uint32 (keys, values); k_sz [B, N, S/Gk, 2, H] bf16 (key
+    scale, zero: per channel, per group of Gk tokens); v_sz [B, N, S/64, 2, H/Gv, 64] bf16 (value
+    scale, zero: per token, per group of Gv channels; tokens last within each 64-token tile).
+    Every leaf has its token axis (in tiles, groups or tokens) at axis 2, so a cache appends
+    whole tiles with one dynamic_update_slice per leaf."""
+
+    words: jax.Array
+    k_sz: jax.Array
+    v_sz: jax.Array
+
+
+@functools.lru_cache(maxsize=None)
+def fragment_slots(m_rows: int, k_cols: int, bits: int):
+    """Where each code of an A tile [m_rows, k_cols] sits: int arrays row, col of shape
+    [128 threads, W words, R regs a word, 2 halves] (the wgmma fragment row and column of the
+    code stored at bits (bits*i + 16*half) of word w of thread t)."""
+    if bits not in MGPU_BITS:
+        raise ValueError(f"bits={bits} is not supported by the Mosaic GPU KIVI kernel; expected {MGPU_BITS}")
+    r = 16 // bits
+    col_tiles = k_cols // 8
+    nregs = (m_rows // 64) * col_tiles * 2
+    words = nregs // r
+    t = np.arange(128)[:, None, None, None]
+    m = np.arange(words)[None, :, None, None]
+    i = np.arange(r)[None, None, :, None]
+    e = np.arange(2)[None, None, None, :]
+    warp, lane = t // 32, t % 32
+    flat = m * r + i  # index into the (row tile, column tile, row half) register array
+    rt, j, half = flat // (2 * col_tiles), (flat // 2) % col_tiles, flat % 2
+    row = 64 * rt + 16 * warp + 8 * half + lane // 4
+    col = 8 * j + 2 * (lane % 4) + e
+    shape = (128, words, r, 2)
+    return np.broadcast_to(row, shape).copy(), np.broadcast_to(col, shape).copy()
+
+
+def key_channel(col, h: int):
+    """Channel that wgmma column `col` of the key tile holds: thread l%4 = q owns the
+    contiguous channels q*H/4 ... (q+1)*H/4 - 1 (col 8j + 2q + e -> q*H/4 + 2j + e)."""
+    j, q, e = col // 8, (col % 8) // 2, col % 2
+    return q * (h // 4) + 2 * j + e
+
+
+def _pack_tiles(codes, rows, cols, bits):
+    """codes [..., 64-token tiles, A rows, A cols] ints -> words [..., tiles, 128 * W] uint32."""
+    c = codes[..., rows, cols].astype(jnp.uint32)  # [..., 128, W, R, 2]
+    r = 16 // bits
+    shifts = (bits * np.arange(r)[:, None] + 16 * np.arange(2)[None, :]).astype(np.uint32)
+    w = jnp.sum(c << shifts, axis=(-2, -1), dtype=jnp.uint32)  # disjoint bits: sum == or
+    return w.reshape(*w.shape[:-2], -1)
+
+
+def to_fragment_layout(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, *, bits: int) -> KiviFragments:
+    """Standard KIVI layout (k_codes [B,N,S/pw,H], v_codes [B,N,S,H/pw] uint32; scales as in
+    `quantized_decode_attention`) -> `KiviFragments`. S must be a multiple of 64, H of 64."""
+    b, n, _, h = k_codes.shape
+    kc = packing.unpack(k_codes, bits, axis=2)  # [B,N,S,H]
+    s = kc.shape[2]
+    if s % TILE or h % 64:
+        raise ValueError(f"the Mosaic GPU KIVI kernel needs S % 64 == 0 and H % 64 == 0; got S={s}, H={h}")
+    vc = packing.unpack(v_codes, bits, axis=3)  # [B,N,S,H]
+    rows, cols = fragment_slots(TILE, h, bits)
+    kt = kc.reshape(b, n, s // TILE, TILE, h)
+    k_words = _pack_tiles(kt, rows, key_channel(cols, h), bits)
+    vrows, vcols = fragment_slots(h, TILE, bits)
+    vt = jnp.swapaxes(vc.reshape(b, n, s // TILE, TILE, h), -1, -2)  # [..., H, 64]
+    v_words = _pack_tiles(vt, vrows, vcols, bits)
+    bf16 = jnp.bfloat16
+    v_sz = jnp.stack([v_scale.astype(bf16), v_zero.astype(bf16)], axis=3)  # [B,N,S,2,H/Gv]
+    v_sz = jnp.moveaxis(v_sz.reshape(b, n, s // TILE, TILE, 2, -1), 3, 5)  # [B,N,S/64,2,H/Gv,64]
+    return KiviFragments(jnp.stack([k_words, v_words], axis=3),
+                         jnp.stack([k_scale.astype(bf16), k_zero.astype(bf16)], axis=3), v_sz)
+
+
+def from_fragment_layout(fr: KiviFragments, *, bits: int):
+    """Inverse of `to_fragment_layout` for the codes: -> (key codes [B,N,S,H], value codes
+    [B,N,S,H] int32, k_scale, k_zero [B,N,S/Gk,H], v_scale, v_zero [B,N,S,H/Gv] bf16)."""
+    b, n, tiles, _, w = fr.words.shape
+    h = w * 32 // bits // TILE
+    out = []
+    for kv, (m_rows, k_cols) in enumerate(((TILE, h), (h, TILE))):
+        rows, cols = fragment_slots(m_rows, k_cols, bits)
+        if kv == 0:
+            cols = key_channel(cols, h)
+        # inverse map: for each tile element, its word (thread * W + word) and bit offset
+        flat_word = np.zeros((m_rows, k_cols), np.int32)
+        bit = np.zeros((m_rows, k_cols), np.int32)
+        t_, m_, i_, e_ = np.meshgrid(*map(np.arange, rows.shape), indexing="ij")
+        flat_word[rows, cols] = t_ * rows.shape[1] + m_
+        bit[rows, cols] = bits * i_ + 16 * e_
+        words = fr.words[:, :, :, kv]  # [B,N,tiles,128*W]
+        codes = (words[..., flat_word] >> jnp.asarray(bit, jnp.uint32)) & jnp.uint32((1 << bits) - 1)
+        codes = codes.astype(jnp.int32)  # [B,N,tiles,m_rows,k_cols]
+        if kv == 1:
+            codes = jnp.swapaxes(codes, -1, -2)  # V^T -> [tokens, channels]
+        out.append(codes.reshape(b, n, tiles * TILE, h))
+    v_sz = jnp.moveaxis(fr.v_sz, 5, 3).reshape(b, n, tiles * TILE, 2, -1)
+    return (out[0], out[1], fr.k_sz[:, :, :, 0], fr.k_sz[:, :, :, 1], v_sz[:, :, :, 0], v_sz[:, :, :, 1])
