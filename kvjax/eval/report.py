@@ -122,14 +122,19 @@ def plots(cells: list[dict], out_dir: str) -> list[str]:
 
 def _label_versions(cells: list[dict]) -> tuple[list[dict], set]:
     """Cells of an older generator version get the task label "TASK-vN" (their own column and
-    plots); returns (cells, those labels)."""
+    plots), unless the same cell was redone with the current version (then they are dropped);
+    returns (cells, those labels)."""
     from .episodes import task_version
 
+    key = lambda r: tuple(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))  # noqa: E731
+    current = lambda r: r["task"] == "ppl" or r.get("task_version", 1) == task_version(r["task"])  # noqa: E731
+    redone = {key(r) for r in cells if current(r)}
     out, stale = [], set()
     for r in cells:
-        v = r.get("task_version", 1)
-        if r["task"] != "ppl" and v != task_version(r["task"]):
-            r = {**r, "task": f"{r['task']}-v{v}"}
+        if not current(r):
+            if key(r) in redone:
+                continue
+            r = {**r, "task": f"{r['task']}-v{r.get('task_version', 1)}"}
             stale.add(r["task"])
         out.append(r)
     return out, stale
