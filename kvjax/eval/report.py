@@ -13,7 +13,7 @@ import os
 from collections import Counter, defaultdict
 
 from ..policies.registry import parse_policy
-from .sweep import read_jsonl
+from .sweep import is_current, read_jsonl
 
 
 def method_label(spec: str) -> tuple[str, float | None]:
@@ -124,14 +124,11 @@ def _label_versions(cells: list[dict]) -> tuple[list[dict], set]:
     """Cells of an older generator version get the task label "TASK-vN" (their own column and
     plots), unless the same cell was redone with the current version (then they are dropped);
     returns (cells, those labels)."""
-    from .episodes import task_version
-
     key = lambda r: tuple(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))  # noqa: E731
-    current = lambda r: r["task"] == "ppl" or r.get("task_version", 1) == task_version(r["task"])  # noqa: E731
-    redone = {key(r) for r in cells if current(r)}
+    redone = {key(r) for r in cells if is_current(r)}
     out, stale = [], set()
     for r in cells:
-        if not current(r):
+        if not is_current(r):
             if key(r) in redone:
                 continue
             r = {**r, "task": f"{r['task']}-v{r.get('task_version', 1)}"}

@@ -7,9 +7,10 @@ Results go to `out/cells.jsonl`, one JSON line per finished cell (status "ok" wi
 accuracy or ppl, KV bytes, compression ratio, times; or status "error" with the message —
 a failing cell never stops the run). Each batch of a cell is first written to
 `out/parts.jsonl`, so an interrupted run resumes at the next unfinished batch and never
-redoes a finished cell — of the task's current generator version (`episodes.task_version`,
-stored in every record; records of an older version are redone). Within one (task, context, seed, mode) group the dense prefill of
-each batch is captured once and shared by every policy that `shares_prefill`.
+redoes a finished cell of the task's current generator version (`episodes.task_version`,
+stored in every record; records of an older version are redone). Within one (task, context,
+seed, mode) group the dense prefill of each batch is captured once and shared by every policy
+that `shares_prefill`.
 """
 
 from __future__ import annotations
@@ -152,6 +153,17 @@ def _aggregate(cell: Cell, parts: list[dict]) -> dict:
     return out
 
 
+def is_current(record: dict) -> bool:
+    """Whether a cells / parts record was made by its task's current generator version."""
+    task = record["task"] if "task" in record else record["key"].split("|")[1]
+    return record.get("task_version", 1) == task_version(task)
+
+
+def _error(cell: Cell, e: Exception) -> dict:
+    return {**dataclasses.asdict(cell), "status": "error", "task_version": task_version(cell.task),
+            "error": f"{type(e).__name__}: {e}"}
+
+
 def _device(engine: str) -> str:
     """What ran the cell: the jax device kind (kvjax) or torch's device (kvpress, CPU torch)."""
     import jax
@@ -184,8 +196,7 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
     except Exception as e:  # e.g. a text without the facts `qa` needs: every cell of the group fails
         for c in cells:
             state["failed"].add(c.key)
-            _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error", "task_version": task_version(c.task),
-                                         "error": f"{type(e).__name__}: {e}"})
+            _write(state["cells_path"], _error(c, e))
         tick(len(cells) * -(-trials // batch_size))
         return
     contexts = [model.tokenizer.encode(e.context) for e in episodes]
@@ -224,8 +235,7 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
                 part = _part(c, b, eps, res, model, pol, width)
             except Exception as e:  # recorded; the sweep goes on
                 state["failed"].add(c.key)
-                _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error",
-                                             "task_version": task_version(c.task), "error": f"{type(e).__name__}: {e}"})
+                _write(state["cells_path"], _error(c, e))
                 tick(len(batches) - b)
                 continue
             state["parts"][(c.key, b)] = part
@@ -260,8 +270,7 @@ def _run_ppl(model, cells, state, text, tick):
             _write(state["cells_path"], {**dataclasses.asdict(c), "status": "ok", **r,
                                          "shared_capture": shares_prefill(pol), "devices": [_device(c.engine)]})
         except Exception as e:
-            _write(state["cells_path"], {**dataclasses.asdict(c), "status": "error", "task_version": task_version(c.task),
-                                         "error": f"{type(e).__name__}: {e}"})
+            _write(state["cells_path"], _error(c, e))
         tick(1)
         jit_cache.release_if_high()
 
@@ -284,11 +293,9 @@ def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-
     haystack = load_text(text)  # the episodes are woven into this text, not into its name
     os.makedirs(out, exist_ok=True)
     paths = {"cells_path": os.path.join(out, "cells.jsonl"), "parts_path": os.path.join(out, "parts.jsonl")}
-    current = lambda r: r.get("task_version", 1) == task_version(r["task"])  # noqa: E731
     done = {r["engine"] + "|" + "|".join(str(r[k]) for k in ("task", "policy", "context", "seed", "mode"))
-            for r in read_jsonl(paths["cells_path"]) if current(r)}
-    parts = {(p["key"], p["batch"]): p for p in read_jsonl(paths["parts_path"])
-             if p.get("task_version", 1) == task_version(p["key"].split("|")[1])}
+            for r in read_jsonl(paths["cells_path"]) if is_current(r)}
+    parts = {(p["key"], p["batch"]): p for p in read_jsonl(paths["parts_path"]) if is_current(p)}
     state = {**paths, "parts": parts, "failed": set()}
     todo = [c for c in cells if c.key not in done]
     groups: dict = {}
@@ -309,7 +316,7 @@ def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-
     bar.close()
     keys = {c.key for c in cells}
     return [r for r in read_jsonl(paths["cells_path"])
-            if current(r) and Cell(*(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))).key in keys]
+            if is_current(r) and Cell(*(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))).key in keys]
 
 
 def enable_compilation_cache(path: str | None = None) -> None:

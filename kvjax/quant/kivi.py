@@ -138,12 +138,10 @@ class KIVI(QuantPolicy):
         """Whether this layer's cache uses the fragment layout (static per model and device)."""
         if self.layout == "standard":
             return False
-        fits = fragments_fit(self.bits, self.v_bits, self.group, ctx.config.head_dim) is None
         if self.layout == "fragments":
-            if not fits:
-                raise PolicyError("kivi: layout='fragments' cannot hold "
-                                  f"{fragments_fit(self.bits, self.v_bits, self.group, ctx.config.head_dim)}")
+            self.check_config(ctx.config)  # names what does not fit
             return True
+        fits = fragments_fit(self.bits, self.v_bits, self.group, ctx.config.head_dim) is None
         return fits and _compat.backend_kind() == "mosaic_gpu"
 
     def block(self, ctx):
