@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
+from kvjax.native.weights import concatenate
 
 from .config import LlamaConfig
 
@@ -30,7 +30,8 @@ def fuse_projections(params: dict, config: LlamaConfig) -> tuple[dict, LlamaConf
             if missing:
                 raise ValueError(f"layers_{i}.{module} lacks {missing}; expected unfused projections {parts}")
             pieces = [sub.pop(p) for p in parts]
-            sub[fused] = {k: jnp.concatenate([p[k] for p in pieces], axis=-1) for k in pieces[0]}
+            # kernels [D, N_i] (or QuantizedWeights carrying GGUF blocks) and biases [N_i] along N
+            sub[fused] = {k: concatenate([p[k] for p in pieces], axis=-1) for k in pieces[0]}
             layer[module] = sub
         tree[f"layers_{i}"] = layer
     return {**params, "params": tree}, dataclasses.replace(config, fused_projections=True)

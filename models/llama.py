@@ -17,6 +17,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from kvjax.native.weights import dense_matmul, float_weight
 
 from .config import LlamaConfig
 from .rope import apply_rope
@@ -34,9 +37,60 @@ class RMSNorm(nn.Module):
         return (xf * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+class Linear(nn.Module):
+    """nn.Dense's parameters ('kernel' [in, out], 'bias' [out]) and math. The kernel may also be
+    a `kvjax.native.QuantizedWeight` (the float kernel plus the GGUF blocks it came from): then
+    few rows (decode) on a CPU read the blocks through the native kernel (`dense_matmul`)."""
+
+    features: int
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+
+        def float_path(x):
+            x, k = promote_dtype(x, float_weight(kernel), dtype=self.dtype)
+            return jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())))
+
+        y = dense_matmul(x, kernel, float_path).astype(self.dtype)
+        if bias is not None:
+            y = y + promote_dtype(bias, dtype=self.dtype)[0]
+        return y
+
+
+class Embed(nn.Module):
+    """nn.Embed's parameter ('embedding' [V, D]) and math; the table may be a QuantizedWeight
+    (the tied LM head then reads its blocks in decode, as Linear does)."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any
+    param_dtype: Any
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features),
+                                    self.param_dtype)
+
+    def __call__(self, tokens):
+        (table,) = promote_dtype(float_weight(self.embedding), dtype=self.dtype, inexact=False)
+        return jnp.take(table, tokens, axis=0)
+
+    def attend(self, query):
+        """query [..., D] -> [..., V] (query @ embedding^T)."""
+
+        def float_path(q):
+            q, table = promote_dtype(q, float_weight(self.embedding), dtype=self.dtype)
+            return jnp.dot(q, table.T)
+
+        return dense_matmul(query, self.embedding, float_path).astype(self.dtype)
+
+
 def _dense(features, name, dtype, param_dtype, bias=False):
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.initializers.normal(0.02))
+    return Linear(features, bias, dtype, param_dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -110,8 +164,7 @@ class Llama(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     embedding_init=nn.initializers.normal(0.02))
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype)
         self.layers = [Block(c, self.policy, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
         if not c.tie_embeddings:

@@ -34,10 +34,22 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def to_params(tensors: dict[str, np.ndarray], config: LlamaConfig, dtype, source: str) -> dict:
+def to_params(tensors: dict[str, np.ndarray], config: LlamaConfig, dtype, source: str,
+              blocks: dict[str, tuple[str, np.ndarray]] | None = None) -> dict:
     """Check names and shapes against `config`, then build {'params': ...} (numpy arrays
-    cast to `dtype`; linear weights transposed to linen's [in, out])."""
+    cast to `dtype`; linear weights transposed to linen's [in, out]).
+
+    blocks: HF name -> (block type, uint8 [N, K/32*bytes]) GGUF blocks of the same weights; those
+    weights become `kvjax.native.QuantizedWeight`s (the float array plus the blocks, read by the
+    CPU decode kernel). The embedding table keeps its blocks only when it is the tied LM head."""
     import jax.numpy as jnp
+
+    from ..native.quantized_matmul import check_blocks
+    from ..native.weights import QuantizedWeight
+
+    blocks = dict(blocks or {})
+    if not config.tie_embeddings:
+        blocks.pop("model.embed_tokens.weight", None)
 
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(tensors))
@@ -49,28 +61,39 @@ def to_params(tensors: dict[str, np.ndarray], config: LlamaConfig, dtype, source
                 f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, config expects {shape}"
             )
 
-    def arr(x, transpose=False):
-        x = np.asarray(x, dtype=np.float32)
+    def arr(name, transpose=False):
+        x = np.asarray(tensors[name], dtype=np.float32)
         if not np.all(np.isfinite(x)):
             raise ModelFileError(f"{source}: non-finite values in a weight tensor (corrupt file?)")
-        return jnp.asarray(x.T if transpose else x, dtype=dtype)
+        x = jnp.asarray(x.T if transpose else x, dtype=dtype)
+        if name not in blocks:
+            return x
+        kind, data = blocks[name]
+        rows, k = tensors[name].shape
+        try:
+            if check_blocks(data, kind, k) != rows:
+                raise ValueError(f"{data.shape[0]} block rows, expected N={rows}")
+        except ValueError as e:
+            raise ModelFileError(f"{source}: the {kind} blocks of {name} do not match its shape {(rows, k)}: "
+                                 f"{e}") from e
+        return QuantizedWeight(x, jnp.asarray(data), kind)
 
-    params = {"embed_tokens": {"embedding": arr(tensors["model.embed_tokens.weight"])},
-              "norm": {"scale": arr(tensors["model.norm.weight"])}}
+    params = {"embed_tokens": {"embedding": arr("model.embed_tokens.weight")},
+              "norm": {"scale": arr("model.norm.weight")}}
     if not config.tie_embeddings:
-        params["lm_head"] = {"kernel": arr(tensors["lm_head.weight"], True)}
+        params["lm_head"] = {"kernel": arr("lm_head.weight", True)}
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         attn = {}
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            attn[proj] = {"kernel": arr(tensors[p + f"self_attn.{proj}.weight"], True)}
+            attn[proj] = {"kernel": arr(p + f"self_attn.{proj}.weight", True)}
             if config.qkv_bias and proj != "o_proj":
-                attn[proj]["bias"] = arr(tensors[p + f"self_attn.{proj}.bias"])
+                attn[proj]["bias"] = arr(p + f"self_attn.{proj}.bias")
         params[f"layers_{i}"] = {
-            "input_layernorm": {"scale": arr(tensors[p + "input_layernorm.weight"])},
-            "post_attention_layernorm": {"scale": arr(tensors[p + "post_attention_layernorm.weight"])},
+            "input_layernorm": {"scale": arr(p + "input_layernorm.weight")},
+            "post_attention_layernorm": {"scale": arr(p + "post_attention_layernorm.weight")},
             "self_attn": attn,
-            "mlp": {proj: {"kernel": arr(tensors[p + f"mlp.{proj}.weight"], True)}
+            "mlp": {proj: {"kernel": arr(p + f"mlp.{proj}.weight", True)}
                     for proj in ("gate_proj", "up_proj", "down_proj")},
         }
     return {"params": params}

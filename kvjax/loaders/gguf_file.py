@@ -126,6 +126,38 @@ def read_tensors(reader, config: LlamaConfig, path: str) -> dict[str, np.ndarray
     return out
 
 
+# GGUF tensor types whose raw blocks the native CPU kernel reads (kvjax.native).
+BLOCK_TYPES = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
+
+
+def read_blocks(reader, config: LlamaConfig) -> dict[str, tuple[str, np.ndarray]]:
+    """The raw quantized blocks of every 2-D weight of a type in BLOCK_TYPES, under HF names:
+    name -> (block type, uint8 [N, K/32*bytes]), row n holding W[n, :] (the q/k rows put in
+    the same order as `read_tensors` puts them)."""
+    arch = _field(reader, "general.architecture")
+    out = {}
+    for t in reader.tensors:
+        kind = BLOCK_TYPES.get(t.tensor_type.name)
+        if kind is None or len(t.shape) != 2:
+            continue
+        data = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1)
+        name = t.name
+        if name == "token_embd.weight":
+            out["model.embed_tokens.weight"] = (kind, data)
+        elif name == "output.weight":
+            out["lm_head.weight"] = (kind, data)
+        elif name.startswith("blk."):
+            _, idx, rest = name.split(".", 2)
+            if rest not in _LAYER_NAMES:
+                continue
+            if arch == "llama" and rest == "attn_q.weight":
+                data = _unpermute(data, config.num_heads)
+            if arch == "llama" and rest == "attn_k.weight":
+                data = _unpermute(data, config.num_kv_heads)
+            out[f"model.layers.{idx}.{_LAYER_NAMES[rest]}"] = (kind, np.ascontiguousarray(data))
+    return out
+
+
 def read_tokenizer_parts(reader) -> dict:
     """Vocabulary, merges, token types, special ids and chat template from metadata."""
     f = reader.fields

@@ -44,21 +44,38 @@ def embedded_path(name: str) -> str:
     return path
 
 
-def load(name_or_path: str = "smollm2", dtype=jnp.float32, fuse_projections: bool = True) -> Model:
+def load(name_or_path: str = "smollm2", dtype=jnp.float32, fuse_projections: bool = True,
+         quantized_matmul: bool | None = None) -> Model:
     """Load a model: "smollm2" (embedded GGUF), a .gguf file, or an HF safetensors dir.
 
     fuse_projections: concatenate q/k/v and gate/up weights (`kvjax.models.fuse_projections`;
     the same math in two matmuls instead of five per layer: 4.82 vs 5.96 ms per 8B decode step
     at batch 1 on an H200, BENCHMARKS.md). False keeps the checkpoint's separate matrices.
+    quantized_matmul: GGUF only. Keep the file's Q4_1 / Q8_0 blocks beside the float weights
+    (`kvjax.native.QuantizedWeight`) so that decode steps on the CPU read the blocks through the
+    native kernel (`kvjax.native`; ~4-5x fewer bytes than float32, the same float32 math up to
+    summation order); prefill and other backends use the float weights. None (default): on when
+    jax's default backend is the CPU and the kernel builds (else one warning says why). False:
+    float weights only (the earlier behaviour). True: keep the blocks on any backend.
     Raises ModelFileError naming the file and the problem for missing, corrupt,
     unsupported or inconsistent inputs."""
-    model = _load(name_or_path, dtype)
+    model = _load(name_or_path, dtype, quantized_matmul)
     if fuse_projections:
         model.params, model.config = fuse_projections_(model.params, model.config)
     return model
 
 
-def _load(name_or_path: str, dtype) -> Model:
+def _keep_blocks(quantized_matmul: bool | None) -> bool:
+    if quantized_matmul is not None:
+        return bool(quantized_matmul)
+    import jax
+
+    from ..native import native_available
+
+    return jax.default_backend() == "cpu" and native_available()
+
+
+def _load(name_or_path: str, dtype, quantized_matmul: bool | None) -> Model:
     path = embedded_path(name_or_path) if name_or_path in EMBEDDED else os.path.expanduser(name_or_path)
     if os.path.isdir(path):
         config = safetensors_dir.read_config(path)
@@ -79,6 +96,7 @@ def _load(name_or_path: str, dtype) -> Model:
         raise ModelFileError(f"{path}: not a GGUF file (magic {magic!r}) and not a directory")
     reader = gguf_file.open_reader(path)
     config = gguf_file.read_config(reader, path)
-    params = to_params(gguf_file.read_tensors(reader, config, path), config, dtype, path)
+    blocks = gguf_file.read_blocks(reader, config) if _keep_blocks(quantized_matmul) else None
+    params = to_params(gguf_file.read_tensors(reader, config, path), config, dtype, path, blocks)
     tok = Tokenizer.from_gguf_parts(gguf_file.read_tokenizer_parts(reader))
     return Model(config, params, tok, dtype, path)
