@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kivi_fragments import TILE
+from .kivi_fragments import TILE, register_of
 
 _MAGIC = 0x43004300  # two bf16 128.0: OR-ing a code < 128 into the mantissa gives 128 + code
 
@@ -56,30 +56,51 @@ def _asm(ret_ty, args, body, constraints):
     return llvm.inline_asm(ret_ty, args, body, constraints)
 
 
-def _code_pair(word, shift, bits):
-    """bf16x2 (as i32) 128 + code for the codes at bits `shift` and 16 + `shift` of `word`."""
-    ir, *_ = _mgpu()
-    i32 = ir.IntegerType.get_signless(32)
-    mask = ((1 << bits) - 1) * 0x00010001
-    sh = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
-    return _asm(i32, [word], f"{{ .reg .b32 t; {sh} lop3.b32 $0, t, {mask:#x}, {_MAGIC:#x}, 0xEA; }}", "=r,r")
+def code_position(bits: int, i: int):
+    """Where the kernel reads code position i of a word: (shift, offset). The word shifted right
+    by `shift` holds the code at bits offset (and 16 + offset), and OR-ing it into the mantissa of
+    128.0 gives 128 + 2^offset * code (exact: below 256). 2-bit codes: three shifts a word (0, 6,
+    12) serve its eight positions, with factors 1, 4, 16; wider codes: one shift a position."""
+    if bits == 2:
+        return 6 * (i // 3), 2 * (i % 3)
+    return bits * i, 0
 
 
-def _dequant_pair(word, shift, bits, s2, z2):
-    """bf16x2 (as i32) code * s + z (one rounding) for the codes at `shift` / 16 + `shift`."""
+def _bf16x2(x: float) -> int:
+    """Two copies of float x (exact in bf16) as one 32-bit immediate."""
+    hi = int(np.array(x, np.float32).view(np.uint32)) >> 16
+    return hi * 0x00010001
+
+
+def _code_pair(src, offset, bits):
+    """bf16x2 (as i32) 128 + 2^offset * code for the codes at bits `offset` and 16 + `offset` of `src`."""
     ir, *_ = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
-    mask = ((1 << bits) - 1) * 0x00010001
-    sh = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
-    body = (f"{{ .reg .b32 t, m; {sh} lop3.b32 t, t, {mask:#x}, {_MAGIC:#x}, 0xEA; mov.b32 m, {_MAGIC:#x}; "
-            f"sub.rn.bf16x2 t, t, m; fma.rn.bf16x2 $0, t, $2, $3; }}")
-    return _asm(i32, [word, s2, z2], body, "=r,r,r,r")
+    mask = ((1 << bits) - 1) * 0x00010001 << offset
+    return _asm(i32, [src], f"lop3.b32 $0, $1, {mask:#x}, {_MAGIC:#x}, 0xEA;", "=r,r")
+
+
+def _dequant_pair(src, offset, bits, s2, z2):
+    """bf16x2 (as i32) code * s + z (one rounding) for the codes at bits `offset` / 16 + `offset`
+    of `src`: 128 + f * code -> code exactly (`sub` 128 when f = 1, else `fma` by 1/f and -128/f),
+    then `fma` with the scale and zero."""
+    ir, *_ = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    mask = ((1 << bits) - 1) * 0x00010001 << offset
+    f = 1 << offset
+    exact = (f"mov.b32 m, {_MAGIC:#x}; sub.rn.bf16x2 t, t, m;" if f == 1 else
+             f"mov.b32 m, {_bf16x2(1.0 / f):#x}; mov.b32 c, {_bf16x2(-128.0 / f):#x}; fma.rn.bf16x2 t, t, m, c;")
+    body = (f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_MAGIC:#x}, 0xEA; {exact} "
+            f"fma.rn.bf16x2 $0, t, $2, $3; }}")
+    return _asm(i32, [src, s2, z2], body, "=r,r,r,r")
 
 
 def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
     """inline_mgpu body for tile `t` of a pipeline step: (words ref [rows, 128][, k_sz ref
     [groups, 2, H]]) -> bf16 [m_rows, k_cols] in the WGMMA layout. kv=0 (keys, with scales):
-    code * s + z; kv=1 (values): 128 + code."""
+    code * s + z; kv=1 (values): 128 + f * code, with f = 2^offset of `code_position` (a power of
+    4 that depends on the column tile = the token's group of 8: `value_factor` takes it back out
+    through the value scales)."""
     r = 16 // bits
     col_tiles = k_cols // 8
     words = (m_rows // 64) * col_tiles * 2 // r
@@ -115,13 +136,16 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
         shape = fa.WGMMA_LAYOUT.registers_shape((m_rows, k_cols))
         regs = np.empty(shape, dtype=object)
         for m in range(words):
+            shifted = {}
             for i in range(r):
-                flat = m * r + i
-                rt, j, half = flat // (2 * col_tiles), (flat // 2) % col_tiles, flat % 2
+                rt, half, j = register_of(m * r + i, col_tiles)
+                shift, offset = code_position(bits, i)
+                if shift not in shifted:
+                    shifted[shift] = arith.shrui(ws[m], utils.c(shift, i32)) if shift else ws[m]
                 if pairs is None:
-                    x = _code_pair(ws[m], bits * i, bits)
+                    x = _code_pair(shifted[shift], offset, bits)
                 else:
-                    x = _dequant_pair(ws[m], bits * i, bits, pairs[0][j], pairs[1][j])
+                    x = _dequant_pair(shifted[shift], offset, bits, pairs[0][j], pairs[1][j])
                 idx = [0] * len(shape)
                 idx[0], idx[1], idx[4] = rt, j, half
                 regs[tuple(idx)] = utils.bitcast(x, ir.VectorType.get((2,), bf16))
@@ -130,10 +154,12 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
     return fn
 
 
-def expand_fn(nb, rows_q, n_gc, t, which):
+def expand_fn(nb, rows_q, n_gc, t, which, bits):
     """inline_mgpu body: v_sz ref [tiles * 2 * H/Gv, 64] bf16 (tile-major rows) -> f32 [64, NB]
     in the WGMMA layout with element (r, j) = ref[(2 t + which) H/Gv + (j // rows_q) % (H/Gv), r]
-    (tile t's per-token value-group scale (which=0) or zero (1) for every column of its group)."""
+    (tile t's per-token value-group scale (which=0) or zero (1) for every column of its group).
+    Scales are divided by the factor 2^offset that `unpack_fn` leaves on the value codes of token
+    r (`code_position` of the token's group of 8, r // 8)."""
 
     def fn(ctx, ref):
         ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
@@ -146,6 +172,17 @@ def expand_fn(nb, rows_q, n_gc, t, which):
         row0 = arith.addi(arith.muli(warp, utils.c(16, i32)), arith.divui(lane, utils.c(4, i32)))
         shape = fa.WGMMA_LAYOUT.registers_shape((64, nb))
         regs = np.empty(shape, dtype=object)
+        inv = [None, None]
+        if which == 0 and any(code_position(bits, i)[1] for i in range(16 // bits)):
+            const = lambda x: arith.constant(f32, ir.FloatAttr.get(f32, x))  # noqa: E731
+            for half in range(2):  # this thread's token groups 2 warp + half: 1 / 2^offset
+                grp8 = arith.addi(arith.muli(warp, utils.c(2, i32)), utils.c(half, i32))
+                inv[half] = const(1.0)
+                for i in range(16 // bits):
+                    if code_position(bits, i)[1]:
+                        hit = arith.cmpi(arith.CmpIPredicate.eq, arith.remui(grp8, utils.c(16 // bits, i32)),
+                                         utils.c(i, i32))
+                        inv[half] = arith.select(hit, const(2.0 ** -code_position(bits, i)[1]), inv[half])
         for jt in range(nb // 8):
             col = arith.addi(utils.c(8 * jt, i32), arith.muli(q, utils.c(2, i32)))
             grp = arith.remui(arith.divui(col, utils.c(rows_q, i32)), utils.c(n_gc, i32))
@@ -153,6 +190,8 @@ def expand_fn(nb, rows_q, n_gc, t, which):
                 row = arith.addi(row0, utils.c(8 * half, i32))
                 grp_row = arith.addi(grp, utils.c((2 * t + which) * n_gc, i32))
                 x = arith.extf(f32, memref.load(ref, [_idx(grp_row), _idx(row)]))
+                if inv[half] is not None:
+                    x = arith.mulf(x, inv[half])
                 idx = [0] * len(shape)
                 idx[1], idx[4] = jt, half
                 regs[tuple(idx)] = vector.broadcast(ir.VectorType.get((2,), f32), x)
@@ -170,5 +209,35 @@ def tile_fn(reps: int):
         axis = 1 if len(x.shape) == 2 else 0
         regs = np.concatenate([x.registers] * reps, axis=axis)
         return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=x.is_signed)
+
+    return fn
+
+
+def commit_any_fn(tau: float):
+    """inline_mgpu body: (s, mb [64, NS] f32 WGMMA layout, flag ref [1] int32) -> nothing.
+    Commits this thread's shared-memory writes for the tensor cores (`fence.proxy.async`) and
+    passes the warpgroup barrier with a reduction (`bar.red.or.pred`): every thread learns
+    whether any thread holds a score s > mb + tau, and stores that (0 or 1) in flag[0]. This is
+    `plgpu.commit_smem()` with the "does the running max need an update" vote folded into its
+    barrier (every thread writes the same value, after the barrier, so the stores agree)."""
+
+    def fn(ctx, s, mb, flag_ref):
+        ir, arith, _, _, vector, _, _, utils = _mgpu()
+        from jax._src.lib.mlir.dialects import memref
+
+        i32 = ir.IntegerType.get_signless(32)
+        f32 = ir.F32Type.get()
+        limit = arith.constant(f32, ir.FloatAttr.get(f32, float(tau)))
+        over = utils.c(0, i32)
+        for idx in np.ndindex(s.registers.shape):
+            a, b = s.registers[idx], mb.registers[idx]
+            for k in range(ir.VectorType(a.type).shape[0]):
+                x = vector.extract(a, [], [k])
+                y = arith.addf(vector.extract(b, [], [k]), limit)
+                over = arith.ori(over, arith.extui(i32, arith.cmpf(arith.CmpFPredicate.OGT, x, y)))
+        body = ("{ .reg .pred p, q; setp.ne.u32 p, $1, 0; fence.proxy.async.shared::cta; "
+                "bar.red.or.pred q, 1, 128, p; selp.u32 $0, 1, 0, q; }")
+        flag = _asm(i32, [over], body, "=r,r")
+        memref.store(flag, flag_ref, [_idx(utils.c(0, i32))])
 
     return fn

@@ -9,7 +9,7 @@ et al. 2024).
   contiguous (`key_channel`: its scales and zeros are then two vector loads);
 * values: A = V^T [H, 64 tokens] (rows = channels);
 word m of thread t holds, at bits (b*i, 16 + b*i), the two codes of register m*R + i (R = 16/b)
-(`fragment_slots`). `to_fragment_layout` / `from_fragment_layout` convert from / to the
+(`fragment_slots`, `register_of`). `to_fragment_layout` / `from_fragment_layout` convert from / to the
 standard KIVI layout that `quantized_decode_attention` reads.
 """
 
@@ -59,12 +59,20 @@ def fragment_slots(m_rows: int, k_cols: int, bits: int):
     i = np.arange(r)[None, None, :, None]
     e = np.arange(2)[None, None, None, :]
     warp, lane = t // 32, t % 32
-    flat = m * r + i  # index into the (row tile, column tile, row half) register array
-    rt, j, half = flat // (2 * col_tiles), (flat // 2) % col_tiles, flat % 2
+    rt, half, j = register_of(m * r + i, col_tiles)
     row = 64 * rt + 16 * warp + 8 * half + lane // 4
     col = 8 * j + 2 * (lane % 4) + e
     shape = (128, words, r, 2)
     return np.broadcast_to(row, shape).copy(), np.broadcast_to(col, shape).copy()
+
+
+def register_of(flat, col_tiles: int):
+    """Register `flat` = word * R + position of a thread's A fragment -> (row tile, row half,
+    column tile). The column tile runs fastest, so position i of every word holds column tiles
+    j = i (mod R): for 2-bit codes the kernel then extracts positions 0-2, 3-5 and 6-7 of a word
+    from three shifts of it (`_kivi_mgpu_registers.unpack_fn`), and the power-of-4 factor this
+    leaves on a code depends on its column tile alone."""
+    return flat // (2 * col_tiles), (flat // col_tiles) % 2, flat % col_tiles
 
 
 def key_channel(col, h: int):

@@ -44,12 +44,15 @@ from jax import lax
 
 from ._compat import pl, plgpu
 from ._decode_common import masked_softmax, merge_splits, per_head
-from ._kivi_mgpu_registers import expand_fn, tile_fn, unpack_fn
+from ._kivi_mgpu_registers import commit_any_fn, expand_fn, tile_fn, unpack_fn
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
                              to_fragment_layout)
 
 __all__ = ["KiviFragments", "MGPU_BITS", "TILE", "check_shapes", "fragment_slots", "from_fragment_layout",
            "key_channel", "query_columns", "quantized_decode_attention_mgpu", "to_fragment_layout"]
+
+
+LAZY_TAU = 8.0  # log2 units: probabilities of a tile that keeps the running max stay <= 2^8
 
 
 def _swizzle(row_bytes: int) -> int:
@@ -60,11 +63,12 @@ def _swizzle(row_bytes: int) -> int:
 
 
 def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, splits, scale, stages, overlap_v,
-                     mask_cond, tiles_per_step, auto_barriers):
+                     mask_cond, tiles_per_step, auto_barriers, lazy_rescale):
     """qb [B, N, NS, H] bf16 (`query_columns`). Returns per split: acc [B,N,P,H,NB], corr
-    [B,N,P,64,NB], lsum and m [B,N,P,64,NS] float32 (see `_finish`)."""
+    [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32 (see `_finish`)."""
     b, n, ns, h = qb.shape
     nb = _value_columns(h // gv, rows_q)
+    nc = math.lcm(ns, (h // gv) * rows_q)  # distinct columns of B (NB repeats them up to wgmma's minimum)
     tiles = fr.words.shape[2]
     tps = tiles_per_step
     steps = tiles // (splits * tps)
@@ -81,17 +85,21 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     unpack_v = [plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
         (h, TILE), bf16, layout=wgmma_layout))(unpack_fn(h, TILE, bits, gk, h, t, 1, k_rows)) for t in range(tps)]
     expand = [[plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
-        (TILE, nb), jnp.float32, layout=wgmma_layout))(expand_fn(nb, rows_q, n_gc, t, which)) for which in (0, 1)]
+        (TILE, nc), jnp.float32, layout=wgmma_layout))(expand_fn(nc, rows_q, n_gc, t, which, bits)) for which in (0, 1)]
         for t in range(tps)]
-    reps = nb // ns
-    tile2 = plgpu.inline_mgpu(arg_types=(wgmma_layout,), return_type=plgpu.ShapeDtypeStruct(
-        (TILE, nb), jnp.float32, layout=wgmma_layout))(tile_fn(reps))
-    tile1 = plgpu.inline_mgpu(arg_types=(col_layout,), return_type=plgpu.ShapeDtypeStruct(
-        (nb,), jnp.float32, layout=col_layout))(tile_fn(reps))
+
+    def widen(x, cols):  # columns repeated up to `cols` (a register copy: no instructions)
+        if x.shape[-1] == cols:
+            return x
+        layout = wgmma_layout if x.ndim == 2 else col_layout
+        return plgpu.inline_mgpu(arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(
+            (*x.shape[:-1], cols), x.dtype, layout=layout))(tile_fn(cols // x.shape[-1]))(x)
+    commit_any = plgpu.inline_mgpu(arg_types=(wgmma_layout, wgmma_layout, ref))(commit_any_fn(LAZY_TAU))
     q_swz = _swizzle(h * 2)
     b_swz = _swizzle(nb * 2)
 
-    def body(qb_ref, words_ref, ksz_ref, vsz_ref, len_ref, acc_out, corr_out, l_out, m_out, q_smem, b_smem, bar):
+    def body(qb_ref, words_ref, ksz_ref, vsz_ref, len_ref, acc_out, corr_out, l_out, m_out, q_smem, b_smem, flag_smem,
+             bar):
         si, ni, bi = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
         plgpu.copy_gmem_to_smem(qb_ref.at[bi, ni], q_smem, bar)
         plgpu.barrier_wait(bar)
@@ -117,23 +125,37 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
                 return jnp.where(tok < length, x, -jnp.inf)
 
             s = lax.cond(start + TILE > length, mask, lambda x: x, s) if mask_cond else mask(s)
-            m_new = jnp.maximum(m, s.max(axis=0))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [1]))
-            lsum = lsum * lax.broadcast_in_dim(alpha, s.shape, [1]) + p
-            if reps > 1:  # one copy of the probabilities per value group
-                p, alpha = tile2(p), tile1(alpha)
-            bv = (p * expand[t][0](vsz)).astype(bf16)
-            corr = corr * lax.broadcast_in_dim(alpha, p.shape, [1]) + (p * expand[t][1](vsz)
-                                                                       - 128.0 * bv.astype(jnp.float32))
-            b_smem[...] = bv
-            plgpu.commit_smem()
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+
+            def probabilities(m_used, corr, lsum):  # -> B = p * v_scale in SMEM (uncommitted), corr, lsum
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_used, s.shape, [1]))
+                lsum = lsum + p
+                p = widen(p, nc)  # one copy of the probabilities per value group
+                bv = (p * expand[t][0](vsz)).astype(bf16)
+                corr = corr + (p * expand[t][1](vsz) - 128.0 * bv.astype(jnp.float32))
+                b_smem[...] = widen(bv, nb)
+                return corr, lsum
+
+            def rescaled(acc, m, corr, lsum):  # the running max moves to include this tile
+                m_new = jnp.maximum(m, s.max(axis=0))
+                alpha = jnp.exp2(m - m_new)
+                lsum = lsum * lax.broadcast_in_dim(alpha, s.shape, [1])
+                corr = corr * lax.broadcast_in_dim(widen(alpha, nc), corr.shape, [1])
+                corr, lsum = probabilities(m_new, corr, lsum)
+                plgpu.commit_smem()
+                return acc * lax.broadcast_in_dim(widen(alpha, nb), acc.shape, [1]), m_new, corr, lsum
+
+            if lazy_rescale:  # FlashAttention-4's conditional rescaling: keep the max unless a score passes it by TAU
+                corr_kept, lsum_kept = probabilities(m, corr, lsum)
+                commit_any(s, lax.broadcast_in_dim(m, s.shape, [1]), flag_smem)
+                acc, m, corr, lsum = lax.cond(flag_smem[0] != 0, lambda: rescaled(acc, m, corr, lsum),
+                                              lambda: (acc, m, corr_kept, lsum_kept))
+            else:
+                acc, m, corr, lsum = rescaled(acc, m, corr, lsum)
 
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, a_v, b_smem)
 
-            return pl.run_state(pv)(plgpu.ACC.init(acc)), m_new, corr, lsum
+            return pl.run_state(pv)(plgpu.ACC.init(acc)), m, corr, lsum
 
         def step(idx, words, ksz, vsz, carry):
             (i,) = idx
@@ -156,7 +178,7 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         gmem = (words_ref.at[bi, ni, pl.ds(first * rows_w, steps * tps * rows_w)],
                 ksz_ref.at[bi, ni, pl.ds(k_first, k_total)],
                 vsz_ref.at[bi, ni, pl.ds(first * 2 * n_gc, steps * tps * 2 * n_gc)])
-        zeros_t = plgpu.layout_cast(jnp.zeros((TILE, nb), jnp.float32), wgmma_layout)
+        zeros_t = plgpu.layout_cast(jnp.zeros((TILE, nc), jnp.float32), wgmma_layout)
         zeros_s = plgpu.layout_cast(jnp.zeros((TILE, ns), jnp.float32), wgmma_layout)
         m0 = plgpu.layout_cast(jnp.full((ns,), -1e30, jnp.float32), col_layout)
         acc0 = plgpu.layout_cast(jnp.zeros((h, nb), jnp.float32), wgmma_layout)
@@ -172,11 +194,12 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
                                                        plgpu.SwizzleTransform(q_swz)))
         b_scr = plgpu.SMEM((TILE, nb), bf16, transforms=(plgpu.TilingTransform((8, b_swz // 2)),
                                                           plgpu.SwizzleTransform(b_swz)))
-        pl.run_scoped(lambda *s: body(*refs, *s), q_scr, b_scr, plgpu.Barrier(num_barriers=1))
+        pl.run_scoped(lambda *s: body(*refs, *s), q_scr, b_scr, plgpu.SMEM((1,), jnp.int32),
+                      plgpu.Barrier(num_barriers=1))
 
     f32 = jnp.float32
     out_type = (jax.ShapeDtypeStruct((b, n, splits, h, nb), f32),
-                jax.ShapeDtypeStruct((b, n, splits, TILE, nb), f32),
+                jax.ShapeDtypeStruct((b, n, splits, TILE, nc), f32),
                 jax.ShapeDtypeStruct((b, n, splits, TILE, ns), f32),
                 jax.ShapeDtypeStruct((b, n, splits, TILE, ns), f32))
     words = lax.bitcast_convert_type(fr.words, jnp.int32)
@@ -302,18 +325,23 @@ def check_shapes(q, fr: KiviFragments, bits: int):
 
 def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int, k_res=None, v_res=None,
                                     res_lengths=None, scale: float | None = None, num_splits: int | None = None,
-                                    stages: int = 4, tiles_per_step: int = 1, overlap_v: bool = True,
-                                    mask_cond: bool = True, auto_barriers: bool = False):
+                                    stages: int = 4, tiles_per_step: int | None = None, overlap_v: bool = True,
+                                    mask_cond: bool = True, auto_barriers: bool = False, lazy_rescale: bool = True):
     """KIVI decode attention on Hopper (module doc). q [B, T, Nq, H] bf16; fr: the cache in the
     fragment layout (`to_fragment_layout`); lengths [B] or [B, N] valid quantized tokens; the
     residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`.
     Tuning: num_splits (split-K programs per (row, KV head); None: about 8 CTAs per SM), stages
-    (pipeline depth), tiles_per_step (64-token tiles per pipeline step), overlap_v (unpack the values
+    (pipeline depth), tiles_per_step (64-token tiles per pipeline step; None: 2 for 2-bit codes,
+    whose tiles are short enough that the step's bookkeeping shows, else 1), overlap_v (unpack the values
     while the key product runs), mask_cond (mask only the tiles that cross a row's length),
-    auto_barriers (Pallas' conservative barrier around every SMEM store and copy; not needed).
+    auto_barriers (Pallas' conservative barrier around every SMEM store and copy; not needed),
+    lazy_rescale (keep the running max, and skip rescaling, unless a tile's score passes it by
+    LAZY_TAU = 8 in log2 units: probabilities stay <= 2^8; False rescales every tile).
     Returns (out [B, T, Nq, H] bf16, lse [B, T, Nq] float32)."""
     b, t, nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
     tps = tiles_per_step
+    if tps is None:
+        tps = 2 if bits == 2 and (s // TILE) % 2 == 0 and (gk >= 2 * TILE or (2 * TILE) % gk == 0) else 1
     if tps not in (1, 2, 4) or (gk < tps * TILE and (tps * TILE) % gk):
         raise ValueError(f"tiles_per_step={tps} must be 1, 2 or 4 (and a step's {tps * TILE} tokens a multiple of "
                          f"the key group Gk={gk} when they hold several groups)")
@@ -333,20 +361,22 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     lengths = jnp.minimum(per_head(lengths, b, n, "lengths"), s)
     return _mgpu_jit(q, fr, lengths, k_res, v_res, None if res_lengths is None else per_head(res_lengths, b, n,
                      "res_lengths"), bits=bits, gk=gk, gv=gv, scale=scale, splits=num_splits, stages=stages,
-                     overlap_v=overlap_v, mask_cond=mask_cond, tiles_per_step=tps, auto_barriers=auto_barriers)
+                     overlap_v=overlap_v, mask_cond=mask_cond, tiles_per_step=tps, auto_barriers=auto_barriers,
+                     lazy_rescale=lazy_rescale)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "gk", "gv", "scale", "splits", "stages", "overlap_v",
-                                             "mask_cond", "tiles_per_step", "auto_barriers"))
+                                             "mask_cond", "tiles_per_step", "auto_barriers", "lazy_rescale"))
 def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale, splits, stages, overlap_v,
-              mask_cond, tiles_per_step, auto_barriers):
+              mask_cond, tiles_per_step, auto_barriers, lazy_rescale):
     b, t, nq, h = q.shape
     n = fr.words.shape[1]
     gq = nq // n
     qb, qr, rows_q, rows_p = query_columns(q, n)
     acc, corr, lsum, m = _kernel_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits,
                                           scale=scale, stages=stages, overlap_v=overlap_v, mask_cond=mask_cond,
-                                          tiles_per_step=tiles_per_step, auto_barriers=auto_barriers)
+                                          tiles_per_step=tiles_per_step, auto_barriers=auto_barriers,
+                                          lazy_rescale=lazy_rescale)
     out, lse = _finish(acc, corr, lsum, m, rows_q=rows_p, gv=gv)
     out, lse = out[:, :, :, :rows_q], lse[:, :, :, :rows_q]  # drop the padding rows
     if k_res is not None:

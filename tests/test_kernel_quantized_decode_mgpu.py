@@ -1,8 +1,8 @@
 """The Mosaic GPU KIVI decode kernel (pallas_kernels/quantized_decode_attention_mgpu.py) on CPU:
 its fragment layout, its arithmetic (a numpy model of one CTA's partial sums, finished by the
 kernel's own XLA epilogue, against the float32 reference), lowering for a CUDA target, and its
-errors. The kernel itself runs on the GPU in `benchmarks/kernels_bench.py` (Mosaic GPU has no
-interpreter for wgmma)."""
+errors. The kernel itself runs only on a Hopper GPU (Mosaic GPU has no interpreter for wgmma):
+`test_kernel_matches_reference_on_hopper` (skipped elsewhere) and `benchmarks/kernels_bench.py`."""
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +66,11 @@ def test_to_fragment_layout_keeps_every_code(rng, bits, h):
     assert fr.words.dtype == jnp.uint32 and fr.words.shape == (b, n, s // 64, 2, 64 * h * bits // 32)
 
 
-def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale):
+def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale, lazy=False, paths=None):
     """numpy model of the kernel's per-CTA outputs (acc [H, NB], corr/lsum/m [64, NB] per split)
-    with the same roundings: bf16 dequantized keys, bf16 scaled probabilities, 128-offset codes."""
+    with the same roundings: bf16 dequantized keys, bf16 scaled probabilities, 128-offset codes.
+    lazy: tile by tile, keeping the running max unless a score passes it by LAZY_TAU (counts of
+    rescaled and kept tiles go to `paths`)."""
     bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
     qb = np.asarray(qb.astype(jnp.float32))
     b, n, ns, h = qb.shape
@@ -96,13 +98,28 @@ def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale):
                 logits = k[bi, ni, sl] @ qb[bi, ni].T * scale * np.log2(np.e)  # [per, NS]
                 pos = np.arange(si * per, (si + 1) * per)
                 logits = np.where((pos < lengths[bi, ni])[:, None], logits, -np.inf)
-                m = np.maximum(logits.max(axis=0), -1e30)
-                p = np.exp2(logits - m)
-                lsum[bi, ni, si, 0] = p.sum(axis=0)
-                p = np.tile(p, (1, nb // ns))  # one copy per value group
-                bv = bf(p * sv[bi, ni, sl])
-                acc[bi, ni, si] = (128.0 + vcode[bi, ni, sl]).T @ bv
-                corr[bi, ni, si, 0] = (p * zv[bi, ni, sl] - 128.0 * bv).sum(axis=0)
+                m = np.full(ns, -1e30, np.float32)
+                for tile in range(per // 64) if lazy else [None]:
+                    rows = slice(None) if tile is None else slice(64 * tile, 64 * tile + 64)
+                    st = logits[rows]
+                    if tile is None or (st > m + mg.LAZY_TAU).any():
+                        m_new = np.maximum(m, st.max(axis=0))
+                        alpha = np.exp2(m - m_new)
+                        lsum[bi, ni, si, 0] *= alpha
+                        acc[bi, ni, si] *= np.tile(alpha, nb // ns)
+                        corr[bi, ni, si, 0] *= np.tile(alpha, nb // ns)
+                        m = m_new
+                        paths is None or paths.update(rescaled=paths.get("rescaled", 0) + 1)
+                    else:
+                        paths is None or paths.update(kept=paths.get("kept", 0) + 1)
+                    p = np.exp2(st - m)
+                    lsum[bi, ni, si, 0] += p.sum(axis=0)
+                    p = np.tile(p, (1, nb // ns))  # one copy per value group
+                    tok = slice(si * per, (si + 1) * per)
+                    tok = tok if tile is None else slice(si * per + 64 * tile, si * per + 64 * tile + 64)
+                    bv = bf(p * sv[bi, ni, tok])
+                    acc[bi, ni, si] += (128.0 + vcode[bi, ni, tok]).T @ bv
+                    corr[bi, ni, si, 0] += (p * zv[bi, ni, tok] - 128.0 * bv).sum(axis=0)
                 mm[bi, ni, si] = m
     return acc, corr, lsum, mm
 
@@ -132,6 +149,83 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     lse = lse.reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, nq)
     ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi{bits} mgpu model")
+
+
+def _ramped_cache(rng, b, n, s, h, bits, gk, gv):
+    """A cache whose key scales grow along the context (so the running max keeps moving) and a
+    query scale large enough that a tile's scores can pass the running max by LAZY_TAU (scores
+    of about the same size for every bit width, so bf16 tolerances hold)."""
+    q_scale = 9.0 / (2**bits - 1)
+    kc, ks, kz, vc, vs, vz = _cache(rng, b, n, s, h, bits, gk, gv)
+    ramp = jnp.linspace(0.1, 2.5, s // gk)[None, None, :, None]
+    ks = (ks.astype(jnp.float32) * ramp).astype(jnp.bfloat16)
+    return (kc, ks, kz, vc, vs, vz), q_scale
+
+
+def test_lazy_rescaling_model_matches_reference(rng):
+    """FlashAttention-4's conditional rescaling (the kernel's default): tiles whose scores stay
+    within LAZY_TAU of the running max keep it and skip rescaling; the result still equals the
+    reference, and both kinds of tile occur."""
+    b, t, nq, n, h, s, gk, gv, bits, splits = 2, 1, 8, 2, 64, 1024, 32, 32, 2, 2
+    cache, q_scale = _ramped_cache(rng, b, n, s, h, bits, gk, gv)
+    fr = mg.to_fragment_layout(*cache, bits=bits)
+    q = (jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32) * q_scale).astype(jnp.bfloat16)
+    lengths = jnp.asarray([[s, 700], [0, 77]], jnp.int32)
+    qb, _, rows_q, rows_p = mg.query_columns(q, n)
+    paths = {}
+    parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
+                            lazy=True, paths=paths)
+    per = s // splits
+    first_tiles = int((np.asarray(lengths)[..., None] > per * np.arange(splits)).sum())  # splits with tokens
+    assert paths.get("kept", 0) > 0 and paths.get("rescaled", 0) > first_tiles, paths
+    out, lse = mg._finish(*map(jnp.asarray, parts), rows_q=rows_p, gv=gv)
+    out, lse = merge_splits(out[:, :, :, :rows_q], lse[:, :, :, :rows_q])
+    out = out.reshape(b, n, t, nq // n, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
+    lse = lse.reshape(b, n, t, nq // n).transpose(0, 2, 1, 3).reshape(b, t, nq)
+    ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
+    assert_attention_close(out, lse, ro, rl, jnp.bfloat16, "kivi2 mgpu lazy model")
+
+
+def _on_hopper():
+    try:
+        d = jax.devices()[0]
+        return d.platform == "gpu" and getattr(d, "compute_capability", "") == "9.0" and mg.plgpu is not None
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="the Mosaic GPU kernel runs only on a Hopper GPU (CPU: the model above)")
+@pytest.mark.parametrize("bits,t,nq,n,h,gk,gv,lazy,ramp", [
+    (2, 1, 8, 2, 128, 32, 32, True, False),
+    (2, 1, 8, 2, 128, 32, 32, True, True),
+    (2, 1, 8, 2, 128, 32, 32, False, True),
+    (4, 1, 8, 2, 128, 128, 128, True, True),
+    (2, 2, 8, 2, 64, 16, 16, True, False),
+    (4, 4, 4, 2, 128, 64, 32, True, True),
+    (2, 1, 6, 2, 64, 32, 32, True, True),
+    (2, 1, 6, 3, 256, 256, 64, True, False),
+])
+def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy, ramp):
+    """The kernel itself on the GPU against the float32 reference: ragged lengths (one row empty,
+    one off the tile), a residual window, and (ramp) scores that move the running max again and
+    again, with the lazy rescaling on and off."""
+    b, s, r = 2, 2048, 64
+    cache, q_scale = _ramped_cache(rng, b, n, s, h, bits, gk, gv) if ramp else (_cache(rng, b, n, s, h, bits, gk, gv), 1.0)
+    fr = mg.to_fragment_layout(*cache, bits=bits)
+    q = (jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32) * q_scale).astype(jnp.bfloat16)
+    lengths = jnp.asarray([[s, 1000, 0][:n], [77, s - 64, 5][:n]], jnp.int32)
+    kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
+    rl = jnp.asarray([r, 17], jnp.int32)
+    out, lse = mg.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
+                                                  lazy_rescale=lazy)
+    ro, rlse = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits, k_res=kr, v_res=vr,
+                                                        res_lengths=rl)
+    assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, f"kivi{bits} G{gk} mgpu lazy={lazy} ramp={ramp}")
+    if lazy:  # the same cache with a rescale every tile: equal up to the bf16 rounding of the probabilities
+        eager, _ = mg.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
+                                                      lazy_rescale=False)
+        o, e = np.asarray(out, np.float32), np.asarray(eager, np.float32)
+        assert np.linalg.norm(o - e) <= 1e-2 * np.linalg.norm(e)
 
 
 @pytest.mark.parametrize("bits,t,gk,h,tps,nq", [(2, 1, 32, 128, 2, 8), (4, 4, 128, 128, 1, 8), (2, 2, 16, 64, 4, 8),
