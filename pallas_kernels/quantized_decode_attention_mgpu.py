@@ -13,22 +13,27 @@ directly; `to_fragment_layout` converts a standard KIVI cache. The register-leve
 `_kivi_mgpu_registers.py`.
 
 Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
-  1. keys: each register = `lop3(word >> b*i, mask, 0x43004300)` (bf16 128 + code, exact),
-     `sub` 128, `fma` scale and zero: the K tile in bf16, in registers;
+  1. keys: each register = `lop3(word >> shift, mask << offset, 0x43004300)` (bf16 128 + f * code,
+     exact; 2-bit codes: three shifts serve a word's eight positions, f = 1, 4 or 16 per column
+     tile, `code_position`), then code exactly (`sub` 128, or `fma` by 1/f and -128/f), `fma`
+     scale and zero: the K tile in bf16, in registers;
   2. S^T [64, 8] = K @ Q^T on the tensor cores (the T*Gq query rows, zero-padded to 2, 4 or a
      multiple of 8 and repeated up to wgmma's N = 8); the values unpack meanwhile;
-  3. online softmax over the tile's 64 tokens (max over rows, exp2; the length mask only on tiles
-     that cross it);
+  3. online softmax over the tile's 64 tokens (exp2; the length mask only on tiles that cross it)
+     with FlashAttention-4's conditional rescaling: the tile keeps the running max unless one of
+     its scores passes it by LAZY_TAU; the vote rides on the tile's commit barrier
+     (`bar.red.or.pred`), and only a tile that fails it reduces the max across warps, rescales and
+     redoes its probabilities;
   4. values: the probabilities repeated once per value group (NB = (H/Gv) * rows columns, a
-     register copy), B = p * v_scale (the per-token scale folded in, bf16), A = bf16(128 + code)
-     straight from `lop3`; O^T [H, NB] += A @ B on the tensor cores; the offset and the zero
+     register copy), B = p * v_scale / f (the per-token scale folded in, bf16), A = bf16(128 + f *
+     code) straight from `lop3`; O^T [H, NB] += A @ B on the tensor cores; the offset and the zero
      points come back exactly through per-column sums (sum_t p * v_zero - 128 * sum_t B), kept
      per thread and reduced after the loop.
 The split-K partials (and the full-precision residual window, done in XLA) are merged through
 their LSEs. On CPU the tests check the layout, a numpy model of the kernel's arithmetic and the
 lowering for a CUDA target (Mosaic GPU has no interpreter for wgmma); the kernel itself is
-checked against the jnp reference on the GPU (`benchmarks/kernels_bench.py`,
-`tests/test_quant_kivi_fragments.py`). Measured in BENCHMARKS.md ("Kernels"): 2.0-2.2x cuDNN's
+checked against the jnp reference on the GPU (`tests/test_kernel_quantized_decode_mgpu.py`,
+`tests/test_quant_kivi_fragments.py`, `benchmarks/kernels_bench.py`). Measured in BENCHMARKS.md ("Kernels"): 2.1-2.7x cuDNN's
 bf16 decode at 128k on an H200.
 """
 
