@@ -89,7 +89,9 @@ def test_fragments_decode_equals_attention_over_its_dequantized_cache():
     for i in range(64):  # crosses a flush of 64 tokens in both rows
         q, k, v = (jnp.asarray(rng.standard_normal((2, 1, nh, 64)), jnp.float32) for nh in (6, 2, 2))
         state, out, expected = checked(state, q, k, v, (length + i)[:, None])
-        tol = tolerance(jnp.float32)[0]  # tf32 dots on a GPU
+        # the Hopper kernel computes in bf16 (query, dequantized keys, probabilities, output:
+        # one bf16 rounding of a 0.7 output is 3e-3 already); elsewhere tf32 / float32 dots
+        tol = tolerance(jnp.bfloat16 if _compat.backend_kind() == "mosaic_gpu" else jnp.float32)[0]
         np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=tol, atol=tol)
     np.testing.assert_array_equal(np.asarray(state.streams[0].count[:, 0]), [192, 128])  # one flush each
 
