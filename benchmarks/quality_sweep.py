@@ -13,6 +13,7 @@
     python benchmarks/quality_sweep.py run issue7_4k       # 4k: passkey, kvjax and kvpress side by side
     python benchmarks/quality_sweep.py run issue7_4k_more  # 4k: the other tasks, both engines
     python benchmarks/quality_sweep.py run issue7_mix      # 2k: the multi-task mix, both engines
+    python benchmarks/quality_sweep.py run issue7_mix_4k   # 4k: the multi-task mix, both engines
     python benchmarks/quality_sweep.py table issue3        # markdown for BENCHMARKS.md
     python benchmarks/quality_sweep.py report issue7       # docs/quality/issue7: report.md + PNG plots
 
@@ -81,6 +82,9 @@ GRIDS = {
     "issue7_mix": dict(tasks=["mix"], contexts=[2048], modes=["inside"], engines=["kvjax", "kvpress"],
                        methods=("dense",) + PRESSED, trials=3, batch_size=3, kvjax_only=("tova",), out="issue7",
                        options={"mix": {"pairs": 1}}),
+    "issue7_mix_4k": dict(tasks=["mix"], contexts=[4096], modes=["inside"], engines=["kvjax", "kvpress"],
+                          methods=("dense",) + PRESSED, trials=3, batch_size=3, kvjax_only=("tova",), out="issue7",
+                          options={"mix": {"pairs": 1, "repeat": 2}}),
     "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials=3, batch_size=3, out="issue7"),
 }

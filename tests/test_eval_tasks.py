@@ -52,6 +52,10 @@ def test_multi_turn_options(tok, kjv):
     assert e.context.count(f"Vote for the {e.turns[0].answer}.") == 6 and e.context.count("Vote for the") == 7
     with pytest.raises(ValueError, match="repeat=0 must be >= 1"):
         make_episodes("kv_retrieval", tok, 1024, 1, 0, kjv, repeat=0)
+    (e,) = make_episodes("mix", tok, 2048, 1, 0, kjv, pairs=1, repeat=2)  # the 4k mix: its code stated twice
+    assert e.context.count(f"is {e.turns[1].answer}.") == 2
+    with pytest.raises(ValueError, match="repeat=0 must be >= 1"):
+        make_episodes("mix", tok, 2048, 1, 0, kjv, repeat=0)
     for e in make_episodes("qa", tok, 2048, 2, 0, kjv, mentions=2):  # people named at most twice
         for t in e.turns:
             person = re.search(r"(\w+),? (?:the )?(?:son|wife|daughter|king) of$", t.question).group(1)

@@ -258,14 +258,16 @@ def majority(tokenizer, context, depth, seed, text, votes: int = 5, winner: int 
     return Episode("majority", ctx, (Turn(q, names[0]),), seed, depth)
 
 
-def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0, quote: int = 6):
+def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0, quote: int = 6, repeat: int = 1):
     """passkey, kv_retrieval and qa turns over one context (qa facts from the text; mentions
-    and quote as in qa)."""
+    and quote as in qa; pairs and repeat as in kv_retrieval)."""
+    if repeat < 1:
+        raise ValueError(f"repeat={repeat} must be >= 1")
     rng = np.random.default_rng(seed)
     key = str(int(rng.integers(10000, 100000)))
     kv = _kv_lines(rng, pairs)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    block = "\n".join(f"The code for {w} is {v}." for w, v in kv)
+    block = "\n".join(" ".join([f"The code for {w} is {v}."] * repeat) for w, v in kv)
     pk = Turn("What is the pass key? Answer with the five-digit number only.\nAnswer: The pass key is", key)
     inserts = [(depth, needle), (float((depth + 0.5) % 1.0), block)]
     for attempt in range(_ATTEMPTS):
