@@ -128,8 +128,9 @@ def load() -> ctypes.CDLL | None:
         register(lib)
         return lib
     except Exception as e:  # any failure means "no native kernel": say why once, then fall back
-        warnings.warn(f"kvjax: the native GGUF matmul kernel is unavailable, using the slower XLA "
-                      f"dequantize + dot path instead: {e}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"kvjax: the native GGUF matmul kernel is unavailable: {e} -- kvjax.load keeps float32 "
+                      f"weights instead, and quantized_matmul falls back to the slower XLA dequantize + dot",
+                      RuntimeWarning, stacklevel=2)
         return None
 
 
