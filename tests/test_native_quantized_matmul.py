@@ -56,8 +56,7 @@ def test_reference_dequantizes_like_gguf(block_type, rng):
 
 @needs_kernel
 @pytest.mark.parametrize("block_type", TYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 4099, 96), (2, 33, 576), (3, 130, 160), (4, 64, 1536),
-                                   (5, 7, 224), (9, 200, 64)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 4099, 96), (3, 130, 160), (4, 64, 1536), (9, 33, 224)])
 def test_kernel_matches_reference(block_type, m, n, k, rng):
     blocks, w = _blocks(rng, block_type, n, k)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -167,20 +166,18 @@ def test_fusing_concatenates_the_blocks(rng):
 
 
 @needs_kernel
-@pytest.mark.parametrize("fused", [True])
-def test_model_decode_reads_the_blocks(fused, rng):
+def test_model_decode_reads_the_blocks(rng):
+    """A tiny tied Llama with q4_1 kernels and a q8_0 table, projections fused as kvjax.load does."""
     from kvjax.models import LlamaConfig, fuse_projections, forward, init_params
     from kvjax.native.weights import float_weight
     from kvjax.policies import Dense
     from kvjax.state import LayerContext
 
-    cfg = LlamaConfig(name="tiny32", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
+    cfg = LlamaConfig(name="tiny32", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=64,
                       tie_embeddings=True, bos_id=1, eos_ids=(2,), pad_id=0)
-    params = _quantized_params(init_params(cfg, jax.random.key(0)), rng)
-    if fused:
-        params, cfg = fuse_projections(params, cfg)
-        assert isinstance(params["params"]["layers_0"]["mlp"]["gate_up_proj"]["kernel"], QuantizedWeight)
+    params, cfg = fuse_projections(_quantized_params(init_params(cfg, jax.random.key(0)), rng), cfg)
+    assert isinstance(params["params"]["layers_0"]["mlp"]["gate_up_proj"]["kernel"], QuantizedWeight)
     floats = jax.tree_util.tree_map(float_weight, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
     prompt = jnp.asarray(rng.integers(3, 96, (2, 6)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
@@ -190,15 +187,15 @@ def test_model_decode_reads_the_blocks(fused, rng):
         return forward(p, tokens, positions, state, config=cfg, policy=Dense(), ctx=ctx)
 
     state = Dense().init_state(cfg, 2, 6, 2, jnp.float32)
-    logits_q, state_q = jax.jit(run, static_argnums=4)(params, prompt, pos, state, "prefill")
-    logits_f, state_f = jax.jit(run, static_argnums=4)(floats, prompt, pos, state, "prefill")
-    np.testing.assert_array_equal(np.asarray(logits_q), np.asarray(logits_f))  # prefill: 12 rows, float path
-    nxt, npos = jnp.argmax(logits_f[:, -1:], -1).astype(jnp.int32), jnp.full((2, 1), 6, jnp.int32)
     step = jax.jit(run, static_argnums=4)
-    hlo = step.lower(params, nxt, npos, state_q, "decode").as_text()
+    # prefill (12 rows) keeps the float path: no custom call in its program
+    assert "kvjax_gguf_matmul" not in step.lower(params, prompt, pos, state, "prefill").as_text()
+    logits, state = step(floats, prompt, pos, state, "prefill")
+    nxt, npos = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32), jnp.full((2, 1), 6, jnp.int32)
+    hlo = step.lower(params, nxt, npos, state, "decode").as_text()
     assert "kvjax_gguf_matmul_q4_1" in hlo and "kvjax_gguf_matmul_q8_0" in hlo
-    dq, _ = step(params, nxt, npos, state_q, "decode")
-    df, _ = step(floats, nxt, npos, state_f, "decode")
+    dq, _ = step(params, nxt, npos, state, "decode")
+    df, _ = step(floats, nxt, npos, state, "decode")
     np.testing.assert_allclose(np.asarray(dq), np.asarray(df), rtol=1e-5, atol=1e-5)
 
 
