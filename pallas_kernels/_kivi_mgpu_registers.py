@@ -95,11 +95,24 @@ def _dequant_pair(src, offset, bits, s2, z2):
     return _asm(i32, [src, s2, z2], body, "=r,r,r,r")
 
 
+def _code_exact(src, offset, bits):
+    """bf16x2 (as i32) code exactly, for the codes at bits `offset` / 16 + `offset` of `src`:
+    lop3 (128 + f * code), then `sub` 128 (f = 1) or `fma` by 1/f and -128/f."""
+    ir, *_ = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    mask = ((1 << bits) - 1) * 0x00010001 << offset
+    f = 1 << offset
+    exact = (f"mov.b32 m, {_MAGIC:#x}; sub.rn.bf16x2 $0, t, m;" if f == 1 else
+             f"mov.b32 m, {_bf16x2(1.0 / f):#x}; mov.b32 c, {_bf16x2(-128.0 / f):#x}; fma.rn.bf16x2 $0, t, m, c;")
+    body = f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_MAGIC:#x}, 0xEA; {exact} }}"
+    return _asm(i32, [src], body, "=r,r")
+
+
 def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
     """inline_mgpu body for tile `t` of a pipeline step: (words ref [rows, 128][, k_sz ref
-    [groups, 2, H]]) -> bf16 [m_rows, k_cols] in the WGMMA layout. kv=0 (keys, with scales):
-    code * s + z; kv=1 (values): 128 + f * code, with f = 2^offset of `code_position` (a power of
-    4 that depends on the column tile = the token's group of 8: `value_factor` takes it back out
+    [groups, 2, H]]) -> bf16 [m_rows, k_cols] in the WGMMA layout. kv=0 (keys): code * s + z with
+    the k_sz ref, the code alone without it (`fold_query_fn` scales the query); kv=1 (values): 128 + f * code, with f = 2^offset of `code_position` (a power of
+    4 that depends on the column tile = the token's group of 8: `expand_fn` takes it back out
     through the value scales)."""
     r = 16 // bits
     col_tiles = k_cols // 8
@@ -142,7 +155,9 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
                 shift, offset = code_position(bits, i)
                 if shift not in shifted:
                     shifted[shift] = arith.shrui(ws[m], utils.c(shift, i32)) if shift else ws[m]
-                if pairs is None:
+                if kv == 0 and pairs is None:  # keys whose scales are folded into the query
+                    x = _code_exact(shifted[shift], offset, bits)
+                elif pairs is None:
                     x = _code_pair(shifted[shift], offset, bits)
                 else:
                     x = _dequant_pair(shifted[shift], offset, bits, pairs[0][j], pairs[1][j])
@@ -239,5 +254,85 @@ def commit_any_fn(tau: float):
                 "bar.red.or.pred q, 1, 128, p; selp.u32 $0, 1, 0, q; }")
         flag = _asm(i32, [over], body, "=r,r")
         memref.store(flag, flag_ref, [_idx(utils.c(0, i32))])
+
+    return fn
+
+
+def _swizzled(row, col):
+    """(tile row, tile col, row, col) indices of element (row, col) of a [rows, width] bf16 array
+    stored with TilingTransform((8, 64)) + SwizzleTransform(128): 16-byte chunks of each 128-byte
+    row XOR-ed with the row index mod 8 (the layout `wgmma` reads B from)."""
+    _, arith, _, _, _, _, _, utils = _mgpu()
+    i32 = row.type
+    chunk = arith.xori(arith.divui(arith.remui(col, utils.c(64, i32)), utils.c(8, i32)),
+                       arith.remui(row, utils.c(8, i32)))
+    return [_idx(arith.divui(row, utils.c(8, i32))), _idx(arith.divui(col, utils.c(64, i32))),
+            _idx(arith.remui(row, utils.c(8, i32))), _idx(arith.muli(chunk, utils.c(8, i32)))]
+
+
+def fold_query_fn(ns, h, t, gk, k_rows_per_step):
+    """inline_mgpu body: (q ref [NS, H], k_sz ref [groups, 2, H], bk ref [NS, H] (both swizzled
+    as `_swizzled`), zq ref [NS] f32) -> nothing. For the key group of tile `t`, writes
+    bk[j, k] = bf16(q[j, k] * s[channel(k)]) (the key scales folded into the query, so the keys
+    enter the product as bare codes) and zq[j] = sum_k q[j, k] * z[channel(k)] (float32: the
+    zero points' part of the scores), channel(k) = `kivi_fragments.key_channel`. Each thread
+    handles 16-byte chunks of 8 K positions; the 16 or 32 threads of a row sum zq by shuffles.
+    The caller commits (fence + barrier) before `wgmma` reads bk."""
+    chunks_row = h // 8
+    per_thread = ns * h // 8 // 128
+    lanes = min(32, chunks_row)
+
+    def fn(ctx, q_ref, sz_ref, bk_ref, zq_ref):
+        ir, arith, _, _, vector, _, _, utils = _mgpu()
+        from jax._src.lib.mlir.dialects import memref
+
+        i32 = ir.IntegerType.get_signless(32)
+        f32 = ir.F32Type.get()
+        bf16 = ir.BF16Type.get()
+        v2 = ir.VectorType.get((2,), bf16)
+        v8 = ir.VectorType.get((8,), bf16)
+        tid, _, lane = _thread_coords()
+        g = _idx(utils.c((t * TILE) // gk % k_rows_per_step, i32))
+        for k in range(per_thread):
+            c = arith.addi(tid, utils.c(128 * k, i32))
+            row, kc = arith.divui(c, utils.c(chunks_row, i32)), arith.remui(c, utils.c(chunks_row, i32))
+            at = _swizzled(row, arith.muli(kc, utils.c(8, i32)))
+            qv = vector.load(v8, q_ref, at)
+            out, zsum = [], None
+            for qq in range(4):  # K positions 8 kc + 2 qq + e hold channels qq H/4 + 2 kc + e
+                ch = _idx(arith.addi(utils.c(qq * (h // 4), i32), arith.muli(kc, utils.c(2, i32))))
+                s2 = utils.bitcast(vector.load(v2, sz_ref, [g, _idx(utils.c(0, i32)), ch]), i32)
+                z2 = vector.load(v2, sz_ref, [g, _idx(utils.c(1, i32)), ch])
+                q2 = vector.extract_strided_slice(v2, qv, [2 * qq], [2], [1])
+                out.append(_asm(i32, [utils.bitcast(q2, i32), s2], "mul.rn.bf16x2 $0, $1, $2;", "=r,r,r"))
+                for e in range(2):
+                    prod = arith.mulf(arith.extf(f32, vector.extract(q2, [], [e])),
+                                      arith.extf(f32, vector.extract(z2, [], [e])))
+                    zsum = prod if zsum is None else arith.addf(zsum, prod)
+            packed = vector.from_elements(ir.VectorType.get((4,), i32), out)
+            vector.store(utils.bitcast(packed, v8), bk_ref, at)
+            for sh in (1, 2, 4, 8, 16)[: lanes.bit_length() - 1]:
+                zsum = arith.addf(zsum, utils.shfl_bfly(zsum, sh))
+            first = arith.cmpi(arith.CmpIPredicate.eq, arith.remui(lane, utils.c(lanes, i32)), utils.c(0, i32))
+            with utils.when(first):
+                memref.store(zsum, zq_ref, [_idx(row)])
+
+    return fn
+
+
+def add_columns_fn(ns):
+    """inline_mgpu body: (s [64, NS] f32 WGMMA layout, zq ref [NS] f32) -> s + zq[column]."""
+
+    def fn(ctx, s, zq_ref):
+        ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
+        i32 = ir.IntegerType.get_signless(32)
+        _, _, lane = _thread_coords()
+        regs = np.empty(s.registers.shape, dtype=object)
+        for idx in np.ndindex(s.registers.shape):
+            jt = idx[1]
+            col = arith.addi(utils.c(8 * jt, i32), arith.muli(arith.remui(lane, utils.c(4, i32)), utils.c(2, i32)))
+            z = vector.load(s.registers[idx].type, zq_ref, [_idx(col)])
+            regs[idx] = arith.addf(s.registers[idx], z)
+        return mgpu.FragmentedArray(_registers=regs, _layout=s.layout, _is_signed=None)
 
     return fn

@@ -49,7 +49,7 @@ from jax import lax
 
 from ._compat import pl, plgpu
 from ._decode_common import masked_softmax, merge_splits, per_head
-from ._kivi_mgpu_registers import commit_any_fn, expand_fn, tile_fn, unpack_fn
+from ._kivi_mgpu_registers import add_columns_fn, commit_any_fn, expand_fn, fold_query_fn, tile_fn, unpack_fn
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
                              to_fragment_layout)
 
@@ -68,7 +68,7 @@ def _swizzle(row_bytes: int) -> int:
 
 
 def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, splits, scale, stages, overlap_v,
-                     mask_cond, tiles_per_step, auto_barriers, lazy_rescale):
+                     mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold):
     """qb [B, N, NS, H] bf16 (`query_columns`). Returns per split: acc [B,N,P,H,NB], corr
     [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32 (see `_finish`)."""
     b, n, ns, h = qb.shape
@@ -85,7 +85,7 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     bf16 = jnp.bfloat16
     ref = plgpu.RefType()
-    unpack_k = [plgpu.inline_mgpu(arg_types=(ref, ref), return_type=plgpu.ShapeDtypeStruct(
+    unpack_k = [plgpu.inline_mgpu(arg_types=(ref,) if fold else (ref, ref), return_type=plgpu.ShapeDtypeStruct(
         (TILE, h), bf16, layout=wgmma_layout))(unpack_fn(TILE, h, bits, gk, h, t, 0, k_rows)) for t in range(tps)]
     unpack_v = [plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
         (h, TILE), bf16, layout=wgmma_layout))(unpack_fn(h, TILE, bits, gk, h, t, 1, k_rows)) for t in range(tps)]
@@ -101,10 +101,17 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
             (*x.shape[:-1], cols), x.dtype, layout=layout))(tile_fn(cols // x.shape[-1]))(x)
     commit_any = plgpu.inline_mgpu(arg_types=(wgmma_layout, wgmma_layout, ref))(commit_any_fn(LAZY_TAU))
     q_swz = _swizzle(h * 2)
+    q_transforms = (plgpu.TilingTransform((8, q_swz // 2)), plgpu.SwizzleTransform(q_swz))
+    if fold:  # key scales folded into the query once per key group (`fold_query_fn`)
+        qref = plgpu.RefType(transforms=q_transforms)
+        fold_q = [plgpu.inline_mgpu(arg_types=(qref, ref, qref, ref))(fold_query_fn(ns, h, t, gk, k_rows))
+                  for t in range(tps)]
+        add_zq = plgpu.inline_mgpu(arg_types=(wgmma_layout, ref), return_type=plgpu.ShapeDtypeStruct(
+            (TILE, ns), jnp.float32, layout=wgmma_layout))(add_columns_fn(ns))
     b_swz = _swizzle(nb * 2)
 
     def body(qb_ref, words_ref, ksz_ref, vsz_ref, len_ref, acc_out, corr_out, l_out, m_out, q_smem, b_smem, flag_smem,
-             bar):
+             bk_smem, zq_smem, bar):
         si, ni, bi = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
         plgpu.copy_gmem_to_smem(qb_ref.at[bi, ni], q_smem, bar)
         plgpu.barrier_wait(bar)
@@ -113,16 +120,19 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
 
         def tile_step(tile, t, words, ksz, vsz, carry):
             acc, m, corr, lsum = carry
-            a_k = unpack_k[t](words, ksz)
+            if fold and (t == 0 or (t * TILE) % gk == 0):  # a new key group: B = q * s, zq = q . z
+                fold_q[t](q_smem, ksz, bk_smem, zq_smem)
+                plgpu.commit_smem()
+            a_k = unpack_k[t](words) if fold else unpack_k[t](words, ksz)
 
             def qk(acc_ref):  # overlap_v: the values unpack while the tensor cores work on the keys
-                plgpu.wgmma(acc_ref, a_k, plgpu.transpose_ref(q_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, a_k, plgpu.transpose_ref(bk_smem if fold else q_smem, (1, 0)))
                 a_v = unpack_v[t](words) if overlap_v else None
                 return acc_ref[...], a_v
 
             s, a_v = pl.run_scoped(qk, plgpu.ACC((TILE, ns), jnp.float32))
             a_v = a_v if overlap_v else unpack_v[t](words)
-            s = s * log2e_scale
+            s = (add_zq(s, zq_smem) if fold else s) * log2e_scale
             start = tile * TILE
 
             def mask(x):
@@ -195,12 +205,12 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         m_out.at[bi, ni, si][...] = lax.broadcast_in_dim(m, (TILE, ns), [1])
 
     def entry(*refs):
-        q_scr = plgpu.SMEM((ns, h), bf16, transforms=(plgpu.TilingTransform((8, q_swz // 2)),
-                                                       plgpu.SwizzleTransform(q_swz)))
+        q_scr = plgpu.SMEM((ns, h), bf16, transforms=q_transforms)
         b_scr = plgpu.SMEM((TILE, nb), bf16, transforms=(plgpu.TilingTransform((8, b_swz // 2)),
                                                           plgpu.SwizzleTransform(b_swz)))
-        pl.run_scoped(lambda *s: body(*refs, *s), q_scr, b_scr, plgpu.SMEM((1,), jnp.int32),
-                      plgpu.Barrier(num_barriers=1))
+        bk_scr = plgpu.SMEM((ns, h) if fold else (8, 64), bf16, transforms=q_transforms if fold else ())
+        pl.run_scoped(lambda *s: body(*refs, *s), q_scr, b_scr, plgpu.SMEM((1,), jnp.int32), bk_scr,
+                      plgpu.SMEM((max(ns, 8),), jnp.float32), plgpu.Barrier(num_barriers=1))
 
     f32 = jnp.float32
     out_type = (jax.ShapeDtypeStruct((b, n, splits, h, nb), f32),
@@ -331,7 +341,8 @@ def check_shapes(q, fr: KiviFragments, bits: int):
 def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int, k_res=None, v_res=None,
                                     res_lengths=None, scale: float | None = None, num_splits: int | None = None,
                                     stages: int = 4, tiles_per_step: int | None = None, overlap_v: bool = True,
-                                    mask_cond: bool = True, auto_barriers: bool = False, lazy_rescale: bool = True):
+                                    mask_cond: bool = True, auto_barriers: bool = False, lazy_rescale: bool = True,
+                                    fold_scales: bool | None = None):
     """KIVI decode attention on Hopper (module doc). q [B, T, Nq, H] bf16; fr: the cache in the
     fragment layout (`to_fragment_layout`); lengths [B] or [B, N] valid quantized tokens; the
     residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`.
@@ -341,7 +352,9 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     while the key product runs), mask_cond (mask only the tiles that cross a row's length),
     auto_barriers (Pallas' conservative barrier around every SMEM store and copy; not needed),
     lazy_rescale (keep the running max, and skip rescaling, unless a tile's score passes it by
-    LAZY_TAU = 8 in log2 units: probabilities stay <= 2^8; False rescales every tile).
+    LAZY_TAU = 8 in log2 units: probabilities stay <= 2^8; False rescales every tile), fold_scales
+    (fold the key scales into the query once per key group, so keys enter the product as bare
+    codes and no key scale sits in registers; None: where it applies, `can_fold_scales`).
     Returns (out [B, T, Nq, H] bf16, lse [B, T, Nq] float32)."""
     b, t, nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
     tps = tiles_per_step
@@ -364,16 +377,29 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
                          f"{tps}, and each split's {tiles // max(num_splits, 1) * TILE} tokens a multiple of the key "
                          f"group Gk={gk}")
     lengths = jnp.minimum(per_head(lengths, b, n, "lengths"), s)
+    can_fold = can_fold_scales(gk, h, t, nq // n)
+    if fold_scales and not can_fold:
+        raise ValueError(f"fold_scales=True needs a key group Gk >= 64 (got {gk}) and H of 128 or 256 (got {h})")
+    fold_scales = can_fold if fold_scales is None else fold_scales
     return _mgpu_jit(q, fr, lengths, k_res, v_res, None if res_lengths is None else per_head(res_lengths, b, n,
                      "res_lengths"), bits=bits, gk=gk, gv=gv, scale=scale, splits=num_splits, stages=stages,
                      overlap_v=overlap_v, mask_cond=mask_cond, tiles_per_step=tps, auto_barriers=auto_barriers,
-                     lazy_rescale=lazy_rescale)
+                     lazy_rescale=lazy_rescale, fold_scales=fold_scales)
+
+
+def can_fold_scales(gk: int, h: int, t: int, gq: int) -> bool:
+    """Whether the kernel can fold the key scales into the query (`fold_query_fn`): one key group
+    spans whole 64-token tiles (Gk >= 64), H is 128 or 256 (16 or 32 query chunks a row, summed
+    within a warp) and the query columns split evenly over the 128 threads."""
+    ns = _score_columns(padded_rows(t * gq))
+    return gk >= TILE and h in (128, 256) and (ns * h // 8) % 128 == 0
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "gk", "gv", "scale", "splits", "stages", "overlap_v",
-                                             "mask_cond", "tiles_per_step", "auto_barriers", "lazy_rescale"))
+                                             "mask_cond", "tiles_per_step", "auto_barriers", "lazy_rescale",
+                                             "fold_scales"))
 def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale, splits, stages, overlap_v,
-              mask_cond, tiles_per_step, auto_barriers, lazy_rescale):
+              mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold_scales):
     b, t, nq, h = q.shape
     n = fr.words.shape[1]
     gq = nq // n
@@ -381,7 +407,7 @@ def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale,
     acc, corr, lsum, m = _kernel_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits,
                                           scale=scale, stages=stages, overlap_v=overlap_v, mask_cond=mask_cond,
                                           tiles_per_step=tiles_per_step, auto_barriers=auto_barriers,
-                                          lazy_rescale=lazy_rescale)
+                                          lazy_rescale=lazy_rescale, fold=fold_scales)
     out, lse = _finish(acc, corr, lsum, m, rows_q=rows_p, gv=gv)
     out, lse = out[:, :, :, :rows_q], lse[:, :, :, :rows_q]  # drop the padding rows
     if k_res is not None:

@@ -66,11 +66,12 @@ def test_to_fragment_layout_keeps_every_code(rng, bits, h):
     assert fr.words.dtype == jnp.uint32 and fr.words.shape == (b, n, s // 64, 2, 64 * h * bits // 32)
 
 
-def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale, lazy=False, paths=None):
+def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale, lazy=False, paths=None, fold=False):
     """numpy model of the kernel's per-CTA outputs (acc [H, NB], corr/lsum/m [64, NB] per split)
     with the same roundings: bf16 dequantized keys, bf16 scaled probabilities, 128-offset codes.
     lazy: tile by tile, keeping the running max unless a score passes it by LAZY_TAU (counts of
-    rescaled and kept tiles go to `paths`)."""
+    rescaled and kept tiles go to `paths`). fold: the key scales folded into the query (bare codes
+    times bf16(q * s), plus q . z in float32) instead of bf16 dequantized keys."""
     bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
     qb = np.asarray(qb.astype(jnp.float32))
     b, n, ns, h = qb.shape
@@ -95,7 +96,12 @@ def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale, laz
         for ni in range(n):
             for si in range(splits):
                 sl = slice(si * per, (si + 1) * per)
-                logits = k[bi, ni, sl] @ qb[bi, ni].T * scale * np.log2(np.e)  # [per, NS]
+                if fold:
+                    qs = bf(qb[bi, ni][None] * ks[bi, ni, sl][:, None])  # [per, NS, H]: B = q * s per token's group
+                    raw = np.einsum("th,tjh->tj", kcode[bi, ni, sl], qs) + kz[bi, ni, sl] @ qb[bi, ni].T
+                else:
+                    raw = k[bi, ni, sl] @ qb[bi, ni].T
+                logits = raw * scale * np.log2(np.e)  # [per, NS]
                 pos = np.arange(si * per, (si + 1) * per)
                 logits = np.where((pos < lengths[bi, ni])[:, None], logits, -np.inf)
                 m = np.full(ns, -1e30, np.float32)
@@ -151,6 +157,26 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi{bits} mgpu model")
 
 
+def test_folded_key_scales_model_matches_reference(rng):
+    """The kernel's algebra at Gk >= 64 (`fold_scales`): keys as bare codes against a query scaled
+    per key group (bf16(q * s)), plus the zero points' part q . z in float32."""
+    b, t, nq, n, h, s, gk, gv, bits, splits = 2, 1, 8, 2, 128, 512, 128, 32, 2, 2
+    cache = _cache(rng, b, n, s, h, bits, gk, gv)
+    fr = mg.to_fragment_layout(*cache, bits=bits)
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
+    lengths = jnp.asarray([[s, 300], [0, 77]], jnp.int32)
+    qb, _, rows_q, rows_p = mg.query_columns(q, n)
+    assert mg.can_fold_scales(gk, h, t, nq // n) and not mg.can_fold_scales(32, h, t, nq // n)
+    parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
+                            fold=True)
+    out, lse = mg._finish(*map(jnp.asarray, parts), rows_q=rows_p, gv=gv)
+    out, lse = merge_splits(out[:, :, :, :rows_q], lse[:, :, :, :rows_q])
+    out = out.reshape(b, n, t, nq // n, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
+    lse = lse.reshape(b, n, t, nq // n).transpose(0, 2, 1, 3).reshape(b, t, nq)
+    ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
+    assert_attention_close(out, lse, ro, rl, jnp.bfloat16, "kivi2 mgpu folded-scales model")
+
+
 def _ramped_cache(rng, b, n, s, h, bits, gk, gv):
     """A cache whose key scales grow along the context (so the running max keeps moving) and a
     query scale large enough that a tile's scores can pass the running max by LAZY_TAU (scores
@@ -204,6 +230,7 @@ def _on_hopper():
     (4, 4, 4, 2, 128, 64, 32, True, True),
     (2, 1, 6, 2, 64, 32, 32, True, True),
     (2, 1, 6, 3, 256, 256, 64, True, False),
+    (2, 1, 8, 2, 128, 128, 32, True, True),     # key scales folded into the query (Gk >= 64)
 ])
 def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy, ramp):
     """The kernel itself on the GPU against the float32 reference: ragged lengths (one row empty,
@@ -221,11 +248,14 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
     ro, rlse = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits, k_res=kr, v_res=vr,
                                                         res_lengths=rl)
     assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, f"kivi{bits} G{gk} mgpu lazy={lazy} ramp={ramp}")
-    if lazy:  # the same cache with a rescale every tile: equal up to the bf16 rounding of the probabilities
-        eager, _ = mg.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
-                                                      lazy_rescale=False)
-        o, e = np.asarray(out, np.float32), np.asarray(eager, np.float32)
-        assert np.linalg.norm(o - e) <= 1e-2 * np.linalg.norm(e)
+    variants = [dict(lazy_rescale=False)] if lazy else []  # a rescale every tile
+    if mg.can_fold_scales(gk, h, t, nq // n):
+        variants.append(dict(lazy_rescale=lazy, fold_scales=False))  # dequantized keys instead of a scaled query
+    for kw in variants:  # equal up to bf16 roundings of the probabilities / of the keys or the scaled query
+        other, _ = mg.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
+                                                      **kw)
+        o, e = np.asarray(out, np.float32), np.asarray(other, np.float32)
+        assert np.linalg.norm(o - e) <= 1e-2 * np.linalg.norm(e), kw
 
 
 @pytest.mark.parametrize("bits,t,gk,h,tps,nq", [(2, 1, 32, 128, 2, 8), (4, 4, 128, 128, 1, 8), (2, 2, 16, 64, 4, 8),
@@ -262,13 +292,15 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     (dict(tiles_per_step=3), {}, r"tiles_per_step=3 must be 1, 2 or 4"),
     (dict(), dict(gv=1), r"value group Gv=1 must be even and divide H=128"),
     (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
+    (dict(fold_scales=True), {}, r"fold_scales=True needs a key group Gk >= 64 \(got 32\)"),
 ])
 def test_bad_input_names_the_value(kw, fr_kw, match):
     bits = kw.get("bits", 2)
     q = jnp.zeros((1, 1, kw.get("nq", 8), 128), kw.get("dtype", jnp.bfloat16))
     with pytest.raises(ValueError, match=match):
         mg.quantized_decode_attention_mgpu(q, _frags(**fr_kw), jnp.array([256]), bits=bits,
-                                           tiles_per_step=kw.get("tiles_per_step", 2))
+                                           tiles_per_step=kw.get("tiles_per_step", 2),
+                                           fold_scales=kw.get("fold_scales"))
 
 
 def test_to_fragment_layout_rejects_a_context_off_the_tile():
