@@ -111,7 +111,7 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     b_swz = _swizzle(nb * 2)
 
     def body(qb_ref, words_ref, ksz_ref, vsz_ref, len_ref, acc_out, corr_out, l_out, m_out, q_smem, b_smem, flag_smem,
-             bk_smem, zq_smem, bar):
+             bar, bk_smem=None, zq_smem=None):
         si, ni, bi = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
         plgpu.copy_gmem_to_smem(qb_ref.at[bi, ni], q_smem, bar)
         plgpu.barrier_wait(bar)
@@ -208,9 +208,11 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         q_scr = plgpu.SMEM((ns, h), bf16, transforms=q_transforms)
         b_scr = plgpu.SMEM((TILE, nb), bf16, transforms=(plgpu.TilingTransform((8, b_swz // 2)),
                                                           plgpu.SwizzleTransform(b_swz)))
-        bk_scr = plgpu.SMEM((ns, h) if fold else (8, 64), bf16, transforms=q_transforms if fold else ())
-        pl.run_scoped(lambda *s: body(*refs, *s), q_scr, b_scr, plgpu.SMEM((1,), jnp.int32), bk_scr,
-                      plgpu.SMEM((max(ns, 8),), jnp.float32), plgpu.Barrier(num_barriers=1))
+        # the scaled query and its zero-point sums only when folding: shared memory is, with the
+        # registers, what holds the kernel at 4 CTAs per SM
+        fold_scr = (plgpu.SMEM((ns, h), bf16, transforms=q_transforms), plgpu.SMEM((ns,), jnp.float32)) if fold else ()
+        pl.run_scoped(lambda *s: body(*refs, *s), q_scr, b_scr, plgpu.SMEM((1,), jnp.int32),
+                      plgpu.Barrier(num_barriers=1), *fold_scr)
 
     f32 = jnp.float32
     out_type = (jax.ShapeDtypeStruct((b, n, splits, h, nb), f32),
