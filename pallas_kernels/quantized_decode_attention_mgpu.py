@@ -16,7 +16,10 @@ Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
   1. keys: each register = `lop3(word >> shift, mask << offset, 0x43004300)` (bf16 128 + f * code,
      exact; 2-bit codes: three shifts serve a word's eight positions, f = 1, 4 or 16 per column
      tile, `code_position`), then code exactly (`sub` 128, or `fma` by 1/f and -128/f), `fma`
-     scale and zero: the K tile in bf16, in registers;
+     scale and zero: the K tile in bf16, in registers. At Gk >= 64 (`fold_scales`) the scales
+     are folded into the query instead, once per key group (B = bf16(q * s) in shared memory,
+     zq = q . z in float32, `fold_query_fn`): the keys stay bare codes and zq is added to the
+     scores;
   2. S^T [64, 8] = K @ Q^T on the tensor cores (the T*Gq query rows, zero-padded to 2, 4 or a
      multiple of 8 and repeated up to wgmma's N = 8); the values unpack meanwhile;
   3. online softmax over the tile's 64 tokens (exp2; the length mask only on tiles that cross it)
