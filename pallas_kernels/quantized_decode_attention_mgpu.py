@@ -36,8 +36,8 @@ The split-K partials (and the full-precision residual window, done in XLA) are m
 their LSEs. On CPU the tests check the layout, a numpy model of the kernel's arithmetic and the
 lowering for a CUDA target (Mosaic GPU has no interpreter for wgmma); the kernel itself is
 checked against the jnp reference on the GPU (`tests/test_kernel_quantized_decode_mgpu.py`,
-`tests/test_quant_kivi_fragments.py`, `benchmarks/kernels_bench.py`). Measured in BENCHMARKS.md ("Kernels"): 2.1-2.7x cuDNN's
-bf16 decode at 128k on an H200.
+`tests/test_quant_kivi_fragments.py`, `benchmarks/kernels_bench.py`). Measured in BENCHMARKS.md
+("Kernels"): 2.1-3.0x cuDNN's bf16 decode at 128k on an H200.
 """
 
 from __future__ import annotations
