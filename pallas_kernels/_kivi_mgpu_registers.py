@@ -80,40 +80,42 @@ def _code_pair(src, offset, bits):
     return _asm(i32, [src], f"lop3.b32 $0, $1, {mask:#x}, {_MAGIC:#x}, 0xEA;", "=r,r")
 
 
+def _exact_ptx(offset: int, dst: str) -> str:
+    """PTX taking t = bf16x2 128 + f * code (f = 2^offset) to the code exactly, into `dst`: `sub`
+    128 when f = 1, else `fma` by 1/f and -128/f (powers of 2: no rounding). Uses scratch m, c."""
+    f = 1 << offset
+    if f == 1:
+        return f"mov.b32 m, {_MAGIC:#x}; sub.rn.bf16x2 {dst}, t, m;"
+    return f"mov.b32 m, {_bf16x2(1.0 / f):#x}; mov.b32 c, {_bf16x2(-128.0 / f):#x}; fma.rn.bf16x2 {dst}, t, m, c;"
+
+
 def _dequant_pair(src, offset, bits, s2, z2):
     """bf16x2 (as i32) code * s + z (one rounding) for the codes at bits `offset` / 16 + `offset`
-    of `src`: 128 + f * code -> code exactly (`sub` 128 when f = 1, else `fma` by 1/f and -128/f),
-    then `fma` with the scale and zero."""
+    of `src`: lop3, the exact code (`_exact_ptx`), then `fma` with the scale and zero."""
     ir, *_ = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     mask = ((1 << bits) - 1) * 0x00010001 << offset
-    f = 1 << offset
-    exact = (f"mov.b32 m, {_MAGIC:#x}; sub.rn.bf16x2 t, t, m;" if f == 1 else
-             f"mov.b32 m, {_bf16x2(1.0 / f):#x}; mov.b32 c, {_bf16x2(-128.0 / f):#x}; fma.rn.bf16x2 t, t, m, c;")
-    body = (f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_MAGIC:#x}, 0xEA; {exact} "
+    body = (f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_MAGIC:#x}, 0xEA; {_exact_ptx(offset, 't')} "
             f"fma.rn.bf16x2 $0, t, $2, $3; }}")
     return _asm(i32, [src, s2, z2], body, "=r,r,r,r")
 
 
 def _code_exact(src, offset, bits):
-    """bf16x2 (as i32) code exactly, for the codes at bits `offset` / 16 + `offset` of `src`:
-    lop3 (128 + f * code), then `sub` 128 (f = 1) or `fma` by 1/f and -128/f."""
+    """bf16x2 (as i32) code exactly, for the codes at bits `offset` / 16 + `offset` of `src`
+    (keys whose scales are folded into the query)."""
     ir, *_ = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     mask = ((1 << bits) - 1) * 0x00010001 << offset
-    f = 1 << offset
-    exact = (f"mov.b32 m, {_MAGIC:#x}; sub.rn.bf16x2 $0, t, m;" if f == 1 else
-             f"mov.b32 m, {_bf16x2(1.0 / f):#x}; mov.b32 c, {_bf16x2(-128.0 / f):#x}; fma.rn.bf16x2 $0, t, m, c;")
-    body = f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_MAGIC:#x}, 0xEA; {exact} }}"
+    body = f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_MAGIC:#x}, 0xEA; {_exact_ptx(offset, '$0')} }}"
     return _asm(i32, [src], body, "=r,r")
 
 
 def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
     """inline_mgpu body for tile `t` of a pipeline step: (words ref [rows, 128][, k_sz ref
     [groups, 2, H]]) -> bf16 [m_rows, k_cols] in the WGMMA layout. kv=0 (keys): code * s + z with
-    the k_sz ref, the code alone without it (`fold_query_fn` scales the query); kv=1 (values): 128 + f * code, with f = 2^offset of `code_position` (a power of
-    4 that depends on the column tile = the token's group of 8: `expand_fn` takes it back out
-    through the value scales)."""
+    the k_sz ref, the code alone without it (`fold_query_fn` scales the query); kv=1 (values):
+    128 + f * code, with f = 2^offset of `code_position` (a power of 4 that depends on the column
+    tile = the token's group of 8: `expand_fn` takes it back out through the value scales)."""
     r = 16 // bits
     col_tiles = k_cols // 8
     words = (m_rows // 64) * col_tiles * 2 // r
