@@ -33,7 +33,7 @@ Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
      points come back exactly through per-column sums (sum_t p * v_zero - 128 * sum_t B), kept
      per thread and reduced after the loop.
 The split-K partials (and the full-precision residual window, done in XLA) are merged through
-their LSEs. On CPU the tests check the layout, a numpy model of the kernel's arithmetic and the
+their LSEs (`_kivi_mgpu_epilogue.py`). On CPU the tests check the layout, a numpy model of the kernel's arithmetic and the
 lowering for a CUDA target (Mosaic GPU has no interpreter for wgmma); the kernel itself is
 checked against the jnp reference on the GPU (`tests/test_kernel_quantized_decode_mgpu.py`,
 `tests/test_quant_kivi_fragments.py`, `benchmarks/kernels_bench.py`). Measured in BENCHMARKS.md
@@ -51,7 +51,8 @@ import numpy as np
 from jax import lax
 
 from ._compat import pl, plgpu
-from ._decode_common import masked_softmax, merge_splits, per_head
+from ._decode_common import per_head
+from ._kivi_mgpu_epilogue import assemble, residual_partial
 from ._kivi_mgpu_registers import add_columns_fn, commit_any_fn, expand_fn, fold_query_fn, tile_fn, unpack_fn
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
                              to_fragment_layout)
@@ -237,38 +238,6 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     )(qb, words, fr.k_sz, fr.v_sz.reshape(b, n, tiles * 2 * n_gc, TILE), lengths)
 
 
-def _finish(acc, corr, lsum, m, *, rows_q, gv):
-    """Per split: out [B,N,P,rows,H] (normalized) and lse [B,N,P,rows] (natural log)."""
-    b, n, p, h, _ = acc.shape
-    n_gc = h // gv
-    acc = acc[..., : n_gc * rows_q]  # the columns past H/Gv * rows repeat these
-    col = corr[..., : n_gc * rows_q].sum(axis=3)  # [B,N,P,H/Gv * rows]
-    l = lsum.sum(axis=3)[..., :rows_q]  # [B,N,P,rows] (every value group holds the same sums)
-    m2 = m[:, :, :, 0, :rows_q]
-    full = (acc + col[:, :, :, None, :]).reshape(b, n, p, h, n_gc, rows_q)
-    grp = jnp.arange(h) // gv
-    out = jnp.take_along_axis(full, grp[None, None, None, :, None, None], axis=4)[:, :, :, :, 0, :]  # [B,N,P,H,rows]
-    seen = l > 0
-    l_safe = jnp.where(seen, l, 1.0)
-    out = jnp.swapaxes(out, 3, 4) / l_safe[..., None]
-    lse = jnp.where(seen, (m2 + jnp.log2(l_safe)) * math.log(2.0), -jnp.inf)
-    return out, lse
-
-
-def _residual_partial(qr, k_res, v_res, res_lengths, *, t, scale):
-    """Attention of the query rows qr [B,N,rows,H] to the residual window (XLA, float32):
-    (out [B,N,1,rows,H], lse [B,N,1,rows]); query t sees slots < res_len - (T - 1 - t)."""
-    rows = qr.shape[2]
-    r = k_res.shape[2]
-    sc = jnp.einsum("bnqh,bnrh->bnqr", qr.astype(jnp.float32), k_res.astype(jnp.float32), precision="highest") * scale
-    row_t = jnp.arange(rows) // (rows // t)
-    limit = res_lengths[:, :, None] - (t - 1 - row_t)[None, None, :]
-    sc = jnp.where(jnp.arange(r)[None, None, None, :] < limit[..., None], sc, -jnp.inf)
-    p, lse = masked_softmax(sc)
-    out = jnp.einsum("bnqr,bnrh->bnqh", p, v_res.astype(jnp.float32), precision="highest")
-    return out[:, :, None], lse[:, :, None]
-
-
 def _score_columns(rows_q: int) -> int:
     """Columns of the key product: the query rows, repeated up to 8 (wgmma's smallest N)."""
     return rows_q if rows_q % 8 == 0 else 8
@@ -405,20 +374,14 @@ def can_fold_scales(gk: int, h: int, t: int, gq: int) -> bool:
                                              "fold_scales"))
 def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale, splits, stages, overlap_v,
               mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold_scales):
-    b, t, nq, h = q.shape
-    n = fr.words.shape[1]
-    gq = nq // n
-    qb, qr, rows_q, rows_p = query_columns(q, n)
+    t = q.shape[1]
+    qb, qr, rows_q, rows_p = query_columns(q, fr.words.shape[1])
     acc, corr, lsum, m = _kernel_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits,
                                           scale=scale, stages=stages, overlap_v=overlap_v, mask_cond=mask_cond,
                                           tiles_per_step=tiles_per_step, auto_barriers=auto_barriers,
                                           lazy_rescale=lazy_rescale, fold=fold_scales)
-    out, lse = _finish(acc, corr, lsum, m, rows_q=rows_p, gv=gv)
-    out, lse = out[:, :, :, :rows_q], lse[:, :, :, :rows_q]  # drop the padding rows
+    residual = None
     if k_res is not None:
-        ro, rl = _residual_partial(qr, k_res, v_res, jnp.minimum(res_lengths, k_res.shape[2]), t=t, scale=scale)
-        out, lse = jnp.concatenate([out, ro], axis=2), jnp.concatenate([lse, rl], axis=2)
-    out, lse = merge_splits(out, lse)
-    out = out.reshape(b, n, t, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
-    lse = lse.reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, nq)
+        residual = residual_partial(qr, k_res, v_res, jnp.minimum(res_lengths, k_res.shape[2]), t=t, scale=scale)
+    out, lse = assemble((acc, corr, lsum, m), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
     return out.astype(q.dtype), lse

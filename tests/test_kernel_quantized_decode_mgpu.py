@@ -12,7 +12,7 @@ import pytest
 from kvjax.pallas_kernels import packing
 from kvjax.pallas_kernels import quantized_decode_attention as qda
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
-from kvjax.pallas_kernels._decode_common import merge_splits
+from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble, residual_partial
 from kvjax.pallas_kernels.testing import assert_attention_close, lower_for
 
 
@@ -148,11 +148,7 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     qb, _, rows_q, rows_p = mg.query_columns(q, n)
     scale = h**-0.5
     parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=scale)
-    out, lse = mg._finish(*map(jnp.asarray, parts), rows_q=rows_p, gv=gv)
-    out, lse = merge_splits(out[:, :, :, :rows_q], lse[:, :, :, :rows_q])
-    gq = nq // n
-    out = out.reshape(b, n, t, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
-    lse = lse.reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, nq)
+    out, lse = assemble(tuple(map(jnp.asarray, parts)), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t)
     ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi{bits} mgpu model")
 
@@ -169,10 +165,7 @@ def test_folded_key_scales_model_matches_reference(rng):
     assert mg.can_fold_scales(gk, h, t, nq // n) and not mg.can_fold_scales(32, h, t, nq // n)
     parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
                             fold=True)
-    out, lse = mg._finish(*map(jnp.asarray, parts), rows_q=rows_p, gv=gv)
-    out, lse = merge_splits(out[:, :, :, :rows_q], lse[:, :, :, :rows_q])
-    out = out.reshape(b, n, t, nq // n, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
-    lse = lse.reshape(b, n, t, nq // n).transpose(0, 2, 1, 3).reshape(b, t, nq)
+    out, lse = assemble(tuple(map(jnp.asarray, parts)), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t)
     ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, "kivi2 mgpu folded-scales model")
 
@@ -204,10 +197,7 @@ def test_lazy_rescaling_model_matches_reference(rng):
     per = s // splits
     first_tiles = int((np.asarray(lengths)[..., None] > per * np.arange(splits)).sum())  # splits with tokens
     assert paths.get("kept", 0) > 0 and paths.get("rescaled", 0) > first_tiles, paths
-    out, lse = mg._finish(*map(jnp.asarray, parts), rows_q=rows_p, gv=gv)
-    out, lse = merge_splits(out[:, :, :, :rows_q], lse[:, :, :, :rows_q])
-    out = out.reshape(b, n, t, nq // n, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
-    lse = lse.reshape(b, n, t, nq // n).transpose(0, 2, 1, 3).reshape(b, t, nq)
+    out, lse = assemble(tuple(map(jnp.asarray, parts)), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t)
     ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, "kivi2 mgpu lazy model")
 
@@ -321,7 +311,7 @@ def test_residual_window_part_matches_the_reference(rng):
     kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
     rl = jnp.asarray([[32, 5], [2, 0]], jnp.int32)
     _, qr, rows_q, _ = mg.query_columns(q, n)
-    out, lse = mg._residual_partial(qr, kr, vr, rl, t=t, scale=h**-0.5)
+    out, lse = residual_partial(qr, kr, vr, rl, t=t, scale=h**-0.5)
     gq = nq // n
     out = out[:, :, 0].reshape(b, n, t, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
     lse = lse[:, :, 0].reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, nq)
