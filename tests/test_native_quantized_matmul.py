@@ -76,19 +76,32 @@ def test_kernel_leading_axes_and_dtypes(rng):
     _assert_close(y.reshape(6, 48), xb.reshape(6, 64), w)
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and f" {flag}" in line for line in f)
+    except OSError:
+        return False
+
+
 @needs_kernel
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="portable x86-64 build")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 builds of other SIMD widths")
+@pytest.mark.parametrize("arch,simd", [("x86-64", "scalar"), ("haswell", "avx2")])
 @pytest.mark.parametrize("block_type", TYPES)
-def test_portable_scalar_build_matches_reference(block_type, rng):
-    """The path for compilers/CPUs without AVX2 (built here with -march=x86-64)."""
+def test_other_simd_builds_match_reference(arch, simd, block_type, rng):
+    """The paths that -march=native does not pick on this CPU: portable scalar (compilers/CPUs
+    without AVX2, -march=x86-64) and AVX2 (-march=haswell, where the CPU runs it); 5 rows of x
+    cover the 4-row register block and its remainder."""
     import ctypes
 
-    lib = ctypes.CDLL(build.build(arch_flags=("-march=x86-64",)))
-    assert build.simd(lib) == "scalar"
-    build.register(lib, suffix="_scalar")
+    if simd == "avx2" and not (_cpu_has("avx2") and _cpu_has("fma")):
+        pytest.skip("this CPU cannot run an AVX2 build")
+    lib = ctypes.CDLL(build.build(arch_flags=(f"-march={arch}",)))
+    assert build.simd(lib) == simd
+    build.register(lib, suffix=f"_{simd}")
     blocks, w = _blocks(rng, block_type, 70, 160)
-    x = rng.standard_normal((3, 160)).astype(np.float32)
-    _assert_close(jax.jit(lambda x, b: _ffi_matmul(x, b, TARGETS[block_type] + "_scalar"))(x, blocks), x, w)
+    x = rng.standard_normal((5, 160)).astype(np.float32)
+    _assert_close(jax.jit(lambda x, b: _ffi_matmul(x, b, TARGETS[block_type] + f"_{simd}"))(x, blocks), x, w)
 
 
 def test_bad_inputs_name_the_values(rng):

@@ -31,6 +31,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -188,22 +189,6 @@ inline void RowAvx2(const float* x, const uint8_t* row, float* y, int64_t N, int
   for (int r = 0; r < R; ++r) y[r * N] = HSum(_mm256_add_ps(a0[r], a1[r]));
 }
 
-template <typename T>
-void RowsAvx2(const float* x, const uint8_t* wq, float* y, int64_t M, int64_t N, int64_t K, int64_t n0,
-              int64_t n1) {
-  const int64_t row_bytes = K / kBlock * T::kBytes;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = wq + n * row_bytes;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) RowAvx2<T, 4>(x + m * K, row, y + m * N + n, N, K);
-    switch (M - m) {
-      case 3: RowAvx2<T, 3>(x + m * K, row, y + m * N + n, N, K); break;
-      case 2: RowAvx2<T, 2>(x + m * K, row, y + m * N + n, N, K); break;
-      case 1: RowAvx2<T, 1>(x + m * K, row, y + m * N + n, N, K); break;
-      default: break;
-    }
-  }
-}
 #endif  // KVJAX_AVX2
 
 #if KVJAX_AVX512
@@ -244,30 +229,37 @@ inline void RowAvx512(const float* x, const uint8_t* row, float* y, int64_t N, i
   for (int r = 0; r < R; ++r) y[r * N] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
 }
 
-template <typename T>
-void RowsAvx512(const float* x, const uint8_t* wq, float* y, int64_t M, int64_t N, int64_t K, int64_t n0,
-                int64_t n1) {
+#endif  // KVJAX_AVX512
+
+#if KVJAX_AVX512 || KVJAX_AVX2
+// Rows [n0, n1) of W against every row of x, x's rows taken four at a time (one register block
+// each): row_kernel(std::integral_constant<int, R>, x, w_row, y, N, K) computes R outputs.
+template <typename T, typename RowKernel>
+void RowsVector(const float* x, const uint8_t* wq, float* y, int64_t M, int64_t N, int64_t K, int64_t n0,
+                int64_t n1, RowKernel row_kernel) {
   const int64_t row_bytes = K / kBlock * T::kBytes;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = wq + n * row_bytes;
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) RowAvx512<T, 4>(x + m * K, row, y + m * N + n, N, K);
+    for (; m + 4 <= M; m += 4) row_kernel(std::integral_constant<int, 4>{}, x + m * K, row, y + m * N + n, N, K);
     switch (M - m) {
-      case 3: RowAvx512<T, 3>(x + m * K, row, y + m * N + n, N, K); break;
-      case 2: RowAvx512<T, 2>(x + m * K, row, y + m * N + n, N, K); break;
-      case 1: RowAvx512<T, 1>(x + m * K, row, y + m * N + n, N, K); break;
+      case 3: row_kernel(std::integral_constant<int, 3>{}, x + m * K, row, y + m * N + n, N, K); break;
+      case 2: row_kernel(std::integral_constant<int, 2>{}, x + m * K, row, y + m * N + n, N, K); break;
+      case 1: row_kernel(std::integral_constant<int, 1>{}, x + m * K, row, y + m * N + n, N, K); break;
       default: break;
     }
   }
 }
-#endif  // KVJAX_AVX512
+#endif
 
 template <typename T>
 void Rows(const float* x, const uint8_t* wq, float* y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
 #if KVJAX_AVX512
-  RowsAvx512<T>(x, wq, y, M, N, K, n0, n1);
+  RowsVector<T>(x, wq, y, M, N, K, n0, n1, [](auto r, const float* xr, const uint8_t* row, float* yr, int64_t n,
+                                              int64_t k) { RowAvx512<T, decltype(r)::value>(xr, row, yr, n, k); });
 #elif KVJAX_AVX2
-  RowsAvx2<T>(x, wq, y, M, N, K, n0, n1);
+  RowsVector<T>(x, wq, y, M, N, K, n0, n1, [](auto r, const float* xr, const uint8_t* row, float* yr, int64_t n,
+                                              int64_t k) { RowAvx2<T, decltype(r)::value>(xr, row, yr, n, k); });
 #else
   RowsScalar<T>(x, wq, y, M, N, K, n0, n1);
 #endif
