@@ -78,3 +78,39 @@ def test_report_writes_tables_and_plots(tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["passkey_2048_inside.png", "ppl_2048_na.png"]
     assert all((tmp_path / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_report_labels_and_plots_quantized_caches(tmp_path):
+    """A quantized cache (no budget) shows its bit width in the table's method, "-" as
+    budget and its measured ratio; the plot draws one line per quantizer through its widths;
+    a table with kvpress rows says the quantized rows are kvjax only."""
+    from kvjax.eval.report import is_quantized, plot_lines
+
+    assert method_label("kivi:bits=2") == ("kivi(bits=2)", None)  # the default width is shown too
+    assert method_label("kivi:bits=4,residual=64") == ("kivi(bits=4,residual=64)", None)
+    assert method_label("kivi:bits=4", bits=False) == ("kivi", None)
+    assert is_quantized("rtn:bits=2") and not is_quantized("snapkv:budget=0.2") and not is_quantized("dense")
+
+    def cell(engine, policy, ratio, acc):
+        return dict(engine=engine, task="passkey", policy=policy, context=2048, seed=0, mode="inside", status="ok",
+                    accuracy=acc, correct=int(3 * acc), questions=3, kv_bytes=ratio * 1e7, dense_kv_bytes=1e7,
+                    compression_ratio=ratio, prefill_s=1.0, decode_s=0.5)
+
+    rows = [cell(e, "dense", 1.0, 1.0) for e in ("kvjax", "kvpress")]
+    rows += [cell(e, f"snapkv:budget={b}", b, b) for e in ("kvjax", "kvpress") for b in (0.5, 0.2)]
+    rows += [cell("kvjax", "kivi:bits=2", 0.19, 0.5), cell("kvjax", "kivi:bits=4", 0.31, 1.0),
+             cell("kvjax", "rtn:bits=2", 0.14, 0.0), cell("kvjax", "tova:budget=0.2", 0.2, 2 / 3)]
+    lines = plot_lines(rows, "passkey")
+    assert sorted(lines[("kivi", "kvjax", True)]) == [(0.19, 50.0, 2), (0.31, 100.0, 4)]
+    assert sorted(lines[("snapkv", "kvjax", False)]) == [(0.2, 20.0, None), (0.5, 50.0, None)]
+    assert ("rtn", "kvjax", True) in lines and not any("bits" in k[0] for k in lines)
+    (tmp_path / "cells.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md = open(write_report(str(tmp_path))).read()
+    assert "| kvjax | kivi(bits=2) | - | 50 (1/3) | 1.9 MB | 0.190 |" in md
+    assert "| kvjax | kivi(bits=4) | - | 100 (3/3) | 3.1 MB | 0.310 |" in md
+    assert ("Quantized caches (kivi(bits=2), kivi(bits=4), rtn(bits=2)): kvjax only, kvpress has no counterpart"
+            in md)
+    assert "Also kvjax only (no kvpress press): tova." in md
+    assert (tmp_path / "passkey_2048_inside.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "cells.jsonl").write_text("\n".join(json.dumps(r) for r in rows if r["engine"] == "kvjax") + "\n")
+    assert "kvjax only" not in open(write_report(str(tmp_path))).read()  # no kvpress rows: no note

@@ -3,8 +3,11 @@
 Tables, one per (context, mode): a row per method and budget, a column per task (accuracy
 in percent with the number of questions, or perplexity), KV bytes per episode, the
 measured compression ratio (state bytes / dense bytes) and seconds per episode; kvpress
-rows carry the "kvpress" engine label. Plots, one per (task, context, mode): score against
-the measured compression ratio, one line per method, kvpress dashed.
+rows carry the "kvpress" engine label, and a note under a table with kvpress rows names the
+kvjax-only methods (quantized caches: kvpress has no quantized-cache press). Plots, one per
+(task, context, mode): score against the measured compression ratio, one line per method,
+kvpress dashed; a quantized cache's line (dash-dot, triangles) runs through its bit widths,
+each point labelled "Nb".
 """
 
 from __future__ import annotations
@@ -16,17 +19,49 @@ from ..policies.registry import parse_policy
 from .sweep import is_current, read_jsonl
 
 
-def method_label(spec: str) -> tuple[str, float | None]:
-    """('snapkv', 0.2) for 'snapkv:budget=0.2,window=64,kernel=5' (defaults dropped,
-    other parameters kept: 'snapkv(window=16)')."""
+def _parts(spec: str):
     pol = parse_policy(spec)
-    parts = pol.policies if hasattr(pol, "policies") else (pol,)
+    return pol.policies if hasattr(pol, "policies") else (pol,)
+
+
+def is_quantized(spec: str) -> bool:
+    """True when a part of `spec` is a quantized cache (a policy with a `bits` parameter)."""
+    return any("bits" in type(p).parameters() for p in _parts(spec))
+
+
+def method_label(spec: str, bits: bool = True) -> tuple[str, float | None]:
+    """('snapkv', 0.2) for 'snapkv:budget=0.2,window=64,kernel=5' (defaults dropped,
+    other parameters kept: 'snapkv(window=16)'). A quantized cache always shows its bit
+    width ('kivi(bits=2)', budget None) unless `bits` is False (the plots' line per method)."""
     labels, budget = [], None
-    for p in parts:
-        extra = [f"{k}={getattr(p, k)}" for k, d in type(p).parameters().items() if k != "budget" and getattr(p, k) != d]
+    for p in _parts(spec):
+        extra = []
+        for k, d in type(p).parameters().items():
+            if k == "budget" or (k == "bits" and not bits):
+                continue
+            if getattr(p, k) != d or k == "bits":
+                extra.append(f"{k}={getattr(p, k)}")
         labels.append(p.name + (f"({','.join(extra)})" if extra else ""))
         budget = getattr(p, "budget", None) if budget is None else budget
     return "+".join(labels), budget
+
+
+def _kvjax_only_note(by: dict) -> str:
+    """The note under a table with kvpress rows: its methods without a kvpress row."""
+    if not any(engine == "kvpress" for engine, _, _ in by):
+        return ""
+    pressed = {label for engine, label, _ in by if engine == "kvpress"}
+    only = {label: spec for (engine, label, _), cols in by.items() if engine == "kvjax" and label not in pressed
+            for spec in [next(iter(cols.values()))["policy"]]}
+    quant = sorted(label for label, spec in only.items() if is_quantized(spec))
+    other = sorted(label for label, spec in only.items() if not is_quantized(spec))
+    out = []
+    if quant:
+        out.append(f"Quantized caches ({', '.join(quant)}): kvjax only, kvpress has no counterpart "
+                   "(no quantized-cache press).")
+    if other:
+        out.append(f"Also kvjax only (no kvpress press): {', '.join(other)}.")
+    return " ".join(out)
 
 
 def _score(r: dict) -> str:
@@ -73,8 +108,23 @@ def tables(cells: list[dict]) -> str:
                 times = " | ".join(f"{ref[k]:.1f}" if k in ref else "-" for k in ("prefill_s", "decode_s"))
                 b = "-" if budget is None else f"{budget:g}"
                 out.append(f"| {engine} | {label} | {b} | {cells_md} | {kv} | {ratio} | {times} |")
-            out.append("")
+            note = _kvjax_only_note(by)
+            out.append(f"\n{note}\n" if note else "")
     return "\n".join(out)
+
+
+def plot_lines(rows: list[dict], task: str) -> dict:
+    """{(label, engine, quantized): [(ratio, score, bits or None), ...]} for one plot: a line
+    per method over its budgets; a quantized cache without a budget: one line through its
+    bit widths (label without bits, each point carrying its width)."""
+    lines = defaultdict(list)
+    for r in rows:
+        quant = is_quantized(r["policy"]) and method_label(r["policy"])[1] is None
+        label, _ = method_label(r["policy"], bits=not quant)
+        y = r["ppl"] if task == "ppl" else 100 * r["accuracy"]
+        bits = next((p.bits for p in _parts(r["policy"]) if hasattr(p, "bits")), None) if quant else None
+        lines[(label, r["engine"], quant)].append((r["compression_ratio"], y, bits))
+    return dict(lines)
 
 
 def plots(cells: list[dict], out_dir: str) -> list[str]:
@@ -90,20 +140,21 @@ def plots(cells: list[dict], out_dir: str) -> list[str]:
         groups[(r["task"], r["context"], r["mode"])].append(r)
     names = []
     for (task, ctx, mode), rows in sorted(groups.items()):
-        lines = defaultdict(list)
-        for r in rows:
-            label, _ = method_label(r["policy"])
-            y = r["ppl"] if task == "ppl" else 100 * r["accuracy"]
-            lines[(label, r["engine"])].append((r["compression_ratio"], y))
+        lines = plot_lines(rows, task)
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        n_labels = len({label for label, _, _ in lines})
+        cmap = plt.get_cmap("tab20") if n_labels > 10 else None
         colors = {}
-        for (label, engine), pts in sorted(lines.items()):
+        for (label, engine, quant), pts in sorted(lines.items()):
             pts.sort()
-            color = colors.setdefault(label, f"C{len(colors) % 10}")
-            style = "--" if engine == "kvpress" else "-"
-            marker = "s" if engine == "kvpress" else "o"
+            color = colors.setdefault(label, cmap(len(colors) % 20) if cmap else f"C{len(colors) % 10}")
+            style = "--" if engine == "kvpress" else ("-." if quant else "-")
+            marker = "s" if engine == "kvpress" else ("^" if quant else "o")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, color=color,
                     label=f"{label} ({engine})")
+            for x, y, b in pts:
+                if b is not None:
+                    ax.annotate(f"{b}b", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=color)
         ax.set_xlabel("KV bytes / dense KV bytes (measured)")
         ax.set_ylabel("perplexity" if task == "ppl" else "accuracy (%)")
         if task == "ppl":
