@@ -68,6 +68,14 @@ class KVState:
 
 
 def _kv_dtype(layers) -> Any:
+    """The full-precision K dtype: a slot cache's `k`, a quantized cache's residual window
+    `res_k` (its first floating leaf can be a lower-precision scale), else the first
+    floating leaf."""
+    for layer in layers:
+        for name in ("k", "res_k"):
+            x = getattr(layer, name, None)
+            if x is not None and jnp.issubdtype(x.dtype, jnp.floating):
+                return x.dtype
     for leaf in jax.tree_util.tree_leaves(layers):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             return leaf.dtype

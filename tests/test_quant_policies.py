@@ -351,3 +351,16 @@ def test_pallas_adapter_matches_reference(calib):
                                    st.streams[0].count, st.res_k, st.res_v, st.res_len, bits=4, group=16)
     assert direct is not None  # the kernel module took it (no silent fallback)
     np.testing.assert_allclose(np.asarray(direct), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", QUANT)
+def test_dense_bytes_reference_is_the_model_dtype(name, params, calib):
+    """A quantized state's dense reference (`dense_nbytes`, the compression ratio's
+    denominator) is a dense cache of the model's K/V dtype, as the dense state's own, not
+    of its scales' lower precision (float32 model: the ratio was off by 2x)."""
+    tokens = jnp.asarray(np.random.randint(0, 128, (2, 64)), jnp.int32)
+    lengths = jnp.asarray([64, 45])
+    common = dict(config=CFG, max_new_tokens=8, dtype=jnp.float32)
+    _, st = prefill(params, tokens, lengths, policy=make(name, calib), **common)
+    _, d_st = prefill(params, tokens, lengths, policy=parse_policy("dense"), **common)
+    assert st.dense_nbytes(CFG) == d_st.dense_nbytes(CFG) == 64 * 2 * CFG.kv_bytes_per_token(4)
