@@ -10,6 +10,8 @@
     python benchmarks/quality_sweep.py run issue7          # 2k: passkey + KV retrieval, kvjax and kvpress
     python benchmarks/quality_sweep.py run issue7_more     # 2k: prefix_suffix, qa, majority, both engines
     python benchmarks/quality_sweep.py run issue7_merging  # 2k: passkey for merging / trained methods
+    python benchmarks/quality_sweep.py run issue7_quant    # 2k: quantized caches at 2 / 4 bits (kvjax only)
+    python benchmarks/quality_sweep.py run issue7_quant_4k # 4k: the same, passkey / qa / KV retrieval
     python benchmarks/quality_sweep.py run issue7_4k       # 4k: passkey, kvjax and kvpress side by side
     python benchmarks/quality_sweep.py run issue7_4k_more  # 4k: the other tasks, both engines
     python benchmarks/quality_sweep.py run issue7_mix      # 2k: the multi-task mix, both engines
@@ -37,6 +39,11 @@ PRESSED = ("streaming", "snapkv", "pyramidkv", "adakv", "tova:on_decode=false", 
 # chunkkv: the paper's SnapKV-window scorer; chunkkv:scorer=tova chunks TOVA's scores
 EVICTION = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o", "chunkkv", "chunkkv:scorer=tova")
 MERGING = ("elastic", "kvmerger", "locret")
+# the quantized caches at 2 and 4 bits (no budget: one cell per spec); kvpress has no
+# quantized-cache press, so these are kvjax-only rows. Each cell runs its own prefill.
+QUANTIZERS = ("kivi", "kv4", "kvquant", "rotatekv", "rtn", "bfp", "zipcache")
+QUANT = tuple(f"{q}:bits={b}" for q in QUANTIZERS for b in (2, 4))
+QUANT_2_FIRST = tuple(f"{q}:bits={b}" for b in (2, 4) for q in QUANTIZERS)
 # Sized for a 2-core CPU (a 4k SmolLM2 prefill takes ~70 s there, 2k ~17 s): methods whose
 # prompt-time state comes from the shared dense capture are cheap per extra policy; merging
 # and trained methods run their own prefill per episode, so they get their own small grids.
@@ -87,6 +94,16 @@ GRIDS = {
                           options={"mix": {"pairs": 1, "repeat": 2}}),
     "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials=3, batch_size=3, out="issue7"),
+    # the quantized caches at 2k: the options of issue7 / issue7_more / issue7_mix; every
+    # "inside" cell before the "excluded" ones (mode_first)
+    "issue7_quant": dict(tasks=["passkey", "kv_retrieval", "prefix_suffix", "qa", "majority", "mix"], contexts=[2048],
+                         modes=["inside", "excluded"], engines=["kvjax"], methods=("dense",) + QUANT, trials=3,
+                         batch_size=3, excluded_tasks=["passkey", "kv_retrieval", "qa"], out="issue7", mode_first=True,
+                         options={**TUNED_2K, "mix": {"pairs": 1}}),
+    # ... and at 4k (the options of issue7_4k / issue7_4k_more), 2-bit specs first
+    "issue7_quant_4k": dict(tasks=["passkey", "qa", "kv_retrieval"], contexts=[4096], modes=["inside"],
+                            engines=["kvjax"], methods=("dense",) + QUANT_2_FIRST, trials=3, batch_size=3, out="issue7",
+                            options=TUNED),
 }
 BUDGETS = [0.5, 0.2, 0.1]
 
@@ -114,7 +131,10 @@ def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None
                             [engine])
     if "excluded_tasks" in g:  # the question-excluded placement only for these tasks
         cells = [c for c in cells if c.mode != "excluded" or c.task in g["excluded_tasks"]]
-    cells.sort(key=lambda c: (c.context, g["tasks"].index(c.task), c.mode, c.engine))  # grid order
+    if g.get("mode_first"):  # every "inside" cell, then the "excluded" ones
+        cells.sort(key=lambda c: (c.context, c.mode != "inside", g["tasks"].index(c.task), c.engine))
+    else:
+        cells.sort(key=lambda c: (c.context, g["tasks"].index(c.task), c.mode, c.engine))  # grid order
     model = load(model_path)
     hf = kvpress_bridge.load_hf(model_path) if any(c.engine == "kvpress" for c in cells) else None
     sweep.enable_compilation_cache()
