@@ -53,12 +53,14 @@ def _kvjax_only_note(by: dict) -> str:
     pressed = {label for engine, label, _ in by if engine == "kvpress"}
     only = {label: spec for (engine, label, _), cols in by.items() if engine == "kvjax" and label not in pressed
             for spec in [next(iter(cols.values()))["policy"]]}
-    quant = sorted(label for label, spec in only.items() if is_quantized(spec))
+    quant = [spec for spec in only.values() if is_quantized(spec)]
     other = sorted(label for label, spec in only.items() if not is_quantized(spec))
     out = []
     if quant:
-        out.append(f"Quantized caches ({', '.join(quant)}): kvjax only, kvpress has no counterpart "
-                   "(no quantized-cache press).")
+        names = sorted({method_label(spec, bits=False)[0] for spec in quant})
+        widths = sorted({p.bits for spec in quant for p in _parts(spec) if hasattr(p, "bits")})
+        out.append(f"Quantized caches ({', '.join(names)}; {' and '.join(map(str, widths))} bits): kvjax only, "
+                   "kvpress has no counterpart (no quantized-cache press).")
     if other:
         out.append(f"Also kvjax only (no kvpress press): {', '.join(other)}.")
     return " ".join(out)
@@ -141,7 +143,8 @@ def plots(cells: list[dict], out_dir: str) -> list[str]:
     names = []
     for (task, ctx, mode), rows in sorted(groups.items()):
         lines = plot_lines(rows, task)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        crowded = len(lines) > 12  # legend beside the axes, not over the points
+        fig, ax = plt.subplots(figsize=(11, 5) if crowded else (7, 4.5))
         n_labels = len({label for label, _, _ in lines})
         cmap = plt.get_cmap("tab20") if n_labels > 10 else None
         colors = {}
@@ -162,7 +165,10 @@ def plots(cells: list[dict], out_dir: str) -> list[str]:
         where = "question inside" if mode == "inside" else ("question excluded" if mode == "excluded" else "")
         ax.set_title(f"{task}, {ctx} tokens {('(' + where + ')') if where else ''}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2, loc="best")
+        if crowded:
+            ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        else:
+            ax.legend(fontsize=7, ncol=2, loc="best")
         fig.tight_layout()
         name = f"{task}_{ctx}_{mode.strip('-') or 'na'}.png"
         fig.savefig(os.path.join(out_dir, name), dpi=110)
