@@ -16,10 +16,12 @@ Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
   1. keys: each register = `lop3(word >> shift, mask << offset, 0x43004300)` (bf16 128 + f * code,
      exact; 2-bit codes: three shifts serve a word's eight positions, f = 1, 4 or 16 per column
      tile, `code_position`), then code exactly (`sub` 128, or `fma` by 1/f and -128/f), `fma`
-     scale and zero: the K tile in bf16, in registers. At Gk >= 64 (`fold_scales`) the scales
-     are folded into the query instead, once per key group (B = bf16(q * s) in shared memory,
-     zq = q . z in float32, `fold_query_fn`): the keys stay bare codes and zq is added to the
-     scores;
+     scale and zero: the K tile in bf16, in registers. With `fold_scales` (the default for H of
+     128 and 256) the scales are folded into the query instead, once per key group and pipeline
+     step (B = bf16(q * s) / f in shared memory, zq = q . z - 128 sum(B) in float32,
+     `fold_query_fn`): the keys enter the product as 128 + f * code straight from `lop3`, and zq
+     is added to the scores. A tile with several key groups (Gk < 64) multiplies against every
+     group's query columns at once and each warp keeps its own group's (`group_columns_fn`);
   2. S^T [64, 8] = K @ Q^T on the tensor cores (the T*Gq query rows, zero-padded to 2, 4 or a
      multiple of 8 and repeated up to wgmma's N = 8); the values unpack meanwhile;
   3. online softmax over the tile's 64 tokens (exp2; the length mask only on tiles that cross it)
@@ -53,7 +55,8 @@ from jax import lax
 from ._compat import pl, plgpu
 from ._decode_common import per_head
 from ._kivi_mgpu_epilogue import assemble, residual_partial
-from ._kivi_mgpu_registers import add_columns_fn, commit_any_fn, expand_fn, fold_query_fn, tile_fn, unpack_fn
+from ._kivi_mgpu_registers import (add_columns_fn, commit_any_fn, expand_fn, fold_columns, fold_query_fn,
+                                   group_columns_fn, tile_fn, unpack_fn)
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
                              to_fragment_layout)
 
@@ -73,9 +76,13 @@ def _swizzle(row_bytes: int) -> int:
 
 def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, splits, scale, stages, overlap_v,
                      mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold):
-    """qb [B, N, NS, H] bf16 (`query_columns`). Returns per split: acc [B,N,P,H,NB], corr
-    [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32 (see `_finish`)."""
-    b, n, ns, h = qb.shape
+    """qb [B, N, NSK, H] bf16 (`query_columns`; NSK = `fold_columns` when folding, else NS).
+    Returns per split: acc [B,N,P,H,NB], corr [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32
+    (see `_kivi_mgpu_epilogue.finish_splits`)."""
+    b, n, nsk, h = qb.shape
+    ns = _score_columns(rows_q)
+    if nsk != (fold_columns(rows_q, gk) if fold else ns):
+        raise ValueError(f"qb has {nsk} query columns; expected {fold_columns(rows_q, gk) if fold else ns}")
     nb = _value_columns(h // gv, rows_q)
     nc = math.lcm(ns, (h // gv) * rows_q)  # distinct columns of B (NB repeats them up to wgmma's minimum)
     tiles = fr.words.shape[2]
@@ -106,16 +113,25 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     commit_any = plgpu.inline_mgpu(arg_types=(wgmma_layout, wgmma_layout, ref))(commit_any_fn(LAZY_TAU))
     q_swz = _swizzle(h * 2)
     q_transforms = (plgpu.TilingTransform((8, q_swz // 2)), plgpu.SwizzleTransform(q_swz))
-    if fold:  # key scales folded into the query once per key group (`fold_query_fn`)
+    # folding: the key scales go into the query once per key group (`fold_query_fn`): the first
+    # tile's at the start of a step (then a barrier), a later tile's during the tile before it
+    # (committed by that tile's barrier); tile t reads buffer buf[t]
+    builds = [t for t in range(tps) if t == 0 or (t * TILE) % gk == 0] if fold else []
+    buf = [sum(1 for u in builds if u <= t) - 1 for t in range(tps)]
+    if fold:
         qref = plgpu.RefType(transforms=q_transforms)
-        fold_q = [plgpu.inline_mgpu(arg_types=(qref, ref, qref, ref))(fold_query_fn(ns, h, t, gk, k_rows))
-                  for t in range(tps)]
+        fold_q = {t: plgpu.inline_mgpu(arg_types=(qref, ref, qref, ref))(fold_query_fn(nsk, h, t, gk, k_rows, rows_q,
+                                                                                        bits)) for t in builds}
         add_zq = plgpu.inline_mgpu(arg_types=(wgmma_layout, ref), return_type=plgpu.ShapeDtypeStruct(
-            (TILE, ns), jnp.float32, layout=wgmma_layout))(add_columns_fn(ns))
+            (TILE, nsk), jnp.float32, layout=wgmma_layout))(add_columns_fn(nsk))
+    if fold and gk < TILE:  # several key groups a tile: each warp keeps its own group's columns
+        own_group = plgpu.inline_mgpu(arg_types=(wgmma_layout,), return_type=plgpu.ShapeDtypeStruct(
+            (TILE, ns), jnp.float32, layout=wgmma_layout))(group_columns_fn(ns, rows_q, gk))
     b_swz = _swizzle(nb * 2)
 
-    def body(qb_ref, words_ref, ksz_ref, vsz_ref, len_ref, acc_out, corr_out, l_out, m_out, q_smem, b_smem, flag_smem,
-             bar, bk_smem=None, zq_smem=None):
+    def body(qb_ref, words_ref, ksz_ref, vsz_ref, len_ref, acc_out, corr_out, l_out, m_out, b_smem, flag_smem, bar,
+             q_smem, *fold_smem):
+        bk_smem, zq_smem = fold_smem[: len(builds)], fold_smem[len(builds):]
         si, ni, bi = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
         plgpu.copy_gmem_to_smem(qb_ref.at[bi, ni], q_smem, bar)
         plgpu.barrier_wait(bar)
@@ -124,19 +140,21 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
 
         def tile_step(tile, t, words, ksz, vsz, carry):
             acc, m, corr, lsum = carry
-            if fold and (t == 0 or (t * TILE) % gk == 0):  # a new key group: B = q * s, zq = q . z
-                fold_q[t](q_smem, ksz, bk_smem, zq_smem)
-                plgpu.commit_smem()
             a_k = unpack_k[t](words) if fold else unpack_k[t](words, ksz)
 
             def qk(acc_ref):  # overlap_v: the values unpack while the tensor cores work on the keys
-                plgpu.wgmma(acc_ref, a_k, plgpu.transpose_ref(bk_smem if fold else q_smem, (1, 0)))
+                plgpu.wgmma(acc_ref, a_k, plgpu.transpose_ref(bk_smem[buf[t]] if fold else q_smem, (1, 0)))
                 a_v = unpack_v[t](words) if overlap_v else None
                 return acc_ref[...], a_v
 
-            s, a_v = pl.run_scoped(qk, plgpu.ACC((TILE, ns), jnp.float32))
+            s, a_v = pl.run_scoped(qk, plgpu.ACC((TILE, nsk), jnp.float32))
             a_v = a_v if overlap_v else unpack_v[t](words)
-            s = (add_zq(s, zq_smem) if fold else s) * log2e_scale
+            if t + 1 in builds[1:]:  # the next tile's key groups: committed by this tile's barrier
+                fold_q[t + 1](q_smem, ksz, bk_smem[buf[t + 1]], zq_smem[buf[t + 1]])
+            if fold:
+                s = add_zq(s, zq_smem[buf[t]])
+                s = own_group(s) if gk < TILE else s
+            s = s * log2e_scale
             start = tile * TILE
 
             def mask(x):
@@ -178,6 +196,9 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
 
         def step(idx, words, ksz, vsz, carry):
             (i,) = idx
+            if builds:  # B = q * s / f and zq = q . z - 128 sum(B) for the first tile's key groups
+                fold_q[0](q_smem, ksz, bk_smem[0], zq_smem[0])
+                plgpu.commit_smem()
             for t in range(tps):
                 carry = tile_step(first + i * tps + t, t, words, ksz, vsz, carry)
             return carry
@@ -209,14 +230,16 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         m_out.at[bi, ni, si][...] = lax.broadcast_in_dim(m, (TILE, ns), [1])
 
     def entry(*refs):
-        q_scr = plgpu.SMEM((ns, h), bf16, transforms=q_transforms)
         b_scr = plgpu.SMEM((TILE, nb), bf16, transforms=(plgpu.TilingTransform((8, b_swz // 2)),
                                                           plgpu.SwizzleTransform(b_swz)))
-        # the scaled query and its zero-point sums only when folding: shared memory is, with the
-        # registers, what holds the kernel at 4 CTAs per SM
-        fold_scr = (plgpu.SMEM((ns, h), bf16, transforms=q_transforms), plgpu.SMEM((ns,), jnp.float32)) if fold else ()
-        pl.run_scoped(lambda *s: body(*refs, *s), q_scr, b_scr, plgpu.SMEM((1,), jnp.int32),
-                      plgpu.Barrier(num_barriers=1), *fold_scr)
+        # the query; when folding also the scaled query and its zero-point sums, a buffer per key group
+        # of a step (only then: shared memory is, with the registers, what holds the kernel at 4 CTAs
+        # per SM)
+        q_scr = [plgpu.SMEM((nsk, h), bf16, transforms=q_transforms)]
+        q_scr += [plgpu.SMEM((nsk, h), bf16, transforms=q_transforms) for _ in builds]
+        q_scr += [plgpu.SMEM((nsk,), jnp.float32) for _ in builds]
+        pl.run_scoped(lambda *s: body(*refs, *s), b_scr, plgpu.SMEM((1,), jnp.int32), plgpu.Barrier(num_barriers=1),
+                      *q_scr)
 
     f32 = jnp.float32
     out_type = (jax.ShapeDtypeStruct((b, n, splits, h, nb), f32),
@@ -327,8 +350,9 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     auto_barriers (Pallas' conservative barrier around every SMEM store and copy; not needed),
     lazy_rescale (keep the running max, and skip rescaling, unless a tile's score passes it by
     LAZY_TAU = 8 in log2 units: probabilities stay <= 2^8; False rescales every tile), fold_scales
-    (fold the key scales into the query once per key group, so keys enter the product as bare
-    codes and no key scale sits in registers; None: where it applies, `can_fold_scales`).
+    (fold the key scales into the query once per key group, so keys enter the product as 128 +
+    f * code straight from `lop3` and no key scale sits in registers; None: where it pays,
+    `folds_by_default`).
     Returns (out [B, T, Nq, H] bf16, lse [B, T, Nq] float32)."""
     b, t, nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
     tps = tiles_per_step
@@ -353,8 +377,8 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     lengths = jnp.minimum(per_head(lengths, b, n, "lengths"), s)
     can_fold = can_fold_scales(gk, h, t, nq // n)
     if fold_scales and not can_fold:
-        raise ValueError(f"fold_scales=True needs a key group Gk >= 64 (got {gk}) and H of 128 or 256 (got {h})")
-    fold_scales = can_fold if fold_scales is None else fold_scales
+        raise ValueError(f"fold_scales=True needs a head_dim H of 128 or 256 (got {h})")
+    fold_scales = folds_by_default(gk, h, t, nq // n) if fold_scales is None else fold_scales
     return _mgpu_jit(q, fr, lengths, k_res, v_res, None if res_lengths is None else per_head(res_lengths, b, n,
                      "res_lengths"), bits=bits, gk=gk, gv=gv, scale=scale, splits=num_splits, stages=stages,
                      overlap_v=overlap_v, mask_cond=mask_cond, tiles_per_step=tps, auto_barriers=auto_barriers,
@@ -362,11 +386,19 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
 
 
 def can_fold_scales(gk: int, h: int, t: int, gq: int) -> bool:
-    """Whether the kernel can fold the key scales into the query (`fold_query_fn`): one key group
-    spans whole 64-token tiles (Gk >= 64), H is 128 or 256 (16 or 32 query chunks a row, summed
-    within a warp) and the query columns split evenly over the 128 threads."""
-    ns = _score_columns(padded_rows(t * gq))
-    return gk >= TILE and h in (128, 256) and (ns * h // 8) % 128 == 0
+    """Whether the kernel can fold the key scales into the query (`fold_query_fn`): H is 128 or
+    256 (16 or 32 query chunks a row, summed within a warp; the query columns, a multiple of 8
+    (`fold_columns`), then split evenly over the 128 threads). gk, t and gq are accepted for
+    the callers' sake: every key group and query shape folds."""
+    del gk, t, gq
+    return h in (128, 256)
+
+
+def folds_by_default(gk: int, h: int, t: int, gq: int) -> bool:
+    """Where `fold_scales=None` folds: where it can and a key group spans whole tiles (Gk >= 64).
+    With several groups a tile the per-step build and its barrier cost more than the key scales
+    they save (H200, KIVI-2 at 128k: 0.42 ms folded against 0.38 ms at Gk = 32; BENCHMARKS.md)."""
+    return gk >= TILE and can_fold_scales(gk, h, t, gq)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "gk", "gv", "scale", "splits", "stages", "overlap_v",
@@ -376,6 +408,8 @@ def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale,
               mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold_scales):
     t = q.shape[1]
     qb, qr, rows_q, rows_p = query_columns(q, fr.words.shape[1])
+    if fold_scales:  # the query rows once per key group of a tile (`fold_columns`)
+        qb = jnp.tile(qb[:, :, :rows_p], (1, 1, fold_columns(rows_p, gk) // rows_p, 1))
     acc, corr, lsum, m = _kernel_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits,
                                           scale=scale, stages=stages, overlap_v=overlap_v, mask_cond=mask_cond,
                                           tiles_per_step=tiles_per_step, auto_barriers=auto_barriers,

@@ -11,6 +11,7 @@ import pytest
 
 from kvjax.pallas_kernels import packing
 from kvjax.pallas_kernels import quantized_decode_attention as qda
+from kvjax.pallas_kernels import _kivi_mgpu_registers as regs
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
 from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble, residual_partial
 from kvjax.pallas_kernels.testing import assert_attention_close, lower_for
@@ -153,21 +154,40 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi{bits} mgpu model")
 
 
-def test_folded_key_scales_model_matches_reference(rng):
-    """The kernel's algebra at Gk >= 64 (`fold_scales`): keys as bare codes against a query scaled
-    per key group (bf16(q * s)), plus the zero points' part q . z in float32."""
-    b, t, nq, n, h, s, gk, gv, bits, splits = 2, 1, 8, 2, 128, 512, 128, 32, 2, 2
+@pytest.mark.parametrize("gk,t,nq", [(128, 1, 8), (32, 1, 8), (16, 1, 4), (32, 2, 8)])
+def test_folded_key_scales_model_matches_reference(rng, gk, t, nq):
+    """The kernel's algebra with `fold_scales`: keys as bare codes against a query scaled per
+    key group (bf16(q * s)), plus the zero points' part q . z in float32; several key groups a
+    tile (Gk < 64) included."""
+    b, n, h, s, gv, bits, splits = 2, 2, 128, 512, 32, 2, 2
     cache = _cache(rng, b, n, s, h, bits, gk, gv)
     fr = mg.to_fragment_layout(*cache, bits=bits)
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 300], [0, 77]], jnp.int32)
     qb, _, rows_q, rows_p = mg.query_columns(q, n)
-    assert mg.can_fold_scales(gk, h, t, nq // n) and not mg.can_fold_scales(32, h, t, nq // n)
+    assert mg.can_fold_scales(gk, h, t, nq // n) and not mg.can_fold_scales(gk, 64, t, nq // n)
     parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
                             fold=True)
     out, lse = assemble(tuple(map(jnp.asarray, parts)), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t)
     ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
-    assert_attention_close(out, lse, ro, rl, jnp.bfloat16, "kivi2 mgpu folded-scales model")
+    assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi2 G{gk} mgpu folded-scales model")
+
+
+@pytest.mark.parametrize("bits,h", [(2, 128), (2, 256), (4, 128)])
+def test_folded_query_cancels_the_code_factors(bits, h):
+    """`fold_query_fn` divides bf16(q * s) of column tile j by the factor f_j that `unpack_fn`
+    leaves on that tile's key codes (`key_offsets`), and subtracts 128 * sum(B) through zq: the
+    product (128 + f * code) . B + zq then equals code . bf16(q * s) exactly (f a power of 2)."""
+    rng = np.random.default_rng(0)
+    f = 2.0 ** np.repeat(np.asarray(regs.key_offsets(bits, h)), 8)  # per K position
+    assert (f > 1).any() == (bits == 2)
+    bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    qs = bf(rng.standard_normal(h) * rng.uniform(0.01, 1, h))
+    code = rng.integers(0, 2**bits, h).astype(np.float32)
+    b_folded = bf(qs / f)
+    np.testing.assert_array_equal(b_folded * f, qs)  # dividing by a power of 2 rounds nothing
+    got = (128.0 + f * code) @ b_folded - 128.0 * b_folded.sum()
+    np.testing.assert_allclose(got, code @ qs, rtol=1e-5, atol=1e-5 * np.abs(qs).sum())
 
 
 def _ramped_cache(rng, b, n, s, h, bits, gk, gv):
@@ -220,7 +240,9 @@ def _on_hopper():
     (4, 4, 4, 2, 128, 64, 32, True, True),
     (2, 1, 6, 2, 64, 32, 32, True, True),
     (2, 1, 6, 3, 256, 256, 64, True, False),
-    (2, 1, 8, 2, 128, 128, 32, True, True),     # key scales folded into the query (Gk >= 64)
+    (2, 1, 8, 2, 128, 128, 32, True, True),     # key scales folded into the query, one group a tile
+    (2, 2, 8, 2, 128, 16, 16, True, True),      # folded, four key groups a tile, 8 query rows
+    (2, 1, 4, 2, 128, 32, 32, True, False),     # folded, two key groups a tile, 2 query rows
 ])
 def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy, ramp):
     """The kernel itself on the GPU against the float32 reference: ragged lengths (one row empty,
@@ -239,8 +261,8 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
                                                         res_lengths=rl)
     assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, f"kivi{bits} G{gk} mgpu lazy={lazy} ramp={ramp}")
     variants = [dict(lazy_rescale=False)] if lazy else []  # a rescale every tile
-    if mg.can_fold_scales(gk, h, t, nq // n):
-        variants.append(dict(lazy_rescale=lazy, fold_scales=False))  # dequantized keys instead of a scaled query
+    if mg.can_fold_scales(gk, h, t, nq // n):  # dequantized keys against a scaled query, the other way round
+        variants.append(dict(lazy_rescale=lazy, fold_scales=not mg.folds_by_default(gk, h, t, nq // n)))
     for kw in variants:  # equal up to bf16 roundings of the probabilities / of the keys or the scaled query
         other, _ = mg.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
                                                       **kw)
@@ -248,9 +270,12 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
         assert np.linalg.norm(o - e) <= 1e-2 * np.linalg.norm(e), kw
 
 
-@pytest.mark.parametrize("bits,t,gk,h,tps,nq", [(2, 1, 32, 128, 2, 8), (4, 4, 128, 128, 1, 8), (2, 2, 16, 64, 4, 8),
-                                                (4, 1, 256, 128, 2, 8), (2, 1, 32, 64, 1, 6)])
-def test_lowers_for_cuda(bits, t, gk, h, tps, nq):
+@pytest.mark.parametrize("bits,t,gk,h,tps,nq,fold", [
+    (2, 1, 32, 128, 2, 8, None), (4, 4, 128, 128, 1, 8, None), (2, 2, 16, 64, 4, 8, None), (4, 1, 256, 128, 2, 8, None),
+    (2, 1, 32, 64, 1, 6, None), (2, 1, 128, 128, 2, 8, False),
+    (2, 1, 32, 128, 2, 8, True), (2, 2, 16, 128, 2, 8, True), (2, 1, 32, 256, 1, 4, True),  # several groups a tile
+])
+def test_lowers_for_cuda(bits, t, gk, h, tps, nq, fold):
     b, n, s, r = 2, 2, 2048, 64
     sds = jax.ShapeDtypeStruct
     w = 64 * h * bits // 32
@@ -259,7 +284,7 @@ def test_lowers_for_cuda(bits, t, gk, h, tps, nq):
 
     def fn(q, fr, lens, kr, vr, rl):
         return mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
-                                                  num_splits=4, tiles_per_step=tps)
+                                                  num_splits=4, tiles_per_step=tps, fold_scales=fold)
 
     text = lower_for("cuda", fn, sds((b, t, nq, h), jnp.bfloat16), fr, sds((b,), jnp.int32),
                      sds((b, n, r, h), jnp.bfloat16), sds((b, n, r, h), jnp.bfloat16), sds((b,), jnp.int32))
@@ -282,11 +307,11 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     (dict(tiles_per_step=3), {}, r"tiles_per_step=3 must be 1, 2 or 4"),
     (dict(), dict(gv=1), r"value group Gv=1 must be even and divide H=128"),
     (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
-    (dict(fold_scales=True), {}, r"fold_scales=True needs a key group Gk >= 64 \(got 32\)"),
+    (dict(fold_scales=True, h=64), dict(h=64), r"fold_scales=True needs a head_dim H of 128 or 256 \(got 64\)"),
 ])
 def test_bad_input_names_the_value(kw, fr_kw, match):
     bits = kw.get("bits", 2)
-    q = jnp.zeros((1, 1, kw.get("nq", 8), 128), kw.get("dtype", jnp.bfloat16))
+    q = jnp.zeros((1, 1, kw.get("nq", 8), kw.get("h", 128)), kw.get("dtype", jnp.bfloat16))
     with pytest.raises(ValueError, match=match):
         mg.quantized_decode_attention_mgpu(q, _frags(**fr_kw), jnp.array([256]), bits=bits,
                                            tiles_per_step=kw.get("tiles_per_step", 2),
