@@ -1,6 +1,9 @@
 """Quantization primitives of kvjax.quant: min-max error bounds, padded packing, the
 Walsh-Hadamard transform and block floating point (fresh random inputs every run)."""
 
+import functools
+
+import jax
 import numpy as np
 import jax.numpy as jnp
 import pytest
@@ -20,6 +23,19 @@ def _rand(shape, seed, outliers=True):
     return jnp.asarray(x)
 
 
+# one compile per drawn shape (jit) instead of one per primitive and shape (eager dispatch)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _roundtrip_channelwise(x, bits, group):
+    codes, scale, zero = affine.quant_channelwise(x, bits, group)
+    return codes, scale, zero, affine.dequant_channelwise(codes, scale, zero, bits, group)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _roundtrip_tokenwise(x, bits, group):
+    codes, scale, zero = affine.quant_tokenwise(x, bits, group)
+    return codes, scale, zero, affine.dequant_tokenwise(codes, scale, zero, bits, group, x.shape[-1])
+
+
 def _bound(x, scale, zero):
     # half a step, plus float16 rounding of the stored zero / scale
     return scale.astype(jnp.float32) / 2 * (1 + 1e-2) + 2e-3 * jnp.abs(zero.astype(jnp.float32)) + 1e-6
@@ -31,9 +47,8 @@ def _bound(x, scale, zero):
 def test_channelwise_error_within_half_step(bits, groups, n, h, seed):
     group = 32  # a multiple of every codes-per-word (3-bit needs 32)
     x = _rand((2, n, groups * group, h), seed + SEED % 1000)
-    codes, scale, zero = affine.quant_channelwise(x, bits, group)
+    codes, scale, zero, y = _roundtrip_channelwise(x, bits, group)
     assert codes.dtype == jnp.uint32 and scale.shape == (2, n, groups, h) and scale.dtype == jnp.float16
-    y = affine.dequant_channelwise(codes, scale, zero, bits, group)
     err = jnp.abs(y - x).reshape(2, n, groups, group, h)
     assert bool(jnp.all(err <= _bound(x, scale, zero)[:, :, :, None]))
 
@@ -43,14 +58,13 @@ def test_channelwise_error_within_half_step(bits, groups, n, h, seed):
        group=st.sampled_from([8, 16]), seed=st.integers(0, 2**31))
 def test_tokenwise_error_within_half_step(bits, s, h, group, seed):
     x = _rand((1, 2, s, h), seed + SEED % 1000)
-    codes, scale, zero = affine.quant_tokenwise(x, bits, group)
+    codes, scale, zero, y = _roundtrip_tokenwise(x, bits, group)
     assert scale.shape == (1, 2, s, h // group)
-    y = affine.dequant_tokenwise(codes, scale, zero, bits, group, h)
     err = jnp.abs(y - x).reshape(1, 2, s, h // group, group)
     assert bool(jnp.all(err <= _bound(x, scale, zero)[..., None]))
     # more bits, smaller error (on the same data)
     if bits < 8:
-        y8 = affine.dequant_tokenwise(*affine.quant_tokenwise(x, 8, group), 8, group, h)
+        y8 = _roundtrip_tokenwise(x, 8, group)[3]
         assert float(jnp.max(jnp.abs(y8 - x))) <= float(jnp.max(jnp.abs(y - x))) + 1e-6
 
 
