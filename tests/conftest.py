@@ -9,6 +9,22 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One on-disk jax compilation cache per test run, made by the process that starts first (the
+# xdist controller) and inherited through the environment by the workers and by every child
+# they start (notebook kernels, multi-process tests): programs that several test files compile
+# (the real model's prefill and decode, per policy) and the recompiles after each module's
+# release (below) load from it instead of compiling again. Removed when the run ends; a
+# JAX_COMPILATION_CACHE_DIR set by the user is used as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache_dir = tempfile.mkdtemp(prefix="kvjax-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
