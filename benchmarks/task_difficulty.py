@@ -38,6 +38,8 @@ VARIANTS = [
     ("qa", 4096, {"mentions": 2}),
     ("mix", 2048, {}),
     ("mix", 4096, {}),
+    ("mix", 4096, {"pairs": 1, "repeat": 2}),  # the 4k mix grid's variant until 2026-11-27 (afternoon)
+    ("mix", 4096, {"pairs": 1, "repeat": 2, "kv_first": True}),
 ]
 
 
@@ -47,13 +49,15 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "kvjax_task_difficulty"))
     ap.add_argument("--tasks", nargs="*", help="only these tasks' variants")
+    ap.add_argument("--contexts", nargs="*", type=int, help="only these context lengths")
     a = ap.parse_args()
     from kvjax.eval import sweep
     from kvjax.loaders import load
 
     model = load(a.model)
     rows = []
-    for task, context, options in [v for v in VARIANTS if not a.tasks or v[0] in a.tasks]:
+    for task, context, options in [v for v in VARIANTS if (not a.tasks or v[0] in a.tasks)
+                                                        and (not a.contexts or v[1] in a.contexts)]:
         name = f"{task}_{context}_" + "_".join(f"{k}{v}" for k, v in sorted(options.items()))
         cells = sweep.plan([task], ["dense"], [], [context], [0])
         recs = sweep.run_sweep(model, cells, os.path.join(a.out, name), trials=a.trials, batch_size=5,

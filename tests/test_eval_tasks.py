@@ -54,6 +54,8 @@ def test_multi_turn_options(tok, kjv):
         make_episodes("kv_retrieval", tok, 1024, 1, 0, kjv, repeat=0)
     (e,) = make_episodes("mix", tok, 2048, 1, 0, kjv, pairs=1, repeat=2)  # the 4k mix: its code stated twice
     assert e.context.count(f"is {e.turns[1].answer}.") == 2
+    (f,) = make_episodes("mix", tok, 2048, 1, 0, kjv, pairs=1, repeat=2, kv_first=True)  # the code asked first
+    assert f.context == e.context and f.turns == (e.turns[1], e.turns[0], e.turns[2])
     with pytest.raises(ValueError, match="repeat=0 must be >= 1"):
         make_episodes("mix", tok, 2048, 1, 0, kjv, repeat=0)
     for e in make_episodes("qa", tok, 2048, 2, 0, kjv, mentions=2):  # people named at most twice

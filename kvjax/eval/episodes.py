@@ -258,9 +258,12 @@ def majority(tokenizer, context, depth, seed, text, votes: int = 5, winner: int 
     return Episode("majority", ctx, (Turn(q, names[0]),), seed, depth)
 
 
-def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0, quote: int = 6, repeat: int = 1):
+def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0, quote: int = 6, repeat: int = 1,
+        kv_first: bool = False):
     """passkey, kv_retrieval and qa turns over one context (qa facts from the text; mentions
-    and quote as in qa; pairs and repeat as in kv_retrieval)."""
+    and quote as in qa; pairs and repeat as in kv_retrieval). kv_first: the kv_retrieval turn
+    before the passkey turn (at 4k SmolLM2 answers a code question asked right after the
+    passkey turn with the pass key again: 1/3 with the full cache)."""
     if repeat < 1:
         raise ValueError(f"repeat={repeat} must be >= 1")
     rng = np.random.default_rng(seed)
@@ -280,7 +283,8 @@ def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0
         raise ValueError(f"text has no facts ('X the son of Y', ...) in a {context}-token window; "
                          "the mix task needs a narrative text such as 'kjv-judges'")
     _, q, prefix, y = facts[int(rng.integers(0, len(facts)))]
-    turns = (pk, _kv_turn(*kv[int(rng.integers(0, pairs))]), Turn(f"Question: {q}\nAnswer: {prefix}", y))
+    kv_turn = _kv_turn(*kv[int(rng.integers(0, pairs))])
+    turns = ((kv_turn, pk) if kv_first else (pk, kv_turn)) + (Turn(f"Question: {q}\nAnswer: {prefix}", y),)
     return Episode("mix", ctx, turns, seed, depth)
 
 
