@@ -16,8 +16,8 @@ Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
   1. keys: each register = `lop3(word >> shift, mask << offset, 0x43004300)` (bf16 128 + f * code,
      exact; 2-bit codes: three shifts serve a word's eight positions, f = 1, 4 or 16 per column
      tile, `code_position`), then code exactly (`sub` 128, or `fma` by 1/f and -128/f), `fma`
-     scale and zero: the K tile in bf16, in registers. With `fold_scales` (the default for H of
-     128 and 256) the scales are folded into the query instead, once per key group and pipeline
+     scale and zero: the K tile in bf16, in registers. With `fold_scales` (the default where H is 128
+     or 256 and a key group spans whole tiles, `folds_by_default`) the scales are folded into the query instead, once per key group and pipeline
      step (B = bf16(q * s) / f in shared memory, zq = q . z - 128 sum(B) in float32,
      `fold_query_fn`): the keys enter the product as 128 + f * code straight from `lop3`, and zq
      is added to the scores. A tile with several key groups (Gk < 64) multiplies against every
@@ -396,8 +396,9 @@ def can_fold_scales(gk: int, h: int, t: int, gq: int) -> bool:
 
 def folds_by_default(gk: int, h: int, t: int, gq: int) -> bool:
     """Where `fold_scales=None` folds: where it can and a key group spans whole tiles (Gk >= 64).
-    With several groups a tile the per-step build and its barrier cost more than the key scales
-    they save (H200, KIVI-2 at 128k: 0.42 ms folded against 0.38 ms at Gk = 32; BENCHMARKS.md)."""
+    With several groups a tile the builds take the kernel to 138 registers and 62.5 KB of shared
+    memory, 3 CTAs per SM instead of 4 (H200, KIVI-2 at 128k and Gk = 32: 0.42-0.43 ms folded,
+    0.38 ms not; BENCHMARKS.md)."""
     return gk >= TILE and can_fold_scales(gk, h, t, gq)
 
 
