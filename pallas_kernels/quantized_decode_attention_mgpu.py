@@ -16,12 +16,13 @@ Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
   1. keys: each register = `lop3(word >> shift, mask << offset, 0x43004300)` (bf16 128 + f * code,
      exact; 2-bit codes: three shifts serve a word's eight positions, f = 1, 4 or 16 per column
      tile, `code_position`), then code exactly (`sub` 128, or `fma` by 1/f and -128/f), `fma`
-     scale and zero: the K tile in bf16, in registers. With `fold_scales` (the default where H is 128
-     or 256 and a key group spans whole tiles, `folds_by_default`) the scales are folded into the query instead, once per key group and pipeline
-     step (B = bf16(q * s) / f in shared memory, zq = q . z - 128 sum(B) in float32,
-     `fold_query_fn`): the keys enter the product as 128 + f * code straight from `lop3`, and zq
-     is added to the scores. A tile with several key groups (Gk < 64) multiplies against every
-     group's query columns at once and each warp keeps its own group's (`group_columns_fn`);
+     scale and zero: the K tile in bf16, in registers. With `fold_scales` (the default where H
+     is 128 or 256 and a key group spans whole tiles, `folds_by_default`) the scales are folded
+     into the query instead, once per key group and pipeline step (B = bf16(q * s) / f in shared
+     memory, zq = q . z - 128 sum(B) in float32, `fold_query_fn`): the keys enter the product as
+     128 + f * code straight from `lop3`, and zq is added to the scores. A tile with several key
+     groups (Gk < 64) multiplies against every group's query columns at once and each warp keeps
+     its own group's (`group_columns_fn`);
   2. S^T [64, 8] = K @ Q^T on the tensor cores (the T*Gq query rows, zero-padded to 2, 4 or a
      multiple of 8 and repeated up to wgmma's N = 8); the values unpack meanwhile;
   3. online softmax over the tile's 64 tokens (exp2; the length mask only on tiles that cross it)
