@@ -10,6 +10,7 @@
     python benchmarks/quality_sweep.py run issue7          # 2k: passkey + KV retrieval, kvjax and kvpress
     python benchmarks/quality_sweep.py run issue7_more     # 2k: prefix_suffix, qa, majority, both engines
     python benchmarks/quality_sweep.py run issue7_merging  # 2k: passkey for merging / trained methods
+    python benchmarks/quality_sweep.py run issue7_merging_4k  # 4k: the same at 4k
     python benchmarks/quality_sweep.py run issue7_quant    # 2k: quantized caches at 2 / 4 bits (kvjax only)
     python benchmarks/quality_sweep.py run issue7_quant_4k # 4k: the same, passkey / qa / KV retrieval
     python benchmarks/quality_sweep.py run issue7_4k       # 4k: passkey, kvjax and kvpress side by side
@@ -94,6 +95,8 @@ GRIDS = {
                           options={"mix": {"pairs": 1, "repeat": 2}}),
     "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials=3, batch_size=3, out="issue7"),
+    "issue7_merging_4k": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
+                              methods=MERGING, trials=3, batch_size=3, out="issue7"),
     # the quantized caches at 2k: the options of issue7 / issue7_more / issue7_mix; every
     # "inside" cell before the "excluded" ones (mode_first)
     "issue7_quant": dict(tasks=["passkey", "kv_retrieval", "prefix_suffix", "qa", "majority", "mix"], contexts=[2048],
