@@ -92,7 +92,7 @@ GRIDS = {
                        options={"mix": {"pairs": 1}}),
     "issue7_mix_4k": dict(tasks=["mix"], contexts=[4096], modes=["inside"], engines=["kvjax", "kvpress"],
                           methods=("dense",) + PRESSED, trials=3, batch_size=3, kvjax_only=("tova",), out="issue7",
-                          options={"mix": {"pairs": 1, "repeat": 2}}),
+                          options={"mix": {"pairs": 1, "repeat": 2, "kv_first": True}}),
     "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
                            methods=MERGING, trials=3, batch_size=3, out="issue7"),
     "issue7_merging_4k": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
@@ -117,7 +117,7 @@ def _out(grid: str) -> str:
     return os.path.join(ROOT, "docs", "quality", "runs", name)
 
 
-def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None) -> None:
+def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None, out: str | None = None) -> None:
     from kvjax.eval import kvpress_bridge, sweep
     from kvjax.loaders import load
     from kvjax.policies import REGISTRY
@@ -141,7 +141,7 @@ def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None
     model = load(model_path)
     hf = kvpress_bridge.load_hf(model_path) if any(c.engine == "kvpress" for c in cells) else None
     sweep.enable_compilation_cache()
-    sweep.run_sweep(model, cells, _out(grid), trials=g["trials"], batch_size=g["batch_size"],
+    sweep.run_sweep(model, cells, out or _out(grid), trials=g["trials"], batch_size=g["batch_size"],
                     options=g.get("options"), hf=hf)
 
 
@@ -190,9 +190,11 @@ def main() -> None:
     p.add_argument("grid", choices=sorted(GRIDS))
     p.add_argument("--engines", help="run only these of the grid's engines (comma-separated), e.g. kvjax")
     p.add_argument("--model", default="smollm2", help="the SmolLM2 GGUF by path (e.g. on a machine without the package)")
+    p.add_argument("--out", help="run: write the cells to this folder instead of the grid's (e.g. beside another "
+                                 "sweep into the grid's folder; append its jsonl files there afterwards)")
     a = p.parse_args()
     if a.cmd == "run":
-        run(a.grid, a.model, a.engines.split(",") if a.engines else None)
+        run(a.grid, a.model, a.engines.split(",") if a.engines else None, a.out)
     elif a.cmd == "table":
         print(table(a.grid))
     else:
