@@ -56,8 +56,8 @@ from jax import lax
 from ._compat import pl, plgpu
 from ._decode_common import per_head
 from ._kivi_mgpu_epilogue import assemble, residual_partial
-from ._kivi_mgpu_registers import (add_columns_fn, commit_any_fn, expand_fn, fold_columns, fold_query_fn,
-                                   group_columns_fn, tile_fn, unpack_fn)
+from ._kivi_mgpu_fold import add_columns_fn, fold_columns, fold_query_fn, group_columns_fn
+from ._kivi_mgpu_registers import commit_any_fn, expand_fn, tile_fn, unpack_fn
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
                              to_fragment_layout)
 

@@ -11,7 +11,7 @@ import pytest
 
 from kvjax.pallas_kernels import packing
 from kvjax.pallas_kernels import quantized_decode_attention as qda
-from kvjax.pallas_kernels import _kivi_mgpu_registers as regs
+from kvjax.pallas_kernels import _kivi_mgpu_fold as kfold
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
 from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble, residual_partial
 from kvjax.pallas_kernels.testing import assert_attention_close, lower_for
@@ -179,7 +179,7 @@ def test_folded_query_cancels_the_code_factors(bits, h):
     leaves on that tile's key codes (`key_offsets`), and subtracts 128 * sum(B) through zq: the
     product (128 + f * code) . B + zq then equals code . bf16(q * s) exactly (f a power of 2)."""
     rng = np.random.default_rng(0)
-    f = 2.0 ** np.repeat(np.asarray(regs.key_offsets(bits, h)), 8)  # per K position
+    f = 2.0 ** np.repeat(np.asarray(kfold.key_offsets(bits, h)), 8)  # per K position
     assert (f > 1).any() == (bits == 2)
     bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
     qs = bf(rng.standard_normal(h) * rng.uniform(0.01, 1, h))
