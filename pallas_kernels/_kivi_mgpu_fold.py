@@ -177,3 +177,20 @@ def add_columns_fn(ns):
         return mgpu.FragmentedArray(_registers=regs, _layout=s.layout, _is_signed=None)
 
     return fn
+
+
+def can_fold_scales(gk: int, h: int, t: int, gq: int) -> bool:
+    """Whether the kernel can fold the key scales into the query (`fold_query_fn`): H is 128 or
+    256 (16 or 32 query chunks a row, summed within a warp; the query columns, a multiple of 8
+    (`fold_columns`), then split evenly over the 128 threads). gk, t and gq are accepted for
+    the callers' sake: every key group and query shape folds."""
+    del gk, t, gq
+    return h in (128, 256)
+
+
+def folds_by_default(gk: int, h: int, t: int, gq: int) -> bool:
+    """Where `fold_scales=None` folds: where it can and a key group spans whole tiles (Gk >= 64).
+    With several groups a tile the builds take the kernel to 138 registers and 62.5 KB of shared
+    memory, 3 CTAs per SM instead of 4 (H200, KIVI-2 at 128k and Gk = 32: 0.42-0.43 ms folded,
+    0.38 ms not; BENCHMARKS.md)."""
+    return gk >= TILE and can_fold_scales(gk, h, t, gq)

@@ -56,13 +56,15 @@ from jax import lax
 from ._compat import pl, plgpu
 from ._decode_common import per_head
 from ._kivi_mgpu_epilogue import assemble, residual_partial
-from ._kivi_mgpu_fold import add_columns_fn, fold_columns, fold_query_fn, group_columns_fn
+from ._kivi_mgpu_fold import (add_columns_fn, can_fold_scales, fold_columns, fold_query_fn, folds_by_default,
+                              group_columns_fn)
 from ._kivi_mgpu_registers import commit_any_fn, expand_fn, tile_fn, unpack_fn
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
                              to_fragment_layout)
 
-__all__ = ["KiviFragments", "MGPU_BITS", "TILE", "check_shapes", "fragment_slots", "from_fragment_layout",
-           "key_channel", "query_columns", "quantized_decode_attention_mgpu", "to_fragment_layout"]
+__all__ = ["KiviFragments", "MGPU_BITS", "TILE", "can_fold_scales", "check_shapes", "folds_by_default",
+           "fragment_slots", "from_fragment_layout", "key_channel", "query_columns", "quantized_decode_attention_mgpu",
+           "to_fragment_layout"]
 
 
 LAZY_TAU = 8.0  # log2 units: probabilities of a tile that keeps the running max stay <= 2^8
@@ -384,23 +386,6 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
                      "res_lengths"), bits=bits, gk=gk, gv=gv, scale=scale, splits=num_splits, stages=stages,
                      overlap_v=overlap_v, mask_cond=mask_cond, tiles_per_step=tps, auto_barriers=auto_barriers,
                      lazy_rescale=lazy_rescale, fold_scales=fold_scales)
-
-
-def can_fold_scales(gk: int, h: int, t: int, gq: int) -> bool:
-    """Whether the kernel can fold the key scales into the query (`fold_query_fn`): H is 128 or
-    256 (16 or 32 query chunks a row, summed within a warp; the query columns, a multiple of 8
-    (`fold_columns`), then split evenly over the 128 threads). gk, t and gq are accepted for
-    the callers' sake: every key group and query shape folds."""
-    del gk, t, gq
-    return h in (128, 256)
-
-
-def folds_by_default(gk: int, h: int, t: int, gq: int) -> bool:
-    """Where `fold_scales=None` folds: where it can and a key group spans whole tiles (Gk >= 64).
-    With several groups a tile the builds take the kernel to 138 registers and 62.5 KB of shared
-    memory, 3 CTAs per SM instead of 4 (H200, KIVI-2 at 128k and Gk = 32: 0.42-0.43 ms folded,
-    0.38 ms not; BENCHMARKS.md)."""
-    return gk >= TILE and can_fold_scales(gk, h, t, gq)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "gk", "gv", "scale", "splits", "stages", "overlap_v",
