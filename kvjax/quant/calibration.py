@@ -82,19 +82,21 @@ def collect(model, tokens, grads: bool = False) -> dict:
     empty = SlotKV.empty(1, cfg.num_kv_heads, t, cfg.head_dim, jnp.float32)
     ctx = LayerContext(0, cfg, "prefill", True, t, 0)
 
-    def loss(pert):
+    # the weights are an argument, not a closure: closed over, they would be folded into the
+    # program as constants (slow to compile, and hundreds of MB in a persistent compilation cache)
+    def loss(pert, params):
         layers = tuple((empty, dk, dv) for dk, dv in pert)
         state = KVState(layers=layers, lengths=jnp.zeros((1,), jnp.int32))
-        logits, st = forward(model.params, toks, pos, state, config=cfg, policy=_Probe(), ctx=ctx, dtype=jnp.float32)
+        logits, st = forward(params, toks, pos, state, config=cfg, policy=_Probe(), ctx=ctx, dtype=jnp.float32)
         logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
         nll = -jnp.mean(jnp.take_along_axis(logp, toks[0, 1:, None], axis=-1))
         return nll, st
 
     pert = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers))
     if grads:
-        (_, st), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(pert)
+        (_, st), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(pert, model.params)
     else:
-        _, st = jax.jit(loss)(pert)
+        _, st = jax.jit(loss)(pert, model.params)
     kpost = jnp.stack([layer[0].k[0] for layer in st.layers])  # [L, N, T, H]
     v = jnp.stack([layer[0].v[0] for layer in st.layers])
     hpos = jnp.broadcast_to(jnp.arange(t)[None, None], kpost.shape[:3])
