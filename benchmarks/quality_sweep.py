@@ -17,6 +17,7 @@
     python benchmarks/quality_sweep.py run issue7_4k_more  # 4k: the other tasks, both engines
     python benchmarks/quality_sweep.py run issue7_mix      # 2k: the multi-task mix, both engines
     python benchmarks/quality_sweep.py run issue7_mix_4k   # 4k: the multi-task mix, both engines
+    python benchmarks/quality_sweep.py status issue7_quant # cells recorded, and the keys of those left
     python benchmarks/quality_sweep.py table issue3        # markdown for BENCHMARKS.md
     python benchmarks/quality_sweep.py report issue7       # docs/quality/issue7: report.md + PNG plots
 
@@ -98,10 +99,14 @@ GRIDS = {
     "issue7_merging_4k": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
                               methods=MERGING, trials=3, batch_size=3, out="issue7"),
     # the quantized caches at 2k: the options of issue7 / issue7_more / issue7_mix; every
-    # "inside" cell before the "excluded" ones (mode_first)
+    # "inside" cell before the "excluded" ones (mode_first). The question-excluded placement
+    # only for ZipCache: it is the one quantizer whose choice (which tokens keep more bits)
+    # reads attention scores, so the question's place can change it; the others quantize every
+    # token the same way wherever the question is.
     "issue7_quant": dict(tasks=["passkey", "kv_retrieval", "prefix_suffix", "qa", "majority", "mix"], contexts=[2048],
                          modes=["inside", "excluded"], engines=["kvjax"], methods=("dense",) + QUANT, trials=3,
-                         batch_size=3, excluded_tasks=["passkey", "kv_retrieval", "qa"], out="issue7", mode_first=True,
+                         batch_size=3, excluded_tasks=["passkey", "kv_retrieval", "qa"],
+                         excluded_methods=("dense", "zipcache"), out="issue7", mode_first=True,
                          options={**TUNED_2K, "mix": {"pairs": 1}}),
     # ... and at 4k (the options of issue7_4k / issue7_4k_more), 2-bit specs first
     "issue7_quant_4k": dict(tasks=["passkey", "qa", "kv_retrieval"], contexts=[4096], modes=["inside"],
@@ -117,9 +122,9 @@ def _out(grid: str) -> str:
     return os.path.join(ROOT, "docs", "quality", "runs", name)
 
 
-def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None, out: str | None = None) -> None:
-    from kvjax.eval import kvpress_bridge, sweep
-    from kvjax.loaders import load
+def plan_grid(grid: str, engines: list[str] | None = None) -> list:
+    """The grid's cells (`kvjax.eval.sweep.Cell`), in the order they run."""
+    from kvjax.eval import sweep
     from kvjax.policies import REGISTRY
 
     g = GRIDS[grid]
@@ -134,10 +139,33 @@ def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None
                             [engine])
     if "excluded_tasks" in g:  # the question-excluded placement only for these tasks
         cells = [c for c in cells if c.mode != "excluded" or c.task in g["excluded_tasks"]]
+    if "excluded_methods" in g:  # ... and only for these methods
+        cells = [c for c in cells if c.mode != "excluded" or c.policy.split(":")[0] in g["excluded_methods"]]
     if g.get("mode_first"):  # every "inside" cell, then the "excluded" ones
         cells.sort(key=lambda c: (c.context, c.mode != "inside", g["tasks"].index(c.task), c.engine))
     else:
         cells.sort(key=lambda c: (c.context, g["tasks"].index(c.task), c.mode, c.engine))  # grid order
+    return cells
+
+
+def status(grid: str, engines: list[str] | None = None, out: str | None = None) -> str:
+    """How many of the grid's cells are recorded in its folder, and which are left."""
+    from kvjax.eval.sweep import is_current, read_jsonl
+
+    cells = plan_grid(grid, engines)
+    path = os.path.join(out or _out(grid), "cells.jsonl")
+    done = {r["engine"] + "|" + "|".join(str(r[k]) for k in ("task", "policy", "context", "seed", "mode"))
+            for r in read_jsonl(path) if is_current(r)}  # as run_sweep counts them
+    left = [c.key for c in cells if c.key not in done]
+    return "\n".join([f"{grid}: {len(cells) - len(left)} of {len(cells)} cells recorded in {path}"] + left)
+
+
+def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None, out: str | None = None) -> None:
+    from kvjax.eval import kvpress_bridge, sweep
+    from kvjax.loaders import load
+
+    g = GRIDS[grid]
+    cells = plan_grid(grid, engines)
     model = load(model_path)
     hf = kvpress_bridge.load_hf(model_path) if any(c.engine == "kvpress" for c in cells) else None
     sweep.enable_compilation_cache()
@@ -186,7 +214,7 @@ def table(grid: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cmd", choices=["run", "table", "report"])
+    p.add_argument("cmd", choices=["run", "status", "table", "report"])
     p.add_argument("grid", choices=sorted(GRIDS))
     p.add_argument("--engines", help="run only these of the grid's engines (comma-separated), e.g. kvjax")
     p.add_argument("--model", default="smollm2", help="the SmolLM2 GGUF by path (e.g. on a machine without the package)")
@@ -195,6 +223,8 @@ def main() -> None:
     a = p.parse_args()
     if a.cmd == "run":
         run(a.grid, a.model, a.engines.split(",") if a.engines else None, a.out)
+    elif a.cmd == "status":
+        print(status(a.grid, a.engines.split(",") if a.engines else None, a.out))
     elif a.cmd == "table":
         print(table(a.grid))
     else:
