@@ -150,14 +150,13 @@ def plan_grid(grid: str, engines: list[str] | None = None) -> list:
 
 def status(grid: str, engines: list[str] | None = None, out: str | None = None) -> str:
     """How many of the grid's cells are recorded in its folder, and which are left."""
-    from kvjax.eval.sweep import is_current, read_jsonl
+    from kvjax.eval.sweep import recorded_keys
 
     cells = plan_grid(grid, engines)
-    path = os.path.join(out or _out(grid), "cells.jsonl")
-    done = {r["engine"] + "|" + "|".join(str(r[k]) for k in ("task", "policy", "context", "seed", "mode"))
-            for r in read_jsonl(path) if is_current(r)}  # as run_sweep counts them
+    folder = out or _out(grid)
+    done = recorded_keys(folder)
     left = [c.key for c in cells if c.key not in done]
-    return "\n".join([f"{grid}: {len(cells) - len(left)} of {len(cells)} cells recorded in {path}"] + left)
+    return "\n".join([f"{grid}: {len(cells) - len(left)} of {len(cells)} cells recorded in {folder}"] + left)
 
 
 def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None, out: str | None = None) -> None:

@@ -284,6 +284,13 @@ def check_inputs(model, cells: list[Cell], text: str) -> None:
                              f"{model.config.max_position}, minus 64 tokens for questions and answers)")
 
 
+def recorded_keys(out: str) -> set[str]:
+    """`Cell.key`s of the cells finished in folder `out` (its cells.jsonl) by their tasks'
+    current generator versions: the cells a resumed `run_sweep` skips."""
+    return {r["engine"] + "|" + "|".join(str(r[k]) for k in ("task", "policy", "context", "seed", "mode"))
+            for r in read_jsonl(os.path.join(out, "cells.jsonl")) if is_current(r)}
+
+
 def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-judges", batch_size: int = 5,
               options: dict | None = None, progress: bool = True, hf=None) -> list[dict]:
     """Run every unfinished cell (see module doc); returns all finished cell records.
@@ -293,8 +300,7 @@ def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-
     haystack = load_text(text)  # the episodes are woven into this text, not into its name
     os.makedirs(out, exist_ok=True)
     paths = {"cells_path": os.path.join(out, "cells.jsonl"), "parts_path": os.path.join(out, "parts.jsonl")}
-    done = {r["engine"] + "|" + "|".join(str(r[k]) for k in ("task", "policy", "context", "seed", "mode"))
-            for r in read_jsonl(paths["cells_path"]) if is_current(r)}
+    done = recorded_keys(out)
     parts = {(p["key"], p["batch"]): p for p in read_jsonl(paths["parts_path"]) if is_current(p)}
     state = {**paths, "parts": parts, "failed": set()}
     todo = [c for c in cells if c.key not in done]
