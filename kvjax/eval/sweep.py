@@ -287,8 +287,8 @@ def check_inputs(model, cells: list[Cell], text: str) -> None:
 def recorded_keys(out: str) -> set[str]:
     """`Cell.key`s of the cells finished in folder `out` (its cells.jsonl) by their tasks'
     current generator versions: the cells a resumed `run_sweep` skips."""
-    return {r["engine"] + "|" + "|".join(str(r[k]) for k in ("task", "policy", "context", "seed", "mode"))
-            for r in read_jsonl(os.path.join(out, "cells.jsonl")) if is_current(r)}
+    fields = [f.name for f in dataclasses.fields(Cell)]
+    return {Cell(*(r[k] for k in fields)).key for r in read_jsonl(os.path.join(out, "cells.jsonl")) if is_current(r)}
 
 
 def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-judges", batch_size: int = 5,
