@@ -35,9 +35,11 @@ Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
      code) straight from `lop3`; O^T [H, NB] += A @ B on the tensor cores; the offset and the zero
      points come back exactly through per-column sums (sum_t p * v_zero - 128 * sum_t B), kept
      per thread and reduced after the loop.
-The split-K partials (and the full-precision residual window, done in XLA) are merged through
-their LSEs (`_kivi_mgpu_epilogue.py`). On CPU the tests check the layout, a numpy model of the kernel's arithmetic and the
-lowering for a CUDA target (Mosaic GPU has no interpreter for wgmma); the kernel itself is
+The split-K partials are finished, the full-precision residual window attended and all of them
+merged through their maxima in one more (Triton-lowered) kernel (`_kivi_mgpu_merge.py`; its jnp
+reference, and the fallback, is `_kivi_mgpu_epilogue.py`). On CPU the tests check the layout,
+a numpy model of the kernel's arithmetic, the merge in interpret mode and the lowering for a CUDA
+target (Mosaic GPU has no interpreter for wgmma); the kernel itself is
 checked against the jnp reference on the GPU (`tests/test_kernel_quantized_decode_mgpu.py`,
 `tests/test_quant_kivi_fragments.py`, `benchmarks/kernels_bench.py`). Measured in BENCHMARKS.md
 ("Kernels"): 2.1-3.0x cuDNN's bf16 decode at 128k on an H200.
@@ -58,6 +60,7 @@ from ._decode_common import per_head
 from ._kivi_mgpu_epilogue import assemble, residual_partial
 from ._kivi_mgpu_fold import (add_columns_fn, can_fold_scales, fold_columns, fold_query_fn, folds_by_default,
                               group_columns_fn)
+from ._kivi_mgpu_merge import merge_partials
 from ._kivi_mgpu_registers import commit_any_fn, expand_fn, tile_fn, unpack_fn
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
                              to_fragment_layout)
@@ -342,7 +345,7 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
                                     res_lengths=None, scale: float | None = None, num_splits: int | None = None,
                                     stages: int = 4, tiles_per_step: int | None = None, overlap_v: bool = True,
                                     mask_cond: bool = True, auto_barriers: bool = False, lazy_rescale: bool = True,
-                                    fold_scales: bool | None = None):
+                                    fold_scales: bool | None = None, merge: str | None = None):
     """KIVI decode attention on Hopper (module doc). q [B, T, Nq, H] bf16; fr: the cache in the
     fragment layout (`to_fragment_layout`); lengths [B] or [B, N] valid quantized tokens; the
     residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`.
@@ -355,7 +358,10 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     LAZY_TAU = 8 in log2 units: probabilities stay <= 2^8; False rescales every tile), fold_scales
     (fold the key scales into the query once per key group, so keys enter the product as 128 +
     f * code straight from `lop3` and no key scale sits in registers; None: where it pays,
-    `folds_by_default`).
+    `folds_by_default`), merge (how the split partials and the residual window are merged:
+    "triton", one Triton-lowered kernel (`_kivi_mgpu_merge.py`), or "xla", about 15 small XLA
+    kernels (`_kivi_mgpu_epilogue.assemble`); None: "triton" where H, Gv, num_splits, the padded
+    query rows (`padded_rows`) and the residual window's length are powers of two).
     Returns (out [B, T, Nq, H] bf16, lse [B, T, Nq] float32)."""
     b, t, nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
     tps = tiles_per_step
@@ -382,17 +388,26 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     if fold_scales and not can_fold:
         raise ValueError(f"fold_scales=True needs a head_dim H of 128 or 256 (got {h})")
     fold_scales = folds_by_default(gk, h, t, nq // n) if fold_scales is None else fold_scales
+    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
+    triton_ok = (pow2(h) and pow2(gv) and pow2(num_splits) and pow2(padded_rows(t * (nq // n)))
+                 and (k_res is None or pow2(k_res.shape[2])))
+    if merge is None:
+        merge = "triton" if triton_ok else "xla"
+    if merge not in ("triton", "xla") or (merge == "triton" and not triton_ok):
+        raise ValueError(f"merge={merge!r} must be 'xla', or 'triton' where H={h}, Gv={gv}, num_splits={num_splits}, "
+                         f"the padded query rows {padded_rows(t * (nq // n))} and the residual window's length "
+                         f"{None if k_res is None else k_res.shape[2]} are powers of two")
     return _mgpu_jit(q, fr, lengths, k_res, v_res, None if res_lengths is None else per_head(res_lengths, b, n,
                      "res_lengths"), bits=bits, gk=gk, gv=gv, scale=scale, splits=num_splits, stages=stages,
                      overlap_v=overlap_v, mask_cond=mask_cond, tiles_per_step=tps, auto_barriers=auto_barriers,
-                     lazy_rescale=lazy_rescale, fold_scales=fold_scales)
+                     lazy_rescale=lazy_rescale, fold_scales=fold_scales, merge=merge)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "gk", "gv", "scale", "splits", "stages", "overlap_v",
                                              "mask_cond", "tiles_per_step", "auto_barriers", "lazy_rescale",
-                                             "fold_scales"))
+                                             "fold_scales", "merge"))
 def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale, splits, stages, overlap_v,
-              mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold_scales):
+              mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold_scales, merge):
     t = q.shape[1]
     qb, qr, rows_q, rows_p = query_columns(q, fr.words.shape[1])
     if fold_scales:  # the query rows once per key group of a tile (`fold_columns`)
@@ -401,8 +416,13 @@ def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale,
                                           scale=scale, stages=stages, overlap_v=overlap_v, mask_cond=mask_cond,
                                           tiles_per_step=tiles_per_step, auto_barriers=auto_barriers,
                                           lazy_rescale=lazy_rescale, fold=fold_scales)
+    if k_res is not None:
+        res_lengths = jnp.minimum(res_lengths, k_res.shape[2])
+    if merge == "triton":
+        return merge_partials((acc, corr, lsum, m), qr, k_res, v_res, res_lengths, rows_q=rows_q, rows_p=rows_p,
+                              gv=gv, t=t, scale=scale, out_dtype=q.dtype)
     residual = None
     if k_res is not None:
-        residual = residual_partial(qr, k_res, v_res, jnp.minimum(res_lengths, k_res.shape[2]), t=t, scale=scale)
+        residual = residual_partial(qr, k_res, v_res, res_lengths, t=t, scale=scale)
     out, lse = assemble((acc, corr, lsum, m), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
     return out.astype(q.dtype), lse

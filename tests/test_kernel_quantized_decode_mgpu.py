@@ -308,6 +308,7 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     (dict(), dict(gv=1), r"value group Gv=1 must be even and divide H=128"),
     (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
     (dict(fold_scales=True, h=64), dict(h=64), r"fold_scales=True needs a head_dim H of 128 or 256 \(got 64\)"),
+    (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128, Gv=32, num_splits=2"),
 ])
 def test_bad_input_names_the_value(kw, fr_kw, match):
     bits = kw.get("bits", 2)
@@ -315,7 +316,7 @@ def test_bad_input_names_the_value(kw, fr_kw, match):
     with pytest.raises(ValueError, match=match):
         mg.quantized_decode_attention_mgpu(q, _frags(**fr_kw), jnp.array([256]), bits=bits,
                                            tiles_per_step=kw.get("tiles_per_step", 2),
-                                           fold_scales=kw.get("fold_scales"))
+                                           fold_scales=kw.get("fold_scales"), merge=kw.get("merge"))
 
 
 def test_to_fragment_layout_rejects_a_context_off_the_tile():
@@ -343,3 +344,37 @@ def test_residual_window_part_matches_the_reference(rng):
     ro, rlse = qda.quantized_decode_attention_reference(q, *cache, jnp.zeros((b, n), jnp.int32), bits=2, k_res=kr,
                                                         v_res=vr, res_lengths=rl)
     assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, "residual part")  # the reference returns bf16
+
+
+@pytest.mark.parametrize("bits,t,nq,n,h,gk,gv,r", [
+    (2, 1, 8, 2, 128, 32, 32, 32),    # GQA 4, the benchmark's groups, a residual window
+    (4, 2, 4, 2, 64, 64, 64, 16),     # speculative T=2, one value group
+    (2, 1, 6, 2, 64, 32, 32, None),   # GQA 3: rows padded to 4, no residual window
+    (2, 3, 4, 2, 64, 16, 16, 32),     # T=3: six rows padded to 8; ragged windows
+])
+def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r):
+    """`_kivi_mgpu_merge.merge_partials` (one Triton kernel, interpret mode here) equals its jnp
+    reference — `assemble` with `residual_partial` — on the kernel model's partials, with empty
+    splits, a row that sees nothing, and residual windows of every length up to R."""
+    from kvjax.pallas_kernels._kivi_mgpu_merge import merge_partials
+
+    b, s, splits = 2, 256, 4
+    cache = _cache(rng, b, n, s, h, bits, gk, gv)
+    fr = mg.to_fragment_layout(*cache, bits=bits)
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
+    lengths = jnp.asarray([[s, 100], [0, 77]], jnp.int32)  # splits past a row's length stay empty
+    qb, qr, rows_q, rows_p = mg.query_columns(q, n)
+    scale = h**-0.5
+    parts = tuple(map(jnp.asarray, _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p,
+                                                   splits=splits, scale=scale)))
+    res, residual = (), None
+    if r is not None:
+        kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
+        rl = jnp.asarray([[r, 3], [0, r - 1]], jnp.int32)  # row (1, 0) sees no token at all
+        res, residual = (kr, vr, rl), residual_partial(qr, kr, vr, rl, t=t, scale=scale)
+    want, want_lse = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
+    got, got_lse = merge_partials(parts, qr, *res, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, scale=scale,
+                                  out_dtype=jnp.float32, interpret=True)
+    assert_attention_close(got, got_lse, want, want_lse, jnp.float32, "triton merge")
+    if r is not None:
+        assert not np.isfinite(np.asarray(got_lse)[1, :, : nq // n]).any()  # (row 1, head 0): nothing seen

@@ -1,0 +1,84 @@
+"""Where the Hopper KIVI decode call spends its time (B8 Hq32 Hkv8 D128, 128k, KIVI-2): the whole
+call against cuDNN's bf16 dense decode (merging the splits and the residual window in one Triton
+kernel, or in XLA), then its parts timed alone: the Pallas kernel's partials, the Triton merge,
+the XLA epilogue (`assemble`) and the XLA residual window. Prints a table; run on a Hopper GPU:
+
+    source benchmarks/gpu_env.sh && python3 benchmarks/kivi_mgpu_breakdown.py [G ...]
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def bench(fn, *args, n=30, reps=7):
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        outs = [fn(*args) for _ in range(n)]
+        jax.block_until_ready(outs)
+        samples.append((time.perf_counter() - t0) / n)
+    samples.sort()
+    return samples[len(samples) // 2] * 1e3
+
+
+def main(groups):
+    from kvjax.pallas_kernels import _kivi_mgpu_epilogue as ep
+    from kvjax.pallas_kernels import _kivi_mgpu_merge as mrg
+    from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
+
+    b, nq, n, s, h, r, bits = 8, 32, 8, 131072, 128, 128, 2
+    ks = jax.random.split(jax.random.key(0), 9)
+    q = jax.random.normal(ks[6], (b, 1, nq, h), jnp.bfloat16)
+    kd, vd = (jax.random.normal(k, (b, s, n, h), jnp.bfloat16) for k in ks[7:9])
+    rows = [("cuDNN bf16 dense", bench(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, implementation="cudnn")), q, kd, vd))]
+    del kd, vd
+    kr = jax.random.normal(ks[2], (b, n, r, h), jnp.bfloat16)
+    lens = jnp.full((b,), s, jnp.int32)
+    rl = jnp.full((b,), r, jnp.int32)
+    for gk in groups:
+        w = 64 * h * bits // 32
+        fr = mg.KiviFragments(jax.random.bits(ks[0], (b, n, s // 64, 2, w), jnp.uint32),
+                              (jax.random.uniform(ks[1], (b, n, s // gk, 2, h)) * 0.1).astype(jnp.bfloat16),
+                              (jax.random.uniform(ks[4], (b, n, s // 64, 2, h // gk, 64)) * 0.1).astype(jnp.bfloat16))
+        for merge, splits in (("triton", None), ("xla", None), ("triton", 8), ("triton", 32)):
+            full = jax.jit(lambda q, fr, kr, splits=splits, merge=merge: mg.quantized_decode_attention_mgpu(
+                q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, num_splits=splits, merge=merge))
+            rows.append((f"G{gk} full call, merge={merge}, splits={splits}", bench(full, q, fr, kr)))
+        bare = jax.jit(lambda q, fr: mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits))
+        rows.append((f"G{gk} no residual window", bench(bare, q, fr)))
+        tps = 2
+        fold = mg.folds_by_default(gk, h, 1, nq // n)
+        splits = 16
+        qb, qr, rows_q, rows_p = mg.query_columns(q, n)
+        if fold:
+            qb = jnp.tile(qb[:, :, :rows_p], (1, 1, mg.fold_columns(rows_p, gk) // rows_p, 1))
+        kern = jax.jit(lambda qb, fr: mg._kernel_partials(
+            qb, fr, jnp.full((b, n), s, jnp.int32), bits=bits, gk=gk, gv=gk, rows_q=rows_p, splits=splits,
+            scale=h**-0.5, stages=4, overlap_v=True, mask_cond=True, tiles_per_step=tps, auto_barriers=False,
+            lazy_rescale=True, fold=fold))
+        rows.append((f"G{gk} kernel partials only", bench(kern, qb, fr)))
+        parts = jax.block_until_ready(kern(qb, fr))
+        asm = jax.jit(lambda parts: ep.assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gk, t=1))
+        rows.append((f"G{gk} XLA assemble only (no residual)", bench(asm, parts)))
+        tri = jax.jit(lambda parts, qr, kr: mrg.merge_partials(parts, qr, kr, kr, rl[:, None] + jnp.zeros(
+            (b, n), jnp.int32), rows_q=rows_q, rows_p=rows_p, gv=gk, t=1, scale=h**-0.5))
+        rows.append((f"G{gk} Triton merge only (with the residual)", bench(tri, parts, qr, kr)))
+        res = jax.jit(lambda qr, kr: ep.residual_partial(qr, kr, kr, rl[:, None] + jnp.zeros((b, n), jnp.int32), t=1,
+                                                         scale=h**-0.5))
+        rows.append((f"G{gk} XLA residual window only", bench(res, qr, kr)))
+    base = rows[0][1]
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print("| part | ms | x cuDNN |\n|---|---|---|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.4f} | {base / ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main([int(g) for g in sys.argv[1:]] or [32, 128])
