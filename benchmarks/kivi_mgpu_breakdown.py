@@ -3,7 +3,9 @@ call against cuDNN's bf16 dense decode (merging the splits and the residual wind
 kernel, or in XLA), then its parts timed alone: the Pallas kernel's partials, the Triton merge,
 the XLA epilogue (`assemble`) and the XLA residual window. Prints a table; run on a Hopper GPU:
 
-    source benchmarks/gpu_env.sh && python3 benchmarks/kivi_mgpu_breakdown.py [G ...]
+    source benchmarks/gpu_env.sh && python3 benchmarks/kivi_mgpu_breakdown.py [G ...] [--trace]
+
+--trace prints instead the GPU time of every kernel of one call (a jax.profiler trace).
 """
 from __future__ import annotations
 
@@ -25,6 +27,34 @@ def bench(fn, *args, n=30, reps=7):
         samples.append((time.perf_counter() - t0) / n)
     samples.sort()
     return samples[len(samples) // 2] * 1e3
+
+
+def kernel_times(fn, *args, calls=20):
+    """GPU time per kernel name (us per call) over `calls` calls, from a jax.profiler trace."""
+    import glob
+    import gzip
+    import json
+    import tempfile
+    from collections import defaultdict
+
+    jax.block_until_ready(fn(*args))
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d, create_perfetto_trace=True)
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
+    trace = json.load(gzip.open(path))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    total = defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and "GPU" in pids.get(e.get("pid"), ""):
+            total[e["name"][:60]] += e.get("dur", 0) / calls
+    if not total:
+        print("no GPU events; processes in the trace:", sorted(pids.values()))
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
 
 def main(groups):
@@ -51,6 +81,14 @@ def main(groups):
             full = jax.jit(lambda q, fr, kr, splits=splits, merge=merge: mg.quantized_decode_attention_mgpu(
                 q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, num_splits=splits, merge=merge))
             rows.append((f"G{gk} full call, merge={merge}, splits={splits}", bench(full, q, fr, kr)))
+        if "--trace" in sys.argv:
+            for merge in ("triton", "xla"):
+                full = jax.jit(lambda q, fr, kr, merge=merge: mg.quantized_decode_attention_mgpu(
+                    q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, merge=merge))
+                print(f"G{gk} merge={merge}: GPU us per call by kernel:")
+                for name, us in kernel_times(full, q, fr, kr).items():
+                    print(f"    {us:9.2f}  {name}")
+            continue
         bare = jax.jit(lambda q, fr: mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits))
         rows.append((f"G{gk} no residual window", bench(bare, q, fr)))
         tps = 2
@@ -81,4 +119,5 @@ def main(groups):
 
 
 if __name__ == "__main__":
-    main([int(g) for g in sys.argv[1:]] or [32, 128])
+    main([int(g) for g in sys.argv[1:] if not g.startswith("--")] or [32, 128])
+

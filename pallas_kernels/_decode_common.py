@@ -83,10 +83,15 @@ def merge_splits(o, lse, axis: int = 2):
 
 def per_head(x, b: int, n: int, name: str):
     """Lengths given per row [B] or per (row, kv head) [B, N] -> int32 [B, N]."""
+    x = checked_lengths(x, b, n, name)
+    return jnp.broadcast_to(x[:, None], (b, n)) if x.ndim == 1 else x
+
+
+def checked_lengths(x, b: int, n: int, name: str):
+    """Lengths given per row [B] or per (row, kv head) [B, N] -> int32, same shape (kernels that
+    index either shape themselves save the broadcast's launch)."""
     x = jnp.asarray(x, jnp.int32)
-    if x.shape == (b,):
-        return jnp.broadcast_to(x[:, None], (b, n))
-    if x.shape != (b, n):
+    if x.shape not in ((b,), (b, n)):
         raise ValueError(f"{name} must be [B]=({b},) or [B, N]=({b}, {n}); got shape {x.shape}")
     return x
 

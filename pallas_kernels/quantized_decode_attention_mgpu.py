@@ -56,7 +56,7 @@ import numpy as np
 from jax import lax
 
 from ._compat import pl, plgpu
-from ._decode_common import per_head
+from ._decode_common import checked_lengths, per_head
 from ._kivi_mgpu_epilogue import assemble, residual_partial
 from ._kivi_mgpu_fold import (add_columns_fn, can_fold_scales, fold_columns, fold_query_fn, folds_by_default,
                               group_columns_fn)
@@ -141,7 +141,7 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         si, ni, bi = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
         plgpu.copy_gmem_to_smem(qb_ref.at[bi, ni], q_smem, bar)
         plgpu.barrier_wait(bar)
-        length = len_ref[bi, ni]
+        length = len_ref[bi, ni] if lengths.ndim == 2 else len_ref[bi]  # (past S: no tile crosses it)
         first = si * steps * tps  # first tile of this split
 
         def tile_step(tile, t, words, ksz, vsz, carry):
@@ -349,7 +349,8 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     """KIVI decode attention on Hopper (module doc). q [B, T, Nq, H] bf16; fr: the cache in the
     fragment layout (`to_fragment_layout`); lengths [B] or [B, N] valid quantized tokens; the
     residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`.
-    Tuning: num_splits (split-K programs per (row, KV head); None: about 8 CTAs per SM), stages
+    Tuning: num_splits (split-K programs per (row, KV head); None: at most 4 CTAs per SM, one wave
+    on an H100/H200: more splits cost the merge more than their balance gains), stages
     (pipeline depth), tiles_per_step (64-token tiles per pipeline step; None: 2 for 2-bit codes,
     whose tiles are short enough that the step's bookkeeping shows, else 1), overlap_v (unpack the values
     while the key product runs), mask_cond (mask only the tiles that cross a row's length),
@@ -360,8 +361,8 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     f * code straight from `lop3` and no key scale sits in registers; None: where it pays,
     `folds_by_default`), merge (how the split partials and the residual window are merged:
     "triton", one Triton-lowered kernel (`_kivi_mgpu_merge.py`), or "xla", about 15 small XLA
-    kernels (`_kivi_mgpu_epilogue.assemble`); None: "triton" where H, Gv, num_splits, the padded
-    query rows (`padded_rows`) and the residual window's length are powers of two).
+    kernels (`_kivi_mgpu_epilogue.assemble`); None: "triton" where H, num_splits, the kernel's
+    score and correction columns and the residual window's length are powers of two).
     Returns (out [B, T, Nq, H] bf16, lse [B, T, Nq] float32)."""
     b, t, nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
     tps = tiles_per_step
@@ -377,28 +378,30 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     fits = lambda p: tiles % (p * tps) == 0 and (tiles // p * TILE) % gk == 0  # noqa: E731
     if num_splits is None:
         num_splits = 1
-        while num_splits * 2 * b * n <= 132 * 8 and fits(num_splits * 2):
+        while num_splits * 2 * b * n <= 132 * 4 and fits(num_splits * 2):
             num_splits *= 2
     if not fits(num_splits):
         raise ValueError(f"S/64 = {tiles} tiles must be a multiple of num_splits * tiles_per_step = {num_splits} * "
                          f"{tps}, and each split's {tiles // max(num_splits, 1) * TILE} tokens a multiple of the key "
                          f"group Gk={gk}")
-    lengths = jnp.minimum(per_head(lengths, b, n, "lengths"), s)
+    lengths = checked_lengths(lengths, b, n, "lengths")
     can_fold = can_fold_scales(gk, h, t, nq // n)
     if fold_scales and not can_fold:
         raise ValueError(f"fold_scales=True needs a head_dim H of 128 or 256 (got {h})")
     fold_scales = folds_by_default(gk, h, t, nq // n) if fold_scales is None else fold_scales
     pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
-    triton_ok = (pow2(h) and pow2(gv) and pow2(num_splits) and pow2(padded_rows(t * (nq // n)))
-                 and (k_res is None or pow2(k_res.shape[2])))
+    rows_p = padded_rows(t * (nq // n))
+    ns = _score_columns(rows_p)
+    sizes = (h, num_splits, ns, math.lcm(ns, h // gv * rows_p)) + (() if k_res is None else (k_res.shape[2],))
     if merge is None:
-        merge = "triton" if triton_ok else "xla"
-    if merge not in ("triton", "xla") or (merge == "triton" and not triton_ok):
-        raise ValueError(f"merge={merge!r} must be 'xla', or 'triton' where H={h}, Gv={gv}, num_splits={num_splits}, "
-                         f"the padded query rows {padded_rows(t * (nq // n))} and the residual window's length "
+        merge = "triton" if all(map(pow2, sizes)) else "xla"
+    if merge not in ("triton", "xla") or (merge == "triton" and not all(map(pow2, sizes))):
+        raise ValueError(f"merge={merge!r} must be 'xla', or 'triton' where H={h}, num_splits={num_splits}, the "
+                         f"score and correction columns {sizes[2:4]} and the residual window's length "
                          f"{None if k_res is None else k_res.shape[2]} are powers of two")
-    return _mgpu_jit(q, fr, lengths, k_res, v_res, None if res_lengths is None else per_head(res_lengths, b, n,
-                     "res_lengths"), bits=bits, gk=gk, gv=gv, scale=scale, splits=num_splits, stages=stages,
+    res_lengths = None if res_lengths is None else checked_lengths(res_lengths, b, n, "res_lengths")
+    return _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, bits=bits, gk=gk, gv=gv, scale=scale,
+                     splits=num_splits, stages=stages,
                      overlap_v=overlap_v, mask_cond=mask_cond, tiles_per_step=tps, auto_barriers=auto_barriers,
                      lazy_rescale=lazy_rescale, fold_scales=fold_scales, merge=merge)
 
@@ -416,13 +419,12 @@ def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale,
                                           scale=scale, stages=stages, overlap_v=overlap_v, mask_cond=mask_cond,
                                           tiles_per_step=tiles_per_step, auto_barriers=auto_barriers,
                                           lazy_rescale=lazy_rescale, fold=fold_scales)
-    if k_res is not None:
-        res_lengths = jnp.minimum(res_lengths, k_res.shape[2])
     if merge == "triton":
         return merge_partials((acc, corr, lsum, m), qr, k_res, v_res, res_lengths, rows_q=rows_q, rows_p=rows_p,
                               gv=gv, t=t, scale=scale, out_dtype=q.dtype)
     residual = None
     if k_res is not None:
+        res_lengths = jnp.minimum(per_head(res_lengths, *k_res.shape[:2], "res_lengths"), k_res.shape[2])
         residual = residual_partial(qr, k_res, v_res, res_lengths, t=t, scale=scale)
     out, lse = assemble((acc, corr, lsum, m), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
     return out.astype(q.dtype), lse

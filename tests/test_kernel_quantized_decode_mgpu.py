@@ -261,6 +261,7 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
                                                         res_lengths=rl)
     assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, f"kivi{bits} G{gk} mgpu lazy={lazy} ramp={ramp}")
     variants = [dict(lazy_rescale=False)] if lazy else []  # a rescale every tile
+    variants.append(dict(lazy_rescale=lazy, merge="xla"))  # the XLA epilogue instead of the Triton merge
     if mg.can_fold_scales(gk, h, t, nq // n):  # dequantized keys against a scaled query, the other way round
         variants.append(dict(lazy_rescale=lazy, fold_scales=not mg.folds_by_default(gk, h, t, nq // n)))
     for kw in variants:  # equal up to bf16 roundings of the probabilities / of the keys or the scaled query
@@ -308,7 +309,7 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     (dict(), dict(gv=1), r"value group Gv=1 must be even and divide H=128"),
     (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
     (dict(fold_scales=True, h=64), dict(h=64), r"fold_scales=True needs a head_dim H of 128 or 256 \(got 64\)"),
-    (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128, Gv=32, num_splits=2"),
+    (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128, num_splits=2"),
 ])
 def test_bad_input_names_the_value(kw, fr_kw, match):
     bits = kw.get("bits", 2)
@@ -371,10 +372,13 @@ def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r
     if r is not None:
         kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
         rl = jnp.asarray([[r, 3], [0, r - 1]], jnp.int32)  # row (1, 0) sees no token at all
-        res, residual = (kr, vr, rl), residual_partial(qr, kr, vr, rl, t=t, scale=scale)
+        residual = residual_partial(qr, kr, vr, rl, t=t, scale=scale)
+        res = (kr, vr, rl if t != 2 else jnp.asarray([r + 5, 0], jnp.int32))  # [B] lengths, one past R
+        if t == 2:
+            residual = residual_partial(qr, kr, vr, jnp.asarray([[r, r], [0, 0]], jnp.int32), t=t, scale=scale)
     want, want_lse = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
     got, got_lse = merge_partials(parts, qr, *res, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, scale=scale,
                                   out_dtype=jnp.float32, interpret=True)
     assert_attention_close(got, got_lse, want, want_lse, jnp.float32, "triton merge")
-    if r is not None:
-        assert not np.isfinite(np.asarray(got_lse)[1, :, : nq // n]).any()  # (row 1, head 0): nothing seen
+    if r is not None:  # (row 1, head 0): nothing seen
+        assert not np.isfinite(np.asarray(got_lse)[1, -1, : nq // n]).any()
