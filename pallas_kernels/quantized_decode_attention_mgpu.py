@@ -65,12 +65,17 @@ from ._kivi_mgpu_registers import commit_any_fn, expand_fn, tile_fn, unpack_fn
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
                              to_fragment_layout)
 
-__all__ = ["KiviFragments", "MGPU_BITS", "TILE", "can_fold_scales", "check_shapes", "folds_by_default",
+__all__ = ["KiviFragments", "MGPU_BITS", "TILE", "can_fold_scales", "check_shapes", "default_splits", "folds_by_default",
            "fragment_slots", "from_fragment_layout", "key_channel", "query_columns", "quantized_decode_attention_mgpu",
            "to_fragment_layout"]
 
 
 LAZY_TAU = 8.0  # log2 units: probabilities of a tile that keeps the running max stay <= 2^8
+# Default bound on a split's length. The value product accumulates A = 128 + f * code, whose offset
+# the column sums take out after the loop: the float32 accumulator holds ~64x the result, so its
+# rounding error grows with the split's length (H200, KIVI-2 at 128k: relative error 1.6e-3 at 4k
+# tokens a split, 2.6e-3 at 8k, 4.2e-3 at 16k; BENCHMARKS.md).
+SPLIT_TOKENS = 8192
 
 
 def _swizzle(row_bytes: int) -> int:
@@ -267,6 +272,20 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     )(qb, words, fr.k_sz, fr.v_sz.reshape(b, n, tiles * 2 * n_gc, TILE), lengths)
 
 
+def _splits_fit(p: int, *, tiles: int, tps: int, gk: int) -> bool:
+    return tiles % (p * tps) == 0 and (tiles // p * TILE) % gk == 0
+
+
+def default_splits(b: int, n: int, s: int, tps: int, gk: int, sms: int = 132) -> int:
+    """num_splits=None: doubled while the splits fit the tiles and either the B * N * splits CTAs
+    still fit one wave of 4 per SM or a split is longer than SPLIT_TOKENS."""
+    fits = functools.partial(_splits_fit, tiles=s // TILE, tps=tps, gk=gk)
+    p = 1
+    while fits(p * 2) and (p * 2 * b * n <= sms * 4 or s // p > SPLIT_TOKENS):
+        p *= 2
+    return p
+
+
 def _score_columns(rows_q: int) -> int:
     """Columns of the key product: the query rows, repeated up to 8 (wgmma's smallest N)."""
     return rows_q if rows_q % 8 == 0 else 8
@@ -349,8 +368,9 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     """KIVI decode attention on Hopper (module doc). q [B, T, Nq, H] bf16; fr: the cache in the
     fragment layout (`to_fragment_layout`); lengths [B] or [B, N] valid quantized tokens; the
     residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`.
-    Tuning: num_splits (split-K programs per (row, KV head); None: at most 4 CTAs per SM, one wave
-    on an H100/H200: more splits cost the merge more than their balance gains), stages
+    Tuning: num_splits (split-K programs per (row, KV head); None: enough for one wave of 4 CTAs
+    per SM on an H100/H200 and for splits of at most SPLIT_TOKENS tokens; fewer, longer splits
+    are a little faster and a little less precise), stages
     (pipeline depth), tiles_per_step (64-token tiles per pipeline step; None: 2 for 2-bit codes,
     whose tiles are short enough that the step's bookkeeping shows, else 1), overlap_v (unpack the values
     while the key product runs), mask_cond (mask only the tiles that cross a row's length),
@@ -375,11 +395,8 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
         raise ValueError("pass k_res, v_res and res_lengths together, or none of them")
     scale = float(h**-0.5 if scale is None else scale)
     tiles = s // TILE
-    fits = lambda p: tiles % (p * tps) == 0 and (tiles // p * TILE) % gk == 0  # noqa: E731
-    if num_splits is None:
-        num_splits = 1
-        while num_splits * 2 * b * n <= 132 * 4 and fits(num_splits * 2):
-            num_splits *= 2
+    fits = functools.partial(_splits_fit, tiles=tiles, tps=tps, gk=gk)
+    num_splits = default_splits(b, n, s, tps, gk) if num_splits is None else num_splits
     if not fits(num_splits):
         raise ValueError(f"S/64 = {tiles} tiles must be a multiple of num_splits * tiles_per_step = {num_splits} * "
                          f"{tps}, and each split's {tiles // max(num_splits, 1) * TILE} tokens a multiple of the key "

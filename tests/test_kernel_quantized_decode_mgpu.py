@@ -382,3 +382,16 @@ def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r
     assert_attention_close(got, got_lse, want, want_lse, jnp.float32, "triton merge")
     if r is not None:  # (row 1, head 0): nothing seen
         assert not np.isfinite(np.asarray(got_lse)[1, -1, : nq // n]).any()
+
+
+@pytest.mark.parametrize("b,n,s,tps,gk,want", [
+    (8, 8, 131072, 2, 32, 16),    # the benchmark: one wave is 8 splits, 8k tokens a split asks 16
+    (64, 8, 131072, 2, 32, 16),   # a big batch: the length bound alone
+    (1, 8, 131072, 2, 32, 64),    # a small one: the wave
+    (8, 8, 4096, 2, 32, 8),
+    (2, 2, 256, 2, 128, 2),       # four tiles, two a step: two splits at most
+])
+def test_default_splits_fill_one_wave_and_bound_the_split_length(b, n, s, tps, gk, want):
+    """More splits cost the merge; longer ones lose precision (the value accumulator carries the
+    codes' offset: `SPLIT_TOKENS`)."""
+    assert mg.default_splits(b, n, s, tps, gk) == want
