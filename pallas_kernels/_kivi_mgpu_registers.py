@@ -66,6 +66,28 @@ def code_position(bits: int, i: int):
     return bits * i, 0
 
 
+def value_code_position(bits: int, i: int):
+    """`code_position` for the value codes: (shift, offset), a negative shift meaning a left shift.
+    The value product accumulates 128 + f * code and takes the 128 out only after the loop (the
+    column sums), so its float32 error grows with 128 / f: values sit high in the mantissa (2-bit
+    codes at offsets 2 and 4, f = 4 and 16, four shifts a word; 4-bit codes at offset 3, f = 8,
+    one shift a position as before), four times less offset than `code_position`'s f = 1 for
+    2-bit codes and eight times less for 4-bit ones."""
+    if bits == 2:
+        offset = 2 + 2 * (i % 2)
+        return 2 * i - offset, offset
+    return bits * i - 3, 3
+
+
+def _shifted(word, shift):
+    """word >> shift (a left shift for a negative one), as i32."""
+    ir, arith, *_, utils = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    if shift > 0:
+        return arith.shrui(word, utils.c(shift, i32))
+    return arith.shli(word, utils.c(-shift, i32)) if shift else word
+
+
 def _bf16x2(x: float) -> int:
     """Two copies of float x (exact in bf16) as one 32-bit immediate."""
     hi = int(np.array(x, np.float32).view(np.uint32)) >> 16
@@ -145,11 +167,10 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
             shifted = {}
             for i in range(r):
                 rt, half, j = register_of(m * r + i, col_tiles)
-                shift, offset = code_position(bits, i)
+                shift, offset = (value_code_position if kv else code_position)(bits, i)
                 if shift not in shifted:
-                    shifted[shift] = arith.shrui(ws[m], utils.c(shift, i32)) if shift else ws[m]
+                    shifted[shift] = _shifted(ws[m], shift)
                 if pairs is None:  # values, and keys whose scales are folded into the query
-
                     x = _code_pair(shifted[shift], offset, bits)
                 else:
                     x = _dequant_pair(shifted[shift], offset, bits, pairs[0][j], pairs[1][j])
@@ -166,7 +187,7 @@ def expand_fn(nb, rows_q, n_gc, t, which, bits):
     in the WGMMA layout with element (r, j) = ref[(2 t + which) H/Gv + (j // rows_q) % (H/Gv), r]
     (tile t's per-token value-group scale (which=0) or zero (1) for every column of its group).
     Scales are divided by the factor 2^offset that `unpack_fn` leaves on the value codes of token
-    r (`code_position` of the token's group of 8, r // 8)."""
+    r (`value_code_position` of the token's group of 8, r // 8)."""
 
     def fn(ctx, ref):
         ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
@@ -180,16 +201,16 @@ def expand_fn(nb, rows_q, n_gc, t, which, bits):
         shape = fa.WGMMA_LAYOUT.registers_shape((64, nb))
         regs = np.empty(shape, dtype=object)
         inv = [None, None]
-        if which == 0 and any(code_position(bits, i)[1] for i in range(16 // bits)):
+        if which == 0:
             const = lambda x: arith.constant(f32, ir.FloatAttr.get(f32, x))  # noqa: E731
             for half in range(2):  # this thread's token groups 2 warp + half: 1 / 2^offset
                 grp8 = arith.addi(arith.muli(warp, utils.c(2, i32)), utils.c(half, i32))
                 inv[half] = const(1.0)
                 for i in range(16 // bits):
-                    if code_position(bits, i)[1]:
+                    if value_code_position(bits, i)[1]:
                         hit = arith.cmpi(arith.CmpIPredicate.eq, arith.remui(grp8, utils.c(16 // bits, i32)),
                                          utils.c(i, i32))
-                        inv[half] = arith.select(hit, const(2.0 ** -code_position(bits, i)[1]), inv[half])
+                        inv[half] = arith.select(hit, const(2.0 ** -value_code_position(bits, i)[1]), inv[half])
         for jt in range(nb // 8):
             col = arith.addi(utils.c(8 * jt, i32), arith.muli(q, utils.c(2, i32)))
             grp = arith.remui(arith.divui(col, utils.c(rows_q, i32)), utils.c(n_gc, i32))

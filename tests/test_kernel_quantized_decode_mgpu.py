@@ -395,3 +395,28 @@ def test_default_splits_fill_one_wave_and_bound_the_split_length(b, n, s, tps, g
     """More splits cost the merge; longer ones lose precision (the value accumulator carries the
     codes' offset: `SPLIT_TOKENS`)."""
     assert mg.default_splits(b, n, s, tps, gk) == want
+
+
+@pytest.mark.parametrize("which", ["code_position", "value_code_position"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_code_positions_give_exact_offset_codes(rng, which, bits):
+    """The kernel's `lop3` on (word >> shift) (a left shift when negative), modelled in numpy,
+    turns position i of each 16-bit half into bf16 128 + 2^offset * code exactly, for every
+    position; the values' positions sit higher in the mantissa than the keys' (smaller offset
+    relative to the code: the value accumulator's rounding error, `SPLIT_TOKENS`)."""
+    from kvjax.pallas_kernels import _kivi_mgpu_registers as regs
+
+    pos = getattr(regs, which)
+    words = rng.integers(0, 2**32, 256, dtype=np.uint64).astype(np.uint32)
+    for i in range(16 // bits):
+        shift, offset = pos(bits, i)
+        x = words >> np.uint32(shift) if shift >= 0 else words << np.uint32(-shift)
+        mask = np.uint32(((1 << bits) - 1) * 0x00010001 << offset)
+        out = (x & mask) | np.uint32(0x43004300)
+        for half in (0, 1):
+            got = ((out >> np.uint32(16 * half)) & np.uint32(0xFFFF)).astype(np.uint32) << np.uint32(16)
+            code = (words >> np.uint32(16 * half + bits * i)) & np.uint32((1 << bits) - 1)
+            np.testing.assert_array_equal(got.view(np.float32), 128.0 + 2.0**offset * code, err_msg=f"{i=} {half=}")
+        assert 128 + 2**offset * ((1 << bits) - 1) < 256
+    if which == "value_code_position":
+        assert min(pos(bits, i)[1] for i in range(16 // bits)) >= 2
