@@ -72,10 +72,11 @@ __all__ = ["KiviFragments", "MGPU_BITS", "TILE", "can_fold_scales", "check_shape
 
 LAZY_TAU = 8.0  # log2 units: probabilities of a tile that keeps the running max stay <= 2^8
 # Default bound on a split's length. The value product accumulates A = 128 + f * code, whose offset
-# the column sums take out after the loop: the float32 accumulator holds ~64x the result, so its
-# rounding error grows with the split's length (H200, KIVI-2 at 128k: relative error 1.6e-3 at 4k
-# tokens a split, 2.6e-3 at 8k, 4.2e-3 at 16k; BENCHMARKS.md).
-SPLIT_TOKENS = 8192
+# the column sums take out after the loop: the float32 accumulator holds more than the result, so
+# its rounding error grows with the split's length (H200, KIVI-2 at 128k, relative error against
+# the float32 reference: 0.9e-3 at 4k tokens a split, 1.3e-3 at 8k, 2.0e-3 at 16k, 3.3e-3 at 32k,
+# 1.1e-2 at 128k; `value_code_position` keeps f >= 4; BENCHMARKS.md).
+SPLIT_TOKENS = 16384
 
 
 def _swizzle(row_bytes: int) -> int:

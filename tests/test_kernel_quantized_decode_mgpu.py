@@ -385,9 +385,10 @@ def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r
 
 
 @pytest.mark.parametrize("b,n,s,tps,gk,want", [
-    (8, 8, 131072, 2, 32, 16),    # the benchmark: one wave is 8 splits, 8k tokens a split asks 16
-    (64, 8, 131072, 2, 32, 16),   # a big batch: the length bound alone
-    (1, 8, 131072, 2, 32, 64),    # a small one: the wave
+    (8, 8, 131072, 2, 32, 8),     # the benchmark: one wave, 16k tokens a split
+    (64, 8, 131072, 2, 32, 8),    # a big batch: the length bound alone
+    (2, 8, 524288, 2, 32, 32),    # a long context: the length bound
+    (1, 8, 131072, 2, 32, 64),    # a small batch: the wave
     (8, 8, 4096, 2, 32, 8),
     (2, 2, 256, 2, 128, 2),       # four tiles, two a step: two splits at most
 ])
