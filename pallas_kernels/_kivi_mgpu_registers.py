@@ -126,9 +126,10 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
     """inline_mgpu body for tile `t` of a pipeline step: (words ref [rows, 128][, k_sz ref
     [groups, 2, H]]) -> bf16 [m_rows, k_cols] in the WGMMA layout. kv=0 (keys) with the k_sz ref:
     code * s + z; without it (`fold_query_fn` scales the query): 128 + f * code straight from
-    `lop3`, f = 2^offset of `code_position` (a power of 4 that depends on the column tile: the
-    key channel's tile, which the folded query divides out; the token's group of 8 for values,
-    which `expand_fn` takes out through the value scales); kv=1 (values): 128 + f * code."""
+    `lop3`, f = 2^offset of `code_position` (a power of 4 that depends on the key channel's
+    column tile, which the folded query divides out); kv=1 (values): 128 + f * code, f = 2^offset
+    of `value_code_position` (it depends on the token's group of 8, and `expand_fn` takes it out
+    through the value scales)."""
     r = 16 // bits
     col_tiles = k_cols // 8
     words = (m_rows // 64) * col_tiles * 2 // r
