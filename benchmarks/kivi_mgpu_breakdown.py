@@ -5,28 +5,21 @@ the XLA epilogue (`assemble`) and the XLA residual window. Prints a table; run o
 
     source benchmarks/gpu_env.sh && python3 benchmarks/kivi_mgpu_breakdown.py [G ...] [--trace]
 
---trace prints instead the GPU time of every kernel of one call (a jax.profiler trace).
+--trace: the whole-call rows, then the GPU time of every kernel of one call (a jax.profiler trace)
 """
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 
-def bench(fn, *args, n=30, reps=7):
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        outs = [fn(*args) for _ in range(n)]
-        jax.block_until_ready(outs)
-        samples.append((time.perf_counter() - t0) / n)
-    samples.sort()
-    return samples[len(samples) // 2] * 1e3
+def bench(fn, *args):
+    """Median ms of 30 asynchronously queued calls (`kernels_bench._bench_jax`)."""
+    from kernels_bench import _bench_jax  # benchmarks/ is this script's folder
+
+    return _bench_jax(fn, *args, n=30, reps=7)[0]
 
 
 def kernel_times(fn, *args, calls=20):

@@ -13,27 +13,9 @@ from kvjax.pallas_kernels import packing
 from kvjax.pallas_kernels import quantized_decode_attention as qda
 from kvjax.pallas_kernels import _kivi_mgpu_fold as kfold
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
-from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble, residual_partial
+from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble
 from kvjax.pallas_kernels.testing import assert_attention_close, lower_for
-
-
-def _cache(rng, b, n, s, h, bits, gk, gv):
-    kc = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (b, n, s, h))), bits, axis=2)
-    vc = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (b, n, s, h))), bits, axis=3)
-    bf = lambda x: jnp.asarray(x, jnp.float32).astype(jnp.bfloat16)  # noqa: E731
-    return (kc, bf(rng.random((b, n, s // gk, h)) * 0.5), bf(rng.standard_normal((b, n, s // gk, h))),
-            vc, bf(rng.random((b, n, s, h // gv)) * 0.5), bf(rng.standard_normal((b, n, s, h // gv))))
-
-
-def _codes_from_words(words, m_rows, k_cols, bits):
-    """Inverse of the fragment packing: words [..., tiles, 128*W] -> codes [..., tiles, m_rows, k_cols]."""
-    rows, cols = mg.fragment_slots(m_rows, k_cols, bits)
-    w = np.asarray(words).reshape(*words.shape[:-1], 128, -1)
-    shifts = bits * np.arange(16 // bits)[:, None] + 16 * np.arange(2)[None, :]
-    codes = (w[..., None, None] >> shifts) & ((1 << bits) - 1)  # [..., 128, W, R, 2]
-    out = np.zeros((*words.shape[:-1], m_rows, k_cols), np.int64)
-    out[..., rows, cols] = codes
-    return out
+from kivi_mgpu_model import codes_from_words, model_partials, random_cache
 
 
 @pytest.mark.parametrize("m_rows,k_cols", [(64, 128), (128, 64), (64, 64), (256, 64)])
@@ -52,83 +34,19 @@ def test_fragment_slots_hold_every_code_once(m_rows, k_cols, bits):
 @pytest.mark.parametrize("bits,h", [(2, 128), (4, 64)])
 def test_to_fragment_layout_keeps_every_code(rng, bits, h):
     b, n, s = 2, 3, 128
-    kc, ks, kz, vc, vs, vz = _cache(rng, b, n, s, h, bits, 32, 32)
+    kc, ks, kz, vc, vs, vz = random_cache(rng, b, n, s, h, bits, 32, 32)
     fr = mg.to_fragment_layout(kc, ks, kz, vc, vs, vz, bits=bits)
     keys = np.asarray(packing.unpack(kc, bits, axis=2)).reshape(b, n, s // 64, 64, h)
     vals = np.asarray(packing.unpack(vc, bits, axis=3)).reshape(b, n, s // 64, 64, h)
-    k_tiles = _codes_from_words(fr.words[:, :, :, 0], 64, h, bits)  # wgmma columns = permuted channels
+    k_tiles = codes_from_words(fr.words[:, :, :, 0], 64, h, bits)  # wgmma columns = permuted channels
     np.testing.assert_array_equal(k_tiles, keys[..., mg.key_channel(np.arange(h), h)])
-    v_tiles = _codes_from_words(fr.words[:, :, :, 1], h, 64, bits)  # V^T: rows = channels
+    v_tiles = codes_from_words(fr.words[:, :, :, 1], h, 64, bits)  # V^T: rows = channels
     np.testing.assert_array_equal(v_tiles, np.swapaxes(vals, -1, -2))
     np.testing.assert_array_equal(fr.k_sz[:, :, :, 1], kz)
     back = mg.from_fragment_layout(fr, bits=bits)
     for got, want in zip(back, (keys.reshape(b, n, s, h), vals.reshape(b, n, s, h), ks, kz, vs, vz)):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     assert fr.words.dtype == jnp.uint32 and fr.words.shape == (b, n, s // 64, 2, 64 * h * bits // 32)
-
-
-def _model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale, lazy=False, paths=None, fold=False):
-    """numpy model of the kernel's per-CTA outputs (acc [H, NB], corr/lsum/m [64, NB] per split)
-    with the same roundings: bf16 dequantized keys, bf16 scaled probabilities, 128-offset codes.
-    lazy: tile by tile, keeping the running max unless a score passes it by LAZY_TAU (counts of
-    rescaled and kept tiles go to `paths`). fold: the key scales folded into the query (bare codes
-    times bf16(q * s), plus q . z in float32) instead of bf16 dequantized keys."""
-    bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
-    qb = np.asarray(qb.astype(jnp.float32))
-    b, n, ns, h = qb.shape
-    nb = mg._value_columns(h // gv, rows_q)
-    tiles = fr.words.shape[2]
-    kcode = _codes_from_words(fr.words[:, :, :, 0], 64, h, bits).reshape(b, n, tiles * 64, h)  # permuted channels
-    vcode = np.swapaxes(_codes_from_words(fr.words[:, :, :, 1], h, 64, bits), -1, -2).reshape(b, n, tiles * 64, h)
-    perm = mg.key_channel(np.arange(h), h)
-    ks = np.repeat(np.asarray(fr.k_sz[:, :, :, 0], np.float32), gk, axis=2)[..., perm]
-    kz = np.repeat(np.asarray(fr.k_sz[:, :, :, 1], np.float32), gk, axis=2)[..., perm]
-    k = bf(kcode * ks + kz)  # [B,N,S,H]
-    grp = (np.arange(nb) // rows_q) % (h // gv)
-    *_, vs, vz = mg.from_fragment_layout(fr, bits=bits)
-    sv = np.asarray(vs, np.float32)[..., grp]  # [B,N,S,NB]
-    zv = np.asarray(vz, np.float32)[..., grp]
-    per = tiles * 64 // splits
-    acc = np.zeros((b, n, splits, h, nb), np.float32)
-    corr = np.zeros((b, n, splits, 64, nb), np.float32)
-    lsum, mm = (np.zeros((b, n, splits, 64, ns), np.float32) for _ in range(2))
-    lengths = np.asarray(lengths)
-    for bi in range(b):
-        for ni in range(n):
-            for si in range(splits):
-                sl = slice(si * per, (si + 1) * per)
-                if fold:
-                    qs = bf(qb[bi, ni][None] * ks[bi, ni, sl][:, None])  # [per, NS, H]: B = q * s per token's group
-                    raw = np.einsum("th,tjh->tj", kcode[bi, ni, sl], qs) + kz[bi, ni, sl] @ qb[bi, ni].T
-                else:
-                    raw = k[bi, ni, sl] @ qb[bi, ni].T
-                logits = raw * scale * np.log2(np.e)  # [per, NS]
-                pos = np.arange(si * per, (si + 1) * per)
-                logits = np.where((pos < lengths[bi, ni])[:, None], logits, -np.inf)
-                m = np.full(ns, -1e30, np.float32)
-                for tile in range(per // 64) if lazy else [None]:
-                    rows = slice(None) if tile is None else slice(64 * tile, 64 * tile + 64)
-                    st = logits[rows]
-                    if tile is None or (st > m + mg.LAZY_TAU).any():
-                        m_new = np.maximum(m, st.max(axis=0))
-                        alpha = np.exp2(m - m_new)
-                        lsum[bi, ni, si, 0] *= alpha
-                        acc[bi, ni, si] *= np.tile(alpha, nb // ns)
-                        corr[bi, ni, si, 0] *= np.tile(alpha, nb // ns)
-                        m = m_new
-                        paths is None or paths.update(rescaled=paths.get("rescaled", 0) + 1)
-                    else:
-                        paths is None or paths.update(kept=paths.get("kept", 0) + 1)
-                    p = np.exp2(st - m)
-                    lsum[bi, ni, si, 0] += p.sum(axis=0)
-                    p = np.tile(p, (1, nb // ns))  # one copy per value group
-                    tok = slice(si * per, (si + 1) * per)
-                    tok = tok if tile is None else slice(si * per + 64 * tile, si * per + 64 * tile + 64)
-                    bv = bf(p * sv[bi, ni, tok])
-                    acc[bi, ni, si] += (128.0 + vcode[bi, ni, tok]).T @ bv
-                    corr[bi, ni, si, 0] += (p * zv[bi, ni, tok] - 128.0 * bv).sum(axis=0)
-                mm[bi, ni, si] = m
-    return acc, corr, lsum, mm
 
 
 @pytest.mark.parametrize("bits,t,nq,n,h,gk,gv", [
@@ -142,13 +60,13 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     128-offset codes corrected through column sums, repeated columns — finished by the kernel's own
     XLA epilogue equals the float32 reference within bf16 tolerance."""
     b, s, splits = 2, 256, 2
-    cache = _cache(rng, b, n, s, h, bits, gk, gv)
+    cache = random_cache(rng, b, n, s, h, bits, gk, gv)
     fr = mg.to_fragment_layout(*cache, bits=bits)
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 150], [0, 77]][:b], jnp.int32)[:, :n]
     qb, _, rows_q, rows_p = mg.query_columns(q, n)
     scale = h**-0.5
-    parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=scale)
+    parts = model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=scale)
     out, lse = assemble(tuple(map(jnp.asarray, parts)), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t)
     ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi{bits} mgpu model")
@@ -160,13 +78,13 @@ def test_folded_key_scales_model_matches_reference(rng, gk, t, nq):
     key group (bf16(q * s)), plus the zero points' part q . z in float32; several key groups a
     tile (Gk < 64) included."""
     b, n, h, s, gv, bits, splits = 2, 2, 128, 512, 32, 2, 2
-    cache = _cache(rng, b, n, s, h, bits, gk, gv)
+    cache = random_cache(rng, b, n, s, h, bits, gk, gv)
     fr = mg.to_fragment_layout(*cache, bits=bits)
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 300], [0, 77]], jnp.int32)
     qb, _, rows_q, rows_p = mg.query_columns(q, n)
     assert mg.can_fold_scales(gk, h, t, nq // n) and not mg.can_fold_scales(gk, 64, t, nq // n)
-    parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
+    parts = model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
                             fold=True)
     out, lse = assemble(tuple(map(jnp.asarray, parts)), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t)
     ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
@@ -195,7 +113,7 @@ def _ramped_cache(rng, b, n, s, h, bits, gk, gv):
     query scale large enough that a tile's scores can pass the running max by LAZY_TAU (scores
     of about the same size for every bit width, so bf16 tolerances hold)."""
     q_scale = 9.0 / (2**bits - 1)
-    kc, ks, kz, vc, vs, vz = _cache(rng, b, n, s, h, bits, gk, gv)
+    kc, ks, kz, vc, vs, vz = random_cache(rng, b, n, s, h, bits, gk, gv)
     ramp = jnp.linspace(0.1, 2.5, s // gk)[None, None, :, None]
     ks = (ks.astype(jnp.float32) * ramp).astype(jnp.bfloat16)
     return (kc, ks, kz, vc, vs, vz), q_scale
@@ -212,7 +130,7 @@ def test_lazy_rescaling_model_matches_reference(rng):
     lengths = jnp.asarray([[s, 700], [0, 77]], jnp.int32)
     qb, _, rows_q, rows_p = mg.query_columns(q, n)
     paths = {}
-    parts = _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
+    parts = model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
                             lazy=True, paths=paths)
     per = s // splits
     first_tiles = int((np.asarray(lengths)[..., None] > per * np.arange(splits)).sum())  # splits with tokens
@@ -249,7 +167,7 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
     one off the tile), a residual window, and (ramp) scores that move the running max again and
     again, with the lazy rescaling on and off."""
     b, s, r = 2, 2048, 64
-    cache, q_scale = _ramped_cache(rng, b, n, s, h, bits, gk, gv) if ramp else (_cache(rng, b, n, s, h, bits, gk, gv), 1.0)
+    cache, q_scale = _ramped_cache(rng, b, n, s, h, bits, gk, gv) if ramp else (random_cache(rng, b, n, s, h, bits, gk, gv), 1.0)
     fr = mg.to_fragment_layout(*cache, bits=bits)
     q = (jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32) * q_scale).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 1000, 0][:n], [77, s - 64, 5][:n]], jnp.int32)
@@ -326,98 +244,3 @@ def test_to_fragment_layout_rejects_a_context_off_the_tile():
     sc = jnp.zeros((1, 1, 3, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"S % 64 == 0 and H % 64 == 0; got S=96, H=128"):
         mg.to_fragment_layout(kc, sc, sc, vc, jnp.zeros((1, 1, 96, 4)), jnp.zeros((1, 1, 96, 4)), bits=2)
-
-
-def test_residual_window_part_matches_the_reference(rng):
-    """The full-precision residual window (XLA, merged with the kernel's splits) equals the
-    reference over an empty quantized part, speculative rows included (query t sees slots
-    < res_len - (T - 1 - t))."""
-    b, t, nq, n, h, r = 2, 3, 4, 2, 64, 32
-    cache = _cache(rng, b, n, 64, h, 2, 32, 32)
-    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
-    kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
-    rl = jnp.asarray([[32, 5], [2, 0]], jnp.int32)
-    _, qr, rows_q, _ = mg.query_columns(q, n)
-    out, lse = residual_partial(qr, kr, vr, rl, t=t, scale=h**-0.5)
-    gq = nq // n
-    out = out[:, :, 0].reshape(b, n, t, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
-    lse = lse[:, :, 0].reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, nq)
-    ro, rlse = qda.quantized_decode_attention_reference(q, *cache, jnp.zeros((b, n), jnp.int32), bits=2, k_res=kr,
-                                                        v_res=vr, res_lengths=rl)
-    assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, "residual part")  # the reference returns bf16
-
-
-@pytest.mark.parametrize("bits,t,nq,n,h,gk,gv,r", [
-    (2, 1, 8, 2, 128, 32, 32, 32),    # GQA 4, the benchmark's groups, a residual window
-    (4, 2, 4, 2, 64, 64, 64, 16),     # speculative T=2, one value group
-    (2, 1, 6, 2, 64, 32, 32, None),   # GQA 3: rows padded to 4, no residual window
-    (2, 3, 4, 2, 64, 16, 16, 32),     # T=3: six rows padded to 8; ragged windows
-])
-def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r):
-    """`_kivi_mgpu_merge.merge_partials` (one Triton kernel, interpret mode here) equals its jnp
-    reference — `assemble` with `residual_partial` — on the kernel model's partials, with empty
-    splits, a row that sees nothing, and residual windows of every length up to R."""
-    from kvjax.pallas_kernels._kivi_mgpu_merge import merge_partials
-
-    b, s, splits = 2, 256, 4
-    cache = _cache(rng, b, n, s, h, bits, gk, gv)
-    fr = mg.to_fragment_layout(*cache, bits=bits)
-    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
-    lengths = jnp.asarray([[s, 100], [0, 77]], jnp.int32)  # splits past a row's length stay empty
-    qb, qr, rows_q, rows_p = mg.query_columns(q, n)
-    scale = h**-0.5
-    parts = tuple(map(jnp.asarray, _model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p,
-                                                   splits=splits, scale=scale)))
-    res, residual = (), None
-    if r is not None:
-        kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
-        rl = jnp.asarray([[r, 3], [0, r - 1]], jnp.int32)  # row (1, 0) sees no token at all
-        residual = residual_partial(qr, kr, vr, rl, t=t, scale=scale)
-        res = (kr, vr, rl if t != 2 else jnp.asarray([r + 5, 0], jnp.int32))  # [B] lengths, one past R
-        if t == 2:
-            residual = residual_partial(qr, kr, vr, jnp.asarray([[r, r], [0, 0]], jnp.int32), t=t, scale=scale)
-    want, want_lse = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
-    got, got_lse = merge_partials(parts, qr, *res, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, scale=scale,
-                                  out_dtype=jnp.float32, interpret=True)
-    assert_attention_close(got, got_lse, want, want_lse, jnp.float32, "triton merge")
-    if r is not None:  # (row 1, head 0): nothing seen
-        assert not np.isfinite(np.asarray(got_lse)[1, -1, : nq // n]).any()
-
-
-@pytest.mark.parametrize("b,n,s,tps,gk,want", [
-    (8, 8, 131072, 2, 32, 8),     # the benchmark: one wave, 16k tokens a split
-    (64, 8, 131072, 2, 32, 8),    # a big batch: the length bound alone
-    (2, 8, 524288, 2, 32, 32),    # a long context: the length bound
-    (1, 8, 131072, 2, 32, 64),    # a small batch: the wave
-    (8, 8, 4096, 2, 32, 8),
-    (2, 2, 256, 2, 128, 2),       # four tiles, two a step: two splits at most
-])
-def test_default_splits_fill_one_wave_and_bound_the_split_length(b, n, s, tps, gk, want):
-    """More splits cost the merge; longer ones lose precision (the value accumulator carries the
-    codes' offset: `SPLIT_TOKENS`)."""
-    assert mg.default_splits(b, n, s, tps, gk) == want
-
-
-@pytest.mark.parametrize("which", ["code_position", "value_code_position"])
-@pytest.mark.parametrize("bits", [2, 4])
-def test_code_positions_give_exact_offset_codes(rng, which, bits):
-    """The kernel's `lop3` on (word >> shift) (a left shift when negative), modelled in numpy,
-    turns position i of each 16-bit half into bf16 128 + 2^offset * code exactly, for every
-    position; the values' positions sit higher in the mantissa than the keys' (smaller offset
-    relative to the code: the value accumulator's rounding error, `SPLIT_TOKENS`)."""
-    from kvjax.pallas_kernels import _kivi_mgpu_registers as regs
-
-    pos = getattr(regs, which)
-    words = rng.integers(0, 2**32, 256, dtype=np.uint64).astype(np.uint32)
-    for i in range(16 // bits):
-        shift, offset = pos(bits, i)
-        x = words >> np.uint32(shift) if shift >= 0 else words << np.uint32(-shift)
-        mask = np.uint32(((1 << bits) - 1) * 0x00010001 << offset)
-        out = (x & mask) | np.uint32(0x43004300)
-        for half in (0, 1):
-            got = ((out >> np.uint32(16 * half)) & np.uint32(0xFFFF)).astype(np.uint32) << np.uint32(16)
-            code = (words >> np.uint32(16 * half + bits * i)) & np.uint32((1 << bits) - 1)
-            np.testing.assert_array_equal(got.view(np.float32), 128.0 + 2.0**offset * code, err_msg=f"{i=} {half=}")
-        assert 128 + 2**offset * ((1 << bits) - 1) < 256
-    if which == "value_code_position":
-        assert min(pos(bits, i)[1] for i in range(16 // bits)) >= 2

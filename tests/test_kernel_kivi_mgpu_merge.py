@@ -1,0 +1,108 @@
+"""The Hopper KIVI decode kernel's epilogue and defaults on CPU: the Triton merge of the split
+partials and the residual window (interpret mode) against its jnp reference, the residual window
+against the reference, the default number of splits, and the code positions the kernel reads
+(pallas_kernels/_kivi_mgpu_merge.py, _kivi_mgpu_shapes.py, _kivi_mgpu_registers.py)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.pallas_kernels import quantized_decode_attention as qda
+from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
+from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble, residual_partial
+from kvjax.pallas_kernels._kivi_mgpu_merge import merge_partials
+from kvjax.pallas_kernels.testing import assert_attention_close
+from kivi_mgpu_model import model_partials, random_cache
+
+
+def test_residual_window_part_matches_the_reference(rng):
+    """The full-precision residual window (XLA, merged with the kernel's splits) equals the
+    reference over an empty quantized part, speculative rows included (query t sees slots
+    < res_len - (T - 1 - t))."""
+    b, t, nq, n, h, r = 2, 3, 4, 2, 64, 32
+    cache = random_cache(rng, b, n, 64, h, 2, 32, 32)
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
+    kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
+    rl = jnp.asarray([[32, 5], [2, 0]], jnp.int32)
+    _, qr, rows_q, _ = mg.query_columns(q, n)
+    out, lse = residual_partial(qr, kr, vr, rl, t=t, scale=h**-0.5)
+    gq = nq // n
+    out = out[:, :, 0].reshape(b, n, t, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
+    lse = lse[:, :, 0].reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, nq)
+    ro, rlse = qda.quantized_decode_attention_reference(q, *cache, jnp.zeros((b, n), jnp.int32), bits=2, k_res=kr,
+                                                        v_res=vr, res_lengths=rl)
+    assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, "residual part")  # the reference returns bf16
+
+
+@pytest.mark.parametrize("bits,t,nq,n,h,gk,gv,r", [
+    (2, 1, 8, 2, 128, 32, 32, 32),    # GQA 4, the benchmark's groups, a residual window
+    (4, 2, 4, 2, 64, 64, 64, 16),     # speculative T=2, one value group
+    (2, 1, 6, 2, 64, 32, 32, None),   # GQA 3: rows padded to 4, no residual window
+    (2, 3, 4, 2, 64, 16, 16, 32),     # T=3: six rows padded to 8; ragged windows
+])
+def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r):
+    """`_kivi_mgpu_merge.merge_partials` (one Triton kernel, interpret mode here) equals its jnp
+    reference — `assemble` with `residual_partial` — on the kernel model's partials, with empty
+    splits, a row that sees nothing, and residual windows of every length up to R."""
+    b, s, splits = 2, 256, 4
+    cache = random_cache(rng, b, n, s, h, bits, gk, gv)
+    fr = mg.to_fragment_layout(*cache, bits=bits)
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
+    lengths = jnp.asarray([[s, 100], [0, 77]], jnp.int32)  # splits past a row's length stay empty
+    qb, qr, rows_q, rows_p = mg.query_columns(q, n)
+    scale = h**-0.5
+    parts = tuple(map(jnp.asarray, model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p,
+                                                   splits=splits, scale=scale)))
+    res, residual = (), None
+    if r is not None:
+        kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
+        rl = jnp.asarray([[r, 3], [0, r - 1]], jnp.int32)  # row (1, 0) sees no token at all
+        residual = residual_partial(qr, kr, vr, rl, t=t, scale=scale)
+        res = (kr, vr, rl if t != 2 else jnp.asarray([r + 5, 0], jnp.int32))  # [B] lengths, one past R
+        if t == 2:
+            residual = residual_partial(qr, kr, vr, jnp.asarray([[r, r], [0, 0]], jnp.int32), t=t, scale=scale)
+    want, want_lse = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
+    got, got_lse = merge_partials(parts, qr, *res, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, scale=scale,
+                                  out_dtype=jnp.float32, interpret=True)
+    assert_attention_close(got, got_lse, want, want_lse, jnp.float32, "triton merge")
+    if r is not None:  # (row 1, head 0): nothing seen
+        assert not np.isfinite(np.asarray(got_lse)[1, -1, : nq // n]).any()
+
+
+@pytest.mark.parametrize("b,n,s,tps,gk,want", [
+    (8, 8, 131072, 2, 32, 8),     # the benchmark: one wave, 16k tokens a split
+    (64, 8, 131072, 2, 32, 8),    # a big batch: the length bound alone
+    (2, 8, 524288, 2, 32, 32),    # a long context: the length bound
+    (1, 8, 131072, 2, 32, 64),    # a small batch: the wave
+    (8, 8, 4096, 2, 32, 8),
+    (2, 2, 256, 2, 128, 2),       # four tiles, two a step: two splits at most
+])
+def test_default_splits_fill_one_wave_and_bound_the_split_length(b, n, s, tps, gk, want):
+    """More splits cost the merge; longer ones lose precision (the value accumulator carries the
+    codes' offset: `SPLIT_TOKENS`)."""
+    assert mg.default_splits(b, n, s, tps, gk) == want
+
+
+@pytest.mark.parametrize("which", ["code_position", "value_code_position"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_code_positions_give_exact_offset_codes(rng, which, bits):
+    """The kernel's `lop3` on (word >> shift) (a left shift when negative), modelled in numpy,
+    turns position i of each 16-bit half into bf16 128 + 2^offset * code exactly, for every
+    position; the values' positions sit higher in the mantissa than the keys' (smaller offset
+    relative to the code: the value accumulator's rounding error, `SPLIT_TOKENS`)."""
+    from kvjax.pallas_kernels import _kivi_mgpu_registers as regs
+
+    pos = getattr(regs, which)
+    words = rng.integers(0, 2**32, 256, dtype=np.uint64).astype(np.uint32)
+    for i in range(16 // bits):
+        shift, offset = pos(bits, i)
+        x = words >> np.uint32(shift) if shift >= 0 else words << np.uint32(-shift)
+        mask = np.uint32(((1 << bits) - 1) * 0x00010001 << offset)
+        out = (x & mask) | np.uint32(0x43004300)
+        for half in (0, 1):
+            got = ((out >> np.uint32(16 * half)) & np.uint32(0xFFFF)).astype(np.uint32) << np.uint32(16)
+            code = (words >> np.uint32(16 * half + bits * i)) & np.uint32((1 << bits) - 1)
+            np.testing.assert_array_equal(got.view(np.float32), 128.0 + 2.0**offset * code, err_msg=f"{i=} {half=}")
+        assert 128 + 2**offset * ((1 << bits) - 1) < 256
+    if which == "value_code_position":
+        assert min(pos(bits, i)[1] for i in range(16 // bits)) >= 2
