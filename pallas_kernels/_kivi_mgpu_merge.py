@@ -3,12 +3,16 @@ partials finished (value offset and zero points added back), the full-precision 
 attended, and all of them merged through their maxima (Liu et al. 2024, KIVI,
 https://arxiv.org/abs/2402.02750: quantized tokens plus a window of recent ones in full
 precision). Its jnp reference is `_kivi_mgpu_epilogue.assemble` with `residual_partial`, which
-XLA runs as about 15 small kernels (36 us of a 386 us call at 128k on an H200); this is one.
+XLA runs as 15 small kernels (37 us of GPU time a call at 128k, B8 Hkv8, on an H200, plus the
+gaps between launches); this one took 13-16 us there at 16 splits (BENCHMARKS.md, "Decode").
 
 One program per (batch row, KV head, query row): it reads its column of every split at once (a
 gather; a loop over the splits paid the load latency once per split, and a program per (batch
 row, KV head) many small reductions: neither was faster than XLA), weighs the splits by their
 maxima (log2 units, as the kernel keeps them) and adds the residual window as one more split.
+What it still wastes: the kernel leaves its column sums (corr, lsum) per thread, on 64 rows, so
+each program reads its (row, KV head)'s whole blocks; reduced in the kernel they would be 16x
+smaller.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ SPLIT_TOKENS = 16384
 
 
 def _splits_fit(p: int, *, tiles: int, tps: int, gk: int) -> bool:
-    return tiles % (p * tps) == 0 and (tiles // p * TILE) % gk == 0
+    return p >= 1 and tiles % (p * tps) == 0 and (tiles // p * TILE) % gk == 0
 
 
 def default_splits(b: int, n: int, s: int, tps: int, gk: int, sms: int = 132) -> int:
