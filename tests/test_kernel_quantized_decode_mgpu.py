@@ -228,6 +228,7 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
     (dict(fold_scales=True, h=64), dict(h=64), r"fold_scales=True needs a head_dim H of 128 or 256 \(got 64\)"),
     (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128, num_splits=2"),
+    (dict(num_splits=0), {}, r"multiple of num_splits \* tiles_per_step = 0 \* 2"),
 ])
 def test_bad_input_names_the_value(kw, fr_kw, match):
     bits = kw.get("bits", 2)
@@ -235,7 +236,8 @@ def test_bad_input_names_the_value(kw, fr_kw, match):
     with pytest.raises(ValueError, match=match):
         mg.quantized_decode_attention_mgpu(q, _frags(**fr_kw), jnp.array([256]), bits=bits,
                                            tiles_per_step=kw.get("tiles_per_step", 2),
-                                           fold_scales=kw.get("fold_scales"), merge=kw.get("merge"))
+                                           fold_scales=kw.get("fold_scales"), merge=kw.get("merge"),
+                                           num_splits=kw.get("num_splits"))
 
 
 def test_to_fragment_layout_rejects_a_context_off_the_tile():
