@@ -6,6 +6,8 @@ against the reference, the default number of splits, and the code positions the 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvjax.pallas_kernels import quantized_decode_attention as qda
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
@@ -106,3 +108,29 @@ def test_code_positions_give_exact_offset_codes(rng, which, bits):
         assert 128 + 2**offset * ((1 << bits) - 1) < 256
     if which == "value_code_position":
         assert min(pos(bits, i)[1] for i in range(16 // bits)) >= 2
+
+
+@pytest.mark.slow
+@settings(max_examples=5, deadline=None)
+@given(t=st.integers(1, 3), gq=st.sampled_from([1, 2, 4]), gv=st.sampled_from([16, 32, 64]),
+       splits=st.sampled_from([1, 2, 4]), r=st.sampled_from([None, 16, 32]), seed=st.integers(0, 2**31 - 1))
+def test_triton_merge_hypothesis(t, gq, gv, splits, r, seed):
+    """Drawn shapes: speculative rows, GQA, value groups, split counts, residual windows and
+    ragged lengths (zeros included) — the Triton merge equals its jnp reference."""
+    rng = np.random.default_rng(seed)
+    b, n, s, h, bits = 2, 2, 256, 64, 2
+    fr = mg.to_fragment_layout(*random_cache(rng, b, n, s, h, bits, 32, gv), bits=bits)
+    q = jnp.asarray(rng.standard_normal((b, t, gq * n, h)), jnp.float32).astype(jnp.bfloat16)
+    lengths = jnp.asarray(rng.integers(0, s + 1, (b, n)), jnp.int32)
+    qb, qr, rows_q, rows_p = mg.query_columns(q, n)
+    parts = tuple(map(jnp.asarray, model_partials(qb, fr, lengths, bits=bits, gk=32, gv=gv, rows_q=rows_p,
+                                                  splits=splits, scale=h**-0.5)))
+    res, residual = (), None
+    if r is not None:
+        kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
+        rl = jnp.asarray(rng.integers(0, r + 1, (b, n)), jnp.int32)
+        res, residual = (kr, vr, rl), residual_partial(qr, kr, vr, rl, t=t, scale=h**-0.5)
+    want = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
+    got = merge_partials(parts, qr, *res, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, scale=h**-0.5,
+                         out_dtype=jnp.float32, interpret=True)
+    assert_attention_close(*got, *want, jnp.float32, f"triton merge {t=} {gq=} {gv=} {splits=} {r=}")
