@@ -134,3 +134,15 @@ def test_triton_merge_hypothesis(t, gq, gv, splits, r, seed):
     got = merge_partials(parts, qr, *res, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, scale=h**-0.5,
                          out_dtype=jnp.float32, interpret=True)
     assert_attention_close(*got, *want, jnp.float32, f"triton merge {t=} {gq=} {gv=} {splits=} {r=}")
+
+
+def test_merge_names_a_size_triton_cannot_block():
+    z = jnp.zeros
+    parts = (z((1, 1, 2, 64, 16)), z((1, 1, 2, 64, 16)), z((1, 1, 2, 64, 8)), z((1, 1, 2, 64, 8)))
+    kr = z((1, 1, 24, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"residual window R=24 must be a power of two"):
+        merge_partials(parts, z((1, 1, 4, 64), jnp.bfloat16), kr, kr, jnp.array([3]), rows_q=4, rows_p=4, gv=32,
+                       t=1, scale=0.125, interpret=True)
+    with pytest.raises(ValueError, match=r"splits P=3 must be a power of two"):
+        merge_partials(tuple(x[:, :, :1].repeat(3, axis=2) for x in parts), z((1, 1, 4, 64), jnp.bfloat16),
+                       rows_q=4, rows_p=4, gv=32, t=1, scale=0.125, interpret=True)
