@@ -246,3 +246,9 @@ def test_to_fragment_layout_rejects_a_context_off_the_tile():
     sc = jnp.zeros((1, 1, 3, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"S % 64 == 0 and H % 64 == 0; got S=96, H=128"):
         mg.to_fragment_layout(kc, sc, sc, vc, jnp.zeros((1, 1, 96, 4)), jnp.zeros((1, 1, 96, 4)), bits=2)
+
+
+def test_lengths_of_the_wrong_shape_name_it():
+    q = jnp.zeros((1, 1, 8, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"lengths must be \[B\]=\(1,\) or \[B, N\]=\(1, 2\); got shape \(3,\)"):
+        mg.quantized_decode_attention_mgpu(q, _frags(), jnp.array([256, 1, 2]), bits=2)
