@@ -480,8 +480,8 @@ def _mgpu_kivi_rows(attempt, bits, gk, args_, nbytes):
         print(f"[decode] {name} full-size check ERROR {e!s:.500}", flush=True)
         return
     attempt(name, fn, (q, fr, lens, kr, vr, rl), nbytes, {"bits": bits, "G": gk})
-    if bits == 2:  # for comparison: more splits, and the XLA epilogue with them (the old default)
-        for kw in (dict(num_splits=16), dict(merge="xla", num_splits=16)):
+    if bits == 2:  # for comparison: the column sums left per thread (the old default), the XLA epilogue
+        for kw in (dict(warp_sums=False), dict(merge="xla")):
             other = jax.jit(lambda q, fr, lens, kr, vr, rl, kw=kw: qdm.quantized_decode_attention_mgpu(
                 q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, **kw))
             attempt(f"{name} ({', '.join(f'{k}={v}' for k, v in kw.items())})", other, (q, fr, lens, kr, vr, rl),

@@ -70,15 +70,21 @@ def main(groups):
         fr = mg.KiviFragments(jax.random.bits(ks[0], (b, n, s // 64, 2, w), jnp.uint32),
                               (jax.random.uniform(ks[1], (b, n, s // gk, 2, h)) * 0.1).astype(jnp.bfloat16),
                               (jax.random.uniform(ks[4], (b, n, s // 64, 2, h // gk, 64)) * 0.1).astype(jnp.bfloat16))
-        for merge, splits in (("triton", None), ("xla", None), ("triton", 8), ("triton", 32)):
-            full = jax.jit(lambda q, fr, kr, splits=splits, merge=merge: mg.quantized_decode_attention_mgpu(
-                q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, num_splits=splits, merge=merge))
-            rows.append((f"G{gk} full call, merge={merge}, splits={splits}", bench(full, q, fr, kr)))
+        variants = (dict(), dict(warp_sums=False), dict(merge="xla"), dict(num_splits=16))
+        for kw in variants:
+            full = jax.jit(lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
+                q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, **kw))
+            rows.append((f"G{gk} full call {kw or 'defaults'}", bench(full, q, fr, kr)))
+        kr192 = jnp.concatenate([kr, kr[:, :, :64]], axis=2)  # the KIVI policy's window at G=32: 3 chunks of 64
+        for kw in (dict(), dict(merge="xla")):
+            full = jax.jit(lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
+                q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl + 64, **kw))
+            rows.append((f"G{gk} full call, R=192 {kw or 'defaults'}", bench(full, q, fr, kr192)))
         if "--trace" in sys.argv:
-            for merge in ("triton", "xla"):
-                full = jax.jit(lambda q, fr, kr, merge=merge: mg.quantized_decode_attention_mgpu(
-                    q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, merge=merge))
-                print(f"G{gk} merge={merge}: GPU us per call by kernel:")
+            for kw in variants[:3]:
+                full = jax.jit(lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
+                    q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, **kw))
+                print(f"G{gk} {kw or 'defaults'}: GPU us per call by kernel:")
                 for name, us in kernel_times(full, q, fr, kr).items():
                     print(f"    {us:9.2f}  {name}")
             continue
@@ -86,21 +92,23 @@ def main(groups):
         rows.append((f"G{gk} no residual window", bench(bare, q, fr)))
         tps = 2
         fold = mg.folds_by_default(gk, h, 1, nq // n)
-        splits = 16
+        splits = mg.default_splits(b, n, s, tps, gk)
         qb, qr, rows_q, rows_p = mg.query_columns(q, n)
         if fold:
             qb = jnp.tile(qb[:, :, :rows_p], (1, 1, mg.fold_columns(rows_p, gk) // rows_p, 1))
         kern = jax.jit(lambda qb, fr: mg._kernel_partials(
             qb, fr, jnp.full((b, n), s, jnp.int32), bits=bits, gk=gk, gv=gk, rows_q=rows_p, splits=splits,
             scale=h**-0.5, stages=4, overlap_v=True, mask_cond=True, tiles_per_step=tps, auto_barriers=False,
-            lazy_rescale=True, fold=fold))
+            lazy_rescale=True, fold=fold, warp_sums=True))
         rows.append((f"G{gk} kernel partials only", bench(kern, qb, fr)))
         parts = jax.block_until_ready(kern(qb, fr))
-        asm = jax.jit(lambda parts: ep.assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gk, t=1))
+        asm = jax.jit(lambda parts: ep.assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gk, t=1, row_stride=16))
         rows.append((f"G{gk} XLA assemble only (no residual)", bench(asm, parts)))
-        tri = jax.jit(lambda parts, qr, kr: mrg.merge_partials(parts, qr, kr, kr, rl[:, None] + jnp.zeros(
-            (b, n), jnp.int32), rows_q=rows_q, rows_p=rows_p, gv=gk, t=1, scale=h**-0.5))
-        rows.append((f"G{gk} Triton merge only (with the residual)", bench(tri, parts, qr, kr)))
+        for nw in (2, 4, 8):
+            tri = jax.jit(lambda parts, qr, kr, nw=nw: mrg.merge_partials(parts, qr, kr, kr, rl[:, None] + jnp.zeros(
+                (b, n), jnp.int32), rows_q=rows_q, rows_p=rows_p, gv=gk, t=1, scale=h**-0.5, row_stride=16,
+                num_warps=nw))
+            rows.append((f"G{gk} Triton merge only (with the residual), {nw} warps", bench(tri, parts, qr, kr)))
         res = jax.jit(lambda qr, kr: ep.residual_partial(qr, kr, kr, rl[:, None] + jnp.zeros((b, n), jnp.int32), t=1,
                                                          scale=h**-0.5))
         rows.append((f"G{gk} XLA residual window only", bench(res, qr, kr)))

@@ -13,13 +13,15 @@ import jax.numpy as jnp
 from ._decode_common import masked_softmax, merge_splits
 
 
-def finish_splits(acc, corr, lsum, m, *, rows_q, gv):
-    """Per split: out [B,N,P,rows,H] (normalized) and lse [B,N,P,rows] (natural log)."""
+def finish_splits(acc, corr, lsum, m, *, rows_q, gv, row_stride=1):
+    """Per split: out [B,N,P,rows,H] (normalized) and lse [B,N,P,rows] (natural log). The column
+    sums corr and lsum are split over rows 0, row_stride, ... of their 64 (1: per thread, 16:
+    per warp; the rows between repeat them)."""
     b, n, p, h, _ = acc.shape
     n_gc = h // gv
     acc = acc[..., : n_gc * rows_q]  # the columns past H/Gv * rows repeat these
-    col = corr[..., : n_gc * rows_q].sum(axis=3)  # [B,N,P,H/Gv * rows]
-    l = lsum.sum(axis=3)[..., :rows_q]  # [B,N,P,rows] (every value group holds the same sums)
+    col = corr[..., ::row_stride, : n_gc * rows_q].sum(axis=3)  # [B,N,P,H/Gv * rows]
+    l = lsum[..., ::row_stride, :].sum(axis=3)[..., :rows_q]  # [B,N,P,rows] (every value group holds the same sums)
     m2 = m[:, :, :, 0, :rows_q]
     full = (acc + col[:, :, :, None, :]).reshape(b, n, p, h, n_gc, rows_q)
     grp = jnp.arange(h) // gv
@@ -45,12 +47,13 @@ def residual_partial(qr, k_res, v_res, res_lengths, *, t, scale):
     return out[:, :, None], lse[:, :, None]
 
 
-def assemble(partials, *, rows_q: int, rows_p: int, gv: int, t: int, residual=None):
+def assemble(partials, *, rows_q: int, rows_p: int, gv: int, t: int, residual=None, row_stride: int = 1):
     """The kernel's partials (acc [B,N,P,H,NB], corr [B,N,P,64,NC], lsum, m [B,N,P,64,NS]) for
     rows_p padded query rows -> (out [B, T, N*Gq, H] float32, lse [B, T, N*Gq]): each split
     finished, the padding rows dropped, the residual window's (out, lse) (`residual_partial`)
-    appended as one more split, all merged; rows are ordered (t, query head of the group)."""
-    out, lse = finish_splits(*partials, rows_q=rows_p, gv=gv)
+    appended as one more split, all merged; rows are ordered (t, query head of the group).
+    row_stride: as in `finish_splits`."""
+    out, lse = finish_splits(*partials, rows_q=rows_p, gv=gv, row_stride=row_stride)
     out, lse = out[:, :, :, :rows_q], lse[:, :, :, :rows_q]  # drop the padding rows
     if residual is not None:
         out, lse = jnp.concatenate([out, residual[0]], axis=2), jnp.concatenate([lse, residual[1]], axis=2)

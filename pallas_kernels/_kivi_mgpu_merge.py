@@ -9,10 +9,12 @@ gaps between launches); this one took 13-16 us there at 16 splits (BENCHMARKS.md
 One program per (batch row, KV head, query row): it reads its column of every split at once (a
 gather; a loop over the splits paid the load latency once per split, and a program per (batch
 row, KV head) many small reductions: neither was faster than XLA), weighs the splits by their
-maxima (log2 units, as the kernel keeps them) and adds the residual window as one more split.
-What it still wastes: the kernel leaves its column sums (corr, lsum) per thread, on 64 rows, so
-each program reads its (row, KV head)'s whole blocks; reduced in the kernel they would be 16x
-smaller.
+maxima (log2 units, as the kernel keeps them), then reads the residual window in chunks of a
+power of two (`residual_chunk`: any R, 192 for the KIVI policy's default window at G=32) and
+merges each into the running max and sums. Of the column sums (corr, lsum) it reads only the
+rows that hold distinct partial sums (`row_stride`: every row when the kernel leaves them per
+thread, one row in 16 when it sums them per warp) and only its own query row's columns (strided
+loads).
 """
 
 from __future__ import annotations
@@ -28,43 +30,57 @@ from . import _compat
 from ._compat import pl
 
 _FLOOR = -1e30  # the kernel's initial running max (log2 units): an empty split
+MAX_RESIDUAL_CHUNK = 128  # residual slots a loop step reads (Triton blocks: a power of two)
 
 
-def _kernel(acc_ref, corr_ref, lsum_ref, m_ref, *rest, rows_p, gv, t, gq, scale2, residual):
+def residual_chunk(r: int) -> int:
+    """Slots of the residual window the merge reads at a time: the largest power of two that
+    divides R, at most MAX_RESIDUAL_CHUNK (R = 192, the KIVI policy's window at G=32: 64)."""
+    return min(r & -r, MAX_RESIDUAL_CHUNK)
+
+
+def _kernel(acc_ref, corr_ref, lsum_ref, m_ref, *rest, rows_p, gv, t, gq, scale2, residual, row_stride):
     row = pl.program_id(2)
     splits, h, _ = acc_ref.shape
+    ng = h // gv
+    sums = pl.ds(0, corr_ref.shape[1] // row_stride, stride=row_stride)  # rows holding distinct column sums
     # every split at once (a loop over them pays the load latency once per split; many small
     # reductions pay a barrier each): channel c of value group g reads column g * rows_p + row
     mp = m_ref[:, 0, row]  # [P] (log2 units; equal on every tile row)
-    lp = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (1, lsum_ref.shape[-1]), 1) == row,
-                           jnp.sum(lsum_ref[...], axis=1), 0.0), axis=1)  # [P]
+    lp = jnp.sum(lsum_ref[:, sums, pl.ds(row, 1)], axis=(1, 2))  # [P]
     mx = jnp.max(mp)
     w = jnp.exp2(mp - mx)  # empty splits (m = _FLOOR, l = 0) weigh nothing
     l = jnp.sum(w * lp)
     p_idx = lax.broadcasted_iota(jnp.int32, (splits, h), 0)
     h_idx = lax.broadcasted_iota(jnp.int32, (splits, h), 1)
     col = (h_idx // gv) * rows_p + row  # [P, H]
-    colsum = jnp.sum(corr_ref[...], axis=1)  # [P, NC]
-    corr_col = lax.broadcasted_iota(jnp.int32, (1, corr_ref.shape[-1]), 1)
+    c_g = jnp.sum(corr_ref[:, sums, pl.ds(row, ng, stride=rows_p)], axis=1)  # [P, H/Gv]: each group's sum
+    g_idx = lax.broadcasted_iota(jnp.int32, (1, ng), 1)
     c = jnp.zeros((splits, h), jnp.float32)
-    for g in range(h // gv):  # the group's column sum, for each of its channels
-        c_g = jnp.sum(jnp.where(corr_col == g * rows_p + row, colsum, 0.0), axis=1)  # [P]
-        c = jnp.where(h_idx // gv == g, c_g[:, None], c)
+    for g in range(ng):  # the group's column sum, for each of its channels
+        c = jnp.where(h_idx // gv == g, jnp.sum(jnp.where(g_idx == g, c_g, 0.0), axis=1)[:, None], c)
     o = jnp.sum((acc_ref[p_idx, h_idx, col] + c) * w[:, None], axis=0)  # [H]
-    if residual:  # one more split
+    if residual:  # the window, chunk by chunk, merged online
         q_ref, k_ref, v_ref, rl_ref, out_ref, lse_ref = rest
         r = k_ref.shape[0]
+        rc = residual_chunk(r)
         bi, ni = pl.program_id(0), pl.program_id(1)
-        sc = jnp.sum(k_ref[...].astype(jnp.float32) * q_ref[...].astype(jnp.float32)[None, :], axis=1) * scale2
+        qf = q_ref[...].astype(jnp.float32)[None, :]
         rl = jnp.minimum(rl_ref[bi, ni] if len(rl_ref.shape) == 2 else rl_ref[bi], r)  # clipped to R first
-        seen = lax.broadcasted_iota(jnp.int32, (r,), 0) < rl - (t - 1 - row // gq)  # query t sees
-        mr = jnp.max(jnp.where(seen, sc, _FLOOR))  # slots < res_len - (T - 1 - t)
-        pr = jnp.where(seen, jnp.exp2(sc - mr), 0.0)
-        mn = jnp.maximum(mx, mr)
-        al, be = jnp.exp2(mx - mn), jnp.exp2(mr - mn)
-        l = l * al + jnp.sum(pr) * be
-        o = o * al + jnp.sum(v_ref[...].astype(jnp.float32) * pr[:, None], axis=0) * be
-        mx = mn
+        limit = rl - (t - 1 - row // gq)  # query t sees slots < res_len - (T - 1 - t)
+
+        def chunk(i, carry):
+            mx, l, o = carry
+            start = pl.multiple_of(i * rc, rc)
+            sc = jnp.sum(k_ref[pl.ds(start, rc), :].astype(jnp.float32) * qf, axis=1) * scale2
+            seen = start + lax.broadcasted_iota(jnp.int32, (rc,), 0) < limit
+            mn = jnp.maximum(mx, jnp.max(jnp.where(seen, sc, _FLOOR)))
+            al = jnp.exp2(mx - mn)
+            pr = jnp.where(seen, jnp.exp2(sc - mn), 0.0)
+            o = o * al + jnp.sum(v_ref[pl.ds(start, rc), :].astype(jnp.float32) * pr[:, None], axis=0)
+            return mn, l * al + jnp.sum(pr), o
+
+        mx, l, o = lax.fori_loop(0, r // rc, chunk, (mx, l, o))
     else:
         out_ref, lse_ref = rest
     seen = l > 0
@@ -74,21 +90,24 @@ def _kernel(acc_ref, corr_ref, lsum_ref, m_ref, *rest, rows_p, gv, t, gq, scale2
 
 
 def merge_partials(partials, qr, k_res=None, v_res=None, res_lengths=None, *, rows_q: int, rows_p: int, gv: int,
-                   t: int, scale: float, out_dtype=jnp.bfloat16, num_warps: int = 4, interpret: bool = False):
+                   t: int, scale: float, row_stride: int = 1, out_dtype=jnp.bfloat16, num_warps: int = 4,
+                   interpret: bool = False):
     """partials (acc [B,N,P,H,NB], corr [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32: the
-    kernel's per-split sums for rows_p padded query rows, `_kernel_partials`); qr [B,N,rows_q,H]
-    the query rows (unpermuted, unpadded; `query_columns`); optional residual window k_res/v_res
-    [B,N,R,H] with res_lengths [B] or [B,N]. Returns (out [B, T, N*Gq, H] out_dtype, lse
-    [B, T, N*Gq] float32), rows ordered (t, query head of the group) as `assemble` does. H, P,
-    NS, NC and R must be powers of two (Triton blocks)."""
+    kernel's per-split sums for rows_p padded query rows, `_kernel_partials`; the column sums
+    corr and lsum are split over rows 0, row_stride, 2 row_stride, ... of the 64: 1 where the
+    kernel leaves them per thread, 16 where it sums them per warp); qr [B,N,rows_q,H] the query
+    rows (unpermuted, unpadded; `query_columns`); optional residual window k_res/v_res [B,N,R,H]
+    with res_lengths [B] or [B,N], read `residual_chunk(R)` slots at a time. Returns (out
+    [B, T, N*Gq, H] out_dtype, lse [B, T, N*Gq] float32), rows ordered (t, query head of the
+    group) as `assemble` does. H and P must be powers of two (Triton blocks)."""
     acc, corr, lsum, m = partials
     b, n, splits, h, _ = acc.shape
     residual = k_res is not None
-    sizes = (("head_dim H", h), ("splits P", splits), ("score columns NS", lsum.shape[-1]),
-             ("correction columns NC", corr.shape[-1]))
-    for name, val in sizes + ((("residual window R", k_res.shape[2]),) if residual else ()):
-        if val & (val - 1):
+    for name, val in (("head_dim H", h), ("splits P", splits), ("row_stride", row_stride)):
+        if val & (val - 1) or val < 1:
             raise ValueError(f"{name}={val} must be a power of two for the Triton merge of the KIVI partials")
+    if row_stride > corr.shape[3]:
+        raise ValueError(f"row_stride={row_stride} must be at most the partials' {corr.shape[3]} rows")
     full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
     per_head = lambda a: pl.BlockSpec((None, None, *a.shape[2:]), lambda bi, ni, ri: (bi, ni) + (0,) * (a.ndim - 2))  # noqa: E731
     per_row = pl.BlockSpec((None, None, None, h), lambda bi, ni, ri: (bi, ni, ri, 0))
@@ -99,7 +118,7 @@ def merge_partials(partials, qr, k_res=None, v_res=None, res_lengths=None, *, ro
         args += [qr, k_res, v_res, res_lengths.astype(jnp.int32)]
     out, lse = pl.pallas_call(
         functools.partial(_kernel, rows_p=rows_p, gv=gv, t=t, gq=rows_q // t, scale2=scale * math.log2(math.e),
-                          residual=residual),
+                          residual=residual, row_stride=row_stride),
         grid=(b, n, rows_q),
         in_specs=in_specs,
         out_specs=[per_row, pl.BlockSpec((None, None, None, 1), lambda bi, ni, ri: (bi, ni, ri, 0))],

@@ -242,6 +242,32 @@ def tile_fn(reps: int):
     return fn
 
 
+def warp_sums_fn():
+    """inline_mgpu body: x [64, N] f32 WGMMA layout -> the same array with each element replaced
+    by its column's sum over its warp's 16 rows (warp w holds rows 16w ... 16w + 15): the two rows
+    a thread holds added, then butterfly shuffles across the 8 lanes that hold the same columns
+    (xor 4, 8, 16). Registers and shuffles only: a cross-warp `.sum(axis=0)` takes shared memory,
+    which cost the kernel its fourth CTA per SM (BENCHMARKS.md)."""
+
+    def fn(ctx, x):
+        ir, arith, _, _, vector, mgpu, _, utils = _mgpu()
+        regs = np.empty(x.registers.shape, dtype=object)
+        for jt in range(x.registers.shape[1]):  # column tile: the other indices are rows
+            idxs = [idx for idx in np.ndindex(x.registers.shape) if idx[1] == jt]
+            tot = x.registers[idxs[0]]
+            for idx in idxs[1:]:
+                tot = arith.addf(tot, x.registers[idx])
+            elems = [vector.extract(tot, [], [e]) for e in range(ir.VectorType(tot.type).shape[0])]
+            for sh in (4, 8, 16):
+                elems = [arith.addf(v, utils.shfl_bfly(v, sh)) for v in elems]
+            tot = vector.from_elements(tot.type, elems)
+            for idx in idxs:
+                regs[idx] = tot
+        return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=None)
+
+    return fn
+
+
 def commit_any_fn(tau: float):
     """inline_mgpu body: (s, mb [64, NS] f32 WGMMA layout, flag ref [1] int32) -> nothing.
     Commits this thread's shared-memory writes for the tensor cores (`fence.proxy.async`) and

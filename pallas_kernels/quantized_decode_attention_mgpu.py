@@ -60,7 +60,7 @@ from ._kivi_mgpu_epilogue import assemble, residual_partial
 from ._kivi_mgpu_fold import (add_columns_fn, can_fold_scales, fold_columns, fold_query_fn, folds_by_default,
                               group_columns_fn)
 from ._kivi_mgpu_merge import merge_partials
-from ._kivi_mgpu_registers import commit_any_fn, expand_fn, tile_fn, unpack_fn
+from ._kivi_mgpu_registers import commit_any_fn, expand_fn, tile_fn, unpack_fn, warp_sums_fn
 from ._kivi_mgpu_shapes import (SPLIT_TOKENS, _score_columns, _splits_fit, _value_columns, check_shapes,
                                 default_splits, padded_rows, query_columns)
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
@@ -82,10 +82,11 @@ def _swizzle(row_bytes: int) -> int:
 
 
 def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, splits, scale, stages, overlap_v,
-                     mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold):
+                     mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold, warp_sums):
     """qb [B, N, NSK, H] bf16 (`query_columns`; NSK = `fold_columns` when folding, else NS).
     Returns per split: acc [B,N,P,H,NB], corr [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32
-    (see `_kivi_mgpu_epilogue.finish_splits`)."""
+    (see `_kivi_mgpu_epilogue.finish_splits`); with warp_sums the column sums corr and lsum are
+    summed per warp (`warp_sums_fn`: rows 16w ... 16w + 15 all hold warp w's sums)."""
     b, n, nsk, h = qb.shape
     ns = _score_columns(rows_q)
     if nsk != (fold_columns(rows_q, gk) if fold else ns):
@@ -117,6 +118,8 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         layout = wgmma_layout if x.ndim == 2 else col_layout
         return plgpu.inline_mgpu(arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(
             (*x.shape[:-1], cols), x.dtype, layout=layout))(tile_fn(cols // x.shape[-1]))(x)
+    per_warp = {c: plgpu.inline_mgpu(arg_types=(wgmma_layout,), return_type=plgpu.ShapeDtypeStruct(
+        (TILE, c), jnp.float32, layout=wgmma_layout))(warp_sums_fn()) for c in {nc, ns}}
     commit_any = plgpu.inline_mgpu(arg_types=(wgmma_layout, wgmma_layout, ref))(commit_any_fn(LAZY_TAU))
     q_swz = _swizzle(h * 2)
     q_transforms = (plgpu.TilingTransform((8, q_swz // 2)), plgpu.SwizzleTransform(q_swz))
@@ -231,6 +234,8 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         acc0 = plgpu.layout_cast(jnp.zeros((h, nb), jnp.float32), wgmma_layout)
         acc, m, corr, lsum = plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages,
                                                  init_carry=(acc0, m0, zeros_t, zeros_s))(*gmem)
+        if warp_sums:  # the merge then reads one row in 16
+            corr, lsum = per_warp[nc](corr), per_warp[ns](lsum)
         acc_out.at[bi, ni, si][...] = acc
         corr_out.at[bi, ni, si][...] = corr
         l_out.at[bi, ni, si][...] = lsum
@@ -272,7 +277,8 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
                                     res_lengths=None, scale: float | None = None, num_splits: int | None = None,
                                     stages: int = 4, tiles_per_step: int | None = None, overlap_v: bool = True,
                                     mask_cond: bool = True, auto_barriers: bool = False, lazy_rescale: bool = True,
-                                    fold_scales: bool | None = None, merge: str | None = None):
+                                    fold_scales: bool | None = None, merge: str | None = None,
+                                    warp_sums: bool = True):
     """KIVI decode attention on Hopper (module doc). q [B, T, Nq, H] bf16; fr: the cache in the
     fragment layout (`to_fragment_layout`); lengths [B] or [B, N] valid quantized tokens; the
     residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`.
@@ -289,8 +295,9 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     f * code straight from `lop3` and no key scale sits in registers; None: where it pays,
     `folds_by_default`), merge (how the split partials and the residual window are merged:
     "triton", one Triton-lowered kernel (`_kivi_mgpu_merge.py`), or "xla", about 15 small XLA
-    kernels (`_kivi_mgpu_epilogue.assemble`); None: "triton" where H, num_splits, the kernel's
-    score and correction columns and the residual window's length are powers of two).
+    kernels (`_kivi_mgpu_epilogue.assemble`); None: "triton" where H and num_splits are powers of
+    two), warp_sums (sum the column sums per warp in the kernel, by shuffles, so the merge reads
+    one row in 16 of them; False leaves them per thread).
     Returns (out [B, T, Nq, H] bf16, lse [B, T, Nq] float32)."""
     b, t, nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
     tps = tiles_per_step
@@ -314,28 +321,24 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     if fold_scales and not can_fold:
         raise ValueError(f"fold_scales=True needs a head_dim H of 128 or 256 (got {h})")
     fold_scales = folds_by_default(gk, h, t, nq // n) if fold_scales is None else fold_scales
-    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
-    rows_p = padded_rows(t * (nq // n))
-    ns = _score_columns(rows_p)
-    sizes = (h, num_splits, ns, math.lcm(ns, h // gv * rows_p)) + (() if k_res is None else (k_res.shape[2],))
+    pow2 = h & (h - 1) == 0 and num_splits & (num_splits - 1) == 0
     if merge is None:
-        merge = "triton" if all(map(pow2, sizes)) else "xla"
-    if merge not in ("triton", "xla") or (merge == "triton" and not all(map(pow2, sizes))):
-        raise ValueError(f"merge={merge!r} must be 'xla', or 'triton' where H={h}, num_splits={num_splits}, the "
-                         f"score and correction columns {sizes[2:4]} and the residual window's length "
-                         f"{None if k_res is None else k_res.shape[2]} are powers of two")
+        merge = "triton" if pow2 else "xla"
+    if merge not in ("triton", "xla") or (merge == "triton" and not pow2):
+        raise ValueError(f"merge={merge!r} must be 'xla', or 'triton' where H={h} and num_splits={num_splits} are "
+                         f"powers of two")
     res_lengths = None if res_lengths is None else checked_lengths(res_lengths, b, n, "res_lengths")
     return _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, bits=bits, gk=gk, gv=gv, scale=scale,
                      splits=num_splits, stages=stages,
                      overlap_v=overlap_v, mask_cond=mask_cond, tiles_per_step=tps, auto_barriers=auto_barriers,
-                     lazy_rescale=lazy_rescale, fold_scales=fold_scales, merge=merge)
+                     lazy_rescale=lazy_rescale, fold_scales=fold_scales, merge=merge, warp_sums=bool(warp_sums))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "gk", "gv", "scale", "splits", "stages", "overlap_v",
                                              "mask_cond", "tiles_per_step", "auto_barriers", "lazy_rescale",
-                                             "fold_scales", "merge"))
+                                             "fold_scales", "merge", "warp_sums"))
 def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale, splits, stages, overlap_v,
-              mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold_scales, merge):
+              mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold_scales, merge, warp_sums):
     t = q.shape[1]
     qb, qr, rows_q, rows_p = query_columns(q, fr.words.shape[1])
     if fold_scales:  # the query rows once per key group of a tile (`fold_columns`)
@@ -343,13 +346,15 @@ def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale,
     acc, corr, lsum, m = _kernel_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits,
                                           scale=scale, stages=stages, overlap_v=overlap_v, mask_cond=mask_cond,
                                           tiles_per_step=tiles_per_step, auto_barriers=auto_barriers,
-                                          lazy_rescale=lazy_rescale, fold=fold_scales)
+                                          lazy_rescale=lazy_rescale, fold=fold_scales, warp_sums=warp_sums)
+    row_stride = 16 if warp_sums else 1
     if merge == "triton":
         return merge_partials((acc, corr, lsum, m), qr, k_res, v_res, res_lengths, rows_q=rows_q, rows_p=rows_p,
-                              gv=gv, t=t, scale=scale, out_dtype=q.dtype)
+                              gv=gv, t=t, scale=scale, row_stride=row_stride, out_dtype=q.dtype)
     residual = None
     if k_res is not None:
         res_lengths = jnp.minimum(per_head(res_lengths, *k_res.shape[:2], "res_lengths"), k_res.shape[2])
         residual = residual_partial(qr, k_res, v_res, res_lengths, t=t, scale=scale)
-    out, lse = assemble((acc, corr, lsum, m), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
+    out, lse = assemble((acc, corr, lsum, m), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual,
+                        row_stride=row_stride)
     return out.astype(q.dtype), lse

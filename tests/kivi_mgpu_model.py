@@ -90,3 +90,11 @@ def model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale, lazy
                     corr[bi, ni, si, 0] += (p * zv[bi, ni, tok] - 128.0 * bv).sum(axis=0)
                 mm[bi, ni, si] = m
     return acc, corr, lsum, mm
+
+
+def warp_summed(parts):
+    """The partials as the kernel leaves them with `warp_sums`: each column sum (corr, lsum)
+    summed over the 16 rows of each warp, every row of the warp holding its warp's sum."""
+    acc, corr, lsum, m = (np.asarray(x) for x in parts)
+    per_warp = lambda x: np.repeat(x.reshape(*x.shape[:-2], 4, 16, x.shape[-1]).sum(-2), 16, axis=-2)  # noqa: E731
+    return tuple(map(jnp.asarray, (acc, per_warp(corr), per_warp(lsum), m)))

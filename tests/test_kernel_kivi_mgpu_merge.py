@@ -14,7 +14,7 @@ from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
 from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble, residual_partial
 from kvjax.pallas_kernels._kivi_mgpu_merge import merge_partials
 from kvjax.pallas_kernels.testing import assert_attention_close
-from kivi_mgpu_model import model_partials, random_cache
+from kivi_mgpu_model import model_partials, random_cache, warp_summed
 
 
 def test_residual_window_part_matches_the_reference(rng):
@@ -36,16 +36,19 @@ def test_residual_window_part_matches_the_reference(rng):
     assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, "residual part")  # the reference returns bf16
 
 
+@pytest.mark.parametrize("row_stride", [1, 16])
 @pytest.mark.parametrize("bits,t,nq,n,h,gk,gv,r", [
     (2, 1, 8, 2, 128, 32, 32, 32),    # GQA 4, the benchmark's groups, a residual window
     (4, 2, 4, 2, 64, 64, 64, 16),     # speculative T=2, one value group
     (2, 1, 6, 2, 64, 32, 32, None),   # GQA 3: rows padded to 4, no residual window
-    (2, 3, 4, 2, 64, 16, 16, 32),     # T=3: six rows padded to 8; ragged windows
+    (2, 3, 4, 2, 64, 16, 16, 48),     # T=3: six rows padded to 8; a window of 3 chunks, ragged
 ])
-def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r):
+def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r, row_stride):
     """`_kivi_mgpu_merge.merge_partials` (one Triton kernel, interpret mode here) equals its jnp
-    reference — `assemble` with `residual_partial` — on the kernel model's partials, with empty
-    splits, a row that sees nothing, and residual windows of every length up to R."""
+    reference — `assemble` with `residual_partial` — on the kernel model's partials (column sums
+    per thread, or per warp as `warp_sums` leaves them), with empty splits, a row that sees
+    nothing, and residual windows of every length up to R, read in chunks where R is not a power
+    of two."""
     b, s, splits = 2, 256, 4
     cache = random_cache(rng, b, n, s, h, bits, gk, gv)
     fr = mg.to_fragment_layout(*cache, bits=bits)
@@ -55,6 +58,7 @@ def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r
     scale = h**-0.5
     parts = tuple(map(jnp.asarray, model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p,
                                                    splits=splits, scale=scale)))
+    parts = warp_summed(parts) if row_stride == 16 else parts
     res, residual = (), None
     if r is not None:
         kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
@@ -63,9 +67,10 @@ def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r
         res = (kr, vr, rl if t != 2 else jnp.asarray([r + 5, 0], jnp.int32))  # [B] lengths, one past R
         if t == 2:
             residual = residual_partial(qr, kr, vr, jnp.asarray([[r, r], [0, 0]], jnp.int32), t=t, scale=scale)
-    want, want_lse = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
+    want, want_lse = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual,
+                              row_stride=row_stride)
     got, got_lse = merge_partials(parts, qr, *res, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, scale=scale,
-                                  out_dtype=jnp.float32, interpret=True)
+                                  row_stride=row_stride, out_dtype=jnp.float32, interpret=True)
     assert_attention_close(got, got_lse, want, want_lse, jnp.float32, "triton merge")
     if r is not None:  # (row 1, head 0): nothing seen
         assert not np.isfinite(np.asarray(got_lse)[1, -1, : nq // n]).any()
@@ -113,8 +118,9 @@ def test_code_positions_give_exact_offset_codes(rng, which, bits):
 @pytest.mark.slow
 @settings(max_examples=5, deadline=None)
 @given(t=st.integers(1, 3), gq=st.sampled_from([1, 2, 4]), gv=st.sampled_from([16, 32, 64]),
-       splits=st.sampled_from([1, 2, 4]), r=st.sampled_from([None, 16, 32]), seed=st.integers(0, 2**31 - 1))
-def test_triton_merge_hypothesis(t, gq, gv, splits, r, seed):
+       splits=st.sampled_from([1, 2, 4]), r=st.sampled_from([None, 16, 32, 48, 80]),
+       row_stride=st.sampled_from([1, 16]), seed=st.integers(0, 2**31 - 1))
+def test_triton_merge_hypothesis(t, gq, gv, splits, r, row_stride, seed):
     """Drawn shapes: speculative rows, GQA, value groups, split counts, residual windows and
     ragged lengths (zeros included) — the Triton merge equals its jnp reference."""
     rng = np.random.default_rng(seed)
@@ -125,24 +131,31 @@ def test_triton_merge_hypothesis(t, gq, gv, splits, r, seed):
     qb, qr, rows_q, rows_p = mg.query_columns(q, n)
     parts = tuple(map(jnp.asarray, model_partials(qb, fr, lengths, bits=bits, gk=32, gv=gv, rows_q=rows_p,
                                                   splits=splits, scale=h**-0.5)))
+    parts = warp_summed(parts) if row_stride == 16 else parts
     res, residual = (), None
     if r is not None:
         kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
         rl = jnp.asarray(rng.integers(0, r + 1, (b, n)), jnp.int32)
         res, residual = (kr, vr, rl), residual_partial(qr, kr, vr, rl, t=t, scale=h**-0.5)
-    want = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual)
+    want = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual, row_stride=row_stride)
     got = merge_partials(parts, qr, *res, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, scale=h**-0.5,
-                         out_dtype=jnp.float32, interpret=True)
-    assert_attention_close(*got, *want, jnp.float32, f"triton merge {t=} {gq=} {gv=} {splits=} {r=}")
+                         row_stride=row_stride, out_dtype=jnp.float32, interpret=True)
+    assert_attention_close(*got, *want, jnp.float32, f"triton merge {t=} {gq=} {gv=} {splits=} {r=} {row_stride=}")
 
 
 def test_merge_names_a_size_triton_cannot_block():
     z = jnp.zeros
     parts = (z((1, 1, 2, 64, 16)), z((1, 1, 2, 64, 16)), z((1, 1, 2, 64, 8)), z((1, 1, 2, 64, 8)))
-    kr = z((1, 1, 24, 64), jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"residual window R=24 must be a power of two"):
-        merge_partials(parts, z((1, 1, 4, 64), jnp.bfloat16), kr, kr, jnp.array([3]), rows_q=4, rows_p=4, gv=32,
-                       t=1, scale=0.125, interpret=True)
+    with pytest.raises(ValueError, match=r"row_stride=12 must be a power of two"):
+        merge_partials(parts, z((1, 1, 4, 64), jnp.bfloat16), rows_q=4, rows_p=4, gv=32, t=1, scale=0.125,
+                       row_stride=12, interpret=True)
     with pytest.raises(ValueError, match=r"splits P=3 must be a power of two"):
         merge_partials(tuple(x[:, :, :1].repeat(3, axis=2) for x in parts), z((1, 1, 4, 64), jnp.bfloat16),
                        rows_q=4, rows_p=4, gv=32, t=1, scale=0.125, interpret=True)
+
+
+@pytest.mark.parametrize("r,want", [(192, 64), (128, 128), (512, 128), (48, 16), (130, 2)])
+def test_residual_chunk_is_the_largest_power_of_two_that_divides_the_window(r, want):
+    from kvjax.pallas_kernels._kivi_mgpu_merge import residual_chunk
+
+    assert residual_chunk(r) == want and r % want == 0

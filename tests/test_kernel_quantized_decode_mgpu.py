@@ -180,6 +180,7 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
     assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, f"kivi{bits} G{gk} mgpu lazy={lazy} ramp={ramp}")
     variants = [dict(lazy_rescale=False)] if lazy else []  # a rescale every tile
     variants.append(dict(lazy_rescale=lazy, merge="xla"))  # the XLA epilogue instead of the Triton merge
+    variants.append(dict(lazy_rescale=lazy, warp_sums=False))  # column sums left per thread
     if mg.can_fold_scales(gk, h, t, nq // n):  # dequantized keys against a scaled query, the other way round
         variants.append(dict(lazy_rescale=lazy, fold_scales=not mg.folds_by_default(gk, h, t, nq // n)))
     for kw in variants:  # equal up to bf16 roundings of the probabilities / of the keys or the scaled query
@@ -189,13 +190,15 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
         assert np.linalg.norm(o - e) <= 1e-2 * np.linalg.norm(e), kw
 
 
-@pytest.mark.parametrize("bits,t,gk,h,tps,nq,fold", [
-    (2, 1, 32, 128, 2, 8, None), (4, 4, 128, 128, 1, 8, None), (2, 2, 16, 64, 4, 8, None), (4, 1, 256, 128, 2, 8, None),
-    (2, 1, 32, 64, 1, 6, None), (2, 1, 128, 128, 2, 8, False),
-    (2, 1, 32, 128, 2, 8, True), (2, 2, 16, 128, 2, 8, True), (2, 1, 32, 256, 1, 4, True),  # several groups a tile
+@pytest.mark.parametrize("bits,t,gk,h,tps,nq,fold,r,warp_sums", [
+    (2, 1, 32, 128, 2, 8, None, 64, True), (4, 4, 128, 128, 1, 8, None, 64, True), (2, 2, 16, 64, 4, 8, None, 64, True),
+    (4, 1, 256, 128, 2, 8, None, 64, True), (2, 1, 32, 64, 1, 6, None, 64, True), (2, 1, 128, 128, 2, 8, False, 64, True),
+    (2, 1, 32, 128, 2, 8, True, 64, True), (2, 2, 16, 128, 2, 8, True, 64, True),  # several groups a tile
+    (2, 1, 32, 256, 1, 4, True, 64, True),
+    (2, 1, 32, 128, 2, 8, None, 192, False),  # the KIVI policy's window at G=32 (chunks); sums per thread
 ])
-def test_lowers_for_cuda(bits, t, gk, h, tps, nq, fold):
-    b, n, s, r = 2, 2, 2048, 64
+def test_lowers_for_cuda(bits, t, gk, h, tps, nq, fold, r, warp_sums):
+    b, n, s = 2, 2, 2048
     sds = jax.ShapeDtypeStruct
     w = 64 * h * bits // 32
     fr = mg.KiviFragments(sds((b, n, s // 64, 2, w), jnp.uint32), sds((b, n, s // gk, 2, h), jnp.bfloat16),
@@ -203,7 +206,8 @@ def test_lowers_for_cuda(bits, t, gk, h, tps, nq, fold):
 
     def fn(q, fr, lens, kr, vr, rl):
         return mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
-                                                  num_splits=4, tiles_per_step=tps, fold_scales=fold)
+                                                  num_splits=4, tiles_per_step=tps, fold_scales=fold,
+                                                  warp_sums=warp_sums)
 
     text = lower_for("cuda", fn, sds((b, t, nq, h), jnp.bfloat16), fr, sds((b,), jnp.int32),
                      sds((b, n, r, h), jnp.bfloat16), sds((b, n, r, h), jnp.bfloat16), sds((b,), jnp.int32))
@@ -227,7 +231,7 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     (dict(), dict(gv=1), r"value group Gv=1 must be even and divide H=128"),
     (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
     (dict(fold_scales=True, h=64), dict(h=64), r"fold_scales=True needs a head_dim H of 128 or 256 \(got 64\)"),
-    (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128, num_splits=2"),
+    (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128 and num_splits=2"),
     (dict(num_splits=0), {}, r"multiple of num_splits \* tiles_per_step = 0 \* 2"),
 ])
 def test_bad_input_names_the_value(kw, fr_kw, match):
