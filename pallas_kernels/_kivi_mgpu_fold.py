@@ -179,18 +179,19 @@ def add_columns_fn(ns):
     return fn
 
 
-def can_fold_scales(gk: int, h: int, t: int, gq: int) -> bool:
+def can_fold_scales(gk: int, h: int, t: int, gq: int, bits: int = 2) -> bool:
     """Whether the kernel can fold the key scales into the query (`fold_query_fn`): H is 128 or
     256 (16 or 32 query chunks a row, summed within a warp; the query columns, a multiple of 8
-    (`fold_columns`), then split evenly over the 128 threads). gk, t and gq are accepted for
-    the callers' sake: every key group and query shape folds."""
+    (`fold_columns`), then split evenly over the 128 threads) and the codes are 2- or 4-bit (the
+    build is written for bf16 operands; 8-bit codes use f16). gk, t and gq are accepted for the
+    callers' sake: every key group and query shape folds."""
     del gk, t, gq
-    return h in (128, 256)
+    return h in (128, 256) and bits in (2, 4)
 
 
-def folds_by_default(gk: int, h: int, t: int, gq: int) -> bool:
+def folds_by_default(gk: int, h: int, t: int, gq: int, bits: int = 2) -> bool:
     """Where `fold_scales=None` folds: where it can and a key group spans whole tiles (Gk >= 64).
     With several groups a tile the builds take the kernel to 138 registers and 62.5 KB of shared
     memory, 3 CTAs per SM instead of 4 (H200, KIVI-2 at 128k and Gk = 32: 0.42-0.43 ms folded,
     0.38 ms not; BENCHMARKS.md)."""
-    return gk >= TILE and can_fold_scales(gk, h, t, gq)
+    return gk >= TILE and can_fold_scales(gk, h, t, gq, bits)

@@ -1,6 +1,6 @@
 """Register-level pieces of the Hopper KIVI decode kernel (`quantized_decode_attention_mgpu.py`),
 written with Mosaic GPU's FragmentedArray API inside `plgpu.inline_mgpu`: loading a thread's
-words, turning codes into bf16 pairs with one `lop3` (inline PTX), and building WGMMA-layout
+words, turning codes into bf16 pairs (f16 for 8-bit codes) with one `lop3` (inline PTX), and building WGMMA-layout
 arrays register by register (folding the key scales into the query: `_kivi_mgpu_fold.py`).
 """
 
@@ -11,6 +11,22 @@ import numpy as np
 from .kivi_fragments import TILE, register_of
 
 _MAGIC = 0x43004300  # two bf16 128.0: OR-ing a code < 128 into the mantissa gives 128 + code
+_MAGIC_F16 = 0x64006400  # two f16 1024.0: the same for a code < 1024 (8-bit codes)
+
+
+def code_base(bits: int) -> float:
+    """The base that `lop3` ORs codes into: bf16 128 for 2- and 4-bit codes, f16 1024 for 8-bit
+    ones (`kivi_fragments.operand_dtype`)."""
+    return 1024.0 if bits == 8 else 128.0
+
+
+def _magic(bits: int) -> int:
+    return _MAGIC_F16 if bits == 8 else _MAGIC
+
+
+def _x2(bits: int) -> str:
+    """The PTX packed type of the operands: bf16x2, or f16x2 for 8-bit codes."""
+    return "f16x2" if bits == 8 else "bf16x2"
 
 def _mgpu():
     from jax._src.lib.mlir import ir
@@ -72,11 +88,13 @@ def value_code_position(bits: int, i: int):
     column sums), so its float32 error grows with 128 / f: values sit high in the mantissa (2-bit
     codes at offsets 2 and 4, f = 4 and 16, four shifts a word; 4-bit codes at offset 3, f = 8,
     one shift a position as before), four times less offset than `code_position`'s f = 1 for
-    2-bit codes and eight times less for 4-bit ones."""
+    2-bit codes and eight times less for 4-bit ones; 8-bit codes at offset 1 (f16: 1024 + 2 *
+    code < 2048)."""
     if bits == 2:
         offset = 2 + 2 * (i % 2)
         return 2 * i - offset, offset
-    return bits * i - 3, 3
+    offset = 1 if bits == 8 else 3
+    return bits * i - offset, offset
 
 
 def _shifted(word, shift):
@@ -88,43 +106,51 @@ def _shifted(word, shift):
     return arith.shli(word, utils.c(-shift, i32)) if shift else word
 
 
-def _bf16x2(x: float) -> int:
-    """Two copies of float x (exact in bf16) as one 32-bit immediate."""
+def _x2_imm(x: float, bits: int = 2) -> int:
+    """Two copies of float x (exact in the operand type: bf16, f16 for 8-bit codes) as one 32-bit
+    immediate."""
+    if bits == 8:
+        return int(np.array(x, np.float16).view(np.uint16)) * 0x00010001
     hi = int(np.array(x, np.float32).view(np.uint32)) >> 16
     return hi * 0x00010001
 
 
 def _code_pair(src, offset, bits):
-    """bf16x2 (as i32) 128 + 2^offset * code for the codes at bits `offset` and 16 + `offset` of `src`."""
+    """bf16x2 (f16x2 for 8-bit codes; as i32) base + 2^offset * code for the codes at bits
+    `offset` and 16 + `offset` of `src` (`code_base`)."""
     ir, *_ = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     mask = ((1 << bits) - 1) * 0x00010001 << offset
-    return _asm(i32, [src], f"lop3.b32 $0, $1, {mask:#x}, {_MAGIC:#x}, 0xEA;", "=r,r")
+    return _asm(i32, [src], f"lop3.b32 $0, $1, {mask:#x}, {_magic(bits):#x}, 0xEA;", "=r,r")
 
 
-def _exact_ptx(offset: int, dst: str) -> str:
-    """PTX taking t = bf16x2 128 + f * code (f = 2^offset) to the code exactly, into `dst`: `sub`
-    128 when f = 1, else `fma` by 1/f and -128/f (powers of 2: no rounding). Uses scratch m, c."""
-    f = 1 << offset
+def _exact_ptx(offset: int, dst: str, bits: int) -> str:
+    """PTX taking t = base + f * code (f = 2^offset, `code_base`; bf16x2 or f16x2) to the code
+    exactly, into `dst`: `sub` the base when f = 1, else `fma` by 1/f and -base/f (powers of 2:
+    no rounding). Uses scratch m, c."""
+    f, base, x2 = 1 << offset, code_base(bits), _x2(bits)
     if f == 1:
-        return f"mov.b32 m, {_MAGIC:#x}; sub.rn.bf16x2 {dst}, t, m;"
-    return f"mov.b32 m, {_bf16x2(1.0 / f):#x}; mov.b32 c, {_bf16x2(-128.0 / f):#x}; fma.rn.bf16x2 {dst}, t, m, c;"
+        return f"mov.b32 m, {_magic(bits):#x}; sub.rn.{x2} {dst}, t, m;"
+    return (f"mov.b32 m, {_x2_imm(1.0 / f, bits):#x}; mov.b32 c, {_x2_imm(-base / f, bits):#x}; "
+            f"fma.rn.{x2} {dst}, t, m, c;")
 
 
 def _dequant_pair(src, offset, bits, s2, z2):
-    """bf16x2 (as i32) code * s + z (one rounding) for the codes at bits `offset` / 16 + `offset`
-    of `src`: lop3, the exact code (`_exact_ptx`), then `fma` with the scale and zero."""
+    """bf16x2 (f16x2 for 8-bit codes; as i32) code * s + z (one rounding) for the codes at bits
+    `offset` / 16 + `offset` of `src`: lop3, the exact code (`_exact_ptx`), then `fma` with the
+    scale and zero."""
     ir, *_ = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     mask = ((1 << bits) - 1) * 0x00010001 << offset
-    body = (f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_MAGIC:#x}, 0xEA; {_exact_ptx(offset, 't')} "
-            f"fma.rn.bf16x2 $0, t, $2, $3; }}")
+    body = (f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_magic(bits):#x}, 0xEA; "
+            f"{_exact_ptx(offset, 't', bits)} fma.rn.{_x2(bits)} $0, t, $2, $3; }}")
     return _asm(i32, [src, s2, z2], body, "=r,r,r,r")
 
 
 def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
     """inline_mgpu body for tile `t` of a pipeline step: (words ref [rows, 128][, k_sz ref
-    [groups, 2, H]]) -> bf16 [m_rows, k_cols] in the WGMMA layout. kv=0 (keys) with the k_sz ref:
+    [groups, 2, H]]) -> [m_rows, k_cols] in the operand type (bf16; f16 for 8-bit codes) in the
+    WGMMA layout. kv=0 (keys) with the k_sz ref:
     code * s + z; without it (`fold_query_fn` scales the query): 128 + f * code straight from
     `lop3`, f = 2^offset of `code_position` (a power of 4 that depends on the key channel's
     column tile, which the folded query divides out); kv=1 (values): 128 + f * code, f = 2^offset
@@ -138,7 +164,7 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
     def fn(ctx, words_ref, *scale_refs):
         ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
         i32 = ir.IntegerType.get_signless(32)
-        bf16 = ir.BF16Type.get()
+        bf16 = ir.F16Type.get() if bits == 8 else ir.BF16Type.get()  # the operand type
         tid, warp, lane = _thread_coords()
         ws = _load_words(words_ref, row0, tid, words)
         pairs = None

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._compat import plgpu
-from .kivi_fragments import MGPU_BITS, TILE, KiviFragments, key_channel
+from .kivi_fragments import MGPU_BITS, TILE, KiviFragments, key_channel, operand_dtype
 
 # Default bound on a split's length. The value product accumulates A = 128 + f * code, whose offset
 # the column sums take out after the loop: the float32 accumulator holds more than the result, so
@@ -98,8 +98,9 @@ def check_shapes(q, fr: KiviFragments, bits: int):
             or h % fr.v_sz.shape[4]):
         raise ValueError(f"v_sz{fr.v_sz.shape} must be [B, N, S/64, 2, H/Gv, 64] with B={b}, N={n}, S={s}, H={h}")
     for name, x in (("k_sz", fr.k_sz), ("v_sz", fr.v_sz)):
-        if x.dtype != jnp.bfloat16:
-            raise ValueError(f"{name} dtype={x.dtype} is not supported by the Mosaic GPU KIVI kernel; expected bfloat16")
+        if x.dtype != operand_dtype(bits):
+            raise ValueError(f"{name} dtype={x.dtype} is not supported by the Mosaic GPU KIVI kernel for bits={bits}; "
+                             f"expected {jnp.dtype(operand_dtype(bits)).name} (`to_fragment_layout`)")
     gk = s // fr.k_sz.shape[2]
     gv = h // fr.v_sz.shape[4]
     if not (gk % 16 == 0 and (TILE % gk == 0 or gk % TILE == 0)):

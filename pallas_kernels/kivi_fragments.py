@@ -25,16 +25,25 @@ import numpy as np
 from . import packing
 
 TILE = 64  # tokens per pipeline step (the wgmma M of the key product)
-MGPU_BITS = (2, 4)
+MGPU_BITS = (2, 4, 8)
+
+
+def operand_dtype(bits: int):
+    """The kernel's `wgmma` operand type for `bits`-wide codes, which the fragment layout also
+    stores the scales and zeros in: codes enter the tensor cores as base + f * code, exact only
+    below the next power of two, bf16 (base 128, 7 mantissa bits) for 2- and 4-bit codes, f16
+    (base 1024, 10 mantissa bits) for 8-bit ones (`_kivi_mgpu_registers.code_base`)."""
+    return jnp.float16 if bits == 8 else jnp.bfloat16
 
 
 class KiviFragments(NamedTuple):
     """A KIVI cache in the fragment layout of this kernel (see module doc); keys and values,
     scales and zeros sit side by side so that one pipeline step issues three copies, not six.
 
-    words [B, N, S/64, 2, 64*H*b/32] uint32 (keys, values); k_sz [B, N, S/Gk, 2, H] bf16 (key
-    scale, zero: per channel, per group of Gk tokens); v_sz [B, N, S/64, 2, H/Gv, 64] bf16 (value
-    scale, zero: per token, per group of Gv channels; tokens last within each 64-token tile).
+    words [B, N, S/64, 2, 64*H*b/32] uint32 (keys, values); k_sz [B, N, S/Gk, 2, H] (key scale,
+    zero: per channel, per group of Gk tokens); v_sz [B, N, S/64, 2, H/Gv, 64] (value scale,
+    zero: per token, per group of Gv channels; tokens last within each 64-token tile); scales in
+    `operand_dtype(b)`: bf16, f16 for 8-bit codes.
     Every leaf has its token axis (in tiles, groups or tokens) at axis 2, so a cache appends
     whole tiles with one dynamic_update_slice per leaf."""
 
@@ -106,16 +115,17 @@ def to_fragment_layout(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, *, bi
     vrows, vcols = fragment_slots(h, TILE, bits)
     vt = jnp.swapaxes(vc.reshape(b, n, s // TILE, TILE, h), -1, -2)  # [..., H, 64]
     v_words = _pack_tiles(vt, vrows, vcols, bits)
-    bf16 = jnp.bfloat16
-    v_sz = jnp.stack([v_scale.astype(bf16), v_zero.astype(bf16)], axis=3)  # [B,N,S,2,H/Gv]
+    dt = operand_dtype(bits)
+    v_sz = jnp.stack([v_scale.astype(dt), v_zero.astype(dt)], axis=3)  # [B,N,S,2,H/Gv]
     v_sz = jnp.moveaxis(v_sz.reshape(b, n, s // TILE, TILE, 2, -1), 3, 5)  # [B,N,S/64,2,H/Gv,64]
     return KiviFragments(jnp.stack([k_words, v_words], axis=3),
-                         jnp.stack([k_scale.astype(bf16), k_zero.astype(bf16)], axis=3), v_sz)
+                         jnp.stack([k_scale.astype(dt), k_zero.astype(dt)], axis=3), v_sz)
 
 
 def from_fragment_layout(fr: KiviFragments, *, bits: int):
     """Inverse of `to_fragment_layout` for the codes: -> (key codes [B,N,S,H], value codes
-    [B,N,S,H] int32, k_scale, k_zero [B,N,S/Gk,H], v_scale, v_zero [B,N,S,H/Gv] bf16)."""
+    [B,N,S,H] int32, k_scale, k_zero [B,N,S/Gk,H], v_scale, v_zero [B,N,S,H/Gv] in
+    `operand_dtype(bits)`)."""
     b, n, tiles, _, w = fr.words.shape
     h = w * 32 // bits // TILE
     out = []

@@ -60,14 +60,15 @@ from ._kivi_mgpu_epilogue import assemble, residual_partial
 from ._kivi_mgpu_fold import (add_columns_fn, can_fold_scales, fold_columns, fold_query_fn, folds_by_default,
                               group_columns_fn)
 from ._kivi_mgpu_merge import merge_partials
-from ._kivi_mgpu_registers import commit_any_fn, expand_fn, tile_fn, unpack_fn, warp_sums_fn
+from ._kivi_mgpu_registers import code_base, commit_any_fn, expand_fn, tile_fn, unpack_fn, warp_sums_fn
 from ._kivi_mgpu_shapes import (SPLIT_TOKENS, _score_columns, _splits_fit, _value_columns, check_shapes,
                                 default_splits, padded_rows, query_columns)
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
-                             to_fragment_layout)
+                             operand_dtype, to_fragment_layout)
 
 __all__ = ["KiviFragments", "MGPU_BITS", "SPLIT_TOKENS", "TILE", "can_fold_scales", "check_shapes", "default_splits",
-           "folds_by_default", "fragment_slots", "from_fragment_layout", "key_channel", "padded_rows", "query_columns",
+           "folds_by_default", "fragment_slots", "from_fragment_layout", "key_channel", "operand_dtype", "padded_rows",
+           "query_columns",
            "quantized_decode_attention_mgpu", "to_fragment_layout"]
 
 
@@ -102,7 +103,7 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     log2e_scale = scale * math.log2(math.e)
     wgmma_layout = plgpu.Layout.WGMMA
     col_layout = plgpu.Layout.WGMMA.reduce(0)
-    bf16 = jnp.bfloat16
+    bf16 = operand_dtype(bits)  # the wgmma operands: bf16, f16 for 8-bit codes
     ref = plgpu.RefType()
     unpack_k = [plgpu.inline_mgpu(arg_types=(ref,) if fold else (ref, ref), return_type=plgpu.ShapeDtypeStruct(
         (TILE, h), bf16, layout=wgmma_layout))(unpack_fn(TILE, h, bits, gk, h, t, 0, k_rows)) for t in range(tps)]
@@ -178,7 +179,7 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
                 lsum = lsum + p
                 p = widen(p, nc)  # one copy of the probabilities per value group
                 bv = (p * expand[t][0](vsz)).astype(bf16)
-                corr = corr + (p * expand[t][1](vsz) - 128.0 * bv.astype(jnp.float32))
+                corr = corr + (p * expand[t][1](vsz) - code_base(bits) * bv.astype(jnp.float32))
                 b_smem[...] = widen(bv, nb)
                 return corr, lsum
 
@@ -317,10 +318,11 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
                          f"{tps}, and each split's {tiles // max(num_splits, 1) * TILE} tokens a multiple of the key "
                          f"group Gk={gk}")
     lengths = checked_lengths(lengths, b, n, "lengths")
-    can_fold = can_fold_scales(gk, h, t, nq // n)
+    can_fold = can_fold_scales(gk, h, t, nq // n, bits)
     if fold_scales and not can_fold:
-        raise ValueError(f"fold_scales=True needs a head_dim H of 128 or 256 (got {h})")
-    fold_scales = folds_by_default(gk, h, t, nq // n) if fold_scales is None else fold_scales
+        raise ValueError(f"fold_scales=True needs 2- or 4-bit codes and a head_dim H of 128 or 256 (got bits={bits}, "
+                         f"H={h})")
+    fold_scales = folds_by_default(gk, h, t, nq // n, bits) if fold_scales is None else fold_scales
     pow2 = h & (h - 1) == 0 and num_splits & (num_splits - 1) == 0
     if merge is None:
         merge = "triton" if pow2 else "xla"
@@ -341,6 +343,7 @@ def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale,
               mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold_scales, merge, warp_sums):
     t = q.shape[1]
     qb, qr, rows_q, rows_p = query_columns(q, fr.words.shape[1])
+    qb = qb.astype(operand_dtype(bits))  # f16 for 8-bit codes
     if fold_scales:  # the query rows once per key group of a tile (`fold_columns`)
         qb = jnp.tile(qb[:, :, :rows_p], (1, 1, fold_columns(rows_p, gk) // rows_p, 1))
     acc, corr, lsum, m = _kernel_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits,

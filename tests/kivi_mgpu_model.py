@@ -30,12 +30,16 @@ def codes_from_words(words, m_rows, k_cols, bits):
 
 def model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale, lazy=False, paths=None, fold=False):
     """numpy model of the kernel's per-CTA outputs (acc [H, NB], corr/lsum/m [64, NB] per split)
-    with the same roundings: bf16 dequantized keys, bf16 scaled probabilities, 128-offset codes.
+    with the same roundings: dequantized keys and scaled probabilities in the operand type (bf16;
+    f16 for 8-bit codes), codes offset by `code_base` (128; 1024 for 8-bit codes).
     lazy: tile by tile, keeping the running max unless a score passes it by LAZY_TAU (counts of
     rescaled and kept tiles go to `paths`). fold: the key scales folded into the query (bare codes
     times bf16(q * s), plus q . z in float32) instead of bf16 dequantized keys."""
-    bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
-    qb = np.asarray(qb.astype(jnp.float32))
+    from kvjax.pallas_kernels._kivi_mgpu_registers import code_base
+
+    odt, base = mg.operand_dtype(bits), code_base(bits)
+    bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(odt).astype(jnp.float32))  # noqa: E731
+    qb = np.asarray(qb.astype(odt).astype(jnp.float32))
     b, n, ns, h = qb.shape
     nb = mg._value_columns(h // gv, rows_q)
     tiles = fr.words.shape[2]
@@ -86,8 +90,8 @@ def model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale, lazy
                     tok = slice(si * per, (si + 1) * per)
                     tok = tok if tile is None else slice(si * per + 64 * tile, si * per + 64 * tile + 64)
                     bv = bf(p * sv[bi, ni, tok])
-                    acc[bi, ni, si] += (128.0 + vcode[bi, ni, tok]).T @ bv
-                    corr[bi, ni, si, 0] += (p * zv[bi, ni, tok] - 128.0 * bv).sum(axis=0)
+                    acc[bi, ni, si] += (base + vcode[bi, ni, tok]).T @ bv
+                    corr[bi, ni, si, 0] += (p * zv[bi, ni, tok] - base * bv).sum(axis=0)
                 mm[bi, ni, si] = m
     return acc, corr, lsum, mm
 

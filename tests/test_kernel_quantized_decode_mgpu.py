@@ -19,7 +19,7 @@ from kivi_mgpu_model import codes_from_words, model_partials, random_cache
 
 
 @pytest.mark.parametrize("m_rows,k_cols", [(64, 128), (128, 64), (64, 64), (256, 64)])
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_fragment_slots_hold_every_code_once(m_rows, k_cols, bits):
     rows, cols = mg.fragment_slots(m_rows, k_cols, bits)
     hits = np.zeros((m_rows, k_cols), int)
@@ -31,7 +31,7 @@ def test_fragment_slots_hold_every_code_once(m_rows, k_cols, bits):
     np.testing.assert_array_equal(cols[..., 1], cols[..., 0] + 1)
 
 
-@pytest.mark.parametrize("bits,h", [(2, 128), (4, 64)])
+@pytest.mark.parametrize("bits,h", [(2, 128), (4, 64), (8, 64)])
 def test_to_fragment_layout_keeps_every_code(rng, bits, h):
     b, n, s = 2, 3, 128
     kc, ks, kz, vc, vs, vz = random_cache(rng, b, n, s, h, bits, 32, 32)
@@ -47,6 +47,7 @@ def test_to_fragment_layout_keeps_every_code(rng, bits, h):
     for got, want in zip(back, (keys.reshape(b, n, s, h), vals.reshape(b, n, s, h), ks, kz, vs, vz)):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     assert fr.words.dtype == jnp.uint32 and fr.words.shape == (b, n, s // 64, 2, 64 * h * bits // 32)
+    assert fr.k_sz.dtype == fr.v_sz.dtype == mg.operand_dtype(bits)  # f16 for 8-bit codes
 
 
 @pytest.mark.parametrize("bits,t,nq,n,h,gk,gv", [
@@ -54,6 +55,7 @@ def test_to_fragment_layout_keeps_every_code(rng, bits, h):
     (4, 2, 4, 2, 64, 64, 64),      # speculative T=2, one value group (columns repeated to 16)
     (2, 1, 4, 2, 64, 16, 16),      # Gk = 16 (four key groups a tile)
     (2, 1, 6, 2, 64, 32, 32),      # GQA 3 (SmolLM2): rows padded to 4
+    (8, 1, 8, 2, 128, 32, 32),     # 8-bit codes: f16 operands, 1024-offset codes
 ])
 def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, gv):
     """The kernel's algebra — key-channel permutation, value scales folded into the probabilities,
@@ -84,6 +86,7 @@ def test_folded_key_scales_model_matches_reference(rng, gk, t, nq):
     lengths = jnp.asarray([[s, 300], [0, 77]], jnp.int32)
     qb, _, rows_q, rows_p = mg.query_columns(q, n)
     assert mg.can_fold_scales(gk, h, t, nq // n) and not mg.can_fold_scales(gk, 64, t, nq // n)
+    assert not mg.can_fold_scales(gk, h, t, nq // n, bits=8)  # f16 operands: no fold
     parts = model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
                             fold=True)
     out, lse = assemble(tuple(map(jnp.asarray, parts)), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t)
@@ -158,6 +161,8 @@ def _on_hopper():
     (4, 4, 4, 2, 128, 64, 32, True, True),
     (2, 1, 6, 2, 64, 32, 32, True, True),
     (2, 1, 6, 3, 256, 256, 64, True, False),
+    (8, 1, 8, 2, 128, 32, 32, True, True),      # 8-bit codes: f16 operands
+    (8, 2, 8, 2, 128, 128, 64, True, False),
     (2, 1, 8, 2, 128, 128, 32, True, True),     # key scales folded into the query, one group a tile
     (2, 2, 8, 2, 128, 16, 16, True, True),      # folded, four key groups a tile, 8 query rows
     (2, 1, 4, 2, 128, 32, 32, True, False),     # folded, two key groups a tile, 2 query rows
@@ -167,7 +172,9 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
     one off the tile), a residual window, and (ramp) scores that move the running max again and
     again, with the lazy rescaling on and off."""
     b, s, r = 2, 2048, 64
-    cache, q_scale = _ramped_cache(rng, b, n, s, h, bits, gk, gv) if ramp else (random_cache(rng, b, n, s, h, bits, gk, gv), 1.0)
+    # scores of about the same size for every bit width (random_cache's scales do not shrink with it)
+    cache, q_scale = _ramped_cache(rng, b, n, s, h, bits, gk, gv) if ramp else (
+        random_cache(rng, b, n, s, h, bits, gk, gv), 3.0 / (2**bits - 1))
     fr = mg.to_fragment_layout(*cache, bits=bits)
     q = (jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32) * q_scale).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 1000, 0][:n], [77, s - 64, 5][:n]], jnp.int32)
@@ -181,8 +188,8 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
     variants = [dict(lazy_rescale=False)] if lazy else []  # a rescale every tile
     variants.append(dict(lazy_rescale=lazy, merge="xla"))  # the XLA epilogue instead of the Triton merge
     variants.append(dict(lazy_rescale=lazy, warp_sums=False))  # column sums left per thread
-    if mg.can_fold_scales(gk, h, t, nq // n):  # dequantized keys against a scaled query, the other way round
-        variants.append(dict(lazy_rescale=lazy, fold_scales=not mg.folds_by_default(gk, h, t, nq // n)))
+    if mg.can_fold_scales(gk, h, t, nq // n, bits):  # dequantized keys against a scaled query, the other way round
+        variants.append(dict(lazy_rescale=lazy, fold_scales=not mg.folds_by_default(gk, h, t, nq // n, bits)))
     for kw in variants:  # equal up to bf16 roundings of the probabilities / of the keys or the scaled query
         other, _ = mg.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
                                                       **kw)
@@ -196,13 +203,15 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
     (2, 1, 32, 128, 2, 8, True, 64, True), (2, 2, 16, 128, 2, 8, True, 64, True),  # several groups a tile
     (2, 1, 32, 256, 1, 4, True, 64, True),
     (2, 1, 32, 128, 2, 8, None, 192, False),  # the KIVI policy's window at G=32 (chunks); sums per thread
+    (8, 1, 32, 128, 1, 8, None, 64, True), (8, 2, 128, 128, 1, 8, None, 64, True),  # 8-bit codes: f16 operands
 ])
 def test_lowers_for_cuda(bits, t, gk, h, tps, nq, fold, r, warp_sums):
     b, n, s = 2, 2, 2048
     sds = jax.ShapeDtypeStruct
     w = 64 * h * bits // 32
-    fr = mg.KiviFragments(sds((b, n, s // 64, 2, w), jnp.uint32), sds((b, n, s // gk, 2, h), jnp.bfloat16),
-                          sds((b, n, s // 64, 2, h // 32, 64), jnp.bfloat16))
+    dt = mg.operand_dtype(bits)
+    fr = mg.KiviFragments(sds((b, n, s // 64, 2, w), jnp.uint32), sds((b, n, s // gk, 2, h), dt),
+                          sds((b, n, s // 64, 2, h // 32, 64), dt))
 
     def fn(q, fr, lens, kr, vr, rl):
         return mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
@@ -230,7 +239,10 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     (dict(tiles_per_step=3), {}, r"tiles_per_step=3 must be 1, 2 or 4"),
     (dict(), dict(gv=1), r"value group Gv=1 must be even and divide H=128"),
     (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
-    (dict(fold_scales=True, h=64), dict(h=64), r"fold_scales=True needs a head_dim H of 128 or 256 \(got 64\)"),
+    (dict(fold_scales=True, h=64), dict(h=64), r"fold_scales=True needs 2- or 4-bit codes and a head_dim H of 128 "
+                                               r"or 256 \(got bits=2, H=64\)"),
+    (dict(fold_scales=True, bits=8), dict(bits=8, sz_dtype=jnp.float16), r"fold_scales=True needs .* bits=8, H=128"),
+    (dict(bits=8), dict(bits=8), r"k_sz dtype=bfloat16 is not supported .* for bits=8; expected float16"),
     (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128 and num_splits=2"),
     (dict(num_splits=0), {}, r"multiple of num_splits \* tiles_per_step = 0 \* 2"),
 ])

@@ -49,7 +49,7 @@ def _run(pol, c, rng, steps, dtype=jnp.float32, seed=0):
     return np.concatenate(outs, axis=1), state
 
 
-@pytest.mark.parametrize("bits,group", [(2, 64), (4, 64)])
+@pytest.mark.parametrize("bits,group", [(2, 64), (4, 64), (8, 64)])
 def test_fragments_decode_matches_the_standard_layout(bits, group):
     """Same flush blocks (G >= 64), so the same tokens are quantized at every step."""
     spec = f"kivi:bits={bits},group={group},residual={max(64, group)}"
@@ -60,7 +60,7 @@ def test_fragments_decode_matches_the_standard_layout(bits, group):
     out_s, st_s = _run(std, c, np.random.default_rng(1), steps=64)
     assert isinstance(st_f.streams[0].data, mgpu.KiviFragments)
     np.testing.assert_array_equal(np.asarray(st_f.streams[0].count), np.asarray(st_s.streams[0].count))
-    # the same codes; the scales are rounded to bf16 (fp16 in the standard layout)
+    # the same codes; the scales are rounded to bf16 (f16 for 8-bit codes, as in the standard layout)
     rel = np.linalg.norm(out_f - out_s) / np.linalg.norm(out_s)
     assert rel < 2e-2, rel
     kf, vf, pf = dequantize_state(frag, st_f, c)
@@ -98,7 +98,6 @@ def test_fragments_decode_equals_attention_over_its_dequantized_cache():
 
 @pytest.mark.parametrize("spec,match", [
     ("kivi:bits=3,layout=fragments", r"layout='fragments' cannot hold bits=3"),
-    ("kivi:bits=8,layout=fragments", r"layout='fragments' cannot hold bits=8"),
     ("kivi:bits=2,v_bits=4,layout=fragments", r"v_bits=4: the fragment layout holds one width"),
     ("kivi:group=48,residual=96,layout=fragments", r"group=48: the fragment layout needs 16, 32, 64"),
     ("kivi:layout=tiles", r"layout='tiles' is not supported; expected 'auto', 'standard' or 'fragments'"),
@@ -125,7 +124,7 @@ def test_auto_layout_is_standard_off_hopper():
 
 
 @pytest.mark.skipif(_compat.backend_kind() != "mosaic_gpu", reason="needs a Hopper GPU (Mosaic GPU kernel)")
-@pytest.mark.parametrize("bits,group,residual", [(2, 32, 64), (4, 64, 64), (2, 32, 128)])
+@pytest.mark.parametrize("bits,group,residual", [(2, 32, 64), (4, 64, 64), (2, 32, 128), (8, 32, 64), (8, 64, 64)])
 def test_hopper_kernel_decode_matches_reference(bits, group, residual):
     """On the GPU: decode through the Mosaic GPU kernel ("pallas") equals the XLA reference over
     the same fragment-layout cache, within bf16 tolerance, across flushes; residual=128 at G=32
