@@ -1,4 +1,4 @@
-"""Hopper (Mosaic GPU) KIVI-2/4 decode attention (Liu et al. 2024, "KIVI: A Tuning-Free
+"""Hopper (Mosaic GPU) KIVI-2/4/8 decode attention (Liu et al. 2024, "KIVI: A Tuning-Free
 Asymmetric 2bit Quantization for KV Cache", https://arxiv.org/abs/2402.02750): codes are
 unpacked straight into the registers that feed `wgmma`, so the tensor cores do every
 multiply-add and the CUDA cores spend about one instruction per code.
@@ -10,7 +10,10 @@ layout; here the codes are stored so that each thread's 16-byte load already hol
 values and their scales sit side by side (`KiviFragments`), so a pipeline step issues three
 TMA copies. `kvjax.quant.kivi` (layout="fragments", the default on Hopper) writes the layout
 directly; `to_fragment_layout` converts a standard KIVI cache. The register-level code is in
-`_kivi_mgpu_registers.py`.
+`_kivi_mgpu_registers.py`. 2- and 4-bit codes go through the tensor cores in bf16 (128 + f *
+code is exact below 256); 8-bit codes need 10 mantissa bits, so the kernel runs them in f16
+(1024 + f * code, `operand_dtype`; the fragment layout then stores their scales in f16 too:
+scales and zeros beyond f16's range, |x| > 65504, cannot be stored).
 
 Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
   1. keys: each register = `lop3(word >> shift, mask << offset, 0x43004300)` (bf16 128 + f * code,
@@ -42,7 +45,7 @@ a numpy model of the kernel's arithmetic, the merge in interpret mode and the lo
 target (Mosaic GPU has no interpreter for wgmma); the kernel itself is
 checked against the jnp reference on the GPU (`tests/test_kernel_quantized_decode_mgpu.py`,
 `tests/test_quant_kivi_fragments.py`, `benchmarks/kernels_bench.py`). Measured in BENCHMARKS.md
-("Kernels"): 2.1-3.0x cuDNN's bf16 decode at 128k on an H200.
+("Kernels"): 2.2-3.2x cuDNN's bf16 decode at 128k on an H200 for KIVI-2/4, 1.5-1.6x for KIVI-8.
 """
 
 from __future__ import annotations
@@ -276,7 +279,7 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
 
 def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int, k_res=None, v_res=None,
                                     res_lengths=None, scale: float | None = None, num_splits: int | None = None,
-                                    stages: int = 4, tiles_per_step: int | None = None, overlap_v: bool = True,
+                                    stages: int | None = None, tiles_per_step: int | None = None, overlap_v: bool = True,
                                     mask_cond: bool = True, auto_barriers: bool = False, lazy_rescale: bool = True,
                                     fold_scales: bool | None = None, merge: str | None = None,
                                     warp_sums: bool = True):
@@ -286,7 +289,9 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     Tuning: num_splits (split-K programs per (row, KV head); None: enough for one wave of 4 CTAs
     per SM on an H100/H200 and for splits of at most SPLIT_TOKENS tokens; fewer, longer splits
     are a little faster and a little less precise), stages
-    (pipeline depth), tiles_per_step (64-token tiles per pipeline step; None: 2 for 2-bit codes,
+    (pipeline depth; None: 4, or 2 for 8-bit codes, whose 16 KB steps would otherwise take the
+    shared memory of a CTA per SM: H200, KIVI-8 at 128k, 0.75 -> 0.65 ms at G=32 and 0.96 -> 0.61
+    ms at G=128), tiles_per_step (64-token tiles per pipeline step; None: 2 for 2-bit codes,
     whose tiles are short enough that the step's bookkeeping shows, else 1), overlap_v (unpack the values
     while the key product runs), mask_cond (mask only the tiles that cross a row's length),
     auto_barriers (Pallas' conservative barrier around every SMEM store and copy; not needed),
@@ -310,6 +315,9 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     if (k_res is None) != (v_res is None) or (k_res is not None and res_lengths is None):
         raise ValueError("pass k_res, v_res and res_lengths together, or none of them")
     scale = float(h**-0.5 if scale is None else scale)
+    stages = (2 if bits == 8 else 4) if stages is None else stages
+    if stages < 1:
+        raise ValueError(f"stages={stages} must be at least 1")
     tiles = s // TILE
     fits = functools.partial(_splits_fit, tiles=tiles, tps=tps, gk=gk)
     num_splits = default_splits(b, n, s, tps, gk) if num_splits is None else num_splits

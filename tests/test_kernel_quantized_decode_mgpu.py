@@ -245,6 +245,7 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     (dict(bits=8), dict(bits=8), r"k_sz dtype=bfloat16 is not supported .* for bits=8; expected float16"),
     (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128 and num_splits=2"),
     (dict(num_splits=0), {}, r"multiple of num_splits \* tiles_per_step = 0 \* 2"),
+    (dict(stages=0), {}, r"stages=0 must be at least 1"),
 ])
 def test_bad_input_names_the_value(kw, fr_kw, match):
     bits = kw.get("bits", 2)
@@ -253,7 +254,7 @@ def test_bad_input_names_the_value(kw, fr_kw, match):
         mg.quantized_decode_attention_mgpu(q, _frags(**fr_kw), jnp.array([256]), bits=bits,
                                            tiles_per_step=kw.get("tiles_per_step", 2),
                                            fold_scales=kw.get("fold_scales"), merge=kw.get("merge"),
-                                           num_splits=kw.get("num_splits"))
+                                           num_splits=kw.get("num_splits"), stages=kw.get("stages"))
 
 
 def test_to_fragment_layout_rejects_a_context_off_the_tile():
