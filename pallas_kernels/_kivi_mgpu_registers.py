@@ -1,7 +1,8 @@
 """Register-level pieces of the Hopper KIVI decode kernel (`quantized_decode_attention_mgpu.py`),
 written with Mosaic GPU's FragmentedArray API inside `plgpu.inline_mgpu`: loading a thread's
-words, turning codes into bf16 pairs (f16 for 8-bit codes) with one `lop3` (inline PTX), and building WGMMA-layout
-arrays register by register (folding the key scales into the query: `_kivi_mgpu_fold.py`).
+words, turning codes into bf16 pairs (f16 for 8-bit codes) with one `lop3` (inline PTX), and
+building WGMMA-layout arrays register by register (folding the key scales into the query:
+`_kivi_mgpu_fold.py`).
 """
 
 from __future__ import annotations

@@ -97,9 +97,10 @@ def pallas_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
 def mgpu_kivi_attention(q, fr, lengths, k_res, v_res, res_len, *, bits: int):
     """Adapter to the Hopper kernel (pallas_kernels/quantized_decode_attention_mgpu.py) for a
     cache in its fragment layout: every residual slot below res_len is visible (the decode
-    query is the newest token). The kernel computes in bf16 (a float32 model's query and
-    residual window are rounded to bf16; the output comes back in q's dtype). None (the
-    caller runs the reference) off a Hopper GPU or for shapes the kernel does not take."""
+    query is the newest token). The kernel computes in bf16 (f16 for 8-bit codes; a float32
+    model's query and residual window are rounded to bf16; the output comes back in q's
+    dtype). None (the caller runs the reference) off a Hopper GPU or for shapes the kernel does
+    not take."""
     from ..pallas_kernels import _compat
     from ..pallas_kernels import quantized_decode_attention_mgpu as kernel
 

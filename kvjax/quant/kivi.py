@@ -11,9 +11,9 @@ v_codes [B, N, S, H/per_word], v_scale/v_zero [B, N, S, H/G]) + residual [B, N, 
 
 `layout="fragments"` stores the same codes in the fragment layout of the Hopper kernel
 (`pallas_kernels/kivi_fragments.py`, read by `quantized_decode_attention_mgpu.py`; scales in
-bf16) and flushes whole 64-token tiles (blocks of lcm(G, 64) tokens); "auto" (the default)
-picks it on a Hopper GPU when the kernel takes the shapes (2/4 bits, one width, head_dim a
-multiple of 64, G in {16, 32} or a multiple of 64), else the standard layout.
+bf16, f16 for 8-bit codes) and flushes whole 64-token tiles (blocks of lcm(G, 64) tokens);
+"auto" (the default) picks it on a Hopper GPU when the kernel takes the shapes (2/4/8 bits, one
+width, head_dim a multiple of 64, G in {16, 32} or a multiple of 64), else the standard layout.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ class KIVICodec:
 
 @dataclasses.dataclass(frozen=True)
 class KIVIFragmentCodec:
-    """KIVICodec's quantization, stored as `kivi_fragments.KiviFragments` (scales rounded to bf16, the
-    kernel's fma type); `encode` takes whole 64-token tiles."""
+    """KIVICodec's quantization, stored as `kivi_fragments.KiviFragments` (scales rounded to the
+    kernel's operand type, `kivi_fragments.operand_dtype`: bf16, f16 for 8-bit codes); `encode`
+    takes whole 64-token tiles."""
 
     bits: int
     group: int
