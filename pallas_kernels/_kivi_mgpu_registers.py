@@ -29,6 +29,7 @@ def _x2(bits: int) -> str:
     """The PTX packed type of the operands: bf16x2, or f16x2 for 8-bit codes."""
     return "f16x2" if bits == 8 else "bf16x2"
 
+
 def _mgpu():
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector

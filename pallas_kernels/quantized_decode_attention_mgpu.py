@@ -71,8 +71,7 @@ from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, fro
 
 __all__ = ["KiviFragments", "MGPU_BITS", "SPLIT_TOKENS", "TILE", "can_fold_scales", "check_shapes", "default_splits",
            "folds_by_default", "fragment_slots", "from_fragment_layout", "key_channel", "operand_dtype", "padded_rows",
-           "query_columns",
-           "quantized_decode_attention_mgpu", "to_fragment_layout"]
+           "query_columns", "quantized_decode_attention_mgpu", "to_fragment_layout"]
 
 
 LAZY_TAU = 8.0  # log2 units: probabilities of a tile that keeps the running max stay <= 2^8
@@ -87,7 +86,8 @@ def _swizzle(row_bytes: int) -> int:
 
 def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, splits, scale, stages, overlap_v,
                      mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold, warp_sums):
-    """qb [B, N, NSK, H] bf16 (`query_columns`; NSK = `fold_columns` when folding, else NS).
+    """qb [B, N, NSK, H] in `operand_dtype(bits)` (`query_columns`; NSK = `fold_columns` when
+    folding, else NS).
     Returns per split: acc [B,N,P,H,NB], corr [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32
     (see `_kivi_mgpu_epilogue.finish_splits`); with warp_sums the column sums corr and lsum are
     summed per warp (`warp_sums_fn`: rows 16w ... 16w + 15 all hold warp w's sums)."""
@@ -106,12 +106,12 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     log2e_scale = scale * math.log2(math.e)
     wgmma_layout = plgpu.Layout.WGMMA
     col_layout = plgpu.Layout.WGMMA.reduce(0)
-    bf16 = operand_dtype(bits)  # the wgmma operands: bf16, f16 for 8-bit codes
+    odt = operand_dtype(bits)  # the wgmma operands: bf16, f16 for 8-bit codes
     ref = plgpu.RefType()
     unpack_k = [plgpu.inline_mgpu(arg_types=(ref,) if fold else (ref, ref), return_type=plgpu.ShapeDtypeStruct(
-        (TILE, h), bf16, layout=wgmma_layout))(unpack_fn(TILE, h, bits, gk, h, t, 0, k_rows)) for t in range(tps)]
+        (TILE, h), odt, layout=wgmma_layout))(unpack_fn(TILE, h, bits, gk, h, t, 0, k_rows)) for t in range(tps)]
     unpack_v = [plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
-        (h, TILE), bf16, layout=wgmma_layout))(unpack_fn(h, TILE, bits, gk, h, t, 1, k_rows)) for t in range(tps)]
+        (h, TILE), odt, layout=wgmma_layout))(unpack_fn(h, TILE, bits, gk, h, t, 1, k_rows)) for t in range(tps)]
     expand = [[plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
         (TILE, nc), jnp.float32, layout=wgmma_layout))(expand_fn(nc, rows_q, n_gc, t, which, bits)) for which in (0, 1)]
         for t in range(tps)]
@@ -181,7 +181,7 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_used, s.shape, [1]))
                 lsum = lsum + p
                 p = widen(p, nc)  # one copy of the probabilities per value group
-                bv = (p * expand[t][0](vsz)).astype(bf16)
+                bv = (p * expand[t][0](vsz)).astype(odt)
                 corr = corr + (p * expand[t][1](vsz) - code_base(bits) * bv.astype(jnp.float32))
                 b_smem[...] = widen(bv, nb)
                 return corr, lsum
@@ -246,13 +246,13 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         m_out.at[bi, ni, si][...] = lax.broadcast_in_dim(m, (TILE, ns), [1])
 
     def entry(*refs):
-        b_scr = plgpu.SMEM((TILE, nb), bf16, transforms=(plgpu.TilingTransform((8, b_swz // 2)),
+        b_scr = plgpu.SMEM((TILE, nb), odt, transforms=(plgpu.TilingTransform((8, b_swz // 2)),
                                                           plgpu.SwizzleTransform(b_swz)))
         # the query; when folding also the scaled query and its zero-point sums, a buffer per key group
         # of a step (only then: shared memory is, with the registers, what holds the kernel at 4 CTAs
         # per SM)
-        q_scr = [plgpu.SMEM((nsk, h), bf16, transforms=q_transforms)]
-        q_scr += [plgpu.SMEM((nsk, h), bf16, transforms=q_transforms) for _ in builds]
+        q_scr = [plgpu.SMEM((nsk, h), odt, transforms=q_transforms)]
+        q_scr += [plgpu.SMEM((nsk, h), odt, transforms=q_transforms) for _ in builds]
         q_scr += [plgpu.SMEM((nsk,), jnp.float32) for _ in builds]
         pl.run_scoped(lambda *s: body(*refs, *s), b_scr, plgpu.SMEM((1,), jnp.int32), plgpu.Barrier(num_barriers=1),
                       *q_scr)
@@ -279,10 +279,10 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
 
 def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int, k_res=None, v_res=None,
                                     res_lengths=None, scale: float | None = None, num_splits: int | None = None,
-                                    stages: int | None = None, tiles_per_step: int | None = None, overlap_v: bool = True,
-                                    mask_cond: bool = True, auto_barriers: bool = False, lazy_rescale: bool = True,
-                                    fold_scales: bool | None = None, merge: str | None = None,
-                                    warp_sums: bool = True):
+                                    stages: int | None = None, tiles_per_step: int | None = None,
+                                    overlap_v: bool = True, mask_cond: bool = True, auto_barriers: bool = False,
+                                    lazy_rescale: bool = True, fold_scales: bool | None = None,
+                                    merge: str | None = None, warp_sums: bool = True):
     """KIVI decode attention on Hopper (module doc). q [B, T, Nq, H] bf16; fr: the cache in the
     fragment layout (`to_fragment_layout`); lengths [B] or [B, N] valid quantized tokens; the
     residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`.

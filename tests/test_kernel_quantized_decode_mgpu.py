@@ -198,8 +198,9 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
 
 
 @pytest.mark.parametrize("bits,t,gk,h,tps,nq,fold,r,warp_sums", [
-    (2, 1, 32, 128, 2, 8, None, 64, True), (4, 4, 128, 128, 1, 8, None, 64, True), (2, 2, 16, 64, 4, 8, None, 64, True),
-    (4, 1, 256, 128, 2, 8, None, 64, True), (2, 1, 32, 64, 1, 6, None, 64, True), (2, 1, 128, 128, 2, 8, False, 64, True),
+    (2, 1, 32, 128, 2, 8, None, 64, True), (4, 4, 128, 128, 1, 8, None, 64, True),
+    (2, 2, 16, 64, 4, 8, None, 64, True), (4, 1, 256, 128, 2, 8, None, 64, True),
+    (2, 1, 32, 64, 1, 6, None, 64, True), (2, 1, 128, 128, 2, 8, False, 64, True),
     (2, 1, 32, 128, 2, 8, True, 64, True), (2, 2, 16, 128, 2, 8, True, 64, True),  # several groups a tile
     (2, 1, 32, 256, 1, 4, True, 64, True),
     (2, 1, 32, 128, 2, 8, None, 192, False),  # the KIVI policy's window at G=32 (chunks); sums per thread
