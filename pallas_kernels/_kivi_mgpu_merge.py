@@ -4,7 +4,8 @@ attended, and all of them merged through their maxima (Liu et al. 2024, KIVI,
 https://arxiv.org/abs/2402.02750: quantized tokens plus a window of recent ones in full
 precision). Its jnp reference is `_kivi_mgpu_epilogue.assemble` with `residual_partial`, which
 XLA runs as 15 small kernels (37 us of GPU time a call at 128k, B8 Hkv8, on an H200, plus the
-gaps between launches); this one took 13-16 us there at 16 splits (BENCHMARKS.md, "Decode").
+gaps between launches); this one took 13-16 us there at 16 splits, and 8.7-8.9 us at 8 splits
+with the column sums summed per warp (BENCHMARKS.md, "Decode").
 
 One program per (batch row, KV head, query row): it reads its column of every split at once (a
 gather; a loop over the splits paid the load latency once per split, and a program per (batch

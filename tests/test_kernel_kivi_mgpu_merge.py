@@ -36,12 +36,12 @@ def test_residual_window_part_matches_the_reference(rng):
     assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, "residual part")  # the reference returns bf16
 
 
-@pytest.mark.parametrize("row_stride", [1, 16])
-@pytest.mark.parametrize("bits,t,nq,n,h,gk,gv,r", [
-    (2, 1, 8, 2, 128, 32, 32, 32),    # GQA 4, the benchmark's groups, a residual window
-    (4, 2, 4, 2, 64, 64, 64, 16),     # speculative T=2, one value group
-    (2, 1, 6, 2, 64, 32, 32, None),   # GQA 3: rows padded to 4, no residual window
-    (2, 3, 4, 2, 64, 16, 16, 48),     # T=3: six rows padded to 8; a window of 3 chunks, ragged
+@pytest.mark.parametrize("bits,t,nq,n,h,gk,gv,r,row_stride", [
+    (2, 1, 8, 2, 128, 32, 32, 32, 16),    # GQA 4, the benchmark's groups, a residual window
+    (2, 1, 8, 2, 128, 32, 32, 32, 1),     # the same, column sums per thread (warp_sums=False)
+    (4, 2, 4, 2, 64, 64, 64, 16, 16),     # speculative T=2, one value group
+    (2, 1, 6, 2, 64, 32, 32, None, 1),    # GQA 3: rows padded to 4, no residual window
+    (2, 3, 4, 2, 64, 16, 16, 48, 16),     # T=3: six rows padded to 8; a window of 3 chunks, ragged
 ])
 def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r, row_stride):
     """`_kivi_mgpu_merge.merge_partials` (one Triton kernel, interpret mode here) equals its jnp
