@@ -149,6 +149,9 @@ def test_merge_names_a_size_triton_cannot_block():
     with pytest.raises(ValueError, match=r"row_stride=12 must be a power of two"):
         merge_partials(parts, z((1, 1, 4, 64), jnp.bfloat16), rows_q=4, rows_p=4, gv=32, t=1, scale=0.125,
                        row_stride=12, interpret=True)
+    with pytest.raises(ValueError, match=r"row_stride=128 must be at most the partials' 64 rows"):
+        merge_partials(parts, z((1, 1, 4, 64), jnp.bfloat16), rows_q=4, rows_p=4, gv=32, t=1, scale=0.125,
+                       row_stride=128, interpret=True)
     with pytest.raises(ValueError, match=r"splits P=3 must be a power of two"):
         merge_partials(tuple(x[:, :, :1].repeat(3, axis=2) for x in parts), z((1, 1, 4, 64), jnp.bfloat16),
                        rows_q=4, rows_p=4, gv=32, t=1, scale=0.125, interpret=True)
