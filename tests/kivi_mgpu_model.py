@@ -17,6 +17,13 @@ def random_cache(rng, b, n, s, h, bits, gk, gv):
             vc, bf(rng.random((b, n, s, h // gv)) * 0.5), bf(rng.standard_normal((b, n, s, h // gv))))
 
 
+def query_scale(bits):
+    """A factor for random queries against `random_cache` that keeps the scores about the same size
+    for every bit width (its scales do not shrink with the code range, so 8-bit keys reach about
+    60 and their f16 rounding alone would move an LSE by more than the bf16 tolerance)."""
+    return 3.0 / (2**bits - 1)
+
+
 def codes_from_words(words, m_rows, k_cols, bits):
     """Inverse of the fragment packing: words [..., tiles, 128*W] -> codes [..., tiles, m_rows, k_cols]."""
     rows, cols = mg.fragment_slots(m_rows, k_cols, bits)

@@ -15,7 +15,7 @@ from kvjax.pallas_kernels import _kivi_mgpu_fold as kfold
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
 from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble
 from kvjax.pallas_kernels.testing import assert_attention_close, lower_for
-from kivi_mgpu_model import codes_from_words, model_partials, random_cache
+from kivi_mgpu_model import codes_from_words, model_partials, query_scale, random_cache
 
 
 @pytest.mark.parametrize("m_rows,k_cols", [(64, 128), (128, 64), (64, 64), (256, 64)])
@@ -42,6 +42,8 @@ def test_to_fragment_layout_keeps_every_code(rng, bits, h):
     np.testing.assert_array_equal(k_tiles, keys[..., mg.key_channel(np.arange(h), h)])
     v_tiles = codes_from_words(fr.words[:, :, :, 1], h, 64, bits)  # V^T: rows = channels
     np.testing.assert_array_equal(v_tiles, np.swapaxes(vals, -1, -2))
+    odt = mg.operand_dtype(bits)  # scales stored in the operand type: f16 for 8-bit codes (tiny ones round)
+    ks, kz, vs, vz = (x.astype(odt) for x in (ks, kz, vs, vz))
     np.testing.assert_array_equal(fr.k_sz[:, :, :, 1], kz)
     back = mg.from_fragment_layout(fr, bits=bits)
     for got, want in zip(back, (keys.reshape(b, n, s, h), vals.reshape(b, n, s, h), ks, kz, vs, vz)):
@@ -64,7 +66,7 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     b, s, splits = 2, 256, 2
     cache = random_cache(rng, b, n, s, h, bits, gk, gv)
     fr = mg.to_fragment_layout(*cache, bits=bits)
-    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
+    q = (jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32) * query_scale(bits)).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 150], [0, 77]][:b], jnp.int32)[:, :n]
     qb, _, rows_q, rows_p = mg.query_columns(q, n)
     scale = h**-0.5
@@ -172,9 +174,8 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
     one off the tile), a residual window, and (ramp) scores that move the running max again and
     again, with the lazy rescaling on and off."""
     b, s, r = 2, 2048, 64
-    # scores of about the same size for every bit width (random_cache's scales do not shrink with it)
     cache, q_scale = _ramped_cache(rng, b, n, s, h, bits, gk, gv) if ramp else (
-        random_cache(rng, b, n, s, h, bits, gk, gv), 3.0 / (2**bits - 1))
+        random_cache(rng, b, n, s, h, bits, gk, gv), query_scale(bits))
     fr = mg.to_fragment_layout(*cache, bits=bits)
     q = (jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32) * q_scale).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 1000, 0][:n], [77, s - 64, 5][:n]], jnp.int32)
