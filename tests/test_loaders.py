@@ -114,6 +114,25 @@ def test_truncated_gguf(tmp_path):
         load(str(p))
 
 
+def test_plain_view_reader_reads_what_gguf_reads():
+    """`open_reader`'s faster reader (`gguf_file._reader_class`) against gguf's own, on SmolLM2:
+    the same fields with the same values, the same tensors with the same bytes."""
+    import gguf
+
+    from kvjax.loaders import gguf_file
+
+    assert gguf_file._reader_class() is not gguf.GGUFReader  # else this gguf release bypasses it
+    ours, theirs = gguf_file.open_reader(embedded_path("smollm2")), gguf.GGUFReader(embedded_path("smollm2"))
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        a, b = ours.fields[key].contents(), field.contents()
+        assert type(a) is type(b) and (np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.tensor_type, list(a.shape), a.data_offset) == (b.tensor_type, list(b.shape), b.data_offset), a.name
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data.view(np.uint8), b.data.view(np.uint8)), a.name
+
+
 def _write_gguf(path, arch, tensors):
     import gguf
 

@@ -31,13 +31,43 @@ _LAYER_NAMES = {
 }
 
 
-def open_reader(path: str):
+def _reader_class():
+    """gguf's `GGUFReader`, reading through a plain ndarray view of its memory map.
+
+    The reader slices its `np.memmap` once for every metadata value (300k times for SmolLM2's
+    49k-token vocabulary and merges). Each memmap slice runs numpy's Python-level `__getitem__`
+    and `__array_finalize__`; a plain view of the same mapped bytes slices in C. Opening
+    SmolLM2's GGUF goes from 2.5 s to 0.7 s, the fields and tensors are the same, and tensor data
+    stays lazily mapped. Where a gguf release changes the private `_get` this overrides, the
+    stock reader is used."""
+    import inspect
+
     import gguf
 
+    base = gguf.GGUFReader
+    if list(inspect.signature(getattr(base, "_get", lambda: None)).parameters) != [
+            "self", "offset", "dtype", "count", "override_order"]:
+        return base
+
+    class PlainViewReader(base):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            dtype, count = np.dtype(dtype), int(count)
+            arr = plain[offset: offset + dtype.itemsize * count].view(dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return PlainViewReader
+
+
+def open_reader(path: str):
+    """A `gguf.GGUFReader` for `path` (`_reader_class`); ModelFileError for a missing or unreadable
+    file."""
     if not os.path.isfile(path):
         raise ModelFileError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(path)
+        return _reader_class()(path)
     except Exception as e:  # the reader raises assorted errors on bad bytes
         raise ModelFileError(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
 
