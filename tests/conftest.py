@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -18,12 +19,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
-    import tempfile
 
     _cache_dir = tempfile.mkdtemp(prefix="kvjax-test-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+# Likewise one folder per run for other slow-to-build test inputs (`hf_smollm2`).
+if "KVJAX_TEST_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+
+    _run_dir = tempfile.mkdtemp(prefix="kvjax-test-run-")
+    os.environ["KVJAX_TEST_CACHE_DIR"] = _run_dir
+    atexit.register(shutil.rmtree, _run_dir, ignore_errors=True)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -108,12 +116,22 @@ def hf_smollm2():
 
     from kvjax.loaders.load import embedded_path
 
+    kw = dict(dtype=torch.float32, attn_implementation="eager")
+    # transformers' own GGUF reader takes ~25 s, so the first worker to read the GGUF saves the
+    # model as safetensors for the run, and the other workers load those in about a second.
+    saved = os.path.join(os.environ["KVJAX_TEST_CACHE_DIR"], "hf_smollm2")
+    if os.path.isfile(os.path.join(saved, "config.json")):
+        return transformers.AutoModelForCausalLM.from_pretrained(saved, **kw).eval()
     path = embedded_path("smollm2")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, attn_implementation="eager"
-    )
-    model.eval()
-    return model
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                              gguf_file=os.path.basename(path), **kw)
+    staging = tempfile.mkdtemp(dir=os.environ["KVJAX_TEST_CACHE_DIR"])
+    model.save_pretrained(staging)
+    try:
+        os.rename(staging, saved)  # atomic: a worker sees the whole folder or none of it
+    except OSError:  # another worker saved it first
+        pass
+    return model.eval()
 
 
 @pytest.fixture(scope="session")
