@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,18 +19,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # release (below) load from it instead of compiling again. Removed when the run ends; a
 # JAX_COMPILATION_CACHE_DIR set by the user is used as it is.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import atexit
-    import shutil
-
     _cache_dir = tempfile.mkdtemp(prefix="kvjax-test-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 # Likewise one folder per run for other slow-to-build test inputs (`hf_smollm2`).
 if "KVJAX_TEST_CACHE_DIR" not in os.environ:
-    import atexit
-    import shutil
-
     _run_dir = tempfile.mkdtemp(prefix="kvjax-test-run-")
     os.environ["KVJAX_TEST_CACHE_DIR"] = _run_dir
     atexit.register(shutil.rmtree, _run_dir, ignore_errors=True)

@@ -6,6 +6,7 @@ on them; we undo it (as transformers does) so the standard rotate-half RoPE appl
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -31,6 +32,7 @@ _LAYER_NAMES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _reader_class():
     """gguf's `GGUFReader`, reading through a plain ndarray view of its memory map.
 
