@@ -71,7 +71,7 @@ def main(groups):
         w = 64 * h * bits // 32
         fr = mg.KiviFragments(jax.random.bits(ks[0], (b, n, s // 64, 2, w), jnp.uint32),
                               (jax.random.uniform(ks[1], (b, n, s // gk, 2, h)) * 0.1).astype(jnp.bfloat16),
-                              (jax.random.uniform(ks[4], (b, n, s // 64, 2, h // gk, 64)) * 0.1).astype(jnp.bfloat16))
+                              (jax.random.uniform(ks[4], (b, n, s // 64, 2, 64, h // gk)) * 0.1).astype(jnp.bfloat16))
         variants = (dict(), dict(warp_sums=False), dict(merge="xla"), dict(num_splits=16))
         for kw in variants:
             full = jax.jit(lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(

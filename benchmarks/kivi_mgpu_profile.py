@@ -16,7 +16,7 @@ ks = jax.random.split(jax.random.key(0), 9)
 w = 64 * h * bits // 32
 fr = mg.KiviFragments(jax.random.bits(ks[0], (b, n, s // 64, 2, w), jnp.uint32),
                       (jax.random.uniform(ks[1], (b, n, s // gk, 2, h)) * 0.1).astype(jnp.bfloat16),
-                      (jax.random.uniform(ks[4], (b, n, s // 64, 2, h // gk, 64)) * 0.1).astype(jnp.bfloat16))
+                      (jax.random.uniform(ks[4], (b, n, s // 64, 2, 64, h // gk)) * 0.1).astype(jnp.bfloat16))
 q = jax.random.normal(ks[6], (b, 1, nq, h), jnp.bfloat16)
 kr = jax.random.normal(ks[7], (b, n, r, h), jnp.bfloat16)
 f = jax.jit(lambda q, fr, kr: mg.quantized_decode_attention_mgpu(

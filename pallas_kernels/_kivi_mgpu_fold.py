@@ -87,8 +87,11 @@ def fold_query_fn(ns, h, t, gk, k_rows_per_step, rows_p, bits):
             at = _swizzled(row, arith.muli(kc, utils.c(8, i32)))
             qv = vector.load(v8, q_ref, at)
             out, zsum = [], None
-            for qq in range(4):  # K positions 8 kc + 2 qq + e hold channels qq H/4 + 2 kc + e
-                ch = _idx(arith.addi(utils.c(qq * (h // 4), i32), arith.muli(kc, utils.c(2, i32))))
+            # K positions 8 kc + 2 qq + e hold channels 32 (kc // 4) + 8 qq + 2 (kc % 4) + e (`key_channel`)
+            ch0 = arith.addi(arith.muli(arith.divui(kc, utils.c(4, i32)), utils.c(32, i32)),
+                             arith.muli(arith.remui(kc, utils.c(4, i32)), utils.c(2, i32)))
+            for qq in range(4):
+                ch = _idx(arith.addi(ch0, utils.c(8 * qq, i32)))
                 s2 = utils.bitcast(vector.load(v2, sz_ref, [_idx(g), _idx(utils.c(0, i32)), ch]), i32)
                 z2 = vector.load(v2, sz_ref, [_idx(g), _idx(utils.c(1, i32)), ch])
                 q2 = vector.extract_strided_slice(v2, qv, [2 * qq], [2], [1])

@@ -178,12 +178,12 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
             else:
                 g = arith.addi(utils.c(t * (TILE // gk), i32),
                                arith.divui(arith.muli(warp, utils.c(16, i32)), utils.c(gk, i32)))
-            base = arith.muli(q, utils.c(h // 4, i32))
+            base = arith.muli(q, utils.c(8, i32))
             pairs = []
             for which in (0, 1):
                 vals = []
-                for v in range(h // 32):  # H/4 channels = H/32 vectors of 8
-                    off = arith.addi(base, utils.c(8 * v, i32))
+                for v in range(h // 32):  # H/4 channels = H/32 chunks of 8: chunk 4v + q (`key_channel`)
+                    off = arith.addi(base, utils.c(32 * v, i32))
                     vec = vector.load(ir.VectorType.get((8,), bf16), sz_ref,
                                       [_idx(g), _idx(utils.c(which, i32)), _idx(off)])
                     for p in range(4):
@@ -212,11 +212,15 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
 
 
 def expand_fn(nb, rows_q, n_gc, t, which, bits):
-    """inline_mgpu body: v_sz ref [tiles * 2 * H/Gv, 64] bf16 (tile-major rows) -> f32 [64, NB]
-    in the WGMMA layout with element (r, j) = ref[(2 t + which) H/Gv + (j // rows_q) % (H/Gv), r]
-    (tile t's per-token value-group scale (which=0) or zero (1) for every column of its group).
-    Scales are divided by the factor 2^offset that `unpack_fn` leaves on the value codes of token
-    r (`value_code_position` of the token's group of 8, r // 8)."""
+    """inline_mgpu body: v_sz ref [tiles * H/Gv, 128] (a step's tiles, each tile's [(scale, zero),
+    64 tokens, H/Gv groups] in H/Gv rows of 128) -> f32 [64, NB] in the WGMMA layout with
+    element (r, j) = tile t's per-token value-group scale (which=0) or zero (1) of token r and
+    group (j // rows_q) % (H/Gv). The threads of a warp read 8 tokens and two neighbouring groups:
+    words of distinct banks (with tokens last, a group's tokens filled a 128-byte row and the two
+    groups met in the same banks). A thread's second token is read at an immediate offset from
+    its first (computing both addresses cost the KIVI-2 kernel 2 registers and its fourth CTA per
+    SM). Scales are divided by the factor 2^offset that `unpack_fn` leaves on the value codes of
+    token r (`value_code_position` of the token's group of 8, r // 8)."""
 
     def fn(ctx, ref):
         ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
@@ -240,13 +244,28 @@ def expand_fn(nb, rows_q, n_gc, t, which, bits):
                         hit = arith.cmpi(arith.CmpIPredicate.eq, arith.remui(grp8, utils.c(16 // bits, i32)),
                                          utils.c(i, i32))
                         inv[half] = arith.select(hit, const(2.0 ** -value_code_position(bits, i)[1]), inv[half])
+        loaded = {}
+        tpr = 128 // n_gc if 128 % n_gc == 0 else 0  # tokens a row of 128
+        if tpr >= 16:
+            tok_col = arith.muli(arith.remui(row0, utils.c(tpr, i32)), utils.c(n_gc, i32))
         for jt in range(nb // 8):
             col = arith.addi(utils.c(8 * jt, i32), arith.muli(q, utils.c(2, i32)))
             grp = arith.remui(arith.divui(col, utils.c(rows_q, i32)), utils.c(n_gc, i32))
             for half in range(2):
-                row = arith.addi(row0, utils.c(8 * half, i32))
-                grp_row = arith.addi(grp, utils.c((2 * t + which) * n_gc, i32))
-                x = arith.extf(f32, memref.load(ref, [_idx(grp_row), _idx(row)]))
+                key = (0 if n_gc == 1 else jt, half)  # one group: every column tile reads the same word
+                if key not in loaded:
+                    tok = arith.addi(row0, utils.c(8 * half, i32))
+                    base = t * 128 * n_gc + which * 64 * n_gc  # the tile's scales or zeros, flat
+                    if tpr >= 16:  # a thread's two tokens (row0, row0 + 8) share a row: the second's
+                        # column is the first's plus a constant (an immediate offset, no register)
+                        row = arith.addi(utils.c(base // 128, i32), arith.divui(row0, utils.c(tpr, i32)))
+                        col = arith.addi(arith.addi(tok_col, grp), utils.c(base % 128 + 8 * half * n_gc, i32))
+                    else:
+                        flat = arith.addi(utils.c(base, i32),
+                                          arith.addi(arith.muli(tok, utils.c(n_gc, i32)), grp))
+                        row, col = arith.divui(flat, utils.c(128, i32)), arith.remui(flat, utils.c(128, i32))
+                    loaded[key] = arith.extf(f32, memref.load(ref, [_idx(row), _idx(col)]))
+                x = loaded[key]
                 if inv[half] is not None:
                     x = arith.mulf(x, inv[half])
                 idx = [0] * len(shape)

@@ -35,6 +35,24 @@ def default_splits(b: int, n: int, s: int, tps: int, gk: int, sms: int = 132) ->
     return p
 
 
+def default_tiles_per_step(bits: int, s: int, gk: int, fold: bool) -> int:
+    """tiles_per_step=None: the most 64-token tiles a pipeline step can take, of 4 for 2-bit codes
+    and 2 for 4-bit codes whose key scales are not folded (their steps' bookkeeping and the latency
+    of their first loads show: H200, 128k, B8 Hkv8, G=32, KIVI-2 0.332 -> 0.325 ms at 4 tiles and
+    2 stages, KIVI-4 0.401 -> 0.383 ms at 2 tiles and 2 stages), of 2 for folded 2-bit codes (4
+    took the G=128 kernel to 129 registers: 0.308 -> 0.364 ms), else 1. A step's tiles must divide
+    the S/64 tiles and hold whole key groups (or a part of one)."""
+    prefs = (4, 2, 1) if bits == 2 and not fold else (2, 1) if bits == 2 or (bits == 4 and not fold) else (1,)
+    return next(p for p in prefs if (s // TILE) % p == 0 and (gk >= p * TILE or (p * TILE) % gk == 0))
+
+
+def default_stages(bits: int, h: int, tps: int) -> int:
+    """stages=None: 2 where a pipeline step's codes take 16 KB or more (and for 8-bit codes), so
+    the kernel keeps 4 CTAs per SM in shared memory; else 4 (H200, KIVI-8 at 128k with 4 stages:
+    0.75 / 0.96 ms at G=32 / G=128, 0.65 / 0.61 ms with 2; BENCHMARKS.md)."""
+    return 2 if bits == 8 or tps * TILE * h * bits // 4 >= 16384 else 4
+
+
 def _score_columns(rows_q: int) -> int:
     """Columns of the key product: the query rows, repeated up to 8 (wgmma's smallest N)."""
     return rows_q if rows_q % 8 == 0 else 8
@@ -94,15 +112,14 @@ def check_shapes(q, fr: KiviFragments, bits: int):
         raise ValueError(f"head_dim H={h} must be 64, 128, 192 or 256 for the Mosaic GPU KIVI kernel")
     if fr.k_sz.ndim != 5 or fr.k_sz.shape[:2] != (b, n) or fr.k_sz.shape[3:] != (2, h) or s % fr.k_sz.shape[2]:
         raise ValueError(f"k_sz{fr.k_sz.shape} must be [B, N, S/Gk, 2, H] with B={b}, N={n}, S={s}, H={h}")
-    if (fr.v_sz.ndim != 6 or fr.v_sz.shape[:4] != (b, n, tiles, 2) or fr.v_sz.shape[5] != TILE
-            or h % fr.v_sz.shape[4]):
-        raise ValueError(f"v_sz{fr.v_sz.shape} must be [B, N, S/64, 2, H/Gv, 64] with B={b}, N={n}, S={s}, H={h}")
+    if fr.v_sz.ndim != 6 or fr.v_sz.shape[:5] != (b, n, tiles, 2, TILE) or h % fr.v_sz.shape[5]:
+        raise ValueError(f"v_sz{fr.v_sz.shape} must be [B, N, S/64, 2, 64, H/Gv] with B={b}, N={n}, S={s}, H={h}")
     for name, x in (("k_sz", fr.k_sz), ("v_sz", fr.v_sz)):
         if x.dtype != operand_dtype(bits):
             raise ValueError(f"{name} dtype={x.dtype} is not supported by the Mosaic GPU KIVI kernel for bits={bits}; "
                              f"expected {jnp.dtype(operand_dtype(bits)).name} (`to_fragment_layout`)")
     gk = s // fr.k_sz.shape[2]
-    gv = h // fr.v_sz.shape[4]
+    gv = h // fr.v_sz.shape[5]
     if not (gk % 16 == 0 and (TILE % gk == 0 or gk % TILE == 0)):
         raise ValueError(f"key group Gk={gk} must be 16, 32, 64 or a multiple of 64 for the Mosaic GPU KIVI kernel")
     if h % gv or gv % 2:

@@ -5,8 +5,9 @@ et al. 2024).
 
 `wgmma` reads A from registers in a fixed fragment layout (thread `l` of warp `w` holds rows
 16w + l/4 (+8) and column pairs 8j + 2(l%4)). Per 64-token tile:
-* keys: A = K [64 tokens, H], the channels permuted so that a thread's H/4 channels are
-  contiguous (`key_channel`: its scales and zeros are then two vector loads);
+* keys: A = K [64 tokens, H], the channels permuted so that a thread's H/4 channels come in
+  chunks of 8 and the four threads of a row read neighbouring 16-byte chunks of the key scales
+  and zeros (`key_channel`: vector loads with no shared-memory bank conflict);
 * values: A = V^T [H, 64 tokens] (rows = channels);
 word m of thread t holds, at bits (b*i, 16 + b*i), the two codes of register m*R + i (R = 16/b)
 (`fragment_slots`, `register_of`). `to_fragment_layout` / `from_fragment_layout` convert from / to the
@@ -41,9 +42,10 @@ class KiviFragments(NamedTuple):
     scales and zeros sit side by side so that one pipeline step issues three copies, not six.
 
     words [B, N, S/64, 2, 64*H*b/32] uint32 (keys, values); k_sz [B, N, S/Gk, 2, H] (key scale,
-    zero: per channel, per group of Gk tokens); v_sz [B, N, S/64, 2, H/Gv, 64] (value scale,
-    zero: per token, per group of Gv channels; tokens last within each 64-token tile); scales in
-    `operand_dtype(b)`: bf16, f16 for 8-bit codes.
+    zero: per channel, per group of Gk tokens); v_sz [B, N, S/64, 2, 64, H/Gv] (value scale,
+    zero: per token, per group of Gv channels; groups last, so the threads of a warp, 8 tokens and
+    two neighbouring groups, read distinct banks); scales in `operand_dtype(b)`: bf16, f16 for
+    8-bit codes.
     Every leaf has its token axis (in tiles, groups or tokens) at axis 2, so a cache appends
     whole tiles with one dynamic_update_slice per leaf."""
 
@@ -85,10 +87,15 @@ def register_of(flat, col_tiles: int):
 
 
 def key_channel(col, h: int):
-    """Channel that wgmma column `col` of the key tile holds: thread l%4 = q owns the
-    contiguous channels q*H/4 ... (q+1)*H/4 - 1 (col 8j + 2q + e -> q*H/4 + 2j + e)."""
+    """Channel that wgmma column `col` of the key tile holds. Thread l%4 = q holds columns
+    8j + 2q + e; its column tiles j = 4v + p (v < H/32, p < 4) hold the 8 channels of chunk
+    4v + q: col 8(4v + p) + 2q + e -> 32v + 8q + 2p + e. A thread's scales (or zeros) are then
+    H/32 loads of 16 bytes, and the four threads q of a row read four neighbouring chunks: 64
+    bytes in distinct banks (with a thread's channels contiguous, q*H/4 + 2j + e, threads q and
+    q + 2 met in the same banks: a 2-way conflict on every load, BENCHMARKS.md)."""
+    del h  # every H (a multiple of 32) permutes the same way within its 32-channel blocks
     j, q, e = col // 8, (col % 8) // 2, col % 2
-    return q * (h // 4) + 2 * j + e
+    return 32 * (j // 4) + 8 * q + 2 * (j % 4) + e
 
 
 def _pack_tiles(codes, rows, cols, bits):
@@ -117,7 +124,7 @@ def to_fragment_layout(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, *, bi
     v_words = _pack_tiles(vt, vrows, vcols, bits)
     dt = operand_dtype(bits)
     v_sz = jnp.stack([v_scale.astype(dt), v_zero.astype(dt)], axis=3)  # [B,N,S,2,H/Gv]
-    v_sz = jnp.moveaxis(v_sz.reshape(b, n, s // TILE, TILE, 2, -1), 3, 5)  # [B,N,S/64,2,H/Gv,64]
+    v_sz = jnp.swapaxes(v_sz.reshape(b, n, s // TILE, TILE, 2, -1), 3, 4)  # [B,N,S/64,2,64,H/Gv]
     return KiviFragments(jnp.stack([k_words, v_words], axis=3),
                          jnp.stack([k_scale.astype(dt), k_zero.astype(dt)], axis=3), v_sz)
 
@@ -145,5 +152,5 @@ def from_fragment_layout(fr: KiviFragments, *, bits: int):
         if kv == 1:
             codes = jnp.swapaxes(codes, -1, -2)  # V^T -> [tokens, channels]
         out.append(codes.reshape(b, n, tiles * TILE, h))
-    v_sz = jnp.moveaxis(fr.v_sz, 5, 3).reshape(b, n, tiles * TILE, 2, -1)
+    v_sz = jnp.swapaxes(fr.v_sz, 3, 4).reshape(b, n, tiles * TILE, 2, -1)
     return (out[0], out[1], fr.k_sz[:, :, :, 0], fr.k_sz[:, :, :, 1], v_sz[:, :, :, 0], v_sz[:, :, :, 1])

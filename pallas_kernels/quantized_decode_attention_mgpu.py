@@ -44,8 +44,11 @@ reference, and the fallback, is `_kivi_mgpu_epilogue.py`). On CPU the tests chec
 a numpy model of the kernel's arithmetic, the merge in interpret mode and the lowering for a CUDA
 target (Mosaic GPU has no interpreter for wgmma); the kernel itself is
 checked against the jnp reference on the GPU (`tests/test_kernel_quantized_decode_mgpu.py`,
-`tests/test_quant_kivi_fragments.py`, `benchmarks/kernels_bench.py`). Measured in BENCHMARKS.md
-("Kernels"): 2.2-3.2x cuDNN's bf16 decode at 128k on an H200 for KIVI-2/4, 1.5-1.6x for KIVI-8.
+`tests/test_quant_kivi_fragments.py`, `benchmarks/kernels_bench.py`, `benchmarks/kivi_mgpu_ab.py`).
+Measured in BENCHMARKS.md ("Decode"), against cuDNN's bf16 decode at 128k on an H200: KIVI-2
+2.97-3.01x at G=32 and 3.1-3.2x at G=128, KIVI-4 2.3-2.5x, KIVI-8 1.6x. Every shared-memory load
+of the loop is free of bank conflicts (the key-channel order of `key_channel`, the value-scale
+order of `KiviFragments.v_sz`): with them the KIVI-2 G=32 kernel was 7% slower.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from ._kivi_mgpu_fold import (add_columns_fn, can_fold_scales, fold_columns, fol
 from ._kivi_mgpu_merge import merge_partials
 from ._kivi_mgpu_registers import code_base, commit_any_fn, expand_fn, tile_fn, unpack_fn, warp_sums_fn
 from ._kivi_mgpu_shapes import (SPLIT_TOKENS, _score_columns, _splits_fit, _value_columns, check_shapes,
-                                default_splits, padded_rows, query_columns)
+                                default_splits, default_stages, default_tiles_per_step, padded_rows, query_columns)
 from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
                              operand_dtype, to_fragment_layout)
 
@@ -182,7 +185,8 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
                 lsum = lsum + p
                 p = widen(p, nc)  # one copy of the probabilities per value group
                 bv = (p * expand[t][0](vsz)).astype(odt)
-                corr = corr + (p * expand[t][1](vsz) - code_base(bits) * bv.astype(jnp.float32))
+                corr = corr + p * expand[t][1](vsz)  # two fused multiply-adds an element
+                corr = corr + bv.astype(jnp.float32) * -code_base(bits)
                 b_smem[...] = widen(bv, nb)
                 return corr, lsum
 
@@ -227,11 +231,11 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         in_specs = [
             plgpu.BlockSpec((tps * rows_w, 128), lambda i: (i, 0)),
             plgpu.BlockSpec((k_rows, 2, h), k_map),
-            plgpu.BlockSpec((tps * 2 * n_gc, TILE), lambda i: (i, 0)),
+            plgpu.BlockSpec((tps * n_gc, 128), lambda i: (i, 0)),
         ]
         gmem = (words_ref.at[bi, ni, pl.ds(first * rows_w, steps * tps * rows_w)],
                 ksz_ref.at[bi, ni, pl.ds(k_first, k_total)],
-                vsz_ref.at[bi, ni, pl.ds(first * 2 * n_gc, steps * tps * 2 * n_gc)])
+                vsz_ref.at[bi, ni, pl.ds(first * n_gc, steps * tps * n_gc)])
         zeros_t = plgpu.layout_cast(jnp.zeros((TILE, nc), jnp.float32), wgmma_layout)
         zeros_s = plgpu.layout_cast(jnp.zeros((TILE, ns), jnp.float32), wgmma_layout)
         m0 = plgpu.layout_cast(jnp.full((ns,), -1e30, jnp.float32), col_layout)
@@ -274,7 +278,7 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         # time any thread issues the copy that refills it, and B is rewritten only after the
         # wgmma that read it has been waited for.
         compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
-    )(qb, words, fr.k_sz, fr.v_sz.reshape(b, n, tiles * 2 * n_gc, TILE), lengths)
+    )(qb, words, fr.k_sz, fr.v_sz.reshape(b, n, tiles * n_gc, 128), lengths)  # a tile's v_sz: H/Gv rows of 128
 
 
 def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int, k_res=None, v_res=None,
@@ -289,11 +293,10 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     Tuning: num_splits (split-K programs per (row, KV head); None: enough for one wave of 4 CTAs
     per SM on an H100/H200 and for splits of at most SPLIT_TOKENS tokens; fewer, longer splits
     are a little faster and a little less precise), stages
-    (pipeline depth; None: 4, or 2 for 8-bit codes, whose 16 KB steps would otherwise take the
-    shared memory of a CTA per SM: H200, KIVI-8 at 128k, 0.75 -> 0.65 ms at G=32 and 0.96 -> 0.61
-    ms at G=128), tiles_per_step (64-token tiles per pipeline step; None: 2 for 2-bit codes,
-    whose tiles are short enough that the step's bookkeeping shows, else 1), overlap_v (unpack the values
-    while the key product runs), mask_cond (mask only the tiles that cross a row's length),
+    (pipeline depth; None: `default_stages`, 2 where a step's codes take 16 KB, else 4),
+    tiles_per_step (64-token tiles per pipeline step; None: `default_tiles_per_step`, 4 for 2-bit
+    and 2 for 4-bit codes whose key scales are not folded, 2 for folded 2-bit codes, else 1),
+    overlap_v (unpack the values while the key product runs), mask_cond (mask only the tiles that cross a row's length),
     auto_barriers (Pallas' conservative barrier around every SMEM store and copy; not needed),
     lazy_rescale (keep the running max, and skip rescaling, unless a tile's score passes it by
     LAZY_TAU = 8 in log2 units: probabilities stay <= 2^8; False rescales every tile), fold_scales
@@ -306,16 +309,19 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     one row in 16 of them; False leaves them per thread).
     Returns (out [B, T, Nq, H] bf16, lse [B, T, Nq] float32)."""
     b, t, nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
-    tps = tiles_per_step
-    if tps is None:
-        tps = 2 if bits == 2 and (s // TILE) % 2 == 0 and (gk >= 2 * TILE or (2 * TILE) % gk == 0) else 1
+    can_fold = can_fold_scales(gk, h, t, nq // n, bits)
+    if fold_scales and not can_fold:
+        raise ValueError(f"fold_scales=True needs 2- or 4-bit codes and a head_dim H of 128 or 256 (got bits={bits}, "
+                         f"H={h})")
+    fold_scales = folds_by_default(gk, h, t, nq // n, bits) if fold_scales is None else fold_scales
+    tps = default_tiles_per_step(bits, s, gk, fold_scales) if tiles_per_step is None else tiles_per_step
     if tps not in (1, 2, 4) or (gk < tps * TILE and (tps * TILE) % gk):
         raise ValueError(f"tiles_per_step={tps} must be 1, 2 or 4 (and a step's {tps * TILE} tokens a multiple of "
                          f"the key group Gk={gk} when they hold several groups)")
     if (k_res is None) != (v_res is None) or (k_res is not None and res_lengths is None):
         raise ValueError("pass k_res, v_res and res_lengths together, or none of them")
     scale = float(h**-0.5 if scale is None else scale)
-    stages = (2 if bits == 8 else 4) if stages is None else stages
+    stages = default_stages(bits, h, tps) if stages is None else stages
     if stages < 1:
         raise ValueError(f"stages={stages} must be at least 1")
     tiles = s // TILE
@@ -326,11 +332,6 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
                          f"{tps}, and each split's {tiles // max(num_splits, 1) * TILE} tokens a multiple of the key "
                          f"group Gk={gk}")
     lengths = checked_lengths(lengths, b, n, "lengths")
-    can_fold = can_fold_scales(gk, h, t, nq // n, bits)
-    if fold_scales and not can_fold:
-        raise ValueError(f"fold_scales=True needs 2- or 4-bit codes and a head_dim H of 128 or 256 (got bits={bits}, "
-                         f"H={h})")
-    fold_scales = folds_by_default(gk, h, t, nq // n, bits) if fold_scales is None else fold_scales
     pow2 = h & (h - 1) == 0 and num_splits & (num_splits - 1) == 0
     if merge is None:
         merge = "triton" if pow2 else "xla"

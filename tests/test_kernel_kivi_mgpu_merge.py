@@ -90,6 +90,25 @@ def test_default_splits_fill_one_wave_and_bound_the_split_length(b, n, s, tps, g
     assert mg.default_splits(b, n, s, tps, gk) == want
 
 
+@pytest.mark.parametrize("bits,h,s,gk,fold,tps,stages", [
+    (2, 128, 131072, 32, False, 4, 2),   # the benchmark at G=32: 16 KB steps, two of them
+    (2, 128, 131072, 128, True, 2, 4),   # folded: 4 tiles took the kernel to 129 registers
+    (4, 128, 131072, 32, False, 2, 2),
+    (4, 128, 131072, 128, True, 1, 4),
+    (8, 128, 131072, 32, False, 1, 2),   # 8-bit: 16 KB a tile
+    (2, 64, 131072, 32, False, 4, 4),    # H=64: 8 KB steps leave room for 4 stages
+    (2, 128, 384, 32, False, 2, 4),      # 6 tiles: 4 does not divide them
+    (2, 128, 4096, 256, False, 4, 2),    # a key group over 4 tiles
+])
+def test_default_steps(bits, h, s, gk, fold, tps, stages):
+    """tiles_per_step=None and stages=None: bigger steps where the key scales are not folded
+    (BENCHMARKS.md), 2 stages once a step's codes take 16 KB (4 CTAs per SM in shared memory)."""
+    from kvjax.pallas_kernels import _kivi_mgpu_shapes as shapes
+
+    got = shapes.default_tiles_per_step(bits, s, gk, fold)
+    assert (got, shapes.default_stages(bits, h, got)) == (tps, stages)
+
+
 @pytest.mark.parametrize("which", ["code_position", "value_code_position"])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_code_positions_give_exact_offset_codes(rng, which, bits):

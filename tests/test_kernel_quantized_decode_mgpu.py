@@ -200,6 +200,7 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
 
 @pytest.mark.parametrize("bits,t,gk,h,tps,nq,fold,r,warp_sums", [
     (2, 1, 32, 128, 2, 8, None, 64, True), (4, 4, 128, 128, 1, 8, None, 64, True),
+    (2, 1, 32, 128, None, 8, None, 64, True), (4, 1, 32, 128, None, 8, None, 64, True),  # default steps: 4 / 2 tiles
     (2, 2, 16, 64, 4, 8, None, 64, True), (4, 1, 256, 128, 2, 8, None, 64, True),
     (2, 1, 32, 64, 1, 6, None, 64, True), (2, 1, 128, 128, 2, 8, False, 64, True),
     (2, 1, 32, 128, 2, 8, True, 64, True), (2, 2, 16, 128, 2, 8, True, 64, True),  # several groups a tile
@@ -213,7 +214,7 @@ def test_lowers_for_cuda(bits, t, gk, h, tps, nq, fold, r, warp_sums):
     w = 64 * h * bits // 32
     dt = mg.operand_dtype(bits)
     fr = mg.KiviFragments(sds((b, n, s // 64, 2, w), jnp.uint32), sds((b, n, s // gk, 2, h), dt),
-                          sds((b, n, s // 64, 2, h // 32, 64), dt))
+                          sds((b, n, s // 64, 2, 64, h // 32), dt))
 
     def fn(q, fr, lens, kr, vr, rl):
         return mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
@@ -229,7 +230,7 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     w = 64 * h * bits // 32
     z = jnp.zeros
     return mg.KiviFragments(z((b, n, s // 64, 2, w), jnp.uint32), z((b, n, s // gk, 2, h), sz_dtype),
-                            z((b, n, s // 64, 2, h // gv, 64), sz_dtype))
+                            z((b, n, s // 64, 2, 64, h // gv), sz_dtype))
 
 
 @pytest.mark.parametrize("kw,fr_kw,match", [
