@@ -52,6 +52,54 @@ def test_to_fragment_layout_keeps_every_code(rng, bits, h):
     assert fr.k_sz.dtype == fr.v_sz.dtype == mg.operand_dtype(bits)  # f16 for 8-bit codes
 
 
+@pytest.mark.parametrize("h", [64, 128, 256])
+def test_key_scale_loads_are_free_of_bank_conflicts(h):
+    """Each thread reads its key scales (and zeros) as H/32 chunks of 8 neighbouring channels
+    (16-byte loads), and in every load the four threads of a row (q = lane % 4) read chunks in
+    distinct shared-memory banks (4-byte banks, 32 of them). With a thread's channels contiguous
+    (the earlier `key_channel`), threads q and q + 2 met in the same banks (BENCHMARKS.md)."""
+    col = np.arange(h)
+    ch = mg.key_channel(col, h)
+    assert sorted(ch) == list(range(h))
+    j, q = col // 8, (col % 8) // 2
+    for v in range(h // 32):
+        banks = []
+        for qq in range(4):
+            mine = np.sort(ch[(j // 4 == v) & (q == qq)])  # the channels of thread qq's load v
+            assert len(mine) == 8 and (np.diff(mine) == 1).all() and mine[0] % 8 == 0
+            banks.append({(int(mine[0]) * 2 // 4 + k) % 32 for k in range(4)})
+        assert all(not (banks[a] & banks[b]) for a in range(4) for b in range(a + 1, 4)), (v, banks)
+
+
+@pytest.mark.parametrize("h,gv,rows_q", [(128, 32, 4), (128, 128, 4), (128, 16, 8), (64, 32, 2)])
+def test_value_scale_loads_are_free_of_bank_conflicts(h, gv, rows_q):
+    """The value scales and zeros a warp reads at once (8 tokens, each thread its columns'
+    groups, `expand_fn`) sit in distinct banks, or share a word: found through
+    `to_fragment_layout` with every scale distinct."""
+    n_gc, tiles = h // gv, 2
+    nb = mg._value_columns(n_gc, rows_q)
+    code = np.arange(tiles * 64 * n_gc, dtype=np.float32).reshape(1, 1, tiles * 64, n_gc)
+    ksz = jnp.zeros((1, 1, tiles, h))  # 8-bit codes: f16 scales hold these integers exactly
+    fr = mg.to_fragment_layout(jnp.zeros((1, 1, tiles * 16, h), jnp.uint32), ksz, ksz,
+                               jnp.zeros((1, 1, tiles * 64, h // 4), jnp.uint32), jnp.asarray(code),
+                               jnp.asarray(-1 - code), bits=8)
+    flat = np.asarray(fr.v_sz, np.float32).reshape(tiles, -1)  # a tile's elements in memory order
+    for t in range(tiles):
+        where = {float(x): i for i, x in enumerate(flat[t])}
+        for which in (0, 1):
+            for jt in range(nb // 8):
+                for half in (0, 1):
+                    for w in range(4):
+                        words = {}
+                        for lane in range(32):
+                            tok = 16 * w + lane // 4 + 8 * half
+                            grp = ((8 * jt + 2 * (lane % 4)) // rows_q) % n_gc
+                            val = code[0, 0, t * 64 + tok, grp] * (1 if which == 0 else -1) - which
+                            word = where[float(val)] * 2 // 4  # 2-byte elements, 4-byte words
+                            words.setdefault(word % 32, set()).add(word)
+                        assert all(len(x) == 1 for x in words.values()), (t, which, jt, half, w, words)
+
+
 @pytest.mark.parametrize("bits,t,nq,n,h,gk,gv", [
     (2, 1, 8, 2, 128, 32, 32),     # GQA 4, the benchmark's groups
     (4, 2, 4, 2, 64, 64, 64),      # speculative T=2, one value group (columns repeated to 16)
