@@ -115,6 +115,26 @@ def _lse_err(lse, ref):
     return float(np.max(np.abs(a[f] - b[f]), initial=0.0))
 
 
+def decode_cache(keys, b, n, s, h, r, bits, gk, gv):
+    """The decode benchmark's random KIVI cache (standard layout, `quantized_decode_attention`):
+    (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res) from `keys` (8 PRNG keys;
+    keys[0..2] go to the query and the dense cache). Scales are uniform in [0, 0.1), zeros and
+    the R-token bf16 window standard normal."""
+    import jax
+    import jax.numpy as jnp
+
+    pw = 32 // bits
+    kc = jax.random.bits(keys[3], (b, n, s // pw, h), jnp.uint32)
+    vc = jax.random.bits(keys[4], (b, n, s, h // pw), jnp.uint32)
+    ksc = (jax.random.uniform(keys[5], (b, n, s // gk, h)) * 0.1).astype(jnp.bfloat16)
+    kz = jax.random.normal(keys[6], (b, n, s // gk, h), jnp.bfloat16)
+    vsc = (jax.random.uniform(keys[7], (b, n, s, h // gv)) * 0.1).astype(jnp.bfloat16)
+    vz = jax.random.normal(keys[5], (b, n, s, h // gv), jnp.bfloat16)
+    kr = jax.random.normal(keys[6], (b, n, r, h), jnp.bfloat16)
+    vr = jax.random.normal(keys[7], (b, n, r, h), jnp.bfloat16)
+    return kc, ksc, kz, vc, vsc, vz, kr, vr
+
+
 def _tol(dtype):
     import jax.numpy as jnp
 
@@ -412,15 +432,7 @@ def section_decode(args):
     tuned = tuned or qda.DecodeBlockSizes()
     for bits in (2, 4, 8):
         for gk, gv in ((32, 32), (128, min(128, h))):
-            pw = 32 // bits
-            kc = jax.random.bits(ks_[3], (b, n, s // pw, h), jnp.uint32)
-            vc = jax.random.bits(ks_[4], (b, n, s, h // pw), jnp.uint32)
-            ksc = (jax.random.uniform(ks_[5], (b, n, s // gk, h)) * 0.1).astype(jnp.bfloat16)
-            kz = jax.random.normal(ks_[6], (b, n, s // gk, h), jnp.bfloat16)
-            vsc = (jax.random.uniform(ks_[7], (b, n, s, h // gv)) * 0.1).astype(jnp.bfloat16)
-            vz = jax.random.normal(ks_[5], (b, n, s, h // gv), jnp.bfloat16)
-            kr = jax.random.normal(ks_[6], (b, n, r, h), jnp.bfloat16)
-            vr = jax.random.normal(ks_[7], (b, n, r, h), jnp.bfloat16)
+            kc, ksc, kz, vc, vsc, vz, kr, vr = decode_cache(ks_, b, n, s, h, r, bits, gk, gv)
             qlens = jnp.full((b,), s, jnp.int32)
             rl = jnp.full((b,), r, jnp.int32)
             nbytes = qda.compressed_bytes(b, n, s, h, bits, gk, gv, 2, r, 2)

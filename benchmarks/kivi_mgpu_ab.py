@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_bench import _bench_jax, _lse_err, _rel  # noqa: E402
+from kernels_bench import _bench_jax, _lse_err, _rel, decode_cache  # noqa: E402
 
 from kvjax.pallas_kernels import quantized_decode_attention as qda  # noqa: E402
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as tree  # noqa: E402
@@ -74,15 +74,7 @@ def main():
     res = {}
     for cfg in args.configs:
         bits, gk = map(int, cfg.split(","))
-        gv, pw = gk, 32 // bits
-        kc = jax.random.bits(keys[3], (b, n, s // pw, h), jnp.uint32)
-        vc = jax.random.bits(keys[4], (b, n, s, h // pw), jnp.uint32)
-        ksc = (jax.random.uniform(keys[5], (b, n, s // gk, h)) * 0.1).astype(jnp.bfloat16)
-        kz = jax.random.normal(keys[6], (b, n, s // gk, h), jnp.bfloat16)
-        vsc = (jax.random.uniform(keys[7], (b, n, s, h // gv)) * 0.1).astype(jnp.bfloat16)
-        vz = jax.random.normal(keys[5], (b, n, s, h // gv), jnp.bfloat16)
-        kr = jax.random.normal(keys[6], (b, n, r, h), jnp.bfloat16)
-        vr = jax.random.normal(keys[7], (b, n, r, h), jnp.bfloat16)
+        kc, ksc, kz, vc, vsc, vz, kr, vr = decode_cache(keys, b, n, s, h, r, bits, gk, gk)
         lens, rl = jnp.full((b,), s, jnp.int32), jnp.full((b,), r, jnp.int32)
         cache = (kc, ksc, kz, vc, vsc, vz)
         ro, rlse = jax.jit(lambda *a, bits=bits: qda.quantized_decode_attention_reference(
