@@ -528,15 +528,9 @@ def _decode_sweep(args, attempt, q, keys, b, n, s, h, r):
 
     from kvjax.pallas_kernels import quantized_decode_attention as qda
 
-    bits, gk, gv, pw = 2, 32, 32, 16
-    kc = jax.random.bits(keys[3], (b, n, s // pw, h), jnp.uint32)
-    vc = jax.random.bits(keys[4], (b, n, s, h // pw), jnp.uint32)
-    ksc = (jax.random.uniform(keys[5], (b, n, s // gk, h)) * 0.1).astype(jnp.bfloat16)
-    kz = jax.random.normal(keys[6], (b, n, s // gk, h), jnp.bfloat16)
-    vsc = (jax.random.uniform(keys[7], (b, n, s, h // gv)) * 0.1).astype(jnp.bfloat16)
-    vz = jax.random.normal(keys[5], (b, n, s, h // gv), jnp.bfloat16)
-    kr = jax.random.normal(keys[6], (b, n, r, h), jnp.bfloat16)
-    args_ = (q, kc, ksc, kz, vc, vsc, vz, jnp.full((b,), s, jnp.int32), kr, kr, jnp.full((b,), r, jnp.int32))
+    bits, gk, gv = 2, 32, 32
+    kc, ksc, kz, vc, vsc, vz, kr, vr = decode_cache(keys, b, n, s, h, r, bits, gk, gv)
+    args_ = (q, kc, ksc, kz, vc, vsc, vz, jnp.full((b,), s, jnp.int32), kr, vr, jnp.full((b,), r, jnp.int32))
     nbytes = qda.compressed_bytes(b, n, s, h, bits, gk, gv, 2, r, 2)
     results = {}
 

@@ -308,6 +308,19 @@ def test_bad_input_names_the_value(kw, fr_kw, match):
                                            num_splits=kw.get("num_splits"), stages=kw.get("stages"))
 
 
+def test_scales_of_the_wrong_layout_name_it():
+    """A cache in the previous fragment layout (v_sz [B, N, S/64, 2, H/Gv, 64]) or with key scales
+    of the wrong shape is refused with the expected layout, not read in the wrong order."""
+    fr = _frags()
+    q = jnp.zeros((1, 1, 8, 128), jnp.bfloat16)
+    old = fr._replace(v_sz=jnp.swapaxes(fr.v_sz, 4, 5))  # [1, 2, 4, 2, 4, 64]
+    with pytest.raises(ValueError, match=r"v_sz\(1, 2, 4, 2, 4, 64\) must be \[B, N, S/64, 2, 64, H/Gv\]"):
+        mg.quantized_decode_attention_mgpu(q, old, jnp.array([256]), bits=2)
+    bad_k = fr._replace(k_sz=fr.k_sz[:, :, :, :, :64])
+    with pytest.raises(ValueError, match=r"k_sz\(1, 2, 8, 2, 64\) must be \[B, N, S/Gk, 2, H\] with .* H=128"):
+        mg.quantized_decode_attention_mgpu(q, bad_k, jnp.array([256]), bits=2)
+
+
 def test_to_fragment_layout_rejects_a_context_off_the_tile():
     kc = jnp.zeros((1, 1, 96 // 16, 128), jnp.uint32)
     vc = jnp.zeros((1, 1, 96, 128 // 16), jnp.uint32)
