@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, "benchmarks")
-import generate_bench as g  # noqa: E402
+import generate_bench as g
 
-from kvjax.generate import decode  # noqa: E402
-from kvjax.models.presets import LLAMA3_1_8B as cfg  # noqa: E402
-from kvjax.policies import Dense  # noqa: E402
-from kvjax.sampling import Sampler  # noqa: E402
+from kvjax.generate import decode
+from kvjax.models.presets import LLAMA3_1_8B as cfg
+from kvjax.policies import Dense
+from kvjax.sampling import Sampler
 
 
 def hlo_facts(txt: str, shape: str) -> dict:
@@ -54,8 +54,15 @@ def main():
         logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
         shape = "bf16[" + ",".join(map(str, state.layers[0].k.shape)) + "]"
         for impl in a.impls.split(","):
-            kw = dict(config=cfg, policy=Dense(), max_new_tokens=a.steps, sampler=Sampler(), stop_ids=(),
-                      dtype=jnp.bfloat16, implementation=impl)
+            kw = dict(
+                config=cfg,
+                policy=Dense(),
+                max_new_tokens=a.steps,
+                sampler=Sampler(),
+                stop_ids=(),
+                dtype=jnp.bfloat16,
+                implementation=impl,
+            )
             compiled = decode.lower(params, state, logits, jax.random.key(0), **kw).compile()
             facts = hlo_facts(compiled.as_text(), shape)
             jax.block_until_ready(compiled(params, state, logits, jax.random.key(0)))

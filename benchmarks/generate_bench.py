@@ -36,7 +36,6 @@ def cpu_bench(prompt_tokens=2048, new_tokens=128):
     from kvjax.generate import generate
     from kvjax.loaders import load
     from kvjax.loaders.load import embedded_path
-
     from kvjax.native import native_available
 
     rows = []
@@ -54,15 +53,21 @@ def cpu_bench(prompt_tokens=2048, new_tokens=128):
             s = out.stats
             if best is None or s["decode_s"] < best["decode_s"]:
                 best = s
-        rows.append({"impl": f"kvjax (jax {jax.__version__}, jit; {what})",
-                     "prefill tok/s": f"{best['prefill_tokens_per_s']:.0f}",
-                     "decode tok/s": f"{(new_tokens - 1) / best['decode_s']:.1f}",
-                     "ms/step": f"{1000 * best['decode_s'] / (new_tokens - 1):.1f}"})
+        rows.append(
+            {
+                "impl": f"kvjax (jax {jax.__version__}, jit; {what})",
+                "prefill tok/s": f"{best['prefill_tokens_per_s']:.0f}",
+                "decode tok/s": f"{(new_tokens - 1) / best['decode_s']:.1f}",
+                "ms/step": f"{1000 * best['decode_s'] / (new_tokens - 1):.1f}",
+            }
+        )
         print(rows[-1], flush=True)
     path = embedded_path("smollm2")
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32, attn_implementation="sdpa").eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     x = torch.tensor([m.tokenizer.encode(prompt)])
+
     def timed(n):  # best of 3 generate() calls of n new tokens (the first token is the prefill)
         best = float("inf")
         for _ in range(3):
@@ -75,9 +80,17 @@ def cpu_bench(prompt_tokens=2048, new_tokens=128):
         hf.generate(x, max_new_tokens=2, do_sample=False)
         prefill_s = timed(1)
         decode_s = timed(new_tokens) - prefill_s
-    rows.append({"impl": f"HF transformers (torch {torch.__version__}, sdpa; float32 weights)", "prefill tok/s": f"{x.shape[1] / prefill_s:.0f}",
-                 "decode tok/s": f"{(new_tokens - 1) / decode_s:.1f}", "ms/step": f"{1000 * decode_s / (new_tokens - 1):.1f}"})
-    print(f"SmolLM2-135M, CPU ({os.cpu_count()} cores), prompt {x.shape[1]} tokens, decode {new_tokens}, batch 1, float32")
+    rows.append(
+        {
+            "impl": f"HF transformers (torch {torch.__version__}, sdpa; float32 weights)",
+            "prefill tok/s": f"{x.shape[1] / prefill_s:.0f}",
+            "decode tok/s": f"{(new_tokens - 1) / decode_s:.1f}",
+            "ms/step": f"{1000 * decode_s / (new_tokens - 1):.1f}",
+        }
+    )
+    print(
+        f"SmolLM2-135M, CPU ({os.cpu_count()} cores), prompt {x.shape[1]} tokens, decode {new_tokens}, batch 1, float32"
+    )
     _table(rows, ["impl", "prefill tok/s", "decode tok/s", "ms/step"])
     return rows
 
@@ -113,8 +126,10 @@ def _filled_state(cfg, batch, ctx, new, dtype):
     shape = (batch, cfg.num_kv_heads, cap, cfg.head_dim)
     fill = jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32)).astype(dtype))
     pos = jnp.broadcast_to(jnp.where(jnp.arange(cap) < ctx, jnp.arange(cap), -1).astype(jnp.int32), shape[:3])
-    layers = tuple(SlotKV(fill(jax.random.key(2 * i)), fill(jax.random.key(2 * i + 1)), pos, jnp.asarray(ctx, jnp.int32))
-                   for i in range(cfg.num_layers))
+    layers = tuple(
+        SlotKV(fill(jax.random.key(2 * i)), fill(jax.random.key(2 * i + 1)), pos, jnp.asarray(ctx, jnp.int32))
+        for i in range(cfg.num_layers)
+    )
     return KVState(layers, jnp.full((batch,), ctx, jnp.int32))
 
 
@@ -153,8 +168,14 @@ def gpu_bench(contexts=(8192, 32768), batches=(1, 8), new_tokens=33, hf=True, fu
             for b in batches:
                 state = _filled_state(vcfg, b, ctx, new_tokens, jnp.bfloat16)
                 logits = jax.random.normal(jax.random.key(1), (b, vcfg.vocab_size), jnp.float32)
-                kw = dict(config=vcfg, policy=Dense(), max_new_tokens=new_tokens, sampler=Sampler(), stop_ids=(),
-                          dtype=jnp.bfloat16)
+                kw = dict(
+                    config=vcfg,
+                    policy=Dense(),
+                    max_new_tokens=new_tokens,
+                    sampler=Sampler(),
+                    stop_ids=(),
+                    dtype=jnp.bfloat16,
+                )
                 jax.block_until_ready(decode(params, state, logits, jax.random.key(0), **kw))  # compile
                 times = []
                 for _ in range(3):
@@ -164,9 +185,17 @@ def gpu_bench(contexts=(8192, 32768), batches=(1, 8), new_tokens=33, hf=True, fu
                 step = min(times) / (new_tokens - 1)
                 kv_read = b * ctx * vcfg.kv_bytes_per_token(2)
                 roof = (weight_bytes + kv_read) / bw
-                rows.append({"context": ctx, "batch": b, "impl": impl, "ms/step": f"{1000 * step:.2f}",
-                             "roofline ms": f"{1000 * roof:.2f}", "x roofline": f"{step / roof:.2f}",
-                             "tok/s": f"{b / step:.0f}"})
+                rows.append(
+                    {
+                        "context": ctx,
+                        "batch": b,
+                        "impl": impl,
+                        "ms/step": f"{1000 * step:.2f}",
+                        "roofline ms": f"{1000 * roof:.2f}",
+                        "x roofline": f"{step / roof:.2f}",
+                        "tok/s": f"{b / step:.0f}",
+                    }
+                )
                 print(rows[-1], flush=True)
                 del state
         del params
@@ -181,9 +210,16 @@ def _hf_gpu(cfg, bw, weight_bytes, ctx=8192, new=33):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                     num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta, max_position_embeddings=131072)
+    hc = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=131072,
+    )
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(hc).eval()
@@ -204,8 +240,17 @@ def _hf_gpu(cfg, bw, weight_bytes, ctx=8192, new=33):
     roof = (weight_bytes + ctx * cfg.kv_bytes_per_token(2)) / bw
     del model
     torch.cuda.empty_cache()
-    return [{"context": ctx, "batch": 1, "impl": f"HF-torch {torch.__version__} sdpa", "ms/step": f"{1000 * step:.2f}",
-             "roofline ms": f"{1000 * roof:.2f}", "x roofline": f"{step / roof:.2f}", "tok/s": f"{1 / step:.0f}"}]
+    return [
+        {
+            "context": ctx,
+            "batch": 1,
+            "impl": f"HF-torch {torch.__version__} sdpa",
+            "ms/step": f"{1000 * step:.2f}",
+            "roofline ms": f"{1000 * roof:.2f}",
+            "x roofline": f"{step / roof:.2f}",
+            "tok/s": f"{1 / step:.0f}",
+        }
+    ]
 
 
 def main():

@@ -37,8 +37,9 @@ def emit(row):
     _ROWS.append(row)
     path = os.path.join(_out_dir(), f"kernels_{_SECTION['name']}.json")
     with open(path, "w") as f:
-        json.dump({"env": _SECTION["env"], "rows": _ROWS} if _SECTION["env"] else {"rows": _ROWS}, f, indent=1,
-                  default=str)
+        json.dump(
+            {"env": _SECTION["env"], "rows": _ROWS} if _SECTION["env"] else {"rows": _ROWS}, f, indent=1, default=str
+        )
 
 
 def _out_dir():
@@ -150,18 +151,25 @@ def section_env(args):
 
     from kvjax.pallas_kernels import _compat
 
-    info = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "device_kind": jax.devices()[0].device_kind, "kernel_backend": _compat.backend_kind()}
+    info = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "kernel_backend": _compat.backend_kind(),
+    }
     try:
         import torch
         import triton
 
         info.update(torch=torch.__version__, triton=triton.__version__, torch_cuda=torch.version.cuda)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         info["torch_error"] = repr(e)
     if _compat.plgpu is not None:
-        info["plgpu_has"] = {n: hasattr(_compat.plgpu, n) for n in ("kernel", "wgmma", "Layout", "ACC", "SMEM",
-                                                                    "Barrier", "set_max_registers", "layout_cast")}
+        info["plgpu_has"] = {
+            n: hasattr(_compat.plgpu, n)
+            for n in ("kernel", "wgmma", "Layout", "ACC", "SMEM", "Barrier", "set_max_registers", "layout_cast")
+        }
     if args.interpret:
         _SECTION["env"] = info
         emit({"kind": "env", "name": "env"})
@@ -199,14 +207,32 @@ def section_correct(args):
         try:
             rel, lse_err, tol = fn()
             ok = bool(np.isfinite(rel) and rel <= tol and np.isfinite(lse_err) and lse_err <= 50 * tol)
-            emit({"kind": "correct", "name": name, "rel_err": rel, "lse_err": lse_err, "tol": tol, "ok": ok,
-                  "s": time.perf_counter() - t0})
-        except Exception as e:  # noqa: BLE001
-            emit({"kind": "correct", "name": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:3000],
-                  "trace": traceback.format_exc()[-3000:]})
+            emit(
+                {
+                    "kind": "correct",
+                    "name": name,
+                    "rel_err": rel,
+                    "lse_err": lse_err,
+                    "tol": tol,
+                    "ok": ok,
+                    "s": time.perf_counter() - t0,
+                }
+            )
+        except Exception as e:
+            emit(
+                {
+                    "kind": "correct",
+                    "name": name,
+                    "ok": False,
+                    "error": f"{type(e).__name__}: {e}"[:3000],
+                    "trace": traceback.format_exc()[-3000:],
+                }
+            )
         r = _ROWS[-1]
-        print(f"[correct] {name}: ok={r['ok']} rel={r.get('rel_err')} lse={r.get('lse_err')} {r.get('error', '')[:300]}",
-              flush=True)
+        print(
+            f"[correct] {name}: ok={r['ok']} rel={r.get('rel_err')} lse={r.get('lse_err')} {r.get('error', '')[:300]}",
+            flush=True,
+        )
 
     def rnd(shape, dtype):
         return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
@@ -220,20 +246,35 @@ def section_correct(args):
         (2, 256, 512, 2, 2, 128, MaskSpec(), False, False),
     ]
     if args.quick:
-        cases = [(1, 256, 256, 2, 1, 64, MaskSpec(causal=True, window=100), False, True),
-                 (1, 256, 512, 2, 2, 64, MaskSpec(mask_block=(128, 128)), True, True)]
+        cases = [
+            (1, 256, 256, 2, 1, 64, MaskSpec(causal=True, window=100), False, True),
+            (1, 256, 512, 2, 2, 64, MaskSpec(mask_block=(128, 128)), True, True),
+        ]
     for backend in backends:
         dtypes = (jnp.bfloat16, jnp.float16) if backend == "mosaic_gpu" else (jnp.bfloat16, jnp.float32)
         for dtype in dtypes[:1] if args.lite else dtypes:
             for ci, (b, t, s, nq, n, h, spec, use_bm, use_len) in enumerate(cases):
-                def run(b=b, t=t, s=s, nq=nq, n=n, h=h, spec=spec, use_bm=use_bm, use_len=use_len, backend=backend,
-                        dtype=dtype):
+
+                def run(
+                    b=b,
+                    t=t,
+                    s=s,
+                    nq=nq,
+                    n=n,
+                    h=h,
+                    spec=spec,
+                    use_bm=use_bm,
+                    use_len=use_len,
+                    backend=backend,
+                    dtype=dtype,
+                ):
                     q, k, v = rnd((b, t, nq, h), dtype), rnd((b, s, n, h), dtype), rnd((b, s, n, h), dtype)
                     bm = rng.random((nq, t // 128, s // 128)) < 0.4 if use_bm else None
                     lens = jnp.asarray(rng.integers(s // 3, s + 1, b), jnp.int32) if use_len else None
                     _poison((q.shape, dtype), ((b, nq, t), jnp.float32))
-                    out, lse = bsa.block_sparse_attention(q, k, v, mask=spec, block_mask=bm, kv_lengths=lens,
-                                                          backend=backend, interpret=itp)
+                    out, lse = bsa.block_sparse_attention(
+                        q, k, v, mask=spec, block_mask=bm, kv_lengths=lens, backend=backend, interpret=itp
+                    )
                     ro, rl = bsa.block_sparse_attention_reference(q, k, v, mask=spec, block_mask=bm, kv_lengths=lens)
                     return _rel(out, ro), _lse_err(lse, rl), _tol(dtype)
 
@@ -252,30 +293,64 @@ def section_correct(args):
         lens = jnp.asarray(rng.integers(0, s + 1, (b, n)), jnp.int32)
         rlen = jnp.asarray(rng.integers(t, r + 1, (b,)), jnp.int32)
         _poison(((b, t, nq, h), dtype), ((b, t, nq), jnp.float32))
-        out, lse = qda.quantized_decode_attention(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, k_res=kr, v_res=vr,
-                                                  res_lengths=rlen, block_sizes=bsz, interpret=itp)
-        ro, rl = qda.quantized_decode_attention_reference(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, k_res=kr,
-                                                          v_res=vr, res_lengths=rlen)
+        out, lse = qda.quantized_decode_attention(
+            q,
+            kc,
+            ks,
+            kz,
+            vc,
+            vs,
+            vz,
+            lens,
+            bits=bits,
+            k_res=kr,
+            v_res=vr,
+            res_lengths=rlen,
+            block_sizes=bsz,
+            interpret=itp,
+        )
+        ro, rl = qda.quantized_decode_attention_reference(
+            q, kc, ks, kz, vc, vs, vz, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rlen
+        )
         del pw
         return _rel(out, ro), _lse_err(lse, rl), _tol(dtype)
 
     if "triton" in args.backends:
         for bits in (2, 4, 8):
             s_ = 512 if args.quick else 4096
-            record(f"kivi{bits}_decode/triton/bf16/T1", lambda bits=bits: kivi(bits, 3, 1, 8, 2, s_, 128, 32, 32, 128,
-                                                                                jnp.bfloat16))
-            record(f"kivi{bits}_decode/triton/bf16/T4_G128",
-                   lambda bits=bits: kivi(bits, 2, 4, 8, 2, 2048, 128, 128, 128, 64, jnp.bfloat16))
+            record(
+                f"kivi{bits}_decode/triton/bf16/T1",
+                lambda bits=bits: kivi(bits, 3, 1, 8, 2, s_, 128, 32, 32, 128, jnp.bfloat16),
+            )
+            record(
+                f"kivi{bits}_decode/triton/bf16/T4_G128",
+                lambda bits=bits: kivi(bits, 2, 4, 8, 2, 2048, 128, 128, 128, 64, jnp.bfloat16),
+            )
         record("kivi2_decode/triton/f32/T2", lambda: kivi(2, 2, 2, 4, 2, 1024, 64, 32, 16, 32, jnp.float32))
-        record("kivi4_decode/triton/bf16/T1_rows_magic_bs128",
-               lambda: kivi(4, 2, 1, 8, 2, 2048, 128, 32, 32, 64, jnp.bfloat16,
-                            qda.DecodeBlockSizes(block_s=128, num_warps=4, unpack="rows", convert="magic")))
+        record(
+            "kivi4_decode/triton/bf16/T1_rows_magic_bs128",
+            lambda: kivi(
+                4,
+                2,
+                1,
+                8,
+                2,
+                2048,
+                128,
+                32,
+                32,
+                64,
+                jnp.bfloat16,
+                qda.DecodeBlockSizes(block_s=128, num_warps=4, unpack="rows", convert="magic"),
+            ),
+        )
 
         def sparse(dtype, t):
             b, nq, n, s, h, bs, kk = 3, 8, 2, 4096, 128, 64, 12
             q, k, v = rnd((b, t, nq, h), dtype), rnd((b, n, s, h), dtype), rnd((b, n, s, h), dtype)
-            idx = jnp.asarray(np.stack([[rng.choice(s // bs, kk, replace=False) for _ in range(n)] for _ in range(b)]),
-                              jnp.int32)
+            idx = jnp.asarray(
+                np.stack([[rng.choice(s // bs, kk, replace=False) for _ in range(n)] for _ in range(b)]), jnp.int32
+            )
             cnt = jnp.asarray(rng.integers(0, kk + 1, (b, n)), jnp.int32)
             lens = jnp.asarray(rng.integers(s // 2, s + 1, (b,)), jnp.int32)
             _poison(((b, t, nq, h), dtype), ((b, t, nq), jnp.float32))
@@ -305,8 +380,14 @@ def section_prefill(args):
         causal_flops = bsa.flops(s, s, nq, h, b) / 2  # the convention cuDNN and FA papers report
 
         def add(name, ms, spread, flops, extra=None):
-            row = {"kind": "prefill", "name": name, "S": s, "ms": ms, "spread_ms": spread,
-                   "TFLOPs": flops / ms / 1e9 if ms else None}
+            row = {
+                "kind": "prefill",
+                "name": name,
+                "S": s,
+                "ms": ms,
+                "spread_ms": spread,
+                "TFLOPs": flops / ms / 1e9 if ms else None,
+            }
             row.update(extra or {})
             emit(row)
             print(f"[prefill] S={s} {name}: {ms:.3f} ms ({row['TFLOPs']:.1f} TFLOP/s) {extra or ''}", flush=True)
@@ -315,23 +396,29 @@ def section_prefill(args):
             try:
                 ms, spread = _bench_jax(fn, q, k, v, n=args.n, reps=args.reps)
                 add(name, ms, spread, flops, extra)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 emit({"kind": "prefill", "name": name, "S": s, "error": f"{type(e).__name__}: {e}"[:2000]})
                 print(f"[prefill] S={s} {name}: ERROR {e!s:.500}", flush=True)
 
-        attempt("cudnn causal", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                                        implementation="cudnn")),
-                causal_flops)
+        attempt(
+            "cudnn causal",
+            jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")),
+            causal_flops,
+        )
         if s <= 8192:
-            attempt("xla causal", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                                          implementation="xla")),
-                    causal_flops)
+            attempt(
+                "xla causal",
+                jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")),
+                causal_flops,
+            )
         for backend in [x for x in ("mosaic_gpu", "triton") if x in args.backends]:
             bs = bsa.BlockSizes.get_default(backend)
             mbq = bs.meta_block_q(backend)
-            for label, spec, bm, mb in (("causal", MaskSpec(causal=True), None, None),
-                                        ("dense", MaskSpec(), None, None),
-                                        ("sparse10%", None, "random", (128, 128))):
+            for label, spec, bm, mb in (
+                ("causal", MaskSpec(causal=True), None, None),
+                ("dense", MaskSpec(), None, None),
+                ("sparse10%", None, "random", (128, 128)),
+            ):
                 if bm == "random":
                     nkb = s // 128
                     per_row = max(1, round(0.1 * nkb))
@@ -340,23 +427,27 @@ def section_prefill(args):
                         bm[i, rng.choice(nkb, per_row, replace=False)] = True
                     spec = MaskSpec(mask_block=mb)
                 meta = build_block_metadata(spec, s, s, mbq, bs.block_kv, bm)
-                fn = jax.jit(lambda q, k, v, spec=spec, bm=bm, backend=backend, meta=meta:
-                             bsa.block_sparse_attention(q, k, v, mask=spec, block_mask=bm, backend=backend,
-                                                        metadata=meta, interpret=args.interpret))
+                fn = jax.jit(
+                    lambda q, k, v, spec=spec, bm=bm, backend=backend, meta=meta: bsa.block_sparse_attention(
+                        q, k, v, mask=spec, block_mask=bm, backend=backend, metadata=meta, interpret=args.interpret
+                    )
+                )
                 flops = bsa.flops(s, s, nq, h, b, meta.density)
-                attempt(f"{backend} {label}", fn, causal_flops if label == "causal" else flops,
-                        {"density": meta.density})
+                attempt(
+                    f"{backend} {label}", fn, causal_flops if label == "causal" else flops, {"density": meta.density}
+                )
         try:
             import torch
             import torch.nn.functional as F
 
             tq, tk, tv = (torch.randn(b, nq, s, h, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            ms, spread = _bench_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True),
-                                      n=args.n, reps=args.reps)
+            ms, spread = _bench_torch(
+                lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True), n=args.n, reps=args.reps
+            )
             add("torch sdpa causal", ms, spread, causal_flops)
             del tq, tk, tv
             torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             emit({"kind": "prefill", "name": "torch sdpa causal", "S": s, "error": repr(e)[:1000]})
         del q, k, v
 
@@ -379,27 +470,44 @@ def section_decode(args):
     dense_bytes = 2 * b * n * s * h * 2
 
     def add(name, ms, spread, nbytes, extra=None):
-        row = {"kind": "decode", "name": name, "S": s, "ms": ms, "spread_ms": spread, "bytes": nbytes,
-               "GBps": nbytes / ms / 1e6}
+        row = {
+            "kind": "decode",
+            "name": name,
+            "S": s,
+            "ms": ms,
+            "spread_ms": spread,
+            "bytes": nbytes,
+            "GBps": nbytes / ms / 1e6,
+        }
         row.update(extra or {})
         emit(row)
-        print(f"[decode] {name}: {ms:.4f} ms, {row['GBps']:.0f} GB/s on {nbytes / 2**20:.0f} MiB {extra or ''}",
-              flush=True)
+        print(
+            f"[decode] {name}: {ms:.4f} ms, {row['GBps']:.0f} GB/s on {nbytes / 2**20:.0f} MiB {extra or ''}",
+            flush=True,
+        )
 
     def attempt(name, fn, fargs, nbytes, extra=None):
         try:
             ms, spread = _bench_jax(fn, *fargs, n=args.n * 3, reps=args.reps)
             add(name, ms, spread, nbytes, extra)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             emit({"kind": "decode", "name": name, "error": f"{type(e).__name__}: {e}"[:2000]})
             print(f"[decode] {name}: ERROR {e!s:.500}", flush=True)
 
     kd = jax.random.normal(ks_[1], (b, s, n, h), jnp.bfloat16)
     vd = jax.random.normal(ks_[2], (b, s, n, h), jnp.bfloat16)
-    attempt("cudnn bf16 dense", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")),
-            (q, kd, vd), dense_bytes)
-    attempt("xla bf16 dense", jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")),
-            (q, kd, vd), dense_bytes)
+    attempt(
+        "cudnn bf16 dense",
+        jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")),
+        (q, kd, vd),
+        dense_bytes,
+    )
+    attempt(
+        "xla bf16 dense",
+        jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")),
+        (q, kd, vd),
+        dense_bytes,
+    )
     # Our sparse-decode kernel with every block selected = a dense Triton decode; and at 1/8 of the blocks.
     kh, vh = jnp.swapaxes(kd, 1, 2), jnp.swapaxes(vd, 1, 2)
     del kd, vd
@@ -410,8 +518,11 @@ def section_decode(args):
         kk = nblk // frac
         idx = jnp.asarray(np.sort(np.random.default_rng(frac).permutation(nblk)[:kk]), jnp.int32)
         idx = jnp.broadcast_to(idx, (b, n, kk))
-        fn = jax.jit(lambda q, k, v, idx: sda.sparse_decode_attention(q, k, v, idx, lens, block_size=bsz,
-                                                                      interpret=args.interpret))
+        fn = jax.jit(
+            lambda q, k, v, idx: sda.sparse_decode_attention(
+                q, k, v, idx, lens, block_size=bsz, interpret=args.interpret
+            )
+        )
         attempt(f"sparse_decode triton 1/{frac} blocks", fn, (q, kh, vh, idx), dense_bytes // frac)
     try:
         import torch
@@ -419,12 +530,13 @@ def section_decode(args):
 
         tq = torch.randn(b, nq, 1, h, device="cuda", dtype=torch.bfloat16)
         tk, tv = (torch.randn(b, n, s, h, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        ms, spread = _bench_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True), n=args.n * 3,
-                                  reps=args.reps)
+        ms, spread = _bench_torch(
+            lambda: F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True), n=args.n * 3, reps=args.reps
+        )
         add("torch sdpa bf16 dense (enable_gqa)", ms, spread, dense_bytes)
         del tq, tk, tv
         torch.cuda.empty_cache()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         emit({"kind": "decode", "name": "torch sdpa bf16 dense", "error": repr(e)[:1000]})
     del kh, vh
 
@@ -439,28 +551,57 @@ def section_decode(args):
             args_ = (q, kc, ksc, kz, vc, vsc, vz, qlens, kr, vr, rl)
             for blk in (tuned,):
                 bs_ = blk.block_s
-                fn = jax.jit(lambda q, kc, ksc, kz, vc, vsc, vz, ln, kr, vr, rl, bits=bits, blk=blk:
-                             qda.quantized_decode_attention(q, kc, ksc, kz, vc, vsc, vz, ln, bits=bits, k_res=kr,
-                                                            v_res=vr, res_lengths=rl, block_sizes=blk,
-                                                            interpret=args.interpret))
+                fn = jax.jit(
+                    lambda q, kc, ksc, kz, vc, vsc, vz, ln, kr, vr, rl, bits=bits, blk=blk: (
+                        qda.quantized_decode_attention(
+                            q,
+                            kc,
+                            ksc,
+                            kz,
+                            vc,
+                            vsc,
+                            vz,
+                            ln,
+                            bits=bits,
+                            k_res=kr,
+                            v_res=vr,
+                            res_lengths=rl,
+                            block_sizes=blk,
+                            interpret=args.interpret,
+                        )
+                    )
+                )
                 name = f"kivi{bits} G{gk} triton bs{bs_} w{blk.num_warps} {blk.convert}"
                 if bits == 2 and gk == 32:  # full-size correctness of the headline variant
                     try:
                         out, _ = fn(*args_)
-                        ro, _ = jax.jit(lambda *a: qda.quantized_decode_attention_reference(
-                            *a[:8], bits=2, k_res=a[8], v_res=a[9], res_lengths=a[10]))(*args_)
-                        emit({"kind": "correct", "name": f"{name} full-size", "rel_err": _rel(out, ro),
-                              "tol": 1e-2, "ok": _rel(out, ro) <= 1e-2})
+                        ro, _ = jax.jit(
+                            lambda *a: qda.quantized_decode_attention_reference(
+                                *a[:8], bits=2, k_res=a[8], v_res=a[9], res_lengths=a[10]
+                            )
+                        )(*args_)
+                        emit(
+                            {
+                                "kind": "correct",
+                                "name": f"{name} full-size",
+                                "rel_err": _rel(out, ro),
+                                "tol": 1e-2,
+                                "ok": _rel(out, ro) <= 1e-2,
+                            }
+                        )
                         print(f"[decode] {name} full-size rel_err={_rel(out, ro):.2e}", flush=True)
                         del out, ro
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         print(f"[decode] {name} full-size check ERROR {e!s:.500}", flush=True)
                 attempt(name, fn, args_, nbytes, {"bits": bits, "G": gk})
             if bits in qdm.MGPU_BITS and not args.interpret:
                 _mgpu_kivi_rows(attempt, bits, gk, args_, nbytes)
             if gk == 32:
-                xla = jax.jit(lambda *a, bits=bits: qda.quantized_decode_attention_reference(
-                    *a[:8], bits=bits, k_res=a[8], v_res=a[9], res_lengths=a[10]))
+                xla = jax.jit(
+                    lambda *a, bits=bits: qda.quantized_decode_attention_reference(
+                        *a[:8], bits=bits, k_res=a[8], v_res=a[9], res_lengths=a[10]
+                    )
+                )
                 attempt(f"kivi{bits} G32 xla (dequantize+attend)", xla, args_, nbytes, {"bits": bits, "G": gk})
             del kc, vc, ksc, kz, vsc, vz
 
@@ -477,27 +618,49 @@ def _mgpu_kivi_rows(attempt, bits, gk, args_, nbytes):
     name = f"kivi{bits} G{gk} mosaic_gpu"
     try:
         fr = jax.block_until_ready(qdm.to_fragment_layout(kc, ksc, kz, vc, vsc, vz, bits=bits))
-        fn = jax.jit(lambda q, fr, lens, kr, vr, rl: qdm.quantized_decode_attention_mgpu(
-            q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl))
+        fn = jax.jit(
+            lambda q, fr, lens, kr, vr, rl: qdm.quantized_decode_attention_mgpu(
+                q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl
+            )
+        )
         out, lse = fn(q, fr, lens, kr, vr, rl)
-        ro, rlse = jax.jit(lambda *a: qda.quantized_decode_attention_reference(
-            *a[:8], bits=bits, k_res=a[8], v_res=a[9], res_lengths=a[10]))(*args_)
+        ro, rlse = jax.jit(
+            lambda *a: qda.quantized_decode_attention_reference(
+                *a[:8], bits=bits, k_res=a[8], v_res=a[9], res_lengths=a[10]
+            )
+        )(*args_)
         err, lerr = _rel(out, ro), _lse_err(lse, rlse)
-        emit({"kind": "correct", "name": f"{name} full-size", "rel_err": err, "lse_err": lerr, "tol": 1e-2,
-              "ok": err <= 1e-2 and lerr <= 2e-2})
+        emit(
+            {
+                "kind": "correct",
+                "name": f"{name} full-size",
+                "rel_err": err,
+                "lse_err": lerr,
+                "tol": 1e-2,
+                "ok": err <= 1e-2 and lerr <= 2e-2,
+            }
+        )
         print(f"[decode] {name} full-size rel_err={err:.2e} lse_err={lerr:.2e}", flush=True)
         del out, ro
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         emit({"kind": "correct", "name": f"{name} full-size", "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
         print(f"[decode] {name} full-size check ERROR {e!s:.500}", flush=True)
         return
     attempt(name, fn, (q, fr, lens, kr, vr, rl), nbytes, {"bits": bits, "G": gk})
     if bits == 2:  # for comparison: the column sums left per thread (the old default), the XLA epilogue
         for kw in (dict(warp_sums=False), dict(merge="xla")):
-            other = jax.jit(lambda q, fr, lens, kr, vr, rl, kw=kw: qdm.quantized_decode_attention_mgpu(
-                q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, **kw))
-            attempt(f"{name} ({', '.join(f'{k}={v}' for k, v in kw.items())})", other, (q, fr, lens, kr, vr, rl),
-                    nbytes, {"bits": bits, "G": gk, **kw})
+            other = jax.jit(
+                lambda q, fr, lens, kr, vr, rl, kw=kw: qdm.quantized_decode_attention_mgpu(
+                    q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, **kw
+                )
+            )
+            attempt(
+                f"{name} ({', '.join(f'{k}={v}' for k, v in kw.items())})",
+                other,
+                (q, fr, lens, kr, vr, rl),
+                nbytes,
+                {"bits": bits, "G": gk, **kw},
+            )
 
 
 def section_profile(args):
@@ -515,8 +678,9 @@ def section_profile(args):
     ks = jax.random.uniform(k[3], (b, n, s // gk, h)).astype(jnp.bfloat16)
     vs = jax.random.uniform(k[3], (b, n, s, h // gk)).astype(jnp.bfloat16)
     kr = jax.random.normal(k[0], (b, n, r, h), jnp.bfloat16)
-    out = qda.quantized_decode_attention(q, kc, ks, ks, vc, vs, vs, jnp.full((b,), s), bits=2, k_res=kr, v_res=kr,
-                                         res_lengths=jnp.full((b,), r))
+    out = qda.quantized_decode_attention(
+        q, kc, ks, ks, vc, vs, vs, jnp.full((b,), s), bits=2, k_res=kr, v_res=kr, res_lengths=jnp.full((b,), r)
+    )
     jax.block_until_ready(out)
     emit({"kind": "profile", "name": "kivi2 one call"})
 
@@ -535,24 +699,43 @@ def _decode_sweep(args, attempt, q, keys, b, n, s, h, r):
     results = {}
 
     def one(blk):
-        fn = jax.jit(lambda q, kc, ksc, kz, vc, vsc, vz, ln, kr, vr, rl: qda.quantized_decode_attention(
-            q, kc, ksc, kz, vc, vsc, vz, ln, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, block_sizes=blk,
-            interpret=args.interpret))
-        name = (f"sweep kivi2 G32 {blk.unpack}/{blk.convert} bs{blk.block_s} w{blk.num_warps} "
-                f"st{blk.num_stages} sp{blk.num_splits}{' f32' if blk.dequant_f32 else ''}")
+        fn = jax.jit(
+            lambda q, kc, ksc, kz, vc, vsc, vz, ln, kr, vr, rl: qda.quantized_decode_attention(
+                q,
+                kc,
+                ksc,
+                kz,
+                vc,
+                vsc,
+                vz,
+                ln,
+                bits=bits,
+                k_res=kr,
+                v_res=vr,
+                res_lengths=rl,
+                block_sizes=blk,
+                interpret=args.interpret,
+            )
+        )
+        name = (
+            f"sweep kivi2 G32 {blk.unpack}/{blk.convert} bs{blk.block_s} w{blk.num_warps} "
+            f"st{blk.num_stages} sp{blk.num_splits}{' f32' if blk.dequant_f32 else ''}"
+        )
         attempt(name, fn, args_, nbytes, {"bits": 2, "G": 32, "sweep": True})
         row = _ROWS[-1]
         if "ms" in row:
             results[blk] = row["ms"]
 
-    D = qda.DecodeBlockSizes  # noqa: N806
-    for blk in (D(block_s=64, num_warps=2, num_stages=3, num_splits=32, convert="magic"),
-                D(block_s=64, num_warps=2, num_stages=3, num_splits=32, convert="mantissa"),
-                D(block_s=64, num_warps=4, num_stages=3, num_splits=32, convert="mantissa"),
-                D(block_s=128, num_warps=4, num_stages=3, num_splits=32, convert="mantissa"),
-                D(block_s=64, num_warps=1, num_stages=3, num_splits=32, convert="mantissa"),
-                D(block_s=64, num_warps=2, num_stages=3, num_splits=64, convert="mantissa"),
-                D(block_s=64, num_warps=2, num_stages=3, num_splits=32, unpack="rows", convert="magic")):
+    D = qda.DecodeBlockSizes
+    for blk in (
+        D(block_s=64, num_warps=2, num_stages=3, num_splits=32, convert="magic"),
+        D(block_s=64, num_warps=2, num_stages=3, num_splits=32, convert="mantissa"),
+        D(block_s=64, num_warps=4, num_stages=3, num_splits=32, convert="mantissa"),
+        D(block_s=128, num_warps=4, num_stages=3, num_splits=32, convert="mantissa"),
+        D(block_s=64, num_warps=1, num_stages=3, num_splits=32, convert="mantissa"),
+        D(block_s=64, num_warps=2, num_stages=3, num_splits=64, convert="mantissa"),
+        D(block_s=64, num_warps=2, num_stages=3, num_splits=32, unpack="rows", convert="magic"),
+    ):
         one(blk)
     best = min(results, key=results.get)
     print(f"[decode] sweep best: {best} {results[best]:.4f} ms", flush=True)
@@ -568,9 +751,11 @@ def _print_table(results):
     rows = [row for r in results for row in r.get("rows", [])]
     print("\n=== kvjax kernels bench ===")
     if env:
-        print(f"device: {env.get('device_kind')}  jax {env.get('jax')}  torch {env.get('torch')}  "
-              f"triton {env.get('triton')}  copy {env.get('copy_GBps', 0):.0f} GB/s  "
-              f"bf16 matmul {env.get('matmul_TFLOPs', 0):.0f} TFLOP/s")
+        print(
+            f"device: {env.get('device_kind')}  jax {env.get('jax')}  torch {env.get('torch')}  "
+            f"triton {env.get('triton')}  copy {env.get('copy_GBps', 0):.0f} GB/s  "
+            f"bf16 matmul {env.get('matmul_TFLOPs', 0):.0f} TFLOP/s"
+        )
     bad = [r for r in rows if r["kind"] == "correct" and not r.get("ok")]
     n_ok = sum(1 for r in rows if r["kind"] == "correct" and r.get("ok"))
     print(f"correctness: {n_ok} passed, {len(bad)} failed")
@@ -624,8 +809,24 @@ def main():
         return
     results = []
     for sec in args.sections.split(","):
-        cmd = [sys.executable, __file__, "--section", sec, "--backends", ",".join(args.backends), "--n", str(args.n),
-               "--reps", str(args.reps)] + (["--quick"] if args.quick else []) + (["--interpret"] if args.interpret else []) + (["--sweep"] if args.sweep else []) + (["--lite"] if args.lite else [])
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--section",
+                sec,
+                "--backends",
+                ",".join(args.backends),
+                "--n",
+                str(args.n),
+                "--reps",
+                str(args.reps),
+            ]
+            + (["--quick"] if args.quick else [])
+            + (["--interpret"] if args.interpret else [])
+            + (["--sweep"] if args.sweep else [])
+            + (["--lite"] if args.lite else [])
+        )
         t0 = time.time()
         try:
             rc = subprocess.run(cmd, timeout=TIMEOUTS[sec] + (150 if args.sweep and sec == "decode" else 0)).returncode
@@ -637,8 +838,9 @@ def main():
             with open(path) as f:
                 results.append(json.load(f))
         else:
-            results.append({"rows": [{"kind": "correct", "name": f"section {sec}", "ok": False,
-                                      "error": f"no result (rc={rc})"}]})
+            results.append(
+                {"rows": [{"kind": "correct", "name": f"section {sec}", "ok": False, "error": f"no result (rc={rc})"}]}
+            )
     with open(os.path.join(out, "kernels_bench.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     _print_table(results)

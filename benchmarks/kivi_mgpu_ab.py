@@ -13,6 +13,7 @@ scratch/ab.py, the same code with environment variables for arguments) for BENCH
     python3 benchmarks/kivi_mgpu_ab.py --path /tmp --mods oldpk --configs 2,32 4,32 \\
         --variant 'tps4={"tiles_per_step": 4, "stages": 2}'
 """
+
 import argparse
 import glob
 import importlib
@@ -27,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_bench import _bench_jax, _lse_err, _rel, decode_cache  # noqa: E402
+from kernels_bench import _bench_jax, _lse_err, _rel, decode_cache
 
-from kvjax.pallas_kernels import quantized_decode_attention as qda  # noqa: E402
-from kvjax.pallas_kernels import quantized_decode_attention_mgpu as tree  # noqa: E402
+from kvjax.pallas_kernels import quantized_decode_attention as qda
+from kvjax.pallas_kernels import quantized_decode_attention_mgpu as tree
 
 
 def _resources(d):
@@ -50,8 +51,12 @@ def main():
     ap.add_argument("--path", default=None, help="a folder holding other versions of pallas_kernels as packages")
     ap.add_argument("--mods", nargs="*", default=[], help="package names under --path to time beside the tree")
     ap.add_argument("--configs", nargs="*", default=["2,32", "2,128", "4,32", "4,128"], help="bits,G pairs")
-    ap.add_argument("--variant", action="append", default=[],
-                    help='NAME={"kwarg": value} for the tree\'s kernel, or NAME@MOD={...} for a copy')
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help='NAME={"kwarg": value} for the tree\'s kernel, or NAME@MOD={...} for a copy',
+    )
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if args.path:
@@ -69,16 +74,20 @@ def main():
     q = jax.random.normal(keys[0], (b, 1, nq, h), jnp.bfloat16)
     kd = jax.random.normal(keys[1], (b, s, n, h), jnp.bfloat16)
     vd = jax.random.normal(keys[2], (b, s, n, h), jnp.bfloat16)
-    fns = {"cudnn": (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")),
-                     (q, kd, vd))}
+    fns = {
+        "cudnn": (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")), (q, kd, vd))
+    }
     res = {}
     for cfg in args.configs:
         bits, gk = map(int, cfg.split(","))
         kc, ksc, kz, vc, vsc, vz, kr, vr = decode_cache(keys, b, n, s, h, r, bits, gk, gk)
         lens, rl = jnp.full((b,), s, jnp.int32), jnp.full((b,), r, jnp.int32)
         cache = (kc, ksc, kz, vc, vsc, vz)
-        ro, rlse = jax.jit(lambda *a, bits=bits: qda.quantized_decode_attention_reference(
-            *a[:8], bits=bits, k_res=a[8], v_res=a[9], res_lengths=a[10]))(q, *cache, lens, kr, vr, rl)
+        ro, rlse = jax.jit(
+            lambda *a, bits=bits: qda.quantized_decode_attention_reference(
+                *a[:8], bits=bits, k_res=a[8], v_res=a[9], res_lengths=a[10]
+            )
+        )(q, *cache, lens, kr, vr, rl)
         frs = {m: jax.block_until_ready(mod.to_fragment_layout(*cache, bits=bits)) for m, mod in mods.items()}
         del kc, vc
         for vname, mod, kw in [(m, mod, {}) for m, mod in mods.items()] + variants:
@@ -88,11 +97,13 @@ def main():
             os.makedirs(d, exist_ok=True)
             os.environ["MOSAIC_GPU_DUMP_TO"] = d  # read when the kernel compiles
             try:
-                fn = jax.jit(lambda q, fr, lens, kr, vr, rl, mod=mod, kw=kw, bits=bits:
-                             mod.quantized_decode_attention_mgpu(q, fr, lens, bits=bits, k_res=kr, v_res=vr,
-                                                                 res_lengths=rl, **kw))
+                fn = jax.jit(
+                    lambda q, fr, lens, kr, vr, rl, mod=mod, kw=kw, bits=bits: mod.quantized_decode_attention_mgpu(
+                        q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, **kw
+                    )
+                )
                 out, lse = jax.block_until_ready(fn(q, fr, lens, kr, vr, rl))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"{name}: ERROR {e!s:.800}", flush=True)
                 continue
             finally:

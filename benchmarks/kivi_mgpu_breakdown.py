@@ -9,6 +9,7 @@ the XLA epilogue (`assemble`) and the XLA residual window. Prints a table; run o
 The rows that time a small part alone (the merge, the epilogue, the residual window) are bound by
 the host's dispatch of one call (tens of microseconds): for those parts the trace is the measure.
 """
+
 from __future__ import annotations
 
 import sys
@@ -61,31 +62,46 @@ def main(groups):
     ks = jax.random.split(jax.random.key(0), 9)
     q = jax.random.normal(ks[6], (b, 1, nq, h), jnp.bfloat16)
     kd, vd = (jax.random.normal(k, (b, s, n, h), jnp.bfloat16) for k in ks[7:9])
-    rows = [("cuDNN bf16 dense", bench(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, implementation="cudnn")), q, kd, vd))]
+    rows = [
+        (
+            "cuDNN bf16 dense",
+            bench(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")), q, kd, vd),
+        )
+    ]
     del kd, vd
     kr = jax.random.normal(ks[2], (b, n, r, h), jnp.bfloat16)
     lens = jnp.full((b,), s, jnp.int32)
     rl = jnp.full((b,), r, jnp.int32)
     for gk in groups:
         w = 64 * h * bits // 32
-        fr = mg.KiviFragments(jax.random.bits(ks[0], (b, n, s // 64, 2, w), jnp.uint32),
-                              (jax.random.uniform(ks[1], (b, n, s // gk, 2, h)) * 0.1).astype(jnp.bfloat16),
-                              (jax.random.uniform(ks[4], (b, n, s // 64, 2, 64, h // gk)) * 0.1).astype(jnp.bfloat16))
+        fr = mg.KiviFragments(
+            jax.random.bits(ks[0], (b, n, s // 64, 2, w), jnp.uint32),
+            (jax.random.uniform(ks[1], (b, n, s // gk, 2, h)) * 0.1).astype(jnp.bfloat16),
+            (jax.random.uniform(ks[4], (b, n, s // 64, 2, 64, h // gk)) * 0.1).astype(jnp.bfloat16),
+        )
         variants = (dict(), dict(warp_sums=False), dict(merge="xla"), dict(num_splits=16))
         for kw in variants:
-            full = jax.jit(lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
-                q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, **kw))
+            full = jax.jit(
+                lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
+                    q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, **kw
+                )
+            )
             rows.append((f"G{gk} full call {kw or 'defaults'}", bench(full, q, fr, kr)))
         kr192 = jnp.concatenate([kr, kr[:, :, :64]], axis=2)  # the KIVI policy's window at G=32: 3 chunks of 64
         for kw in (dict(), dict(merge="xla")):
-            full = jax.jit(lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
-                q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl + 64, **kw))
+            full = jax.jit(
+                lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
+                    q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl + 64, **kw
+                )
+            )
             rows.append((f"G{gk} full call, R=192 {kw or 'defaults'}", bench(full, q, fr, kr192)))
         if "--trace" in sys.argv:
             for kw in variants[:3]:
-                full = jax.jit(lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
-                    q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, **kw))
+                full = jax.jit(
+                    lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
+                        q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, **kw
+                    )
+                )
                 print(f"G{gk} {kw or 'defaults'}: GPU us per call by kernel:")
                 for name, us in kernel_times(full, q, fr, kr).items():
                     print(f"    {us:9.2f}  {name}")
@@ -98,19 +114,52 @@ def main(groups):
         qb, qr, rows_q, rows_p = mg.query_columns(q, n)
         if fold:
             qb = jnp.tile(qb[:, :, :rows_p], (1, 1, mg.fold_columns(rows_p, gk) // rows_p, 1))
-        kern = jax.jit(lambda qb, fr: mg._kernel_partials(
-            qb, fr, jnp.full((b, n), s, jnp.int32), bits=bits, gk=gk, gv=gk, rows_q=rows_p, splits=splits,
-            scale=h**-0.5, stages=4, overlap_v=True, mask_cond=True, tiles_per_step=tps, auto_barriers=False,
-            lazy_rescale=True, fold=fold, warp_sums=True))
+        kern = jax.jit(
+            lambda qb, fr: mg._kernel_partials(
+                qb,
+                fr,
+                jnp.full((b, n), s, jnp.int32),
+                bits=bits,
+                gk=gk,
+                gv=gk,
+                rows_q=rows_p,
+                splits=splits,
+                scale=h**-0.5,
+                stages=4,
+                overlap_v=True,
+                mask_cond=True,
+                tiles_per_step=tps,
+                auto_barriers=False,
+                lazy_rescale=True,
+                fold=fold,
+                warp_sums=True,
+            )
+        )
         rows.append((f"G{gk} kernel partials only", bench(kern, qb, fr)))
         parts = jax.block_until_ready(kern(qb, fr))
         asm = jax.jit(lambda parts: ep.assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gk, t=1, row_stride=16))
         rows.append((f"G{gk} XLA assemble only (no residual)", bench(asm, parts)))
-        tri = jax.jit(lambda parts, qr, kr: mrg.merge_partials(parts, qr, kr, kr, rl[:, None] + jnp.zeros(
-            (b, n), jnp.int32), rows_q=rows_q, rows_p=rows_p, gv=gk, t=1, scale=h**-0.5, row_stride=16))
+        tri = jax.jit(
+            lambda parts, qr, kr: mrg.merge_partials(
+                parts,
+                qr,
+                kr,
+                kr,
+                rl[:, None] + jnp.zeros((b, n), jnp.int32),
+                rows_q=rows_q,
+                rows_p=rows_p,
+                gv=gk,
+                t=1,
+                scale=h**-0.5,
+                row_stride=16,
+            )
+        )
         rows.append((f"G{gk} Triton merge only (with the residual)", bench(tri, parts, qr, kr)))
-        res = jax.jit(lambda qr, kr: ep.residual_partial(qr, kr, kr, rl[:, None] + jnp.zeros((b, n), jnp.int32), t=1,
-                                                         scale=h**-0.5))
+        res = jax.jit(
+            lambda qr, kr: ep.residual_partial(
+                qr, kr, kr, rl[:, None] + jnp.zeros((b, n), jnp.int32), t=1, scale=h**-0.5
+            )
+        )
         rows.append((f"G{gk} XLA residual window only", bench(res, qr, kr)))
     base = rows[0][1]
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -121,4 +170,3 @@ def main(groups):
 
 if __name__ == "__main__":
     main([int(g) for g in sys.argv[1:] if not g.startswith("--")] or [32, 128])
-

@@ -33,11 +33,31 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o", "chunkkv", "elastic", "kvmerger", "locret")
+METHODS = (
+    "streaming",
+    "snapkv",
+    "pyramidkv",
+    "adakv",
+    "tova",
+    "knorm",
+    "h2o",
+    "chunkkv",
+    "elastic",
+    "kvmerger",
+    "locret",
+)
 # kvpress has a press for these (h2o as ObservedAttention: normalized scores, no recent
 # window; TOVA without decode-time eviction, as kvpress's TOVAPress)
-PRESSED = ("streaming", "snapkv", "pyramidkv", "adakv", "tova:on_decode=false", "knorm", "h2o:recent=0,normalize=true",
-           "chunkkv")
+PRESSED = (
+    "streaming",
+    "snapkv",
+    "pyramidkv",
+    "adakv",
+    "tova:on_decode=false",
+    "knorm",
+    "h2o:recent=0,normalize=true",
+    "chunkkv",
+)
 # chunkkv: the paper's SnapKV-window scorer; chunkkv:scorer=tova chunks TOVA's scores
 EVICTION = ("streaming", "snapkv", "pyramidkv", "adakv", "tova", "knorm", "h2o", "chunkkv", "chunkkv:scorer=tova")
 MERGING = ("elastic", "kvmerger", "locret")
@@ -55,66 +75,208 @@ QUANT_2_FIRST = tuple(f"{q}:bits={b}" for b in (2, 4) for q in QUANTIZERS)
 TUNED = {"kv_retrieval": {"pairs": 1, "repeat": 2}, "majority": {"votes": 7, "winner": 6}}
 TUNED_2K = {"majority": TUNED["majority"]}  # two codes stated once already score 9/10 at 2k
 GRIDS = {
-    "issue3": dict(tasks=["passkey", "ppl"], contexts=[4096], modes=["inside"], engines=["kvjax"],
-                   methods=("dense",) + EVICTION, trials={"passkey": 10}, batch_size=5),
+    "issue3": dict(
+        tasks=["passkey", "ppl"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax"],
+        methods=("dense",) + EVICTION,
+        trials={"passkey": 10},
+        batch_size=5,
+    ),
     # a second seed doubles issue 3's passkey trials to 20 (the table sums over seeds)
-    "issue3_seed1": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"], seeds=[1],
-                         methods=("dense",) + EVICTION, trials={"passkey": 10}, batch_size=5, out="issue3_4k"),
+    "issue3_seed1": dict(
+        tasks=["passkey"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax"],
+        seeds=[1],
+        methods=("dense",) + EVICTION,
+        trials={"passkey": 10},
+        batch_size=5,
+        out="issue3_4k",
+    ),
     # 10 more passkey trials (seed 2) for the chunk rows and TOVA, beside the 20-trial table
-    "issue3_chunk_seed2": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"], seeds=[2],
-                               methods=("dense", "tova", "chunkkv", "chunkkv:scorer=tova"), trials={"passkey": 10},
-                               batch_size=5, out="issue3_4k_seed2"),
-    "issue3_kv": dict(tasks=["kv_retrieval"], contexts=[4096], modes=["inside"], engines=["kvjax"],
-                      methods=("dense",) + EVICTION, trials={"kv_retrieval": 10}, batch_size=5, out="issue3_4k",
-                      options=TUNED),
-    "issue3_merging": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
-                           methods=MERGING, trials={"passkey": 3}, batch_size=3, out="issue3_4k"),
+    "issue3_chunk_seed2": dict(
+        tasks=["passkey"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax"],
+        seeds=[2],
+        methods=("dense", "tova", "chunkkv", "chunkkv:scorer=tova"),
+        trials={"passkey": 10},
+        batch_size=5,
+        out="issue3_4k_seed2",
+    ),
+    "issue3_kv": dict(
+        tasks=["kv_retrieval"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax"],
+        methods=("dense",) + EVICTION,
+        trials={"kv_retrieval": 10},
+        batch_size=5,
+        out="issue3_4k",
+        options=TUNED,
+    ),
+    "issue3_merging": dict(
+        tasks=["passkey"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax"],
+        methods=MERGING,
+        trials={"passkey": 3},
+        batch_size=3,
+        out="issue3_4k",
+    ),
     # perplexity and KV retrieval (3 trials) for the merging / trained rows
-    "issue3_merging_more": dict(tasks=["ppl", "kv_retrieval"], contexts=[4096], modes=["inside"], engines=["kvjax"],
-                                methods=MERGING, trials={"kv_retrieval": 3}, batch_size=3, out="issue3_4k",
-                                options=TUNED),
+    "issue3_merging_more": dict(
+        tasks=["ppl", "kv_retrieval"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax"],
+        methods=MERGING,
+        trials={"kv_retrieval": 3},
+        batch_size=3,
+        out="issue3_4k",
+        options=TUNED,
+    ),
     # 17 more trials (seed 1) take the merging / trained rows to 20 (run on a GPU: they prefill per episode)
-    "issue3_merging_seed1": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"], seeds=[1],
-                                 methods=MERGING, trials={"passkey": 17}, batch_size=3, out="issue3_4k"),
-    "issue7": dict(tasks=["passkey", "kv_retrieval"], contexts=[2048], modes=["inside", "excluded"],
-                   engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED, trials=3, batch_size=3,
-                   kvjax_only=("tova",)),
-    "issue7_more": dict(tasks=["prefix_suffix", "qa", "majority"], contexts=[2048], modes=["inside", "excluded"],
-                        engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED, trials=3, batch_size=3,
-                        excluded_tasks=["qa"], kvjax_only=("tova",), out="issue7", options=TUNED_2K),
-    "issue7_4k": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax", "kvpress"],
-                      methods=("dense",) + PRESSED, trials=3, batch_size=3, out="issue7"),
-    "issue7_4k_more": dict(tasks=["kv_retrieval", "prefix_suffix", "majority", "qa"], contexts=[4096],
-                           modes=["inside", "excluded"], engines=["kvjax", "kvpress"], methods=("dense",) + PRESSED,
-                           trials=3, batch_size=3, excluded_tasks=["qa"], kvjax_only=("tova",), out="issue7", options=TUNED),
+    "issue3_merging_seed1": dict(
+        tasks=["passkey"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax"],
+        seeds=[1],
+        methods=MERGING,
+        trials={"passkey": 17},
+        batch_size=3,
+        out="issue3_4k",
+    ),
+    "issue7": dict(
+        tasks=["passkey", "kv_retrieval"],
+        contexts=[2048],
+        modes=["inside", "excluded"],
+        engines=["kvjax", "kvpress"],
+        methods=("dense",) + PRESSED,
+        trials=3,
+        batch_size=3,
+        kvjax_only=("tova",),
+    ),
+    "issue7_more": dict(
+        tasks=["prefix_suffix", "qa", "majority"],
+        contexts=[2048],
+        modes=["inside", "excluded"],
+        engines=["kvjax", "kvpress"],
+        methods=("dense",) + PRESSED,
+        trials=3,
+        batch_size=3,
+        excluded_tasks=["qa"],
+        kvjax_only=("tova",),
+        out="issue7",
+        options=TUNED_2K,
+    ),
+    "issue7_4k": dict(
+        tasks=["passkey"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax", "kvpress"],
+        methods=("dense",) + PRESSED,
+        trials=3,
+        batch_size=3,
+        out="issue7",
+    ),
+    "issue7_4k_more": dict(
+        tasks=["kv_retrieval", "prefix_suffix", "majority", "qa"],
+        contexts=[4096],
+        modes=["inside", "excluded"],
+        engines=["kvjax", "kvpress"],
+        methods=("dense",) + PRESSED,
+        trials=3,
+        batch_size=3,
+        excluded_tasks=["qa"],
+        kvjax_only=("tova",),
+        out="issue7",
+        options=TUNED,
+    ),
     # the multi-task mix (passkey, KV-retrieval and qa turns over one context), one code
-    "issue7_mix": dict(tasks=["mix"], contexts=[2048], modes=["inside"], engines=["kvjax", "kvpress"],
-                       methods=("dense",) + PRESSED, trials=3, batch_size=3, kvjax_only=("tova",), out="issue7",
-                       options={"mix": {"pairs": 1}}),
-    "issue7_mix_4k": dict(tasks=["mix"], contexts=[4096], modes=["inside"], engines=["kvjax", "kvpress"],
-                          methods=("dense",) + PRESSED, trials=3, batch_size=3, kvjax_only=("tova",), out="issue7",
-                          options={"mix": {"pairs": 1, "repeat": 2, "kv_first": True}}),
-    "issue7_merging": dict(tasks=["passkey"], contexts=[2048], modes=["inside"], engines=["kvjax"],
-                           methods=MERGING, trials=3, batch_size=3, out="issue7"),
-    "issue7_merging_4k": dict(tasks=["passkey"], contexts=[4096], modes=["inside"], engines=["kvjax"],
-                              methods=MERGING, trials=3, batch_size=3, out="issue7"),
+    "issue7_mix": dict(
+        tasks=["mix"],
+        contexts=[2048],
+        modes=["inside"],
+        engines=["kvjax", "kvpress"],
+        methods=("dense",) + PRESSED,
+        trials=3,
+        batch_size=3,
+        kvjax_only=("tova",),
+        out="issue7",
+        options={"mix": {"pairs": 1}},
+    ),
+    "issue7_mix_4k": dict(
+        tasks=["mix"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax", "kvpress"],
+        methods=("dense",) + PRESSED,
+        trials=3,
+        batch_size=3,
+        kvjax_only=("tova",),
+        out="issue7",
+        options={"mix": {"pairs": 1, "repeat": 2, "kv_first": True}},
+    ),
+    "issue7_merging": dict(
+        tasks=["passkey"],
+        contexts=[2048],
+        modes=["inside"],
+        engines=["kvjax"],
+        methods=MERGING,
+        trials=3,
+        batch_size=3,
+        out="issue7",
+    ),
+    "issue7_merging_4k": dict(
+        tasks=["passkey"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax"],
+        methods=MERGING,
+        trials=3,
+        batch_size=3,
+        out="issue7",
+    ),
     # the quantized caches at 2k: the options of issue7 / issue7_more / issue7_mix; every
     # "inside" cell before the "excluded" ones (mode_first). The question-excluded placement
     # only for ZipCache: it is the one quantizer whose choice (which tokens keep more bits)
     # reads attention scores, so the question's place can change it; the others quantize every
     # token the same way wherever the question is.
-    "issue7_quant": dict(tasks=["passkey", "kv_retrieval", "prefix_suffix", "qa", "majority", "mix"], contexts=[2048],
-                         modes=["inside", "excluded"], engines=["kvjax"], methods=("dense",) + QUANT, trials=3,
-                         batch_size=3, excluded_tasks=["passkey", "kv_retrieval", "qa"],
-                         excluded_methods=("dense", "zipcache"), out="issue7", mode_first=True,
-                         options={**TUNED_2K, "mix": {"pairs": 1}}),
+    "issue7_quant": dict(
+        tasks=["passkey", "kv_retrieval", "prefix_suffix", "qa", "majority", "mix"],
+        contexts=[2048],
+        modes=["inside", "excluded"],
+        engines=["kvjax"],
+        methods=("dense",) + QUANT,
+        trials=3,
+        batch_size=3,
+        excluded_tasks=["passkey", "kv_retrieval", "qa"],
+        excluded_methods=("dense", "zipcache"),
+        out="issue7",
+        mode_first=True,
+        options={**TUNED_2K, "mix": {"pairs": 1}},
+    ),
     # ... and at 4k (the options of issue7_4k / issue7_4k_more), 2-bit specs first
-    "issue7_quant_4k": dict(tasks=["passkey", "qa", "kv_retrieval"], contexts=[4096], modes=["inside"],
-                            engines=["kvjax"], methods=("dense",) + QUANT_2_FIRST, trials=3, batch_size=3, out="issue7",
-                            options=TUNED),
+    "issue7_quant_4k": dict(
+        tasks=["passkey", "qa", "kv_retrieval"],
+        contexts=[4096],
+        modes=["inside"],
+        engines=["kvjax"],
+        methods=("dense",) + QUANT_2_FIRST,
+        trials=3,
+        batch_size=3,
+        out="issue7",
+        options=TUNED,
+    ),
 }
 BUDGETS = [0.5, 0.2, 0.1]
-
 
 
 def _out(grid: str) -> str:
@@ -135,8 +297,9 @@ def plan_grid(grid: str, engines: list[str] | None = None) -> list:
     cells = []
     for engine in [e for e in g["engines"] if engines is None or e in engines]:
         extra = [m for m in g.get("kvjax_only", ()) if engine == "kvjax"]  # no kvpress press for these
-        cells += sweep.plan(g["tasks"], methods + extra, BUDGETS, g["contexts"], g.get("seeds", [0]), g["modes"],
-                            [engine])
+        cells += sweep.plan(
+            g["tasks"], methods + extra, BUDGETS, g["contexts"], g.get("seeds", [0]), g["modes"], [engine]
+        )
     if "excluded_tasks" in g:  # the question-excluded placement only for these tasks
         cells = [c for c in cells if c.mode != "excluded" or c.task in g["excluded_tasks"]]
     if "excluded_methods" in g:  # ... and only for these methods
@@ -168,8 +331,9 @@ def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None
     model = load(model_path)
     hf = kvpress_bridge.load_hf(model_path) if any(c.engine == "kvpress" for c in cells) else None
     sweep.enable_compilation_cache()
-    sweep.run_sweep(model, cells, out or _out(grid), trials=g["trials"], batch_size=g["batch_size"],
-                    options=g.get("options"), hf=hf)
+    sweep.run_sweep(
+        model, cells, out or _out(grid), trials=g["trials"], batch_size=g["batch_size"], options=g.get("options"), hf=hf
+    )
 
 
 def table(grid: str) -> str:
@@ -188,8 +352,10 @@ def table(grid: str) -> str:
         elif prev is not None and prev["status"] != "ok":
             r = prev  # an error in any seed shows
         rows[(label, budget)][r["task"]] = r
-    head = ("| method | budget | passkey | KV retrieval | perplexity | KV bytes (MB) | vs dense |\n"
-            "|---|---|---|---|---|---|---|")
+    head = (
+        "| method | budget | passkey | KV retrieval | perplexity | KV bytes (MB) | vs dense |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     dense = rows.get(("dense", None), {}).get("passkey", {}).get("kv_bytes")
     lines = [head]
 
@@ -207,7 +373,9 @@ def table(grid: str) -> str:
         kv = f"{ref['kv_bytes'] / 1e6:.1f}" if ref else "-"
         rel = f"{ref['kv_bytes'] / dense:.3f}" if ref and dense else "-"
         b = "-" if budget is None else f"{budget:g}"
-        lines.append(f"| {label} | {b} | {acc(t.get('passkey'))} | {acc(t.get('kv_retrieval'))} | {ppl_s} | {kv} | {rel} |")
+        lines.append(
+            f"| {label} | {b} | {acc(t.get('passkey'))} | {acc(t.get('kv_retrieval'))} | {ppl_s} | {kv} | {rel} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -216,9 +384,14 @@ def main() -> None:
     p.add_argument("cmd", choices=["run", "status", "table", "report"])
     p.add_argument("grid", choices=sorted(GRIDS))
     p.add_argument("--engines", help="run only these of the grid's engines (comma-separated), e.g. kvjax")
-    p.add_argument("--model", default="smollm2", help="the SmolLM2 GGUF by path (e.g. on a machine without the package)")
-    p.add_argument("--out", help="run: write the cells to this folder instead of the grid's (e.g. beside another "
-                                 "sweep into the grid's folder; append its jsonl files there afterwards)")
+    p.add_argument(
+        "--model", default="smollm2", help="the SmolLM2 GGUF by path (e.g. on a machine without the package)"
+    )
+    p.add_argument(
+        "--out",
+        help="run: write the cells to this folder instead of the grid's (e.g. beside another "
+        "sweep into the grid's folder; append its jsonl files there afterwards)",
+    )
     a = p.parse_args()
     if a.cmd == "run":
         run(a.grid, a.model, a.engines.split(",") if a.engines else None, a.out)

@@ -23,8 +23,7 @@ import sys
 import time
 
 METHODS = ("kivi", "kvquant", "zipcache", "rotatekv", "bfp", "kv4")
-DEFAULT_SPECS = (["dense"] + [f"rtn:bits={b}" for b in (2, 3, 4)]
-                 + [f"{m}:bits={b}" for m in METHODS for b in (2, 3, 4)])
+DEFAULT_SPECS = ["dense"] + [f"rtn:bits={b}" for b in (2, 3, 4)] + [f"{m}:bits={b}" for m in METHODS for b in (2, 3, 4)]
 
 
 def bytes_per_token(model, policy, context: int) -> float:
@@ -36,8 +35,15 @@ def bytes_per_token(model, policy, context: int) -> float:
 
     toks = jax.ShapeDtypeStruct((1, context), jnp.int32)
     lens = jax.ShapeDtypeStruct((1,), jnp.int32)
-    shapes = jax.eval_shape(lambda t, l: prefill(model.params, t, l, config=model.config, policy=policy,
-                                                 max_new_tokens=0, dtype=model.dtype)[1].layers, toks, lens)
+    shapes = jax.eval_shape(
+        lambda t, l: (
+            prefill(model.params, t, l, config=model.config, policy=policy, max_new_tokens=0, dtype=model.dtype)[
+                1
+            ].layers
+        ),
+        toks,
+        lens,
+    )
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)) / context
 
 
@@ -54,17 +60,25 @@ def run(args) -> None:
         if spec in done:
             continue
         pol = parse_policy(spec)
-        row = {"spec": spec, "context": args.context, "text": args.text,
-               "bytes_per_token": bytes_per_token(model, pol, args.context)}
+        row = {
+            "spec": spec,
+            "context": args.context,
+            "text": args.text,
+            "bytes_per_token": bytes_per_token(model, pol, args.context),
+        }
         t0 = time.time()
         if "ppl" in args.tasks:
             row["ppl"] = evaluate(model, "ppl", pol, context=args.context, text=args.text)["ppl"]
         t1 = time.time()
         if "passkey" in args.tasks:
-            pk = evaluate(model, "passkey", pol, context=args.context, trials=args.trials, text=args.text,
-                          batch_size=args.batch)
-            row.update(passkey=pk["correct"], trials=pk["trials"],
-                       misses=[s for s in pk["samples"] if not s["output"].strip().startswith(s["answer"])][:3])
+            pk = evaluate(
+                model, "passkey", pol, context=args.context, trials=args.trials, text=args.text, batch_size=args.batch
+            )
+            row.update(
+                passkey=pk["correct"],
+                trials=pk["trials"],
+                misses=[s for s in pk["samples"] if not s["output"].strip().startswith(s["answer"])][:3],
+            )
         row.update(ppl_s=t1 - t0, passkey_s=time.time() - t1)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -81,8 +95,13 @@ def render(rows: list[dict], main_text: str = "kjv-judges") -> str:
             extra.setdefault(r["spec"], {})[r["text"]] = f"{r['passkey']}/{r['trials']}"
     texts = sorted({t for e in extra.values() for t in e})
     dense = by.get("dense")
-    head = ("| method | bits | perplexity | vs dense | passkey | " + "".join(f"passkey ({t}) | " for t in texts)
-            + "KV bytes/token | vs dense bytes |\n|---|---|---|---|---|" + "---|" * len(texts) + "---|---|\n")
+    head = (
+        "| method | bits | perplexity | vs dense | passkey | "
+        + "".join(f"passkey ({t}) | " for t in texts)
+        + "KV bytes/token | vs dense bytes |\n|---|---|---|---|---|"
+        + "---|" * len(texts)
+        + "---|---|\n"
+    )
     lines = []
     order = ["dense"] + [f"rtn:bits={b}" for b in (4, 3, 2)] + [f"{m}:bits={b}" for m in METHODS for b in (4, 3, 2)]
     for spec in order + sorted(set(by) - set(order)):
@@ -96,8 +115,10 @@ def render(rows: list[dict], main_text: str = "kjv-judges") -> str:
         extra = re.sub(r"(?<![a-z_])bits=\d+,?", "", args).strip(",")
         label = name + (f" ({extra})" if extra else "")
         pk = "".join(f"{extra.get(spec, {}).get(t, '-')} | " for t in texts)
-        lines.append(f"| {label} | {bits.group(1) if bits else '-'} | {r['ppl']:.3f} | {rel} | "
-                     f"{r['passkey']}/{r['trials']} | {pk}{r['bytes_per_token']:.0f} | {rb} |")
+        lines.append(
+            f"| {label} | {bits.group(1) if bits else '-'} | {r['ppl']:.3f} | {rel} | "
+            f"{r['passkey']}/{r['trials']} | {pk}{r['bytes_per_token']:.0f} | {rb} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 

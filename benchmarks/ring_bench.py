@@ -48,8 +48,17 @@ def model_config(name: str):
     from kvjax.models.config import LlamaConfig
 
     if name == "tiny":
-        return LlamaConfig(name="tiny", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
-                           num_heads=4, num_kv_heads=2, head_dim=64, max_position=1 << 20)
+        return LlamaConfig(
+            name="tiny",
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            max_position=1 << 20,
+        )
     return presets.get_preset(MODELS.get(name, name))
 
 
@@ -67,7 +76,7 @@ def random_params(cfg, sharding, dtype):
     shapes = jax.eval_shape(lambda k: init_params(cfg, k, dtype), jax.random.key(0))
     leaves, tree = jax.tree.flatten(shapes)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def maker(shape, dt):
         return jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dt), out_shardings=sharding)
 
@@ -98,7 +107,8 @@ def check_kernels(kernels, dtype) -> dict:
                 f = jax.jit(lambda *a, kern=kern, causal=causal: K.prefix_attention(*a, causal=causal, kernel=kern))
                 out, lse = f(q, k, v, ql, kl)
                 ref, rlse = jax.jit(lambda *a, causal=causal: K.prefix_attention(*a, causal=causal, kernel="xla"))(
-                    q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), ql, kl)
+                    q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), ql, kl
+                )
                 valid = np.arange(t)[None, :] < np.asarray(ql)[:, None]
                 d = np.where(valid[..., None, None], np.asarray(out, np.float32) - np.asarray(ref), 0)
                 r = np.where(valid[..., None, None], np.asarray(ref), 0)
@@ -120,7 +130,7 @@ def check_kernels(kernels, dtype) -> dict:
                 ts.append(time.perf_counter() - t0)
             row["ms_8k_causal"] = 1e3 * sorted(ts)[2]
             row["tflops"] = K.attention_flops(1, t, t, 32, 128, True) / (row["ms_8k_causal"] * 1e-3) / 1e12
-        except Exception as err:  # noqa: BLE001 - report and fall back
+        except Exception as err:
             row["ok"] = False
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         res[kern] = row
@@ -139,8 +149,15 @@ def time_prefill(cfg, params, n_dev, length, policy_spec, kernel, reps, dtype) -
     mesh = make_mesh(seq=n_dev, devices=jax.devices()[:n_dev])
     plan = Plan(mesh, kernel=kernel)
     pol = parse_policy(policy_spec)
-    row = {"what": "prefill", "model": cfg.name, "devices": n_dev, "tokens": length, "policy": policy_spec,
-           "kernel": kernel, "device_kind": jax.devices()[0].device_kind}
+    row = {
+        "what": "prefill",
+        "model": cfg.name,
+        "devices": n_dev,
+        "tokens": length,
+        "policy": policy_spec,
+        "kernel": kernel,
+        "device_kind": jax.devices()[0].device_kind,
+    }
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, length)), jnp.int32)
     lengths = jnp.asarray([length], jnp.int32)
     kw = dict(plan=plan, config=cfg, policy=pol, max_new_tokens=0, dtype=dtype)
@@ -161,7 +178,7 @@ def time_prefill(cfg, params, n_dev, length, policy_spec, kernel, reps, dtype) -
             row["device_limit_gb"] = cap / 2**30
             per_tok = (per_dev - param_b) / length
             row["fits_tokens_est"] = int((cap - param_b) / per_tok)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         row["mem_error"] = str(err)[:200]
     log({**row, "what": "compiled"})  # memory numbers survive a run that is cut off
     times = []
@@ -185,8 +202,7 @@ def time_prefill(cfg, params, n_dev, length, policy_spec, kernel, reps, dtype) -
 def cmd_run(args) -> None:
     if os.environ.get("RING_BENCH_SMOKE"):  # CPU dry run of a GPU plan: tiny model, short prompts
         args.cpu_devices = 4
-        args.rows = [f"tiny@{r.split('@')[1]}@{min(int(r.split('@')[2]), 512)}@{r.split('@', 3)[3]}"
-                     for r in args.rows]
+        args.rows = [f"tiny@{r.split('@')[1]}@{min(int(r.split('@')[2]), 512)}@{r.split('@', 3)[3]}" for r in args.rows]
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.cpu_devices}"
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -199,8 +215,15 @@ def cmd_run(args) -> None:
 
     deadline = time.monotonic() + args.budget
     dtype = jnp.dtype(args.dtype)
-    log({"what": "env", "jax": jax.__version__, "devices": [d.device_kind for d in jax.devices()],
-         "job": args.job, "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES")})
+    log(
+        {
+            "what": "env",
+            "jax": jax.__version__,
+            "devices": [d.device_kind for d in jax.devices()],
+            "job": args.job,
+            "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+    )
     kernel = args.kernel
     if args.check_kernels:
         res = check_kernels(["cudnn"] if jax.default_backend() == "gpu" else ["xla"], dtype)
@@ -222,11 +245,20 @@ def cmd_run(args) -> None:
             jax.block_until_ready(params)
             log({"what": "stage", "stage": "params", "row": item})
             log(time_prefill(cfg, params, n_dev, length, spec, kernel, args.reps, dtype))
-        except Exception as err:  # noqa: BLE001 - OOM or a kernel failure is a result
-            log({"what": "prefill", "model": cfg.name, "devices": n_dev, "tokens": length, "policy": spec,
-                 "kernel": kernel, "error": f"{type(err).__name__}: {str(err)[:400]}"})
+        except Exception as err:
+            log(
+                {
+                    "what": "prefill",
+                    "model": cfg.name,
+                    "devices": n_dev,
+                    "tokens": length,
+                    "policy": spec,
+                    "kernel": kernel,
+                    "error": f"{type(err).__name__}: {str(err)[:400]}",
+                }
+            )
         finally:
-            params = None  # noqa: F841
+            params = None
 
 
 PLAN_X4 = {
@@ -234,8 +266,18 @@ PLAN_X4 = {
     "a1": ("0", ["llama3.1-8b@1@131072@dense", "smollm2@1@131072@dense"], True),
     "a2": ("1,2", ["llama3.1-8b@2@131072@dense", "smollm2@2@131072@dense"], True),
     "a3": ("3", ["llama3.1-8b@1@131072@kivi:bits=2", "smollm2@1@32768@dense"], True),
-    "b4": ("0,1,2,3", ["llama3.1-8b@4@131072@dense", "llama3.1-8b@4@131072@kivi:bits=2", "smollm2@4@131072@dense",
-                       "smollm2@4@524288@dense", "smollm2@4@32768@dense", "llama3.1-8b@4@262144@dense"], True),
+    "b4": (
+        "0,1,2,3",
+        [
+            "llama3.1-8b@4@131072@dense",
+            "llama3.1-8b@4@131072@kivi:bits=2",
+            "smollm2@4@131072@dense",
+            "smollm2@4@524288@dense",
+            "smollm2@4@32768@dense",
+            "llama3.1-8b@4@262144@dense",
+        ],
+        True,
+    ),
 }
 
 
@@ -248,8 +290,13 @@ def cmd_gpu_x4(args) -> None:
         vis, rows, check = PLAN_X4[job]
         cmd = [sys.executable, __file__, "run", "--job", job, "--budget", str(budget), "--reps", str(args.reps)]
         cmd += ["--check-kernels"] if check else []
-        return subprocess.Popen(cmd + ["--rows", *rows], env=dict(env, CUDA_VISIBLE_DEVICES=vis),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            cmd + ["--rows", *rows],
+            env=dict(env, CUDA_VISIBLE_DEVICES=vis),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def finish(procs, limit):
         for job, p in procs.items():
@@ -286,10 +333,13 @@ def summary(lines) -> None:
         r = json.loads(ln[4:])
         if r.get("what") != "prefill":
             continue
-        print(f"{r['model']} | {r['devices']} | {r['tokens']} | {r['policy']} | {r.get('kernel')} | "
-              f"{r.get('compile_s', 0):.1f} | {r.get('prefill_s', float('nan')):.3f} | {r.get('tokens_per_s', 0):.0f} | "
-              f"{r.get('mem_per_device_gb', float('nan')):.1f} | {r.get('fits_tokens_est', '')} | "
-              f"{r.get('error', '')[:80]}", flush=True)
+        print(
+            f"{r['model']} | {r['devices']} | {r['tokens']} | {r['policy']} | {r.get('kernel')} | "
+            f"{r.get('compile_s', 0):.1f} | {r.get('prefill_s', float('nan')):.3f} | {r.get('tokens_per_s', 0):.0f} | "
+            f"{r.get('mem_per_device_gb', float('nan')):.1f} | {r.get('fits_tokens_est', '')} | "
+            f"{r.get('error', '')[:80]}",
+            flush=True,
+        )
 
 
 def main(argv=None) -> None:

@@ -56,12 +56,20 @@ def main() -> None:
 
     model = load(a.model)
     rows = []
-    for task, context, options in [v for v in VARIANTS if (not a.tasks or v[0] in a.tasks)
-                                                        and (not a.contexts or v[1] in a.contexts)]:
+    for task, context, options in [
+        v for v in VARIANTS if (not a.tasks or v[0] in a.tasks) and (not a.contexts or v[1] in a.contexts)
+    ]:
         name = f"{task}_{context}_" + "_".join(f"{k}{v}" for k, v in sorted(options.items()))
         cells = sweep.plan([task], ["dense"], [], [context], [0])
-        recs = sweep.run_sweep(model, cells, os.path.join(a.out, name), trials=a.trials, batch_size=5,
-                               options={task: options}, progress=False)
+        recs = sweep.run_sweep(
+            model,
+            cells,
+            os.path.join(a.out, name),
+            trials=a.trials,
+            batch_size=5,
+            options={task: options},
+            progress=False,
+        )
         r = recs[0]
         score = f"{r['correct']}/{r['questions']}" if r["status"] == "ok" else r.get("error", "error")
         rows.append({"task": task, "context": context, "options": json.dumps(options), "full cache": score})

@@ -48,16 +48,27 @@ def main(argv=None):
     xh, yh = lt.collect(model, held_seqs, args.context)
     t_data = time.time() - t0
     print(f"collected {len(train_seqs)} training and {len(held_seqs)} held-out windows in {t_data:.0f}s", flush=True)
-    heads, history = lt.train(model.config, x, y, hidden=args.hidden, steps=args.steps, lr=args.lr,
-                              window=args.window, seed=args.seed)
+    heads, history = lt.train(
+        model.config, x, y, hidden=args.hidden, steps=args.steps, lr=args.lr, window=args.window, seed=args.seed
+    )
     t_train = time.time() - t0 - t_data
     rho = lt.rank_correlation(heads, xh, yh)
     top = lt.topk_overlap(heads, xh, yh, 0.1)
     summary = {
-        "texts": list(texts), "train_windows": len(train_seqs), "seq_len": args.seq_len, "context": args.context,
-        "hidden": args.hidden, "steps": args.steps, "window": args.window, "lr": args.lr, "seed": args.seed,
-        "history": history, "collect_s": round(t_data), "train_s": round(t_train),
-        "heldout_spearman": float(rho.mean()), "heldout_spearman_per_text": [float(r) for r in rho.mean(axis=(1, 2))],
+        "texts": list(texts),
+        "train_windows": len(train_seqs),
+        "seq_len": args.seq_len,
+        "context": args.context,
+        "hidden": args.hidden,
+        "steps": args.steps,
+        "window": args.window,
+        "lr": args.lr,
+        "seed": args.seed,
+        "history": history,
+        "collect_s": round(t_data),
+        "train_s": round(t_train),
+        "heldout_spearman": float(rho.mean()),
+        "heldout_spearman_per_text": [float(r) for r in rho.mean(axis=(1, 2))],
         "heldout_spearman_min_layer": float(rho.mean(axis=(0, 2)).min()),
         "heldout_top10_overlap": float(top.mean()),
     }

@@ -1,11 +1,15 @@
 """kvjax: long-context LLM inference in JAX with compressed KV caches."""
 
-from . import attention, generate, policies  # `kvjax.generate(model, prompts, ...)` is callable
-from . import attention_kernels  # registers attend(implementation="pallas")
-from . import quant  # registers the quantized caches (kivi, kvquant, ...)
-from . import native  # CPU decode matmuls on GGUF blocks (built on first use, not at import)
-from .models import LlamaConfig, get_preset
+from . import (  # `kvjax.generate(model, prompts, ...)` is callable
+    attention,
+    attention_kernels,  # registers attend(implementation="pallas")
+    generate,
+    native,  # CPU decode matmuls on GGUF blocks (built on first use, not at import)
+    policies,
+    quant,  # registers the quantized caches (kivi, kvquant, ...)
+)
 from .loaders import load
+from .models import LlamaConfig, get_preset
 from .policies import parse_policy
 from .state import KVState, LayerContext, SlotKV
 

@@ -34,15 +34,18 @@ class Device:
     host_link: float
 
 
-DEVICES = {d.name: d for d in (
-    Device("h100", 989e12, 3.35e12, 80e9, 64e9),
-    Device("h200", 989e12, 4.8e12, 141e9, 64e9),
-    Device("a100", 312e12, 2.0e12, 80e9, 32e9),
-    Device("l4", 121e12, 0.3e12, 24e9, 32e9),
-    Device("t4", 65e12, 0.32e12, 16e9, 16e9),
-    Device("tpu-v5e", 197e12, 0.82e12, 16e9, 32e9),
-    Device("tpu-v5p", 459e12, 2.76e12, 95e9, 32e9),
-)}
+DEVICES = {
+    d.name: d
+    for d in (
+        Device("h100", 989e12, 3.35e12, 80e9, 64e9),
+        Device("h200", 989e12, 4.8e12, 141e9, 64e9),
+        Device("a100", 312e12, 2.0e12, 80e9, 32e9),
+        Device("l4", 121e12, 0.3e12, 24e9, 32e9),
+        Device("t4", 65e12, 0.32e12, 16e9, 16e9),
+        Device("tpu-v5e", 197e12, 0.82e12, 16e9, 32e9),
+        Device("tpu-v5p", 459e12, 2.76e12, 95e9, 32e9),
+    )
+}
 
 
 def get_device(name: str) -> Device:
@@ -53,8 +56,9 @@ def get_device(name: str) -> Device:
 
 
 @functools.lru_cache(maxsize=64)
-def kv_cache_bytes(config: LlamaConfig, policy, context: int, batch: int = 1, max_new_tokens: int = 0,
-                   dtype=jnp.bfloat16) -> int:
+def kv_cache_bytes(
+    config: LlamaConfig, policy, context: int, batch: int = 1, max_new_tokens: int = 0, dtype=jnp.bfloat16
+) -> int:
     """Bytes of the KV state `policy` holds after prefilling `batch` prompts of `context`
     tokens (with room for `max_new_tokens`), from shapes alone."""
     from .generate import prefill
@@ -66,14 +70,31 @@ def kv_cache_bytes(config: LlamaConfig, policy, context: int, batch: int = 1, ma
     tokens = jax.ShapeDtypeStruct((batch, context), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     _, state = jax.eval_shape(
-        functools.partial(prefill.__wrapped__ if hasattr(prefill, "__wrapped__") else prefill, config=config,
-                          policy=policy, max_new_tokens=max_new_tokens, dtype=dtype),
-        params, tokens, lengths)
+        functools.partial(
+            prefill.__wrapped__ if hasattr(prefill, "__wrapped__") else prefill,
+            config=config,
+            policy=policy,
+            max_new_tokens=max_new_tokens,
+            dtype=dtype,
+        ),
+        params,
+        tokens,
+        lengths,
+    )
     return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(state.layers)))
 
 
-def serving_estimate(config: LlamaConfig, policy, context: int, device: Device | str, *, users: int | None = None,
-                     weight_bytes_per_param: float = 2.0, mfu: float = 0.5, mbu: float = 0.8) -> dict:
+def serving_estimate(
+    config: LlamaConfig,
+    policy,
+    context: int,
+    device: Device | str,
+    *,
+    users: int | None = None,
+    weight_bytes_per_param: float = 2.0,
+    mfu: float = 0.5,
+    mbu: float = 0.8,
+) -> dict:
     """Memory, concurrency, prefill and decode times for `context`-token users on `device`.
 
     users: how many users decode together (default: as many as fit). mfu / mbu: the
@@ -91,9 +112,16 @@ def serving_estimate(config: LlamaConfig, policy, context: int, device: Device |
     prefill_flops = 2 * config.num_params() * context + 2 * config.num_layers * context**2 * attn_dim
     decode_bytes = weights + n * kv
     return {
-        "model": config.name, "policy": policy.spec(), "device": dev.name, "context": context,
-        "weight_bytes": weights, "kv_bytes_per_user": kv, "kv_bytes_per_token": kv / context,
-        "max_users": fit, "users": n, "fits": weights + n * kv <= dev.memory,
+        "model": config.name,
+        "policy": policy.spec(),
+        "device": dev.name,
+        "context": context,
+        "weight_bytes": weights,
+        "kv_bytes_per_user": kv,
+        "kv_bytes_per_token": kv / context,
+        "max_users": fit,
+        "users": n,
+        "fits": weights + n * kv <= dev.memory,
         "prefill_s": prefill_flops / (dev.flops * mfu),
         "decode_step_s": decode_bytes / (dev.bandwidth * mbu),
         "decode_tokens_per_s": n / (decode_bytes / (dev.bandwidth * mbu)) if n else 0.0,

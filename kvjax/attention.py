@@ -89,8 +89,9 @@ def _attention_block(q, k, v, q_pos, k_pos, window, scale, want_mass):
     l = jnp.sum(p, axis=-1, keepdims=True)
     seen = l > 0
     p_norm = p / jnp.where(seen, l, 1.0)
-    out = jnp.einsum("bngts,bnsh->btngh", *_cpu_dot_operands(p_norm.astype(v.dtype), v),
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bngts,bnsh->btngh", *_cpu_dot_operands(p_norm.astype(v.dtype), v), preferred_element_type=jnp.float32
+    )
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]  # [B,N,G,T]
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, nq)
     mass = jnp.sum(p_norm, axis=(2, 3)) if want_mass else None
@@ -142,8 +143,11 @@ def _skipping_attention(q, k, v, q_pos, k_pos, window, scale, kv_chunk):
             visible &= kmax[j] > qmin - window
         return jax.lax.cond(visible, block, lambda _, c: c, j, carry)
 
-    init = (jnp.full((b, n, g, t, 1), -jnp.inf, jnp.float32), jnp.zeros((b, n, g, t, 1), jnp.float32),
-            jnp.zeros((b, n, g, t, h), jnp.float32))
+    init = (
+        jnp.full((b, n, g, t, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((b, n, g, t, 1), jnp.float32),
+        jnp.zeros((b, n, g, t, h), jnp.float32),
+    )
     m, l, acc = jax.lax.fori_loop(0, nb, maybe, init)
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)
@@ -194,7 +198,7 @@ def default_implementation() -> str:
     """'xla' on CPU; 'pallas' (kvjax.attention_kernels: Mosaic GPU / Triton / Mosaic TPU kernels,
     falling back to the reference per call) on GPU and TPU."""
     if jax.default_backend() in ("gpu", "tpu"):
-        from . import attention_kernels  # noqa: F401  (registers "pallas")
+        from . import attention_kernels
 
         return "pallas"
     return "xla"
@@ -238,7 +242,9 @@ def attend(
     try:
         fn = _IMPLEMENTATIONS[impl]
     except KeyError:
-        raise ValueError(f"unknown attention implementation={impl!r}; expected one of {sorted(_IMPLEMENTATIONS)}") from None
+        raise ValueError(
+            f"unknown attention implementation={impl!r}; expected one of {sorted(_IMPLEMENTATIONS)}"
+        ) from None
     return fn(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass)
 
 

@@ -60,7 +60,7 @@ def _prefill(q, k, v, q_pos, k_pos, window, scale, backend, interpret):
     from .pallas_kernels.block_mask import MaskSpec
     from .pallas_kernels.block_sparse_attention import BlockSizes, block_sparse_attention
 
-    b, t, nq, h = q.shape
+    _b, t, _nq, _h = q.shape
     s = k.shape[2]
     bs = BlockSizes.get_default(backend)
     mbq = bs.meta_block_q(backend)
@@ -73,8 +73,16 @@ def _prefill(q, k, v, q_pos, k_pos, window, scale, backend, interpret):
         qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
         kt = jnp.pad(jnp.swapaxes(k, 1, 2), ((0, 0), (0, sp - s), (0, 0), (0, 0)))
         vt = jnp.pad(jnp.swapaxes(v, 1, 2), ((0, 0), (0, sp - s), (0, 0), (0, 0)))
-        out, lse = block_sparse_attention(qp, kt, vt, mask=MaskSpec(causal=True, window=window),
-                                          kv_lengths=lens[:, 0], scale=scale, backend=backend, interpret=interpret)
+        out, lse = block_sparse_attention(
+            qp,
+            kt,
+            vt,
+            mask=MaskSpec(causal=True, window=window),
+            kv_lengths=lens[:, 0],
+            scale=scale,
+            backend=backend,
+            interpret=interpret,
+        )
         valid = (q_pos >= 0)[..., None]
         out = jnp.where(valid[..., None], out[:, :t], 0).astype(q.dtype)
         return out, jnp.where(valid, lse[:, :t], -jnp.inf)
@@ -97,8 +105,21 @@ def _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block, backend=None
     nblk = s // block
     idx = jnp.broadcast_to(jnp.arange(nblk, dtype=jnp.int32), (b, n, nblk))
     lens = jnp.full((b, n), s, jnp.int32)
-    return sparse_decode_attention(q, k, v, idx, lens, block_size=block, scale=scale, k_pos=k_pos, q_pos=q_pos,
-                                   window=window, selection_is_clean=True, backend=backend, interpret=interpret)
+    return sparse_decode_attention(
+        q,
+        k,
+        v,
+        idx,
+        lens,
+        block_size=block,
+        scale=scale,
+        k_pos=k_pos,
+        q_pos=q_pos,
+        window=window,
+        selection_is_clean=True,
+        backend=backend,
+        interpret=interpret,
+    )
 
 
 def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False) -> AttentionOutput:
@@ -123,8 +144,9 @@ def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mas
         elif backend == "mosaic_tpu":  # one grid step per block: larger blocks, fewer steps
             block = next((bl for bl in (512, 256, 128, 64, 32, 16, 8) if s % bl == 0), None)
             if block is not None and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-                return AttentionOutput(*_decode(q, k, v, q_pos, k_pos, window, scale, interpret, block,
-                                                backend="mosaic_tpu"))
+                return AttentionOutput(
+                    *_decode(q, k, v, q_pos, k_pos, window, scale, interpret, block, backend="mosaic_tpu")
+                )
     return attention.attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass)
 
 
@@ -137,4 +159,4 @@ def kernel_backend() -> str:
 
 attention.register_implementation("pallas", pallas_attention)
 
-__all__ = ["pallas_attention", "kernel_backend"]
+__all__ = ["kernel_backend", "pallas_attention"]

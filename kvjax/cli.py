@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import List, Optional
 
 import typer
 
@@ -20,7 +19,7 @@ def _model(model: str, dtype: str = "float32"):
 
 @app.command()
 def generate(
-    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="prompt text (repeat for a batch)"),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt text (repeat for a batch)"),
     model: str = typer.Option("smollm2", help="'smollm2', a .gguf file or an HF safetensors directory"),
     policy: str = typer.Option("dense", help="policy spec, e.g. 'snapkv:budget=0.2' (see `kvjax policies`)"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n"),
@@ -29,7 +28,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
-    prefill_chunk: Optional[int] = typer.Option(None, help="prefill the prompt in chunks of this many tokens"),
+    prefill_chunk: int | None = typer.Option(None, help="prefill the prompt in chunks of this many tokens"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
 ):
     """Generate text and print it with tokens/s and KV-cache bytes."""
@@ -37,8 +36,16 @@ def generate(
     from .sampling import Sampler
 
     m = _model(model)
-    out = run(m, prompt, policy=policy, max_new_tokens=max_new_tokens, chat=chat, seed=seed,
-              sampler=Sampler(temperature, top_k, top_p), prefill_chunk=prefill_chunk)
+    out = run(
+        m,
+        prompt,
+        policy=policy,
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        seed=seed,
+        sampler=Sampler(temperature, top_k, top_p),
+        prefill_chunk=prefill_chunk,
+    )
     if as_json:
         typer.echo(json.dumps({"texts": out.texts, **out.stats}))
         return
@@ -69,11 +76,13 @@ def info(model: str = typer.Option("smollm2", help="'smollm2', a .gguf file, an 
 
 @app.command()
 def cost(
-    model: str = typer.Option("llama3.1-8b", help="a preset name (see `kvjax info`), 'smollm2', a .gguf file or HF dir"),
-    policy: List[str] = typer.Option(["dense"], "--policy", help="policy spec (repeat to compare)"),
+    model: str = typer.Option(
+        "llama3.1-8b", help="a preset name (see `kvjax info`), 'smollm2', a .gguf file or HF dir"
+    ),
+    policy: list[str] = typer.Option(["dense"], "--policy", help="policy spec (repeat to compare)"),
     context: int = typer.Option(131072, help="tokens per user"),
     device: str = typer.Option("h100", help="h100, h200, a100, l4, t4, tpu-v5e, tpu-v5p"),
-    users: Optional[int] = typer.Option(None, help="users decoding together (default: as many as fit)"),
+    users: int | None = typer.Option(None, help="users decoding together (default: as many as fit)"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Memory, concurrency, prefill and decode time per policy (Fu 2024's peak analysis)."""
@@ -89,8 +98,10 @@ def cost(
     typer.echo(f"{cfg.name} on {device}, {context} tokens per user (peak rates x mfu 0.5 / mbu 0.8)")
     typer.echo(f"{'policy':36s} {'KV B/token':>10s} {'max users':>9s} {'prefill s':>9s} {'step ms':>8s} {'tok/s':>8s}")
     for spec, r in zip(policy, rows):
-        typer.echo(f"{spec:36s} {r['kv_bytes_per_token']:10.0f} {r['max_users']:9d} {r['prefill_s']:9.1f} "
-                   f"{1000 * r['decode_step_s']:8.1f} {r['decode_tokens_per_s']:8.0f}")
+        typer.echo(
+            f"{spec:36s} {r['kv_bytes_per_token']:10.0f} {r['max_users']:9d} {r['prefill_s']:9.1f} "
+            f"{1000 * r['decode_step_s']:8.1f} {r['decode_tokens_per_s']:8.0f}"
+        )
 
 
 @app.command("policies")
@@ -109,7 +120,7 @@ def calibrate(
     model: str = typer.Option("smollm2", help="'smollm2', a .gguf file or an HF safetensors directory"),
     text: str = typer.Option("pydoc", help="'pydoc' (Python stdlib text) or a text file"),
     tokens: int = typer.Option(1024, help="calibration tokens"),
-    out: Optional[str] = typer.Option(None, help="artifact directory (default: the one shipped in the package)"),
+    out: str | None = typer.Option(None, help="artifact directory (default: the one shipped in the package)"),
 ):
     """Calibrate a quantized cache offline (codebooks, channel orders) and save it with orbax."""
     from .eval import load_text
@@ -131,8 +142,10 @@ def eval_cmd(
     context: int = typer.Option(4096, help="context length in tokens"),
     trials: int = typer.Option(10, help="samples (needle depths spread over the context)"),
     seed: int = 0,
-    text_file: Optional[str] = typer.Option(None, "--text-file", help="haystack text: kjv-judges, pydoc or a file"),
-    mode: str = typer.Option("inside", help="'inside': question compressed with the context; 'excluded': appended after"),
+    text_file: str | None = typer.Option(None, "--text-file", help="haystack text: kjv-judges, pydoc or a file"),
+    mode: str = typer.Option(
+        "inside", help="'inside': question compressed with the context; 'excluded': appended after"
+    ),
     model: str = typer.Option("smollm2", help="'smollm2', a .gguf file or an HF safetensors directory"),
     batch_size: int = typer.Option(4, help="prompts per batch"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -149,16 +162,31 @@ def eval_cmd(
         pol = parse_policy(policy)
         text = text_name(text_file)
         load_text(text)
-        r = evaluate(_model(model), task, pol, context=context, trials=trials, seed=seed, text=text,
-                     batch_size=batch_size, mode=mode)
+        r = evaluate(
+            _model(model),
+            task,
+            pol,
+            context=context,
+            trials=trials,
+            seed=seed,
+            text=text,
+            batch_size=batch_size,
+            mode=mode,
+        )
     except ValueError as e:
         _fail(e)
     if as_json:
         typer.echo(json.dumps(r))
         return
-    score = f"ppl {r['ppl']:.3f}" if "ppl" in r else f"accuracy {r['accuracy']:.3f} ({r['correct']}/{r.get('questions', r['trials'])})"
-    typer.echo(f"[{r['policy']}] {task} at {context} tokens: {score}; KV {r['kv_bytes']:,.0f} bytes "
-               f"(dense {r['dense_kv_bytes']:,.0f}, ratio {r['compression_ratio']:.3f})")
+    score = (
+        f"ppl {r['ppl']:.3f}"
+        if "ppl" in r
+        else f"accuracy {r['accuracy']:.3f} ({r['correct']}/{r.get('questions', r['trials'])})"
+    )
+    typer.echo(
+        f"[{r['policy']}] {task} at {context} tokens: {score}; KV {r['kv_bytes']:,.0f} bytes "
+        f"(dense {r['dense_kv_bytes']:,.0f}, ratio {r['compression_ratio']:.3f})"
+    )
 
 
 @app.command("sweep")
@@ -171,8 +199,8 @@ def sweep_cmd(
     trials: str = typer.Option("passkey=20,kv_retrieval=10", help="N for every task or TASK=N,..."),
     modes: str = typer.Option("inside", help="inside and/or excluded"),
     engines: str = typer.Option("kvjax", help="kvjax and/or kvpress (HF transformers + kvpress on CPU torch)"),
-    text_file: Optional[str] = typer.Option(None, "--text-file", help="haystack text: kjv-judges, pydoc or a file"),
-    option: Optional[List[str]] = typer.Option(None, help="task options, e.g. kv_retrieval:pairs=2,turns=2"),
+    text_file: str | None = typer.Option(None, "--text-file", help="haystack text: kjv-judges, pydoc or a file"),
+    option: list[str] | None = typer.Option(None, help="task options, e.g. kv_retrieval:pairs=2,turns=2"),
     batch_size: int = typer.Option(5, help="episodes per batch (one shared dense prefill per batch)"),
     model: str = typer.Option("smollm2", help="'smollm2', a .gguf file or an HF safetensors directory"),
     out: str = typer.Option(..., help="output directory (cells.jsonl, parts.jsonl); rerun to resume"),
@@ -182,9 +210,15 @@ def sweep_cmd(
     from .eval import sweep as sw
 
     try:
-        cells = sw.plan(c.split_list(tasks, str, "task"), c.split_specs(policies), c.split_list(budgets, float, "budget"),
-                        c.split_list(context, int, "context"), c.split_list(seeds, int, "seed"),
-                        c.split_list(modes, str, "mode"), c.split_list(engines, str, "engine"))
+        cells = sw.plan(
+            c.split_list(tasks, str, "task"),
+            c.split_specs(policies),
+            c.split_list(budgets, float, "budget"),
+            c.split_list(context, int, "context"),
+            c.split_list(seeds, int, "seed"),
+            c.split_list(modes, str, "mode"),
+            c.split_list(engines, str, "engine"),
+        )
         text = c.text_name(text_file)
         from .eval import load_text
 
@@ -197,8 +231,16 @@ def sweep_cmd(
 
             hf = load_hf(model)
         sw.enable_compilation_cache()
-        rows = sw.run_sweep(m, cells, out, trials=c.parse_trials(trials), text=text, batch_size=batch_size,
-                            options=c.parse_options(option), hf=hf)
+        rows = sw.run_sweep(
+            m,
+            cells,
+            out,
+            trials=c.parse_trials(trials),
+            text=text,
+            batch_size=batch_size,
+            options=c.parse_options(option),
+            hf=hf,
+        )
     except ValueError as e:
         _fail(e)
     bad = sum(r["status"] != "ok" for r in rows)
@@ -208,7 +250,7 @@ def sweep_cmd(
 @app.command("report")
 def report_cmd(
     directory: str = typer.Argument(..., help="a sweep output directory (holds cells.jsonl)"),
-    out: Optional[str] = typer.Option(None, help="where to write report.md and the PNG plots (default: DIRECTORY)"),
+    out: str | None = typer.Option(None, help="where to write report.md and the PNG plots (default: DIRECTORY)"),
 ):
     """Markdown tables and PNG plots (score vs compression ratio per task) of a sweep."""
     from .eval.report import write_report

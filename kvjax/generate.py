@@ -14,7 +14,7 @@ import functools
 import sys
 import time
 import types
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +50,18 @@ def prompt_positions(lengths: jax.Array, width: int, offset: int = 0) -> jax.Arr
     jax.jit,
     static_argnames=("config", "policy", "max_new_tokens", "prefill_chunk", "dtype", "implementation"),
 )
-def prefill(params, tokens, lengths, *, config: LlamaConfig, policy: Policy, max_new_tokens: int,
-            prefill_chunk: int | None = None, dtype=jnp.float32, implementation: str | None = None):
+def prefill(
+    params,
+    tokens,
+    lengths,
+    *,
+    config: LlamaConfig,
+    policy: Policy,
+    max_new_tokens: int,
+    prefill_chunk: int | None = None,
+    dtype=jnp.float32,
+    implementation: str | None = None,
+):
     """Run the prompt tokens [B, Tb] (right-padded; true lengths [B]) through the model.
 
     Returns (logits at each row's last prompt token [B, V] float32, KVState)."""
@@ -60,8 +70,17 @@ def prefill(params, tokens, lengths, *, config: LlamaConfig, policy: Policy, max
     ctx = LayerContext(0, config, "prefill", True, tb, max_new_tokens, implementation)
     if not prefill_chunk or prefill_chunk >= tb:
         pos = prompt_positions(lengths, tb)
-        logits, state = forward(params, tokens, pos, state, config=config, policy=policy, ctx=ctx,
-                                dtype=dtype, logits_at=jnp.maximum(lengths - 1, 0))
+        logits, state = forward(
+            params,
+            tokens,
+            pos,
+            state,
+            config=config,
+            policy=policy,
+            ctx=ctx,
+            dtype=dtype,
+            logits_at=jnp.maximum(lengths - 1, 0),
+        )
         return logits, state
     if tb % prefill_chunk:
         raise ValueError(f"prompt bucket {tb} must be a multiple of prefill_chunk={prefill_chunk}")
@@ -80,6 +99,7 @@ def prefill(params, tokens, lengths, *, config: LlamaConfig, policy: Policy, max
 
     last = jnp.zeros((b, config.hidden_size), dtype)
     if n > 1:
+
         def body(carry, xs):
             return run_chunk(carry, xs[0], xs[1], mid_ctx), None
 
@@ -103,9 +123,20 @@ class _Loop:
     jax.jit,
     static_argnames=("config", "policy", "max_new_tokens", "sampler", "stop_ids", "dtype", "implementation"),
 )
-def decode(params, state: KVState, first_logits, key, *, config: LlamaConfig, policy: Policy,
-           max_new_tokens: int, sampler: Sampler, stop_ids: tuple[int, ...], dtype=jnp.float32,
-           implementation: str | None = None):
+def decode(
+    params,
+    state: KVState,
+    first_logits,
+    key,
+    *,
+    config: LlamaConfig,
+    policy: Policy,
+    max_new_tokens: int,
+    sampler: Sampler,
+    stop_ids: tuple[int, ...],
+    dtype=jnp.float32,
+    implementation: str | None = None,
+):
     """Sample up to `max_new_tokens` tokens per row with a `lax.while_loop`.
 
     Returns (tokens [B, max_new] int32 (pad_id after a row stops), n_out [B], KVState)."""
@@ -123,8 +154,17 @@ def decode(params, state: KVState, first_logits, key, *, config: LlamaConfig, po
 
     def body(s: _Loop):
         pos = s.state.lengths[:, None]
-        logits, st = forward(params, s.token[:, None], pos, s.state, config=config, policy=policy, ctx=ctx,
-                             dtype=dtype, logits_at=jnp.zeros((b,), jnp.int32))
+        logits, st = forward(
+            params,
+            s.token[:, None],
+            pos,
+            s.state,
+            config=config,
+            policy=policy,
+            ctx=ctx,
+            dtype=dtype,
+            logits_at=jnp.zeros((b,), jnp.int32),
+        )
         key, sub = jax.random.split(s.key)
         tok = sampler(logits, sub)
         tok = jnp.where(s.done, config.pad_id, tok)
@@ -181,9 +221,19 @@ def prepare_request(model, prompts, policy, max_new_tokens: int, chat: bool, buc
     return pol, ids, width
 
 
-def generate(model, prompts: str | Sequence[str], *, policy: Policy | str = "dense", max_new_tokens: int = 64,
-             sampler: Sampler = Sampler(), seed: int = 0, chat: bool = False, stop_ids: Sequence[int] | None = None,
-             prefill_chunk: int | None = None, implementation: str | None = None) -> GenerateOutput:
+def generate(
+    model,
+    prompts: str | Sequence[str],
+    *,
+    policy: Policy | str = "dense",
+    max_new_tokens: int = 64,
+    sampler: Sampler = Sampler(),
+    seed: int = 0,
+    chat: bool = False,
+    stop_ids: Sequence[int] | None = None,
+    prefill_chunk: int | None = None,
+    implementation: str | None = None,
+) -> GenerateOutput:
     """Generate continuations for one prompt or a batch of prompts of any lengths.
 
     `policy` is a Policy or a spec string ("snapkv:budget=0.2"). Prompt lengths are
@@ -195,15 +245,17 @@ def generate(model, prompts: str | Sequence[str], *, policy: Policy | str = "den
         tokens[i, : len(t)] = t
     lengths = jnp.asarray([len(t) for t in ids], jnp.int32)
     stops = tuple(stop_ids) if stop_ids is not None else tuple(model.tokenizer.eos_ids)
-    common = dict(config=cfg, policy=pol, max_new_tokens=max_new_tokens, dtype=model.dtype,
-                  implementation=implementation)
+    common = dict(
+        config=cfg, policy=pol, max_new_tokens=max_new_tokens, dtype=model.dtype, implementation=implementation
+    )
     t0 = time.perf_counter()
     logits, state = prefill(model.params, jnp.asarray(tokens), lengths, prefill_chunk=prefill_chunk, **common)
     jax.block_until_ready(logits)
     t1 = time.perf_counter()
     kv_bytes_after_prefill = state.nbytes
-    out, n_out, state = decode(model.params, state, logits, jax.random.key(seed), sampler=sampler,
-                               stop_ids=stops, **common)
+    out, n_out, state = decode(
+        model.params, state, logits, jax.random.key(seed), sampler=sampler, stop_ids=stops, **common
+    )
     out = np.asarray(jax.block_until_ready(out))
     t2 = time.perf_counter()
     n_out = np.asarray(n_out)

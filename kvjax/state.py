@@ -33,7 +33,7 @@ class SlotKV:
         return self.k.shape[2]
 
     @classmethod
-    def empty(cls, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype) -> "SlotKV":
+    def empty(cls, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype) -> SlotKV:
         shape = (batch, num_kv_heads, capacity, head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),

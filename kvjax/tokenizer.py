@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
-from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 # GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 _SPECIAL_TYPES = (3, 4)
@@ -40,10 +40,12 @@ class Tokenizer:
         import jinja2
 
         env = jinja2.Environment(trim_blocks=False, lstrip_blocks=False)
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt
+        )
 
     @classmethod
-    def from_gguf_parts(cls, parts: dict) -> "Tokenizer":
+    def from_gguf_parts(cls, parts: dict) -> Tokenizer:
         vocab = {tok: i for i, tok in enumerate(parts["tokens"])}
         merges = [tuple(m.split(" ", 1)) for m in parts["merges"]]
         tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
@@ -53,14 +55,17 @@ class Tokenizer:
         )
         tok.decoder = decoders.ByteLevel()
         types = parts["token_type"]
-        specials = [AddedToken(parts["tokens"][i], special=True, normalized=False)
-                    for i, t in enumerate(types) if t in _SPECIAL_TYPES]
+        specials = [
+            AddedToken(parts["tokens"][i], special=True, normalized=False)
+            for i, t in enumerate(types)
+            if t in _SPECIAL_TYPES
+        ]
         tok.add_special_tokens(specials)
         eos = parts["eos_id"]
         return cls(tok, parts["bos_id"], (int(eos),) if eos is not None else (), parts["chat_template"])
 
     @classmethod
-    def from_hf_dir(cls, directory: str, bos_id, eos_ids) -> "Tokenizer":
+    def from_hf_dir(cls, directory: str, bos_id, eos_ids) -> Tokenizer:
         import json
         import os
 

@@ -1,13 +1,23 @@
 """Functional Llama-family models (installed as `kvjax.models`)."""
 
 from .config import LlamaConfig, RopeScaling
-from .fuse import fuse_projections
 from .forward import forward, hidden_states, init_params, logits_from_hidden
+from .fuse import fuse_projections
 from .llama import Llama
 from .presets import PRESETS, get_preset
 from .rope import apply_rope, invert_rope
 
 __all__ = [
-    "LlamaConfig", "RopeScaling", "Llama", "fuse_projections", "forward", "hidden_states", "init_params",
-    "logits_from_hidden", "PRESETS", "get_preset", "apply_rope", "invert_rope",
+    "PRESETS",
+    "Llama",
+    "LlamaConfig",
+    "RopeScaling",
+    "apply_rope",
+    "forward",
+    "fuse_projections",
+    "get_preset",
+    "hidden_states",
+    "init_params",
+    "invert_rope",
+    "logits_from_hidden",
 ]

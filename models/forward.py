@@ -22,8 +22,9 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32):
     return model.init(key, tokens, tokens, state, ctx)
 
 
-def forward(params, tokens, positions, kv_state, *, config: LlamaConfig, policy, ctx, dtype=jnp.float32,
-            logits_at=None):
+def forward(
+    params, tokens, positions, kv_state, *, config: LlamaConfig, policy, ctx, dtype=jnp.float32, logits_at=None
+):
     """One model call.
 
     tokens, positions [B, T] int32 (positions -1 mark padding); kv_state a `KVState`;

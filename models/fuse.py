@@ -11,8 +11,7 @@ from kvjax.native.weights import concatenate
 
 from .config import LlamaConfig
 
-_GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
-           ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
+_GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
 
 
 def fuse_projections(params: dict, config: LlamaConfig) -> tuple[dict, LlamaConfig]:

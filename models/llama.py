@@ -72,8 +72,9 @@ class Embed(nn.Module):
     param_dtype: Any
 
     def setup(self):
-        self.embedding = self.param("embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features),
-                                    self.param_dtype)
+        self.embedding = self.param(
+            "embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features), self.param_dtype
+        )
 
     def __call__(self, tokens):
         (table,) = promote_dtype(float_weight(self.embedding), dtype=self.dtype, inexact=False)
@@ -129,7 +130,9 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         if c.fused_projections:
-            gate, up = jnp.split(_dense(2 * c.intermediate_size, "gate_up_proj", self.dtype, self.param_dtype)(x), 2, -1)
+            gate, up = jnp.split(
+                _dense(2 * c.intermediate_size, "gate_up_proj", self.dtype, self.param_dtype)(x), 2, -1
+            )
         else:
             gate = _dense(c.intermediate_size, "gate_proj", self.dtype, self.param_dtype)(x)
             up = _dense(c.intermediate_size, "up_proj", self.dtype, self.param_dtype)(x)
@@ -165,7 +168,9 @@ class Llama(nn.Module):
     def setup(self):
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.dtype, self.param_dtype)
-        self.layers = [Block(c, self.policy, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.layers = [
+            Block(c, self.policy, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(c.num_layers)
+        ]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
         if not c.tie_embeddings:
             self.lm_head = _dense(c.vocab_size, "lm_head", self.dtype, self.param_dtype)

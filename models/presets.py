@@ -92,9 +92,7 @@ QWEN2_7B = LlamaConfig(
     pad_id=151643,
 )
 
-PRESETS: dict[str, LlamaConfig] = {
-    c.name: c for c in (SMOLLM2_135M, LLAMA2_7B, LLAMA3_1_8B, MISTRAL_7B, QWEN2_7B)
-}
+PRESETS: dict[str, LlamaConfig] = {c.name: c for c in (SMOLLM2_135M, LLAMA2_7B, LLAMA3_1_8B, MISTRAL_7B, QWEN2_7B)}
 
 
 def get_preset(name: str) -> LlamaConfig:

@@ -26,14 +26,14 @@ try:  # Mosaic TPU.
 except ImportError:  # pragma: no cover
     pltpu = None
 
-__all__ = ["pl", "pltriton", "plgpu", "pltpu", "triton_params", "tpu_interpret_params", "backend_kind"]
+__all__ = ["backend_kind", "pl", "plgpu", "pltpu", "pltriton", "tpu_interpret_params", "triton_params"]
 
 BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu")
 
 
 def triton_params(num_warps: int, num_stages: int):
     """Compiler params for the Triton lowering (class renamed across jax versions)."""
-    cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+    cls = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -49,7 +49,7 @@ def tpu_interpret_params():
     return pltpu.InterpretParams()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_kind(platform: str) -> str:
     devs = [d for d in jax.devices() if d.platform == platform]
     return devs[0].device_kind if devs else ""

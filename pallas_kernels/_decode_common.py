@@ -45,8 +45,11 @@ def masked_softmax(logits):
 
 
 def init_carry(rows: int, h: int):
-    return (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), NEG_INIT, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
+    return (
+        jnp.zeros((rows, h), jnp.float32),
+        jnp.full((rows,), NEG_INIT, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
 
 
 def online_update(carry, s, v):

@@ -20,10 +20,15 @@ def _swizzled(row, col):
     row XOR-ed with the row index mod 8 (the layout `wgmma` reads B from)."""
     _, arith, _, _, _, _, _, utils = _mgpu()
     i32 = row.type
-    chunk = arith.xori(arith.divui(arith.remui(col, utils.c(64, i32)), utils.c(8, i32)),
-                       arith.remui(row, utils.c(8, i32)))
-    return [_idx(arith.divui(row, utils.c(8, i32))), _idx(arith.divui(col, utils.c(64, i32))),
-            _idx(arith.remui(row, utils.c(8, i32))), _idx(arith.muli(chunk, utils.c(8, i32)))]
+    chunk = arith.xori(
+        arith.divui(arith.remui(col, utils.c(64, i32)), utils.c(8, i32)), arith.remui(row, utils.c(8, i32))
+    )
+    return [
+        _idx(arith.divui(row, utils.c(8, i32))),
+        _idx(arith.divui(col, utils.c(64, i32))),
+        _idx(arith.remui(row, utils.c(8, i32))),
+        _idx(arith.muli(chunk, utils.c(8, i32))),
+    ]
 
 
 def key_offsets(bits: int, h: int) -> list[int]:
@@ -80,16 +85,20 @@ def fold_query_fn(ns, h, t, gk, k_rows_per_step, rows_p, bits):
             g = g0 if ng == 1 else arith.addi(g0, arith.remui(arith.divui(row, utils.c(rows_p, i32)), utils.c(ng, i32)))
             inv2 = None
             if any(offsets):  # bf16x2 1 / f of this chunk's column tile: exponent 127 - offset
-                off = arith.andi(arith.shrui(utils.c(table, i32), arith.muli(arith.remui(kc, utils.c(r, i32)),
-                                                                              utils.c(3, i32))), utils.c(7, i32))
+                off = arith.andi(
+                    arith.shrui(utils.c(table, i32), arith.muli(arith.remui(kc, utils.c(r, i32)), utils.c(3, i32))),
+                    utils.c(7, i32),
+                )
                 hi = arith.subi(utils.c(0x3F80, i32), arith.shli(off, utils.c(7, i32)))
                 inv2 = arith.ori(hi, arith.shli(hi, utils.c(16, i32)))
             at = _swizzled(row, arith.muli(kc, utils.c(8, i32)))
             qv = vector.load(v8, q_ref, at)
             out, zsum = [], None
             # K positions 8 kc + 2 qq + e hold channels 32 (kc // 4) + 8 qq + 2 (kc % 4) + e (`key_channel`)
-            ch0 = arith.addi(arith.muli(arith.divui(kc, utils.c(4, i32)), utils.c(32, i32)),
-                             arith.muli(arith.remui(kc, utils.c(4, i32)), utils.c(2, i32)))
+            ch0 = arith.addi(
+                arith.muli(arith.divui(kc, utils.c(4, i32)), utils.c(32, i32)),
+                arith.muli(arith.remui(kc, utils.c(4, i32)), utils.c(2, i32)),
+            )
             for qq in range(4):
                 ch = _idx(arith.addi(ch0, utils.c(8 * qq, i32)))
                 s2 = utils.bitcast(vector.load(v2, sz_ref, [_idx(g), _idx(utils.c(0, i32)), ch]), i32)
@@ -101,8 +110,9 @@ def fold_query_fn(ns, h, t, gk, k_rows_per_step, rows_p, bits):
                 out.append(b2)
                 bv = utils.bitcast(b2, v2)
                 for e in range(2):
-                    prod = arith.mulf(arith.extf(f32, vector.extract(q2, [], [e])),
-                                      arith.extf(f32, vector.extract(z2, [], [e])))
+                    prod = arith.mulf(
+                        arith.extf(f32, vector.extract(q2, [], [e])), arith.extf(f32, vector.extract(z2, [], [e]))
+                    )
                     prod = arith.addf(prod, arith.mulf(minus128, arith.extf(f32, vector.extract(bv, [], [e]))))
                     zsum = prod if zsum is None else arith.addf(zsum, prod)
             packed = vector.from_elements(ir.VectorType.get((4,), i32), out)
@@ -142,8 +152,10 @@ def group_columns_fn(ns, rows_p, gk):
         src = None
         if rows_p < 8:  # source lane: column (gw rows_p) % 8 + (2 q) % rows_p of the row's 4 lanes
             q = arith.remui(lane, utils.c(4, i32))
-            col = arith.addi(arith.remui(arith.muli(gw, utils.c(rows_p, i32)), utils.c(8, i32)),
-                             arith.remui(arith.muli(q, utils.c(2, i32)), utils.c(rows_p, i32)))
+            col = arith.addi(
+                arith.remui(arith.muli(gw, utils.c(rows_p, i32)), utils.c(8, i32)),
+                arith.remui(arith.muli(q, utils.c(2, i32)), utils.c(rows_p, i32)),
+            )
             src = arith.ori(arith.andi(lane, utils.c(-4, i32)), arith.divui(col, utils.c(2, i32)))
         shape = fa.WGMMA_LAYOUT.registers_shape((64, ns))
         regs = np.empty(shape, dtype=object)
@@ -168,7 +180,7 @@ def add_columns_fn(ns):
     """inline_mgpu body: (s [64, NS] f32 WGMMA layout, zq ref [NS] f32) -> s + zq[column]."""
 
     def fn(ctx, s, zq_ref):
-        ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
+        ir, arith, _, _, vector, mgpu, _fa, utils = _mgpu()
         i32 = ir.IntegerType.get_signless(32)
         _, _, lane = _thread_coords()
         regs = np.empty(s.registers.shape, dtype=object)

@@ -90,9 +90,23 @@ def _kernel(acc_ref, corr_ref, lsum_ref, m_ref, *rest, rows_p, gv, t, gq, scale2
     lse_ref[...] = jnp.full((1,), jnp.where(seen, (mx + jnp.log2(l_safe)) * math.log(2.0), -jnp.inf))
 
 
-def merge_partials(partials, qr, k_res=None, v_res=None, res_lengths=None, *, rows_q: int, rows_p: int, gv: int,
-                   t: int, scale: float, row_stride: int = 1, out_dtype=jnp.bfloat16, num_warps: int = 4,
-                   interpret: bool = False):
+def merge_partials(
+    partials,
+    qr,
+    k_res=None,
+    v_res=None,
+    res_lengths=None,
+    *,
+    rows_q: int,
+    rows_p: int,
+    gv: int,
+    t: int,
+    scale: float,
+    row_stride: int = 1,
+    out_dtype=jnp.bfloat16,
+    num_warps: int = 4,
+    interpret: bool = False,
+):
     """partials (acc [B,N,P,H,NB], corr [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32: the
     kernel's per-split sums for rows_p padded query rows, `_kernel_partials`; the column sums
     corr and lsum are split over rows 0, row_stride, 2 row_stride, ... of the 64: 1 where the
@@ -109,8 +123,8 @@ def merge_partials(partials, qr, k_res=None, v_res=None, res_lengths=None, *, ro
             raise ValueError(f"{name}={val} must be a power of two for the Triton merge of the KIVI partials")
     if row_stride > corr.shape[3]:
         raise ValueError(f"row_stride={row_stride} must be at most the partials' {corr.shape[3]} rows")
-    full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
-    per_head = lambda a: pl.BlockSpec((None, None, *a.shape[2:]), lambda bi, ni, ri: (bi, ni) + (0,) * (a.ndim - 2))  # noqa: E731
+    full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+    per_head = lambda a: pl.BlockSpec((None, None, *a.shape[2:]), lambda bi, ni, ri: (bi, ni) + (0,) * (a.ndim - 2))
     per_row = pl.BlockSpec((None, None, None, h), lambda bi, ni, ri: (bi, ni, ri, 0))
     in_specs = [per_head(acc), per_head(corr), per_head(lsum), per_head(m)]
     args = [acc, corr, lsum, m]
@@ -118,13 +132,23 @@ def merge_partials(partials, qr, k_res=None, v_res=None, res_lengths=None, *, ro
         in_specs += [per_row, per_head(k_res), per_head(v_res), full(res_lengths)]
         args += [qr, k_res, v_res, res_lengths.astype(jnp.int32)]
     out, lse = pl.pallas_call(
-        functools.partial(_kernel, rows_p=rows_p, gv=gv, t=t, gq=rows_q // t, scale2=scale * math.log2(math.e),
-                          residual=residual, row_stride=row_stride),
+        functools.partial(
+            _kernel,
+            rows_p=rows_p,
+            gv=gv,
+            t=t,
+            gq=rows_q // t,
+            scale2=scale * math.log2(math.e),
+            residual=residual,
+            row_stride=row_stride,
+        ),
         grid=(b, n, rows_q),
         in_specs=in_specs,
         out_specs=[per_row, pl.BlockSpec((None, None, None, 1), lambda bi, ni, ri: (bi, ni, ri, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, n, rows_q, h), out_dtype),
-                   jax.ShapeDtypeStruct((b, n, rows_q, 1), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, n, rows_q, h), out_dtype),
+            jax.ShapeDtypeStruct((b, n, rows_q, 1), jnp.float32),
+        ],
         compiler_params=None if interpret else _compat.triton_params(num_warps, 1),
         interpret=interpret,
         name="kivi_merge_partials",

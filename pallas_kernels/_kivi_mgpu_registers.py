@@ -31,9 +31,9 @@ def _x2(bits: int) -> str:
 
 
 def _mgpu():
+    import jax.experimental.mosaic.gpu as mgpu
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector
-    import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils
 
@@ -133,8 +133,9 @@ def _exact_ptx(offset: int, dst: str, bits: int) -> str:
     f, base, x2 = 1 << offset, code_base(bits), _x2(bits)
     if f == 1:
         return f"mov.b32 m, {_magic(bits):#x}; sub.rn.{x2} {dst}, t, m;"
-    return (f"mov.b32 m, {_x2_imm(1.0 / f, bits):#x}; mov.b32 c, {_x2_imm(-base / f, bits):#x}; "
-            f"fma.rn.{x2} {dst}, t, m, c;")
+    return (
+        f"mov.b32 m, {_x2_imm(1.0 / f, bits):#x}; mov.b32 c, {_x2_imm(-base / f, bits):#x}; fma.rn.{x2} {dst}, t, m, c;"
+    )
 
 
 def _dequant_pair(src, offset, bits, s2, z2):
@@ -144,8 +145,10 @@ def _dequant_pair(src, offset, bits, s2, z2):
     ir, *_ = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     mask = ((1 << bits) - 1) * 0x00010001 << offset
-    body = (f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_magic(bits):#x}, 0xEA; "
-            f"{_exact_ptx(offset, 't', bits)} fma.rn.{_x2(bits)} $0, t, $2, $3; }}")
+    body = (
+        f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_magic(bits):#x}, 0xEA; "
+        f"{_exact_ptx(offset, 't', bits)} fma.rn.{_x2(bits)} $0, t, $2, $3; }}"
+    )
     return _asm(i32, [src, s2, z2], body, "=r,r,r,r")
 
 
@@ -176,16 +179,18 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
             if gk >= TILE:  # one group a tile: row (t*64)//gk of this step's block
                 g = utils.c((t * TILE) // gk % k_rows_per_step, i32)
             else:
-                g = arith.addi(utils.c(t * (TILE // gk), i32),
-                               arith.divui(arith.muli(warp, utils.c(16, i32)), utils.c(gk, i32)))
+                g = arith.addi(
+                    utils.c(t * (TILE // gk), i32), arith.divui(arith.muli(warp, utils.c(16, i32)), utils.c(gk, i32))
+                )
             base = arith.muli(q, utils.c(8, i32))
             pairs = []
             for which in (0, 1):
                 vals = []
                 for v in range(h // 32):  # H/4 channels = H/32 chunks of 8: chunk 4v + q (`key_channel`)
                     off = arith.addi(base, utils.c(32 * v, i32))
-                    vec = vector.load(ir.VectorType.get((8,), bf16), sz_ref,
-                                      [_idx(g), _idx(utils.c(which, i32)), _idx(off)])
+                    vec = vector.load(
+                        ir.VectorType.get((8,), bf16), sz_ref, [_idx(g), _idx(utils.c(which, i32)), _idx(off)]
+                    )
                     for p in range(4):
                         two = vector.extract_strided_slice(ir.VectorType.get((2,), bf16), vec, [2 * p], [2], [1])
                         vals.append(utils.bitcast(two, i32))
@@ -235,14 +240,15 @@ def expand_fn(nb, rows_q, n_gc, t, which, bits):
         regs = np.empty(shape, dtype=object)
         inv = [None, None]
         if which == 0:
-            const = lambda x: arith.constant(f32, ir.FloatAttr.get(f32, x))  # noqa: E731
+            const = lambda x: arith.constant(f32, ir.FloatAttr.get(f32, x))
             for half in range(2):  # this thread's token groups 2 warp + half: 1 / 2^offset
                 grp8 = arith.addi(arith.muli(warp, utils.c(2, i32)), utils.c(half, i32))
                 inv[half] = const(1.0)
                 for i in range(16 // bits):
                     if value_code_position(bits, i)[1]:
-                        hit = arith.cmpi(arith.CmpIPredicate.eq, arith.remui(grp8, utils.c(16 // bits, i32)),
-                                         utils.c(i, i32))
+                        hit = arith.cmpi(
+                            arith.CmpIPredicate.eq, arith.remui(grp8, utils.c(16 // bits, i32)), utils.c(i, i32)
+                        )
                         inv[half] = arith.select(hit, const(2.0 ** -value_code_position(bits, i)[1]), inv[half])
         loaded = {}
         tpr = 128 // n_gc if 128 % n_gc == 0 else 0  # tokens a row of 128
@@ -261,8 +267,7 @@ def expand_fn(nb, rows_q, n_gc, t, which, bits):
                         row = arith.addi(utils.c(base // 128, i32), arith.divui(row0, utils.c(tpr, i32)))
                         col = arith.addi(arith.addi(tok_col, grp), utils.c(base % 128 + 8 * half * n_gc, i32))
                     else:
-                        flat = arith.addi(utils.c(base, i32),
-                                          arith.addi(arith.muli(tok, utils.c(n_gc, i32)), grp))
+                        flat = arith.addi(utils.c(base, i32), arith.addi(arith.muli(tok, utils.c(n_gc, i32)), grp))
                         row, col = arith.divui(flat, utils.c(128, i32)), arith.remui(flat, utils.c(128, i32))
                     loaded[key] = arith.extf(f32, memref.load(ref, [_idx(row), _idx(col)]))
                 x = loaded[key]
@@ -337,8 +342,10 @@ def commit_any_fn(tau: float):
                 x = vector.extract(a, [], [k])
                 y = arith.addf(vector.extract(b, [], [k]), limit)
                 over = arith.ori(over, arith.extui(i32, arith.cmpf(arith.CmpFPredicate.OGT, x, y)))
-        body = ("{ .reg .pred p, q; setp.ne.u32 p, $1, 0; fence.proxy.async.shared::cta; "
-                "bar.red.or.pred q, 1, 128, p; selp.u32 $0, 1, 0, q; }")
+        body = (
+            "{ .reg .pred p, q; setp.ne.u32 p, $1, 0; fence.proxy.async.shared::cta; "
+            "bar.red.or.pred q, 1, 128, p; selp.u32 $0, 1, 0, q; }"
+        )
         flag = _asm(i32, [over], body, "=r,r")
         memref.store(flag, flag_ref, [_idx(utils.c(0, i32))])
 

@@ -104,8 +104,10 @@ def check_shapes(q, fr: KiviFragments, bits: int):
     s = tiles * TILE
     w = TILE * h * bits // 32
     if fr.words.shape != (b, n, tiles, 2, w):
-        raise ValueError(f"words{fr.words.shape} must be [B, N, S/64, 2, {w}] for bits={bits}, H={h} (from "
-                         f"q{q.shape}); build it with to_fragment_layout")
+        raise ValueError(
+            f"words{fr.words.shape} must be [B, N, S/64, 2, {w}] for bits={bits}, H={h} (from "
+            f"q{q.shape}); build it with to_fragment_layout"
+        )
     if nq % n:
         raise ValueError(f"query heads {nq=} must be a multiple of key/value heads {n=}")
     if h % 64 or h > 256:
@@ -116,8 +118,10 @@ def check_shapes(q, fr: KiviFragments, bits: int):
         raise ValueError(f"v_sz{fr.v_sz.shape} must be [B, N, S/64, 2, 64, H/Gv] with B={b}, N={n}, S={s}, H={h}")
     for name, x in (("k_sz", fr.k_sz), ("v_sz", fr.v_sz)):
         if x.dtype != operand_dtype(bits):
-            raise ValueError(f"{name} dtype={x.dtype} is not supported by the Mosaic GPU KIVI kernel for bits={bits}; "
-                             f"expected {jnp.dtype(operand_dtype(bits)).name} (`to_fragment_layout`)")
+            raise ValueError(
+                f"{name} dtype={x.dtype} is not supported by the Mosaic GPU KIVI kernel for bits={bits}; "
+                f"expected {jnp.dtype(operand_dtype(bits)).name} (`to_fragment_layout`)"
+            )
     gk = s // fr.k_sz.shape[2]
     gv = h // fr.v_sz.shape[5]
     if not (gk % 16 == 0 and (TILE % gk == 0 or gk % TILE == 0)):

@@ -43,7 +43,7 @@ class BlockSizes:
     num_stages: int = 2
 
     @classmethod
-    def get_default(cls, backend: str = "triton") -> "BlockSizes":
+    def get_default(cls, backend: str = "triton") -> BlockSizes:
         if backend == "mosaic_gpu":
             return cls(block_q=64, block_kv=128, num_warps=4, num_stages=2)
         if backend == "mosaic_tpu":
@@ -82,9 +82,13 @@ def _check_inputs(q, k, v, kv_lengths, backend, block_sizes: BlockSizes):
             if val < 16 or val & (val - 1):
                 raise ValueError(f"{name}={val} must be a power of two >= 16 for the triton backend")
     if backend == "mosaic_gpu" and (h % 64 or block_sizes.block_q % 64 or block_sizes.block_kv % 64):
-        raise ValueError(f"head_dim={h}, block_q={block_sizes.block_q}, block_kv={block_sizes.block_kv} must be multiples of 64 on mosaic_gpu")
+        raise ValueError(
+            f"head_dim={h}, block_q={block_sizes.block_q}, block_kv={block_sizes.block_kv} must be multiples of 64 on mosaic_gpu"
+        )
     if kv_lengths is not None and (kv_lengths.shape != (b,) or not jnp.issubdtype(kv_lengths.dtype, jnp.integer)):
-        raise ValueError(f"kv_lengths must be an integer array of shape [B]=({b},); got {kv_lengths.dtype}{kv_lengths.shape}")
+        raise ValueError(
+            f"kv_lengths must be an integer array of shape [B]=({b},); got {kv_lengths.dtype}{kv_lengths.shape}"
+        )
 
 
 def _element_visible(qpos, kpos, length, spec: MaskSpec, has_lengths: bool):
@@ -157,8 +161,24 @@ def block_sparse_attention_reference(
 # ----------------------------------------------------------------------------- triton / generic
 
 
-def _generic_kernel(cnt_ref, idx_ref, flg_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                    spec: MaskSpec, scale: float, bq: int, bk: int, per_head: bool, has_lengths: bool):
+def _generic_kernel(
+    cnt_ref,
+    idx_ref,
+    flg_ref,
+    len_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    *,
+    spec: MaskSpec,
+    scale: float,
+    bq: int,
+    bk: int,
+    per_head: bool,
+    has_lengths: bool,
+):
     bi, hi, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     hs = hi if per_head else 0
     length = len_ref[bi]
@@ -200,14 +220,18 @@ def _generic_call(q, k, v, meta, lengths, *, spec, scale, bs: BlockSizes, has_le
     counts, indices, partial = meta
     per_head = indices.shape[0] > 1
     bq, bk = bs.block_q, bs.block_kv
-    kernel = functools.partial(_generic_kernel, spec=spec, scale=scale, bq=bq, bk=bk, per_head=per_head,
-                               has_lengths=has_lengths)
-    full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
+    kernel = functools.partial(
+        _generic_kernel, spec=spec, scale=scale, bq=bq, bk=bk, per_head=per_head, has_lengths=has_lengths
+    )
+    full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
     out, lse = pl.pallas_call(
         kernel,
         grid=(b, nq, t // bq),
         in_specs=[
-            full(counts), full(indices), full(partial), full(lengths),
+            full(counts),
+            full(indices),
+            full(partial),
+            full(lengths),
             pl.BlockSpec((None, bq, None, h), lambda bi, hi, qi: (bi, qi, hi, 0)),
             pl.BlockSpec((None, s, None, h), lambda bi, hi, qi: (bi, 0, hi // g, 0)),
             pl.BlockSpec((None, s, None, h), lambda bi, hi, qi: (bi, 0, hi // g, 0)),
@@ -227,9 +251,30 @@ def _generic_call(q, k, v, meta, lengths, *, spec, scale, bs: BlockSizes, has_le
 # ----------------------------------------------------------------------------- mosaic tpu
 
 
-def _tpu_kernel(cnt_ref, idx_ref, flg_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
-                spec: MaskSpec, scale: float, bq: int, bk: int, nqb: int, maxk: int, hm: int, per_head: bool,
-                has_lengths: bool):
+def _tpu_kernel(
+    cnt_ref,
+    idx_ref,
+    flg_ref,
+    len_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    lse_ref,
+    m_scr,
+    l_scr,
+    acc_scr,
+    *,
+    spec: MaskSpec,
+    scale: float,
+    bq: int,
+    bk: int,
+    nqb: int,
+    maxk: int,
+    hm: int,
+    per_head: bool,
+    has_lengths: bool,
+):
     bi, hi, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     hs = hi if per_head else 0
     row = hs * nqb + qi
@@ -265,8 +310,18 @@ def _tpu_call(q, k, v, meta, lengths, *, spec, scale, bs: BlockSizes, has_length
     bq, bk = bs.block_q, bs.block_kv
     nqb, maxk = t // bq, indices.shape[-1]
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # heads-major tiles for Mosaic TPU
-    kernel = functools.partial(_tpu_kernel, spec=spec, scale=scale, bq=bq, bk=bk, nqb=nqb, maxk=maxk,
-                               hm=indices.shape[0], per_head=per_head, has_lengths=has_lengths)
+    kernel = functools.partial(
+        _tpu_kernel,
+        spec=spec,
+        scale=scale,
+        bq=bq,
+        bk=bk,
+        nqb=nqb,
+        maxk=maxk,
+        hm=indices.shape[0],
+        per_head=per_head,
+        has_lengths=has_lengths,
+    )
 
     def kv_map(bi, hi, qi, j, cnt, idx, flg, lens):
         row = (hi if per_head else 0) * nqb + qi
@@ -284,8 +339,11 @@ def _tpu_call(q, k, v, meta, lengths, *, spec, scale, bs: BlockSizes, has_length
             pl.BlockSpec((None, None, bq, h), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)),
             pl.BlockSpec((None, None, 1, bq), lambda bi, hi, qi, j, *_: (bi, hi, 0, qi)),
         ],
-        scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                        pltpu.VMEM((bq, h), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((bq, 1), jnp.float32),
+            pltpu.VMEM((bq, 1), jnp.float32),
+            pltpu.VMEM((bq, h), jnp.float32),
+        ],
     )
     call = pl.pallas_call(
         kernel,
@@ -311,15 +369,16 @@ def _block_sparse_jit(q, k, v, meta, lengths, *, spec, scale, bs, backend, has_l
     counts = jnp.sum(listed[None] & (indices[None] < nvalid[:, None, None, None]), axis=-1, dtype=jnp.int32)
     meta = (counts, indices, partial)  # counts now [B, Hm, nqb]
     if backend == "triton":
-        return _generic_call(q, k, v, meta, lengths, spec=spec, scale=scale, bs=bs, has_lengths=has_lengths,
-                             interpret=interpret)
+        return _generic_call(
+            q, k, v, meta, lengths, spec=spec, scale=scale, bs=bs, has_lengths=has_lengths, interpret=interpret
+        )
     if backend == "mosaic_tpu":
-        return _tpu_call(q, k, v, meta, lengths, spec=spec, scale=scale, bs=bs, has_lengths=has_lengths,
-                         interpret=interpret)
+        return _tpu_call(
+            q, k, v, meta, lengths, spec=spec, scale=scale, bs=bs, has_lengths=has_lengths, interpret=interpret
+        )
     from .block_sparse_attention_mgpu import mgpu_block_sparse_attention
 
-    return mgpu_block_sparse_attention(q, k, v, meta, lengths, spec=spec, scale=scale, bs=bs,
-                                       has_lengths=has_lengths)
+    return mgpu_block_sparse_attention(q, k, v, meta, lengths, spec=spec, scale=scale, bs=bs, has_lengths=has_lengths)
 
 
 def block_sparse_attention(
@@ -347,8 +406,9 @@ def block_sparse_attention(
         backend = "triton" if interpret else _compat.backend_kind()
     _compat.check_backend(backend, _compat.BACKENDS + ("xla",))
     if backend == "xla":
-        return block_sparse_attention_reference(q, k, v, mask=mask, block_mask=block_mask, kv_lengths=kv_lengths,
-                                                scale=scale)
+        return block_sparse_attention_reference(
+            q, k, v, mask=mask, block_mask=block_mask, kv_lengths=kv_lengths, scale=scale
+        )
     bs = block_sizes or BlockSizes.get_default(backend)
     _check_inputs(q, k, v, kv_lengths, backend, bs)
     b, t, nq, h = q.shape
@@ -362,8 +422,19 @@ def block_sparse_attention(
     has_lengths = kv_lengths is not None
     lengths = jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.minimum(kv_lengths.astype(jnp.int32), s)
     scale = float(h**-0.5 if scale is None else scale)
-    return _block_sparse_jit(q, k, v, meta, lengths, spec=dataclasses.replace(mask, mask_block=None), scale=scale,
-                             bs=bs, backend=backend, has_lengths=has_lengths, interpret=interpret)
+    return _block_sparse_jit(
+        q,
+        k,
+        v,
+        meta,
+        lengths,
+        spec=dataclasses.replace(mask, mask_block=None),
+        scale=scale,
+        bs=bs,
+        backend=backend,
+        has_lengths=has_lengths,
+        interpret=interpret,
+    )
 
 
 def flops(q_len: int, kv_len: int, num_heads: int, head_dim: int, batch: int = 1, density: float = 1.0) -> float:
@@ -371,5 +442,11 @@ def flops(q_len: int, kv_len: int, num_heads: int, head_dim: int, batch: int = 1
     return 4.0 * batch * num_heads * q_len * kv_len * head_dim * density
 
 
-__all__ = ["BlockSizes", "MaskSpec", "block_sparse_attention", "block_sparse_attention_reference", "flops",
-           "build_block_metadata"]
+__all__ = [
+    "BlockSizes",
+    "MaskSpec",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "build_block_metadata",
+    "flops",
+]

@@ -177,6 +177,7 @@ def mgpu_block_sparse_attention(q, k, v, meta, lengths, *, spec, scale, bs, has_
                 return s
 
             for i in range(steps):
+
                 @pl.when(i < kv_steps)
                 def _prologue():
                     s = fetch(i, i)

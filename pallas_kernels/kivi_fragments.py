@@ -54,7 +54,7 @@ class KiviFragments(NamedTuple):
     v_sz: jax.Array
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fragment_slots(m_rows: int, k_cols: int, bits: int):
     """Where each code of an A tile [m_rows, k_cols] sits: int arrays row, col of shape
     [128 threads, W words, R regs a word, 2 halves] (the wgmma fragment row and column of the
@@ -125,8 +125,9 @@ def to_fragment_layout(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, *, bi
     dt = operand_dtype(bits)
     v_sz = jnp.stack([v_scale.astype(dt), v_zero.astype(dt)], axis=3)  # [B,N,S,2,H/Gv]
     v_sz = jnp.swapaxes(v_sz.reshape(b, n, s // TILE, TILE, 2, -1), 3, 4)  # [B,N,S/64,2,64,H/Gv]
-    return KiviFragments(jnp.stack([k_words, v_words], axis=3),
-                         jnp.stack([k_scale.astype(dt), k_zero.astype(dt)], axis=3), v_sz)
+    return KiviFragments(
+        jnp.stack([k_words, v_words], axis=3), jnp.stack([k_scale.astype(dt), k_zero.astype(dt)], axis=3), v_sz
+    )
 
 
 def from_fragment_layout(fr: KiviFragments, *, bits: int):

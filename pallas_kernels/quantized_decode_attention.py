@@ -37,8 +37,16 @@ from jax import lax
 
 from . import _compat, packing
 from ._compat import pl
-from ._decode_common import (finish, group_rows, init_carry, masked_softmax, merge_splits, online_update, per_head,
-                             ungroup_rows)
+from ._decode_common import (
+    finish,
+    group_rows,
+    init_carry,
+    masked_softmax,
+    merge_splits,
+    online_update,
+    per_head,
+    ungroup_rows,
+)
 
 KERNEL_BITS = (2, 4, 8)
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -59,7 +67,7 @@ class DecodeBlockSizes:
     dequant_f32: bool = False  # keep dequantized K/V in float32 (tf32 dots on GPU) instead of q's dtype
 
     @classmethod
-    def get_default(cls, backend: str = "triton") -> "DecodeBlockSizes":
+    def get_default(cls, backend: str = "triton") -> DecodeBlockSizes:
         return cls()
 
 
@@ -86,11 +94,15 @@ def _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v
     if v_codes.shape != (b, n, s, h // pw) or h % pw:
         raise ValueError(f"v_codes{v_codes.shape} must be [B, N, S, H/{pw}] = {(b, n, s, h // pw)} for bits={bits}")
     if k_scale.shape != k_zero.shape or k_scale.ndim != 4 or k_scale.shape[:2] != (b, n) or k_scale.shape[3] != h:
-        raise ValueError(f"k_scale{k_scale.shape}/k_zero{k_zero.shape} must be [B, N, S/Gk, H] with B={b}, N={n}, H={h}")
+        raise ValueError(
+            f"k_scale{k_scale.shape}/k_zero{k_zero.shape} must be [B, N, S/Gk, H] with B={b}, N={n}, H={h}"
+        )
     if v_scale.shape != v_zero.shape or v_scale.ndim != 4 or v_scale.shape[:3] != (b, n, s):
         raise ValueError(f"v_scale{v_scale.shape}/v_zero{v_zero.shape} must be [B, N, S, H/Gv] with S={s}")
     if s % k_scale.shape[2] or h % v_scale.shape[3]:
-        raise ValueError(f"groups must divide: S={s} by k groups {k_scale.shape[2]}, H={h} by v groups {v_scale.shape[3]}")
+        raise ValueError(
+            f"groups must divide: S={s} by k groups {k_scale.shape[2]}, H={h} by v groups {v_scale.shape[3]}"
+        )
     for name, x in (("q", q), ("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
         if not _is_float(x):
             raise ValueError(f"{name} dtype={x.dtype} is not supported; expected float32, bfloat16 or float16")
@@ -111,18 +123,36 @@ def dequantize_keys(k_codes, k_scale, k_zero, bits):
     """[B,N,S/pw,H] codes -> float32 keys [B,N,S,H] (scales repeat over groups of tokens)."""
     codes = packing.unpack(k_codes, bits, axis=2).astype(jnp.float32)
     gk = codes.shape[2] // k_scale.shape[2]
-    return codes * jnp.repeat(k_scale.astype(jnp.float32), gk, axis=2) + jnp.repeat(k_zero.astype(jnp.float32), gk, axis=2)
+    return codes * jnp.repeat(k_scale.astype(jnp.float32), gk, axis=2) + jnp.repeat(
+        k_zero.astype(jnp.float32), gk, axis=2
+    )
 
 
 def dequantize_values(v_codes, v_scale, v_zero, bits):
     """[B,N,S,H/pw] codes -> float32 values [B,N,S,H] (scales repeat over groups of channels)."""
     codes = packing.unpack(v_codes, bits, axis=3).astype(jnp.float32)
     gv = codes.shape[3] // v_scale.shape[3]
-    return codes * jnp.repeat(v_scale.astype(jnp.float32), gv, axis=3) + jnp.repeat(v_zero.astype(jnp.float32), gv, axis=3)
+    return codes * jnp.repeat(v_scale.astype(jnp.float32), gv, axis=3) + jnp.repeat(
+        v_zero.astype(jnp.float32), gv, axis=3
+    )
 
 
-def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, *, bits,
-                                         k_res=None, v_res=None, res_lengths=None, scale=None):
+def quantized_decode_attention_reference(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    lengths,
+    *,
+    bits,
+    k_res=None,
+    v_res=None,
+    res_lengths=None,
+    scale=None,
+):
     """Dequantize everything and attend in float32 (same semantics as the kernel)."""
     b, t, nq, h, n, s, _, _ = _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
     g = nq // n
@@ -179,8 +209,35 @@ def _expand_cols(x, rep):
     return jnp.broadcast_to(x[:, :, None], (r, c, rep)).reshape(r, c * rep)
 
 
-def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, kr_ref, vr_ref, o_ref, lse_ref,
-            *, bits, scale, bs, chunk, gk, gv, gq, t, num_splits, has_res, compute_dtype, unpack, convert):
+def _kernel(
+    len_ref,
+    rlen_ref,
+    q_ref,
+    kc_ref,
+    ks_ref,
+    kz_ref,
+    vc_ref,
+    vs_ref,
+    vz_ref,
+    kr_ref,
+    vr_ref,
+    o_ref,
+    lse_ref,
+    *,
+    bits,
+    scale,
+    bs,
+    chunk,
+    gk,
+    gv,
+    gq,
+    t,
+    num_splits,
+    has_res,
+    compute_dtype,
+    unpack,
+    convert,
+):
     bi, ni, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     pw = 32 // bits
     q = q_ref[...].astype(compute_dtype)  # [rows, H]
@@ -216,8 +273,10 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
                 else:
                     k = _u32_to_f32((k4 >> k4_shifts) & mask_code) * ks4 + kz4
                 k = k.astype(compute_dtype)
-                sc = lax.dot_general(q, k.reshape(bs, h), (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32) * scale
+                sc = (
+                    lax.dot_general(q, k.reshape(bs, h), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                    * scale
+                )
             else:
                 kcodes = ((kw[:, None, :] >> k_shifts) & mask_code).reshape(bs, h)
                 if bs >= gk:
@@ -246,6 +305,7 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
         finish(lax.fori_loop(0, nblocks, body, init), o_ref, lse_ref)
 
     if has_res:
+
         @pl.when(si == num_splits)
         def _residual():
             k = kr_ref[...].astype(compute_dtype)
@@ -267,8 +327,25 @@ def _auto_splits(b, n, s, bs) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "scale", "bsz", "backend", "interpret"))
-def _quantized_decode_jit(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, k_res, v_res, res_lengths,
-                          *, bits, scale, bsz: DecodeBlockSizes, backend, interpret):
+def _quantized_decode_jit(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    lengths,
+    k_res,
+    v_res,
+    res_lengths,
+    *,
+    bits,
+    scale,
+    bsz: DecodeBlockSizes,
+    backend,
+    interpret,
+):
     b, t, nq, h = q.shape
     n = k_codes.shape[1]
     pw = 32 // bits
@@ -287,27 +364,48 @@ def _quantized_decode_jit(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
     r = k_res.shape[2]
     num_prog = splits + (1 if has_res else 0)
     compute_dtype = jnp.float32 if (q.dtype == jnp.float32 or bsz.dequant_f32) else q.dtype
-    kernel = functools.partial(_kernel, bits=bits, scale=scale, bs=bs, chunk=chunk, gk=gk, gv=gv, gq=gq, t=t,
-                               num_splits=splits, has_res=has_res, compute_dtype=compute_dtype,
-                               unpack=bsz.unpack, convert=bsz.convert)
-    per_bn = lambda *shape: pl.BlockSpec((None, None, *shape), lambda bi, ni, si: (bi, ni) + (0,) * len(shape))  # noqa
-    full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
+    kernel = functools.partial(
+        _kernel,
+        bits=bits,
+        scale=scale,
+        bs=bs,
+        chunk=chunk,
+        gk=gk,
+        gv=gv,
+        gq=gq,
+        t=t,
+        num_splits=splits,
+        has_res=has_res,
+        compute_dtype=compute_dtype,
+        unpack=bsz.unpack,
+        convert=bsz.convert,
+    )
+    per_bn = lambda *shape: pl.BlockSpec((None, None, *shape), lambda bi, ni, si: (bi, ni) + (0,) * len(shape))
+    full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, n, num_prog),
         in_specs=[
-            full(lengths), full(res_lengths),
+            full(lengths),
+            full(res_lengths),
             per_bn(rows_p, h),
-            per_bn(s // pw, h), per_bn(s // gk, h), per_bn(s // gk, h),
-            per_bn(s, h // pw), per_bn(s, h // gv), per_bn(s, h // gv),
-            per_bn(r, h), per_bn(r, h),
+            per_bn(s // pw, h),
+            per_bn(s // gk, h),
+            per_bn(s // gk, h),
+            per_bn(s, h // pw),
+            per_bn(s, h // gv),
+            per_bn(s, h // gv),
+            per_bn(r, h),
+            per_bn(r, h),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, rows_p, h), lambda bi, ni, si: (bi, ni, si, 0, 0)),
             pl.BlockSpec((None, None, None, rows_p), lambda bi, ni, si: (bi, ni, si, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((b, n, num_prog, rows_p, h), jnp.float32),
-                   jax.ShapeDtypeStruct((b, n, num_prog, rows_p), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, n, num_prog, rows_p, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, n, num_prog, rows_p), jnp.float32),
+        ],
         compiler_params=None if interpret else _compat.triton_params(bsz.num_warps, bsz.num_stages),
         interpret=interpret,
         name=f"kivi{bits}_decode_attention",
@@ -316,37 +414,84 @@ def _quantized_decode_jit(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
     return out.astype(q.dtype), lse
 
 
-def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, *, bits: int,
-                               k_res=None, v_res=None, res_lengths=None, scale: float | None = None,
-                               block_sizes: DecodeBlockSizes | None = None, backend: str | None = None,
-                               interpret: bool = False):
+def quantized_decode_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    lengths,
+    *,
+    bits: int,
+    k_res=None,
+    v_res=None,
+    res_lengths=None,
+    scale: float | None = None,
+    block_sizes: DecodeBlockSizes | None = None,
+    backend: str | None = None,
+    interpret: bool = False,
+):
     """KIVI decode attention (see module docstring). lengths / res_lengths: [B] or [B, N].
     Returns (out [B, T, Nq, H] in q.dtype, lse [B, T, Nq] float32)."""
-    b, t, nq, h, n, s, gk, gv = _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
+    b, _t, _nq, h, n, s, gk, gv = _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
     if backend is None:
         backend = "triton" if interpret else _compat.backend_kind()
     _compat.check_backend(backend, ("triton", "mosaic_gpu", "mosaic_tpu", "xla"))
     if backend == "xla":
-        return quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
-                                                    bits=bits, k_res=k_res, v_res=v_res, res_lengths=res_lengths,
-                                                    scale=scale)
+        return quantized_decode_attention_reference(
+            q,
+            k_codes,
+            k_scale,
+            k_zero,
+            v_codes,
+            v_scale,
+            v_zero,
+            lengths,
+            bits=bits,
+            k_res=k_res,
+            v_res=v_res,
+            res_lengths=res_lengths,
+            scale=scale,
+        )
     if backend == "mosaic_tpu":
         from .quantized_decode_attention_tpu import quantized_decode_attention_tpu
 
-        return quantized_decode_attention_tpu(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
-                                              bits=bits, k_res=k_res, v_res=v_res, res_lengths=res_lengths,
-                                              scale=scale, block_sizes=block_sizes, interpret=interpret)
+        return quantized_decode_attention_tpu(
+            q,
+            k_codes,
+            k_scale,
+            k_zero,
+            v_codes,
+            v_scale,
+            v_zero,
+            lengths,
+            bits=bits,
+            k_res=k_res,
+            v_res=v_res,
+            res_lengths=res_lengths,
+            scale=scale,
+            block_sizes=block_sizes,
+            interpret=interpret,
+        )
     bsz = block_sizes or DecodeBlockSizes.get_default(backend)
     bs, pw = bsz.block_s, 32 // bits
     if s % bs or bs % pw or (bs % gk and gk % bs):
-        raise ValueError(f"S={s} must be a multiple of block_s={bs}, which must be a multiple of {pw} (bits={bits}) "
-                         f"and divide or be divided by the key group Gk={gk}")
+        raise ValueError(
+            f"S={s} must be a multiple of block_s={bs}, which must be a multiple of {pw} (bits={bits}) "
+            f"and divide or be divided by the key group Gk={gk}"
+        )
     if bsz.unpack not in ("grouped", "rows") or bsz.convert not in ("mantissa", "magic"):
-        raise ValueError(f"unpack={bsz.unpack!r}, convert={bsz.convert!r}; expected unpack 'grouped' or 'rows' "
-                         "and convert 'mantissa' or 'magic'")
+        raise ValueError(
+            f"unpack={bsz.unpack!r}, convert={bsz.convert!r}; expected unpack 'grouped' or 'rows' "
+            "and convert 'mantissa' or 'magic'"
+        )
     if bsz.unpack == "grouped" and (min(bs, gk) % pw or gv % pw):
-        raise ValueError(f"unpack='grouped' needs groups Gk={gk} (or block_s={bs}) and Gv={gv} to be multiples of "
-                         f"{pw} codes per word (bits={bits}); use unpack='rows'")
+        raise ValueError(
+            f"unpack='grouped' needs groups Gk={gk} (or block_s={bs}) and Gv={gv} to be multiples of "
+            f"{pw} codes per word (bits={bits}); use unpack='rows'"
+        )
     splits = bsz.num_splits
     if splits is not None and s % (splits * bs):
         raise ValueError(f"S={s} must be a multiple of num_splits * block_s = {splits} * {bs}")
@@ -361,8 +506,24 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
     if res_lengths is not None:
         res_lengths = jnp.minimum(per_head(res_lengths, b, n, "res_lengths"), k_res.shape[2])
     scale = float(h**-0.5 if scale is None else scale)
-    return _quantized_decode_jit(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, k_res, v_res,
-                                 res_lengths, bits=bits, scale=scale, bsz=bsz, backend=backend, interpret=interpret)
+    return _quantized_decode_jit(
+        q,
+        k_codes,
+        k_scale,
+        k_zero,
+        v_codes,
+        v_scale,
+        v_zero,
+        lengths,
+        k_res,
+        v_res,
+        res_lengths,
+        bits=bits,
+        scale=scale,
+        bsz=bsz,
+        backend=backend,
+        interpret=interpret,
+    )
 
 
 def compressed_bytes(b, n, s, h, bits, gk, gv, scale_bytes=2, r=0, res_bytes=2) -> int:

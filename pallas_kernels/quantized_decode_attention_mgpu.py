@@ -63,18 +63,57 @@ from jax import lax
 from ._compat import pl, plgpu
 from ._decode_common import checked_lengths, per_head
 from ._kivi_mgpu_epilogue import assemble, residual_partial
-from ._kivi_mgpu_fold import (add_columns_fn, can_fold_scales, fold_columns, fold_query_fn, folds_by_default,
-                              group_columns_fn)
+from ._kivi_mgpu_fold import (
+    add_columns_fn,
+    can_fold_scales,
+    fold_columns,
+    fold_query_fn,
+    folds_by_default,
+    group_columns_fn,
+)
 from ._kivi_mgpu_merge import merge_partials
 from ._kivi_mgpu_registers import code_base, commit_any_fn, expand_fn, tile_fn, unpack_fn, warp_sums_fn
-from ._kivi_mgpu_shapes import (SPLIT_TOKENS, _score_columns, _splits_fit, _value_columns, check_shapes,
-                                default_splits, default_stages, default_tiles_per_step, padded_rows, query_columns)
-from .kivi_fragments import (MGPU_BITS, TILE, KiviFragments, fragment_slots, from_fragment_layout, key_channel,
-                             operand_dtype, to_fragment_layout)
+from ._kivi_mgpu_shapes import (
+    SPLIT_TOKENS,
+    _score_columns,
+    _splits_fit,
+    _value_columns,
+    check_shapes,
+    default_splits,
+    default_stages,
+    default_tiles_per_step,
+    padded_rows,
+    query_columns,
+)
+from .kivi_fragments import (
+    MGPU_BITS,
+    TILE,
+    KiviFragments,
+    fragment_slots,
+    from_fragment_layout,
+    key_channel,
+    operand_dtype,
+    to_fragment_layout,
+)
 
-__all__ = ["KiviFragments", "MGPU_BITS", "SPLIT_TOKENS", "TILE", "can_fold_scales", "check_shapes", "default_splits",
-           "folds_by_default", "fragment_slots", "from_fragment_layout", "key_channel", "operand_dtype", "padded_rows",
-           "query_columns", "quantized_decode_attention_mgpu", "to_fragment_layout"]
+__all__ = [
+    "MGPU_BITS",
+    "SPLIT_TOKENS",
+    "TILE",
+    "KiviFragments",
+    "can_fold_scales",
+    "check_shapes",
+    "default_splits",
+    "folds_by_default",
+    "fragment_slots",
+    "from_fragment_layout",
+    "key_channel",
+    "operand_dtype",
+    "padded_rows",
+    "quantized_decode_attention_mgpu",
+    "query_columns",
+    "to_fragment_layout",
+]
 
 
 LAZY_TAU = 8.0  # log2 units: probabilities of a tile that keeps the running max stay <= 2^8
@@ -87,8 +126,26 @@ def _swizzle(row_bytes: int) -> int:
     raise ValueError(f"rows of {row_bytes} bytes cannot be swizzled")
 
 
-def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, splits, scale, stages, overlap_v,
-                     mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold, warp_sums):
+def _kernel_partials(
+    qb,
+    fr: KiviFragments,
+    lengths,
+    *,
+    bits,
+    gk,
+    gv,
+    rows_q,
+    splits,
+    scale,
+    stages,
+    overlap_v,
+    mask_cond,
+    tiles_per_step,
+    auto_barriers,
+    lazy_rescale,
+    fold,
+    warp_sums,
+):
     """qb [B, N, NSK, H] in `operand_dtype(bits)` (`query_columns`; NSK = `fold_columns` when
     folding, else NS).
     Returns per split: acc [B,N,P,H,NB], corr [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32
@@ -111,22 +168,43 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     col_layout = plgpu.Layout.WGMMA.reduce(0)
     odt = operand_dtype(bits)  # the wgmma operands: bf16, f16 for 8-bit codes
     ref = plgpu.RefType()
-    unpack_k = [plgpu.inline_mgpu(arg_types=(ref,) if fold else (ref, ref), return_type=plgpu.ShapeDtypeStruct(
-        (TILE, h), odt, layout=wgmma_layout))(unpack_fn(TILE, h, bits, gk, h, t, 0, k_rows)) for t in range(tps)]
-    unpack_v = [plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
-        (h, TILE), odt, layout=wgmma_layout))(unpack_fn(h, TILE, bits, gk, h, t, 1, k_rows)) for t in range(tps)]
-    expand = [[plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct(
-        (TILE, nc), jnp.float32, layout=wgmma_layout))(expand_fn(nc, rows_q, n_gc, t, which, bits)) for which in (0, 1)]
-        for t in range(tps)]
+    unpack_k = [
+        plgpu.inline_mgpu(
+            arg_types=(ref,) if fold else (ref, ref),
+            return_type=plgpu.ShapeDtypeStruct((TILE, h), odt, layout=wgmma_layout),
+        )(unpack_fn(TILE, h, bits, gk, h, t, 0, k_rows))
+        for t in range(tps)
+    ]
+    unpack_v = [
+        plgpu.inline_mgpu(arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct((h, TILE), odt, layout=wgmma_layout))(
+            unpack_fn(h, TILE, bits, gk, h, t, 1, k_rows)
+        )
+        for t in range(tps)
+    ]
+    expand = [
+        [
+            plgpu.inline_mgpu(
+                arg_types=(ref,), return_type=plgpu.ShapeDtypeStruct((TILE, nc), jnp.float32, layout=wgmma_layout)
+            )(expand_fn(nc, rows_q, n_gc, t, which, bits))
+            for which in (0, 1)
+        ]
+        for t in range(tps)
+    ]
 
     def widen(x, cols):  # columns repeated up to `cols` (a register copy: no instructions)
         if x.shape[-1] == cols:
             return x
         layout = wgmma_layout if x.ndim == 2 else col_layout
-        return plgpu.inline_mgpu(arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(
-            (*x.shape[:-1], cols), x.dtype, layout=layout))(tile_fn(cols // x.shape[-1]))(x)
-    per_warp = {c: plgpu.inline_mgpu(arg_types=(wgmma_layout,), return_type=plgpu.ShapeDtypeStruct(
-        (TILE, c), jnp.float32, layout=wgmma_layout))(warp_sums_fn()) for c in {nc, ns}}
+        return plgpu.inline_mgpu(
+            arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct((*x.shape[:-1], cols), x.dtype, layout=layout)
+        )(tile_fn(cols // x.shape[-1]))(x)
+
+    per_warp = {
+        c: plgpu.inline_mgpu(
+            arg_types=(wgmma_layout,), return_type=plgpu.ShapeDtypeStruct((TILE, c), jnp.float32, layout=wgmma_layout)
+        )(warp_sums_fn())
+        for c in {nc, ns}
+    }
     commit_any = plgpu.inline_mgpu(arg_types=(wgmma_layout, wgmma_layout, ref))(commit_any_fn(LAZY_TAU))
     q_swz = _swizzle(h * 2)
     q_transforms = (plgpu.TilingTransform((8, q_swz // 2)), plgpu.SwizzleTransform(q_swz))
@@ -137,18 +215,37 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     buf = [sum(1 for u in builds if u <= t) - 1 for t in range(tps)]
     if fold:
         qref = plgpu.RefType(transforms=q_transforms)
-        fold_q = {t: plgpu.inline_mgpu(arg_types=(qref, ref, qref, ref))(fold_query_fn(nsk, h, t, gk, k_rows, rows_q,
-                                                                                        bits)) for t in builds}
-        add_zq = plgpu.inline_mgpu(arg_types=(wgmma_layout, ref), return_type=plgpu.ShapeDtypeStruct(
-            (TILE, nsk), jnp.float32, layout=wgmma_layout))(add_columns_fn(nsk))
+        fold_q = {
+            t: plgpu.inline_mgpu(arg_types=(qref, ref, qref, ref))(fold_query_fn(nsk, h, t, gk, k_rows, rows_q, bits))
+            for t in builds
+        }
+        add_zq = plgpu.inline_mgpu(
+            arg_types=(wgmma_layout, ref),
+            return_type=plgpu.ShapeDtypeStruct((TILE, nsk), jnp.float32, layout=wgmma_layout),
+        )(add_columns_fn(nsk))
     if fold and gk < TILE:  # several key groups a tile: each warp keeps its own group's columns
-        own_group = plgpu.inline_mgpu(arg_types=(wgmma_layout,), return_type=plgpu.ShapeDtypeStruct(
-            (TILE, ns), jnp.float32, layout=wgmma_layout))(group_columns_fn(ns, rows_q, gk))
+        own_group = plgpu.inline_mgpu(
+            arg_types=(wgmma_layout,), return_type=plgpu.ShapeDtypeStruct((TILE, ns), jnp.float32, layout=wgmma_layout)
+        )(group_columns_fn(ns, rows_q, gk))
     b_swz = _swizzle(nb * 2)
 
-    def body(qb_ref, words_ref, ksz_ref, vsz_ref, len_ref, acc_out, corr_out, l_out, m_out, b_smem, flag_smem, bar,
-             q_smem, *fold_smem):
-        bk_smem, zq_smem = fold_smem[: len(builds)], fold_smem[len(builds):]
+    def body(
+        qb_ref,
+        words_ref,
+        ksz_ref,
+        vsz_ref,
+        len_ref,
+        acc_out,
+        corr_out,
+        l_out,
+        m_out,
+        b_smem,
+        flag_smem,
+        bar,
+        q_smem,
+        *fold_smem,
+    ):
+        bk_smem, zq_smem = fold_smem[: len(builds)], fold_smem[len(builds) :]
         si, ni, bi = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
         plgpu.copy_gmem_to_smem(qb_ref.at[bi, ni], q_smem, bar)
         plgpu.barrier_wait(bar)
@@ -202,8 +299,9 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
             if lazy_rescale:  # FlashAttention-4's conditional rescaling: keep the max unless a score passes it by TAU
                 corr_kept, lsum_kept = probabilities(m, corr, lsum)
                 commit_any(s, lax.broadcast_in_dim(m, s.shape, [1]), flag_smem)
-                acc, m, corr, lsum = lax.cond(flag_smem[0] != 0, lambda: rescaled(acc, m, corr, lsum),
-                                              lambda: (acc, m, corr_kept, lsum_kept))
+                acc, m, corr, lsum = lax.cond(
+                    flag_smem[0] != 0, lambda: rescaled(acc, m, corr, lsum), lambda: (acc, m, corr_kept, lsum_kept)
+                )
             else:
                 acc, m, corr, lsum = rescaled(acc, m, corr, lsum)
 
@@ -223,25 +321,28 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
 
         rows_w = 2 * w // 128  # rows of 128 words a tile (keys, then values)
         if gk > tps * TILE:  # one key group spans several steps: blocks of one row
-            k_map = lambda i: (i * tps * TILE // gk, 0, 0)  # noqa: E731
+            k_map = lambda i: (i * tps * TILE // gk, 0, 0)
             k_first, k_total = first * TILE // gk, max(1, steps * tps * TILE // gk)
         else:
-            k_map = lambda i: (i, 0, 0)  # noqa: E731
+            k_map = lambda i: (i, 0, 0)
             k_first, k_total = first * TILE // gk, steps * k_rows
         in_specs = [
             plgpu.BlockSpec((tps * rows_w, 128), lambda i: (i, 0)),
             plgpu.BlockSpec((k_rows, 2, h), k_map),
             plgpu.BlockSpec((tps * n_gc, 128), lambda i: (i, 0)),
         ]
-        gmem = (words_ref.at[bi, ni, pl.ds(first * rows_w, steps * tps * rows_w)],
-                ksz_ref.at[bi, ni, pl.ds(k_first, k_total)],
-                vsz_ref.at[bi, ni, pl.ds(first * n_gc, steps * tps * n_gc)])
+        gmem = (
+            words_ref.at[bi, ni, pl.ds(first * rows_w, steps * tps * rows_w)],
+            ksz_ref.at[bi, ni, pl.ds(k_first, k_total)],
+            vsz_ref.at[bi, ni, pl.ds(first * n_gc, steps * tps * n_gc)],
+        )
         zeros_t = plgpu.layout_cast(jnp.zeros((TILE, nc), jnp.float32), wgmma_layout)
         zeros_s = plgpu.layout_cast(jnp.zeros((TILE, ns), jnp.float32), wgmma_layout)
         m0 = plgpu.layout_cast(jnp.full((ns,), -1e30, jnp.float32), col_layout)
         acc0 = plgpu.layout_cast(jnp.zeros((h, nb), jnp.float32), wgmma_layout)
-        acc, m, corr, lsum = plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages,
-                                                 init_carry=(acc0, m0, zeros_t, zeros_s))(*gmem)
+        acc, m, corr, lsum = plgpu.emit_pipeline(
+            step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages, init_carry=(acc0, m0, zeros_t, zeros_s)
+        )(*gmem)
         if warp_sums:  # the merge then reads one row in 16
             corr, lsum = per_warp[nc](corr), per_warp[ns](lsum)
         acc_out.at[bi, ni, si][...] = acc
@@ -250,22 +351,26 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
         m_out.at[bi, ni, si][...] = lax.broadcast_in_dim(m, (TILE, ns), [1])
 
     def entry(*refs):
-        b_scr = plgpu.SMEM((TILE, nb), odt, transforms=(plgpu.TilingTransform((8, b_swz // 2)),
-                                                          plgpu.SwizzleTransform(b_swz)))
+        b_scr = plgpu.SMEM(
+            (TILE, nb), odt, transforms=(plgpu.TilingTransform((8, b_swz // 2)), plgpu.SwizzleTransform(b_swz))
+        )
         # the query; when folding also the scaled query and its zero-point sums, a buffer per key group
         # of a step (only then: shared memory is, with the registers, what holds the kernel at 4 CTAs
         # per SM)
         q_scr = [plgpu.SMEM((nsk, h), odt, transforms=q_transforms)]
         q_scr += [plgpu.SMEM((nsk, h), odt, transforms=q_transforms) for _ in builds]
         q_scr += [plgpu.SMEM((nsk,), jnp.float32) for _ in builds]
-        pl.run_scoped(lambda *s: body(*refs, *s), b_scr, plgpu.SMEM((1,), jnp.int32), plgpu.Barrier(num_barriers=1),
-                      *q_scr)
+        pl.run_scoped(
+            lambda *s: body(*refs, *s), b_scr, plgpu.SMEM((1,), jnp.int32), plgpu.Barrier(num_barriers=1), *q_scr
+        )
 
     f32 = jnp.float32
-    out_type = (jax.ShapeDtypeStruct((b, n, splits, h, nb), f32),
-                jax.ShapeDtypeStruct((b, n, splits, TILE, nc), f32),
-                jax.ShapeDtypeStruct((b, n, splits, TILE, ns), f32),
-                jax.ShapeDtypeStruct((b, n, splits, TILE, ns), f32))
+    out_type = (
+        jax.ShapeDtypeStruct((b, n, splits, h, nb), f32),
+        jax.ShapeDtypeStruct((b, n, splits, TILE, nc), f32),
+        jax.ShapeDtypeStruct((b, n, splits, TILE, ns), f32),
+        jax.ShapeDtypeStruct((b, n, splits, TILE, ns), f32),
+    )
     words = lax.bitcast_convert_type(fr.words, jnp.int32)
     words = words.reshape(b, n, tiles * 2 * w // 128, 128)  # TMA boxes hold <= 256 elements a side
     return plgpu.kernel(
@@ -281,12 +386,27 @@ def _kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, sp
     )(qb, words, fr.k_sz, fr.v_sz.reshape(b, n, tiles * n_gc, 128), lengths)  # a tile's v_sz: H/Gv rows of 128
 
 
-def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int, k_res=None, v_res=None,
-                                    res_lengths=None, scale: float | None = None, num_splits: int | None = None,
-                                    stages: int | None = None, tiles_per_step: int | None = None,
-                                    overlap_v: bool = True, mask_cond: bool = True, auto_barriers: bool = False,
-                                    lazy_rescale: bool = True, fold_scales: bool | None = None,
-                                    merge: str | None = None, warp_sums: bool = True):
+def quantized_decode_attention_mgpu(
+    q,
+    fr: KiviFragments,
+    lengths,
+    *,
+    bits: int,
+    k_res=None,
+    v_res=None,
+    res_lengths=None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    stages: int | None = None,
+    tiles_per_step: int | None = None,
+    overlap_v: bool = True,
+    mask_cond: bool = True,
+    auto_barriers: bool = False,
+    lazy_rescale: bool = True,
+    fold_scales: bool | None = None,
+    merge: str | None = None,
+    warp_sums: bool = True,
+):
     """KIVI decode attention on Hopper (module doc). q [B, T, Nq, H] bf16; fr: the cache in the
     fragment layout (`to_fragment_layout`); lengths [B] or [B, N] valid quantized tokens; the
     residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`.
@@ -311,13 +431,16 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     b, t, nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
     can_fold = can_fold_scales(gk, h, t, nq // n, bits)
     if fold_scales and not can_fold:
-        raise ValueError(f"fold_scales=True needs 2- or 4-bit codes and a head_dim H of 128 or 256 (got bits={bits}, "
-                         f"H={h})")
+        raise ValueError(
+            f"fold_scales=True needs 2- or 4-bit codes and a head_dim H of 128 or 256 (got bits={bits}, H={h})"
+        )
     fold_scales = folds_by_default(gk, h, t, nq // n, bits) if fold_scales is None else fold_scales
     tps = default_tiles_per_step(bits, s, gk, fold_scales) if tiles_per_step is None else tiles_per_step
     if tps not in (1, 2, 4) or (gk < tps * TILE and (tps * TILE) % gk):
-        raise ValueError(f"tiles_per_step={tps} must be 1, 2 or 4 (and a step's {tps * TILE} tokens a multiple of "
-                         f"the key group Gk={gk} when they hold several groups)")
+        raise ValueError(
+            f"tiles_per_step={tps} must be 1, 2 or 4 (and a step's {tps * TILE} tokens a multiple of "
+            f"the key group Gk={gk} when they hold several groups)"
+        )
     if (k_res is None) != (v_res is None) or (k_res is not None and res_lengths is None):
         raise ValueError("pass k_res, v_res and res_lengths together, or none of them")
     scale = float(h**-0.5 if scale is None else scale)
@@ -328,45 +451,131 @@ def quantized_decode_attention_mgpu(q, fr: KiviFragments, lengths, *, bits: int,
     fits = functools.partial(_splits_fit, tiles=tiles, tps=tps, gk=gk)
     num_splits = default_splits(b, n, s, tps, gk) if num_splits is None else num_splits
     if not fits(num_splits):
-        raise ValueError(f"S/64 = {tiles} tiles must be a multiple of num_splits * tiles_per_step = {num_splits} * "
-                         f"{tps}, and each split's {tiles // max(num_splits, 1) * TILE} tokens a multiple of the key "
-                         f"group Gk={gk}")
+        raise ValueError(
+            f"S/64 = {tiles} tiles must be a multiple of num_splits * tiles_per_step = {num_splits} * "
+            f"{tps}, and each split's {tiles // max(num_splits, 1) * TILE} tokens a multiple of the key "
+            f"group Gk={gk}"
+        )
     lengths = checked_lengths(lengths, b, n, "lengths")
     pow2 = h & (h - 1) == 0 and num_splits & (num_splits - 1) == 0
     if merge is None:
         merge = "triton" if pow2 else "xla"
     if merge not in ("triton", "xla") or (merge == "triton" and not pow2):
-        raise ValueError(f"merge={merge!r} must be 'xla', or 'triton' where H={h} and num_splits={num_splits} are "
-                         f"powers of two")
+        raise ValueError(
+            f"merge={merge!r} must be 'xla', or 'triton' where H={h} and num_splits={num_splits} are powers of two"
+        )
     res_lengths = None if res_lengths is None else checked_lengths(res_lengths, b, n, "res_lengths")
-    return _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, bits=bits, gk=gk, gv=gv, scale=scale,
-                     splits=num_splits, stages=stages,
-                     overlap_v=overlap_v, mask_cond=mask_cond, tiles_per_step=tps, auto_barriers=auto_barriers,
-                     lazy_rescale=lazy_rescale, fold_scales=fold_scales, merge=merge, warp_sums=bool(warp_sums))
+    return _mgpu_jit(
+        q,
+        fr,
+        lengths,
+        k_res,
+        v_res,
+        res_lengths,
+        bits=bits,
+        gk=gk,
+        gv=gv,
+        scale=scale,
+        splits=num_splits,
+        stages=stages,
+        overlap_v=overlap_v,
+        mask_cond=mask_cond,
+        tiles_per_step=tps,
+        auto_barriers=auto_barriers,
+        lazy_rescale=lazy_rescale,
+        fold_scales=fold_scales,
+        merge=merge,
+        warp_sums=bool(warp_sums),
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "gk", "gv", "scale", "splits", "stages", "overlap_v",
-                                             "mask_cond", "tiles_per_step", "auto_barriers", "lazy_rescale",
-                                             "fold_scales", "merge", "warp_sums"))
-def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale, splits, stages, overlap_v,
-              mask_cond, tiles_per_step, auto_barriers, lazy_rescale, fold_scales, merge, warp_sums):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "bits",
+        "gk",
+        "gv",
+        "scale",
+        "splits",
+        "stages",
+        "overlap_v",
+        "mask_cond",
+        "tiles_per_step",
+        "auto_barriers",
+        "lazy_rescale",
+        "fold_scales",
+        "merge",
+        "warp_sums",
+    ),
+)
+def _mgpu_jit(
+    q,
+    fr,
+    lengths,
+    k_res,
+    v_res,
+    res_lengths,
+    *,
+    bits,
+    gk,
+    gv,
+    scale,
+    splits,
+    stages,
+    overlap_v,
+    mask_cond,
+    tiles_per_step,
+    auto_barriers,
+    lazy_rescale,
+    fold_scales,
+    merge,
+    warp_sums,
+):
     t = q.shape[1]
     qb, qr, rows_q, rows_p = query_columns(q, fr.words.shape[1])
     qb = qb.astype(operand_dtype(bits))  # f16 for 8-bit codes
     if fold_scales:  # the query rows once per key group of a tile (`fold_columns`)
         qb = jnp.tile(qb[:, :, :rows_p], (1, 1, fold_columns(rows_p, gk) // rows_p, 1))
-    acc, corr, lsum, m = _kernel_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits,
-                                          scale=scale, stages=stages, overlap_v=overlap_v, mask_cond=mask_cond,
-                                          tiles_per_step=tiles_per_step, auto_barriers=auto_barriers,
-                                          lazy_rescale=lazy_rescale, fold=fold_scales, warp_sums=warp_sums)
+    acc, corr, lsum, m = _kernel_partials(
+        qb,
+        fr,
+        lengths,
+        bits=bits,
+        gk=gk,
+        gv=gv,
+        rows_q=rows_p,
+        splits=splits,
+        scale=scale,
+        stages=stages,
+        overlap_v=overlap_v,
+        mask_cond=mask_cond,
+        tiles_per_step=tiles_per_step,
+        auto_barriers=auto_barriers,
+        lazy_rescale=lazy_rescale,
+        fold=fold_scales,
+        warp_sums=warp_sums,
+    )
     row_stride = 16 if warp_sums else 1
     if merge == "triton":
-        return merge_partials((acc, corr, lsum, m), qr, k_res, v_res, res_lengths, rows_q=rows_q, rows_p=rows_p,
-                              gv=gv, t=t, scale=scale, row_stride=row_stride, out_dtype=q.dtype)
+        return merge_partials(
+            (acc, corr, lsum, m),
+            qr,
+            k_res,
+            v_res,
+            res_lengths,
+            rows_q=rows_q,
+            rows_p=rows_p,
+            gv=gv,
+            t=t,
+            scale=scale,
+            row_stride=row_stride,
+            out_dtype=q.dtype,
+        )
     residual = None
     if k_res is not None:
         res_lengths = jnp.minimum(per_head(res_lengths, *k_res.shape[:2], "res_lengths"), k_res.shape[2])
         residual = residual_partial(qr, k_res, v_res, res_lengths, t=t, scale=scale)
-    out, lse = assemble((acc, corr, lsum, m), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual,
-                        row_stride=row_stride)
+    out, lse = assemble(
+        (acc, corr, lsum, m), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual, row_stride=row_stride
+    )
     return out.astype(q.dtype), lse

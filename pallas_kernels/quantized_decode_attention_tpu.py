@@ -61,8 +61,9 @@ def _lane_spread(x, rep: int, width: int, dtype, precision=None):
     c = x.shape[1]
     col = lax.broadcasted_iota(jnp.int32, (c, width), 1)
     sel = (col // rep == lax.broadcasted_iota(jnp.int32, (c, width), 0)).astype(dtype)
-    return lax.dot_general(x.astype(dtype), sel, (((1,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        x.astype(dtype), sel, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
 
 
 def _values(vw, vs, vz, bits: int, h: int):
@@ -77,20 +78,42 @@ def _values(vw, vs, vz, bits: int, h: int):
         byte = byte + lax.dot_general(b8, sel, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     if bits < 8:
         shift = ((lax.broadcasted_iota(jnp.int32, byte.shape, 1) % cpb) * bits).astype(jnp.uint32)
-        codes = _u32_to_f32((lax.bitcast_convert_type(byte.astype(jnp.int32), jnp.uint32) >> shift)
-                            & jnp.uint32((1 << bits) - 1))
+        codes = _u32_to_f32(
+            (lax.bitcast_convert_type(byte.astype(jnp.int32), jnp.uint32) >> shift) & jnp.uint32((1 << bits) - 1)
+        )
     else:
         codes = byte
     gv = h // vs.shape[1]
     hi = lax.Precision.HIGHEST
     scale = vs if vs.dtype == jnp.bfloat16 else vs.astype(jnp.float32)
     zero = vz if vz.dtype == jnp.bfloat16 else vz.astype(jnp.float32)
-    return (codes * _lane_spread(scale, gv, h, scale.dtype, None if scale.dtype == jnp.bfloat16 else hi)
-            + _lane_spread(zero, gv, h, zero.dtype, None if zero.dtype == jnp.bfloat16 else hi))
+    return codes * _lane_spread(scale, gv, h, scale.dtype, None if scale.dtype == jnp.bfloat16 else hi) + _lane_spread(
+        zero, gv, h, zero.dtype, None if zero.dtype == jnp.bfloat16 else hi
+    )
 
 
-def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *rest, bits, scale, bs, gk,
-            gq, t, n, nsb, has_res, compute_dtype):
+def _kernel(
+    len_ref,
+    rlen_ref,
+    q_ref,
+    kc_ref,
+    ks_ref,
+    kz_ref,
+    vc_ref,
+    vs_ref,
+    vz_ref,
+    *rest,
+    bits,
+    scale,
+    bs,
+    gk,
+    gq,
+    t,
+    n,
+    nsb,
+    has_res,
+    compute_dtype,
+):
     if has_res:
         kr_ref, vr_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, kbuf = rest
     else:
@@ -119,16 +142,19 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
             k = kbuf[...] * ks + kz
         else:
             for g in range(bs // gk):
-                kbuf[pl.ds(g * gk, gk), :] = kbuf[pl.ds(g * gk, gk), :] * ks[g:g + 1] + kz[g:g + 1]
+                kbuf[pl.ds(g * gk, gk), :] = kbuf[pl.ds(g * gk, gk), :] * ks[g : g + 1] + kz[g : g + 1]
             k = kbuf[...]
-        s = lax.dot_general(q, k.astype(compute_dtype), (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32) * scale
+        s = (
+            lax.dot_general(q, k.astype(compute_dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            * scale
+        )
         kpos = si * bs + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         s = jnp.where(kpos < length, s, -jnp.inf)
         v = _values(vc_ref[...], vs_ref[...], vz_ref[...], bits, h)
         scratch_update(m_scr, l_scr, acc_scr, s, v.astype(compute_dtype))
 
     if has_res:
+
         @pl.when(si == nsb)
         def _residual():
             q = q_ref[...].astype(compute_dtype)
@@ -145,8 +171,25 @@ def _kernel(len_ref, rlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "scale", "block_s", "dequant_f32", "interpret"))
-def _quantized_decode_tpu_jit(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, k_res, v_res,
-                              res_lengths, *, bits, scale, block_s, dequant_f32, interpret):
+def _quantized_decode_tpu_jit(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    lengths,
+    k_res,
+    v_res,
+    res_lengths,
+    *,
+    bits,
+    scale,
+    block_s,
+    dequant_f32,
+    interpret,
+):
     pltpu = _compat.pltpu
     b, t, nq, h = q.shape
     n = k_codes.shape[1]
@@ -201,52 +244,113 @@ def _quantized_decode_tpu_jit(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
             pl.BlockSpec((None, None, rows_p, h), head_map),
             pl.BlockSpec((None, None, rows_p, 1), head_map),
         ],
-        scratch_shapes=[pltpu.VMEM((rows_p, 1), jnp.float32), pltpu.VMEM((rows_p, 1), jnp.float32),
-                        pltpu.VMEM((rows_p, h), jnp.float32), pltpu.VMEM((bs, h), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((rows_p, 1), jnp.float32),
+            pltpu.VMEM((rows_p, 1), jnp.float32),
+            pltpu.VMEM((rows_p, h), jnp.float32),
+            pltpu.VMEM((bs, h), jnp.float32),
+        ],
     )
-    kernel = functools.partial(_kernel, bits=bits, scale=scale, bs=bs, gk=gk, gq=nq // n, t=t, n=n, nsb=nsb,
-                               has_res=has_res, compute_dtype=compute_dtype)
+    kernel = functools.partial(
+        _kernel,
+        bits=bits,
+        scale=scale,
+        bs=bs,
+        gk=gk,
+        gq=nq // n,
+        t=t,
+        n=n,
+        nsb=nsb,
+        has_res=has_res,
+        compute_dtype=compute_dtype,
+    )
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, n, rows_p, h), q.dtype),
-                   jax.ShapeDtypeStruct((b, n, rows_p, 1), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, n, rows_p, h), q.dtype),
+            jax.ShapeDtypeStruct((b, n, rows_p, 1), jnp.float32),
+        ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=_compat.tpu_interpret_params() if interpret else False,
         name=f"kivi{bits}_decode_attention_tpu",
-    )(lengths.reshape(-1), res_lengths.reshape(-1), qr, kc, ks, kz, v_codes, v_scale, v_zero,
-      *((k_res, v_res) if has_res else ()))
+    )(
+        lengths.reshape(-1),
+        res_lengths.reshape(-1),
+        qr,
+        kc,
+        ks,
+        kz,
+        v_codes,
+        v_scale,
+        v_zero,
+        *((k_res, v_res) if has_res else ()),
+    )
     return ungroup_rows(out, lse[..., 0], t, rows)
 
 
-def quantized_decode_attention_tpu(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, *, bits: int,
-                                   k_res=None, v_res=None, res_lengths=None, scale: float | None = None,
-                                   block_sizes=None, interpret: bool = False):
+def quantized_decode_attention_tpu(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    lengths,
+    *,
+    bits: int,
+    k_res=None,
+    v_res=None,
+    res_lengths=None,
+    scale: float | None = None,
+    block_sizes=None,
+    interpret: bool = False,
+):
     """Mosaic TPU KIVI decode attention (module docstring); `interpret=True` runs it in the TPU
     interpreter. block_sizes: a `DecodeBlockSizes` (only block_s and dequant_f32 apply here)
     or None. Returns (out [B, T, Nq, H] q.dtype, lse [B, T, Nq] float32)."""
-    b, t, nq, h, n, s, gk, gv = _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
+    b, _t, _nq, h, n, s, gk, _gv = _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
     pw = 32 // bits
     if block_sizes is None:
         bs = next((c for c in _BLOCK_CHOICES if _fits(c, s, pw, gk)), None)
         if bs is None:
-            raise ValueError(f"no block_s in {_BLOCK_CHOICES} fits S={s} (multiple of 8 and of {pw} for bits={bits}, "
-                             f"dividing or divided by the key group Gk={gk}) on mosaic_tpu")
+            raise ValueError(
+                f"no block_s in {_BLOCK_CHOICES} fits S={s} (multiple of 8 and of {pw} for bits={bits}, "
+                f"dividing or divided by the key group Gk={gk}) on mosaic_tpu"
+            )
         dequant_f32 = False
     else:
         bs, dequant_f32 = block_sizes.block_s, block_sizes.dequant_f32
         if not _fits(bs, s, pw, gk):
-            raise ValueError(f"block_s={bs} must divide S={s}, be a multiple of 8 and of {pw} (bits={bits}), and "
-                             f"divide or be divided by the key group Gk={gk} on mosaic_tpu")
+            raise ValueError(
+                f"block_s={bs} must divide S={s}, be a multiple of 8 and of {pw} (bits={bits}), and "
+                f"divide or be divided by the key group Gk={gk} on mosaic_tpu"
+            )
     if k_res is not None and res_lengths is None:
         raise ValueError("res_lengths is required with a residual window")
     lengths = jnp.clip(per_head(lengths, b, n, "lengths"), 0, s)
     if res_lengths is not None:
         res_lengths = per_head(res_lengths, b, n, "res_lengths")  # unclipped: the reference rule as is
     scale = float(h**-0.5 if scale is None else scale)
-    return _quantized_decode_tpu_jit(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, k_res, v_res,
-                                     res_lengths, bits=bits, scale=scale, block_s=bs, dequant_f32=dequant_f32,
-                                     interpret=interpret)
+    return _quantized_decode_tpu_jit(
+        q,
+        k_codes,
+        k_scale,
+        k_zero,
+        v_codes,
+        v_scale,
+        v_zero,
+        lengths,
+        k_res,
+        v_res,
+        res_lengths,
+        bits=bits,
+        scale=scale,
+        block_s=bs,
+        dequant_f32=dequant_f32,
+        interpret=interpret,
+    )
 
 
 __all__ = ["quantized_decode_attention_tpu"]

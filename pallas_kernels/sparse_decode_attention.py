@@ -31,8 +31,17 @@ from jax import lax
 
 from . import _compat
 from ._compat import pl
-from ._decode_common import (clean_selection, finish, group_rows, init_carry, masked_softmax, merge_splits,
-                             online_update, per_head, ungroup_rows)
+from ._decode_common import (
+    clean_selection,
+    finish,
+    group_rows,
+    init_carry,
+    masked_softmax,
+    merge_splits,
+    online_update,
+    per_head,
+    ungroup_rows,
+)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -81,8 +90,9 @@ def _check_positions(k_pos, q_pos, b, t, n, s):
             raise ValueError(f"{name} dtype={x.dtype} must be an integer type")
 
 
-def sparse_decode_attention_reference(q, k, v, block_indices, lengths, *, block_size, block_counts=None, scale=None,
-                                      k_pos=None, q_pos=None, window=None):
+def sparse_decode_attention_reference(
+    q, k, v, block_indices, lengths, *, block_size, block_counts=None, scale=None, k_pos=None, q_pos=None, window=None
+):
     """Gather-free jnp reference: a [B, N, S] visibility mask from the selected blocks."""
     b, t, nq, h, n, s = _check(q, k, v, block_indices, block_size)
     _check_positions(k_pos, q_pos, b, t, n, s)
@@ -140,9 +150,24 @@ def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, *rest, bs, per_split
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "scale", "bsz", "interpret", "window", "clean"))
-def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, k_pos, q_pos, *, block_size, scale, bsz,
-                       interpret, window, clean=False):
-    b, t, nq, h = q.shape
+def _sparse_decode_jit(
+    q,
+    k,
+    v,
+    block_indices,
+    block_counts,
+    lengths,
+    k_pos,
+    q_pos,
+    *,
+    block_size,
+    scale,
+    bsz,
+    interpret,
+    window,
+    clean=False,
+):
+    b, t, _nq, h = q.shape
     n, s = k.shape[1], k.shape[2]
     kk = block_indices.shape[2]
     splits = bsz.num_splits or max(1, min(kk, (132 * 4) // max(b * n, 1)))
@@ -152,23 +177,27 @@ def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, k_pos, q_p
     if clean:  # the caller promises distinct in-range blocks
         idx = jnp.clip(block_indices.astype(jnp.int32), 0, s // block_size - 1)
     else:  # the reference's meaning: drop out-of-range and repeated blocks (a repeat would count twice)
-        idx, block_counts = clean_selection(block_indices, block_counts, lengths, block_size=block_size,
-                                            num_blocks=s // block_size)
+        idx, block_counts = clean_selection(
+            block_indices, block_counts, lengths, block_size=block_size, num_blocks=s // block_size
+        )
     idx = jnp.pad(idx, ((0, 0), (0, 0), (0, splits * per_split - kk)))
-    full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
+    full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
     positions = k_pos is not None
     extra, extra_specs = [], []
     if positions:  # q position of each grouped row (row = t * Gq + g; padding rows -1)
         qrow = jnp.repeat(q_pos.astype(jnp.int32), rows // t, axis=1)
         extra = [k_pos.astype(jnp.int32), jnp.pad(qrow, ((0, 0), (0, rows_p - rows)), constant_values=-1)]
-        extra_specs = [pl.BlockSpec((None, None, s), lambda bi, ni, si: (bi, ni, 0)),
-                       pl.BlockSpec((None, rows_p), lambda bi, ni, si: (bi, 0))]
+        extra_specs = [
+            pl.BlockSpec((None, None, s), lambda bi, ni, si: (bi, ni, 0)),
+            pl.BlockSpec((None, rows_p), lambda bi, ni, si: (bi, 0)),
+        ]
     o, lse = pl.pallas_call(
-        functools.partial(_kernel, bs=block_size, per_split=per_split, scale=scale, positions=positions,
-                          window=window),
+        functools.partial(_kernel, bs=block_size, per_split=per_split, scale=scale, positions=positions, window=window),
         grid=(b, n, splits),
         in_specs=[
-            full(idx), full(block_counts), full(lengths),
+            full(idx),
+            full(block_counts),
+            full(lengths),
             pl.BlockSpec((None, None, rows_p, h), lambda bi, ni, si: (bi, ni, 0, 0)),
             pl.BlockSpec((None, None, s, h), lambda bi, ni, si: (bi, ni, 0, 0)),
             pl.BlockSpec((None, None, s, h), lambda bi, ni, si: (bi, ni, 0, 0)),
@@ -178,8 +207,10 @@ def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, k_pos, q_p
             pl.BlockSpec((None, None, None, rows_p, h), lambda bi, ni, si: (bi, ni, si, 0, 0)),
             pl.BlockSpec((None, None, None, rows_p), lambda bi, ni, si: (bi, ni, si, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((b, n, splits, rows_p, h), jnp.float32),
-                   jax.ShapeDtypeStruct((b, n, splits, rows_p), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, n, splits, rows_p, h), jnp.float32),
+            jax.ShapeDtypeStruct((b, n, splits, rows_p), jnp.float32),
+        ],
         compiler_params=None if interpret else _compat.triton_params(bsz.num_warps, bsz.num_stages),
         interpret=interpret,
         name="sparse_decode_attention",
@@ -188,16 +219,30 @@ def _sparse_decode_jit(q, k, v, block_indices, block_counts, lengths, k_pos, q_p
     return out.astype(q.dtype), lse
 
 
-def sparse_decode_attention(q, k, v, block_indices, lengths, *, block_size: int, block_counts=None,
-                            scale: float | None = None, k_pos=None, q_pos=None, window: int | None = None,
-                            block_sizes: SparseDecodeBlockSizes | None = None, selection_is_clean: bool = False,
-                            backend: str | None = None, interpret: bool = False):
+def sparse_decode_attention(
+    q,
+    k,
+    v,
+    block_indices,
+    lengths,
+    *,
+    block_size: int,
+    block_counts=None,
+    scale: float | None = None,
+    k_pos=None,
+    q_pos=None,
+    window: int | None = None,
+    block_sizes: SparseDecodeBlockSizes | None = None,
+    selection_is_clean: bool = False,
+    backend: str | None = None,
+    interpret: bool = False,
+):
     """See module docstring. Returns (out [B, T, Nq, H], lse [B, T, Nq] float32).
 
     Block numbers that are repeated, negative or past the last block are dropped, as in the
     reference (a sort per (row, head)); `selection_is_clean=True` skips that pass when the
     caller knows the list is distinct and in range (e.g. every block, in order)."""
-    b, t, nq, h, n, s = _check(q, k, v, block_indices, block_size)
+    b, t, _nq, h, n, s = _check(q, k, v, block_indices, block_size)
     _check_positions(k_pos, q_pos, b, t, n, s)
     if window is not None and (k_pos is None or window < 1):
         raise ValueError(f"window={window} needs k_pos/q_pos and must be >= 1")
@@ -205,15 +250,36 @@ def sparse_decode_attention(q, k, v, block_indices, lengths, *, block_size: int,
         backend = "triton" if interpret else _compat.backend_kind()
     _compat.check_backend(backend, ("triton", "mosaic_gpu", "mosaic_tpu", "xla"))
     if backend == "xla":
-        return sparse_decode_attention_reference(q, k, v, block_indices, lengths, block_size=block_size,
-                                                 block_counts=block_counts, scale=scale, k_pos=k_pos, q_pos=q_pos,
-                                                 window=window)
+        return sparse_decode_attention_reference(
+            q,
+            k,
+            v,
+            block_indices,
+            lengths,
+            block_size=block_size,
+            block_counts=block_counts,
+            scale=scale,
+            k_pos=k_pos,
+            q_pos=q_pos,
+            window=window,
+        )
     if backend == "mosaic_tpu":
         from .sparse_decode_attention_tpu import sparse_decode_attention_tpu
 
-        return sparse_decode_attention_tpu(q, k, v, block_indices, lengths, block_size=block_size,
-                                           block_counts=block_counts, scale=scale, k_pos=k_pos, q_pos=q_pos,
-                                           window=window, interpret=interpret)
+        return sparse_decode_attention_tpu(
+            q,
+            k,
+            v,
+            block_indices,
+            lengths,
+            block_size=block_size,
+            block_counts=block_counts,
+            scale=scale,
+            k_pos=k_pos,
+            q_pos=q_pos,
+            window=window,
+            interpret=interpret,
+        )
     for name, val in (("block_size", block_size), ("head_dim", h)):
         if val < 16 or val & (val - 1):
             raise ValueError(f"{name}={val} must be a power of two >= 16 for the triton backend")
@@ -221,6 +287,19 @@ def sparse_decode_attention(q, k, v, block_indices, lengths, *, block_size: int,
     counts = jnp.full((b, n), kk, jnp.int32) if block_counts is None else per_head(block_counts, b, n, "block_counts")
     lengths = per_head(lengths, b, n, "lengths")
     scale = float(h**-0.5 if scale is None else scale)
-    return _sparse_decode_jit(q, k, v, block_indices, jnp.minimum(counts, kk), lengths, k_pos, q_pos,
-                              block_size=block_size, scale=scale, bsz=block_sizes or SparseDecodeBlockSizes(),
-                              interpret=interpret, window=window, clean=selection_is_clean)
+    return _sparse_decode_jit(
+        q,
+        k,
+        v,
+        block_indices,
+        jnp.minimum(counts, kk),
+        lengths,
+        k_pos,
+        q_pos,
+        block_size=block_size,
+        scale=scale,
+        bsz=block_sizes or SparseDecodeBlockSizes(),
+        interpret=interpret,
+        window=window,
+        clean=selection_is_clean,
+    )

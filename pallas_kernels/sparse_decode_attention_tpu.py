@@ -37,12 +37,33 @@ from jax import lax
 
 from . import _compat
 from ._compat import pl
-from ._decode_common import clean_selection, group_rows, per_head, scratch_finish, scratch_init, scratch_update, ungroup_rows
+from ._decode_common import (
+    clean_selection,
+    group_rows,
+    per_head,
+    scratch_finish,
+    scratch_init,
+    scratch_update,
+    ungroup_rows,
+)
 from .sparse_decode_attention import _check, _check_positions
 
 
-def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, *rest, bs: int, kk: int, n: int, scale: float,
-            positions: bool, window: int | None):
+def _kernel(
+    idx_ref,
+    cnt_ref,
+    len_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    *rest,
+    bs: int,
+    kk: int,
+    n: int,
+    scale: float,
+    positions: bool,
+    window: int | None,
+):
     if positions:
         kp_ref, qp_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
     else:
@@ -77,10 +98,11 @@ def _kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, *rest, bs: int, kk: 
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "scale", "window", "interpret"))
-def _sparse_decode_tpu_jit(q, k, v, block_indices, counts, lengths, k_pos=None, q_pos=None, *, block_size, scale,
-                           window=None, interpret):
+def _sparse_decode_tpu_jit(
+    q, k, v, block_indices, counts, lengths, k_pos=None, q_pos=None, *, block_size, scale, window=None, interpret
+):
     pltpu = _compat.pltpu
-    b, t, nq, h = q.shape
+    b, t, _nq, h = q.shape
     n, s = k.shape[1], k.shape[2]
     kk = block_indices.shape[2]
     idx, kept = clean_selection(block_indices, counts, lengths, block_size=block_size, num_blocks=s // block_size)
@@ -98,10 +120,14 @@ def _sparse_decode_tpu_jit(q, k, v, block_indices, counts, lengths, k_pos=None, 
     extra, extra_specs = [], []
     if positions:  # k_pos as [.., S/bs, 1, bs] (a block = full last two dims); q position per grouped row
         qrow = jnp.repeat(q_pos.astype(jnp.int32), rows // t, axis=1)
-        extra = [k_pos.astype(jnp.int32).reshape(b, n, s // block_size, 1, block_size),
-                 jnp.pad(qrow, ((0, 0), (0, rows_p - rows)), constant_values=-1)[..., None]]
-        extra_specs = [pl.BlockSpec((None, None, None, 1, block_size), lambda *a: kv_map(*a) + (0,)),
-                       pl.BlockSpec((None, rows_p, 1), lambda bi, ni, j, *_: (bi, 0, 0))]
+        extra = [
+            k_pos.astype(jnp.int32).reshape(b, n, s // block_size, 1, block_size),
+            jnp.pad(qrow, ((0, 0), (0, rows_p - rows)), constant_values=-1)[..., None],
+        ]
+        extra_specs = [
+            pl.BlockSpec((None, None, None, 1, block_size), lambda *a: kv_map(*a) + (0,)),
+            pl.BlockSpec((None, rows_p, 1), lambda bi, ni, j, *_: (bi, 0, 0)),
+        ]
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
@@ -116,14 +142,19 @@ def _sparse_decode_tpu_jit(q, k, v, block_indices, counts, lengths, k_pos=None, 
             pl.BlockSpec((None, None, rows_p, h), row_map),
             pl.BlockSpec((None, None, rows_p, 1), row_map),
         ],
-        scratch_shapes=[pltpu.VMEM((rows_p, 1), jnp.float32), pltpu.VMEM((rows_p, 1), jnp.float32),
-                        pltpu.VMEM((rows_p, h), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((rows_p, 1), jnp.float32),
+            pltpu.VMEM((rows_p, 1), jnp.float32),
+            pltpu.VMEM((rows_p, h), jnp.float32),
+        ],
     )
     out, lse = pl.pallas_call(
         functools.partial(_kernel, bs=block_size, kk=kk, n=n, scale=scale, positions=positions, window=window),
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, n, rows_p, h), q.dtype),
-                   jax.ShapeDtypeStruct((b, n, rows_p, 1), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, n, rows_p, h), q.dtype),
+            jax.ShapeDtypeStruct((b, n, rows_p, 1), jnp.float32),
+        ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=_compat.tpu_interpret_params() if interpret else False,
         name="sparse_decode_attention_tpu",
@@ -131,12 +162,24 @@ def _sparse_decode_tpu_jit(q, k, v, block_indices, counts, lengths, k_pos=None, 
     return ungroup_rows(out, lse[..., 0], t, rows)
 
 
-def sparse_decode_attention_tpu(q, k, v, block_indices, lengths, *, block_size: int, block_counts=None,
-                                scale: float | None = None, k_pos=None, q_pos=None, window: int | None = None,
-                                interpret: bool = False):
+def sparse_decode_attention_tpu(
+    q,
+    k,
+    v,
+    block_indices,
+    lengths,
+    *,
+    block_size: int,
+    block_counts=None,
+    scale: float | None = None,
+    k_pos=None,
+    q_pos=None,
+    window: int | None = None,
+    interpret: bool = False,
+):
     """Mosaic TPU sparse decode attention (module docstring); `interpret=True` runs it in the
     TPU interpreter. Returns (out [B, T, Nq, H] q.dtype, lse [B, T, Nq] float32)."""
-    b, t, nq, h, n, s = _check(q, k, v, block_indices, block_size)
+    b, t, _nq, h, n, s = _check(q, k, v, block_indices, block_size)
     _check_positions(k_pos, q_pos, b, t, n, s)
     if window is not None and (k_pos is None or window < 1):
         raise ValueError(f"window={window} needs k_pos/q_pos and must be >= 1")
@@ -148,8 +191,20 @@ def sparse_decode_attention_tpu(q, k, v, block_indices, lengths, *, block_size: 
     counts = jnp.full((b, n), kk, jnp.int32) if block_counts is None else per_head(block_counts, b, n, "block_counts")
     lengths = per_head(lengths, b, n, "lengths")
     scale = float(h**-0.5 if scale is None else scale)
-    return _sparse_decode_tpu_jit(q, k, v, block_indices, counts, lengths, k_pos, q_pos, block_size=block_size,
-                                  scale=scale, window=window, interpret=interpret)
+    return _sparse_decode_tpu_jit(
+        q,
+        k,
+        v,
+        block_indices,
+        counts,
+        lengths,
+        k_pos,
+        q_pos,
+        block_size=block_size,
+        scale=scale,
+        window=window,
+        interpret=interpret,
+    )
 
 
-__all__ = ["sparse_decode_attention_tpu", "clean_selection"]
+__all__ = ["clean_selection", "sparse_decode_attention_tpu"]

@@ -12,8 +12,11 @@ INTERPRET = jax.default_backend() != "gpu"
 
 # (relative Frobenius error, max abs LSE error) by input dtype, against the float32 reference.
 # float32 on a GPU goes through tf32 dots (about 3e-4 relative).
-_TOL = {"float32": (2e-5 if INTERPRET else 2e-3, 1e-4 if INTERPRET else 2e-3),
-        "bfloat16": (1.2e-2, 2e-2), "float16": (3e-3, 5e-3)}
+_TOL = {
+    "float32": (2e-5 if INTERPRET else 2e-3, 1e-4 if INTERPRET else 2e-3),
+    "bfloat16": (1.2e-2, 2e-2),
+    "float16": (3e-3, 5e-3),
+}
 
 
 def tolerance(dtype) -> tuple[float, float]:

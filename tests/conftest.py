@@ -29,13 +29,14 @@ if "KVJAX_TEST_CACHE_DIR" not in os.environ:
     os.environ["KVJAX_TEST_CACHE_DIR"] = _run_dir
     atexit.register(shutil.rmtree, _run_dir, ignore_errors=True)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
-from kvjax import jit_cache  # noqa: E402
-from kvjax.models import LlamaConfig, init_params  # noqa: E402
+from kvjax import jit_cache
+from kvjax.models import LlamaConfig, init_params
+
 
 # XLA:CPU keeps memory mappings for every compiled program while jax's caches hold it; one
 # pytest process compiles thousands and, past vm.max_map_count, XLA segfaults mid-compile
@@ -70,8 +71,19 @@ def pytest_runtest_setup(item):
 
 
 TINY = LlamaConfig(
-    name="tiny", vocab_size=97, hidden_size=48, intermediate_size=96, num_layers=3, num_heads=6,
-    num_kv_heads=2, head_dim=32, rope_theta=10000.0, max_position=512, bos_id=1, eos_ids=(2,), pad_id=0,
+    name="tiny",
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=96,
+    num_layers=3,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=32,
+    rope_theta=10000.0,
+    max_position=512,
+    bos_id=1,
+    eos_ids=(2,),
+    pad_id=0,
 )
 
 
@@ -119,8 +131,9 @@ def hf_smollm2():
     if os.path.isfile(os.path.join(saved, "config.json")):
         return transformers.AutoModelForCausalLM.from_pretrained(saved, **kw).eval()
     path = embedded_path("smollm2")
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                              gguf_file=os.path.basename(path), **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), **kw
+    )
     staging = tempfile.mkdtemp(dir=os.environ["KVJAX_TEST_CACHE_DIR"])
     model.save_pretrained(staging)
     try:
@@ -144,6 +157,7 @@ def tiny_calibrations(tiny_params, tmp_path_factory):
     from kvjax.policies import locret_train  # Locret's retaining heads are trained (a few optax steps), not calibrated
 
     tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, 96)
-    paths["locret"] = locret_train.train_and_save(model, [tokens], str(root / "locret"), context=64, steps=20,
-                                                  log=lambda _: None)[0]
+    paths["locret"] = locret_train.train_and_save(
+        model, [tokens], str(root / "locret"), context=64, steps=20, log=lambda _: None
+    )[0]
     return paths

@@ -12,9 +12,15 @@ from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
 def random_cache(rng, b, n, s, h, bits, gk, gv):
     kc = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (b, n, s, h))), bits, axis=2)
     vc = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (b, n, s, h))), bits, axis=3)
-    bf = lambda x: jnp.asarray(x, jnp.float32).astype(jnp.bfloat16)  # noqa: E731
-    return (kc, bf(rng.random((b, n, s // gk, h)) * 0.5), bf(rng.standard_normal((b, n, s // gk, h))),
-            vc, bf(rng.random((b, n, s, h // gv)) * 0.5), bf(rng.standard_normal((b, n, s, h // gv))))
+    bf = lambda x: jnp.asarray(x, jnp.float32).astype(jnp.bfloat16)
+    return (
+        kc,
+        bf(rng.random((b, n, s // gk, h)) * 0.5),
+        bf(rng.standard_normal((b, n, s // gk, h))),
+        vc,
+        bf(rng.random((b, n, s, h // gv)) * 0.5),
+        bf(rng.standard_normal((b, n, s, h // gv))),
+    )
 
 
 def query_scale(bits):
@@ -45,7 +51,7 @@ def model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale, lazy
     from kvjax.pallas_kernels._kivi_mgpu_registers import code_base
 
     odt, base = mg.operand_dtype(bits), code_base(bits)
-    bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(odt).astype(jnp.float32))  # noqa: E731
+    bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(odt).astype(jnp.float32))
     qb = np.asarray(qb.astype(odt).astype(jnp.float32))
     b, n, ns, h = qb.shape
     nb = mg._value_columns(h // gv, rows_q)
@@ -107,5 +113,5 @@ def warp_summed(parts):
     """The partials as the kernel leaves them with `warp_sums`: each column sum (corr, lsum)
     summed over the 16 rows of each warp, every row of the warp holding its warp's sum."""
     acc, corr, lsum, m = (np.asarray(x) for x in parts)
-    per_warp = lambda x: np.repeat(x.reshape(*x.shape[:-2], 4, 16, x.shape[-1]).sum(-2), 16, axis=-2)  # noqa: E731
+    per_warp = lambda x: np.repeat(x.reshape(*x.shape[:-2], 4, 16, x.shape[-1]).sum(-2), 16, axis=-2)
     return tuple(map(jnp.asarray, (acc, per_warp(corr), per_warp(lsum), m)))

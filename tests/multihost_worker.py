@@ -42,8 +42,20 @@ def build_model(name: str):
 
     if name == "smollm2":
         return load("smollm2")
-    cfg = LlamaConfig(name="tiny-bytes", vocab_size=259, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position=4096, bos_id=1, eos_ids=(2,), pad_id=0)
+    cfg = LlamaConfig(
+        name="tiny-bytes",
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position=4096,
+        bos_id=1,
+        eos_ids=(2,),
+        pad_id=0,
+    )
     params = jax.tree.map(lambda x: x * 6.0, init_params(cfg, jax.random.key(7)))
     return Model(cfg, params, ByteTokenizer())
 
@@ -83,9 +95,16 @@ def main() -> int:
         os._exit(EXIT_PEER_FAILURE)  # skip jax.distributed's shutdown barrier: the peer is gone
     if jax.process_index() == 0:
         with open(args.out, "w") as f:
-            json.dump({"tokens": out.tokens.tolist(), "texts": out.texts, "processes": jax.process_count(),
-                       "devices": jax.device_count(), "stats": {k: v for k, v in out.stats.items()
-                                                               if isinstance(v, (int, float, str))}}, f)
+            json.dump(
+                {
+                    "tokens": out.tokens.tolist(),
+                    "texts": out.texts,
+                    "processes": jax.process_count(),
+                    "devices": jax.device_count(),
+                    "stats": {k: v for k, v in out.stats.items() if isinstance(v, (int, float, str))},
+                },
+                f,
+            )
     return 0
 
 

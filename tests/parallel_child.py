@@ -15,8 +15,17 @@ import sys
 def tiny_config():
     from kvjax.models.config import LlamaConfig
 
-    return LlamaConfig(name="tiny", vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=16, max_position=4096)
+    return LlamaConfig(
+        name="tiny",
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position=4096,
+    )
 
 
 def rel_err(a, b, mask):
@@ -69,13 +78,33 @@ def check_ring(seed: int) -> dict:
         k_pos = jnp.broadcast_to(q_pos[:, None], (b, n, t))
         ref_q_pos = q_pos if c["causal"] else jnp.where(q_pos >= 0, 10**6, -1)
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-        ref = attention.attention_reference(*f32, ref_q_pos, k_pos, window=c.get("window"),
-                                            want_mass=c.get("want_mass", False))
-        got = ring_attention(q, k, v, q_pos, k_pos, mesh=mesh, causal=c["causal"], layout=c["layout"],
-                             window=c.get("window"), want_mass=c.get("want_mass", False), kernel=c.get("kernel"))
+        ref = attention.attention_reference(
+            *f32, ref_q_pos, k_pos, window=c.get("window"), want_mass=c.get("want_mass", False)
+        )
+        got = ring_attention(
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            mesh=mesh,
+            causal=c["causal"],
+            layout=c["layout"],
+            window=c.get("window"),
+            want_mass=c.get("want_mass", False),
+            kernel=c.get("kernel"),
+        )
         valid = np.asarray(q_pos >= 0)
-        res = {"out": rel_err(got.out, ref.out, valid), "lse": float(np.max(np.abs(
-            np.where(valid[..., None], np.asarray(got.lse, np.float64) - np.asarray(ref.lse, np.float64), 0))))}
+        res = {
+            "out": rel_err(got.out, ref.out, valid),
+            "lse": float(
+                np.max(
+                    np.abs(
+                        np.where(valid[..., None], np.asarray(got.lse, np.float64) - np.asarray(ref.lse, np.float64), 0)
+                    )
+                )
+            ),
+        }
         res["finite"] = bool(np.all(np.isfinite(np.asarray(got.out, np.float32))))
         if c.get("want_mass"):
             res["mass"] = rel_err(got.key_mass, ref.key_mass, np.ones(ref.key_mass.shape, bool))
@@ -116,7 +145,7 @@ def _shard_of(x, d, shards):
     x = np.asarray(x)
     if len(spec) > 2 and spec[2] == "seq":
         s = x.shape[2] // shards
-        return x[:, :, d * s:(d + 1) * s]
+        return x[:, :, d * s : (d + 1) * s]
     return x[d]
 
 
@@ -141,8 +170,9 @@ def held_tokens(policy, layer_state, cfg, shards, max_new):
     k, v, p = (jnp.concatenate([jnp.asarray(x[i]) for x in parts], axis=2) for i in range(3))
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     pad = ((0, 0), (0, 0), (0, max_new), (0, 0))
-    return SlotKV(jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(p, pad[:3], constant_values=-1),
-                  jnp.asarray(k.shape[2], jnp.int32))
+    return SlotKV(
+        jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(p, pad[:3], constant_values=-1), jnp.asarray(k.shape[2], jnp.int32)
+    )
 
 
 def check_context(seed: int, devices: int) -> dict:
@@ -163,8 +193,9 @@ def check_context(seed: int, devices: int) -> dict:
     mesh = make_mesh(seq=devices)
     key = jax.random.key(seed)
     l1, s1 = G.prefill(params, tokens, lengths, config=cfg, policy=Dense(), max_new_tokens=max_new)
-    o1, _, _ = G.decode(params, s1, l1, key, config=cfg, policy=Dense(), max_new_tokens=max_new,
-                        sampler=Sampler(), stop_ids=())
+    o1, _, _ = G.decode(
+        params, s1, l1, key, config=cfg, policy=Dense(), max_new_tokens=max_new, sampler=Sampler(), stop_ids=()
+    )
     out = {"lengths": np.asarray(lengths).tolist()}
     runs = {
         "dense": ("dense", dict()),
@@ -177,17 +208,22 @@ def check_context(seed: int, devices: int) -> dict:
         plan = Plan(mesh, **kw)
         l2, s2 = prefill(params, tokens, lengths, plan=plan, config=cfg, policy=pol, max_new_tokens=max_new)
         leaf = jax.tree.leaves(s2.layers[0])
-        o2, _, s3 = decode(params, s2, l2, key, plan=plan, config=cfg, policy=pol, max_new_tokens=max_new)
-        r = {"logits": float(jnp.max(jnp.abs(l2 - l1))), "logits_scale": float(jnp.max(jnp.abs(l1))), "tokens": np.asarray(o2).tolist(),
-             "bytes": s2.nbytes, "sharded": [[x.ndim, _axis_at(x.sharding.spec, 2), _axis_at(x.sharding.spec, 0)]
-                                                for x in leaf]}
+        o2, _, _s3 = decode(params, s2, l2, key, plan=plan, config=cfg, policy=pol, max_new_tokens=max_new)
+        r = {
+            "logits": float(jnp.max(jnp.abs(l2 - l1))),
+            "logits_scale": float(jnp.max(jnp.abs(l1))),
+            "tokens": np.asarray(o2).tolist(),
+            "bytes": s2.nbytes,
+            "sharded": [[x.ndim, _axis_at(x.sharding.spec, 2), _axis_at(x.sharding.spec, 0)] for x in leaf],
+        }
         if name == "dense":
             r["ref_tokens"] = np.asarray(o1).tolist()
         else:  # reference: dense decode over exactly what the shards hold after prefill
             layers = tuple(held_tokens(pol, st, cfg, devices, max_new) for st in s2.layers)
             ref = KVState(layers=layers, lengths=s2.lengths)
-            o3, _, _ = G.decode(params, ref, l1, key, config=cfg, policy=Dense(), max_new_tokens=max_new,
-                                sampler=Sampler(), stop_ids=())
+            o3, _, _ = G.decode(
+                params, ref, l1, key, config=cfg, policy=Dense(), max_new_tokens=max_new, sampler=Sampler(), stop_ids=()
+            )
             r["ref_tokens"] = np.asarray(o3).tolist()
         out[name] = r
     return out
@@ -201,12 +237,18 @@ def check_smollm2(devices: int) -> dict:
     from kvjax.parallel import make_mesh
 
     model = load("smollm2")
-    prompts = ["The three most useful things to know about the ocean are",
-               "Write one sentence about the moon. The moon is"]
+    prompts = [
+        "The three most useful things to know about the ocean are",
+        "Write one sentence about the moon. The moon is",
+    ]
     one = generate(model, prompts, max_new_tokens=12)
     many = cp_generate(model, prompts, mesh=make_mesh(seq=devices), max_new_tokens=12)
-    return {"one": one.tokens.tolist(), "many": many.tokens.tolist(), "texts": many.texts,
-            "kv_bytes": many.stats["kv_bytes"]}
+    return {
+        "one": one.tokens.tolist(),
+        "many": many.tokens.tolist(),
+        "texts": many.texts,
+        "kv_bytes": many.stats["kv_bytes"],
+    }
 
 
 def main(argv):

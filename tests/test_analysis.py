@@ -11,8 +11,9 @@ from kvjax.models.presets import LLAMA3_1_8B
 from kvjax.policies import parse_policy
 
 
-@pytest.mark.parametrize("spec", ["dense", "snapkv:budget=0.25,window=4", "kivi:bits=2,group=16,residual=16",
-                                  "adakv:budget=0.25,window=4"])
+@pytest.mark.parametrize(
+    "spec", ["dense", "snapkv:budget=0.25,window=4", "kivi:bits=2,group=16,residual=16", "adakv:budget=0.25,window=4"]
+)
 def test_kv_bytes_equal_a_real_prefill(spec, tiny_config, tiny_params, rng):
     pol = parse_policy(spec)
     tokens = jnp.asarray(rng.integers(3, tiny_config.vocab_size, size=(2, 64)), jnp.int32)
@@ -37,7 +38,8 @@ def test_errors():
 
 
 def test_cli_cost():
-    r = CliRunner().invoke(app, ["cost", "--model", "llama3.1-8b", "--context", "32768", "--policy", "dense",
-                                 "--policy", "kivi:bits=2"])
+    r = CliRunner().invoke(
+        app, ["cost", "--model", "llama3.1-8b", "--context", "32768", "--policy", "dense", "--policy", "kivi:bits=2"]
+    )
     assert r.exit_code == 0, r.output
     assert "kivi:bits=2" in r.output and "max users" in r.output

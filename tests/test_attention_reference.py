@@ -10,7 +10,7 @@ from kvjax import attention
 
 
 def _case(rng, b, t, nq, n, s, h, dtype, layout):
-    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)  # noqa: E731
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
     q, k, v = f(b, t, nq, h), f(b, n, s, h), f(b, n, s, h)
     filled = s - 37
     kp = np.broadcast_to(np.where(np.arange(s) < filled, np.arange(s), -1), (b, n, s)).copy()

@@ -17,16 +17,22 @@ def _run(*args):
     return res.exit_code, res.output + (res.stderr if hasattr(res, "stderr") and res.stderr else "")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["eval", "--task", "haystack"], "unknown task 'haystack'"),
-    (["eval", "--task", "passkey", "--policy", "snapkvv"], "unknown policy 'snapkvv'"),
-    (["eval", "--task", "passkey", "--text-file", "/nonexistent/t.txt"], "'/nonexistent/t.txt' does not exist"),
-    (["sweep", "--tasks", "passkey,nope", "--policies", "dense", "--out", "x"], "unknown task 'nope'"),
-    (["sweep", "--policies", "dense,tova:budget=2", "--out", "x"], "budget=2.0 must be a fraction"),
-    (["sweep", "--policies", "dense", "--budgets", "0.5,half", "--out", "x"], "budget 'half' is not a valid float"),
-    (["sweep", "--policies", "dense", "--text-file", "/nonexistent", "--out", "x"], "does not exist or is not readable"),
-    (["report", "/nonexistent/dir"], "holds no cells.jsonl"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["eval", "--task", "haystack"], "unknown task 'haystack'"),
+        (["eval", "--task", "passkey", "--policy", "snapkvv"], "unknown policy 'snapkvv'"),
+        (["eval", "--task", "passkey", "--text-file", "/nonexistent/t.txt"], "'/nonexistent/t.txt' does not exist"),
+        (["sweep", "--tasks", "passkey,nope", "--policies", "dense", "--out", "x"], "unknown task 'nope'"),
+        (["sweep", "--policies", "dense,tova:budget=2", "--out", "x"], "budget=2.0 must be a fraction"),
+        (["sweep", "--policies", "dense", "--budgets", "0.5,half", "--out", "x"], "budget 'half' is not a valid float"),
+        (
+            ["sweep", "--policies", "dense", "--text-file", "/nonexistent", "--out", "x"],
+            "does not exist or is not readable",
+        ),
+        (["report", "/nonexistent/dir"], "holds no cells.jsonl"),
+    ],
+)
 def test_cli_bad_inputs(args, message):
     code, out = _run(*args)
     assert code == 2 and message in out, out
@@ -49,7 +55,11 @@ def test_context_longer_than_model(tiny_config):
 
 def test_split_specs_and_options():
     assert commands.split_specs("dense,snapkv:budget=0.2,window=32,tova;h2o:recent=0,normalize=true") == [
-        "dense", "snapkv:budget=0.2,window=32", "tova", "h2o:recent=0,normalize=true"]
+        "dense",
+        "snapkv:budget=0.2,window=32",
+        "tova",
+        "h2o:recent=0,normalize=true",
+    ]
     assert commands.parse_trials("passkey=20,kv_retrieval=10") == {"passkey": 20, "kv_retrieval": 10}
     assert commands.parse_trials("7") == 7
     assert commands.parse_options(["kv_retrieval:pairs=3,turns=2"]) == {"kv_retrieval": {"pairs": 3, "turns": 2}}
@@ -63,13 +73,54 @@ def test_report_writes_tables_and_plots(tmp_path):
     rows = []
     for engine in ("kvjax", "kvpress"):
         for b, acc in ((0.5, 0.9), (0.2, 0.6)):
-            rows.append(dict(engine=engine, task="passkey", policy=f"snapkv:budget={b},window=64,kernel=5", context=2048,
-                             seed=0, mode="inside", status="ok", accuracy=acc, correct=int(10 * acc), questions=10,
-                             kv_bytes=b * 1e7, dense_kv_bytes=1e7, compression_ratio=b, prefill_s=1.0, decode_s=0.5))
-    rows.append(dict(engine="kvjax", task="ppl", policy="dense", context=2048, seed=0, mode="-", status="ok", ppl=12.3,
-                     kv_bytes=1e7, dense_kv_bytes=1e7, compression_ratio=1.0, prefill_s=1.0, decode_s=2.0))
-    rows.append(dict(engine="kvjax", task="passkey", policy="tova:budget=0.1", context=2048, seed=0, mode="inside",
-                     status="error", error="MemoryError: boom"))
+            rows.append(
+                dict(
+                    engine=engine,
+                    task="passkey",
+                    policy=f"snapkv:budget={b},window=64,kernel=5",
+                    context=2048,
+                    seed=0,
+                    mode="inside",
+                    status="ok",
+                    accuracy=acc,
+                    correct=int(10 * acc),
+                    questions=10,
+                    kv_bytes=b * 1e7,
+                    dense_kv_bytes=1e7,
+                    compression_ratio=b,
+                    prefill_s=1.0,
+                    decode_s=0.5,
+                )
+            )
+    rows.append(
+        dict(
+            engine="kvjax",
+            task="ppl",
+            policy="dense",
+            context=2048,
+            seed=0,
+            mode="-",
+            status="ok",
+            ppl=12.3,
+            kv_bytes=1e7,
+            dense_kv_bytes=1e7,
+            compression_ratio=1.0,
+            prefill_s=1.0,
+            decode_s=2.0,
+        )
+    )
+    rows.append(
+        dict(
+            engine="kvjax",
+            task="passkey",
+            policy="tova:budget=0.1",
+            context=2048,
+            seed=0,
+            mode="inside",
+            status="error",
+            error="MemoryError: boom",
+        )
+    )
     (tmp_path / "cells.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     md = open(write_report(str(tmp_path))).read()
     assert "| kvpress | snapkv | 0.2 | 60 (6/6)" not in md  # counts are the recorded ones
@@ -92,14 +143,32 @@ def test_report_labels_and_plots_quantized_caches(tmp_path):
     assert is_quantized("rtn:bits=2") and not is_quantized("snapkv:budget=0.2") and not is_quantized("dense")
 
     def cell(engine, policy, ratio, acc):
-        return dict(engine=engine, task="passkey", policy=policy, context=2048, seed=0, mode="inside", status="ok",
-                    accuracy=acc, correct=int(3 * acc), questions=3, kv_bytes=ratio * 1e7, dense_kv_bytes=1e7,
-                    compression_ratio=ratio, prefill_s=1.0, decode_s=0.5)
+        return dict(
+            engine=engine,
+            task="passkey",
+            policy=policy,
+            context=2048,
+            seed=0,
+            mode="inside",
+            status="ok",
+            accuracy=acc,
+            correct=int(3 * acc),
+            questions=3,
+            kv_bytes=ratio * 1e7,
+            dense_kv_bytes=1e7,
+            compression_ratio=ratio,
+            prefill_s=1.0,
+            decode_s=0.5,
+        )
 
     rows = [cell(e, "dense", 1.0, 1.0) for e in ("kvjax", "kvpress")]
     rows += [cell(e, f"snapkv:budget={b}", b, b) for e in ("kvjax", "kvpress") for b in (0.5, 0.2)]
-    rows += [cell("kvjax", "kivi:bits=2", 0.19, 0.5), cell("kvjax", "kivi:bits=4", 0.31, 1.0),
-             cell("kvjax", "rtn:bits=2", 0.14, 0.0), cell("kvjax", "tova:budget=0.2", 0.2, 2 / 3)]
+    rows += [
+        cell("kvjax", "kivi:bits=2", 0.19, 0.5),
+        cell("kvjax", "kivi:bits=4", 0.31, 1.0),
+        cell("kvjax", "rtn:bits=2", 0.14, 0.0),
+        cell("kvjax", "tova:budget=0.2", 0.2, 2 / 3),
+    ]
     lines = plot_lines(rows, "passkey")
     assert sorted(lines[("kivi", "kvjax", True)]) == [(0.19, 50.0, 2), (0.31, 100.0, 4)]
     assert sorted(lines[("snapkv", "kvjax", False)]) == [(0.2, 20.0, None), (0.5, 50.0, None)]

@@ -6,9 +6,16 @@ import pytest
 
 from kvjax.eval.kvpress_bridge import press_for
 
-SPECS = ["streaming:budget=0.5", "snapkv:budget=0.5,window=16", "pyramidkv:budget=0.5,window=16",
-         "tova:budget=0.5,on_decode=false", "knorm:budget=0.5", "h2o:budget=0.5,recent=0,normalize=true",
-         "adakv:budget=0.5,window=16", "chunkkv:budget=0.5,chunk=10,window=16"]
+SPECS = [
+    "streaming:budget=0.5",
+    "snapkv:budget=0.5,window=16",
+    "pyramidkv:budget=0.5,window=16",
+    "tova:budget=0.5,on_decode=false",
+    "knorm:budget=0.5",
+    "h2o:budget=0.5,recent=0,normalize=true",
+    "adakv:budget=0.5,window=16",
+    "chunkkv:budget=0.5,chunk=10,window=16",
+]
 
 
 @pytest.mark.kvpress
@@ -62,8 +69,8 @@ def test_replay_equals_each_press(hf_smollm2, smollm2):
 def test_press_sessions_answer_passkey(hf_smollm2, smollm2):
     """Full cache and a mild press find a passkey at 512 tokens, question inside or excluded."""
     from kvjax.eval import kvpress_bridge as kb
-    from kvjax.eval.episodes import passkey
     from kvjax.eval import load_text
+    from kvjax.eval.episodes import passkey
 
     tok = smollm2.tokenizer
     ep = passkey(tok, 512, 0.3, 5, load_text("kjv-judges"))

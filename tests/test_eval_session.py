@@ -50,8 +50,15 @@ def test_apply_policy_equals_prefill(spec, tiny, rng):
     pol = parse_policy(spec)
     lengths = np.array([40, 29], np.int32)
     toks = rng.integers(3, tiny.config.vocab_size, (2, 64)).astype(np.int32)
-    logits_a, ref = prefill(tiny.params, jnp.asarray(toks), jnp.asarray(lengths), config=tiny.config, policy=pol,
-                            max_new_tokens=16, dtype=tiny.dtype)
+    logits_a, ref = prefill(
+        tiny.params,
+        jnp.asarray(toks),
+        jnp.asarray(lengths),
+        config=tiny.config,
+        policy=pol,
+        max_new_tokens=16,
+        dtype=tiny.dtype,
+    )
     logits_b, cap = capture(tiny, toks, lengths)
     got = apply_policy(tiny, cap, pol, 16)
     np.testing.assert_allclose(np.asarray(logits_a), np.asarray(logits_b), atol=1e-5)
@@ -84,8 +91,15 @@ def _distinct(rng, n):
 
 def _row_state(tiny, pol, ids):
     toks = np.asarray([ids + [0] * (64 - len(ids))], np.int32)
-    return prefill(tiny.params, jnp.asarray(toks), jnp.asarray([len(ids)]), config=tiny.config, policy=pol,
-                   max_new_tokens=64, dtype=tiny.dtype)[1]
+    return prefill(
+        tiny.params,
+        jnp.asarray(toks),
+        jnp.asarray([len(ids)]),
+        config=tiny.config,
+        policy=pol,
+        max_new_tokens=64,
+        dtype=tiny.dtype,
+    )[1]
 
 
 @pytest.mark.parametrize("spec", _specs(session.pads_safely))
@@ -98,8 +112,15 @@ def test_padded_append_equals_single_rows(spec, tiny, rng):
     toks = np.zeros((2, 64), np.int32)
     for r, c in enumerate(ctx):
         toks[r, : len(c)] = c
-    _, state = prefill(tiny.params, jnp.asarray(toks), jnp.asarray([40, 33]), config=tiny.config, policy=pol,
-                       max_new_tokens=64, dtype=tiny.dtype)
+    _, state = prefill(
+        tiny.params,
+        jnp.asarray(toks),
+        jnp.asarray([40, 33]),
+        config=tiny.config,
+        policy=pol,
+        max_new_tokens=64,
+        dtype=tiny.dtype,
+    )
     both, _ = session.append_tokens(tiny, state, pieces, pol)
     for r in range(2):
         alone, _ = session.append_tokens(tiny, _row_state(tiny, pol, ctx[r]), [pieces[r]], pol)

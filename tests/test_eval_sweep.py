@@ -32,8 +32,13 @@ def tiny(tiny_config, tiny_params):
 def test_plan_expands_budgets_and_validates():
     cells = sweep.plan(["passkey", "ppl"], ["dense", "knorm", "snapkv:window=8"], [0.5, 0.2], [400], [0, 1])
     specs = sorted({c.policy for c in cells})
-    assert specs == ["dense", "knorm:budget=0.2", "knorm:budget=0.5", "snapkv:budget=0.2,window=8,kernel=5",
-                     "snapkv:budget=0.5,window=8,kernel=5"]
+    assert specs == [
+        "dense",
+        "knorm:budget=0.2",
+        "knorm:budget=0.5",
+        "snapkv:budget=0.2,window=8,kernel=5",
+        "snapkv:budget=0.5,window=8,kernel=5",
+    ]
     assert len(cells) == 5 * 2 * 2 and {c.mode for c in cells if c.task == "ppl"} == {"-"}
     with pytest.raises(ValueError, match="unknown task 'haystack'"):
         sweep.plan(["haystack"], ["dense"], [], [400], [0])
@@ -112,8 +117,9 @@ def test_episodes_are_woven_into_the_text_not_its_name(tiny, tmp_path, monkeypat
         return real(task, tok, context, trials, seed, text, **kw)
 
     monkeypatch.setattr(sweep, "make_episodes", spy)
-    rows = sweep.run_sweep(tiny, sweep.plan(["passkey"], ["dense"], [], [400], [0]), str(tmp_path), trials=1,
-                           progress=False)
+    rows = sweep.run_sweep(
+        tiny, sweep.plan(["passkey"], ["dense"], [], [400], [0]), str(tmp_path), trials=1, progress=False
+    )
     assert rows[0]["status"] == "ok" and seen == [load_text("kjv-judges")]
 
 

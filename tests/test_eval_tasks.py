@@ -70,14 +70,17 @@ def test_qa_facts_are_unambiguous():
 
     # apposition: Balak is the king of Moab, not Zippor
     assert facts("better than Balak the son of Zippor, king of Moab? did he") == [
-        ("Who was the father of Balak?", "Balak the son of", "Zippor")]
+        ("Who was the father of Balak?", "Balak the son of", "Zippor")
+    ]
     # the answer has a father of its own in the window: only the last link is asked
     assert facts("And Abimelech the son of Jerubbaal went. And Jerubbaal the son of Joash dwelt.") == [
-        ("Who was the father of Jerubbaal?", "Jerubbaal the son of", "Joash")]
+        ("Who was the father of Jerubbaal?", "Jerubbaal the son of", "Joash")
+    ]
     assert facts("Tola the son of Puah, the son of Dodo, a man of Issachar") == []  # a genealogy
     assert facts("Jabin king of Canaan, and Jabin the king of Hazor") == []  # two answers
     assert facts("Eglon the king of Moab. And Eglon king of Moab was fat.") == [
-        ("Of which land was Eglon king?", "Eglon the king of", "Moab")]
+        ("Of which land was Eglon king?", "Eglon the king of", "Moab")
+    ]
     assert facts("Now Jephthah the Gileadite was a mighty man") == []  # "Jephthah the" is no clear prefix
     # quote: the sentence's words before the subject join the answer prefix, never the answer
     ((_, _, prefix, y),) = _facts("Jotham left.\nAnd upon them came the curse of Jotham the son of Jerubbaal.", quote=6)
@@ -111,11 +114,20 @@ def test_legacy_samples_still_work(tok, kjv):
     assert s.answer in s.prompt and s.prompt.count("The code for") == 3  # 2 pairs + the question
 
 
-@pytest.mark.parametrize("out,answer,ok", [
-    (" 12345.", "12345", True), ("12345 is the key", "12345", True), (" 1234.", "12345", False),
-    ("The key: 12345", "12345", True), (" 9 12345", "12345", False), (" Joash.", "Joash", True),
-    (" joash, the", "Joash", True), (" Gideon", "Joash", False), ("", "Joash", False),
-])
+@pytest.mark.parametrize(
+    "out,answer,ok",
+    [
+        (" 12345.", "12345", True),
+        ("12345 is the key", "12345", True),
+        (" 1234.", "12345", False),
+        ("The key: 12345", "12345", True),
+        (" 9 12345", "12345", False),
+        (" Joash.", "Joash", True),
+        (" joash, the", "Joash", True),
+        (" Gideon", "Joash", False),
+        ("", "Joash", False),
+    ],
+)
 def test_check(out, answer, ok):
     assert check(out, answer) is ok
 

@@ -41,8 +41,8 @@ def test_stop_tokens_and_padding(tiny_config, tiny_params, rng):
     out, n = np.asarray(out), np.asarray(n)
     first = int(np.argmax(np.asarray(free[0]) == stop))
     assert n[0] == first + 1 and out[0, first] == stop
-    assert np.all(out[0, first + 1:] == tiny_config.pad_id)
-    np.testing.assert_array_equal(out[:, :first + 1], np.asarray(free)[:, :first + 1])
+    assert np.all(out[0, first + 1 :] == tiny_config.pad_id)
+    np.testing.assert_array_equal(out[:, : first + 1], np.asarray(free)[:, : first + 1])
 
 
 def test_no_recompile_for_new_prompt_contents(tiny_config, tiny_params, rng):
@@ -63,8 +63,11 @@ def test_decode_loop_updates_the_cache_in_place(tiny_config, tiny_params, batch)
     kw = dict(config=tiny_config, policy=Dense(), max_new_tokens=8)
     tokens = jnp.ones((batch, 32), jnp.int32)
     logits, state = prefill(tiny_params, tokens, jnp.full((batch,), 32, jnp.int32), **kw)
-    txt = decode.lower(tiny_params, state, logits, jax.random.key(0), sampler=Sampler(), stop_ids=(),
-                       **kw).compile().as_text()
+    txt = (
+        decode.lower(tiny_params, state, logits, jax.random.key(0), sampler=Sampler(), stop_ids=(), **kw)
+        .compile()
+        .as_text()
+    )
     shape = "[" + ",".join(map(str, state.layers[0].k.shape)) + "]"
     body, copies = None, []
     for line in txt.splitlines():
@@ -81,7 +84,9 @@ def test_sampling(tiny_config, tiny_params, rng):
     logits, state = prefill(tiny_params, tokens, lengths, **kw)
 
     def run(sampler, seed):
-        return np.asarray(decode(tiny_params, state, logits, jax.random.key(seed), sampler=sampler, stop_ids=(), **kw)[0])
+        return np.asarray(
+            decode(tiny_params, state, logits, jax.random.key(seed), sampler=sampler, stop_ids=(), **kw)[0]
+        )
 
     greedy = run(Sampler(), 0)
     hot = Sampler(temperature=5.0)
@@ -94,17 +99,20 @@ def test_sampling(tiny_config, tiny_params, rng):
 def test_top_k_top_p_support():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 400)
-    draw = lambda s: np.asarray(jax.vmap(lambda k: s(logits, k))(keys))[:, 0]  # noqa: E731
+    draw = lambda s: np.asarray(jax.vmap(lambda k: s(logits, k))(keys))[:, 0]
     assert set(draw(Sampler(1.0, top_k=2)).tolist()) == {0, 1}
     assert set(draw(Sampler(1.0, top_p=0.7)).tolist()) == {0, 1}
     assert set(draw(Sampler(1.0, top_p=0.85)).tolist()) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
-    (dict(top_k=-2), "top_k=-2 must be >= 0"),
-    (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
+        (dict(top_k=-2), "top_k=-2 must be >= 0"),
+        (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+    ],
+)
 def test_bad_sampler(kw, match):
     with pytest.raises(ValueError, match=match):
         Sampler(**kw)
@@ -141,11 +149,12 @@ def test_top_level_api(tiny_config, tiny_params):
     """`kvjax.load` and `kvjax.generate(model, prompts, policy=...)`; the module stays importable."""
     import kvjax
     import kvjax.generate as gen_module
-
     from kvjax.loaders import load
 
     m = _Model(tiny_config, tiny_params)
-    out = kvjax.generate(m, "short", max_new_tokens=3, stop_ids=(), policy=kvjax.policies.StreamingLLM(budget=0.5, sink=1))
+    out = kvjax.generate(
+        m, "short", max_new_tokens=3, stop_ids=(), policy=kvjax.policies.StreamingLLM(budget=0.5, sink=1)
+    )
     ref = generate(m, "short", max_new_tokens=3, stop_ids=(), policy="streaming:budget=0.5,sink=1")
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     assert kvjax.load is load and kvjax.generate.prefill is prefill and gen_module is kvjax.generate
@@ -172,8 +181,19 @@ def test_cli_info_and_policies():
 
 @pytest.mark.slow
 def test_cli_generate_smollm2_coherent():
-    r = CliRunner().invoke(app, ["generate", "--prompt", "The capital of France is", "-n", "8",
-                                 "--policy", "snapkv:budget=0.5,window=2", "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--prompt",
+            "The capital of France is",
+            "-n",
+            "8",
+            "--policy",
+            "snapkv:budget=0.5,window=2",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     import json
 

@@ -3,7 +3,8 @@ block is empty, and blocks not flagged partial are fully visible."""
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvjax.pallas_kernels.block_mask import MaskSpec, build_block_metadata, element_mask
 
@@ -28,8 +29,16 @@ def _check(spec, t, s, bq, bk, bm=None):
     return meta
 
 
-@pytest.mark.parametrize("spec", [MaskSpec(), MaskSpec(causal=True), MaskSpec(causal=True, window=40),
-                                  MaskSpec(causal=True, q_offset=96), MaskSpec(window=17, q_offset=5)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MaskSpec(),
+        MaskSpec(causal=True),
+        MaskSpec(causal=True, window=40),
+        MaskSpec(causal=True, q_offset=96),
+        MaskSpec(window=17, q_offset=5),
+    ],
+)
 def test_structural_masks(spec):
     _check(spec, 128, 256, 32, 64)
 
@@ -42,8 +51,15 @@ def test_causal_density_and_partial_diagonal():
 
 
 @settings(max_examples=30, deadline=None)
-@given(causal=st.booleans(), window=st.one_of(st.none(), st.integers(1, 300)), q_off=st.integers(0, 64),
-       nqb=st.integers(1, 4), nkb=st.integers(1, 5), heads=st.sampled_from([0, 1, 3]), seed=st.integers(0, 2**31 - 1))
+@given(
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 300)),
+    q_off=st.integers(0, 64),
+    nqb=st.integers(1, 4),
+    nkb=st.integers(1, 5),
+    heads=st.sampled_from([0, 1, 3]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_random_masks(causal, window, q_off, nqb, nkb, heads, seed):
     rng = np.random.default_rng(seed)
     spec = MaskSpec(causal=causal, window=window, q_offset=q_off, mask_block=(32, 64) if heads else None)

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvjax.attention import merge_partials
 from kvjax.pallas_kernels import _compat
@@ -18,15 +19,16 @@ SMALL = bsa.BlockSizes(block_q=32, block_kv=32)
 
 
 def _inputs(rng, b, t, s, nq, n, h, dtype):
-    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)  # noqa: E731
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
     return f(b, t, nq, h), f(b, s, n, h), f(b, s, n, h)
 
 
 def _run(rng, b, t, s, nq, n, h, dtype, spec, bm=None, lengths=None, backend="triton", bs=SMALL):
     q, k, v = _inputs(rng, b, t, s, nq, n, h, dtype)
     lens = None if lengths is None else jnp.asarray(lengths, jnp.int32)
-    out, lse = bsa.block_sparse_attention(q, k, v, mask=spec, block_mask=bm, kv_lengths=lens, block_sizes=bs,
-                                          backend=backend, interpret=INTERPRET)
+    out, lse = bsa.block_sparse_attention(
+        q, k, v, mask=spec, block_mask=bm, kv_lengths=lens, block_sizes=bs, backend=backend, interpret=INTERPRET
+    )
     ref_out, ref_lse = bsa.block_sparse_attention_reference(q, k, v, mask=spec, block_mask=bm, kv_lengths=lens)
     assert out.dtype == dtype and lse.dtype == jnp.float32
     assert_attention_close(out, lse, ref_out, ref_lse, dtype, f"{spec} {backend}")
@@ -55,10 +57,20 @@ def test_grid(rng, case):
 
 @pytest.mark.slow
 @settings(max_examples=6, deadline=None)
-@given(b=st.integers(1, 2), nqb=st.integers(1, 2), nkb=st.integers(1, 3), g=st.sampled_from([1, 2]),
-       n=st.integers(1, 2), h=st.sampled_from([16, 32]), causal=st.booleans(),
-       window=st.one_of(st.none(), st.integers(1, 80)), q_off=st.sampled_from([0, 32]), ragged=st.booleans(),
-       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 2**31 - 1))
+@given(
+    b=st.integers(1, 2),
+    nqb=st.integers(1, 2),
+    nkb=st.integers(1, 3),
+    g=st.sampled_from([1, 2]),
+    n=st.integers(1, 2),
+    h=st.sampled_from([16, 32]),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 80)),
+    q_off=st.sampled_from([0, 32]),
+    ragged=st.booleans(),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_hypothesis(b, nqb, nkb, g, n, h, causal, window, q_off, ragged, dtype, seed):
     rng = np.random.default_rng(seed)
     t, s = 32 * nqb, 32 * nkb
@@ -76,8 +88,12 @@ def test_partials_merge_through_lse(rng):
     q, k, v = _inputs(rng, 2, 64, 128, 4, 2, 32, jnp.float32)
     spec = MaskSpec(causal=True, q_offset=64, mask_block=(64, 64))
     halves = [np.array([[True, False]]), np.array([[False, True]])]
-    parts = [bsa.block_sparse_attention(q, k, v, mask=spec, block_mask=m, block_sizes=SMALL, backend="triton",
-                                        interpret=INTERPRET) for m in halves]
+    parts = [
+        bsa.block_sparse_attention(
+            q, k, v, mask=spec, block_mask=m, block_sizes=SMALL, backend="triton", interpret=INTERPRET
+        )
+        for m in halves
+    ]
     out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
     ref_out, ref_lse = bsa.block_sparse_attention_reference(q, k, v, mask=dataclasses.replace(spec, mask_block=None))
     assert_attention_close(out, lse, ref_out, ref_lse, jnp.float32, "merged halves")
@@ -92,15 +108,22 @@ def test_interpret_mode_poisons_outputs():
         def _():
             o_ref[...] = x_ref[...]
 
-    out = pl.pallas_call(kernel, grid=(2,), in_specs=[pl.BlockSpec((8,), lambda i: (i,))],
-                         out_specs=pl.BlockSpec((8,), lambda i: (i,)),
-                         out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), interpret=True)(jnp.ones(16))
+    out = pl.pallas_call(
+        kernel,
+        grid=(2,),
+        in_specs=[pl.BlockSpec((8,), lambda i: (i,))],
+        out_specs=pl.BlockSpec((8,), lambda i: (i,)),
+        out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+        interpret=True,
+    )(jnp.ones(16))
     assert np.all(np.asarray(out[:8]) == 1) and np.all(np.isnan(np.asarray(out[8:])))
 
 
 @pytest.mark.skipif(not _compat.has_tpu_interpreter(), reason="this jax has no TPU interpret mode")
-@pytest.mark.parametrize("spec,heads,lengths", [(MaskSpec(causal=True, window=50), None, [100, 30]),
-                                                (MaskSpec(q_offset=32, mask_block=(32, 64)), 2, None)])
+@pytest.mark.parametrize(
+    "spec,heads,lengths",
+    [(MaskSpec(causal=True, window=50), None, [100, 30]), (MaskSpec(q_offset=32, mask_block=(32, 64)), 2, None)],
+)
 def test_mosaic_tpu_interpret(rng, spec, heads, lengths):
     bm = None if heads is None else rng.random((heads, 2, 2)) < 0.6
     _run(rng, 2, 64, 128, 2, 1, 32, jnp.float32, spec, bm, lengths, backend="mosaic_tpu")
@@ -114,8 +137,9 @@ def test_gpu_lowering(backend, spec):
     bs = bsa.BlockSizes.get_default(backend)
     meta = build_block_metadata(spec, t, s, bs.meta_block_q(backend), bs.block_kv)
     m = tuple(jnp.asarray(a) for a in meta[:3])
-    fn = lambda q, k, v, m, ln: bsa._block_sparse_jit(q, k, v, m, ln, spec=spec, scale=0.1, bs=bs, backend=backend,  # noqa
-                                                     has_lengths=True, interpret=False)
+    fn = lambda q, k, v, m, ln: bsa._block_sparse_jit(
+        q, k, v, m, ln, spec=spec, scale=0.1, bs=bs, backend=backend, has_lengths=True, interpret=False
+    )
     q = jnp.zeros((b, t, nq, h), jnp.bfloat16)
     kv = jnp.zeros((b, s, n, h), jnp.bfloat16)
     text = lower_for("cuda", fn, q, kv, kv, m, jnp.array([s]))
@@ -125,7 +149,7 @@ def test_gpu_lowering(backend, spec):
 def test_bad_inputs_name_the_values():
     q = jnp.zeros((1, 64, 4, 32))
     k = jnp.zeros((1, 64, 2, 32))
-    run = lambda q, k, v, **kw: bsa.block_sparse_attention(q, k, v, block_sizes=SMALL, interpret=True, **kw)  # noqa
+    run = lambda q, k, v, **kw: bsa.block_sparse_attention(q, k, v, block_sizes=SMALL, interpret=True, **kw)
     with pytest.raises(ValueError, match=r"q_len=48 must be a multiple of the query block 32"):
         run(q[:, :48], k, k)
     with pytest.raises(ValueError, match=r"kv_len=40 must be a multiple of block_kv=32"):
@@ -137,8 +161,9 @@ def test_bad_inputs_name_the_values():
     with pytest.raises(ValueError, match=r"q, k, v dtypes must match; got float32, bfloat16"):
         run(q, k.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
     with pytest.raises(ValueError, match=r"dtype=float32 is not supported on mosaic_gpu"):
-        bsa.block_sparse_attention(jnp.zeros((1, 128, 4, 64)), jnp.zeros((1, 128, 2, 64)), jnp.zeros((1, 128, 2, 64)),
-                                   backend="mosaic_gpu")
+        bsa.block_sparse_attention(
+            jnp.zeros((1, 128, 4, 64)), jnp.zeros((1, 128, 2, 64)), jnp.zeros((1, 128, 2, 64)), backend="mosaic_gpu"
+        )
     with pytest.raises(ValueError, match=r"head_dim=24 must be a power of two >= 16 for the triton backend"):
         run(jnp.zeros((1, 64, 4, 24)), jnp.zeros((1, 64, 2, 24)), jnp.zeros((1, 64, 2, 24)))
     with pytest.raises(ValueError, match=r"kv_lengths must be an integer array of shape \[B\]=\(1,\)"):

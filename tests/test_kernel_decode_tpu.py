@@ -19,8 +19,9 @@ from kvjax.pallas_kernels import sparse_decode_attention as sda
 from kvjax.pallas_kernels.sparse_decode_attention_tpu import clean_selection
 from kvjax.pallas_kernels.testing import assert_attention_close, lower_for
 
-pytestmark = pytest.mark.skipif(not _compat.has_tpu_interpreter(),
-                                reason=f"jax {jax.__version__} has no TPU interpret mode (pltpu.InterpretParams)")
+pytestmark = pytest.mark.skipif(
+    not _compat.has_tpu_interpreter(), reason=f"jax {jax.__version__} has no TPU interpret mode (pltpu.InterpretParams)"
+)
 
 TPU = dict(backend="mosaic_tpu", interpret=True)
 # The references jitted: one compile per case instead of one per op (seconds per case on CPU).
@@ -87,8 +88,19 @@ def test_sparse_positions(rng, window=50):
     kp = np.stack([np.stack([rng.permutation(s) for _ in range(n)]) for _ in range(b)]).astype(np.int32)
     kp[rng.random(kp.shape) < 0.25] = -1
     kp, qp = jnp.asarray(kp), jnp.asarray([[90, 91], [-1, 127]], jnp.int32)
-    _check_sparse(q, k, v, idx, lens, block_size=bs, block_counts=counts, k_pos=kp, q_pos=qp, window=window,
-                  what=f"positions window={window}")
+    _check_sparse(
+        q,
+        k,
+        v,
+        idx,
+        lens,
+        block_size=bs,
+        block_counts=counts,
+        k_pos=kp,
+        q_pos=qp,
+        window=window,
+        what=f"positions window={window}",
+    )
     out, lse = attention_kernels._decode(q, k, v, qp, kp, window, None, True, bs, backend="mosaic_tpu")
     want = jax.jit(attention.attention_reference, static_argnames=("window",))(q, k, v, qp, kp, window=window)
     assert_attention_close(out, lse, want.out, want.lse, jnp.float32, "attention_kernels decode on mosaic_tpu")
@@ -98,8 +110,9 @@ def test_clean_selection():
     """Kept = listed, in range, before the length, first occurrence; sorted, packed, and the
     tail repeats the last kept block (no new DMA); nothing kept -> block 0."""
     idx = jnp.asarray([[[5, 1, 5, -2, 3, 7]], [[9, 9, 9, 9, 9, 9]]], jnp.int32)
-    got, kept = clean_selection(idx, jnp.asarray([[5], [6]]), jnp.asarray([[7 * 8 + 1], [72]]), block_size=8,
-                                num_blocks=10)
+    got, kept = clean_selection(
+        idx, jnp.asarray([[5], [6]]), jnp.asarray([[7 * 8 + 1], [72]]), block_size=8, num_blocks=10
+    )
     np.testing.assert_array_equal(kept, [[3], [0]])
     np.testing.assert_array_equal(got, [[[1, 3, 5, 5, 5, 5]], [[0, 0, 0, 0, 0, 0]]])
 
@@ -119,9 +132,15 @@ def test_sparse_bad_inputs_name_the_values():
 def _cache(rng, b, n, s, h, bits, gk, gv, dtype):
     kc = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (b, n, s, h))), bits, axis=2)
     vc = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (b, n, s, h))), bits, axis=3)
-    u = lambda *shape: jnp.asarray(rng.random(shape) * 2.0 / 2**bits, jnp.float32).astype(dtype)  # noqa: E731
-    return kc, u(b, n, s // gk, h), _normal(rng, dtype, b, n, s // gk, h), vc, u(b, n, s, h // gv), \
-        _normal(rng, dtype, b, n, s, h // gv)
+    u = lambda *shape: jnp.asarray(rng.random(shape) * 2.0 / 2**bits, jnp.float32).astype(dtype)
+    return (
+        kc,
+        u(b, n, s // gk, h),
+        _normal(rng, dtype, b, n, s // gk, h),
+        vc,
+        u(b, n, s, h // gv),
+        _normal(rng, dtype, b, n, s, h // gv),
+    )
 
 
 # (bits, dtype, GQA ratio, T, residual R or 0, Gk, Gv, H, block_s or None = default):
@@ -136,8 +155,11 @@ QCASES = [
 ]
 
 
-@pytest.mark.parametrize("bits,dtype,g,t,r,gk,gv,h,bs", QCASES,
-                         ids=[f"kivi{c[0]}-{jnp.dtype(c[1]).name}-g{c[2]}-t{c[3]}-r{c[4]}" for c in QCASES])
+@pytest.mark.parametrize(
+    "bits,dtype,g,t,r,gk,gv,h,bs",
+    QCASES,
+    ids=[f"kivi{c[0]}-{jnp.dtype(c[1]).name}-g{c[2]}-t{c[3]}-r{c[4]}" for c in QCASES],
+)
 def test_quantized(rng, bits, dtype, g, t, r, gk, gv, h, bs):
     b, n, s = 2, 2, 256
     cache = _cache(rng, b, n, s, h, bits, gk, gv, dtype)
@@ -147,8 +169,11 @@ def test_quantized(rng, bits, dtype, g, t, r, gk, gv, h, bs):
     if r:
         rl = rng.integers(0, r + 1, (b, n))
         rl.flat[0], rl.flat[1] = 0, r  # an empty head (with lens 0: sees nothing) and a full window
-        res = dict(k_res=_normal(rng, dtype, b, n, r, h), v_res=_normal(rng, dtype, b, n, r, h),
-                   res_lengths=jnp.asarray(rl, jnp.int32))
+        res = dict(
+            k_res=_normal(rng, dtype, b, n, r, h),
+            v_res=_normal(rng, dtype, b, n, r, h),
+            res_lengths=jnp.asarray(rl, jnp.int32),
+        )
     blk = None if bs is None else qda.DecodeBlockSizes(block_s=bs)
     out, lse = qda.quantized_decode_attention(q, *cache, lens, bits=bits, block_sizes=blk, **res, **TPU)
     ref_out, ref_lse = quantized_reference(q, *cache, lens, bits=bits, **res)
@@ -186,6 +211,7 @@ def fake_tpu_info(monkeypatch):
     """The Mosaic lowering asks the default device's TPU generation; on CPU, answer v5e."""
     try:
         from jax._src.pallas.mosaic import tpu_info
+
         info = functools.partial(tpu_info.get_tpu_info_for_chip, tpu_info.ChipVersion.TPU_V5E, 1)
         registry = tpu_info.registry
     except (ImportError, AttributeError) as e:  # private API moved
@@ -204,12 +230,22 @@ def test_quantized_mosaic_lowering(fake_tpu_info, bits):
 
     b, nq, n, s, h, g, r = 8, 32, 8, 131072, 128, 32, 128
     pw, z, bf = 32 // bits, jnp.zeros, jnp.bfloat16
-    args = (z((b, 1, nq, h), bf), z((b, n, s // pw, h), jnp.uint32), z((b, n, s // g, h), bf),
-            z((b, n, s // g, h), bf), z((b, n, s, h // pw), jnp.uint32), z((b, n, s, h // g), bf),
-            z((b, n, s, h // g), bf), z((b, n), jnp.int32), z((b, n, r, h), bf), z((b, n, r, h), bf),
-            z((b, n), jnp.int32))
-    fn = functools.partial(_quantized_decode_tpu_jit, bits=bits, scale=0.1, block_s=512, dequant_f32=False,
-                           interpret=False)
+    args = (
+        z((b, 1, nq, h), bf),
+        z((b, n, s // pw, h), jnp.uint32),
+        z((b, n, s // g, h), bf),
+        z((b, n, s // g, h), bf),
+        z((b, n, s, h // pw), jnp.uint32),
+        z((b, n, s, h // g), bf),
+        z((b, n, s, h // g), bf),
+        z((b, n), jnp.int32),
+        z((b, n, r, h), bf),
+        z((b, n, r, h), bf),
+        z((b, n), jnp.int32),
+    )
+    fn = functools.partial(
+        _quantized_decode_tpu_jit, bits=bits, scale=0.1, block_s=512, dequant_f32=False, interpret=False
+    )
     assert "tpu_custom_call" in lower_for("tpu", fn, *args)
 
 
@@ -219,7 +255,16 @@ def test_sparse_mosaic_lowering(fake_tpu_info):
     b, nq, n, s, h = 8, 32, 8, 131072, 128
     z = jnp.zeros
     fn = functools.partial(_sparse_decode_tpu_jit, block_size=512, scale=0.1, window=4096, interpret=False)
-    text = lower_for("tpu", fn, z((b, 1, nq, h), jnp.bfloat16), z((b, n, s, h), jnp.bfloat16),
-                     z((b, n, s, h), jnp.bfloat16), z((b, n, 32), jnp.int32), z((b, n), jnp.int32),
-                     z((b, n), jnp.int32), z((b, n, s), jnp.int32), z((b, 1), jnp.int32))
+    text = lower_for(
+        "tpu",
+        fn,
+        z((b, 1, nq, h), jnp.bfloat16),
+        z((b, n, s, h), jnp.bfloat16),
+        z((b, n, s, h), jnp.bfloat16),
+        z((b, n, 32), jnp.int32),
+        z((b, n), jnp.int32),
+        z((b, n), jnp.int32),
+        z((b, n, s), jnp.int32),
+        z((b, 1), jnp.int32),
+    )
     assert "tpu_custom_call" in text

@@ -43,8 +43,10 @@ def kernel_runs(monkeypatch):
 
 
 def _both(q, k, v, qp, kp, **kw):
-    return (attention.attend(q, k, v, qp, kp, implementation="pallas", **kw),
-            attention.attend(q, k, v, qp, kp, implementation="xla", **kw))
+    return (
+        attention.attend(q, k, v, qp, kp, implementation="pallas", **kw),
+        attention.attend(q, k, v, qp, kp, implementation="xla", **kw),
+    )
 
 
 @pytest.mark.parametrize("window", [None, 24])

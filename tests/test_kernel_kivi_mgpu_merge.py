@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kivi_mgpu_model import model_partials, random_cache, warp_summed
 
 from kvjax.pallas_kernels import quantized_decode_attention as qda
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
 from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble, residual_partial
 from kvjax.pallas_kernels._kivi_mgpu_merge import merge_partials
 from kvjax.pallas_kernels.testing import assert_attention_close
-from kivi_mgpu_model import model_partials, random_cache, warp_summed
 
 
 def test_residual_window_part_matches_the_reference(rng):
@@ -26,23 +26,27 @@ def test_residual_window_part_matches_the_reference(rng):
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
     kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
     rl = jnp.asarray([[32, 5], [2, 0]], jnp.int32)
-    _, qr, rows_q, _ = mg.query_columns(q, n)
+    _, qr, _rows_q, _ = mg.query_columns(q, n)
     out, lse = residual_partial(qr, kr, vr, rl, t=t, scale=h**-0.5)
     gq = nq // n
     out = out[:, :, 0].reshape(b, n, t, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, t, nq, h)
     lse = lse[:, :, 0].reshape(b, n, t, gq).transpose(0, 2, 1, 3).reshape(b, t, nq)
-    ro, rlse = qda.quantized_decode_attention_reference(q, *cache, jnp.zeros((b, n), jnp.int32), bits=2, k_res=kr,
-                                                        v_res=vr, res_lengths=rl)
+    ro, rlse = qda.quantized_decode_attention_reference(
+        q, *cache, jnp.zeros((b, n), jnp.int32), bits=2, k_res=kr, v_res=vr, res_lengths=rl
+    )
     assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, "residual part")  # the reference returns bf16
 
 
-@pytest.mark.parametrize("bits,t,nq,n,h,gk,gv,r,row_stride", [
-    (2, 1, 8, 2, 128, 32, 32, 32, 16),    # GQA 4, the benchmark's groups, a residual window
-    (2, 1, 8, 2, 128, 32, 32, 32, 1),     # the same, column sums per thread (warp_sums=False)
-    (4, 2, 4, 2, 64, 64, 64, 16, 16),     # speculative T=2, one value group
-    (2, 1, 6, 2, 64, 32, 32, None, 1),    # GQA 3: rows padded to 4, no residual window
-    (2, 3, 4, 2, 64, 16, 16, 48, 16),     # T=3: six rows padded to 8; a window of 3 chunks, ragged
-])
+@pytest.mark.parametrize(
+    "bits,t,nq,n,h,gk,gv,r,row_stride",
+    [
+        (2, 1, 8, 2, 128, 32, 32, 32, 16),  # GQA 4, the benchmark's groups, a residual window
+        (2, 1, 8, 2, 128, 32, 32, 32, 1),  # the same, column sums per thread (warp_sums=False)
+        (4, 2, 4, 2, 64, 64, 64, 16, 16),  # speculative T=2, one value group
+        (2, 1, 6, 2, 64, 32, 32, None, 1),  # GQA 3: rows padded to 4, no residual window
+        (2, 3, 4, 2, 64, 16, 16, 48, 16),  # T=3: six rows padded to 8; a window of 3 chunks, ragged
+    ],
+)
 def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r, row_stride):
     """`_kivi_mgpu_merge.merge_partials` (one Triton kernel, interpret mode here) equals its jnp
     reference — `assemble` with `residual_partial` — on the kernel model's partials (column sums
@@ -56,8 +60,12 @@ def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r
     lengths = jnp.asarray([[s, 100], [0, 77]], jnp.int32)  # splits past a row's length stay empty
     qb, qr, rows_q, rows_p = mg.query_columns(q, n)
     scale = h**-0.5
-    parts = tuple(map(jnp.asarray, model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p,
-                                                   splits=splits, scale=scale)))
+    parts = tuple(
+        map(
+            jnp.asarray,
+            model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=scale),
+        )
+    )
     parts = warp_summed(parts) if row_stride == 16 else parts
     res, residual = (), None
     if r is not None:
@@ -67,39 +75,55 @@ def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r
         res = (kr, vr, rl if t != 2 else jnp.asarray([r + 5, 0], jnp.int32))  # [B] lengths, one past R
         if t == 2:
             residual = residual_partial(qr, kr, vr, jnp.asarray([[r, r], [0, 0]], jnp.int32), t=t, scale=scale)
-    want, want_lse = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual,
-                              row_stride=row_stride)
-    got, got_lse = merge_partials(parts, qr, *res, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, scale=scale,
-                                  row_stride=row_stride, out_dtype=jnp.float32, interpret=True)
+    want, want_lse = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual, row_stride=row_stride)
+    got, got_lse = merge_partials(
+        parts,
+        qr,
+        *res,
+        rows_q=rows_q,
+        rows_p=rows_p,
+        gv=gv,
+        t=t,
+        scale=scale,
+        row_stride=row_stride,
+        out_dtype=jnp.float32,
+        interpret=True,
+    )
     assert_attention_close(got, got_lse, want, want_lse, jnp.float32, "triton merge")
     if r is not None:  # (row 1, head 0): nothing seen
         assert not np.isfinite(np.asarray(got_lse)[1, -1, : nq // n]).any()
 
 
-@pytest.mark.parametrize("b,n,s,tps,gk,want", [
-    (8, 8, 131072, 2, 32, 8),     # the benchmark: one wave, 16k tokens a split
-    (64, 8, 131072, 2, 32, 8),    # a big batch: the length bound alone
-    (2, 8, 524288, 2, 32, 32),    # a long context: the length bound
-    (1, 8, 131072, 2, 32, 64),    # a small batch: the wave
-    (8, 8, 4096, 2, 32, 8),
-    (2, 2, 256, 2, 128, 2),       # four tiles, two a step: two splits at most
-])
+@pytest.mark.parametrize(
+    "b,n,s,tps,gk,want",
+    [
+        (8, 8, 131072, 2, 32, 8),  # the benchmark: one wave, 16k tokens a split
+        (64, 8, 131072, 2, 32, 8),  # a big batch: the length bound alone
+        (2, 8, 524288, 2, 32, 32),  # a long context: the length bound
+        (1, 8, 131072, 2, 32, 64),  # a small batch: the wave
+        (8, 8, 4096, 2, 32, 8),
+        (2, 2, 256, 2, 128, 2),  # four tiles, two a step: two splits at most
+    ],
+)
 def test_default_splits_fill_one_wave_and_bound_the_split_length(b, n, s, tps, gk, want):
     """More splits cost the merge; longer ones lose precision (the value accumulator carries the
     codes' offset: `SPLIT_TOKENS`)."""
     assert mg.default_splits(b, n, s, tps, gk) == want
 
 
-@pytest.mark.parametrize("bits,h,s,gk,fold,tps,stages", [
-    (2, 128, 131072, 32, False, 4, 2),   # the benchmark at G=32: 16 KB steps, two of them
-    (2, 128, 131072, 128, True, 2, 4),   # folded: 4 tiles took the kernel to 129 registers
-    (4, 128, 131072, 32, False, 2, 2),
-    (4, 128, 131072, 128, True, 1, 4),
-    (8, 128, 131072, 32, False, 1, 2),   # 8-bit: 16 KB a tile
-    (2, 64, 131072, 32, False, 4, 4),    # H=64: 8 KB steps leave room for 4 stages
-    (2, 128, 384, 32, False, 2, 4),      # 6 tiles: 4 does not divide them
-    (2, 128, 4096, 256, False, 4, 2),    # a key group over 4 tiles
-])
+@pytest.mark.parametrize(
+    "bits,h,s,gk,fold,tps,stages",
+    [
+        (2, 128, 131072, 32, False, 4, 2),  # the benchmark at G=32: 16 KB steps, two of them
+        (2, 128, 131072, 128, True, 2, 4),  # folded: 4 tiles took the kernel to 129 registers
+        (4, 128, 131072, 32, False, 2, 2),
+        (4, 128, 131072, 128, True, 1, 4),
+        (8, 128, 131072, 32, False, 1, 2),  # 8-bit: 16 KB a tile
+        (2, 64, 131072, 32, False, 4, 4),  # H=64: 8 KB steps leave room for 4 stages
+        (2, 128, 384, 32, False, 2, 4),  # 6 tiles: 4 does not divide them
+        (2, 128, 4096, 256, False, 4, 2),  # a key group over 4 tiles
+    ],
+)
 def test_default_steps(bits, h, s, gk, fold, tps, stages):
     """tiles_per_step=None and stages=None: bigger steps where the key scales are not folded
     (BENCHMARKS.md), 2 stages once a step's codes take 16 KB (4 CTAs per SM in shared memory)."""
@@ -136,9 +160,15 @@ def test_code_positions_give_exact_offset_codes(rng, which, bits):
 
 @pytest.mark.slow
 @settings(max_examples=5, deadline=None)
-@given(t=st.integers(1, 3), gq=st.sampled_from([1, 2, 4]), gv=st.sampled_from([16, 32, 64]),
-       splits=st.sampled_from([1, 2, 4]), r=st.sampled_from([None, 16, 32, 48, 80]),
-       row_stride=st.sampled_from([1, 16]), seed=st.integers(0, 2**31 - 1))
+@given(
+    t=st.integers(1, 3),
+    gq=st.sampled_from([1, 2, 4]),
+    gv=st.sampled_from([16, 32, 64]),
+    splits=st.sampled_from([1, 2, 4]),
+    r=st.sampled_from([None, 16, 32, 48, 80]),
+    row_stride=st.sampled_from([1, 16]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_triton_merge_hypothesis(t, gq, gv, splits, r, row_stride, seed):
     """Drawn shapes: speculative rows, GQA, value groups, split counts, residual windows and
     ragged lengths (zeros included) — the Triton merge equals its jnp reference."""
@@ -148,8 +178,12 @@ def test_triton_merge_hypothesis(t, gq, gv, splits, r, row_stride, seed):
     q = jnp.asarray(rng.standard_normal((b, t, gq * n, h)), jnp.float32).astype(jnp.bfloat16)
     lengths = jnp.asarray(rng.integers(0, s + 1, (b, n)), jnp.int32)
     qb, qr, rows_q, rows_p = mg.query_columns(q, n)
-    parts = tuple(map(jnp.asarray, model_partials(qb, fr, lengths, bits=bits, gk=32, gv=gv, rows_q=rows_p,
-                                                  splits=splits, scale=h**-0.5)))
+    parts = tuple(
+        map(
+            jnp.asarray,
+            model_partials(qb, fr, lengths, bits=bits, gk=32, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5),
+        )
+    )
     parts = warp_summed(parts) if row_stride == 16 else parts
     res, residual = (), None
     if r is not None:
@@ -157,8 +191,19 @@ def test_triton_merge_hypothesis(t, gq, gv, splits, r, row_stride, seed):
         rl = jnp.asarray(rng.integers(0, r + 1, (b, n)), jnp.int32)
         res, residual = (kr, vr, rl), residual_partial(qr, kr, vr, rl, t=t, scale=h**-0.5)
     want = assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual, row_stride=row_stride)
-    got = merge_partials(parts, qr, *res, rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, scale=h**-0.5,
-                         row_stride=row_stride, out_dtype=jnp.float32, interpret=True)
+    got = merge_partials(
+        parts,
+        qr,
+        *res,
+        rows_q=rows_q,
+        rows_p=rows_p,
+        gv=gv,
+        t=t,
+        scale=h**-0.5,
+        row_stride=row_stride,
+        out_dtype=jnp.float32,
+        interpret=True,
+    )
     assert_attention_close(*got, *want, jnp.float32, f"triton merge {t=} {gq=} {gv=} {splits=} {r=} {row_stride=}")
 
 
@@ -166,14 +211,40 @@ def test_merge_names_a_size_triton_cannot_block():
     z = jnp.zeros
     parts = (z((1, 1, 2, 64, 16)), z((1, 1, 2, 64, 16)), z((1, 1, 2, 64, 8)), z((1, 1, 2, 64, 8)))
     with pytest.raises(ValueError, match=r"row_stride=12 must be a power of two"):
-        merge_partials(parts, z((1, 1, 4, 64), jnp.bfloat16), rows_q=4, rows_p=4, gv=32, t=1, scale=0.125,
-                       row_stride=12, interpret=True)
+        merge_partials(
+            parts,
+            z((1, 1, 4, 64), jnp.bfloat16),
+            rows_q=4,
+            rows_p=4,
+            gv=32,
+            t=1,
+            scale=0.125,
+            row_stride=12,
+            interpret=True,
+        )
     with pytest.raises(ValueError, match=r"row_stride=128 must be at most the partials' 64 rows"):
-        merge_partials(parts, z((1, 1, 4, 64), jnp.bfloat16), rows_q=4, rows_p=4, gv=32, t=1, scale=0.125,
-                       row_stride=128, interpret=True)
+        merge_partials(
+            parts,
+            z((1, 1, 4, 64), jnp.bfloat16),
+            rows_q=4,
+            rows_p=4,
+            gv=32,
+            t=1,
+            scale=0.125,
+            row_stride=128,
+            interpret=True,
+        )
     with pytest.raises(ValueError, match=r"splits P=3 must be a power of two"):
-        merge_partials(tuple(x[:, :, :1].repeat(3, axis=2) for x in parts), z((1, 1, 4, 64), jnp.bfloat16),
-                       rows_q=4, rows_p=4, gv=32, t=1, scale=0.125, interpret=True)
+        merge_partials(
+            tuple(x[:, :, :1].repeat(3, axis=2) for x in parts),
+            z((1, 1, 4, 64), jnp.bfloat16),
+            rows_q=4,
+            rows_p=4,
+            gv=32,
+            t=1,
+            scale=0.125,
+            interpret=True,
+        )
 
 
 @pytest.mark.parametrize("r,want", [(192, 64), (128, 128), (512, 128), (48, 16), (130, 2)])

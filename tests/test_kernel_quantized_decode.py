@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvjax.pallas_kernels import packing
 from kvjax.pallas_kernels import quantized_decode_attention as qda
@@ -17,13 +18,29 @@ from kvjax.pallas_kernels.testing import INTERPRET, assert_attention_close, lowe
 def _cache(rng, b, n, s, h, bits, gk, gv, dtype):
     kc = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (b, n, s, h))), bits, axis=2)
     vc = packing.pack(jnp.asarray(rng.integers(0, 2**bits, (b, n, s, h))), bits, axis=3)
-    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)  # noqa: E731
-    u = lambda *shape: jnp.asarray(rng.random(shape) * 2.0 / 2**bits, jnp.float32).astype(dtype)  # noqa: E731
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+    u = lambda *shape: jnp.asarray(rng.random(shape) * 2.0 / 2**bits, jnp.float32).astype(dtype)
     return kc, u(b, n, s // gk, h), f(b, n, s // gk, h), vc, u(b, n, s, h // gv), f(b, n, s, h // gv)
 
 
-def _run(rng, *, bits, b=2, t=1, nq=4, n=2, s=256, h=32, gk=32, gv=16, r=16, dtype=jnp.float32, per_head=True,
-         residual=True, blk=qda.DecodeBlockSizes(block_s=64, num_splits=2)):
+def _run(
+    rng,
+    *,
+    bits,
+    b=2,
+    t=1,
+    nq=4,
+    n=2,
+    s=256,
+    h=32,
+    gk=32,
+    gv=16,
+    r=16,
+    dtype=jnp.float32,
+    per_head=True,
+    residual=True,
+    blk=qda.DecodeBlockSizes(block_s=64, num_splits=2),
+):
     cache = _cache(rng, b, n, s, h, bits, gk, gv, dtype)
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(dtype)
     lens = rng.integers(0, s + 1, (b, n) if per_head else (b,))
@@ -32,10 +49,12 @@ def _run(rng, *, bits, b=2, t=1, nq=4, n=2, s=256, h=32, gk=32, gv=16, r=16, dty
     if residual:
         kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(dtype) for _ in range(2))
         res = dict(k_res=kr, v_res=vr, res_lengths=jnp.asarray(rng.integers(0, r + 1, (b,)), jnp.int32))
-    out, lse = qda.quantized_decode_attention(q, *cache, jnp.asarray(lens, jnp.int32), bits=bits, block_sizes=blk,
-                                              interpret=INTERPRET, **res)
-    ref_out, ref_lse = qda.quantized_decode_attention_reference(q, *cache, jnp.asarray(lens, jnp.int32), bits=bits,
-                                                                **res)
+    out, lse = qda.quantized_decode_attention(
+        q, *cache, jnp.asarray(lens, jnp.int32), bits=bits, block_sizes=blk, interpret=INTERPRET, **res
+    )
+    ref_out, ref_lse = qda.quantized_decode_attention_reference(
+        q, *cache, jnp.asarray(lens, jnp.int32), bits=bits, **res
+    )
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == q.shape[:3]
     assert_attention_close(out, lse, ref_out, ref_lse, dtype, f"kivi{bits}")
 
@@ -46,27 +65,50 @@ def test_bits_and_dtypes(rng, bits, dtype):
     _run(rng, bits=bits, dtype=dtype)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(bits=2, t=3, nq=2, n=2, per_head=False),                     # speculative T=3, no GQA, lengths [B]
-    dict(bits=4, t=2, nq=8, n=1, gk=128, s=256),                      # GQA 8, Gk > block
-    dict(bits=2, residual=False, gk=64, gv=32),                       # no residual window
-    dict(bits=8, h=64, blk=qda.DecodeBlockSizes(block_s=32, num_splits=1, unpack="rows", convert="magic")),
-    dict(bits=4, blk=qda.DecodeBlockSizes(block_s=128, num_splits=None, num_warps=4, unpack="grouped",
-                                          convert="mantissa")),
-    dict(bits=8, t=2, blk=qda.DecodeBlockSizes(block_s=64, num_splits=2, unpack="grouped", convert="magic")),
-    dict(bits=2, b=1, blk=qda.DecodeBlockSizes(block_s=16, num_splits=4, unpack="grouped", dequant_f32=True)),
-], ids=["spec3", "gqa8", "nores", "rows8", "grouped_mantissa4", "grouped_magic8", "grouped_bs16_f32"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(bits=2, t=3, nq=2, n=2, per_head=False),  # speculative T=3, no GQA, lengths [B]
+        dict(bits=4, t=2, nq=8, n=1, gk=128, s=256),  # GQA 8, Gk > block
+        dict(bits=2, residual=False, gk=64, gv=32),  # no residual window
+        dict(bits=8, h=64, blk=qda.DecodeBlockSizes(block_s=32, num_splits=1, unpack="rows", convert="magic")),
+        dict(
+            bits=4,
+            blk=qda.DecodeBlockSizes(block_s=128, num_splits=None, num_warps=4, unpack="grouped", convert="mantissa"),
+        ),
+        dict(bits=8, t=2, blk=qda.DecodeBlockSizes(block_s=64, num_splits=2, unpack="grouped", convert="magic")),
+        dict(bits=2, b=1, blk=qda.DecodeBlockSizes(block_s=16, num_splits=4, unpack="grouped", dequant_f32=True)),
+    ],
+    ids=["spec3", "gqa8", "nores", "rows8", "grouped_mantissa4", "grouped_magic8", "grouped_bs16_f32"],
+)
 def test_variants(rng, kw):
     _run(rng, **kw)
 
 
 @pytest.mark.slow
 @settings(max_examples=5, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), t=st.integers(1, 3), g=st.sampled_from([1, 4]), n=st.integers(1, 2),
-       nblk=st.integers(1, 4), gk=st.sampled_from([32, 64]), residual=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    t=st.integers(1, 3),
+    g=st.sampled_from([1, 4]),
+    n=st.integers(1, 2),
+    nblk=st.integers(1, 4),
+    gk=st.sampled_from([32, 64]),
+    residual=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_hypothesis(bits, t, g, n, nblk, gk, residual, seed):
-    _run(np.random.default_rng(seed), bits=bits, t=t, nq=g * n, n=n, s=64 * nblk, gk=gk, residual=residual,
-         blk=qda.DecodeBlockSizes(block_s=64, num_splits=nblk if nblk != 3 else 1))
+    _run(
+        np.random.default_rng(seed),
+        bits=bits,
+        t=t,
+        nq=g * n,
+        n=n,
+        s=64 * nblk,
+        gk=gk,
+        residual=residual,
+        blk=qda.DecodeBlockSizes(block_s=64, num_splits=nblk if nblk != 3 else 1),
+    )
 
 
 def test_reference_matches_plain_attention_on_dequantized_cache(rng):
@@ -93,12 +135,22 @@ def test_triton_lowering(bits):
     b, nq, n, s, h, g, r = 8, 32, 8, 131072, 128, 32, 128
     pw = 32 // bits
     z = jnp.zeros
-    args = (z((b, 1, nq, h), jnp.bfloat16), z((b, n, s // pw, h), jnp.uint32), z((b, n, s // g, h), jnp.bfloat16),
-            z((b, n, s // g, h), jnp.bfloat16), z((b, n, s, h // pw), jnp.uint32), z((b, n, s, h // g), jnp.bfloat16),
-            z((b, n, s, h // g), jnp.bfloat16), z((b, n), jnp.int32), z((b, n, r, h), jnp.bfloat16),
-            z((b, n, r, h), jnp.bfloat16), z((b, n), jnp.int32))
-    fn = functools.partial(qda._quantized_decode_jit, bits=bits, scale=0.1, bsz=qda.DecodeBlockSizes(),
-                           backend="triton", interpret=False)
+    args = (
+        z((b, 1, nq, h), jnp.bfloat16),
+        z((b, n, s // pw, h), jnp.uint32),
+        z((b, n, s // g, h), jnp.bfloat16),
+        z((b, n, s // g, h), jnp.bfloat16),
+        z((b, n, s, h // pw), jnp.uint32),
+        z((b, n, s, h // g), jnp.bfloat16),
+        z((b, n, s, h // g), jnp.bfloat16),
+        z((b, n), jnp.int32),
+        z((b, n, r, h), jnp.bfloat16),
+        z((b, n, r, h), jnp.bfloat16),
+        z((b, n), jnp.int32),
+    )
+    fn = functools.partial(
+        qda._quantized_decode_jit, bits=bits, scale=0.1, bsz=qda.DecodeBlockSizes(), backend="triton", interpret=False
+    )
     assert "triton" in lower_for("cuda", fn, *args)
 
 
@@ -107,8 +159,9 @@ def test_bad_inputs_name_the_values(rng):
     kc, ks, kz, vc, vs, vz = _cache(rng, b, n, s, h, bits, 32, 16, jnp.float32)
     q = jnp.zeros((b, 1, 4, h))
     lens = jnp.array([s])
-    call = functools.partial(qda.quantized_decode_attention, interpret=True,
-                             block_sizes=qda.DecodeBlockSizes(block_s=64))
+    call = functools.partial(
+        qda.quantized_decode_attention, interpret=True, block_sizes=qda.DecodeBlockSizes(block_s=64)
+    )
     with pytest.raises(ValueError, match=r"bits=3 is not supported by the quantized decode kernel"):
         call(q, kc, ks, kz, vc, vs, vz, lens, bits=3)
     with pytest.raises(ValueError, match=r"bits=5 is not supported"):
@@ -117,8 +170,11 @@ def test_bad_inputs_name_the_values(rng):
         call(jnp.zeros((b, 1, 3, h)), kc, ks, kz, vc, vs, vz, lens, bits=bits)
     with pytest.raises(ValueError, match=r"k_codes must be a 4-D uint32 array; got int32"):
         call(q, kc.astype(jnp.int32), ks, kz, vc, vs, vz, lens, bits=bits)
-    with pytest.raises(ValueError, match=r"v_codes\(1, 2, 128, 2\) must be \[B, N, S, H/16\] = \(1, 2, 128, 2\) for bits=4"
-                       r"|v_codes\(1, 2, 128, 2\) must be \[B, N, S, H/8\] = \(1, 2, 128, 4\) for bits=4"):
+    with pytest.raises(
+        ValueError,
+        match=r"v_codes\(1, 2, 128, 2\) must be \[B, N, S, H/16\] = \(1, 2, 128, 2\) for bits=4"
+        r"|v_codes\(1, 2, 128, 2\) must be \[B, N, S, H/8\] = \(1, 2, 128, 4\) for bits=4",
+    ):
         call(q, packing.pack(jnp.zeros((b, n, s, h), jnp.int32), 4, 2), ks, kz, vc, vs, vz, lens, bits=4)
     with pytest.raises(ValueError, match=r"k_scale dtype=int32 is not supported"):
         call(q, kc, ks.astype(jnp.int32), kz, vc, vs, vz, lens, bits=bits)
@@ -136,4 +192,3 @@ def test_bad_inputs_name_the_values(rng):
         call(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, k_res=kr)
     with pytest.raises(ValueError, match=r"backend='cuda' is not supported by this kernel"):
         call(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, backend="cuda")
-

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kivi_mgpu_model import codes_from_words, model_partials, query_scale, random_cache
 
+from kvjax.pallas_kernels import _kivi_mgpu_fold as kfold
 from kvjax.pallas_kernels import packing
 from kvjax.pallas_kernels import quantized_decode_attention as qda
-from kvjax.pallas_kernels import _kivi_mgpu_fold as kfold
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
 from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble
 from kvjax.pallas_kernels.testing import assert_attention_close, lower_for
-from kivi_mgpu_model import codes_from_words, model_partials, query_scale, random_cache
 
 
 @pytest.mark.parametrize("m_rows,k_cols", [(64, 128), (128, 64), (64, 64), (256, 64)])
@@ -80,9 +80,15 @@ def test_value_scale_loads_are_free_of_bank_conflicts(h, gv, rows_q):
     nb = mg._value_columns(n_gc, rows_q)
     code = np.arange(tiles * 64 * n_gc, dtype=np.float32).reshape(1, 1, tiles * 64, n_gc)
     ksz = jnp.zeros((1, 1, tiles, h))  # 8-bit codes: f16 scales hold these integers exactly
-    fr = mg.to_fragment_layout(jnp.zeros((1, 1, tiles * 16, h), jnp.uint32), ksz, ksz,
-                               jnp.zeros((1, 1, tiles * 64, h // 4), jnp.uint32), jnp.asarray(code),
-                               jnp.asarray(-1 - code), bits=8)
+    fr = mg.to_fragment_layout(
+        jnp.zeros((1, 1, tiles * 16, h), jnp.uint32),
+        ksz,
+        ksz,
+        jnp.zeros((1, 1, tiles * 64, h // 4), jnp.uint32),
+        jnp.asarray(code),
+        jnp.asarray(-1 - code),
+        bits=8,
+    )
     flat = np.asarray(fr.v_sz, np.float32).reshape(tiles, -1)  # a tile's elements in memory order
     for t in range(tiles):
         where = {float(x): i for i, x in enumerate(flat[t])}
@@ -100,13 +106,16 @@ def test_value_scale_loads_are_free_of_bank_conflicts(h, gv, rows_q):
                         assert all(len(x) == 1 for x in words.values()), (t, which, jt, half, w, words)
 
 
-@pytest.mark.parametrize("bits,t,nq,n,h,gk,gv", [
-    (2, 1, 8, 2, 128, 32, 32),     # GQA 4, the benchmark's groups
-    (4, 2, 4, 2, 64, 64, 64),      # speculative T=2, one value group (columns repeated to 16)
-    (2, 1, 4, 2, 64, 16, 16),      # Gk = 16 (four key groups a tile)
-    (2, 1, 6, 2, 64, 32, 32),      # GQA 3 (SmolLM2): rows padded to 4
-    (8, 1, 8, 2, 128, 32, 32),     # 8-bit codes: f16 operands, 1024-offset codes
-])
+@pytest.mark.parametrize(
+    "bits,t,nq,n,h,gk,gv",
+    [
+        (2, 1, 8, 2, 128, 32, 32),  # GQA 4, the benchmark's groups
+        (4, 2, 4, 2, 64, 64, 64),  # speculative T=2, one value group (columns repeated to 16)
+        (2, 1, 4, 2, 64, 16, 16),  # Gk = 16 (four key groups a tile)
+        (2, 1, 6, 2, 64, 32, 32),  # GQA 3 (SmolLM2): rows padded to 4
+        (8, 1, 8, 2, 128, 32, 32),  # 8-bit codes: f16 operands, 1024-offset codes
+    ],
+)
 def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, gv):
     """The kernel's algebra — key-channel permutation, value scales folded into the probabilities,
     128-offset codes corrected through column sums, repeated columns — finished by the kernel's own
@@ -137,8 +146,9 @@ def test_folded_key_scales_model_matches_reference(rng, gk, t, nq):
     qb, _, rows_q, rows_p = mg.query_columns(q, n)
     assert mg.can_fold_scales(gk, h, t, nq // n) and not mg.can_fold_scales(gk, 64, t, nq // n)
     assert not mg.can_fold_scales(gk, h, t, nq // n, bits=8)  # f16 operands: no fold
-    parts = model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
-                            fold=True)
+    parts = model_partials(
+        qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5, fold=True
+    )
     out, lse = assemble(tuple(map(jnp.asarray, parts)), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t)
     ro, rl = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits)
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi2 G{gk} mgpu folded-scales model")
@@ -152,7 +162,7 @@ def test_folded_query_cancels_the_code_factors(bits, h):
     rng = np.random.default_rng(0)
     f = 2.0 ** np.repeat(np.asarray(kfold.key_offsets(bits, h)), 8)  # per K position
     assert (f > 1).any() == (bits == 2)
-    bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
     qs = bf(rng.standard_normal(h) * rng.uniform(0.01, 1, h))
     code = rng.integers(0, 2**bits, h).astype(np.float32)
     b_folded = bf(qs / f)
@@ -183,8 +193,9 @@ def test_lazy_rescaling_model_matches_reference(rng):
     lengths = jnp.asarray([[s, 700], [0, 77]], jnp.int32)
     qb, _, rows_q, rows_p = mg.query_columns(q, n)
     paths = {}
-    parts = model_partials(qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5,
-                            lazy=True, paths=paths)
+    parts = model_partials(
+        qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5, lazy=True, paths=paths
+    )
     per = s // splits
     first_tiles = int((np.asarray(lengths)[..., None] > per * np.arange(splits)).sum())  # splits with tokens
     assert paths.get("kept", 0) > 0 and paths.get("rescaled", 0) > first_tiles, paths
@@ -202,37 +213,45 @@ def _on_hopper():
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="the Mosaic GPU kernel runs only on a Hopper GPU (CPU: the model above)")
-@pytest.mark.parametrize("bits,t,nq,n,h,gk,gv,lazy,ramp", [
-    (2, 1, 8, 2, 128, 32, 32, True, False),
-    (2, 1, 8, 2, 128, 32, 32, True, True),
-    (2, 1, 8, 2, 128, 32, 32, False, True),
-    (4, 1, 8, 2, 128, 128, 128, True, True),
-    (2, 2, 8, 2, 64, 16, 16, True, False),
-    (4, 4, 4, 2, 128, 64, 32, True, True),
-    (2, 1, 6, 2, 64, 32, 32, True, True),
-    (2, 1, 6, 3, 256, 256, 64, True, False),
-    (8, 1, 8, 2, 128, 32, 32, True, True),      # 8-bit codes: f16 operands
-    (8, 2, 8, 2, 128, 128, 64, True, False),
-    (2, 1, 8, 2, 128, 128, 32, True, True),     # key scales folded into the query, one group a tile
-    (2, 2, 8, 2, 128, 16, 16, True, True),      # folded, four key groups a tile, 8 query rows
-    (2, 1, 4, 2, 128, 32, 32, True, False),     # folded, two key groups a tile, 2 query rows
-])
+@pytest.mark.parametrize(
+    "bits,t,nq,n,h,gk,gv,lazy,ramp",
+    [
+        (2, 1, 8, 2, 128, 32, 32, True, False),
+        (2, 1, 8, 2, 128, 32, 32, True, True),
+        (2, 1, 8, 2, 128, 32, 32, False, True),
+        (4, 1, 8, 2, 128, 128, 128, True, True),
+        (2, 2, 8, 2, 64, 16, 16, True, False),
+        (4, 4, 4, 2, 128, 64, 32, True, True),
+        (2, 1, 6, 2, 64, 32, 32, True, True),
+        (2, 1, 6, 3, 256, 256, 64, True, False),
+        (8, 1, 8, 2, 128, 32, 32, True, True),  # 8-bit codes: f16 operands
+        (8, 2, 8, 2, 128, 128, 64, True, False),
+        (2, 1, 8, 2, 128, 128, 32, True, True),  # key scales folded into the query, one group a tile
+        (2, 2, 8, 2, 128, 16, 16, True, True),  # folded, four key groups a tile, 8 query rows
+        (2, 1, 4, 2, 128, 32, 32, True, False),  # folded, two key groups a tile, 2 query rows
+    ],
+)
 def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy, ramp):
     """The kernel itself on the GPU against the float32 reference: ragged lengths (one row empty,
     one off the tile), a residual window, and (ramp) scores that move the running max again and
     again, with the lazy rescaling on and off."""
     b, s, r = 2, 2048, 64
-    cache, q_scale = _ramped_cache(rng, b, n, s, h, bits, gk, gv) if ramp else (
-        random_cache(rng, b, n, s, h, bits, gk, gv), query_scale(bits))
+    cache, q_scale = (
+        _ramped_cache(rng, b, n, s, h, bits, gk, gv)
+        if ramp
+        else (random_cache(rng, b, n, s, h, bits, gk, gv), query_scale(bits))
+    )
     fr = mg.to_fragment_layout(*cache, bits=bits)
     q = (jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32) * q_scale).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 1000, 0][:n], [77, s - 64, 5][:n]], jnp.int32)
     kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
     rl = jnp.asarray([r, 17], jnp.int32)
-    out, lse = mg.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
-                                                  lazy_rescale=lazy)
-    ro, rlse = qda.quantized_decode_attention_reference(q, *cache, lengths, bits=bits, k_res=kr, v_res=vr,
-                                                        res_lengths=rl)
+    out, lse = mg.quantized_decode_attention_mgpu(
+        q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, lazy_rescale=lazy
+    )
+    ro, rlse = qda.quantized_decode_attention_reference(
+        q, *cache, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl
+    )
     assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, f"kivi{bits} G{gk} mgpu lazy={lazy} ramp={ramp}")
     variants = [dict(lazy_rescale=False)] if lazy else []  # a rescale every tile
     variants.append(dict(lazy_rescale=lazy, merge="xla"))  # the XLA epilogue instead of the Triton merge
@@ -240,72 +259,122 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
     if mg.can_fold_scales(gk, h, t, nq // n, bits):  # dequantized keys against a scaled query, the other way round
         variants.append(dict(lazy_rescale=lazy, fold_scales=not mg.folds_by_default(gk, h, t, nq // n, bits)))
     for kw in variants:  # equal up to bf16 roundings of the probabilities / of the keys or the scaled query
-        other, _ = mg.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
-                                                      **kw)
+        other, _ = mg.quantized_decode_attention_mgpu(
+            q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, **kw
+        )
         o, e = np.asarray(out, np.float32), np.asarray(other, np.float32)
         assert np.linalg.norm(o - e) <= 1e-2 * np.linalg.norm(e), kw
 
 
-@pytest.mark.parametrize("bits,t,gk,h,tps,nq,fold,r,warp_sums", [
-    (2, 1, 32, 128, 2, 8, None, 64, True), (4, 4, 128, 128, 1, 8, None, 64, True),
-    (2, 1, 32, 128, None, 8, None, 64, True), (4, 1, 32, 128, None, 8, None, 64, True),  # default steps: 4 / 2 tiles
-    (2, 2, 16, 64, 4, 8, None, 64, True), (4, 1, 256, 128, 2, 8, None, 64, True),
-    (2, 1, 32, 64, 1, 6, None, 64, True), (2, 1, 128, 128, 2, 8, False, 64, True),
-    (2, 1, 32, 128, 2, 8, True, 64, True), (2, 2, 16, 128, 2, 8, True, 64, True),  # several groups a tile
-    (2, 1, 32, 256, 1, 4, True, 64, True),
-    (2, 1, 32, 128, 2, 8, None, 192, False),  # the KIVI policy's window at G=32 (chunks); sums per thread
-    (8, 1, 32, 128, 1, 8, None, 64, True), (8, 2, 128, 128, 1, 8, None, 64, True),  # 8-bit codes: f16 operands
-])
+@pytest.mark.parametrize(
+    "bits,t,gk,h,tps,nq,fold,r,warp_sums",
+    [
+        (2, 1, 32, 128, 2, 8, None, 64, True),
+        (4, 4, 128, 128, 1, 8, None, 64, True),
+        (2, 1, 32, 128, None, 8, None, 64, True),
+        (4, 1, 32, 128, None, 8, None, 64, True),  # default steps: 4 / 2 tiles
+        (2, 2, 16, 64, 4, 8, None, 64, True),
+        (4, 1, 256, 128, 2, 8, None, 64, True),
+        (2, 1, 32, 64, 1, 6, None, 64, True),
+        (2, 1, 128, 128, 2, 8, False, 64, True),
+        (2, 1, 32, 128, 2, 8, True, 64, True),
+        (2, 2, 16, 128, 2, 8, True, 64, True),  # several groups a tile
+        (2, 1, 32, 256, 1, 4, True, 64, True),
+        (2, 1, 32, 128, 2, 8, None, 192, False),  # the KIVI policy's window at G=32 (chunks); sums per thread
+        (8, 1, 32, 128, 1, 8, None, 64, True),
+        (8, 2, 128, 128, 1, 8, None, 64, True),  # 8-bit codes: f16 operands
+    ],
+)
 def test_lowers_for_cuda(bits, t, gk, h, tps, nq, fold, r, warp_sums):
     b, n, s = 2, 2, 2048
     sds = jax.ShapeDtypeStruct
     w = 64 * h * bits // 32
     dt = mg.operand_dtype(bits)
-    fr = mg.KiviFragments(sds((b, n, s // 64, 2, w), jnp.uint32), sds((b, n, s // gk, 2, h), dt),
-                          sds((b, n, s // 64, 2, 64, h // 32), dt))
+    fr = mg.KiviFragments(
+        sds((b, n, s // 64, 2, w), jnp.uint32), sds((b, n, s // gk, 2, h), dt), sds((b, n, s // 64, 2, 64, h // 32), dt)
+    )
 
     def fn(q, fr, lens, kr, vr, rl):
-        return mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl,
-                                                  num_splits=4, tiles_per_step=tps, fold_scales=fold,
-                                                  warp_sums=warp_sums)
+        return mg.quantized_decode_attention_mgpu(
+            q,
+            fr,
+            lens,
+            bits=bits,
+            k_res=kr,
+            v_res=vr,
+            res_lengths=rl,
+            num_splits=4,
+            tiles_per_step=tps,
+            fold_scales=fold,
+            warp_sums=warp_sums,
+        )
 
-    text = lower_for("cuda", fn, sds((b, t, nq, h), jnp.bfloat16), fr, sds((b,), jnp.int32),
-                     sds((b, n, r, h), jnp.bfloat16), sds((b, n, r, h), jnp.bfloat16), sds((b,), jnp.int32))
+    text = lower_for(
+        "cuda",
+        fn,
+        sds((b, t, nq, h), jnp.bfloat16),
+        fr,
+        sds((b,), jnp.int32),
+        sds((b, n, r, h), jnp.bfloat16),
+        sds((b, n, r, h), jnp.bfloat16),
+        sds((b,), jnp.int32),
+    )
     assert "mosaic_gpu" in text
 
 
 def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
     w = 64 * h * bits // 32
     z = jnp.zeros
-    return mg.KiviFragments(z((b, n, s // 64, 2, w), jnp.uint32), z((b, n, s // gk, 2, h), sz_dtype),
-                            z((b, n, s // 64, 2, 64, h // gv), sz_dtype))
+    return mg.KiviFragments(
+        z((b, n, s // 64, 2, w), jnp.uint32),
+        z((b, n, s // gk, 2, h), sz_dtype),
+        z((b, n, s // 64, 2, 64, h // gv), sz_dtype),
+    )
 
 
-@pytest.mark.parametrize("kw,fr_kw,match", [
-    (dict(bits=3), {}, r"bits=3 is not supported by the Mosaic GPU KIVI kernel"),
-    (dict(dtype=jnp.float32), {}, r"q dtype=float32 is not supported .* expected bfloat16"),
-    (dict(nq=3), {}, r"query heads nq=3 must be a multiple of key/value heads n=2"),
-    (dict(), dict(bits=4), r"words\(1, 2, 4, 2, 1024\) must be \[B, N, S/64, 2, 512\] for bits=2"),
-    (dict(), dict(sz_dtype=jnp.float32), r"k_sz dtype=float32 is not supported .* expected bfloat16"),
-    (dict(tiles_per_step=3), {}, r"tiles_per_step=3 must be 1, 2 or 4"),
-    (dict(), dict(gv=1), r"value group Gv=1 must be even and divide H=128"),
-    (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
-    (dict(fold_scales=True, h=64), dict(h=64), r"fold_scales=True needs 2- or 4-bit codes and a head_dim H of 128 "
-                                               r"or 256 \(got bits=2, H=64\)"),
-    (dict(fold_scales=True, bits=8), dict(bits=8, sz_dtype=jnp.float16), r"fold_scales=True needs .* bits=8, H=128"),
-    (dict(bits=8), dict(bits=8), r"k_sz dtype=bfloat16 is not supported .* for bits=8; expected float16"),
-    (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128 and num_splits=2"),
-    (dict(num_splits=0), {}, r"multiple of num_splits \* tiles_per_step = 0 \* 2"),
-    (dict(stages=0), {}, r"stages=0 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "kw,fr_kw,match",
+    [
+        (dict(bits=3), {}, r"bits=3 is not supported by the Mosaic GPU KIVI kernel"),
+        (dict(dtype=jnp.float32), {}, r"q dtype=float32 is not supported .* expected bfloat16"),
+        (dict(nq=3), {}, r"query heads nq=3 must be a multiple of key/value heads n=2"),
+        (dict(), dict(bits=4), r"words\(1, 2, 4, 2, 1024\) must be \[B, N, S/64, 2, 512\] for bits=2"),
+        (dict(), dict(sz_dtype=jnp.float32), r"k_sz dtype=float32 is not supported .* expected bfloat16"),
+        (dict(tiles_per_step=3), {}, r"tiles_per_step=3 must be 1, 2 or 4"),
+        (dict(), dict(gv=1), r"value group Gv=1 must be even and divide H=128"),
+        (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
+        (
+            dict(fold_scales=True, h=64),
+            dict(h=64),
+            r"fold_scales=True needs 2- or 4-bit codes and a head_dim H of 128 "
+            r"or 256 \(got bits=2, H=64\)",
+        ),
+        (
+            dict(fold_scales=True, bits=8),
+            dict(bits=8, sz_dtype=jnp.float16),
+            r"fold_scales=True needs .* bits=8, H=128",
+        ),
+        (dict(bits=8), dict(bits=8), r"k_sz dtype=bfloat16 is not supported .* for bits=8; expected float16"),
+        (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128 and num_splits=2"),
+        (dict(num_splits=0), {}, r"multiple of num_splits \* tiles_per_step = 0 \* 2"),
+        (dict(stages=0), {}, r"stages=0 must be at least 1"),
+    ],
+)
 def test_bad_input_names_the_value(kw, fr_kw, match):
     bits = kw.get("bits", 2)
     q = jnp.zeros((1, 1, kw.get("nq", 8), kw.get("h", 128)), kw.get("dtype", jnp.bfloat16))
     with pytest.raises(ValueError, match=match):
-        mg.quantized_decode_attention_mgpu(q, _frags(**fr_kw), jnp.array([256]), bits=bits,
-                                           tiles_per_step=kw.get("tiles_per_step", 2),
-                                           fold_scales=kw.get("fold_scales"), merge=kw.get("merge"),
-                                           num_splits=kw.get("num_splits"), stages=kw.get("stages"))
+        mg.quantized_decode_attention_mgpu(
+            q,
+            _frags(**fr_kw),
+            jnp.array([256]),
+            bits=bits,
+            tiles_per_step=kw.get("tiles_per_step", 2),
+            fold_scales=kw.get("fold_scales"),
+            merge=kw.get("merge"),
+            num_splits=kw.get("num_splits"),
+            stages=kw.get("stages"),
+        )
 
 
 def test_scales_of_the_wrong_layout_name_it():

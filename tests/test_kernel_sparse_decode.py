@@ -5,38 +5,63 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvjax.pallas_kernels import sparse_decode_attention as sda
 from kvjax.pallas_kernels.testing import INTERPRET, assert_attention_close, lower_for
 
 
-def _run(rng, *, b=2, t=1, nq=4, n=2, s=256, h=32, bs=32, k=4, dtype=jnp.float32, counts=True, per_head_len=False,
-         splits=2):
-    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)  # noqa: E731
+def _run(
+    rng, *, b=2, t=1, nq=4, n=2, s=256, h=32, bs=32, k=4, dtype=jnp.float32, counts=True, per_head_len=False, splits=2
+):
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
     q, kk, vv = f(b, t, nq, h), f(b, n, s, h), f(b, n, s, h)
-    idx = jnp.asarray(np.stack([[rng.choice(s // bs, k, replace=False) for _ in range(n)] for _ in range(b)]),
-                      jnp.int32)
+    idx = jnp.asarray(
+        np.stack([[rng.choice(s // bs, k, replace=False) for _ in range(n)] for _ in range(b)]), jnp.int32
+    )
     cnt = jnp.asarray(rng.integers(0, k + 1, (b, n)), jnp.int32) if counts else None
     lens = jnp.asarray(rng.integers(0, s + 1, (b, n) if per_head_len else (b,)), jnp.int32)
-    out, lse = sda.sparse_decode_attention(q, kk, vv, idx, lens, block_size=bs, block_counts=cnt,
-                                           block_sizes=sda.SparseDecodeBlockSizes(num_splits=splits),
-                                           interpret=INTERPRET)
+    out, lse = sda.sparse_decode_attention(
+        q,
+        kk,
+        vv,
+        idx,
+        lens,
+        block_size=bs,
+        block_counts=cnt,
+        block_sizes=sda.SparseDecodeBlockSizes(num_splits=splits),
+        interpret=INTERPRET,
+    )
     ref_out, ref_lse = sda.sparse_decode_attention_reference(q, kk, vv, idx, lens, block_size=bs, block_counts=cnt)
     assert out.dtype == dtype
     assert_attention_close(out, lse, ref_out, ref_lse, dtype, "sparse decode")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kw", [dict(), dict(t=3, nq=2, n=2, counts=False, splits=1), dict(nq=8, n=1, bs=64, k=3),
-                                dict(per_head_len=True, splits=3)], ids=["gqa2", "spec3", "gqa8", "ragged"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(t=3, nq=2, n=2, counts=False, splits=1),
+        dict(nq=8, n=1, bs=64, k=3),
+        dict(per_head_len=True, splits=3),
+    ],
+    ids=["gqa2", "spec3", "gqa8", "ragged"],
+)
 def test_grid(rng, dtype, kw):
     _run(rng, dtype=dtype, **kw)
 
 
 @settings(max_examples=4, deadline=None)
-@given(t=st.integers(1, 2), g=st.sampled_from([1, 4]), n=st.integers(1, 2), k=st.integers(1, 6),
-       splits=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+@given(
+    t=st.integers(1, 2),
+    g=st.sampled_from([1, 4]),
+    n=st.integers(1, 2),
+    k=st.integers(1, 6),
+    splits=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_hypothesis(t, g, n, k, splits, seed):
     _run(np.random.default_rng(seed), t=t, nq=g * n, n=n, k=k, splits=splits)
 
@@ -47,7 +72,7 @@ def test_position_masking(rng, t, window):
     """k_pos / q_pos / window: kvjax's visibility rule inside the kernel (shuffled, empty and
     future slots), on top of the block selection and lengths."""
     b, nq, n, s, h, bs = 2, 4, 2, 128, 32, 32
-    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
     q, k, v = f(b, t, nq, h), f(b, n, s, h), f(b, n, s, h)
     kp = np.stack([np.stack([rng.permutation(s) for _ in range(n)]) for _ in range(b)]).astype(np.int32)
     kp[rng.random(kp.shape) < 0.25] = -1
@@ -64,7 +89,7 @@ def test_repeated_and_out_of_range_blocks_count_once(rng):
     """A repeated block number attends once and a negative or past-the-end one not at all, as
     in the reference (the kernel used to clamp and double-count them)."""
     b, nq, n, s, h, bs = 1, 2, 2, 128, 32, 32
-    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
     q, k, v = f(b, 1, nq, h), f(b, n, s, h), f(b, n, s, h)
     idx = jnp.asarray([[[2, 2, 0, 9, -1], [3, 1, 3, 4, 1]]], jnp.int32)
     lens = jnp.asarray([[s, 100]], jnp.int32)
@@ -79,8 +104,9 @@ def test_position_arguments_errors(rng):
     with pytest.raises(ValueError, match="pass both k_pos"):
         sda.sparse_decode_attention(q, k, k, idx, lens, block_size=32, k_pos=jnp.zeros((1, 1, 64), jnp.int32))
     with pytest.raises(ValueError, match=r"k_pos\(1, 64\) must be \[B, N, S\]"):
-        sda.sparse_decode_attention(q, k, k, idx, lens, block_size=32, k_pos=jnp.zeros((1, 64), jnp.int32),
-                                    q_pos=jnp.zeros((1, 1), jnp.int32))
+        sda.sparse_decode_attention(
+            q, k, k, idx, lens, block_size=32, k_pos=jnp.zeros((1, 64), jnp.int32), q_pos=jnp.zeros((1, 1), jnp.int32)
+        )
     with pytest.raises(ValueError, match="window=0 needs k_pos"):
         sda.sparse_decode_attention(q, k, k, idx, lens, block_size=32, window=0)
 
@@ -104,12 +130,26 @@ def test_all_blocks_is_dense_decode(rng):
 def test_triton_lowering(positions):
     b, nq, n, s, h = 8, 32, 8, 131072, 128
     z = jnp.zeros
-    fn = functools.partial(sda._sparse_decode_jit, block_size=64, scale=0.1, bsz=sda.SparseDecodeBlockSizes(),
-                           interpret=False, window=4096 if positions else None)
+    fn = functools.partial(
+        sda._sparse_decode_jit,
+        block_size=64,
+        scale=0.1,
+        bsz=sda.SparseDecodeBlockSizes(),
+        interpret=False,
+        window=4096 if positions else None,
+    )
     pos = (z((b, n, s), jnp.int32), z((b, 1), jnp.int32)) if positions else (None, None)
-    text = lower_for("cuda", fn, z((b, 1, nq, h), jnp.bfloat16), z((b, n, s, h), jnp.bfloat16),
-                     z((b, n, s, h), jnp.bfloat16), z((b, n, 256), jnp.int32), z((b, n), jnp.int32),
-                     z((b, n), jnp.int32), *pos)
+    text = lower_for(
+        "cuda",
+        fn,
+        z((b, 1, nq, h), jnp.bfloat16),
+        z((b, n, s, h), jnp.bfloat16),
+        z((b, n, s, h), jnp.bfloat16),
+        z((b, n, 256), jnp.int32),
+        z((b, n), jnp.int32),
+        z((b, n), jnp.int32),
+        *pos,
+    )
     assert "triton" in text
 
 

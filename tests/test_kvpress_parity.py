@@ -21,13 +21,27 @@ CASES = [
     # (kvpress press factory, kvjax spec, minimum agreement)
     ("StreamingLLMPress", dict(compression_ratio=0.75, n_sink=4), "streaming:budget=0.25,sink=4", 1.0),
     ("KnormPress", dict(compression_ratio=0.5), "knorm:budget=0.5", 0.995),
-    ("SnapKVPress", dict(compression_ratio=0.75, window_size=32, kernel_size=5), "snapkv:budget=0.25,window=32,kernel=5", 0.995),
+    (
+        "SnapKVPress",
+        dict(compression_ratio=0.75, window_size=32, kernel_size=5),
+        "snapkv:budget=0.25,window=32,kernel=5",
+        0.995,
+    ),
     ("TOVAPress", dict(compression_ratio=0.75), "tova:budget=0.25", 0.995),
-    ("PyramidKVPress", dict(compression_ratio=0.5, window_size=32, kernel_size=5), "pyramidkv:budget=0.5,window=32,kernel=5", 0.995),
+    (
+        "PyramidKVPress",
+        dict(compression_ratio=0.5, window_size=32, kernel_size=5),
+        "pyramidkv:budget=0.5,window=32,kernel=5",
+        0.995,
+    ),
     ("ObservedAttentionPress", dict(compression_ratio=0.5), "h2o:budget=0.5,recent=0,normalize=true", 0.995),
     # 400 tokens in 20 chunks of 20: kvpress keeps 5 whole chunks, kvjax floor(0.25 * 400) = 100 slots
-    ("ChunkKVPress", dict(press=("SnapKVPress", dict(compression_ratio=0.75, window_size=32, kernel_size=5)),
-                          chunk_length=20), "chunkkv:budget=0.25,chunk=20,window=32,kernel=5", 0.995),
+    (
+        "ChunkKVPress",
+        dict(press=("SnapKVPress", dict(compression_ratio=0.75, window_size=32, kernel_size=5)), chunk_length=20),
+        "chunkkv:budget=0.25,chunk=20,window=32,kernel=5",
+        0.995,
+    ),
 ]
 
 
@@ -89,8 +103,14 @@ def _kvjax_kept(model, spec, ids):
     from kvjax.generate import prefill
     from kvjax.policies import parse_policy
 
-    _, state = prefill(model.params, jnp.asarray([ids]), jnp.asarray([len(ids)]), config=model.config,
-                       policy=parse_policy(spec), max_new_tokens=1)
+    _, state = prefill(
+        model.params,
+        jnp.asarray([ids]),
+        jnp.asarray([len(ids)]),
+        config=model.config,
+        policy=parse_policy(spec),
+        max_new_tokens=1,
+    )
     out = []
     for layer in state.layers:
         pos = np.asarray(layer.kv.pos if hasattr(layer, "kv") else layer.pos)[0]

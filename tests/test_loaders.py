@@ -16,8 +16,15 @@ from kvjax.state import LayerContext
 
 def _logits(model, ids):
     state = Dense().init_state(model.config, 1, len(ids), 0, jnp.float32)
-    logits, _ = forward(model.params, jnp.asarray([ids]), jnp.arange(len(ids))[None], state, config=model.config,
-                        policy=Dense(), ctx=LayerContext(0, model.config, prompt_len=len(ids)))
+    logits, _ = forward(
+        model.params,
+        jnp.asarray([ids]),
+        jnp.arange(len(ids))[None],
+        state,
+        config=model.config,
+        policy=Dense(),
+        ctx=LayerContext(0, model.config, prompt_len=len(ids)),
+    )
     return np.asarray(logits[0])
 
 
@@ -27,8 +34,13 @@ def test_tokenizer_matches_transformers(smollm2):
 
     path = embedded_path("smollm2")
     hf = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    texts = ["The pass key is 18271. Remember it.", "  spaces\tand\nnewlines  ", "naïve café — ünïcödé ✓",
-             "<|im_start|>user\nHi!<|im_end|>", "def f(x):\n    return x**2  # 123456789"]
+    texts = [
+        "The pass key is 18271. Remember it.",
+        "  spaces\tand\nnewlines  ",
+        "naïve café — ünïcödé ✓",
+        "<|im_start|>user\nHi!<|im_end|>",
+        "def f(x):\n    return x**2  # 123456789",
+    ]
     for t in texts:
         assert smollm2.tokenizer.encode(t) == hf(t, add_special_tokens=False)["input_ids"], t
         assert smollm2.tokenizer.decode(smollm2.tokenizer.encode(t), skip_special=False) == t
@@ -51,8 +63,16 @@ def _byte_tokenizer(directory):
 
 
 ARCHS = {
-    "llama3": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "llama3": dict(
+        model_type="llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
     "qwen2": dict(model_type="qwen2"),
     "mistral": dict(model_type="mistral", sliding_window=8),
 }
@@ -65,9 +85,20 @@ def test_hf_safetensors_directory_matches_transformers(arch, tmp_path):
 
     extra = dict(ARCHS[arch])
     kind = extra.pop("model_type")
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[kind]
-    cfg = cls(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **extra)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[
+        kind
+    ]
+    cfg = cls(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        **extra,
+    )
     torch.manual_seed(np.random.randint(2**31))
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     model.save_pretrained(tmp_path, safe_serialization=True)
@@ -86,8 +117,14 @@ def test_hf_safetensors_directory_matches_transformers(arch, tmp_path):
 def hf_dir(tmp_path):
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path, safe_serialization=True)
     _byte_tokenizer(str(tmp_path))
     return tmp_path
@@ -164,15 +201,25 @@ def test_unsupported_architecture(tmp_path):
 
 def test_gguf_shape_mismatch(tmp_path):
     p = tmp_path / "bad.gguf"
-    t = {"token_embd.weight": np.zeros((4, 16), np.float32), "output_norm.weight": np.ones(16, np.float32),
-         "blk.0.attn_norm.weight": np.ones(16, np.float32), "blk.0.ffn_norm.weight": np.ones(16, np.float32),
-         "blk.0.attn_q.weight": np.zeros((16, 16), np.float32), "blk.0.attn_k.weight": np.zeros((8, 16), np.float32),
-         "blk.0.attn_v.weight": np.zeros((8, 16), np.float32), "blk.0.attn_output.weight": np.zeros((16, 16), np.float32),
-         "blk.0.ffn_gate.weight": np.zeros((32, 16), np.float32), "blk.0.ffn_up.weight": np.zeros((32, 16), np.float32),
-         "blk.0.ffn_down.weight": np.zeros((16, 31), np.float32)}
+    t = {
+        "token_embd.weight": np.zeros((4, 16), np.float32),
+        "output_norm.weight": np.ones(16, np.float32),
+        "blk.0.attn_norm.weight": np.ones(16, np.float32),
+        "blk.0.ffn_norm.weight": np.ones(16, np.float32),
+        "blk.0.attn_q.weight": np.zeros((16, 16), np.float32),
+        "blk.0.attn_k.weight": np.zeros((8, 16), np.float32),
+        "blk.0.attn_v.weight": np.zeros((8, 16), np.float32),
+        "blk.0.attn_output.weight": np.zeros((16, 16), np.float32),
+        "blk.0.ffn_gate.weight": np.zeros((32, 16), np.float32),
+        "blk.0.ffn_up.weight": np.zeros((32, 16), np.float32),
+        "blk.0.ffn_down.weight": np.zeros((16, 31), np.float32),
+    }
     _write_gguf(p, "llama", t)
-    with pytest.raises(ModelFileError, match=r"tensor model.layers.0.mlp.down_proj.weight has shape \(16, 31\), "
-                                             r"config expects \(16, 32\)"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"tensor model.layers.0.mlp.down_proj.weight has shape \(16, 31\), "
+        r"config expects \(16, 32\)",
+    ):
         load(str(p))
 
 

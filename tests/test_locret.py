@@ -73,14 +73,18 @@ def reference_locret(score_chunks, pos_chunks, lengths, budget, kept, stabilizer
                 rank = {p: (2.0**23 + p if p > newest - stabilizers else s) for p, s in cache.items()}
                 final = c == len(score_chunks) - 1
                 keep = int(np.floor(lengths[bi] * budget + 1e-4)) if final else kept
-                cache = {p: cache[p] for p in sorted(cache, key=lambda p: -rank[p])[:max(keep, 1)]}
+                cache = {p: cache[p] for p in sorted(cache, key=lambda p: -rank[p])[: max(keep, 1)]}
             out[bi, ni] = sorted(cache)
     return out
 
 
 def kept_positions(kv: SlotKV):
     pos = np.asarray(kv.pos)
-    return {(bi, ni): sorted(int(p) for p in pos[bi, ni] if p >= 0) for bi in range(pos.shape[0]) for ni in range(pos.shape[1])}
+    return {
+        (bi, ni): sorted(int(p) for p in pos[bi, ni] if p >= 0)
+        for bi in range(pos.shape[0])
+        for ni in range(pos.shape[1])
+    }
 
 
 @pytest.mark.parametrize("chunk", [0, 12])
@@ -99,8 +103,12 @@ def test_prefill_eviction_matches_reference(chunk, tiny_config, heads_path, rng)
     for c in range(t // size):
         q, k, v, q_post, k_post, pos = random_chunk(rng, cfg, b, size, c * size, lengths)
         final = c == t // size - 1
-        st, out = pf(st, *(jnp.asarray(x, jnp.float32) for x in (q_post, k_post, v)),
-                              jnp.asarray(pos, jnp.int32), _ctx(cfg, t, 4, final=final))
+        st, _out = pf(
+            st,
+            *(jnp.asarray(x, jnp.float32) for x in (q_post, k_post, v)),
+            jnp.asarray(pos, jnp.int32),
+            _ctx(cfg, t, 4, final=final),
+        )
         if not final:
             assert isinstance(st, ScoredKV) and st.kv.capacity == kept + chunk  # fixed shapes across chunks
         scores.append(np_scores(heads, 0, q, k, v))
@@ -127,14 +135,19 @@ def test_decode_after_compression_equals_attention_over_kept(tiny_config, heads_
     pol = Locret(budget=0.25, stabilizers=2, calibration=heads_path)
     _, _, v, q_post, k_post, pos = random_chunk(rng, cfg, b, t, 0, lengths)
     st = pol.init_layer(0, b, t, 2, cfg, jnp.float32)
-    st, _ = jitted(pol.prefill)(st, *(jnp.asarray(x, jnp.float32) for x in (q_post, k_post, v)), jnp.asarray(pos, jnp.int32),
-                        _ctx(cfg, t, 2))
+    st, _ = jitted(pol.prefill)(
+        st, *(jnp.asarray(x, jnp.float32) for x in (q_post, k_post, v)), jnp.asarray(pos, jnp.int32), _ctx(cfg, t, 2)
+    )
     q1, k1, v1 = (jnp.asarray(rng.normal(size=(b, 1, m, h)), jnp.float32) for m in (n * g, n, n))
     p1 = jnp.asarray(lengths[:, None], jnp.int32)
     _, out = jitted(pol.decode)(st, q1, k1, v1, p1, _ctx(cfg, t, 2, "decode"))
     ref = attention.attention_reference(
-        q1, jnp.concatenate([st.k, jnp.swapaxes(k1, 1, 2)], 2), jnp.concatenate([st.v, jnp.swapaxes(v1, 1, 2)], 2),
-        p1, jnp.concatenate([st.pos, jnp.broadcast_to(p1[:, None], (b, n, 1))], 2)).out
+        q1,
+        jnp.concatenate([st.k, jnp.swapaxes(k1, 1, 2)], 2),
+        jnp.concatenate([st.v, jnp.swapaxes(v1, 1, 2)], 2),
+        p1,
+        jnp.concatenate([st.pos, jnp.broadcast_to(p1[:, None], (b, n, 1))], 2),
+    ).out
     np.testing.assert_allclose(out, ref, **TOL)
 
 
@@ -146,11 +159,21 @@ def test_generate_with_chunked_prefill_and_bytes_shrink(tiny_config, tiny_params
         pol = Locret(budget=budget, chunk=16, stabilizers=4, calibration=heads_path)
         init = pol.init_state(tiny_config, 2, 64, 3, jnp.float32)
         assert init.layers[0].kv.capacity == int(64 * budget) + 16  # budget + chunk while prefilling
-        logits, st = prefill(tiny_params, tokens, lengths, config=tiny_config, policy=pol, max_new_tokens=3,
-                             prefill_chunk=16)
+        logits, st = prefill(
+            tiny_params, tokens, lengths, config=tiny_config, policy=pol, max_new_tokens=3, prefill_chunk=16
+        )
         if budget == 0.1:
-            out, n_out, st2 = decode(tiny_params, st, logits, jax.random.key(0), config=tiny_config, policy=pol,
-                                     max_new_tokens=3, sampler=Sampler(), stop_ids=())
+            _out, _n_out, st2 = decode(
+                tiny_params,
+                st,
+                logits,
+                jax.random.key(0),
+                config=tiny_config,
+                policy=pol,
+                max_new_tokens=3,
+                sampler=Sampler(),
+                stop_ids=(),
+            )
             np.testing.assert_array_equal(np.asarray(st2.lengths), [66, 43])
             assert st2.nbytes == st.nbytes
         for layer in st.layers:
@@ -159,8 +182,9 @@ def test_generate_with_chunked_prefill_and_bytes_shrink(tiny_config, tiny_params
         sizes.append(st.nbytes)
     assert sizes[1] < 0.4 * sizes[0]
     composed = parse_policy(f"locret:budget=0.25,chunk=16,calibration={heads_path}+kivi:bits=4")
-    logits, st = prefill(tiny_params, tokens, lengths, config=tiny_config, policy=composed, max_new_tokens=2,
-                         prefill_chunk=16)
+    logits, st = prefill(
+        tiny_params, tokens, lengths, config=tiny_config, policy=composed, max_new_tokens=2, prefill_chunk=16
+    )
     assert np.all(np.isfinite(np.asarray(logits)))
 
 
@@ -175,12 +199,16 @@ def test_checkpoint_roundtrip(tmp_path, tiny_config, rng):
 
 def test_wrong_model_missing_and_malformed_checkpoints(tmp_path, tiny_config, heads_path):
     other = dataclasses.replace(tiny_config, name="other")
-    with pytest.raises(HeadsError, match="trained for another model \\(model='tiny', num_layers=3.*this model has "
-                                         "model='other', num_layers=3"):
+    with pytest.raises(
+        HeadsError,
+        match="trained for another model \\(model='tiny', num_layers=3.*this model has model='other', num_layers=3",
+    ):
         load_heads(other, heads_path)
     with pytest.raises(HeadsError, match="num_layers=3, .*this model has model='tiny', num_layers=4"):
         load_heads(dataclasses.replace(tiny_config, num_layers=4), heads_path)
-    with pytest.raises(HeadsError, match=re.escape(f"no Locret retaining heads for model 'tiny' at {tmp_path}/nope; train")):
+    with pytest.raises(
+        HeadsError, match=re.escape(f"no Locret retaining heads for model 'tiny' at {tmp_path}/nope; train")
+    ):
         load_heads(tiny_config, str(tmp_path / "nope"))
     bad = lt.save_heads(str(tmp_path / "bad"), tiny_config, {"w1": np.zeros((3, 5, 4)), "w2": np.zeros((3, 4, 2))})
     with pytest.raises(HeadsError, match="have shapes .*'w1': \\(3, 5, 4\\).*expected w1 \\[3, 320, D\\]"):
@@ -203,19 +231,43 @@ def test_bad_inputs(tiny_config, tiny_params, heads_path):
     toks, lens = jnp.ones((1, 64), jnp.int32), jnp.asarray([60])
     with pytest.raises(HeadsError, match="no Locret retaining heads for model 'tiny'"):
         prefill(tiny_params, toks, lens, config=tiny_config, policy=Locret(), max_new_tokens=1)
-    with pytest.raises(PolicyError, match="a prefill chunk of 32 tokens does not fit next to the 57 kept slots in a "
-                                          "cache of 64; set locret:chunk=32"):
-        prefill(tiny_params, toks, lens, config=tiny_config, policy=Locret(budget=0.9, calibration=heads_path),
-                max_new_tokens=1, prefill_chunk=32)
-    with pytest.raises(PolicyError, match="a prompt chunk of 64 tokens exceeds the cache of 28 slots \\(locret:chunk=16\\)"):
-        prefill(tiny_params, toks, lens, config=tiny_config, policy=Locret(chunk=16, calibration=heads_path),
-                max_new_tokens=1)
+    with pytest.raises(
+        PolicyError,
+        match="a prefill chunk of 32 tokens does not fit next to the 57 kept slots in a "
+        "cache of 64; set locret:chunk=32",
+    ):
+        prefill(
+            tiny_params,
+            toks,
+            lens,
+            config=tiny_config,
+            policy=Locret(budget=0.9, calibration=heads_path),
+            max_new_tokens=1,
+            prefill_chunk=32,
+        )
+    with pytest.raises(
+        PolicyError, match="a prompt chunk of 64 tokens exceeds the cache of 28 slots \\(locret:chunk=16\\)"
+    ):
+        prefill(
+            tiny_params,
+            toks,
+            lens,
+            config=tiny_config,
+            policy=Locret(chunk=16, calibration=heads_path),
+            max_new_tokens=1,
+        )
     pol = Locret(calibration=heads_path)
     st = pol.init_layer(0, 1, 16, 1, tiny_config, jnp.float32)
     x = jnp.zeros((1, 1, tiny_config.num_kv_heads, tiny_config.head_dim))
     with pytest.raises(PolicyError, match="locret decodes on the SlotKV its final prefill chunk produces"):
-        pol.decode(st, jnp.zeros((1, 1, tiny_config.num_heads, tiny_config.head_dim)), x, x, jnp.asarray([[16]]),
-                   _ctx(tiny_config, 16, 1, "decode"))
+        pol.decode(
+            st,
+            jnp.zeros((1, 1, tiny_config.num_heads, tiny_config.head_dim)),
+            x,
+            x,
+            jnp.asarray([[16]]),
+            _ctx(tiny_config, 16, 1, "decode"),
+        )
 
 
 # Measured with the shipped heads on this window (the held-out tail of pydoc, 512 context

@@ -34,7 +34,7 @@ def jitted(method):
 def np_probs(q, k, lengths):
     """Causal softmax [B, Nq, T, S] of q [B, T, Nq, H] over k [B, S, N, H] (GQA), float64;
     rows/keys at or beyond each row's length are zero."""
-    b, t, nq, h = q.shape
+    _b, t, nq, h = q.shape
     kk = np.repeat(k.astype(np.float64), nq // k.shape[2], axis=2)
     logits = np.einsum("bthd,bshd->bhts", q.astype(np.float64), kk) / np.sqrt(h)
     ti, si = np.arange(t)[:, None], np.arange(k.shape[1])[None, :]
@@ -80,8 +80,11 @@ def kept_by_position(kv: SlotKV, extra=None):
     for bi in range(pos.shape[0]):
         for ni in range(pos.shape[1]):
             sel = np.nonzero(pos[bi, ni] >= 0)[0]
-            out[bi, ni] = {int(pos[bi, ni, s]): (k[bi, ni, s], v[bi, ni, s]) + (() if extra is None else (float(extra[bi, ni, s]),))
-                           for s in sel}
+            out[bi, ni] = {
+                int(pos[bi, ni, s]): (k[bi, ni, s], v[bi, ni, s])
+                + (() if extra is None else (float(extra[bi, ni, s]),))
+                for s in sel
+            }
     return out
 
 
@@ -95,6 +98,7 @@ def assert_same_slots(got, want):
 
 
 # ---- Elastic Cache -----------------------------------------------------------------------
+
 
 def elastic_reference(q, k, v, lengths, budget, sink, group):
     """Anchors by attention frequency (mean over all query heads), mean-merge onto the
@@ -112,8 +116,10 @@ def elastic_reference(q, k, v, lengths, budget, sink, group):
         nearest = anchors[np.argmin(dist, axis=1)]  # argmin takes the first (older) on ties
         for ni in range(k.shape[2]):
             kk, vv = k[bi, :length, ni], v[bi, :length, ni]
-            out[bi, ni] = {int(a): (kk[nearest == a].mean(0), vv[nearest == a].mean(0), float((nearest == a).sum()))
-                           for a in anchors}
+            out[bi, ni] = {
+                int(a): (kk[nearest == a].mean(0), vv[nearest == a].mean(0), float((nearest == a).sum()))
+                for a in anchors
+            }
     return out
 
 
@@ -124,8 +130,9 @@ def test_elastic_prefill_merges_onto_frequency_anchors(tiny_config, rng):
     lengths = np.array([t, t - 7])
     pol = ElasticCache(budget=0.3, sink=2)
     st = pol.init_layer(0, b, t, 3, cfg, jnp.float32)
-    st, _ = jitted(pol.prefill)(st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)),
-                        _ctx(cfg, t, 3))
+    st, _ = jitted(pol.prefill)(
+        st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)), _ctx(cfg, t, 3)
+    )
     assert isinstance(st, ScoredKV) and st.kv.capacity == int(t * 0.3) + 1  # anchors + one spare slot
     want = elastic_reference(q, k, v, lengths, 0.3, 2, cfg.group_size)
     assert_same_slots(kept_by_position(st.kv, np.asarray(st.score)), want)
@@ -155,8 +162,9 @@ def test_elastic_decode_merges_the_truncation_point_and_attends_over_merged_kv(t
     lengths = np.array([t, t - 5])
     pol = ElasticCache(budget=0.35, sink=2, offset=3)
     st = pol.init_layer(0, b, t, 8, cfg, jnp.float32)
-    st, _ = jitted(pol.prefill)(st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)),
-                        _ctx(cfg, t, 8))
+    st, _ = jitted(pol.prefill)(
+        st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)), _ctx(cfg, t, 8)
+    )
     ref = kept_by_position(st.kv, np.asarray(st.score))
     limit = np.asarray(st.limit)
     step = jitted(pol.decode)
@@ -168,11 +176,20 @@ def test_elastic_decode_merges_the_truncation_point_and_attends_over_merged_kv(t
         vv = jnp.concatenate([st.kv.v, jnp.swapaxes(jnp.asarray(v1, jnp.float32), 1, 2)], axis=2)
         pp = jnp.concatenate([st.kv.pos, jnp.broadcast_to(jnp.asarray(p1)[:, None, :], (b, n, 1))], axis=2)
         want_out = attention.attention_reference(jnp.asarray(q1, jnp.float32), kk, vv, jnp.asarray(p1), pp).out
-        st, out = step(st, *(jnp.asarray(x, jnp.float32) for x in (q1, k1, v1)), jnp.asarray(p1, jnp.int32),
-                             _ctx(cfg, t, 8, "decode"))
+        st, out = step(
+            st,
+            *(jnp.asarray(x, jnp.float32) for x in (q1, k1, v1)),
+            jnp.asarray(p1, jnp.int32),
+            _ctx(cfg, t, 8, "decode"),
+        )
         np.testing.assert_allclose(out, want_out, **TOL)
-        ref = {(bi, ni): elastic_decode_reference(ref[bi, ni], int(p1[bi, 0]), k1[bi, 0, ni], v1[bi, 0, ni],
-                                                  int(limit[bi, ni]), 2, 3) for bi in range(b) for ni in range(n)}
+        ref = {
+            (bi, ni): elastic_decode_reference(
+                ref[bi, ni], int(p1[bi, 0]), k1[bi, 0, ni], v1[bi, 0, ni], int(limit[bi, ni]), 2, 3
+            )
+            for bi in range(b)
+            for ni in range(n)
+        }
         assert_same_slots(kept_by_position(st.kv, np.asarray(st.score)), ref)
     assert st.kv.capacity == int(t * 0.35) + 1
 
@@ -183,13 +200,15 @@ def test_elastic_chunked_prefill_equals_one_chunk(tiny_config, tiny_params, rng)
     tokens = jnp.asarray(rng.integers(3, tiny_config.vocab_size, size=(2, 64)), jnp.int32)
     lengths = jnp.asarray([64, 50], jnp.int32)
     _, one = prefill(tiny_params, tokens, lengths, config=tiny_config, policy=pol, max_new_tokens=2)
-    _, chunked = prefill(tiny_params, tokens, lengths, config=tiny_config, policy=pol, max_new_tokens=2,
-                         prefill_chunk=16)
+    _, chunked = prefill(
+        tiny_params, tokens, lengths, config=tiny_config, policy=pol, max_new_tokens=2, prefill_chunk=16
+    )
     for a, c in zip(one.layers, chunked.layers):
         assert_same_slots(kept_by_position(c.kv, np.asarray(c.score)), kept_by_position(a.kv, np.asarray(a.score)))
 
 
 # ---- KVMerger --------------------------------------------------------------------------------
+
 
 def kvmerger_reference(q, k, v, lengths, budget, threshold, window, group):
     """Merging sets by consecutive cosine, Gaussian merge onto the max-mass pivot, units kept
@@ -199,12 +218,12 @@ def kvmerger_reference(q, k, v, lengths, budget, threshold, window, group):
     for bi, length in enumerate(lengths):
         keep = min(max(int(np.floor(length * budget + 1e-4)), 1), length)
         for ni in range(k.shape[2]):
-            mass = p[bi, ni * group:(ni + 1) * group].sum(axis=(0, 1))[:length]
+            mass = p[bi, ni * group : (ni + 1) * group].sum(axis=(0, 1))[:length]
             kk, vv = k[bi, :length, ni], v[bi, :length, ni]
             recent = np.arange(length) >= length - window
             cos = [kk[s] @ kk[s - 1] / np.linalg.norm(kk[s]) / np.linalg.norm(kk[s - 1]) for s in range(1, length)]
             cands = [s for s in range(1, length) if not recent[s] and not recent[s - 1] and cos[s - 1] >= threshold]
-            linked = set(sorted(cands, key=lambda s: (-cos[s - 1], s))[:length - keep])  # at most length - keep links
+            linked = set(sorted(cands, key=lambda s: (-cos[s - 1], s))[: length - keep])  # at most length - keep links
             sets, cur = [], [0]
             for s in range(1, length):
                 if s in linked:
@@ -231,7 +250,7 @@ def test_merging_sets_follow_consecutive_key_similarity(rng):
     base = rng.normal(size=(4, h))
     base -= base.mean(0)  # well apart
     runs = [3, 1, 2, 4]  # tokens 0-2, 3, 4-5, 6-9
-    k = np.concatenate([np.repeat(base[i:i + 1], r, 0) + rng.normal(size=(r, h)) * 1e-3 for i, r in enumerate(runs)])
+    k = np.concatenate([np.repeat(base[i : i + 1], r, 0) + rng.normal(size=(r, h)) * 1e-3 for i, r in enumerate(runs)])
     mergeable = np.ones(10, bool)
     mergeable[8] = False  # a token outside the mergeable range splits its run
     ids = np.asarray(merging_sets(jnp.asarray(k)[None, None], jnp.asarray(mergeable)[None, None], 0.99))[0, 0]
@@ -256,8 +275,12 @@ def test_gaussian_merge_matches_hand_computation(rng):
     k, v = rng.normal(size=(s, h)), rng.normal(size=(s, h))
     score = rng.uniform(size=s)
     set_id = np.array([0, 0, 0, 1, 2, 2, 2, 2, 3])
-    kv = SlotKV(jnp.asarray(k, jnp.float32)[None, None], jnp.asarray(v, jnp.float32)[None, None],
-                jnp.arange(s, dtype=jnp.int32)[None, None], jnp.asarray(s, jnp.int32))
+    kv = SlotKV(
+        jnp.asarray(k, jnp.float32)[None, None],
+        jnp.asarray(v, jnp.float32)[None, None],
+        jnp.arange(s, dtype=jnp.int32)[None, None],
+        jnp.asarray(s, jnp.int32),
+    )
     merged, is_pivot = gaussian_merge(kv, jnp.asarray(set_id)[None, None], jnp.asarray(score, jnp.float32)[None, None])
     for sid in range(4):
         members = np.nonzero(set_id == sid)[0]
@@ -277,8 +300,9 @@ def test_kvmerger_prefill_and_decode_against_reference(tiny_config, rng):
     lengths = np.array([t, t - 9])
     pol = KVMerger(budget=0.3, threshold=0.9, window=4)
     st = pol.init_layer(0, b, t, 2, cfg, jnp.float32)
-    st, _ = jitted(pol.prefill)(st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)),
-                        _ctx(cfg, t, 2))
+    st, _ = jitted(pol.prefill)(
+        st, *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(positions(lengths, t)), _ctx(cfg, t, 2)
+    )
     assert isinstance(st, SlotKV) and st.capacity == int(t * 0.3) + 2
     want = kvmerger_reference(q, k, v, lengths, 0.3, 0.9, 4, g)
     assert_same_slots(kept_by_position(st), want)
@@ -287,17 +311,18 @@ def test_kvmerger_prefill_and_decode_against_reference(tiny_config, rng):
     # Decoding attends over exactly the merged K/V (plus the new token).
     q1, k1, v1 = (rng.normal(size=(b, 1, m, h)) for m in (n * g, n, n))
     p1 = lengths[:, None]
-    _, out = jitted(pol.decode)(st, *(jnp.asarray(x, jnp.float32) for x in (q1, k1, v1)), jnp.asarray(p1, jnp.int32),
-                        _ctx(cfg, t, 2, "decode"))
+    _, out = jitted(pol.decode)(
+        st, *(jnp.asarray(x, jnp.float32) for x in (q1, k1, v1)), jnp.asarray(p1, jnp.int32), _ctx(cfg, t, 2, "decode")
+    )
     for bi in range(b):
         for ni in range(n):
             items = sorted(want[bi, ni].items())
             kk = np.stack([x[1][0] for x in items] + [k1[bi, 0, ni]])
             vv = np.stack([x[1][1] for x in items] + [v1[bi, 0, ni]])
-            logits = np.einsum("gh,sh->gs", q1[bi, 0, ni * g:(ni + 1) * g], kk) / np.sqrt(h)
+            logits = np.einsum("gh,sh->gs", q1[bi, 0, ni * g : (ni + 1) * g], kk) / np.sqrt(h)
             pr = np.exp(logits - logits.max(-1, keepdims=True))
             ref = (pr / pr.sum(-1, keepdims=True)) @ vv
-            np.testing.assert_allclose(out[bi, 0, ni * g:(ni + 1) * g], ref, **TOL)
+            np.testing.assert_allclose(out[bi, 0, ni * g : (ni + 1) * g], ref, **TOL)
 
 
 def test_kvmerger_chunked_prefill_equals_one_chunk(tiny_config, tiny_params, rng):
@@ -305,13 +330,15 @@ def test_kvmerger_chunked_prefill_equals_one_chunk(tiny_config, tiny_params, rng
     tokens = jnp.asarray(rng.integers(3, tiny_config.vocab_size, size=(2, 64)), jnp.int32)
     lengths = jnp.asarray([64, 45], jnp.int32)
     _, one = prefill(tiny_params, tokens, lengths, config=tiny_config, policy=pol, max_new_tokens=2)
-    _, chunked = prefill(tiny_params, tokens, lengths, config=tiny_config, policy=pol, max_new_tokens=2,
-                         prefill_chunk=32)
+    _, chunked = prefill(
+        tiny_params, tokens, lengths, config=tiny_config, policy=pol, max_new_tokens=2, prefill_chunk=32
+    )
     for a, c in zip(one.layers, chunked.layers):
         assert_same_slots(kept_by_position(c), kept_by_position(a))
 
 
 # ---- both -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("spec", ["elastic:sink=2", "kvmerger:window=4"])
 def test_bytes_shrink_with_budget(spec, tiny_config, tiny_params, rng):
@@ -322,8 +349,17 @@ def test_bytes_shrink_with_budget(spec, tiny_config, tiny_params, rng):
         pol = parse_policy(f"{spec},budget={budget}")
         logits, st = prefill(tiny_params, tokens, lengths, config=tiny_config, policy=pol, max_new_tokens=4)
         if budget == 0.1:
-            out, _, st2 = decode(tiny_params, st, logits, jax.random.key(0), config=tiny_config, policy=pol,
-                                 max_new_tokens=4, sampler=Sampler(), stop_ids=())
+            _out, _, st2 = decode(
+                tiny_params,
+                st,
+                logits,
+                jax.random.key(0),
+                config=tiny_config,
+                policy=pol,
+                max_new_tokens=4,
+                sampler=Sampler(),
+                stop_ids=(),
+            )
             assert st2.nbytes == st.nbytes  # decoding keeps the shapes
         sizes.append(st.nbytes)
     assert sizes[0] > sizes[1] > sizes[2]
@@ -342,11 +378,23 @@ def test_bad_inputs(tiny_config, tiny_params):
     with pytest.raises(PolicyError, match="budget=0.0 must be a fraction"):
         parse_policy("kvmerger:budget=0")
     with pytest.raises(PolicyError, match="window=64 must be smaller than the prompt \\(32 tokens\\)"):
-        prefill(tiny_params, jnp.ones((1, 32), jnp.int32), jnp.asarray([20]), config=tiny_config,
-                policy=KVMerger(window=64), max_new_tokens=1)
+        prefill(
+            tiny_params,
+            jnp.ones((1, 32), jnp.int32),
+            jnp.asarray([20]),
+            config=tiny_config,
+            policy=KVMerger(window=64),
+            max_new_tokens=1,
+        )
     with pytest.raises(PolicyError, match="prompt of 32 tokens must be longer than sink=40"):
-        prefill(tiny_params, jnp.ones((1, 32), jnp.int32), jnp.asarray([20]), config=tiny_config,
-                policy=ElasticCache(sink=40), max_new_tokens=1)
+        prefill(
+            tiny_params,
+            jnp.ones((1, 32), jnp.int32),
+            jnp.asarray([20]),
+            config=tiny_config,
+            policy=ElasticCache(sink=40),
+            max_new_tokens=1,
+        )
     pol = ElasticCache(budget=0.5)
     st = pol.init_layer(0, 1, 16, 2, tiny_config, jnp.float32)
     x = jnp.zeros((1, 2, tiny_config.num_kv_heads, tiny_config.head_dim))

@@ -13,8 +13,13 @@ from kvjax.policies import Dense
 from kvjax.state import LayerContext
 
 # Published parameter counts (embeddings counted once when tied).
-EXPECTED_PARAMS = {"smollm2-135m": 134.5e6, "llama3.1-8b": 8.03e9, "mistral-7b": 7.25e9, "qwen2-7b": 7.62e9,
-                   "llama2-7b": 6.74e9}
+EXPECTED_PARAMS = {
+    "smollm2-135m": 134.5e6,
+    "llama3.1-8b": 8.03e9,
+    "mistral-7b": 7.25e9,
+    "qwen2-7b": 7.62e9,
+    "llama2-7b": 6.74e9,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -44,9 +49,19 @@ def test_llama3_rope_scaling_matches_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     cfg = get_preset("llama3.1-8b")
-    hf = HFConfig(hidden_size=4096, num_attention_heads=32, rope_theta=cfg.rope_theta, max_position_embeddings=131072,
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    hf = HFConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=131072,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     inv, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     np.testing.assert_allclose(inverse_frequencies(128, cfg.rope_theta, cfg.rope_scaling), inv.numpy(), rtol=1e-6)
 
@@ -61,15 +76,24 @@ def _full_and_incremental(params, cfg, tokens, lengths):
     b, t = tokens.shape
     pos = jnp.where(jnp.arange(t)[None] < lengths[:, None], jnp.arange(t)[None], -1)
     state = Dense().init_state(cfg, b, t, 0, jnp.float32)
-    full, _ = forward(params, tokens, pos, state, config=cfg, policy=Dense(),
-                      ctx=LayerContext(0, cfg, prompt_len=t))
+    full, _ = forward(params, tokens, pos, state, config=cfg, policy=Dense(), ctx=LayerContext(0, cfg, prompt_len=t))
     # Prefill the first 3 tokens, then feed the rest one token per step.
     p0 = 3
     state = Dense().init_state(cfg, b, p0, t - p0, jnp.float32)
-    _, state = forward(params, tokens[:, :p0], pos[:, :p0], state, config=cfg, policy=Dense(),
-                       ctx=LayerContext(0, cfg, prompt_len=p0, max_new_tokens=t - p0))
-    step = jax.jit(lambda s, tok, p: forward(params, tok, p, s, config=cfg, policy=Dense(),
-                                             ctx=LayerContext(0, cfg, phase="decode")))
+    _, state = forward(
+        params,
+        tokens[:, :p0],
+        pos[:, :p0],
+        state,
+        config=cfg,
+        policy=Dense(),
+        ctx=LayerContext(0, cfg, prompt_len=p0, max_new_tokens=t - p0),
+    )
+    step = jax.jit(
+        lambda s, tok, p: forward(
+            params, tok, p, s, config=cfg, policy=Dense(), ctx=LayerContext(0, cfg, phase="decode")
+        )
+    )
     outs = []
     for i in range(p0, t):
         logits, state = step(state, tokens[:, i : i + 1], pos[:, i : i + 1])
@@ -118,9 +142,17 @@ def test_logits_match_hf_transformers(smollm2, hf_smollm2):
     ids = smollm2.tokenizer.encode(load_text("pydoc")[5000:6500])[:128]
     assert len(ids) >= 64
     state = Dense().init_state(smollm2.config, 1, len(ids), 0, jnp.float32)
-    logits, _ = jax.jit(lambda p, x, s: forward(p, x, jnp.arange(len(ids))[None], s, config=smollm2.config,
-                                                 policy=Dense(), ctx=LayerContext(0, smollm2.config, prompt_len=len(ids))))(
-        smollm2.params, jnp.asarray([ids]), state)
+    logits, _ = jax.jit(
+        lambda p, x, s: forward(
+            p,
+            x,
+            jnp.arange(len(ids))[None],
+            s,
+            config=smollm2.config,
+            policy=Dense(),
+            ctx=LayerContext(0, smollm2.config, prompt_len=len(ids)),
+        )
+    )(smollm2.params, jnp.asarray([ids]), state)
     with torch.no_grad():
         ref = hf_smollm2(torch.tensor([ids])).logits.numpy()
     rel = np.linalg.norm(np.asarray(logits) - ref) / np.linalg.norm(ref)
@@ -138,4 +170,4 @@ def test_greedy_continuation_matches_hf(smollm2, hf_smollm2):
     ids = smollm2.tokenizer.encode(prompt)
     with torch.no_grad():
         ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
-    assert out.tokens[0].tolist() == ref[0, len(ids):].tolist()
+    assert out.tokens[0].tolist() == ref[0, len(ids) :].tolist()

@@ -22,9 +22,9 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import multihost_worker  # noqa: E402
+import multihost_worker
 
-from kvjax.parallel import multihost  # noqa: E402
+from kvjax.parallel import multihost
 
 pytestmark = pytest.mark.multiprocess
 
@@ -38,8 +38,15 @@ def free_port() -> int:
 def launch(tmp_path, *extra, timeout=300):
     out = tmp_path / "result.json"
     argv = [os.path.join(HERE, "multihost_worker.py"), "--out", str(out), *extra]
-    procs = multihost.launch_local(2, argv, port=free_port(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, cwd=os.path.dirname(HERE))
+    procs = multihost.launch_local(
+        2,
+        argv,
+        port=free_port(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=os.path.dirname(HERE),
+    )
     t0, logs = time.monotonic(), []
     try:
         for p in procs:
@@ -71,15 +78,20 @@ def test_dead_process_makes_the_other_fail_fast(tmp_path):
     survivor, dead = procs
     assert dead.returncode not in (0, None), logs[1][-2000:]
     assert survivor.returncode not in (0, None), logs[0][-3000:]
-    clear = ("PeerFailure: decode failed in process 0/2: another process of the job stopped",
-             "did not finish within", "Terminating process because the JAX distributed service detected")
+    clear = (
+        "PeerFailure: decode failed in process 0/2: another process of the job stopped",
+        "did not finish within",
+        "Terminating process because the JAX distributed service detected",
+    )
     assert any(c in logs[0] for c in clear), logs[0][-3000:]
     assert elapsed < 240 and not out.exists()
 
 
 def test_watchdog_ends_a_stuck_step():
-    code = ("import time; from kvjax.parallel import multihost\n"
-            "with multihost.peer_guard('decode', timeout_s=1):\n    time.sleep(30)\n")
+    code = (
+        "import time; from kvjax.parallel import multihost\n"
+        "with multihost.peer_guard('decode', timeout_s=1):\n    time.sleep(30)\n"
+    )
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == multihost.EXIT_TIMEOUT, r.stderr

@@ -50,8 +50,9 @@ def test_reference_dequantizes_like_gguf(block_type, rng):
     if block_type == "q4_1":
         raw[:, :, 2:4] = np.float16(rng.standard_normal((37, 3, 1))).view(np.uint8)
     raw = raw.reshape(blocks.shape)
-    np.testing.assert_array_equal(np.asarray(dequantize_reference(raw, block_type, 96)),
-                                  dequantize(raw, GGML[block_type]).astype(np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(dequantize_reference(raw, block_type, 96)), dequantize(raw, GGML[block_type]).astype(np.float32)
+    )
 
 
 @needs_kernel
@@ -111,11 +112,17 @@ def test_bad_inputs_name_the_values(rng):
         quantized_matmul(np.ones((1, 40), np.float32), blocks, "q4_1")
     with pytest.raises(ValueError, match=r"blocks.dtype=float32 must be uint8"):
         quantized_matmul(x, blocks.astype(np.float32), "q4_1")
-    with pytest.raises(ValueError, match=r"blocks.shape=\(8, 40\) does not hold q4_1 rows of K=64 weights; "
-                                         r"expected \[N, 40\]|blocks.shape=\(8, 40\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"blocks.shape=\(8, 40\) does not hold q4_1 rows of K=64 weights; "
+        r"expected \[N, 40\]|blocks.shape=\(8, 40\)",
+    ):
         quantized_matmul(x, blocks, "q8_0")
-    with pytest.raises(ValueError, match=r"blocks.shape=\(8, 39\) does not hold q4_1 rows of K=64 weights; "
-                                         r"expected \[N, 40\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"blocks.shape=\(8, 39\) does not hold q4_1 rows of K=64 weights; "
+        r"expected \[N, 40\]",
+    ):
         quantized_matmul(x, blocks[:, :39], "q4_1")
     with pytest.raises(ValueError, match=r"block_type='q4_k' is not supported; expected one of \['q4_1', 'q8_0'\]"):
         quantized_matmul(x, blocks, "q4_k")
@@ -149,9 +156,11 @@ def test_fallback_without_compiler_warns_once(monkeypatch, tmp_path, rng):
 
 # --- the model: dense layers and the tied LM head dispatch on the rows of x ----------------------
 
+
 def _quantized_params(params, rng):
     """Every 2-D kernel and the tied embedding as QuantizedWeight (q4_1 kernels, q8_0 table); the
     float weights replaced by the blocks' dequantization so both paths compute the same model."""
+
     def conv(path, leaf):
         name = jax.tree_util.keystr(path)
         if leaf.ndim != 2:
@@ -181,14 +190,27 @@ def test_fusing_concatenates_the_blocks(rng):
 @needs_kernel
 def test_model_decode_reads_the_blocks(rng):
     """A tiny tied Llama with q4_1 kernels and a q8_0 table, projections fused as kvjax.load does."""
-    from kvjax.models import LlamaConfig, fuse_projections, forward, init_params
+    from kvjax.models import LlamaConfig, forward, fuse_projections, init_params
     from kvjax.native.weights import float_weight
     from kvjax.policies import Dense
     from kvjax.state import LayerContext
 
-    cfg = LlamaConfig(name="tiny32", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=1,
-                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=64,
-                      tie_embeddings=True, bos_id=1, eos_ids=(2,), pad_id=0)
+    cfg = LlamaConfig(
+        name="tiny32",
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        max_position=64,
+        tie_embeddings=True,
+        bos_id=1,
+        eos_ids=(2,),
+        pad_id=0,
+    )
     params, cfg = fuse_projections(_quantized_params(init_params(cfg, jax.random.key(0)), rng), cfg)
     assert isinstance(params["params"]["layers_0"]["mlp"]["gate_up_proj"]["kernel"], QuantizedWeight)
     floats = jax.tree_util.tree_map(float_weight, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
@@ -226,6 +248,7 @@ def test_dispatch_is_static_on_rows(rng):
 
 # --- SmolLM2: the shipped GGUF's Q4_1 / Q8_0 blocks vs its float32 weights ----------------------
 
+
 @pytest.mark.slow
 @needs_kernel
 def test_smollm2_blocks_match_float32_weights(smollm2):
@@ -246,12 +269,20 @@ def test_smollm2_blocks_match_float32_weights(smollm2):
     n = len(ids)
 
     def run(p, tokens, positions, state, phase):
-        return forward(p, tokens, positions, state, config=cfg, policy=Dense(),
-                       ctx=LayerContext(0, cfg, prompt_len=n, max_new_tokens=1, phase=phase))
+        return forward(
+            p,
+            tokens,
+            positions,
+            state,
+            config=cfg,
+            policy=Dense(),
+            ctx=LayerContext(0, cfg, prompt_len=n, max_new_tokens=1, phase=phase),
+        )
 
     state = Dense().init_state(cfg, 1, n, 1, jnp.float32)
-    logits, state = jax.jit(run, static_argnums=4)(f32.params, jnp.asarray([ids]), jnp.arange(n)[None], state,
-                                                    "prefill")
+    logits, state = jax.jit(run, static_argnums=4)(
+        f32.params, jnp.asarray([ids]), jnp.arange(n)[None], state, "prefill"
+    )
     tok, pos = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32), jnp.full((1, 1), n, jnp.int32)
     step = jax.jit(run, static_argnums=4)
     lq, _ = step(smollm2.params, tok, pos, state, "decode")
@@ -266,8 +297,11 @@ def test_smollm2_blocks_match_float32_weights(smollm2):
 @pytest.mark.slow
 def test_wheel_ships_the_source(tmp_path):
     root = __file__.rsplit("/tests/", 1)[0]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), root], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), root],
+        check=True,
+        capture_output=True,
+    )
     names = set(zipfile.ZipFile(next(tmp_path.glob("kvjax-*.whl"))).namelist())
     assert {"kvjax/native/gguf_matmul.cc", "kvjax/native/build.py", "kvjax/native/quantized_matmul.py"} <= names
 

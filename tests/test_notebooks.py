@@ -51,14 +51,18 @@ def test_committed_clean(path):
     """Stored without outputs or execution counts, valid nbformat, with the common furniture."""
     nb = _read(path)
     nbformat.validate(nb)
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    dirty = [
+        i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)
+    ]
     assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; strip them before committing"
     first_md = next(c.source for c in nb.cells if c.cell_type == "markdown")
-    assert re.search(BADGE.format(name=re.escape(path.stem)), first_md), \
+    assert re.search(BADGE.format(name=re.escape(path.stem)), first_md), (
         f"{path.name}: the first markdown cell lacks its 'Open in Colab' badge"
+    )
     code = _code(nb)
-    assert '"google.colab" in sys.modules' in code[0] and "jax.default_backend()" in code[0], \
+    assert '"google.colab" in sys.modules' in code[0] and "jax.default_backend()" in code[0], (
         f"{path.name}: the first code cell must install on Colab and detect the runtime"
+    )
     assert any(re.search(r"^BIG = False\b", src, re.M) for src in code), f"{path.name}: needs `BIG = False`"
 
 
@@ -84,8 +88,12 @@ def _execute(path: Path, workdir: Path, executed: Path) -> dict:
     """Run `path` in a child process (see `_child`); returns its exit status, output, time."""
     workdir.mkdir(parents=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, str(path), str(workdir), str(executed)],
-                          capture_output=True, text=True, timeout=4 * CELL_TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(path), str(workdir), str(executed)],
+        capture_output=True,
+        text=True,
+        timeout=4 * CELL_TIMEOUT_S,
+    )
     res = {"rc": proc.returncode, "log": (proc.stdout + proc.stderr)[-20000:], "seconds": time.perf_counter() - t0}
     if proc.returncode == 0:
         res.update(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -105,15 +113,19 @@ class _Runner:
 
     def result(self, path: Path) -> tuple[dict, Path]:
         if path not in self.jobs:  # not foreseen at collection: run it now
-            self.jobs[path] = self.pool.submit(_execute, path, self.root / path.stem,
-                                               self.root / f"{path.stem}.executed.ipynb")
+            self.jobs[path] = self.pool.submit(
+                _execute, path, self.root / path.stem, self.root / f"{path.stem}.executed.ipynb"
+            )
         return self.jobs[path].result(), self.root / f"{path.stem}.executed.ipynb"
 
 
 @pytest.fixture(scope="module")
 def runner(request, tmp_path_factory):
-    selected = [item.callspec.params["path"] for item in request.session.items
-                if getattr(item, "originalname", "") == "test_notebook_executes"]
+    selected = [
+        item.callspec.params["path"]
+        for item in request.session.items
+        if getattr(item, "originalname", "") == "test_notebook_executes"
+    ]
     r = _Runner(selected, tmp_path_factory.mktemp("notebooks"))
     yield r
     r.pool.shutdown(wait=True)
@@ -127,8 +139,10 @@ def _params(paths):
 def test_notebook_executes(path, runner):
     res, executed = runner.result(path)
     assert res["rc"] == 0, f"{path.name} failed after {res['seconds']:.0f} s:\n{res['log']}"
-    print(f"{path.name}: executed in {res['seconds']:.1f} s wall ({WORKERS} at a time), "
-          f"kernel CPU {res['kernel_cpu_s']:.1f} s")
+    print(
+        f"{path.name}: executed in {res['seconds']:.1f} s wall ({WORKERS} at a time), "
+        f"kernel CPU {res['kernel_cpu_s']:.1f} s"
+    )
     nb = _read(executed)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{path.name}: {[e.ename + ': ' + e.evalue for e in errors]}"
@@ -153,8 +167,9 @@ def _child(path: str, workdir: str, executed: str) -> int:
 
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=False,
-                            resources={"metadata": {"path": workdir}})
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=False, resources={"metadata": {"path": workdir}}
+    )
     try:
         client.execute()
     except CellExecutionError as e:

@@ -3,10 +3,10 @@
 import os
 import subprocess
 import sys
-import tomllib
 import zipfile
 
 import pytest
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAPPED = {"kvjax": "kvjax", "kvjax.models": "models", "kvjax.pallas_kernels": "pallas_kernels"}
@@ -38,11 +38,19 @@ def test_imports_under_kvjax_names():
 
 @pytest.mark.slow
 def test_wheel_contents(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), ROOT], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(tmp_path.glob("kvjax-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("kvjax/models/llama.py", "kvjax/pallas_kernels/packing.py", "kvjax/data/kjv_judges.txt",
-                     "kvjax/generate.py", "kvjax/cli.py"):
+    for required in (
+        "kvjax/models/llama.py",
+        "kvjax/pallas_kernels/packing.py",
+        "kvjax/data/kjv_judges.txt",
+        "kvjax/generate.py",
+        "kvjax/cli.py",
+    ):
         assert required in names, required
     assert not any(n.startswith(("models/", "pallas_kernels/", "tests/")) for n in names)

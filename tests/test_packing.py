@@ -2,7 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvjax.pallas_kernels import packing
 
@@ -21,8 +22,12 @@ def test_pack_unpack_exact(bits, axis):
 
 
 @settings(max_examples=25, deadline=None)
-@given(bits=st.sampled_from(packing.SUPPORTED_BITS), groups=st.integers(1, 4), lead=st.integers(1, 3),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    bits=st.sampled_from(packing.SUPPORTED_BITS),
+    groups=st.integers(1, 4),
+    lead=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_pack_roundtrip_hypothesis(bits, groups, lead, seed):
     n = packing.codes_per_word(bits) * groups
     codes = np.random.default_rng(seed).integers(0, 2**bits, size=(lead, n))

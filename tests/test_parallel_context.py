@@ -18,7 +18,6 @@ from __future__ import annotations
 import pytest
 from test_parallel_ring import run_child
 
-
 pytestmark = pytest.mark.slow  # one child process: ~20 s on an idle 2-core machine
 
 

@@ -65,8 +65,11 @@ def test_missing_mesh_axis_is_named():
 def test_width_not_a_multiple_of_the_ring_is_an_error_in_prefill(tiny_config):
     plan = kp.Plan(kp.make_mesh(seq=1))
     tokens = jnp.zeros((1, 33), jnp.int32)
-    with pytest.raises(ValueError, match=r"prompt width 33 must be a multiple of 2 \(layout='zigzag' over mesh "
-                                         r"axis 'seq' of size 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt width 33 must be a multiple of 2 \(layout='zigzag' over mesh "
+        r"axis 'seq' of size 1\)",
+    ):
         kp.prefill({}, tokens, jnp.asarray([33]), plan=plan, config=tiny_config, policy=Dense(), max_new_tokens=4)
     with pytest.raises(ValueError, match=r"sequence length 33 must be a multiple of 4 for layout='zigzag' over 2"):
         layout.ring_order(33, 2)
@@ -110,11 +113,20 @@ def test_observation_window_eviction_is_refused_on_sharded_caches(spec):
 
 def test_decode_needs_the_sharded_state(tiny_config, tiny_params):
     tokens = jnp.ones((1, 8), jnp.int32)
-    logits, state = G.prefill(tiny_params, tokens, jnp.asarray([8]), config=tiny_config, policy=Dense(),
-                              max_new_tokens=2)
+    logits, state = G.prefill(
+        tiny_params, tokens, jnp.asarray([8]), config=tiny_config, policy=Dense(), max_new_tokens=2
+    )
     with pytest.raises(ValueError, match=r"decode needs the sharded state that kvjax.parallel.prefill returns"):
-        kp.decode(tiny_params, state, logits, jax.random.key(0), plan=kp.Plan(kp.make_mesh(seq=1)),
-                  config=tiny_config, policy=Dense(), max_new_tokens=2)
+        kp.decode(
+            tiny_params,
+            state,
+            logits,
+            jax.random.key(0),
+            plan=kp.Plan(kp.make_mesh(seq=1)),
+            config=tiny_config,
+            policy=Dense(),
+            max_new_tokens=2,
+        )
 
 
 def test_generate_pads_any_prompt_length_and_matches_generate():

@@ -22,8 +22,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def run_child(check: str, devices: int, timeout: int = 900) -> dict:
     """Run `parallel_child.py CHECK DEVICES` and return the JSON it prints last."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, "parallel_child.py"), check, str(devices)],
-                       capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(HERE))
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "parallel_child.py"), check, str(devices)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=os.path.dirname(HERE),
+    )
     assert r.returncode == 0, f"child {check} failed:\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -37,9 +42,17 @@ def ring():
 # float32 jnp attention on the same (rounded) inputs; bf16 outputs carry bf16 rounding.
 TOL = {"fp32": (1e-5, 1e-4), "bf16": (1e-2, 1e-3)}
 CASES = [
-    "fp32_causal_zigzag", "fp32_causal_zigzag_kernel", "fp32_causal_zigzag_pallas", "fp32_causal_striped",
-    "fp32_causal_contiguous", "fp32_noncausal_zigzag", "fp32_window_zigzag", "fp32_mass_zigzag",
-    "bf16_causal_zigzag", "bf16_noncausal_zigzag", "bf16_causal_zigzag_kernel",
+    "fp32_causal_zigzag",
+    "fp32_causal_zigzag_kernel",
+    "fp32_causal_zigzag_pallas",
+    "fp32_causal_striped",
+    "fp32_causal_contiguous",
+    "fp32_noncausal_zigzag",
+    "fp32_window_zigzag",
+    "fp32_mass_zigzag",
+    "bf16_causal_zigzag",
+    "bf16_noncausal_zigzag",
+    "bf16_causal_zigzag_kernel",
 ]
 
 

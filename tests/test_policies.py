@@ -30,8 +30,17 @@ def make(name, calibrations=None, **kw):
 
 def _run(params, cfg, policy, tokens, lengths, max_new=6):
     logits, state = prefill(params, tokens, lengths, config=cfg, policy=policy, max_new_tokens=max_new)
-    out, n, state2 = decode(params, state, logits, jax.random.key(0), config=cfg, policy=policy,
-                            max_new_tokens=max_new, sampler=Sampler(), stop_ids=())
+    out, _n, state2 = decode(
+        params,
+        state,
+        logits,
+        jax.random.key(0),
+        config=cfg,
+        policy=policy,
+        max_new_tokens=max_new,
+        sampler=Sampler(),
+        stop_ids=(),
+    )
     return logits, state, out, state2
 
 
@@ -46,7 +55,7 @@ def test_generate_runs_finite_and_spec_roundtrips(name, tiny_config, tiny_params
     pol = make(name, tiny_calibrations)
     assert parse_policy(pol.spec()) == pol
     tokens, lengths = _prompts(rng, tiny_config)
-    logits, state, out, state2 = _run(tiny_params, tiny_config, pol, tokens, lengths)
+    logits, _state, out, state2 = _run(tiny_params, tiny_config, pol, tokens, lengths)
     assert np.all(np.isfinite(np.asarray(logits)))
     assert out.shape == (3, 6) and np.all((np.asarray(out) >= 0) & (np.asarray(out) < tiny_config.vocab_size))
     np.testing.assert_array_equal(np.asarray(state2.lengths), np.asarray(lengths) + 5)
@@ -130,8 +139,8 @@ def test_adakv_pool_gives_heads_different_budgets_and_attends_per_head(tiny_conf
         kk = jnp.asarray(np.asarray(st2.k)[0][sel])[None, None]
         vv = jnp.asarray(np.asarray(st2.v)[0][sel])[None, None]
         pp = jnp.asarray(np.asarray(st2.pos)[0][sel])[None, None]
-        ref = attention.attention_reference(q1[:, :, i * g:(i + 1) * g], kk, vv, jnp.asarray([[t]]), pp).out
-        np.testing.assert_allclose(out[:, :, i * g:(i + 1) * g], ref, rtol=1e-5, atol=1e-5)
+        ref = attention.attention_reference(q1[:, :, i * g : (i + 1) * g], kk, vv, jnp.asarray([[t]]), pp).out
+        np.testing.assert_allclose(out[:, :, i * g : (i + 1) * g], ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", [n for n in EVICTION if make(n).evicts_on_decode])
@@ -168,8 +177,9 @@ def test_streaming_keeps_sinks_and_recent(tiny_config, tiny_params, rng):
     pos = np.asarray(state.layers[0].kv.pos)[0, 0]
     assert sorted(pos[pos >= 0].tolist()) == [0, 1, 2, 3] + list(range(64 - 12, 64))
     pos2 = np.asarray(state2.layers[0].kv.pos)[0, 0]
-    assert sorted(pos2[pos2 >= 0].tolist()) == [0, 1, 2, 3] + list(range(64 + 4 - 12, 64 + 4)) or \
-        sorted(pos2[pos2 >= 0].tolist()) == [0, 1, 2, 3] + list(range(64 + 4 - 13, 64 + 4))
+    assert sorted(pos2[pos2 >= 0].tolist()) == [0, 1, 2, 3] + list(range(64 + 4 - 12, 64 + 4)) or sorted(
+        pos2[pos2 >= 0].tolist()
+    ) == [0, 1, 2, 3] + list(range(64 + 4 - 13, 64 + 4))
 
 
 @pytest.mark.parametrize("scorer", ["snapkv", "tova", "knorm"])
@@ -204,8 +214,14 @@ def test_chunkkv_rejects_unknown_scorer_and_a_window_longer_than_the_prompt(tiny
     with pytest.raises(PolicyError, match="chunkkv: scorer='h2o'; expected one of"):
         parse_policy("chunkkv:scorer=h2o")
     with pytest.raises(PolicyError, match="window=64 must be smaller than the prompt \\(32 tokens\\)"):
-        prefill(tiny_params, jnp.ones((1, 32), jnp.int32), jnp.asarray([20]), config=tiny_config,
-                policy=parse_policy("chunkkv:budget=0.5,window=64"), max_new_tokens=1)
+        prefill(
+            tiny_params,
+            jnp.ones((1, 32), jnp.int32),
+            jnp.asarray([20]),
+            config=tiny_config,
+            policy=parse_policy("chunkkv:budget=0.5,window=64"),
+            max_new_tokens=1,
+        )
 
 
 @pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, "x"])
@@ -218,8 +234,14 @@ def test_bad_budget(name, budget):
 def test_window_larger_than_prompt(tiny_config, tiny_params):
     pol = parse_policy("snapkv:budget=0.5,window=64")
     with pytest.raises(PolicyError, match="window=64 must be smaller than the prompt \\(32 tokens\\)"):
-        prefill(tiny_params, jnp.ones((1, 32), jnp.int32), jnp.asarray([20]), config=tiny_config, policy=pol,
-                max_new_tokens=1)
+        prefill(
+            tiny_params,
+            jnp.ones((1, 32), jnp.int32),
+            jnp.asarray([20]),
+            config=tiny_config,
+            policy=pol,
+            max_new_tokens=1,
+        )
 
 
 def test_spec_errors():

@@ -38,8 +38,14 @@ def test_quantized_grid_excludes_the_question_only_for_zipcache():
 def test_status_counts_recorded_cells(tmp_path):
     cells = qs.plan_grid("issue7_merging")
     first = cells[0]
-    row = {"engine": first.engine, "task": first.task, "policy": first.policy, "context": first.context,
-           "seed": first.seed, "mode": first.mode}
+    row = {
+        "engine": first.engine,
+        "task": first.task,
+        "policy": first.policy,
+        "context": first.context,
+        "seed": first.seed,
+        "mode": first.mode,
+    }
     (tmp_path / "cells.jsonl").write_text(json.dumps(row) + "\n")
     report = qs.status("issue7_merging", out=str(tmp_path)).splitlines()
     assert report[0].startswith(f"issue7_merging: 1 of {len(cells)} cells recorded")

@@ -4,10 +4,11 @@ Walsh-Hadamard transform and block floating point (fresh random inputs every run
 import functools
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvjax.quant import affine
 from kvjax.quant.bfp import bfp_decode, bfp_encode
@@ -42,8 +43,13 @@ def _bound(x, scale, zero):
 
 
 @settings(max_examples=12, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), groups=st.integers(1, 3), n=st.integers(1, 3),
-       h=st.sampled_from([8, 32, 64]), seed=st.integers(0, 2**31))
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    groups=st.integers(1, 3),
+    n=st.integers(1, 3),
+    h=st.sampled_from([8, 32, 64]),
+    seed=st.integers(0, 2**31),
+)
 def test_channelwise_error_within_half_step(bits, groups, n, h, seed):
     group = 32  # a multiple of every codes-per-word (3-bit needs 32)
     x = _rand((2, n, groups * group, h), seed + SEED % 1000)
@@ -54,11 +60,16 @@ def test_channelwise_error_within_half_step(bits, groups, n, h, seed):
 
 
 @settings(max_examples=12, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), s=st.integers(1, 40), h=st.sampled_from([16, 48, 64]),
-       group=st.sampled_from([8, 16]), seed=st.integers(0, 2**31))
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    s=st.integers(1, 40),
+    h=st.sampled_from([16, 48, 64]),
+    group=st.sampled_from([8, 16]),
+    seed=st.integers(0, 2**31),
+)
 def test_tokenwise_error_within_half_step(bits, s, h, group, seed):
     x = _rand((1, 2, s, h), seed + SEED % 1000)
-    codes, scale, zero, y = _roundtrip_tokenwise(x, bits, group)
+    _codes, scale, zero, y = _roundtrip_tokenwise(x, bits, group)
     assert scale.shape == (1, 2, s, h // group)
     err = jnp.abs(y - x).reshape(1, 2, s, h // group, group)
     assert bool(jnp.all(err <= _bound(x, scale, zero)[..., None]))

@@ -18,8 +18,17 @@ from kvjax.policies.base import PolicyError
 from kvjax.quant import dequantize_state
 from kvjax.state import LayerContext, SlotKV
 
-CFG = LlamaConfig(name="tiny-frag", vocab_size=128, hidden_size=256, intermediate_size=256, num_layers=1,
-                  num_heads=6, num_kv_heads=2, head_dim=64, max_position=4096)
+CFG = LlamaConfig(
+    name="tiny-frag",
+    vocab_size=128,
+    hidden_size=256,
+    intermediate_size=256,
+    num_layers=1,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=64,
+    max_position=4096,
+)
 
 
 def ctx(impl=None, new=160):
@@ -96,12 +105,15 @@ def test_fragments_decode_equals_attention_over_its_dequantized_cache():
     np.testing.assert_array_equal(np.asarray(state.streams[0].count[:, 0]), [192, 128])  # one flush each
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("kivi:bits=3,layout=fragments", r"layout='fragments' cannot hold bits=3"),
-    ("kivi:bits=2,v_bits=4,layout=fragments", r"v_bits=4: the fragment layout holds one width"),
-    ("kivi:group=48,residual=96,layout=fragments", r"group=48: the fragment layout needs 16, 32, 64"),
-    ("kivi:layout=tiles", r"layout='tiles' is not supported; expected 'auto', 'standard' or 'fragments'"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("kivi:bits=3,layout=fragments", r"layout='fragments' cannot hold bits=3"),
+        ("kivi:bits=2,v_bits=4,layout=fragments", r"v_bits=4: the fragment layout holds one width"),
+        ("kivi:group=48,residual=96,layout=fragments", r"group=48: the fragment layout needs 16, 32, 64"),
+        ("kivi:layout=tiles", r"layout='tiles' is not supported; expected 'auto', 'standard' or 'fragments'"),
+    ],
+)
 def test_bad_layout_names_the_problem(spec, match):
     with pytest.raises(PolicyError, match=match):
         parse_policy(spec)

@@ -23,8 +23,17 @@ from kvjax.quant.base import QuantState
 from kvjax.sampling import Sampler
 from kvjax.state import LayerContext, SlotKV
 
-CFG = LlamaConfig(name="tiny-quant", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=32, max_position=1024)
+CFG = LlamaConfig(
+    name="tiny-quant",
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    max_position=1024,
+)
 QUANT = sorted(n for n, c in REGISTRY.items() if issubclass(c, QuantPolicy))
 CALIBRATED = ("kvquant", "rotatekv", "bfp", "kv4")
 # small-shape settings per method (group / residual / gap sized for a 32-dim, ~50-token test)
@@ -54,7 +63,7 @@ def calib_rand(tmp_path_factory):
     k = jnp.concatenate([st.k, st.k[:, :, ::-1]], axis=0)[:, None]  # [2, 1, N, S, H] -> layers
     k = jnp.concatenate([k[0], k[1]], axis=0)  # [L=2, N, S, H]
     pos = jnp.broadcast_to(jnp.arange(200), k.shape[:3])
-    t = lambda x: np.asarray(jnp.swapaxes(x, 1, 2))  # noqa: E731  [L, N, T, H] -> [L, T, N, H]
+    t = lambda x: np.asarray(jnp.swapaxes(x, 1, 2))
     stats = {"k_post": t(k), "k_pre": t(rope_heads(k, pos, CFG, inverse=True)), "v": t(k[:, ::-1] * 0.5)}
     stats["gk_pre"] = np.ones_like(stats["k_pre"])
     stats["gv"] = np.ones_like(stats["v"])
@@ -108,7 +117,8 @@ def test_decode_equals_attention_over_dequantized_cache(name, calib):
     pol = make(name, calib)
     c = ctx()
     state = jax.jit(lambda st, sc: pol._ingest(st, c, sc, own=True))(
-        random_slots(), jnp.asarray(np.random.default_rng().random((2, 2, 50)), jnp.float32))
+        random_slots(), jnp.asarray(np.random.default_rng().random((2, 2, 50)), jnp.float32)
+    )
     step = _checked_step(pol, c)
     rng = np.random.default_rng()
     length = jnp.asarray([50, 37])
@@ -127,10 +137,23 @@ def test_decode_equals_attention_over_dequantized_cache(name, calib):
         assert int((p >= 0).sum()) == 60  # post-RoPE streams store no positions
 
 
-@pytest.mark.parametrize("name,bits,tol", [("kivi", 4, 0.15), ("kivi", 2, 0.6), ("rtn", 4, 0.2), ("rtn", 8, 0.02),
-                                           ("kvquant", 4, 0.2), ("kvquant", 2, 0.7), ("rotatekv", 4, 0.2),
-                                           ("rotatekv", 2, 0.7), ("bfp", 4, 0.25), ("kv4", 4, 0.15),
-                                           ("zipcache", 2, 0.6), ("zipcache", 4, 0.15)])
+@pytest.mark.parametrize(
+    "name,bits,tol",
+    [
+        ("kivi", 4, 0.15),
+        ("kivi", 2, 0.6),
+        ("rtn", 4, 0.2),
+        ("rtn", 8, 0.02),
+        ("kvquant", 4, 0.2),
+        ("kvquant", 2, 0.7),
+        ("rotatekv", 4, 0.2),
+        ("rotatekv", 2, 0.7),
+        ("bfp", 4, 0.25),
+        ("kv4", 4, 0.15),
+        ("zipcache", 2, 0.6),
+        ("zipcache", 4, 0.15),
+    ],
+)
 def test_dequantized_cache_close_to_original(name, bits, tol, calib_rand):
     pol = make(name, calib_rand, bits)
     st = random_slots()
@@ -171,7 +194,7 @@ def test_residual_window_last_tokens_exact():
     # prompt tokens still in the window are the original ones, bit for bit
     state0 = pol.ingest(st, c)
     rl = int(state0.res_len[0, 0])
-    np.testing.assert_array_equal(np.asarray(state0.res_k[0, 0, :rl]), np.asarray(st.k[0, 0, 100 - rl:]))
+    np.testing.assert_array_equal(np.asarray(state0.res_k[0, 0, :rl]), np.asarray(st.k[0, 0, 100 - rl :]))
 
 
 @pytest.mark.slow
@@ -187,8 +210,9 @@ def test_generate_end_to_end_and_bytes(name, params, calib):
     d_logits, d_st = prefill(params, tokens, lengths, policy=parse_policy("dense"), **common)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(d_logits), rtol=1e-4, atol=1e-4)  # prefill is exact
     assert all(isinstance(layer, QuantState) for layer in st.layers)
-    out, n_out, st2 = decode(params, st, logits, jax.random.key(0), policy=pol, sampler=Sampler(), stop_ids=(),
-                             **common)
+    out, n_out, st2 = decode(
+        params, st, logits, jax.random.key(0), policy=pol, sampler=Sampler(), stop_ids=(), **common
+    )
     assert out.shape == (2, 24) and np.all(np.asarray(n_out) == 24)
     assert st2.nbytes == st.nbytes  # static shapes
     assert st.nbytes < d_st.nbytes, (name, st.nbytes, d_st.nbytes)
@@ -226,8 +250,17 @@ def test_composition_with_eviction_saves_both(selector, params):
     sizes = {}
     for label, pol in (("comp", comp), ("quant", parse_policy(q)), ("select", comp.policies[0])):
         logits, st = prefill(params, tokens, lengths, policy=pol, config=CFG, max_new_tokens=8)
-        out, _, st2 = decode(params, st, logits, jax.random.key(0), policy=pol, sampler=Sampler(), stop_ids=(),
-                             config=CFG, max_new_tokens=8)
+        _out, _, _st2 = decode(
+            params,
+            st,
+            logits,
+            jax.random.key(0),
+            policy=pol,
+            sampler=Sampler(),
+            stop_ids=(),
+            config=CFG,
+            max_new_tokens=8,
+        )
         assert np.all(np.isfinite(np.asarray(logits)))
         sizes[label] = st.nbytes
     if selector != "dense":
@@ -239,13 +272,18 @@ def test_ingest_handles_per_head_positions():
     st = random_slots(s=40, lengths=(40, 40))
     pos = np.asarray(st.pos).copy()
     pos[0, 1, 25:] = -1  # head 1 of row 0 kept 25 tokens
-    pos[0, 0] = np.concatenate([np.arange(0, 80, 2), ])[:40]  # head 0 holds even positions
+    pos[0, 0] = np.concatenate(
+        [
+            np.arange(0, 80, 2),
+        ]
+    )[:40]  # head 0 holds even positions
     st = st.replace(pos=jnp.asarray(pos))
     pol = parse_policy("kivi:bits=4,group=16,residual=16")
     state = pol.ingest(st, ctx())
     np.testing.assert_array_equal(np.asarray(state.streams[0].count[0] + state.res_len[0]), [40, 25])
-    np.testing.assert_array_equal(np.asarray(state.res_pos[0, 0, :int(state.res_len[0, 0])]),
-                                  pos[0, 0, int(state.streams[0].count[0, 0]):40])
+    np.testing.assert_array_equal(
+        np.asarray(state.res_pos[0, 0, : int(state.res_len[0, 0])]), pos[0, 0, int(state.streams[0].count[0, 0]) : 40]
+    )
 
 
 def test_fused_kernel_plugs_in_behind_dispatch(calib):
@@ -272,17 +310,20 @@ def test_fused_kernel_plugs_in_behind_dispatch(calib):
 
 
 # ---- bad input --------------------------------------------------------------------------
-@pytest.mark.parametrize("spec,match", [
-    ("kivi:bits=5", r"kivi: bits=5 is not supported; expected one of \(2, 3, 4, 8\)"),
-    ("kivi:bits=3,group=16", r"kivi: group=16 must be a positive multiple of 32"),
-    ("kivi:group=32,residual=48", r"kivi: residual=48 must be a non-negative multiple of group=32"),
-    ("rtn:bits=1", r"rtn: bits=1 is not supported"),
-    ("kvquant:bits=8", r"kvquant: bits=8 is not supported; expected one of \(2, 3, 4\)"),
-    ("zipcache:high_bits=5", r"zipcache: high_bits=5 is not supported"),
-    ("zipcache:salient=1.5", r"zipcache: salient=1.5 must be a fraction"),
-    ("rotatekv:clip=0", r"rotatekv: clip=0.0 must be in \(0, 1\]"),
-    ("bfp:bits=7", r"bfp: bits=7 is not supported"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("kivi:bits=5", r"kivi: bits=5 is not supported; expected one of \(2, 3, 4, 8\)"),
+        ("kivi:bits=3,group=16", r"kivi: group=16 must be a positive multiple of 32"),
+        ("kivi:group=32,residual=48", r"kivi: residual=48 must be a non-negative multiple of group=32"),
+        ("rtn:bits=1", r"rtn: bits=1 is not supported"),
+        ("kvquant:bits=8", r"kvquant: bits=8 is not supported; expected one of \(2, 3, 4\)"),
+        ("zipcache:high_bits=5", r"zipcache: high_bits=5 is not supported"),
+        ("zipcache:salient=1.5", r"zipcache: salient=1.5 must be a fraction"),
+        ("rotatekv:clip=0", r"rotatekv: clip=0.0 must be in \(0, 1\]"),
+        ("bfp:bits=7", r"bfp: bits=7 is not supported"),
+    ],
+)
 def test_bad_parameters(spec, match):
     with pytest.raises(PolicyError, match=match):
         parse_policy(spec)
@@ -296,7 +337,8 @@ def test_group_must_divide_head_dim(calib):
         parse_policy("bfp:block_size=32,reorder=false").init_state(big, 1, 64, 8)
     with pytest.raises(PolicyError, match=r"rotatekv: head_group=2 must divide num_kv_heads=3"):
         parse_policy(f"rotatekv:head_group=2,calibration={calib['rotatekv']}").init_state(
-            dataclasses.replace(CFG, num_kv_heads=3, num_heads=6), 1, 64, 8)
+            dataclasses.replace(CFG, num_kv_heads=3, num_heads=6), 1, 64, 8
+        )
 
 
 def test_grouped_head_rotation_refused_after_eviction(calib):
@@ -309,16 +351,21 @@ def test_grouped_head_rotation_refused_after_eviction(calib):
 
 def test_calibration_for_another_model_is_refused(calib, tmp_path):
     other = dataclasses.replace(CFG, name="other-model", num_layers=3)
-    with pytest.raises(calibration.CalibrationError,
-                       match=r"made for another model \(model='tiny-quant', num_layers=2.*this model has "
-                             r"model='other-model', num_layers=3"):
+    with pytest.raises(
+        calibration.CalibrationError,
+        match=r"made for another model \(model='tiny-quant', num_layers=2.*this model has "
+        r"model='other-model', num_layers=3",
+    ):
         calibration.load("kvquant", other, calib["kvquant"])
     with pytest.raises(PolicyError, match="was made for another model"):
         parse_policy(f"kv4:calibration={calib['kv4']}").init_state(other, 1, 64, 8)
     with pytest.raises(calibration.CalibrationError, match=r"is for method 'bfp', not 'kv4'"):
         calibration.load("kv4", CFG, calib["bfp"])
-    with pytest.raises(calibration.CalibrationError, match=r"no kvquant calibration for model 'tiny-quant' at .*"
-                                                           r"run `kvjax calibrate --method kvquant"):
+    with pytest.raises(
+        calibration.CalibrationError,
+        match=r"no kvquant calibration for model 'tiny-quant' at .*"
+        r"run `kvjax calibrate --method kvquant",
+    ):
         calibration.load("kvquant", CFG, str(tmp_path / "missing"))
     with pytest.raises(calibration.CalibrationError, match="cannot read a calibration artifact"):
         calibration.load("kvquant", CFG, str(tmp_path))
@@ -328,8 +375,9 @@ def test_decode_before_prefill_is_an_error():
     pol = parse_policy("kivi")
     z = jnp.zeros((1, 1, 4, 32))
     with pytest.raises(PolicyError, match="decode needs the quantized state"):
-        pol.decode(SlotKV.empty(1, 2, 8, 32, jnp.float32), z, z[:, :, :2], z[:, :, :2], jnp.zeros((1, 1), jnp.int32),
-                   ctx())
+        pol.decode(
+            SlotKV.empty(1, 2, 8, 32, jnp.float32), z, z[:, :, :2], z[:, :, :2], jnp.zeros((1, 1), jnp.int32), ctx()
+        )
 
 
 def test_pallas_adapter_matches_reference(calib):
@@ -347,8 +395,21 @@ def test_pallas_adapter_matches_reference(calib):
     from kvjax.quant.attention import pallas_kivi_attention
 
     d, st = state.streams[0].data, pol._append(state, k[:, 0], k[:, 0], qpos[:, 0])
-    direct = pallas_kivi_attention(q, d.k_codes, d.k_scale, d.k_zero, d.v_codes, d.v_scale, d.v_zero,
-                                   st.streams[0].count, st.res_k, st.res_v, st.res_len, bits=4, group=16)
+    direct = pallas_kivi_attention(
+        q,
+        d.k_codes,
+        d.k_scale,
+        d.k_zero,
+        d.v_codes,
+        d.v_scale,
+        d.v_zero,
+        st.streams[0].count,
+        st.res_k,
+        st.res_v,
+        st.res_len,
+        bits=4,
+        group=16,
+    )
     assert direct is not None  # the kernel module took it (no silent fallback)
     np.testing.assert_allclose(np.asarray(direct), np.asarray(ref), rtol=1e-4, atol=1e-4)
 

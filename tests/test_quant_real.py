@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.quant import calibration
-from kvjax.quant.kivi import KIVICodec
 from kvjax.policies import parse_policy
+from kvjax.quant import calibration
 from kvjax.quant.base import dequantize_state
+from kvjax.quant.kivi import KIVICodec
 from kvjax.state import LayerContext, SlotKV
 
 pytestmark = pytest.mark.slow
@@ -47,8 +47,15 @@ def test_kivi_error_within_bound_on_real_kv(real, bits):
 
 
 # relative L2 reconstruction error of keys / values at 4 bits on real activations
-BOUNDS = {"kivi:bits=4": 0.12, "rtn:bits=4": 0.18, "kvquant:bits=4": 0.15, "rotatekv:bits=4": 0.12,
-          "bfp:bits=4": 0.25, "kv4:bits=4": 0.1, "zipcache:bits=4,stream_gap=32": 0.1}
+BOUNDS = {
+    "kivi:bits=4": 0.12,
+    "rtn:bits=4": 0.18,
+    "kvquant:bits=4": 0.15,
+    "rotatekv:bits=4": 0.12,
+    "bfp:bits=4": 0.25,
+    "kv4:bits=4": 0.1,
+    "zipcache:bits=4,stream_gap=32": 0.1,
+}
 
 
 @pytest.mark.parametrize("spec", sorted(BOUNDS))
@@ -91,8 +98,9 @@ def test_calibrate_cli_writes_a_loadable_artifact(real, tmp_path):
 
     model, _ = real
     out = tmp_path / "bfp"
-    res = CliRunner().invoke(app, ["calibrate", "--method", "bfp", "--text", "kjv-judges", "--tokens", "64",
-                                   "--out", str(out)])
+    res = CliRunner().invoke(
+        app, ["calibrate", "--method", "bfp", "--text", "kjv-judges", "--tokens", "64", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
     assert calibration.load("bfp", model.config, str(out))["k_perm"].shape == (30, 3, 64)
     res = CliRunner().invoke(app, ["calibrate", "--method", "kivi", "--out", str(tmp_path / "x")])

@@ -35,7 +35,7 @@ import numpy as np
 
 from .tasks import _WORDS, _filler_tokens
 
-_ANIMALS = ("horse camel eagle lion wolf bear goat sheep otter badger heron beaver").split()
+_ANIMALS = ["horse", "camel", "eagle", "lion", "wolf", "bear", "goat", "sheep", "otter", "badger", "heron", "beaver"]
 _STOP = {"And", "So", "Then", "But", "Now", "For", "The", "When", "Also", "Thus", "Behold", "Lord", "God", "LORD"}
 _FACTS = (  # (regex, question); group 1 = subject, group 2 = answer
     (r"\b([A-Z][a-z]+),? the son of ([A-Z][a-z]+)\b", "Who was the father of {x}?"),
@@ -135,8 +135,9 @@ def _kv_lines(rng, pairs: int):
 
 
 def _kv_turn(word, value):
-    return Turn(f"What is the code for {word}? Answer with the four-digit number only.\n"
-                f"Answer: The code for {word} is", value)
+    return Turn(
+        f"What is the code for {word}? Answer with the four-digit number only.\nAnswer: The code for {word} is", value
+    )
 
 
 def kv_retrieval(tokenizer, context, depth, seed, text, pairs: int = 2, turns: int = 1, repeat: int = 1):
@@ -155,8 +156,9 @@ def kv_retrieval(tokenizer, context, depth, seed, text, pairs: int = 2, turns: i
     return Episode("kv_retrieval", ctx, tuple(asked), seed, depth)
 
 
-def prefix_suffix(tokenizer, context, depth, seed, text, turns: int = 1, suffix_distractors: int = 2,
-                  prefix_distractors: int = 0):
+def prefix_suffix(
+    tokenizer, context, depth, seed, text, turns: int = 1, suffix_distractors: int = 2, prefix_distractors: int = 0
+):
     """Per turn, a target entry at a spread depth (the first at `depth`) and distractors
     elsewhere sharing its suffix (and, if asked, its prefix). With a prefix distractor the
     full cache on SmolLM2 scored 2/4 at 2k (it copies the digits after the first matching
@@ -171,12 +173,15 @@ def prefix_suffix(tokenizer, context, depth, seed, text, turns: int = 1, suffix_
         nums = [str(x) for x in rng.choice(np.arange(1000, 10000), size=n - 1, replace=False)]
         lines = [f"Entry: {p}-{nums[0]}-{s}."]
         lines += [f"Entry: {w[2 + i]}-{nums[1 + i]}-{s}." for i in range(suffix_distractors)]
-        lines += [f"Entry: {p}-{nums[1 + suffix_distractors + i]}-{w[2 + suffix_distractors + i]}."
-                  for i in range(prefix_distractors)]
+        lines += [
+            f"Entry: {p}-{nums[1 + suffix_distractors + i]}-{w[2 + suffix_distractors + i]}."
+            for i in range(prefix_distractors)
+        ]
         d0 = depth if t == 0 else float(rng.uniform(0.05, 0.95))
         inserts += [(d0, lines[0])] + [(float(d), x) for d, x in zip(rng.uniform(0.05, 0.95, n - 2), lines[1:])]
-        asked.append(Turn(f'Which entry starts with "{p}" and ends with "{s}"? Answer with its number.\n'
-                          f"Answer: {p}-", nums[0]))
+        asked.append(
+            Turn(f'Which entry starts with "{p}" and ends with "{s}"? Answer with its number.\nAnswer: {p}-', nums[0])
+        )
     ctx = _fit(tokenizer, context, lambda k: _weave(tokenizer, k, text, seed, inserts), asked[0].question)
     return Episode("prefix_suffix", ctx, tuple(asked), seed, depth)
 
@@ -223,16 +228,22 @@ def qa(tokenizer, context, depth, seed, text, turns: int = 2, mentions: int = 0,
     rng = np.random.default_rng(seed)
     for attempt in range(_ATTEMPTS):
         s = seed + 7919 * attempt
-        ctx = _fit(tokenizer, context, lambda n: _weave(tokenizer, n, text, s, []),
-                   _LONGEST_QA.replace("Answer: ", "Answer: " + "Jerubbaal " * quote))
+        ctx = _fit(
+            tokenizer,
+            context,
+            lambda n: _weave(tokenizer, n, text, s, []),
+            _LONGEST_QA.replace("Answer: ", "Answer: " + "Jerubbaal " * quote),
+        )
         by_answer: dict = {}  # one episode never asks two facts with the same answer
         for f in _facts(ctx, mentions, quote):
             by_answer.setdefault(f[3], []).append(f)
         if len(by_answer) >= turns:
             break
     else:
-        raise ValueError(f"text has fewer than {turns} facts ('X the son of Y', 'X king of Y', ...) with distinct "
-                         f"answers in a {context}-token window; the qa task needs a narrative text such as 'kjv-judges'")
+        raise ValueError(
+            f"text has fewer than {turns} facts ('X the son of Y', 'X king of Y', ...) with distinct "
+            f"answers in a {context}-token window; the qa task needs a narrative text such as 'kjv-judges'"
+        )
     answers = sorted(by_answer)
     picked = [by_answer[answers[i]] for i in rng.choice(len(answers), size=turns, replace=False)]
     picked = [f[int(rng.integers(0, len(f)))] for f in picked]
@@ -258,8 +269,18 @@ def majority(tokenizer, context, depth, seed, text, votes: int = 5, winner: int 
     return Episode("majority", ctx, (Turn(q, names[0]),), seed, depth)
 
 
-def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0, quote: int = 6, repeat: int = 1,
-        kv_first: bool = False):
+def mix(
+    tokenizer,
+    context,
+    depth,
+    seed,
+    text,
+    pairs: int = 2,
+    mentions: int = 0,
+    quote: int = 6,
+    repeat: int = 1,
+    kv_first: bool = False,
+):
     """passkey, kv_retrieval and qa turns over one context (qa facts from the text; mentions
     and quote as in qa; pairs and repeat as in kv_retrieval). kv_first: the kv_retrieval turn
     before the passkey turn (at 4k SmolLM2 answers a code question asked right after the
@@ -280,8 +301,10 @@ def mix(tokenizer, context, depth, seed, text, pairs: int = 2, mentions: int = 0
         if facts:
             break
     else:
-        raise ValueError(f"text has no facts ('X the son of Y', ...) in a {context}-token window; "
-                         "the mix task needs a narrative text such as 'kjv-judges'")
+        raise ValueError(
+            f"text has no facts ('X the son of Y', ...) in a {context}-token window; "
+            "the mix task needs a narrative text such as 'kjv-judges'"
+        )
     _, q, prefix, y = facts[int(rng.integers(0, len(facts)))]
     kv_turn = _kv_turn(*kv[int(rng.integers(0, pairs))])
     turns = ((kv_turn, pk) if kv_first else (pk, kv_turn)) + (Turn(f"Question: {q}\nAnswer: {prefix}", y),)
@@ -299,8 +322,14 @@ def task_version(task: str) -> int:
     return VERSIONS.get(task, 1)
 
 
-EPISODES = {"passkey": passkey, "kv_retrieval": kv_retrieval, "prefix_suffix": prefix_suffix, "qa": qa,
-            "majority": majority, "mix": mix}
+EPISODES = {
+    "passkey": passkey,
+    "kv_retrieval": kv_retrieval,
+    "prefix_suffix": prefix_suffix,
+    "qa": qa,
+    "majority": majority,
+    "mix": mix,
+}
 
 
 def make_episodes(task: str, tokenizer, context: int, trials: int, seed: int, text: str, **options) -> list[Episode]:
@@ -309,5 +338,6 @@ def make_episodes(task: str, tokenizer, context: int, trials: int, seed: int, te
     if task not in EPISODES:
         raise ValueError(f"unknown task {task!r}; expected one of {tuple(EPISODES)} or 'ppl'")
     depths = np.linspace(0.05, 0.95, trials) if trials > 1 else np.array([0.5])
-    return [EPISODES[task](tokenizer, context, float(d), seed * 100003 + i, text, **options)
-            for i, d in enumerate(depths)]
+    return [
+        EPISODES[task](tokenizer, context, float(d), seed * 100003 + i, text, **options) for i, d in enumerate(depths)
+    ]

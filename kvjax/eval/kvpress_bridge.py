@@ -49,8 +49,9 @@ def press_for(spec: str):
         snap = kvpress.SnapKVPress(compression_ratio=ratio, window_size=pol.window, kernel_size=pol.kernel)
         return snap if name == "snapkv" else kvpress.AdaKVPress(snap, alpha_safeguard=pol.safeguard)
     if name == "pyramidkv":
-        return kvpress.PyramidKVPress(compression_ratio=ratio, window_size=pol.window, kernel_size=pol.kernel,
-                                      beta=pol.beta)
+        return kvpress.PyramidKVPress(
+            compression_ratio=ratio, window_size=pol.window, kernel_size=pol.kernel, beta=pol.beta
+        )
     if name == "tova" and not pol.on_decode:
         return kvpress.TOVAPress(compression_ratio=ratio)
     if name == "knorm":
@@ -58,13 +59,18 @@ def press_for(spec: str):
     if name == "h2o" and pol.recent == 0 and pol.normalize:
         return kvpress.ObservedAttentionPress(compression_ratio=ratio)
     if name == "chunkkv":
-        scorer = {"snapkv": lambda: kvpress.SnapKVPress(compression_ratio=ratio, window_size=pol.window,
-                                                        kernel_size=pol.kernel),
-                  "tova": lambda: kvpress.TOVAPress(compression_ratio=ratio),
-                  "knorm": lambda: kvpress.KnormPress(compression_ratio=ratio)}[pol.scorer]()
+        scorer = {
+            "snapkv": lambda: kvpress.SnapKVPress(
+                compression_ratio=ratio, window_size=pol.window, kernel_size=pol.kernel
+            ),
+            "tova": lambda: kvpress.TOVAPress(compression_ratio=ratio),
+            "knorm": lambda: kvpress.KnormPress(compression_ratio=ratio),
+        }[pol.scorer]()
         return kvpress.ChunkKVPress(scorer, chunk_length=pol.chunk)
-    raise ValueError(f"no kvpress press matches {spec!r}; kvpress columns exist for dense, streaming, snapkv, "
-                     "pyramidkv, adakv, knorm, chunkkv, tova with on_decode=false and h2o with recent=0,normalize=true")
+    raise ValueError(
+        f"no kvpress press matches {spec!r}; kvpress columns exist for dense, streaming, snapkv, "
+        "pyramidkv, adakv, knorm, chunkkv, tova with on_decode=false and h2o with recent=0,normalize=true"
+    )
 
 
 def load_hf(model: str = "smollm2"):
@@ -79,7 +85,9 @@ def load_hf(model: str = "smollm2"):
     path = embedded_path(model) if model in EMBEDDED else model
     kw = dict(dtype=torch.float32, attn_implementation="eager")
     if path.endswith(".gguf"):
-        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), **kw)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), **kw
+        )
     else:
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
     return hf.eval()
@@ -94,8 +102,8 @@ def _set_impl(hf, impl: str) -> None:
 def _prefill_all(hf, ids, presses):
     """One eager prefill; returns (last logits, [per press: (keys, values, masked) per layer])."""
     import torch
-    from transformers import DynamicCache
     from kvpress.utils import extract_keys_and_values
+    from transformers import DynamicCache
 
     for p in presses:
         if p is not None:
@@ -140,8 +148,9 @@ def _answer(hf, cache, logits, pos: int, n: int, eos) -> list[int]:
         for i in range(n - 1):
             if toks[-1] in eos:
                 break
-            out = hf(input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache,
-                     position_ids=torch.tensor([[pos + i]]))
+            out = hf(
+                input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, position_ids=torch.tensor([[pos + i]])
+            )
             toks.append(int(out.logits[0, -1].argmax()))
     for layer, n_keep in zip(cache.layers, lengths):  # drop the answer (kvpress's pipeline does too)
         layer.keys, layer.values = layer.keys[:, :, :n_keep], layer.values[:, :, :n_keep]
@@ -162,8 +171,12 @@ def _session(hf, tokenizer, layers, logits, ids_len, pieces, mode, answer_tokens
     for t, piece in enumerate(pieces):
         if t > 0 or mode == "excluded":
             with torch.no_grad():
-                out = hf(input_ids=torch.tensor([piece]), past_key_values=cache,
-                         position_ids=torch.arange(pos, pos + len(piece))[None], logits_to_keep=1)
+                out = hf(
+                    input_ids=torch.tensor([piece]),
+                    past_key_values=cache,
+                    position_ids=torch.arange(pos, pos + len(piece))[None],
+                    logits_to_keep=1,
+                )
             logits, pos = out.logits[0, -1], pos + len(piece)
         toks = _answer(hf, cache, logits, pos, answer_tokens, eos)
         outputs.append(tokenizer.decode([x for x in toks if x not in eos]))
@@ -203,6 +216,7 @@ def run_press_sessions(hf, tokenizer, specs, contexts, turns, mode: str = "insid
     for s in names:
         if s not in results:
             a = acc[s]
-            results[s] = SessionResult(a["outputs"], float(np.mean(a["kv"])), float(np.mean(a["dense"])),
-                                       a["pre"], 0.0, 0.0, a["dec"])
+            results[s] = SessionResult(
+                a["outputs"], float(np.mean(a["kv"])), float(np.mean(a["dense"])), a["pre"], 0.0, 0.0, a["dec"]
+            )
     return results

@@ -32,8 +32,17 @@ def _teacher_forced_nll(params, state, first_logits, targets, *, config, policy,
     def step(carry, tgt_pair):
         state, total = carry
         fed, nxt = tgt_pair
-        logits, state = forward(params, fed[:, None], state.lengths[:, None], state, config=config, policy=policy,
-                                ctx=ctx, dtype=dtype, logits_at=jnp.zeros((b,), jnp.int32))
+        logits, state = forward(
+            params,
+            fed[:, None],
+            state.lengths[:, None],
+            state,
+            config=config,
+            policy=policy,
+            ctx=ctx,
+            dtype=dtype,
+            logits_at=jnp.zeros((b,), jnp.int32),
+        )
         return (state, total + nll(logits, nxt)), None
 
     total = nll(first_logits, targets[:, 0])
@@ -63,5 +72,11 @@ def perplexity(model, tokens, policy, prefix: int | None = None, implementation:
         raise FloatingPointError(f"non-finite NLL under policy {policy.spec()}")
     scored = n - prefix
     mean_nll = float(total.sum() / (scored * b))
-    return {"ppl": float(np.exp(mean_nll)), "nll": mean_nll, "scored_tokens": scored * b, "kv_bytes": kv_bytes,
-            "dense_kv_bytes": dense, "compression_ratio": kv_bytes / max(dense, 1)}
+    return {
+        "ppl": float(np.exp(mean_nll)),
+        "nll": mean_nll,
+        "scored_tokens": scored * b,
+        "kv_bytes": kv_bytes,
+        "dense_kv_bytes": dense,
+        "compression_ratio": kv_bytes / max(dense, 1),
+    }

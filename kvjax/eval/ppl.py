@@ -59,8 +59,13 @@ def perplexity_fast(model, tokens, policy, captured=None, chunk: int = 256, impl
         t0 = time.perf_counter()
         state = apply_policy(model, cap, policy, rest + chunk, implementation)
     else:
-        first, state = prefill(model.params, jnp.asarray(toks[:, :prefix]), jnp.full((b,), prefix, jnp.int32),
-                               max_new_tokens=rest + chunk, **common)
+        first, state = prefill(
+            model.params,
+            jnp.asarray(toks[:, :prefix]),
+            jnp.full((b,), prefix, jnp.int32),
+            max_new_tokens=rest + chunk,
+            **common,
+        )
     jax.block_until_ready(first)
     kv_bytes, dense = state.nbytes, state.dense_nbytes(model.config)
     t1 = time.perf_counter()
@@ -74,13 +79,22 @@ def perplexity_fast(model, tokens, policy, captured=None, chunk: int = 256, impl
             m = min(chunk, rest - 1 - s)
             fed[:, :m], nxt[:, :m] = targets[:, s : s + m], targets[:, s + 1 : s + 1 + m]
             pos[:, :m] = prefix + s + np.arange(m)
-            part, state = _chunk_nll(model.params, state, jnp.asarray(fed), jnp.asarray(pos), jnp.asarray(nxt), **common)
+            part, state = _chunk_nll(
+                model.params, state, jnp.asarray(fed), jnp.asarray(pos), jnp.asarray(nxt), **common
+            )
             nll += np.asarray(part, np.float64)
     else:
         nll = np.asarray(_teacher_forced_nll(model.params, state, first, jnp.asarray(targets), **common), np.float64)
     if not np.all(np.isfinite(nll)):
         raise FloatingPointError(f"non-finite NLL under policy {policy.spec()}")
     mean = float(nll.sum() / (rest * b))
-    return {"ppl": float(np.exp(mean)), "nll": mean, "scored_tokens": rest * b, "kv_bytes": kv_bytes,
-            "dense_kv_bytes": dense, "compression_ratio": kv_bytes / max(dense, 1),
-            "prefill_s": capture_s + t1 - t0, "decode_s": time.perf_counter() - t1}
+    return {
+        "ppl": float(np.exp(mean)),
+        "nll": mean,
+        "scored_tokens": rest * b,
+        "kv_bytes": kv_bytes,
+        "dense_kv_bytes": dense,
+        "compression_ratio": kv_bytes / max(dense, 1),
+        "prefill_s": capture_s + t1 - t0,
+        "decode_s": time.perf_counter() - t1,
+    }

@@ -51,16 +51,22 @@ def _kvjax_only_note(by: dict) -> str:
     if not any(engine == "kvpress" for engine, _, _ in by):
         return ""
     pressed = {label for engine, label, _ in by if engine == "kvpress"}
-    only = {label: spec for (engine, label, _), cols in by.items() if engine == "kvjax" and label not in pressed
-            for spec in [next(iter(cols.values()))["policy"]]}
+    only = {
+        label: spec
+        for (engine, label, _), cols in by.items()
+        if engine == "kvjax" and label not in pressed
+        for spec in [next(iter(cols.values()))["policy"]]
+    }
     quant = [spec for spec in only.values() if is_quantized(spec)]
     other = sorted(label for label, spec in only.items() if not is_quantized(spec))
     out = []
     if quant:
         names = sorted({method_label(spec, bits=False)[0] for spec in quant})
         widths = sorted({p.bits for spec in quant for p in _parts(spec) if hasattr(p, "bits")})
-        out.append(f"Quantized caches ({', '.join(names)}; {' and '.join(map(str, widths))} bits): kvjax only, "
-                   "kvpress has no counterpart (no quantized-cache press).")
+        out.append(
+            f"Quantized caches ({', '.join(names)}; {' and '.join(map(str, widths))} bits): kvjax only, "
+            "kvpress has no counterpart (no quantized-cache press)."
+        )
     if other:
         out.append(f"Also kvjax only (no kvpress press): {', '.join(other)}.")
     return " ".join(out)
@@ -96,14 +102,23 @@ def tables(cells: list[dict]) -> str:
             for r in rows:
                 label, budget = method_label(r["policy"])
                 by[(r["engine"], label, budget)][r["task"]] = r
-            what = "question inside the compressed context" if mode == "inside" else "question excluded (appended after compression)"
+            what = (
+                "question inside the compressed context"
+                if mode == "inside"
+                else "question excluded (appended after compression)"
+            )
             out.append(f"### {ctx} tokens, {what}\n")
-            out.append("| engine | method | budget | " + " | ".join(tasks) + " | KV bytes | ratio | prefill s | decode s |")
+            out.append(
+                "| engine | method | budget | " + " | ".join(tasks) + " | KV bytes | ratio | prefill s | decode s |"
+            )
             out.append("|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|")
-            for (engine, label, budget), cols in sorted(by.items(), key=lambda kv: (kv[0][1] != "dense", kv[0][1],
-                                                                                   -(kv[0][2] or 1.0), kv[0][0])):
-                ref = next((cols[t] for t in tasks if t != "ppl" and cols.get(t, {}).get("status") == "ok"),
-                           next(iter(cols.values())))
+            for (engine, label, budget), cols in sorted(
+                by.items(), key=lambda kv: (kv[0][1] != "dense", kv[0][1], -(kv[0][2] or 1.0), kv[0][0])
+            ):
+                ref = next(
+                    (cols[t] for t in tasks if t != "ppl" and cols.get(t, {}).get("status") == "ok"),
+                    next(iter(cols.values())),
+                )
                 cells_md = " | ".join(_score(cols[t]) if t in cols else "-" for t in tasks)
                 kv = f"{ref['kv_bytes'] / 1e6:.1f} MB" if "kv_bytes" in ref else "-"
                 ratio = f"{ref['compression_ratio']:.3f}" if "compression_ratio" in ref else "-"
@@ -153,8 +168,9 @@ def plots(cells: list[dict], out_dir: str) -> list[str]:
             color = colors.setdefault(label, cmap(len(colors) % 20) if cmap else f"C{len(colors) % 10}")
             style = "--" if engine == "kvpress" else ("-." if quant else "-")
             marker = "s" if engine == "kvpress" else ("^" if quant else "o")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, color=color,
-                    label=f"{label} ({engine})")
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], style, marker=marker, color=color, label=f"{label} ({engine})"
+            )
             for x, y, b in pts:
                 if b is not None:
                     ax.annotate(f"{b}b", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=color)
@@ -181,7 +197,7 @@ def _label_versions(cells: list[dict]) -> tuple[list[dict], set]:
     """Cells of an older generator version get the task label "TASK-vN" (their own column and
     plots), unless the same cell was redone with the current version (then they are dropped);
     returns (cells, those labels)."""
-    key = lambda r: tuple(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))  # noqa: E731
+    key = lambda r: tuple(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))
     redone = {key(r) for r in cells if is_current(r)}
     out, stale = [], set()
     for r in cells:
@@ -210,16 +226,22 @@ def write_report(directory: str, out: str | None = None) -> str:
     ok, bad = _rows(cells)
     ran = Counter(d for r in ok for d in r.get("devices", ["not recorded"]))
     where = ", ".join(f"{d}: {n}" for d, n in sorted(ran.items()))
-    md = [f"# Quality sweep: {os.path.relpath(directory)}\n",
-          f"{len(ok)} cells finished, {len(bad)} failed. Cells by device ({where}); prefill / decode seconds "
-          "are only comparable between cells of one device.\n"]
+    md = [
+        f"# Quality sweep: {os.path.relpath(directory)}\n",
+        f"{len(ok)} cells finished, {len(bad)} failed. Cells by device ({where}); prefill / decode seconds "
+        "are only comparable between cells of one device.\n",
+    ]
     if stale:
-        md.append(f"Columns {', '.join(sorted(stale))} come from an older version of that task's episode generator "
-                  "(`kvjax.eval.episodes.VERSIONS`); rerunning the sweep into this folder redoes them.\n")
+        md.append(
+            f"Columns {', '.join(sorted(stale))} come from an older version of that task's episode generator "
+            "(`kvjax.eval.episodes.VERSIONS`); rerunning the sweep into this folder redoes them.\n"
+        )
     md.append(tables(cells))
     if bad:
         md.append("### Failed cells\n")
-        md += [f"* {r['engine']} {r['task']} {r['policy']} {r['context']} {r['mode']}: {r.get('error', '?')}" for r in bad]
+        md += [
+            f"* {r['engine']} {r['task']} {r['policy']} {r['context']} {r['mode']}: {r.get('error', '?')}" for r in bad
+        ]
         md.append("")
     md.append("### Plots\n")
     md += [f"![{n}]({n})" for n in names]

@@ -14,9 +14,19 @@ SESSION_TASKS = ("prefix_suffix", "qa", "majority", "mix")
 TASK_NAMES = ("passkey", "kv_retrieval", "ppl") + SESSION_TASKS
 
 
-def evaluate(model, task: str, policy, context: int = 4096, trials: int = 10, seed: int = 0,
-             text: str = DEFAULT_TEXT, batch_size: int = 4, implementation: str | None = None,
-             mode: str = "inside", options: dict | None = None) -> dict:
+def evaluate(
+    model,
+    task: str,
+    policy,
+    context: int = 4096,
+    trials: int = 10,
+    seed: int = 0,
+    text: str = DEFAULT_TEXT,
+    batch_size: int = 4,
+    implementation: str | None = None,
+    mode: str = "inside",
+    options: dict | None = None,
+) -> dict:
     """Run `trials` samples of `task` at about `context` tokens with `policy` (object or spec).
 
     Retrieval tasks: needle depths spread evenly over [0.05, 0.95], greedy decoding; returns
@@ -29,7 +39,9 @@ def evaluate(model, task: str, policy, context: int = 4096, trials: int = 10, se
         raise ValueError(f"unknown task {task!r}; expected one of {TASK_NAMES}")
     pol = parse_policy(policy) if isinstance(policy, str) else policy
     if context + 16 > model.config.max_position:
-        raise ValueError(f"context={context} exceeds what the model supports (max_position={model.config.max_position})")
+        raise ValueError(
+            f"context={context} exceeds what the model supports (max_position={model.config.max_position})"
+        )
     if trials < 1:
         raise ValueError(f"trials={trials} must be >= 1")
     haystack = load_text(text)
@@ -61,5 +73,13 @@ def evaluate(model, task: str, policy, context: int = 4096, trials: int = 10, se
         kv_bytes.append(out.stats["kv_bytes_after_prefill"] / len(chunk))
         dense_bytes.append(out.stats["dense_kv_bytes"] / len(chunk))
     kvb, dnb = float(np.mean(kv_bytes)), float(np.mean(dense_bytes))
-    return {**base, "accuracy": float(np.mean(correct)), "trials": len(samples), "correct": int(np.sum(correct)),
-            "kv_bytes": kvb, "dense_kv_bytes": dnb, "compression_ratio": kvb / max(dnb, 1.0), "samples": outputs}
+    return {
+        **base,
+        "accuracy": float(np.mean(correct)),
+        "trials": len(samples),
+        "correct": int(np.sum(correct)),
+        "kv_bytes": kvb,
+        "dense_kv_bytes": dnb,
+        "compression_ratio": kvb / max(dnb, 1.0),
+        "samples": outputs,
+    }

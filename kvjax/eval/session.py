@@ -54,13 +54,23 @@ def _append(params, state, tokens, positions, *, config, policy, dtype, chunked,
     ctx = LayerContext(0, config, "decode", True, 0, w, implementation)
     last = jnp.full((b,), w - 1, jnp.int32)
     if chunked:
-        return forward(params, tokens, positions, state, config=config, policy=policy, ctx=ctx, dtype=dtype,
-                       logits_at=last)
+        return forward(
+            params, tokens, positions, state, config=config, policy=policy, ctx=ctx, dtype=dtype, logits_at=last
+        )
 
     def step(carry, xs):
         st, _ = carry
-        logits, st = forward(params, xs[0][:, None], xs[1][:, None], st, config=config, policy=policy, ctx=ctx,
-                             dtype=dtype, logits_at=jnp.zeros((b,), jnp.int32))
+        logits, st = forward(
+            params,
+            xs[0][:, None],
+            xs[1][:, None],
+            st,
+            config=config,
+            policy=policy,
+            ctx=ctx,
+            dtype=dtype,
+            logits_at=jnp.zeros((b,), jnp.int32),
+        )
         return (st, logits), None
 
     init = (state, jnp.zeros((b, config.vocab_size), jnp.float32))
@@ -85,10 +95,19 @@ def append_tokens(model, state, pieces: list[list[int]], policy, width: int | No
     pos = np.full((b, w), -1, np.int32)
     lengths = np.asarray(state.lengths)
     for i, p in enumerate(pieces):
-        toks[i, w - len(p):] = p
-        pos[i, w - len(p):] = lengths[i] + np.arange(len(p))
-    return _append(model.params, state, jnp.asarray(toks), jnp.asarray(pos), config=model.config, policy=policy,
-                   dtype=model.dtype, chunked=appends_in_chunks(policy), implementation=implementation)
+        toks[i, w - len(p) :] = p
+        pos[i, w - len(p) :] = lengths[i] + np.arange(len(p))
+    return _append(
+        model.params,
+        state,
+        jnp.asarray(toks),
+        jnp.asarray(pos),
+        config=model.config,
+        policy=policy,
+        dtype=model.dtype,
+        chunked=appends_in_chunks(policy),
+        implementation=implementation,
+    )
 
 
 @dataclasses.dataclass
@@ -131,17 +150,22 @@ def capture_batch(model, ids: list[list[int]], implementation=None):
     return logits, cap, time.perf_counter() - t0
 
 
-def run_session(model, policy, contexts, turns, mode: str = "inside", answer_tokens: int = 8,
-                captured=None, implementation=None) -> SessionResult:
+def run_session(
+    model, policy, contexts, turns, mode: str = "inside", answer_tokens: int = 8, captured=None, implementation=None
+) -> SessionResult:
     """Answer every turn of every row (see module doc). `captured`: the result of
     `capture_batch` on `prefill_ids(contexts, turns, mode)`, reused across policies that
     `shares_prefill`; computed here when needed and not given."""
     ids = prefill_ids(contexts, turns, mode)
     cfg = model.config
-    if max(len(i) for i in ids) + sum(max(len(r[t]) for r in turns) for t in range(len(turns[0]))) \
-            + answer_tokens > cfg.max_position:
-        raise ValueError(f"session of {max(len(i) for i in ids)} context tokens plus questions exceeds the model's "
-                         f"max_position={cfg.max_position}")
+    if (
+        max(len(i) for i in ids) + sum(max(len(r[t]) for r in turns) for t in range(len(turns[0]))) + answer_tokens
+        > cfg.max_position
+    ):
+        raise ValueError(
+            f"session of {max(len(i) for i in ids)} context tokens plus questions exceeds the model's "
+            f"max_position={cfg.max_position}"
+        )
     headroom = headroom_for(turns, answer_tokens)
     capture_s = 0.0
     t0 = time.perf_counter()
@@ -156,9 +180,16 @@ def run_session(model, policy, contexts, turns, mode: str = "inside", answer_tok
         toks = np.full((len(ids), width), cfg.pad_id, np.int32)
         for r, i in enumerate(ids):
             toks[r, : len(i)] = i
-        logits, state = prefill(model.params, jnp.asarray(toks), jnp.asarray([len(i) for i in ids], jnp.int32),
-                                config=cfg, policy=policy, max_new_tokens=headroom, dtype=model.dtype,
-                                implementation=implementation)
+        logits, state = prefill(
+            model.params,
+            jnp.asarray(toks),
+            jnp.asarray([len(i) for i in ids], jnp.int32),
+            config=cfg,
+            policy=policy,
+            max_new_tokens=headroom,
+            dtype=model.dtype,
+            implementation=implementation,
+        )
     jax.block_until_ready(state)
     compress_s = time.perf_counter() - t0
     kv_bytes, dense = state.nbytes / len(ids), state.dense_nbytes(cfg) / len(ids)
@@ -171,9 +202,19 @@ def run_session(model, policy, contexts, turns, mode: str = "inside", answer_tok
             jax.block_until_ready(logits)
             append_s += time.perf_counter() - t1
         t1 = time.perf_counter()
-        out, n_out, _ = decode(model.params, state, logits, jax.random.key(0), config=cfg, policy=policy,
-                               max_new_tokens=answer_tokens, sampler=Sampler(), stop_ids=tuple(model.tokenizer.eos_ids),
-                               dtype=model.dtype, implementation=implementation)
+        out, n_out, _ = decode(
+            model.params,
+            state,
+            logits,
+            jax.random.key(0),
+            config=cfg,
+            policy=policy,
+            max_new_tokens=answer_tokens,
+            sampler=Sampler(),
+            stop_ids=tuple(model.tokenizer.eos_ids),
+            dtype=model.dtype,
+            implementation=implementation,
+        )
         out, n_out = np.asarray(out), np.asarray(n_out)
         decode_s += time.perf_counter() - t1
         for r in range(len(ids)):

@@ -73,8 +73,16 @@ def shares_prefill(policy) -> bool:
 def capture(model, tokens, lengths, implementation: str | None = None):
     """Dense prefill of tokens [B, Tb] (right-padded, true lengths [B]) that records every
     layer. Returns (logits at each row's last token [B, V], KVState of `Captured`)."""
-    return prefill(model.params, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), config=model.config,
-                   policy=_Capture(), max_new_tokens=0, dtype=model.dtype, implementation=implementation)
+    return prefill(
+        model.params,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths, jnp.int32),
+        config=model.config,
+        policy=_Capture(),
+        max_new_tokens=0,
+        dtype=model.dtype,
+        implementation=implementation,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "config", "max_new_tokens", "dtype", "implementation"))
@@ -97,9 +105,18 @@ def apply_policy(model, captured: KVState, policy, max_new_tokens: int, implemen
     """The state `prefill(..., policy=policy, max_new_tokens=...)` would return for the
     captured prompt. Raises ValueError for a policy that does not `shares_prefill`."""
     if not shares_prefill(policy):
-        raise ValueError(f"policy {policy.spec()!r} does more than compress after a dense prefill; "
-                         "run it through kvjax.generate.prefill")
+        raise ValueError(
+            f"policy {policy.spec()!r} does more than compress after a dense prefill; "
+            "run it through kvjax.generate.prefill"
+        )
     t = captured.layers[0].q.shape[1]
     policy.validate(t, model.config)
-    return _apply(captured.layers, captured.lengths, policy=policy, config=model.config,
-                  max_new_tokens=max_new_tokens, dtype=model.dtype, implementation=implementation)
+    return _apply(
+        captured.layers,
+        captured.lengths,
+        policy=policy,
+        config=model.config,
+        max_new_tokens=max_new_tokens,
+        dtype=model.dtype,
+        implementation=implementation,
+    )

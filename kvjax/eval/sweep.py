@@ -85,7 +85,7 @@ def plan(tasks, policies, budgets, contexts, seeds, modes=("inside",), engines=(
         for c in contexts:
             for t in tasks:
                 for s in seeds:
-                    for m in (("-",) if t == "ppl" else modes):
+                    for m in ("-",) if t == "ppl" else modes:
                         cells += [Cell(e, t, p, c, s, m) for p in specs]
     return cells
 
@@ -128,8 +128,15 @@ def _eval_bytes(model, policy, batch, width):
 
     toks = jax.ShapeDtypeStruct((batch, width), jnp.int32)
     lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    shapes = jax.eval_shape(lambda t, l: prefill(model.params, t, l, config=model.config, policy=policy,
-                                                 max_new_tokens=0, dtype=model.dtype)[1].layers, toks, lens)
+    shapes = jax.eval_shape(
+        lambda t, l: (
+            prefill(model.params, t, l, config=model.config, policy=policy, max_new_tokens=0, dtype=model.dtype)[
+                1
+            ].layers
+        ),
+        toks,
+        lens,
+    )
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
 
 
@@ -139,9 +146,16 @@ def _aggregate(cell: Cell, parts: list[dict]) -> dict:
     turns = np.array(correct, dtype=float)
     warm = parts[1:] or parts  # the first batch of a policy includes jit compilation
     episodes = sum(p["episodes"] for p in warm)
-    out = {**dataclasses.asdict(cell), "status": "ok", "task_version": task_version(cell.task), "trials": len(correct),
-           "accuracy": float(turns.mean()), "turn_accuracy": turns.mean(axis=0).tolist(),
-           "correct": int(turns.sum()), "questions": int(turns.size)}
+    out = {
+        **dataclasses.asdict(cell),
+        "status": "ok",
+        "task_version": task_version(cell.task),
+        "trials": len(correct),
+        "accuracy": float(turns.mean()),
+        "turn_accuracy": turns.mean(axis=0).tolist(),
+        "correct": int(turns.sum()),
+        "questions": int(turns.size),
+    }
     for k in ("kv_bytes", "kv_bytes_held", "dense_kv_bytes"):
         out[k] = float(np.mean([p[k] for p in parts]))
     out["compression_ratio"] = out["kv_bytes"] / max(out["dense_kv_bytes"], 1.0)
@@ -160,8 +174,12 @@ def is_current(record: dict) -> bool:
 
 
 def _error(cell: Cell, e: Exception) -> dict:
-    return {**dataclasses.asdict(cell), "status": "error", "task_version": task_version(cell.task),
-            "error": f"{type(e).__name__}: {e}"}
+    return {
+        **dataclasses.asdict(cell),
+        "status": "error",
+        "task_version": task_version(cell.task),
+        "error": f"{type(e).__name__}: {e}",
+    }
 
 
 def _device(engine: str) -> str:
@@ -174,15 +192,24 @@ def _device(engine: str) -> str:
 def _part(cell, b, episodes, res: SessionResult, model, pol, width) -> dict:
     n = len(episodes)
     correct = [[check(o, t.answer) for o, t in zip(outs, e.turns)] for outs, e in zip(res.outputs, episodes)]
-    return {"key": cell.key, "batch": b, "task_version": task_version(cell.task), "episodes": n, "correct": correct,
-            "kv_bytes": res.kv_bytes if cell.engine == "kvpress" else _state_bytes(model, pol, n, width) / n,
-            "kv_bytes_held": res.kv_bytes,
-            "dense_kv_bytes": res.dense_kv_bytes, "prefill_s": res.capture_s + res.compress_s,
-            "decode_s": res.append_s + res.decode_s,
-            "shared_capture": cell.engine == "kvpress" or shares_prefill(pol),
-            "device": _device(cell.engine),
-            "samples": [{"depth": e.depth, "answers": [t.answer for t in e.turns], "outputs": o}
-                        for e, o in zip(episodes, res.outputs)]}
+    return {
+        "key": cell.key,
+        "batch": b,
+        "task_version": task_version(cell.task),
+        "episodes": n,
+        "correct": correct,
+        "kv_bytes": res.kv_bytes if cell.engine == "kvpress" else _state_bytes(model, pol, n, width) / n,
+        "kv_bytes_held": res.kv_bytes,
+        "dense_kv_bytes": res.dense_kv_bytes,
+        "prefill_s": res.capture_s + res.compress_s,
+        "decode_s": res.append_s + res.decode_s,
+        "shared_capture": cell.engine == "kvpress" or shares_prefill(pol),
+        "device": _device(cell.engine),
+        "samples": [
+            {"depth": e.depth, "answers": [t.answer for t in e.turns], "outputs": o}
+            for e, o in zip(episodes, res.outputs)
+        ],
+    }
 
 
 def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=None):
@@ -191,8 +218,9 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
 
     c0 = cells[0]
     try:  # `text` is the haystack itself (run_sweep loads it once)
-        episodes = make_episodes(c0.task, model.tokenizer, c0.context, trials, c0.seed, text,
-                                 **options.get(c0.task, {}))
+        episodes = make_episodes(
+            c0.task, model.tokenizer, c0.context, trials, c0.seed, text, **options.get(c0.task, {})
+        )
     except Exception as e:  # e.g. a text without the facts `qa` needs: every cell of the group fails
         for c in cells:
             state["failed"].add(c.key)
@@ -228,10 +256,14 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
                     res = run_session(model, pol, ctx, trn, c0.mode, captured=captured)
                 else:  # one row at a time: the policy cannot take padded decode steps
                     rows = [run_session(model, pol, [x], [y], c0.mode) for x, y in zip(ctx, trn)]
-                    res = SessionResult([r.outputs[0] for r in rows], *[float(np.mean([getattr(r, f) for r in rows]))
-                                        for f in ("kv_bytes", "dense_kv_bytes")],
-                                        *[sum(getattr(r, f) for r in rows) for f in
-                                          ("capture_s", "compress_s", "append_s", "decode_s")])
+                    res = SessionResult(
+                        [r.outputs[0] for r in rows],
+                        *[float(np.mean([getattr(r, f) for r in rows])) for f in ("kv_bytes", "dense_kv_bytes")],
+                        *[
+                            sum(getattr(r, f) for r in rows)
+                            for f in ("capture_s", "compress_s", "append_s", "decode_s")
+                        ],
+                    )
                 part = _part(c, b, eps, res, model, pol, width)
             except Exception as e:  # recorded; the sweep goes on
                 state["failed"].add(c.key)
@@ -267,8 +299,16 @@ def _run_ppl(model, cells, state, text, tick):
             r = perplexity_fast(model, toks, pol, captured=captured)
             r["kv_bytes_held"], r["kv_bytes"] = r["kv_bytes"], _state_bytes(model, pol, 1, c0.context // 2)
             r["compression_ratio"] = r["kv_bytes"] / max(r["dense_kv_bytes"], 1)
-            _write(state["cells_path"], {**dataclasses.asdict(c), "status": "ok", **r,
-                                         "shared_capture": shares_prefill(pol), "devices": [_device(c.engine)]})
+            _write(
+                state["cells_path"],
+                {
+                    **dataclasses.asdict(c),
+                    "status": "ok",
+                    **r,
+                    "shared_capture": shares_prefill(pol),
+                    "devices": [_device(c.engine)],
+                },
+            )
         except Exception as e:
             _write(state["cells_path"], _error(c, e))
         tick(1)
@@ -280,8 +320,10 @@ def check_inputs(model, cells: list[Cell], text: str) -> None:
     load_text(text)
     for c in cells:
         if c.context + 64 > model.config.max_position:
-            raise ValueError(f"context={c.context} exceeds what the model supports (max_position="
-                             f"{model.config.max_position}, minus 64 tokens for questions and answers)")
+            raise ValueError(
+                f"context={c.context} exceeds what the model supports (max_position="
+                f"{model.config.max_position}, minus 64 tokens for questions and answers)"
+            )
 
 
 def recorded_keys(out: str) -> set[str]:
@@ -291,8 +333,17 @@ def recorded_keys(out: str) -> set[str]:
     return {Cell(*(r[k] for k in fields)).key for r in read_jsonl(os.path.join(out, "cells.jsonl")) if is_current(r)}
 
 
-def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-judges", batch_size: int = 5,
-              options: dict | None = None, progress: bool = True, hf=None) -> list[dict]:
+def run_sweep(
+    model,
+    cells: list[Cell],
+    out: str,
+    trials=None,
+    text: str = "kjv-judges",
+    batch_size: int = 5,
+    options: dict | None = None,
+    progress: bool = True,
+    hf=None,
+) -> list[dict]:
     """Run every unfinished cell (see module doc); returns all finished cell records.
     trials: int or {task: int} (defaults DEFAULT_TRIALS, else 10); options: {task: kwargs}
     for the episode generators; hf: the transformers model for engine "kvpress" cells."""
@@ -321,8 +372,11 @@ def run_sweep(model, cells: list[Cell], out: str, trials=None, text: str = "kjv-
             _run_group(model, group, state, n_trials(task), haystack, batch_size, options or {}, bar.update, hf)
     bar.close()
     keys = {c.key for c in cells}
-    return [r for r in read_jsonl(paths["cells_path"])
-            if is_current(r) and Cell(*(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))).key in keys]
+    return [
+        r
+        for r in read_jsonl(paths["cells_path"])
+        if is_current(r) and Cell(*(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))).key in keys
+    ]
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
@@ -341,14 +395,24 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, unit="batch", dynamic_ncols=True, smoothing=0.1)
 
 
-def run_cell(model, cell: Cell, trials: int, text: str = "kjv-judges", batch_size: int = 5,
-             options: dict | None = None, hf=None) -> dict:
+def run_cell(
+    model, cell: Cell, trials: int, text: str = "kjv-judges", batch_size: int = 5, options: dict | None = None, hf=None
+) -> dict:
     """One cell, nothing kept on disk; raises RuntimeError when the cell fails."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
-        (row,) = run_sweep(model, [cell], out, trials={cell.task: trials}, text=text, batch_size=batch_size,
-                           options=options, progress=False, hf=hf)
+        (row,) = run_sweep(
+            model,
+            [cell],
+            out,
+            trials={cell.task: trials},
+            text=text,
+            batch_size=batch_size,
+            options=options,
+            progress=False,
+            hf=hf,
+        )
     if row["status"] != "ok":
         raise RuntimeError(f"{cell.task} with {cell.policy} failed: {row['error']}")
     return row

@@ -12,14 +12,74 @@ import dataclasses
 
 import numpy as np
 
-_WORDS = (
-    "apple river stone cloud tiger piano garden silver candle forest mirror rocket pepper "
-    "violet harbor castle meadow thunder lantern falcon copper orchid glacier compass velvet "
-    "saddle walnut beacon canyon marble willow ember quartz dolphin maple cobalt nectar "
-    "prairie summit pebble raven cedar tulip anchor blossom coral dune fern harvest island "
-    "jasmine kettle ladder mango nickel oasis parrot quiver ribbon sparrow timber umbrella "
-    "vessel wagon yarrow zephyr"
-).split()
+_WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "piano",
+    "garden",
+    "silver",
+    "candle",
+    "forest",
+    "mirror",
+    "rocket",
+    "pepper",
+    "violet",
+    "harbor",
+    "castle",
+    "meadow",
+    "thunder",
+    "lantern",
+    "falcon",
+    "copper",
+    "orchid",
+    "glacier",
+    "compass",
+    "velvet",
+    "saddle",
+    "walnut",
+    "beacon",
+    "canyon",
+    "marble",
+    "willow",
+    "ember",
+    "quartz",
+    "dolphin",
+    "maple",
+    "cobalt",
+    "nectar",
+    "prairie",
+    "summit",
+    "pebble",
+    "raven",
+    "cedar",
+    "tulip",
+    "anchor",
+    "blossom",
+    "coral",
+    "dune",
+    "fern",
+    "harvest",
+    "island",
+    "jasmine",
+    "kettle",
+    "ladder",
+    "mango",
+    "nickel",
+    "oasis",
+    "parrot",
+    "quiver",
+    "ribbon",
+    "sparrow",
+    "timber",
+    "umbrella",
+    "vessel",
+    "wagon",
+    "yarrow",
+    "zephyr",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +122,10 @@ def passkey_sample(tokenizer, context: int, depth: float, seed: int, text: str) 
     """Passkey retrieval prompt of about `context` tokens; needle at relative `depth`."""
     rng = np.random.default_rng(seed)
     key = str(int(rng.integers(10000, 100000)))
-    head = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-            "Find it and memorize it. I will quiz you about it.\n\n")
+    head = (
+        "There is an important piece of information hidden inside a lot of irrelevant text. "
+        "Find it and memorize it. I will quiz you about it.\n\n"
+    )
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     question = "\n\nWhat is the pass key? Answer with the five-digit number only.\nAnswer: The pass key is"
     return Sample(_assemble(tokenizer, context, head, needle, question, text, depth, seed), key, depth, seed)
@@ -77,12 +139,14 @@ def kv_retrieval_sample(tokenizer, context: int, depth: float, seed: int, text: 
     values = rng.integers(1000, 10000, size=pairs)
     lines = "\n".join(f"The code for {_WORDS[k]} is {v}." for k, v in zip(keys, values))
     target = int(rng.integers(0, pairs))
-    head = ("Below is a long text. Somewhere in it is a list of secret codes. "
-            "Find the list and remember every code.\n\n")
+    head = "Below is a long text. Somewhere in it is a list of secret codes. Find the list and remember every code.\n\n"
     word = _WORDS[keys[target]]
-    question = f"\n\nWhat is the code for {word}? Answer with the four-digit number only.\nAnswer: The code for {word} is"
-    return Sample(_assemble(tokenizer, context, head, lines, question, text, depth, seed),
-                  str(values[target]), depth, seed)
+    question = (
+        f"\n\nWhat is the code for {word}? Answer with the four-digit number only.\nAnswer: The code for {word} is"
+    )
+    return Sample(
+        _assemble(tokenizer, context, head, lines, question, text, depth, seed), str(values[target]), depth, seed
+    )
 
 
 TASKS = {"passkey": passkey_sample, "kv_retrieval": kv_retrieval_sample}

@@ -23,7 +23,9 @@ def load_text(name_or_path: str = DEFAULT_TEXT) -> str:
 
         return "\n\n".join(topics.topics[k].strip() for k in sorted(topics.topics))
     if name_or_path == "kjv-judges":
-        with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "kjv_judges.txt"), encoding="utf-8") as f:
+        with open(
+            os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "kjv_judges.txt"), encoding="utf-8"
+        ) as f:
             return f.read()
     path = os.path.expanduser(name_or_path)
     if not os.path.isfile(path):

@@ -17,25 +17,37 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (c.hidden_size,),
-            p + "post_attention_layernorm.weight": (c.hidden_size,),
-            p + "self_attn.q_proj.weight": (q, c.hidden_size),
-            p + "self_attn.k_proj.weight": (kv, c.hidden_size),
-            p + "self_attn.v_proj.weight": (kv, c.hidden_size),
-            p + "self_attn.o_proj.weight": (c.hidden_size, q),
-            p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-            p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-            p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (c.hidden_size,),
+                p + "post_attention_layernorm.weight": (c.hidden_size,),
+                p + "self_attn.q_proj.weight": (q, c.hidden_size),
+                p + "self_attn.k_proj.weight": (kv, c.hidden_size),
+                p + "self_attn.v_proj.weight": (kv, c.hidden_size),
+                p + "self_attn.o_proj.weight": (c.hidden_size, q),
+                p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+                p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+                p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+            }
+        )
         if c.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+            )
     return shapes
 
 
-def to_params(tensors: dict[str, np.ndarray], config: LlamaConfig, dtype, source: str,
-              blocks: dict[str, tuple[str, np.ndarray]] | None = None) -> dict:
+def to_params(
+    tensors: dict[str, np.ndarray],
+    config: LlamaConfig,
+    dtype,
+    source: str,
+    blocks: dict[str, tuple[str, np.ndarray]] | None = None,
+) -> dict:
     """Check names and shapes against `config`, then build {'params': ...} (numpy arrays
     cast to `dtype`; linear weights transposed to linen's [in, out]).
 
@@ -74,12 +86,15 @@ def to_params(tensors: dict[str, np.ndarray], config: LlamaConfig, dtype, source
             if check_blocks(data, kind, k) != rows:
                 raise ValueError(f"{data.shape[0]} block rows, expected N={rows}")
         except ValueError as e:
-            raise ModelFileError(f"{source}: the {kind} blocks of {name} do not match its shape {(rows, k)}: "
-                                 f"{e}") from e
+            raise ModelFileError(
+                f"{source}: the {kind} blocks of {name} do not match its shape {(rows, k)}: {e}"
+            ) from e
         return QuantizedWeight(x, jnp.asarray(data), kind)
 
-    params = {"embed_tokens": {"embedding": arr("model.embed_tokens.weight")},
-              "norm": {"scale": arr("model.norm.weight")}}
+    params = {
+        "embed_tokens": {"embedding": arr("model.embed_tokens.weight")},
+        "norm": {"scale": arr("model.norm.weight")},
+    }
     if not config.tie_embeddings:
         params["lm_head"] = {"kernel": arr("lm_head.weight", True)}
     for i in range(config.num_layers):
@@ -93,7 +108,8 @@ def to_params(tensors: dict[str, np.ndarray], config: LlamaConfig, dtype, source
             "input_layernorm": {"scale": arr(p + "input_layernorm.weight")},
             "post_attention_layernorm": {"scale": arr(p + "post_attention_layernorm.weight")},
             "self_attn": attn,
-            "mlp": {proj: {"kernel": arr(p + f"mlp.{proj}.weight", True)}
-                    for proj in ("gate_proj", "up_proj", "down_proj")},
+            "mlp": {
+                proj: {"kernel": arr(p + f"mlp.{proj}.weight", True)} for proj in ("gate_proj", "up_proj", "down_proj")
+            },
         }
     return {"params": params}

@@ -32,7 +32,7 @@ _LAYER_NAMES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reader_class():
     """gguf's `GGUFReader`, reading through a plain ndarray view of its memory map.
 
@@ -48,7 +48,12 @@ def _reader_class():
 
     base = gguf.GGUFReader
     if list(inspect.signature(getattr(base, "_get", lambda: None)).parameters) != [
-            "self", "offset", "dtype", "count", "override_order"]:
+        "self",
+        "offset",
+        "dtype",
+        "count",
+        "override_order",
+    ]:
         return base
 
     class PlainViewReader(base):
@@ -57,7 +62,7 @@ def _reader_class():
             if plain is None:
                 plain = self._plain = self.data.view(np.ndarray)
             dtype, count = np.dtype(dtype), int(count)
-            arr = plain[offset: offset + dtype.itemsize * count].view(dtype)[:count]
+            arr = plain[offset : offset + dtype.itemsize * count].view(dtype)[:count]
             return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
     return PlainViewReader
@@ -71,7 +76,9 @@ def open_reader(path: str):
     try:
         return _reader_class()(path)
     except Exception as e:  # the reader raises assorted errors on bad bytes
-        raise ModelFileError(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
+        raise ModelFileError(
+            f"{path}: not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
 
 
 def _field(reader, key, default=None):

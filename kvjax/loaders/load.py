@@ -44,8 +44,12 @@ def embedded_path(name: str) -> str:
     return path
 
 
-def load(name_or_path: str = "smollm2", dtype=jnp.float32, fuse_projections: bool = True,
-         quantized_matmul: bool | None = None) -> Model:
+def load(
+    name_or_path: str = "smollm2",
+    dtype=jnp.float32,
+    fuse_projections: bool = True,
+    quantized_matmul: bool | None = None,
+) -> Model:
     """Load a model: "smollm2" (embedded GGUF), a .gguf file, or an HF safetensors dir.
 
     fuse_projections: concatenate q/k/v and gate/up weights (`kvjax.models.fuse_projections`;

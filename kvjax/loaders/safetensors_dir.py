@@ -31,8 +31,13 @@ def read_config(directory: str) -> LlamaConfig:
     if rs:
         rtype = rs.get("rope_type", rs.get("type"))
         if rtype == "llama3":
-            scaling = RopeScaling("llama3", rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"],
-                                  rs["original_max_position_embeddings"])
+            scaling = RopeScaling(
+                "llama3",
+                rs["factor"],
+                rs["low_freq_factor"],
+                rs["high_freq_factor"],
+                rs["original_max_position_embeddings"],
+            )
         elif rtype == "linear":
             scaling = RopeScaling("linear", rs["factor"])
         elif rtype not in (None, "default"):
@@ -74,7 +79,7 @@ def read_tensors(directory: str) -> dict[str, np.ndarray]:
     for path in files:
         try:
             with safe_open(path, "np") as f:
-                for name in f.keys():
+                for name in f:
                     out[name] = np.asarray(f.get_tensor(name), dtype=np.float32)
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelFileError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from e

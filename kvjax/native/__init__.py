@@ -5,9 +5,21 @@ the on-first-use build in `build.py`; the `QuantizedWeight` pytree and the model
 `weights.py`.
 """
 
-from .quantized_matmul import (BLOCK_BYTES, dequantize_reference, native_available, quantized_matmul,
-                               quantized_matmul_reference)
+from .quantized_matmul import (
+    BLOCK_BYTES,
+    dequantize_reference,
+    native_available,
+    quantized_matmul,
+    quantized_matmul_reference,
+)
 from .weights import QUANTIZED_MAX_ROWS, QuantizedWeight
 
-__all__ = ["BLOCK_BYTES", "QUANTIZED_MAX_ROWS", "QuantizedWeight", "dequantize_reference", "native_available",
-           "quantized_matmul", "quantized_matmul_reference"]
+__all__ = [
+    "BLOCK_BYTES",
+    "QUANTIZED_MAX_ROWS",
+    "QuantizedWeight",
+    "dequantize_reference",
+    "native_available",
+    "quantized_matmul",
+    "quantized_matmul_reference",
+]

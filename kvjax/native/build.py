@@ -76,8 +76,16 @@ def build(compiler: str | None = None, arch_flags: tuple[str, ...] = ARCH_FLAGS)
     include = jax.ffi.include_dir()
     with open(SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_command(compiler, arch_flags, include, "")).encode(),
-                                     jax.__version__.encode(), _cpu_id().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                " ".join(_command(compiler, arch_flags, include, "")).encode(),
+                jax.__version__.encode(),
+                _cpu_id().encode(),
+            ]
+        )
+    ).hexdigest()[:16]
     out_dir = cache_dir()
     path = os.path.join(out_dir, f"gguf_matmul-{key}.so")
     if os.path.isfile(path):
@@ -90,8 +98,9 @@ def build(compiler: str | None = None, arch_flags: tuple[str, ...] = ARCH_FLAGS)
     os.close(fd)
     try:
         try:
-            proc = subprocess.run(_command(compiler, arch_flags, include, tmp), capture_output=True, text=True,
-                                  timeout=300)
+            proc = subprocess.run(
+                _command(compiler, arch_flags, include, tmp), capture_output=True, text=True, timeout=300
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             raise NativeBuildError(f"running {compiler} failed: {e}") from e
         if proc.returncode != 0:
@@ -128,9 +137,12 @@ def load() -> ctypes.CDLL | None:
         register(lib)
         return lib
     except Exception as e:  # any failure means "no native kernel": say why once, then fall back
-        warnings.warn(f"kvjax: the native GGUF matmul kernel is unavailable: {e} -- kvjax.load keeps float32 "
-                      f"weights instead, and quantized_matmul falls back to the slower XLA dequantize + dot",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"kvjax: the native GGUF matmul kernel is unavailable: {e} -- kvjax.load keeps float32 "
+            f"weights instead, and quantized_matmul falls back to the slower XLA dequantize + dot",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
 
 

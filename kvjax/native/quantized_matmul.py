@@ -45,8 +45,10 @@ def check_blocks(blocks, block_type: str, k: int) -> int:
         raise ValueError(f"blocks.dtype={blocks.dtype} must be uint8 (raw GGUF block bytes)")
     row_bytes = k // BLOCK_SIZE * BLOCK_BYTES[block_type]
     if blocks.ndim != 2 or blocks.shape[1] != row_bytes:
-        raise ValueError(f"blocks.shape={tuple(blocks.shape)} does not hold {block_type} rows of K={k} weights; "
-                         f"expected [N, {row_bytes}] (K/{BLOCK_SIZE} blocks of {BLOCK_BYTES[block_type]} bytes)")
+        raise ValueError(
+            f"blocks.shape={tuple(blocks.shape)} does not hold {block_type} rows of K={k} weights; "
+            f"expected [N, {row_bytes}] (K/{BLOCK_SIZE} blocks of {BLOCK_BYTES[block_type]} bytes)"
+        )
     return int(blocks.shape[0])
 
 
@@ -107,6 +109,7 @@ def _ffi_matmul(x, blocks, target: str):
     """The custom call: x [..., K] -> [..., N] through the registered FFI target `target`."""
     lead, k, n = x.shape[:-1], x.shape[-1], blocks.shape[0]
     m = math.prod(lead)
-    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32),
-                         vmap_method="sequential")(x.reshape(m, k).astype(jnp.float32), blocks)
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")(
+        x.reshape(m, k).astype(jnp.float32), blocks
+    )
     return y.reshape(*lead, n)

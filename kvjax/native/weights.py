@@ -62,8 +62,12 @@ def _use_blocks(x) -> bool:
 
 def _on_cpu(x, blocks, block_type, float_fn):
     """The kernel on CPU; `float_fn` elsewhere (decided when lowering for a platform)."""
-    return jax.lax.platform_dependent(x, blocks, cpu=lambda a, b: quantized_matmul(a, b, block_type),
-                                      default=lambda a, b: float_fn(a).astype(jnp.float32))
+    return jax.lax.platform_dependent(
+        x,
+        blocks,
+        cpu=lambda a, b: quantized_matmul(a, b, block_type),
+        default=lambda a, b: float_fn(a).astype(jnp.float32),
+    )
 
 
 def dense_matmul(x, kernel, float_fn):

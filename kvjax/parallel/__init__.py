@@ -1,7 +1,7 @@
 """Sequence (context) parallelism: meshes, ring attention, sharded prefill/decode, multi-host.
 
-    mesh = kvjax.parallel.make_mesh(seq=4)
-    out = kvjax.parallel.generate(model, prompt, mesh=mesh, policy="dense", max_new_tokens=64)
+mesh = kvjax.parallel.make_mesh(seq=4)
+out = kvjax.parallel.generate(model, prompt, mesh=mesh, policy="dense", max_new_tokens=64)
 """
 
 from . import multihost
@@ -13,7 +13,24 @@ from .ring import ring_attention, ring_attention_local
 from .sharded_policy import SeqSharded, shard_merge_attention
 
 __all__ = [
-    "AXIS_RULES", "LAYOUTS", "Plan", "SeqSharded", "decode", "inverse_order", "logical_sharding", "logical_spec",
-    "generate", "make_mesh", "multihost", "padded_length", "prefill", "put_prompt", "require_axis", "ring_attention", "ring_attention_local", "ring_order",
-    "shard_map", "shard_merge_attention",
+    "AXIS_RULES",
+    "LAYOUTS",
+    "Plan",
+    "SeqSharded",
+    "decode",
+    "generate",
+    "inverse_order",
+    "logical_sharding",
+    "logical_spec",
+    "make_mesh",
+    "multihost",
+    "padded_length",
+    "prefill",
+    "put_prompt",
+    "require_axis",
+    "ring_attention",
+    "ring_attention_local",
+    "ring_order",
+    "shard_map",
+    "shard_merge_attention",
 ]

@@ -113,10 +113,22 @@ def _in_ring_order(tokens, plan: Plan):
     return jnp.take(tokens, jnp.asarray(order), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "config", "policy", "max_new_tokens", "dtype", "implementation",
-                                             "ordered"))
-def prefill(params, tokens, lengths, *, plan: Plan, config: LlamaConfig, policy: Policy, max_new_tokens: int,
-            dtype=jnp.float32, implementation: str | None = None, ordered: bool = False):
+@functools.partial(
+    jax.jit, static_argnames=("plan", "config", "policy", "max_new_tokens", "dtype", "implementation", "ordered")
+)
+def prefill(
+    params,
+    tokens,
+    lengths,
+    *,
+    plan: Plan,
+    config: LlamaConfig,
+    policy: Policy,
+    max_new_tokens: int,
+    dtype=jnp.float32,
+    implementation: str | None = None,
+    ordered: bool = False,
+):
     """Context-parallel prefill of tokens [B, W] (right-padded, true lengths [B]).
 
     W must be a multiple of `plan.multiple`. ordered=True: tokens are already in ring
@@ -145,22 +157,47 @@ def prefill(params, tokens, lengths, *, plan: Plan, config: LlamaConfig, policy:
 
     in_specs = (P(), P(None, plan.axis), P())
     # One shard's state shapes (the policy may change the state type at prefill, e.g. Compose).
-    shapes = jax.eval_shape(shard_map(local, mesh=plan.mesh, in_specs=in_specs, out_specs=(P(), P())),
-                            params, toks, lengths)[1]
+    shapes = jax.eval_shape(
+        shard_map(local, mesh=plan.mesh, in_specs=in_specs, out_specs=(P(), P())), params, toks, lengths
+    )[1]
     specs = KVState(layers=jax.tree.map(lambda x: _leaf_spec(x.ndim, plan), shapes.layers), lengths=P())
     return shard_map(local_global, mesh=plan.mesh, in_specs=in_specs, out_specs=(P(), specs))(params, toks, lengths)
 
 
-def decode(params, state: KVState, first_logits, key, *, plan: Plan, config: LlamaConfig, policy: Policy,
-           max_new_tokens: int, sampler: Sampler = Sampler(), stop_ids: tuple[int, ...] = (), dtype=jnp.float32,
-           implementation: str | None = None):
+def decode(
+    params,
+    state: KVState,
+    first_logits,
+    key,
+    *,
+    plan: Plan,
+    config: LlamaConfig,
+    policy: Policy,
+    max_new_tokens: int,
+    sampler: Sampler = Sampler(),
+    stop_ids: tuple[int, ...] = (),
+    dtype=jnp.float32,
+    implementation: str | None = None,
+):
     """`kvjax.generate.decode` on a sequence-sharded state (from `prefill`): every shard
     runs the same loop; attention merges the shards' partial results (LSE) each step.
     Returns (tokens [B, max_new] int32, n_out [B], sharded KVState)."""
     specs = tuple(_spec_of(x) for x in jax.tree.leaves(state.layers))
-    return _decode(params, state, first_logits, key, plan=plan, config=config, policy=policy,
-                   max_new_tokens=max_new_tokens, sampler=sampler, stop_ids=tuple(stop_ids), dtype=dtype,
-                   implementation=implementation, layer_specs=specs)
+    return _decode(
+        params,
+        state,
+        first_logits,
+        key,
+        plan=plan,
+        config=config,
+        policy=policy,
+        max_new_tokens=max_new_tokens,
+        sampler=sampler,
+        stop_ids=tuple(stop_ids),
+        dtype=dtype,
+        implementation=implementation,
+        layer_specs=specs,
+    )
 
 
 def _spec_of(x) -> P:
@@ -170,20 +207,57 @@ def _spec_of(x) -> P:
     return P(*spec, *([None] * (x.ndim - len(spec))))
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "config", "policy", "max_new_tokens", "sampler", "stop_ids",
-                                             "dtype", "implementation", "layer_specs"))
-def _decode(params, state, first_logits, key, *, plan, config, policy, max_new_tokens, sampler, stop_ids, dtype,
-            implementation, layer_specs):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "plan",
+        "config",
+        "policy",
+        "max_new_tokens",
+        "sampler",
+        "stop_ids",
+        "dtype",
+        "implementation",
+        "layer_specs",
+    ),
+)
+def _decode(
+    params,
+    state,
+    first_logits,
+    key,
+    *,
+    plan,
+    config,
+    policy,
+    max_new_tokens,
+    sampler,
+    stop_ids,
+    dtype,
+    implementation,
+    layer_specs,
+):
     pol = SeqSharded(policy, plan.axis, plan.kernel)
     stacked = [_is_stacked(s, plan) for s in layer_specs]
     specs = KVState(layers=jax.tree.unflatten(jax.tree.structure(state.layers), list(layer_specs)), lengths=P())
 
     def local(params, state, logits, key):
         state = state.replace(layers=_to_local(state.layers, stacked))
-        out, n_out, state = gen.decode(params, state, logits, key, config=config, policy=pol,
-                                       max_new_tokens=max_new_tokens, sampler=sampler, stop_ids=stop_ids,
-                                       dtype=dtype, implementation=implementation)
+        out, n_out, state = gen.decode(
+            params,
+            state,
+            logits,
+            key,
+            config=config,
+            policy=pol,
+            max_new_tokens=max_new_tokens,
+            sampler=sampler,
+            stop_ids=stop_ids,
+            dtype=dtype,
+            implementation=implementation,
+        )
         return out, n_out, state.replace(layers=_to_global(state.layers, plan))
 
-    return shard_map(local, mesh=plan.mesh, in_specs=(P(), specs, P(), P()),
-                     out_specs=(P(), P(), specs))(params, state, first_logits, key)
+    return shard_map(local, mesh=plan.mesh, in_specs=(P(), specs, P(), P()), out_specs=(P(), P(), specs))(
+        params, state, first_logits, key
+    )

@@ -10,7 +10,7 @@ array on its devices, and every process gets the full result.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +35,23 @@ def put_prompt(tokens: np.ndarray, lengths: np.ndarray, plan: context.Plan):
     return toks, lens
 
 
-def generate(model, prompts: str | Sequence[str], *, mesh: Mesh, policy: Policy | str = "dense",
-             max_new_tokens: int = 64, sampler: Sampler = Sampler(), seed: int = 0, chat: bool = False,
-             stop_ids: Sequence[int] | None = None, axis: str = "seq", layout: str = "zigzag",
-             kernel: str | None = None, implementation: str | None = None, timeout_s: float | None = None
-             ) -> GenerateOutput:
+def generate(
+    model,
+    prompts: str | Sequence[str],
+    *,
+    mesh: Mesh,
+    policy: Policy | str = "dense",
+    max_new_tokens: int = 64,
+    sampler: Sampler = Sampler(),
+    seed: int = 0,
+    chat: bool = False,
+    stop_ids: Sequence[int] | None = None,
+    axis: str = "seq",
+    layout: str = "zigzag",
+    kernel: str | None = None,
+    implementation: str | None = None,
+    timeout_s: float | None = None,
+) -> GenerateOutput:
     """Context-parallel `kvjax.generate.generate` over mesh axis `axis` (see module doc).
     `timeout_s` bounds each phase when several processes run (`multihost.peer_guard`)."""
     plan = context.Plan(mesh, axis, layout, kernel)
@@ -54,8 +66,14 @@ def generate(model, prompts: str | Sequence[str], *, mesh: Mesh, policy: Policy 
     toks, lens = put_prompt(tokens, lengths, plan)
     params = multihost.replicate(model.params, mesh) if jax.process_count() > 1 else model.params
     stops = tuple(stop_ids) if stop_ids is not None else tuple(model.tokenizer.eos_ids)
-    common = dict(plan=plan, config=cfg, policy=pol, max_new_tokens=max_new_tokens, dtype=model.dtype,
-                  implementation=implementation)
+    common = dict(
+        plan=plan,
+        config=cfg,
+        policy=pol,
+        max_new_tokens=max_new_tokens,
+        dtype=model.dtype,
+        implementation=implementation,
+    )
     t0 = time.perf_counter()
     with multihost.peer_guard("prefill", timeout_s):
         logits, state = context.prefill(params, toks, lens, ordered=True, **common)
@@ -64,8 +82,9 @@ def generate(model, prompts: str | Sequence[str], *, mesh: Mesh, policy: Policy 
     kv_after_prefill = state.nbytes
     with multihost.peer_guard("decode", timeout_s):
         key = multihost.replicate(jax.random.key_data(jax.random.key(seed)), mesh)
-        out, n_out, state = context.decode(params, state, logits, jax.random.wrap_key_data(key), sampler=sampler,
-                                           stop_ids=stops, **common)
+        out, n_out, state = context.decode(
+            params, state, logits, jax.random.wrap_key_data(key), sampler=sampler, stop_ids=stops, **common
+        )
         out, n_out = multihost.to_numpy(out), multihost.to_numpy(n_out)
     t2 = time.perf_counter()
     texts = [model.tokenizer.decode(out[i, : n_out[i]]) for i in range(len(ids))]

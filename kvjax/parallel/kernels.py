@@ -20,8 +20,18 @@ from .. import attention
 KERNELS = ("xla", "cudnn", "pallas")
 
 
-def prefix_attention(q, k, v, q_len, kv_len, *, causal: bool, scale: float | None = None, kernel: str = "xla",
-                     implementation: str | None = None):
+def prefix_attention(
+    q,
+    k,
+    v,
+    q_len,
+    kv_len,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    kernel: str = "xla",
+    implementation: str | None = None,
+):
     """q [B, T, Nq, H]; k, v [B, N, S, H]; q_len, kv_len [B] int32 (valid prefix sizes).
 
     causal=True: query t sees keys s <= t (requires T == S); else every valid key.
@@ -29,7 +39,7 @@ def prefix_attention(q, k, v, q_len, kv_len, *, causal: bool, scale: float | Non
     -inf where a query sees nothing)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; expected one of {KERNELS}")
-    b, t, nq, h = q.shape
+    _b, t, _nq, h = q.shape
     s = k.shape[2]
     if causal and t != s:
         raise ValueError(f"a causal prefix block needs as many queries as keys, got T={t} and S={s}")
@@ -62,14 +72,28 @@ def _cudnn(q, k, v, q_len, kv_len, causal, scale):
 
         mask = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
         out, lse = fa.dot_product_attention(
-            qt, k, v, q_seqlen=q_len, kv_seqlen=kv_len, scale=scale, mask_type=mask, qkv_layout="BNTH",
+            qt,
+            k,
+            v,
+            q_seqlen=q_len,
+            kv_seqlen=kv_len,
+            scale=scale,
+            mask_type=mask,
+            qkv_layout="BNTH",
             return_residual=True,
         )
         return jnp.swapaxes(out, 1, 2), jnp.swapaxes(lse.astype(jnp.float32), 1, 2)
     except (ImportError, AttributeError, TypeError):  # public API: same kernel, bf16 log-sum-exp
         out, lse = jax.nn.dot_product_attention(
-            q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), scale=scale, is_causal=causal,
-            query_seq_lengths=q_len, key_value_seq_lengths=kv_len, implementation="cudnn", return_residual=True,
+            q,
+            jnp.swapaxes(k, 1, 2),
+            jnp.swapaxes(v, 1, 2),
+            scale=scale,
+            is_causal=causal,
+            query_seq_lengths=q_len,
+            key_value_seq_lengths=kv_len,
+            implementation="cudnn",
+            return_residual=True,
         )
         return out, lse.astype(jnp.float32)
 
@@ -80,8 +104,9 @@ def _pallas(q, k, v, kv_len, causal, scale):
     from ..pallas_kernels.block_mask import MaskSpec
     from ..pallas_kernels.block_sparse_attention import block_sparse_attention
 
-    return block_sparse_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=MaskSpec(causal=causal),
-                                  kv_lengths=kv_len, scale=scale)
+    return block_sparse_attention(
+        q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=MaskSpec(causal=causal), kv_lengths=kv_len, scale=scale
+    )
 
 
 def attention_flops(batch: int, q_len: int, kv_len: int, num_heads: int, head_dim: int, causal: bool) -> float:
@@ -90,4 +115,4 @@ def attention_flops(batch: int, q_len: int, kv_len: int, num_heads: int, head_di
     return f / 2 if causal else f
 
 
-__all__ = ["KERNELS", "prefix_attention", "attention_flops"]
+__all__ = ["KERNELS", "attention_flops", "prefix_attention"]

@@ -12,7 +12,7 @@ each to a mesh axis (or None = replicated), in the spirit of maxtext's `logical_
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -53,8 +53,9 @@ def require_axis(mesh: Mesh, axis: str) -> int:
     return int(mesh.shape[axis])
 
 
-def logical_spec(names: Sequence[str | None], mesh: Mesh | None = None,
-                 rules: dict[str, str | None] | None = None) -> PartitionSpec:
+def logical_spec(
+    names: Sequence[str | None], mesh: Mesh | None = None, rules: dict[str, str | None] | None = None
+) -> PartitionSpec:
     """PartitionSpec for an array whose dimensions carry logical `names` (None = replicated).
     Mesh axes absent from `mesh` (or of size 1) are dropped, so one spec serves every mesh."""
     out = []
@@ -71,8 +72,9 @@ def logical_sharding(names: Sequence[str | None], mesh: Mesh, rules=None) -> Nam
     return NamedSharding(mesh, logical_spec(names, mesh, rules))
 
 
-def make_mesh(seq: int | None = None, *, data: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    seq: int | None = None, *, data: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """Mesh with axes ("data", "seq", "tensor") over `devices` (default: all devices of
     all processes). `seq=None` puts every device not used by data/tensor on the ring axis.
 
@@ -97,7 +99,7 @@ def make_mesh(seq: int | None = None, *, data: int = 1, tensor: int = 1,
         from jax.experimental import mesh_utils
 
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001 - e.g. CPU or multi-process device lists
+    except Exception:
         grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, MESH_AXES)
 

@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -33,17 +33,35 @@ from jax.sharding import PartitionSpec as P
 #: exit status of a process ended by the `peer_guard` watchdog.
 EXIT_TIMEOUT = 75
 
-_PEER_SIGNS = ("gloo", "connection closed", "connection reset", "heartbeat", "coordination", "unavailable",
-               "broken pipe", "peer", "barrier", "nccl", "deadline")
+_PEER_SIGNS = (
+    "gloo",
+    "connection closed",
+    "connection reset",
+    "heartbeat",
+    "coordination",
+    "unavailable",
+    "broken pipe",
+    "peer",
+    "barrier",
+    "nccl",
+    "deadline",
+)
 
 
 class PeerFailure(RuntimeError):
     """A collective failed because another process of the job died or stopped answering."""
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, *,
-               local_device_ids: Sequence[int] | None = None, heartbeat_timeout_s: int = 30,
-               init_timeout_s: int = 120, cpu_collectives: str | None = "gloo") -> None:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    heartbeat_timeout_s: int = 30,
+    init_timeout_s: int = 120,
+    cpu_collectives: str | None = "gloo",
+) -> None:
     """`jax.distributed.initialize` with kvjax's defaults; call before any other JAX use.
 
     Arguments default to the env vars KVJAX_COORDINATOR ("host:port"), KVJAX_NUM_PROCESSES
@@ -59,9 +77,15 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                  local_device_ids=local_device_ids, initialization_timeout=init_timeout_s,
-                  heartbeat_timeout_seconds=heartbeat_timeout_s, shutdown_timeout_seconds=heartbeat_timeout_s)
+    kwargs = dict(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        initialization_timeout=init_timeout_s,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
+        shutdown_timeout_seconds=heartbeat_timeout_s,
+    )
     accepted = inspect.signature(jax.distributed.initialize).parameters
     jax.distributed.initialize(**{k: v for k, v in kwargs.items() if k in accepted})
 
@@ -108,17 +132,20 @@ def peer_guard(what: str, timeout_s: float | None = None):
     done = threading.Event()
     me = f"process {jax.process_index()}/{jax.process_count()}"
     if timeout_s is not None:
+
         def watch():
             if not done.wait(timeout_s):
-                sys.stderr.write(f"kvjax.parallel: {what} did not finish within {timeout_s:.0f} s in {me}; "
-                                 "another process has probably died or hung. Exiting.\n")
+                sys.stderr.write(
+                    f"kvjax.parallel: {what} did not finish within {timeout_s:.0f} s in {me}; "
+                    "another process has probably died or hung. Exiting.\n"
+                )
                 sys.stderr.flush()
                 os._exit(EXIT_TIMEOUT)
 
         threading.Thread(target=watch, daemon=True).start()
     try:
         yield
-    except Exception as err:  # noqa: BLE001 - re-raised, with context
+    except Exception as err:
         if jax.process_count() > 1 and _looks_like_peer_failure(err):
             raise PeerFailure(f"{what} failed in {me}: another process of the job stopped ({err})") from err
         raise
@@ -126,16 +153,27 @@ def peer_guard(what: str, timeout_s: float | None = None):
         done.set()
 
 
-def launch_local(num_processes: int, argv: Sequence[str], *, port: int, devices_per_process: int = 1,
-                 env: dict | None = None, **popen_kwargs) -> list[subprocess.Popen]:
+def launch_local(
+    num_processes: int,
+    argv: Sequence[str],
+    *,
+    port: int,
+    devices_per_process: int = 1,
+    env: dict | None = None,
+    **popen_kwargs,
+) -> list[subprocess.Popen]:
     """Start `num_processes` CPU processes of `python argv...` on this machine, each with
     KVJAX_COORDINATOR / KVJAX_NUM_PROCESSES / KVJAX_PROCESS_ID set (for trying multi-host
     code, and for the tests)."""
     procs = []
     for pid in range(num_processes):
         e = dict(os.environ if env is None else env)
-        e.update(KVJAX_COORDINATOR=f"127.0.0.1:{port}", KVJAX_NUM_PROCESSES=str(num_processes),
-                 KVJAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
-                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+        e.update(
+            KVJAX_COORDINATOR=f"127.0.0.1:{port}",
+            KVJAX_NUM_PROCESSES=str(num_processes),
+            KVJAX_PROCESS_ID=str(pid),
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+        )
         procs.append(subprocess.Popen([sys.executable, *argv], env=e, **popen_kwargs))
     return procs

@@ -96,8 +96,9 @@ def _zigzag_block(step, q, q_pos, k, v, k_pos, *, i, n, scale, kernel, implement
 
     def run(qq, ql, kk, vv, kp, causal):
         kv_len = jnp.sum(kp[:, 0] >= 0, axis=1)
-        return kernels.prefix_attention(qq, kk, vv, ql, kv_len, causal=causal, scale=scale, kernel=kernel,
-                                        implementation=implementation)
+        return kernels.prefix_attention(
+            qq, kk, vv, ql, kv_len, causal=causal, scale=scale, kernel=kernel, implementation=implementation
+        )
 
     def as_f32(o, l):
         return o.astype(jnp.float32), l
@@ -106,8 +107,8 @@ def _zigzag_block(step, q, q_pos, k, v, k_pos, *, i, n, scale, kernel, implement
         return as_f32(*run(q, q_len, k, v, k_pos, True))
     src = (i - step) % n
     q_len_back = jnp.sum(q_pos[:, c:] >= 0, axis=1)
-    early = lambda: as_f32(*run(q, q_len, k[:, :, :c], v[:, :, :c], k_pos[:, :, :c], False))  # noqa: E731
-    late = lambda: _pad_front(*run(q[:, c:], q_len_back, k, v, k_pos, False), t)  # noqa: E731
+    early = lambda: as_f32(*run(q, q_len, k[:, :, :c], v[:, :, :c], k_pos[:, :, :c], False))
+    late = lambda: _pad_front(*run(q[:, c:], q_len_back, k, v, k_pos, False), t)
     return lax.cond(src < i, early, late)
 
 
@@ -129,6 +130,7 @@ def _ring_loop(n: int, axis: str, blk, acc, visit):
     nxt = _shift(blk, axis, n) if n > 1 else None
     acc = visit(0, blk, acc)
     if n > 2:
+
         def body(step, carry):
             blk, acc = carry
             nxt = _shift(blk, axis, n)
@@ -140,9 +142,20 @@ def _ring_loop(n: int, axis: str, blk, acc, visit):
     return acc
 
 
-def ring_attention_local(q, k, v, q_pos, k_pos, *, axis: str = "seq", window: int | None = None,
-                         scale: float | None = None, want_mass: bool = False, implementation: str | None = None,
-                         kernel: str | None = None) -> AttentionOutput:
+def ring_attention_local(
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    *,
+    axis: str = "seq",
+    window: int | None = None,
+    scale: float | None = None,
+    want_mass: bool = False,
+    implementation: str | None = None,
+    kernel: str | None = None,
+) -> AttentionOutput:
     """Ring attention for the shard this code runs on (call inside shard_map over `axis`).
 
     q [B, T, Nq, H], q_pos [B, T]: this shard's queries; k, v [B, N, S, H], k_pos [B, N, S]:
@@ -160,6 +173,7 @@ def ring_attention_local(q, k, v, q_pos, k_pos, *, axis: str = "seq", window: in
         i = lax.axis_index(axis)
         step_fn = functools.partial(_zigzag_block, i=i, n=n, scale=scale, kernel=kernel, implementation=implementation)
     else:
+
         def step_fn(step, q, q_pos, k, v, k_pos):
             return _positions_block(q, q_pos, k, v, k_pos, window=window, scale=scale, implementation=implementation)
 
@@ -170,8 +184,13 @@ def ring_attention_local(q, k, v, q_pos, k_pos, *, axis: str = "seq", window: in
     acc_o, acc_l = _ring_loop(n, axis, (k, v, k_pos), _empty(q), visit)
     mass = None
     if want_mass:  # second pass: the queries (with their global lse) visit every shard's slots
-        mass = _ring_loop(n, axis, (q, q_pos, acc_l), jnp.zeros(k_pos.shape, jnp.float32),
-                          lambda step, vis, m: m + _mass(*vis, k, k_pos, window, scale))
+        mass = _ring_loop(
+            n,
+            axis,
+            (q, q_pos, acc_l),
+            jnp.zeros(k_pos.shape, jnp.float32),
+            lambda step, vis, m: m + _mass(*vis, k, k_pos, window, scale),
+        )
     return AttentionOutput(acc_o.astype(q.dtype), acc_l, mass)
 
 
@@ -180,11 +199,27 @@ def _check_divisible(name: str, size: int, axis: str | None, mesh) -> None:
         raise ValueError(f"{name}={size} must be a multiple of the mesh axis {axis!r} of size {mesh.shape[axis]}")
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "axis", "causal", "layout", "window", "scale", "want_mass",
-                                             "implementation", "kernel"))
-def ring_attention(q, k, v, q_pos, k_pos, *, mesh, axis: str = "seq", causal: bool = True, layout: str = "zigzag",
-                   window: int | None = None, scale: float | None = None, want_mass: bool = False,
-                   implementation: str | None = None, kernel: str | None = None) -> AttentionOutput:
+@functools.partial(
+    jax.jit,
+    static_argnames=("mesh", "axis", "causal", "layout", "window", "scale", "want_mass", "implementation", "kernel"),
+)
+def ring_attention(
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    *,
+    mesh,
+    axis: str = "seq",
+    causal: bool = True,
+    layout: str = "zigzag",
+    window: int | None = None,
+    scale: float | None = None,
+    want_mass: bool = False,
+    implementation: str | None = None,
+    kernel: str | None = None,
+) -> AttentionOutput:
     """Attention of q [B, T, Nq, H] over k, v [B, N, S, H] (natural token order, positions
     q_pos [B, T], k_pos [B, N, S]; -1 = padding), computed as a ring over mesh axis `axis`.
 
@@ -202,7 +237,7 @@ def ring_attention(q, k, v, q_pos, k_pos, *, mesh, axis: str = "seq", causal: bo
             f"kernel={kernel!r} needs layout='zigzag', causal=True and self-attention (T == S); "
             f"got layout={layout!r}, causal={causal}, T={q.shape[1]}, S={k.shape[2]}"
         )
-    b, t, nq, h = q.shape
+    b, t, nq, _h = q.shape
     s = k.shape[2]
     if not causal:
         q_pos = jnp.where(q_pos >= 0, _FAR, -1).astype(jnp.int32)
@@ -225,13 +260,21 @@ def ring_attention(q, k, v, q_pos, k_pos, *, mesh, axis: str = "seq", causal: bo
     qp_spec, kp_spec, lse_spec = P(*q_spec[:2]), P(*k_spec[:3]), P(*q_spec[:3])
 
     def local(*args):
-        r = ring_attention_local(*args, axis=axis, window=window, scale=scale, want_mass=want_mass,
-                                 implementation=implementation, kernel=kernel)
+        r = ring_attention_local(
+            *args,
+            axis=axis,
+            window=window,
+            scale=scale,
+            want_mass=want_mass,
+            implementation=implementation,
+            kernel=kernel,
+        )
         return (r.out, r.lse, r.key_mass) if want_mass else (r.out, r.lse)
 
     out_specs = (q_spec, lse_spec, kp_spec) if want_mass else (q_spec, lse_spec)
-    res = shard_map(local, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, qp_spec, kp_spec),
-                    out_specs=out_specs)(q, k, v, q_pos, k_pos)
+    res = shard_map(local, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, qp_spec, kp_spec), out_specs=out_specs)(
+        q, k, v, q_pos, k_pos
+    )
     qi, si = inverse_order(qo), inverse_order(so)
     out, lse = res[0], res[1]
     mass = res[2][:, :, si][:, :, :s] if want_mass else None

@@ -47,17 +47,30 @@ def ring_implementation(axis: str, kernel: str | None, inner: str | None) -> str
     """Register (once) and return the `attend` implementation name for ring prefill."""
     name = f"ring[{axis},{kernel},{inner}]"
     if name not in _REGISTERED:
+
         def fn(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False):
-            return ring_attention_local(q, k, v, q_pos, k_pos, axis=axis, window=window, scale=scale,
-                                        want_mass=want_mass, implementation=inner, kernel=kernel)
+            return ring_attention_local(
+                q,
+                k,
+                v,
+                q_pos,
+                k_pos,
+                axis=axis,
+                window=window,
+                scale=scale,
+                want_mass=want_mass,
+                implementation=inner,
+                kernel=kernel,
+            )
 
         attention.register_implementation(name, fn)
         _REGISTERED.add(name)
     return name
 
 
-def shard_merge_attention(q, k, v, q_pos, k_pos, *, axis: str, window=None, scale=None, want_mass=False,
-                          implementation=None) -> attention.AttentionOutput:
+def shard_merge_attention(
+    q, k, v, q_pos, k_pos, *, axis: str, window=None, scale=None, want_mass=False, implementation=None
+) -> attention.AttentionOutput:
     """Decode attention over a sequence-sharded cache (call inside shard_map over `axis`).
 
     q [B, T, Nq, H] and q_pos [B, T] are the new tokens (q_pos -1 on shards that do not
@@ -83,9 +96,11 @@ def merge_implementation(axis: str, inner: str | None) -> str:
     """Register (once) and return the `attend` implementation name for sharded decode."""
     name = f"shardmerge[{axis},{inner}]"
     if name not in _REGISTERED:
+
         def fn(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False):
-            return shard_merge_attention(q, k, v, q_pos, k_pos, axis=axis, window=window, scale=scale,
-                                         want_mass=want_mass, implementation=inner)
+            return shard_merge_attention(
+                q, k, v, q_pos, k_pos, axis=axis, window=window, scale=scale, want_mass=want_mass, implementation=inner
+            )
 
         attention.register_implementation(name, fn)
         _REGISTERED.add(name)

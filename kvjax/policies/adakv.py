@@ -20,8 +20,8 @@ from .. import attention
 from ..state import LayerContext
 from . import slots
 from .base import PolicyError, budget_capacity
-from .snapkv import SnapKV
 from .registry import register
+from .snapkv import SnapKV
 
 
 @struct.dataclass
@@ -82,8 +82,13 @@ class AdaKV(SnapKV):
         pos = jnp.where(valid, state.pos[jnp.arange(b)[:, None], head, slot], -1)
         extra = ctx.max_new_tokens * n  # decode appends one slot per head per token
         pad = ((0, 0), (0, extra), (0, 0))
-        return PooledKV(jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(pos, ((0, 0), (0, extra)), constant_values=-1),
-                        jnp.pad(head.astype(jnp.int32), ((0, 0), (0, extra))), jnp.asarray(cap, jnp.int32))
+        return PooledKV(
+            jnp.pad(k, pad),
+            jnp.pad(v, pad),
+            jnp.pad(pos, ((0, 0), (0, extra)), constant_values=-1),
+            jnp.pad(head.astype(jnp.int32), ((0, 0), (0, extra))),
+            jnp.asarray(cap, jnp.int32),
+        )
 
     def decode(self, state, q, k, v, q_pos, ctx):
         if not isinstance(state, PooledKV):

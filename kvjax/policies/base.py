@@ -57,8 +57,14 @@ class Policy:
     # ---- attention ------------------------------------------------------------------
     def attend(self, state: SlotKV, q, q_pos, ctx: LayerContext, want_mass: bool = False):
         return attention.attend(
-            q, state.k, state.v, q_pos, state.pos,
-            window=ctx.config.sliding_window, want_mass=want_mass, implementation=ctx.implementation,
+            q,
+            state.k,
+            state.v,
+            q_pos,
+            state.pos,
+            window=ctx.config.sliding_window,
+            want_mass=want_mass,
+            implementation=ctx.implementation,
         )
 
     def prefill(self, state, q, k, v, q_pos, ctx: LayerContext):

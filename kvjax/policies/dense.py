@@ -7,7 +7,6 @@ import dataclasses
 from .base import Policy
 from .registry import register
 
-
 SLOT_MULTIPLE = 64
 
 

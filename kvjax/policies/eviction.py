@@ -115,7 +115,7 @@ class EvictionPolicy(Policy):
 def observation_window(q, q_pos, window: int, ctx: LayerContext):
     """The last `window` queries of each row: q_win [B, W, Nq, H], pos_win [B, W] (-1 where
     the row is shorter than the window or its window lies before this chunk)."""
-    b, t = q_pos.shape
+    _b, t = q_pos.shape
     lengths = jnp.max(q_pos, axis=1) + 1
     start = ctx.prompt_len - t  # the final chunk covers [prompt_len - t, prompt_len)
     wanted = lengths[:, None] - window + jnp.arange(window)[None, :]  # absolute positions

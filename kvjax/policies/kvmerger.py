@@ -74,7 +74,9 @@ def gaussian_merge(kv: SlotKV, set_id: jax.Array, score: jax.Array):
     d = jnp.sum((kf - take(kf, pivot)) ** 2, axis=-1)  # [B, N, S]
     d = jnp.where(valid, d, 0.0)
     count = jax.ops.segment_sum(valid.reshape(-1).astype(jnp.float32), seg, num_segments=ns)[seg]
-    sigma2 = (jax.ops.segment_sum(d.reshape(-1), seg, num_segments=ns)[seg] / jnp.maximum(count - 1, 1)).reshape(b, n, s)
+    sigma2 = (jax.ops.segment_sum(d.reshape(-1), seg, num_segments=ns)[seg] / jnp.maximum(count - 1, 1)).reshape(
+        b, n, s
+    )
     w = jnp.where(sigma2 > 0, jnp.exp(-d / (2 * jnp.where(sigma2 > 0, sigma2, 1.0))), 1.0)
     k, v, _ = merge_onto(kv, pivot, jnp.where(valid, w, 0.0))
     is_pivot = valid & (pivot == jnp.arange(s)[None, None])

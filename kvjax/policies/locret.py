@@ -59,8 +59,14 @@ def default_path(config) -> str:
 
 def heads_meta(config) -> dict:
     """The model facts a checkpoint must match."""
-    return {"method": "locret", "model": config.name, "num_layers": config.num_layers,
-            "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads, "head_dim": config.head_dim}
+    return {
+        "method": "locret",
+        "model": config.name,
+        "num_layers": config.num_layers,
+        "num_heads": config.num_heads,
+        "num_kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+    }
 
 
 @functools.lru_cache(maxsize=16)
@@ -82,8 +88,10 @@ def load_heads(config, path: str = "") -> dict:
     HeadsError when missing, unreadable or trained for another model (name, layers, heads,
     head_dim and array shapes are checked)."""
     path = os.path.abspath(os.path.expanduser(path)) if path else default_path(config)
-    hint = ("train heads with `python benchmarks/train_locret.py --out DIR` (or "
-            "kvjax.policies.locret_train.train_and_save) and pass locret:calibration=DIR")
+    hint = (
+        "train heads with `python benchmarks/train_locret.py --out DIR` (or "
+        "kvjax.policies.locret_train.train_and_save) and pass locret:calibration=DIR"
+    )
     if not os.path.isdir(path):
         raise HeadsError(f"no Locret retaining heads for model {config.name!r} at {path}; {hint}")
     meta, heads = _restore(path)
@@ -93,14 +101,24 @@ def load_heads(config, path: str = "") -> dict:
     if any(meta.get(k) != want[k] for k in META_KEYS):
         got = ", ".join(f"{k}={meta.get(k)!r}" for k in META_KEYS)
         exp = ", ".join(f"{k}={want[k]!r}" for k in META_KEYS)
-        raise HeadsError(f"retaining heads at {path} were trained for another model ({got}); this model has {exp}; {hint}")
+        raise HeadsError(
+            f"retaining heads at {path} were trained for another model ({got}); this model has {exp}; {hint}"
+        )
     f_in = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
     w1, w2 = heads.get("w1"), heads.get("w2")
-    if w1 is None or w2 is None or w1.ndim != 3 or w2.ndim != 3 or w1.shape[:2] != (config.num_layers, f_in) \
-            or w2.shape != (config.num_layers, w1.shape[2], config.num_kv_heads):
+    if (
+        w1 is None
+        or w2 is None
+        or w1.ndim != 3
+        or w2.ndim != 3
+        or w1.shape[:2] != (config.num_layers, f_in)
+        or w2.shape != (config.num_layers, w1.shape[2], config.num_kv_heads)
+    ):
         shapes = {k: tuple(a.shape) for k, a in heads.items()}
-        raise HeadsError(f"retaining heads at {path} have shapes {shapes}; expected w1 [{config.num_layers}, {f_in}, D] "
-                         f"and w2 [{config.num_layers}, D, {config.num_kv_heads}]")
+        raise HeadsError(
+            f"retaining heads at {path} have shapes {shapes}; expected w1 [{config.num_layers}, {f_in}, D] "
+            f"and w2 [{config.num_layers}, D, {config.num_kv_heads}]"
+        )
     return heads
 
 
@@ -150,8 +168,9 @@ class Locret(Policy):
         return min(prompt_len, self.kept_slots(prompt_len) + self.chunk)
 
     def init_layer(self, layer, batch, prompt_len, max_new_tokens, config, dtype):
-        kv = SlotKV.empty(batch, config.num_kv_heads, self.prefill_capacity(prompt_len, max_new_tokens),
-                          config.head_dim, dtype)
+        kv = SlotKV.empty(
+            batch, config.num_kv_heads, self.prefill_capacity(prompt_len, max_new_tokens), config.head_dim, dtype
+        )
         return ScoredKV(kv, jnp.zeros(kv.pos.shape, jnp.float32), jnp.zeros(kv.pos.shape[:2], jnp.int32))
 
     def scores(self, q, k, v, q_pos, ctx: LayerContext) -> jax.Array:
@@ -165,11 +184,15 @@ class Locret(Policy):
         t = k.shape[1]
         cap, kept = state.kv.capacity, min(self.kept_slots(ctx.prompt_len), state.kv.capacity)
         if not ctx.final and kept + t > cap:
-            raise PolicyError(f"locret: a prefill chunk of {t} tokens does not fit next to the {kept} kept slots in a "
-                              f"cache of {cap}; set locret:chunk={t} (the prefill chunk size)")
+            raise PolicyError(
+                f"locret: a prefill chunk of {t} tokens does not fit next to the {kept} kept slots in a "
+                f"cache of {cap}; set locret:chunk={t} (the prefill chunk size)"
+            )
         if t > cap:
-            raise PolicyError(f"locret: a prompt chunk of {t} tokens exceeds the cache of {cap} slots "
-                              f"(locret:chunk={self.chunk}); prefill in chunks of {self.chunk} or set chunk=0")
+            raise PolicyError(
+                f"locret: a prompt chunk of {t} tokens exceeds the cache of {cap} slots "
+                f"(locret:chunk={self.chunk}); prefill in chunks of {self.chunk} or set chunk=0"
+            )
         z = jnp.zeros((), jnp.int32)
         start = jnp.minimum(state.kv.fill, cap - t)  # where slots.append writes
         score = jax.lax.dynamic_update_slice(state.score, self.scores(q, k, v, q_pos, ctx), (z, z, start))

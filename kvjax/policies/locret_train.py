@@ -61,20 +61,36 @@ def collect(model, sequences, context: int):
     cfg = model.config
     t = len(sequences[0])
     if any(len(s) != t for s in sequences) or not 0 < context < t:
-        raise ValueError(f"sequences must share one length T > context={context}; got {sorted({len(s) for s in sequences})}")
+        raise ValueError(
+            f"sequences must share one length T > context={context}; got {sorted({len(s) for s in sequences})}"
+        )
     probe = _Probe(context=context)
     f_in = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     ctx = LayerContext(0, cfg, "prefill", True, t, 0)
 
     @jax.jit
     def run(params, toks):
-        layers = tuple((SlotKV.empty(1, cfg.num_kv_heads, t, cfg.head_dim, jnp.float32),
-                        jnp.zeros((1, context, f_in)), jnp.zeros((1, cfg.num_kv_heads, context)))
-                       for _ in range(cfg.num_layers))
+        layers = tuple(
+            (
+                SlotKV.empty(1, cfg.num_kv_heads, t, cfg.head_dim, jnp.float32),
+                jnp.zeros((1, context, f_in)),
+                jnp.zeros((1, cfg.num_kv_heads, context)),
+            )
+            for _ in range(cfg.num_layers)
+        )
         state = KVState(layers=layers, lengths=jnp.zeros((1,), jnp.int32))
         pos = jnp.arange(t, dtype=jnp.int32)[None]
-        _, st = forward(params, toks, pos, state, config=cfg, policy=probe, ctx=ctx, dtype=jnp.float32,
-                        logits_at=jnp.zeros((1,), jnp.int32))
+        _, st = forward(
+            params,
+            toks,
+            pos,
+            state,
+            config=cfg,
+            policy=probe,
+            ctx=ctx,
+            dtype=jnp.float32,
+            logits_at=jnp.zeros((1,), jnp.int32),
+        )
         x = jnp.stack([layer[1][0] for layer in st.layers])  # [L, c, F]
         y = jnp.stack([layer[2][0].T for layer in st.layers])  # [L, c, N]
         return x.astype(jnp.float16), y
@@ -108,12 +124,24 @@ def loss_fn(heads, x, y, smooth: float = 0.0025):
 def schedule(lr: float, steps: int):
     """Linear warm-up over the first 2/3 of the steps, then linear decay to 0."""
     warm = max(1, (2 * steps) // 3)
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm),
-                                 optax.linear_schedule(lr, 0.0, max(1, steps - warm))], [warm])
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warm), optax.linear_schedule(lr, 0.0, max(1, steps - warm))], [warm]
+    )
 
 
-def train(config, x, y, *, hidden: int = 32, steps: int = 600, lr: float = 5e-4, window: int = 512,
-          seed: int = 0, log_every: int = 50, log=print):
+def train(
+    config,
+    x,
+    y,
+    *,
+    hidden: int = 32,
+    steps: int = 600,
+    lr: float = 5e-4,
+    window: int = 512,
+    seed: int = 0,
+    log_every: int = 50,
+    log=print,
+):
     """Fit retaining heads to (x [S, L, C, F], y [S, L, C, N]) from `collect`.
 
     Each step takes a random window of `window` consecutive tokens of one random sequence.
@@ -134,8 +162,9 @@ def train(config, x, y, *, hidden: int = 32, steps: int = 600, lr: float = 5e-4,
     history, t0 = [], time.time()
     for i in range(steps):
         j, o = int(rng.integers(0, s)), int(rng.integers(0, c - window + 1))
-        heads, opt_state, loss, main = step(heads, opt_state, jnp.asarray(x[j, :, o:o + window]),
-                                            jnp.asarray(y[j, :, o:o + window]))
+        heads, opt_state, loss, main = step(
+            heads, opt_state, jnp.asarray(x[j, :, o : o + window]), jnp.asarray(y[j, :, o : o + window])
+        )
         if (i + 1) % log_every == 0 or i == 0 or i + 1 == steps:
             history.append((i + 1, float(loss), float(main)))
             log(f"step {i + 1:5d}  loss {float(loss):.4f}  smoothl1 {float(main):.4f}  ({time.time() - t0:.0f}s)")
@@ -145,6 +174,7 @@ def train(config, x, y, *, hidden: int = 32, steps: int = 600, lr: float = 5e-4,
 def rank_correlation(heads, x, y) -> np.ndarray:
     """Spearman correlation [S, L, N] between predicted and true CIS of every sequence,
     layer and KV head (x [S, L, C, F], y [S, L, C, N])."""
+
     def ranks(a):
         return np.argsort(np.argsort(a, axis=-2), axis=-2).astype(np.float64)
 
@@ -177,9 +207,14 @@ def save_heads(path: str, config, heads: dict, info: dict | None = None) -> str:
 
     path = os.path.abspath(os.path.expanduser(path))
     ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    ckpt.save(path, args=ocp.args.Composite(
-        heads=ocp.args.StandardSave({k: np.asarray(v, np.float16) for k, v in heads.items()}),
-        meta=ocp.args.JsonSave({**heads_meta(config), **(info or {})})), force=True)
+    ckpt.save(
+        path,
+        args=ocp.args.Composite(
+            heads=ocp.args.StandardSave({k: np.asarray(v, np.float16) for k, v in heads.items()}),
+            meta=ocp.args.JsonSave({**heads_meta(config), **(info or {})}),
+        ),
+        force=True,
+    )
     return path
 
 
@@ -194,18 +229,38 @@ def text_windows(tokenizer, texts, seq_len: int, per_text: int, held_out: float 
         if cut < seq_len or len(ids) - cut < seq_len:
             raise ValueError(f"a text of {len(ids)} tokens is too short for seq_len={seq_len} windows")
         starts = np.linspace(0, cut - seq_len, per_text).astype(int)
-        train += [ids[s:s + seq_len] for s in starts]
-        held.append(ids[cut:cut + seq_len])
+        train += [ids[s : s + seq_len] for s in starts]
+        held.append(ids[cut : cut + seq_len])
     return train, held
 
 
-def train_and_save(model, sequences, out: str | None = None, *, context: int, hidden: int = 32,
-                   steps: int = 600, lr: float = 5e-4, window: int = 512, seed: int = 0, info: dict | None = None,
-                   log=print):
+def train_and_save(
+    model,
+    sequences,
+    out: str | None = None,
+    *,
+    context: int,
+    hidden: int = 32,
+    steps: int = 600,
+    lr: float = 5e-4,
+    window: int = 512,
+    seed: int = 0,
+    info: dict | None = None,
+    log=print,
+):
     """collect -> train -> save (default: the shipped location for the model). Returns
     (path, heads, history)."""
     x, y = collect(model, sequences, context)
     heads, history = train(model.config, x, y, hidden=hidden, steps=steps, lr=lr, window=window, seed=seed, log=log)
-    meta = {"hidden": hidden, "steps": steps, "lr": lr, "window": window, "context": context,
-            "sequences": len(sequences), "seq_len": len(sequences[0]), "history": history, **(info or {})}
+    meta = {
+        "hidden": hidden,
+        "steps": steps,
+        "lr": lr,
+        "window": window,
+        "context": context,
+        "sequences": len(sequences),
+        "seq_len": len(sequences[0]),
+        "history": history,
+        **(info or {}),
+    }
     return save_heads(out or default_path(model.config), model.config, heads, meta), heads, history

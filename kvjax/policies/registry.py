@@ -49,7 +49,9 @@ def _coerce(cls, key: str, raw: str) -> Any:
             return tuple(inner(x) for x in text.split("/") if x)
         return kind(text)
     except (TypeError, ValueError):
-        raise ValueError(f"policy {cls.name!r}: {key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+        raise ValueError(
+            f"policy {cls.name!r}: {key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}"
+        ) from None
 
 
 def parse_one(text: str):

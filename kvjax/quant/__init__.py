@@ -14,5 +14,20 @@ from .rotatekv import RotateKV
 from .rtn import RTN
 from .zipcache import ZipCache
 
-__all__ = ["BFP", "CalibrationError", "KIVI", "KV4", "KVQuant", "RTN", "RotateKV", "ZipCache", "QuantPolicy", "QuantState", "Stream", "affine", "dequantize_state",
-           "kivi_decode_attention_reference", "register_quantized_kernel"]
+__all__ = [
+    "BFP",
+    "KIVI",
+    "KV4",
+    "RTN",
+    "CalibrationError",
+    "KVQuant",
+    "QuantPolicy",
+    "QuantState",
+    "RotateKV",
+    "Stream",
+    "ZipCache",
+    "affine",
+    "dequantize_state",
+    "kivi_decode_attention_reference",
+    "register_quantized_kernel",
+]

@@ -31,8 +31,24 @@ def registered_kernels() -> tuple:
     return tuple(sorted(_KERNELS))
 
 
-def kivi_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, k_res, v_res,
-                                    res_len, *, bits: int, group: int, res_pos=None, q_pos=None):
+def kivi_decode_attention_reference(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    lengths,
+    k_res,
+    v_res,
+    res_len,
+    *,
+    bits: int,
+    group: int,
+    res_pos=None,
+    q_pos=None,
+):
     """q [B, T, Nq, H]; KIVI codes/scales (kvjax.quant.kivi layout) holding `lengths`
     [B, N] quantized tokens (all visible: they precede every decode query); residual
     k_res/v_res [B, N, R, H] with res_len [B, N] valid slots (positions res_pos [B, N, R],
@@ -66,12 +82,43 @@ def fused_kivi_attention(state, q, q_pos, ctx, *, bits: int, group: int):
     fn = _KERNELS.get(impl)
     if fn is None:
         return None
-    return fn(q, d.k_codes, d.k_scale, d.k_zero, d.v_codes, d.v_scale, d.v_zero, state.streams[0].count,
-              state.res_k, state.res_v, state.res_len, bits=bits, group=group, res_pos=state.res_pos, q_pos=q_pos)
+    return fn(
+        q,
+        d.k_codes,
+        d.k_scale,
+        d.k_zero,
+        d.v_codes,
+        d.v_scale,
+        d.v_zero,
+        state.streams[0].count,
+        state.res_k,
+        state.res_v,
+        state.res_len,
+        bits=bits,
+        group=group,
+        res_pos=state.res_pos,
+        q_pos=q_pos,
+    )
 
 
-def pallas_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, k_res, v_res, res_len, *,
-                          bits: int, group: int, res_pos=None, q_pos=None):
+def pallas_kivi_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    lengths,
+    k_res,
+    v_res,
+    res_len,
+    *,
+    bits: int,
+    group: int,
+    res_pos=None,
+    q_pos=None,
+):
     """Adapter to pallas_kernels.quantized_decode_attention (same layout). It pads the
     residual window to the power of two the kernel wants (padding is masked by res_len)
     and returns None where the kernel does not apply (3-bit codes, or a token count that is
@@ -86,9 +133,20 @@ def pallas_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
         pad = ((0, 0), (0, 0), (0, r2 - r), (0, 0))
         k_res, v_res = jnp.pad(k_res, pad), jnp.pad(v_res, pad)
     try:
-        out, _ = kernel.quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths,
-                                                   bits=bits, k_res=k_res.astype(q.dtype), v_res=v_res.astype(q.dtype),
-                                                   res_lengths=res_len)
+        out, _ = kernel.quantized_decode_attention(
+            q,
+            k_codes,
+            k_scale,
+            k_zero,
+            v_codes,
+            v_scale,
+            v_zero,
+            lengths,
+            bits=bits,
+            k_res=k_res.astype(q.dtype),
+            v_res=v_res.astype(q.dtype),
+            res_lengths=res_len,
+        )
     except ValueError:  # shape constraints of the kernel (checked at trace time)
         return None
     return out
@@ -108,8 +166,15 @@ def mgpu_kivi_attention(q, fr, lengths, k_res, v_res, res_len, *, bits: int):
         return None
     bf16 = jnp.bfloat16
     try:
-        out, _ = kernel.quantized_decode_attention_mgpu(q.astype(bf16), fr, lengths, bits=bits, k_res=k_res.astype(bf16),
-                                                        v_res=v_res.astype(bf16), res_lengths=res_len)
+        out, _ = kernel.quantized_decode_attention_mgpu(
+            q.astype(bf16),
+            fr,
+            lengths,
+            bits=bits,
+            k_res=k_res.astype(bf16),
+            v_res=v_res.astype(bf16),
+            res_lengths=res_len,
+        )
     except ValueError:  # shape constraints of the kernel (checked at trace time)
         return None
     return out.astype(q.dtype)

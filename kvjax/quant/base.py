@@ -155,8 +155,16 @@ class QuantPolicy(Policy):
         """Exact attention over the full-precision prompt (KIVI's prefill); quantize at
         the end of the prompt."""
         state = slots.append(state, k, v, q_pos)
-        res = attention.attend(q, state.k, state.v, q_pos, state.pos, window=ctx.config.sliding_window,
-                               want_mass=ctx.final and self.wants_mass(ctx), implementation=ctx.implementation)
+        res = attention.attend(
+            q,
+            state.k,
+            state.v,
+            q_pos,
+            state.pos,
+            window=ctx.config.sliding_window,
+            want_mass=ctx.final and self.wants_mass(ctx),
+            implementation=ctx.implementation,
+        )
         if ctx.final:
             state = self._ingest(state, ctx, self.prompt_scores(state, q, q_pos, res, ctx), own=True)
         return state, res.out
@@ -198,8 +206,12 @@ class QuantPolicy(Policy):
             _, idx = jax.lax.top_k(jnp.where(live, self.sink_rank(pos, scores), -jnp.inf), n)
             ok = take_tokens(live, idx)
             hot = jnp.any((jnp.arange(cap) == idx[..., None]) & ok[..., None], axis=-2)
-            aux = {**(aux or {}), "sink_k": take_tokens(k, idx), "sink_v": take_tokens(v, idx),
-                   "sink_pos": jnp.where(ok, take_tokens(pos, idx), -1)}
+            aux = {
+                **(aux or {}),
+                "sink_k": take_tokens(k, idx),
+                "sink_v": take_tokens(v, idx),
+                "sink_pos": jnp.where(ok, take_tokens(pos, idx), -1),
+            }
             pos = jnp.where(hot, -1, pos)
         data = self.codec(ctx).encode(k, v, pos, aux)
         return (Stream(data, count, self.block(ctx)),), aux
@@ -217,8 +229,16 @@ class QuantPolicy(Policy):
         cap = self.capacity(c_in, ctx)
         aux = self.init_aux(k, v, pos, scores, ctx)
         qpos = jnp.where(jnp.arange(cap) < nq[..., None], fit_tokens(pos, cap, -1), -1)
-        streams, aux = self.encode_prompt(fit_tokens(k, cap), fit_tokens(v, cap), qpos, nq,
-                                     None if scores is None else fit_tokens(scores, cap), aux, ctx, cap)
+        streams, aux = self.encode_prompt(
+            fit_tokens(k, cap),
+            fit_tokens(v, cap),
+            qpos,
+            nq,
+            None if scores is None else fit_tokens(scores, cap),
+            aux,
+            ctx,
+            cap,
+        )
         ridx = nq[..., None] + jnp.arange(rc)
         valid = jnp.arange(rc) < (count - nq)[..., None]
         ridx = jnp.clip(ridx, 0, c_in - 1)
@@ -269,8 +289,14 @@ class QuantPolicy(Policy):
     def _flush(self, state: QuantState, ctx: LayerContext) -> QuantState:
         t = self.block(ctx)
         full = state.res_len >= state.res_k.shape[2]
-        blocks = self.encode_block(state.res_k[:, :, :t], state.res_v[:, :, :t], state.res_pos[:, :, :t],
-                                   self.block_scores(state, t), state.aux, ctx)
+        blocks = self.encode_block(
+            state.res_k[:, :, :t],
+            state.res_v[:, :, :t],
+            state.res_pos[:, :, :t],
+            self.block_scores(state, t),
+            state.aux,
+            ctx,
+        )
         streams = tuple(write_block(s, b, full) for s, b in zip(state.streams, blocks))
 
         def shift(x, fill):
@@ -278,8 +304,11 @@ class QuantPolicy(Policy):
             return jnp.where(full.reshape(full.shape + (1,) * (x.ndim - 2)), moved, x)
 
         return state.replace(
-            streams=streams, res_k=shift(state.res_k, 0), res_v=shift(state.res_v, 0),
-            res_pos=shift(state.res_pos, -1), res_len=state.res_len - full.astype(jnp.int32) * t,
+            streams=streams,
+            res_k=shift(state.res_k, 0),
+            res_v=shift(state.res_v, 0),
+            res_pos=shift(state.res_pos, -1),
+            res_len=state.res_len - full.astype(jnp.int32) * t,
             aux=self.shift_aux(state.aux, full, t),
         )
 
@@ -321,12 +350,21 @@ class QuantPolicy(Policy):
         win = ctx.config.sliding_window
         outs, lses = [], []
         for k, v, kpos in self.segments(state, ctx):
-            r = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), q_pos, kpos, window=win,
-                                 implementation=ctx.implementation)
+            r = attention.attend(
+                q, k.astype(q.dtype), v.astype(q.dtype), q_pos, kpos, window=win, implementation=ctx.implementation
+            )
             outs.append(r.out)
             lses.append(r.lse)
-        r = attention.attend(q, state.res_k.astype(q.dtype), state.res_v.astype(q.dtype), q_pos, state.res_pos,
-                             window=win, want_mass=self.tracks_residual_mass, implementation=ctx.implementation)
+        r = attention.attend(
+            q,
+            state.res_k.astype(q.dtype),
+            state.res_v.astype(q.dtype),
+            q_pos,
+            state.res_pos,
+            window=win,
+            want_mass=self.tracks_residual_mass,
+            implementation=ctx.implementation,
+        )
         outs.append(r.out)
         lses.append(r.lse)
         if self.tracks_residual_mass:
@@ -338,10 +376,10 @@ class QuantPolicy(Policy):
 def dequantize_state(policy: QuantPolicy, state: QuantState, ctx: LayerContext):
     """All tokens a QuantState holds, dequantized: (k, v [B, N, S, H] float32, pos [B, N, S])
     with -1 for empty slots (quantized streams' positions are 0 unless stored)."""
-    segs = policy.segments(state, ctx) + [(state.res_k.astype(jnp.float32), state.res_v.astype(jnp.float32),
-                                           state.res_pos)]
-    return tuple(jnp.concatenate([s[i].astype(jnp.float32) if i < 2 else s[i] for s in segs], axis=2)
-                 for i in range(3))
+    segs = policy.segments(state, ctx) + [
+        (state.res_k.astype(jnp.float32), state.res_v.astype(jnp.float32), state.res_pos)
+    ]
+    return tuple(jnp.concatenate([s[i].astype(jnp.float32) if i < 2 else s[i] for s in segs], axis=2) for i in range(3))
 
 
 def check_group(name: str, group: int, head_dim: int, what: str) -> None:

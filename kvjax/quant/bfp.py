@@ -108,5 +108,7 @@ class BFP(QuantPolicy):
 @calibration.calibrator("bfp")
 def calibrate(stats: dict, config) -> dict:
     """Channel orders [L, N, H]: descending mean |x| of post-RoPE keys and of values."""
-    return {f"{n}_perm": np.argsort(-np.abs(stats[s]).mean(axis=1), axis=-1, kind="stable").astype(np.int32)
-            for n, s in (("k", "k_post"), ("v", "v"))}
+    return {
+        f"{n}_perm": np.argsort(-np.abs(stats[s]).mean(axis=1), axis=-1, kind="stable").astype(np.int32)
+        for n, s in (("k", "k_post"), ("v", "v"))
+    }

@@ -110,8 +110,15 @@ def collect(model, tokens, grads: bool = False) -> dict:
 
 
 def _meta(method: str, config, extra: dict | None = None) -> dict:
-    return {"method": method, "model": config.name, "num_layers": config.num_layers,
-            "num_kv_heads": config.num_kv_heads, "head_dim": config.head_dim, "version": VERSION, **(extra or {})}
+    return {
+        "method": method,
+        "model": config.name,
+        "num_layers": config.num_layers,
+        "num_kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "version": VERSION,
+        **(extra or {}),
+    }
 
 
 def save(path: str, method: str, config, arrays: dict, extra_meta: dict | None = None) -> str:
@@ -123,9 +130,14 @@ def save(path: str, method: str, config, arrays: dict, extra_meta: dict | None =
         if a.shape[0] != config.num_layers:
             raise CalibrationError(f"array {name!r} has shape {a.shape}; expected {config.num_layers} layers first")
     ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    ckpt.save(path, args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave({k: np.asarray(v) for k, v in arrays.items()}),
-        meta=ocp.args.JsonSave(_meta(method, config, extra_meta))), force=True)
+    ckpt.save(
+        path,
+        args=ocp.args.Composite(
+            arrays=ocp.args.StandardSave({k: np.asarray(v) for k, v in arrays.items()}),
+            meta=ocp.args.JsonSave(_meta(method, config, extra_meta)),
+        ),
+        force=True,
+    )
     return path
 
 
@@ -147,8 +159,7 @@ def load(method: str, config, path: str | None = None) -> dict:
     artifact when path is empty. Raises CalibrationError when it is missing or was made for
     another method or model (name, layers, KV heads, head_dim all checked)."""
     path = os.path.abspath(os.path.expanduser(path)) if path else default_path(method, config)
-    hint = (f"run `kvjax calibrate --method {method} --model MODEL --out DIR` and pass "
-            f"{method}:calibration=DIR")
+    hint = f"run `kvjax calibrate --method {method} --model MODEL --out DIR` and pass {method}:calibration=DIR"
     if not os.path.isdir(path):
         raise CalibrationError(f"no {method} calibration for model {config.name!r} at {path}; {hint}")
     meta, arrays = _restore(path)
@@ -159,11 +170,14 @@ def load(method: str, config, path: str | None = None) -> dict:
     if any(meta.get(k) != want[k] for k in keys):
         got = ", ".join(f"{k}={meta.get(k)!r}" for k in keys)
         exp = ", ".join(f"{k}={want[k]!r}" for k in keys)
-        raise CalibrationError(f"calibration at {path} was made for another model ({got}); this model has {exp}; {hint}")
+        raise CalibrationError(
+            f"calibration at {path} was made for another model ({got}); this model has {exp}; {hint}"
+        )
     for name, a in arrays.items():
         if a.shape[0] != config.num_layers:
-            raise CalibrationError(f"calibration array {name!r} at {path} has shape {a.shape}; "
-                                   f"expected {config.num_layers} layers first")
+            raise CalibrationError(
+                f"calibration array {name!r} at {path} has shape {a.shape}; expected {config.num_layers} layers first"
+            )
     return arrays
 
 
@@ -171,8 +185,9 @@ def calibrate(method: str, model, text: str, tokens: int = 1024, out: str | None
     """Tokenize `text`, collect statistics over its first `tokens` tokens, run the
     method's calibrator and save the artifact to `out` (default: the shipped location)."""
     if method not in CALIBRATORS:
-        raise ValueError(f"method={method!r} needs no calibration or is unknown; calibrated methods: "
-                         f"{sorted(CALIBRATORS)}")
+        raise ValueError(
+            f"method={method!r} needs no calibration or is unknown; calibrated methods: {sorted(CALIBRATORS)}"
+        )
     ids = model.tokenizer.encode(text)
     if len(ids) < tokens:
         raise ValueError(f"calibration text has {len(ids)} tokens, fewer than tokens={tokens}")

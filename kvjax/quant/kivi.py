@@ -23,8 +23,7 @@ import math
 
 from flax import struct
 
-from ..pallas_kernels import _compat, packing
-from ..pallas_kernels import kivi_fragments
+from ..pallas_kernels import _compat, kivi_fragments, packing
 from ..policies.base import PolicyError
 from ..policies.registry import register
 from . import affine
@@ -121,17 +120,21 @@ class KIVI(QuantPolicy):
         if self.bits not in packing.SUPPORTED_BITS:
             raise PolicyError(f"kivi: bits={self.bits!r} is not supported; expected one of {packing.SUPPORTED_BITS}")
         if self.v_bits and self.v_bits not in packing.SUPPORTED_BITS:
-            raise PolicyError(f"kivi: v_bits={self.v_bits!r} is not supported; expected 0 or one of "
-                              f"{packing.SUPPORTED_BITS}")
+            raise PolicyError(
+                f"kivi: v_bits={self.v_bits!r} is not supported; expected 0 or one of {packing.SUPPORTED_BITS}"
+            )
         per = packing.codes_per_word(self.bits)
         if self.group <= 0 or self.group % per:
-            raise PolicyError(f"kivi: group={self.group} must be a positive multiple of {per} "
-                              f"(the {self.bits}-bit codes one uint32 word holds along tokens)")
+            raise PolicyError(
+                f"kivi: group={self.group} must be a positive multiple of {per} "
+                f"(the {self.bits}-bit codes one uint32 word holds along tokens)"
+            )
         if self.residual < 0 or self.residual % self.group:
             raise PolicyError(f"kivi: residual={self.residual} must be a non-negative multiple of group={self.group}")
         if self.layout not in ("auto", "standard", "fragments"):
-            raise PolicyError(f"kivi: layout={self.layout!r} is not supported; expected 'auto', 'standard' or "
-                              "'fragments'")
+            raise PolicyError(
+                f"kivi: layout={self.layout!r} is not supported; expected 'auto', 'standard' or 'fragments'"
+            )
         if self.layout == "fragments" and (why := fragments_fit(self.bits, self.v_bits, self.group)):
             raise PolicyError(f"kivi: layout='fragments' cannot hold {why}")
 

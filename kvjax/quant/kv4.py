@@ -71,26 +71,37 @@ class KV4(QuantPolicy):
         if self.bits not in packing.SUPPORTED_BITS:
             raise PolicyError(f"kv4: bits={self.bits!r} is not supported; expected one of {packing.SUPPORTED_BITS}")
         if self.block_size < 1 or self.outlier_blocks < 0 or self.residual < 0:
-            raise PolicyError(f"kv4: block_size={self.block_size} must be >= 1, outlier_blocks="
-                              f"{self.outlier_blocks} and residual={self.residual} >= 0")
+            raise PolicyError(
+                f"kv4: block_size={self.block_size} must be >= 1, outlier_blocks="
+                f"{self.outlier_blocks} and residual={self.residual} >= 0"
+            )
 
     def check_config(self, config):
         super().check_config(config)
         h, hi = config.head_dim, self.block_size * self.outlier_blocks
         if h % self.block_size or hi >= h:
-            raise PolicyError(f"kv4: block_size={self.block_size} must divide head_dim={h} and the "
-                              f"{self.outlier_blocks} outlier block(s) ({hi} channels) must leave 4-bit channels")
+            raise PolicyError(
+                f"kv4: block_size={self.block_size} must divide head_dim={h} and the "
+                f"{self.outlier_blocks} outlier block(s) ({hi} channels) must leave 4-bit channels"
+            )
         calibration.load(self.name, config, self.calibration)
 
     def codec(self, ctx):
         a = calibration.load(self.name, ctx.config, self.calibration)
-        return KV4Codec(self.bits, self.block_size * self.outlier_blocks, ctx.config.head_dim,
-                        a["k_perm"][ctx.layer], a["v_perm"][ctx.layer])
+        return KV4Codec(
+            self.bits,
+            self.block_size * self.outlier_blocks,
+            ctx.config.head_dim,
+            a["k_perm"][ctx.layer],
+            a["v_perm"][ctx.layer],
+        )
 
 
 @calibration.calibrator("kv4")
 def calibrate(stats: dict, config) -> dict:
     """Channel orders [L, N, H]: descending calibration max |x| (post-RoPE keys, values),
     so the first blocks hold the outlier channels."""
-    return {f"{n}_perm": np.argsort(-np.abs(stats[s]).max(axis=1), axis=-1, kind="stable").astype(np.int32)
-            for n, s in (("k", "k_post"), ("v", "v"))}
+    return {
+        f"{n}_perm": np.argsort(-np.abs(stats[s]).max(axis=1), axis=-1, kind="stable").astype(np.int32)
+        for n, s in (("k", "k_post"), ("v", "v"))
+    }

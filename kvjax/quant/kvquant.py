@@ -60,8 +60,9 @@ def split_outliers(x: jax.Array, mag: jax.Array, n: int):
 
 def scatter_outliers(x: jax.Array, idx: jax.Array, val: jax.Array) -> jax.Array:
     for j in range(idx.shape[-1]):
-        x = jnp.where(jnp.arange(x.shape[-1]) == idx[..., j : j + 1].astype(jnp.int32),
-                      val[..., j : j + 1].astype(x.dtype), x)
+        x = jnp.where(
+            jnp.arange(x.shape[-1]) == idx[..., j : j + 1].astype(jnp.int32), val[..., j : j + 1].astype(x.dtype), x
+        )
     return x
 
 
@@ -133,8 +134,9 @@ class KVQuant(QuantPolicy):
 
     def __post_init__(self):
         if self.bits not in BITS:
-            raise PolicyError(f"kvquant: bits={self.bits!r} is not supported; expected one of {BITS} "
-                              "(the calibrated codebooks)")
+            raise PolicyError(
+                f"kvquant: bits={self.bits!r} is not supported; expected one of {BITS} (the calibrated codebooks)"
+            )
         if not 0 <= self.outliers < 0.5:
             raise PolicyError(f"kvquant: outliers={self.outliers!r} must be a fraction in [0, 0.5)")
         if self.residual < 0 or self.sinks < 0:
@@ -151,8 +153,15 @@ class KVQuant(QuantPolicy):
         a = calibration.load(self.name, ctx.config, self.calibration)
         sfx = f"cb{self.bits}" + ("_qnorm" if self.qnorm else "")
         l = ctx.layer
-        return KVQuantCodec(self.bits, n_outliers(self.outliers, ctx.config.head_dim), ctx.config,
-                            a["k_center"][l], a["k_half"][l], a[f"k_{sfx}"][l], a[f"v_{sfx}"][l])
+        return KVQuantCodec(
+            self.bits,
+            n_outliers(self.outliers, ctx.config.head_dim),
+            ctx.config,
+            a["k_center"][l],
+            a["k_half"][l],
+            a[f"k_{sfx}"][l],
+            a[f"v_{sfx}"][l],
+        )
 
 
 # ---- offline calibration ------------------------------------------------------------------

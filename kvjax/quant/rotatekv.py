@@ -61,8 +61,15 @@ class RotateKVCodec:
         kr = _ungroup_heads(affine.fwht(jnp.take_along_axis(kp, perm, axis=-1)), g, h)
         kc, ks, kz = affine.quant_tokenwise(kr, self.bits, self.group, self.clip)
         vc, vs, vz = affine.quant_tokenwise(affine.fwht(v), self.bits, self.group, self.clip)
-        return {"k_codes": kc, "k_scale": ks, "k_zero": kz, "v_codes": vc, "v_scale": vs, "v_zero": vz,
-                "pos": pos.astype(jnp.int32)}
+        return {
+            "k_codes": kc,
+            "k_scale": ks,
+            "k_zero": kz,
+            "v_codes": vc,
+            "v_scale": vs,
+            "v_zero": vz,
+            "pos": pos.astype(jnp.int32),
+        }
 
     def decode(self, d, aux):
         g, h = self.head_group, self.config.head_dim
@@ -93,19 +100,25 @@ class RotateKV(QuantPolicy):
 
     def __post_init__(self):
         if self.bits not in packing.SUPPORTED_BITS:
-            raise PolicyError(f"rotatekv: bits={self.bits!r} is not supported; expected one of {packing.SUPPORTED_BITS}")
+            raise PolicyError(
+                f"rotatekv: bits={self.bits!r} is not supported; expected one of {packing.SUPPORTED_BITS}"
+            )
         if not 0 < self.clip <= 1:
             raise PolicyError(f"rotatekv: clip={self.clip!r} must be in (0, 1]")
         if self.sinks < 0 or self.residual < 0 or self.head_group < 1:
-            raise PolicyError(f"rotatekv: sinks={self.sinks}, residual={self.residual} must be >= 0 and "
-                              f"head_group={self.head_group} >= 1")
+            raise PolicyError(
+                f"rotatekv: sinks={self.sinks}, residual={self.residual} must be >= 0 and "
+                f"head_group={self.head_group} >= 1"
+            )
 
     def check_config(self, config):
         super().check_config(config)
         g, h = self.head_group, config.head_dim
         if config.num_kv_heads % g or (g * h) & (g * h - 1):
-            raise PolicyError(f"rotatekv: head_group={g} must divide num_kv_heads={config.num_kv_heads} with "
-                              f"head_group * head_dim = {g * h} a power of two (Walsh-Hadamard size)")
+            raise PolicyError(
+                f"rotatekv: head_group={g} must divide num_kv_heads={config.num_kv_heads} with "
+                f"head_group * head_dim = {g * h} a power of two (Walsh-Hadamard size)"
+            )
         check_group("rotatekv", self.group or h, h, "rotated channels per scale")
         a = calibration.load(self.name, config, self.calibration)
         if f"perm_g{g}" not in a:
@@ -114,8 +127,9 @@ class RotateKV(QuantPolicy):
     def codec(self, ctx):
         a = calibration.load(self.name, ctx.config, self.calibration)
         h = ctx.config.head_dim
-        return RotateKVCodec(self.bits, self.group or h, self.clip, self.head_group, ctx.config,
-                             a[f"perm_g{self.head_group}"][ctx.layer])
+        return RotateKVCodec(
+            self.bits, self.group or h, self.clip, self.head_group, ctx.config, a[f"perm_g{self.head_group}"][ctx.layer]
+        )
 
     def wants_mass(self, ctx):
         return self.sinks > 0
@@ -125,8 +139,10 @@ class RotateKV(QuantPolicy):
 
     def ingest(self, slots_state, ctx):
         if self.head_group > 1:
-            raise PolicyError(f"rotatekv: head_group={self.head_group} rotates heads together, which needs the "
-                              "same tokens in every head; after a per-head eviction policy use head_group=1")
+            raise PolicyError(
+                f"rotatekv: head_group={self.head_group} rotates heads together, which needs the "
+                "same tokens in every head; after a per-head eviction policy use head_group=1"
+            )
         return super().ingest(slots_state, ctx)
 
     def sink_count(self):

@@ -36,8 +36,9 @@ class TokenwiseCodec:
     head_dim: int
 
     def encode(self, k, v, pos, aux):
-        return TokenwiseData(*affine.quant_tokenwise(k, self.bits, self.group),
-                             *affine.quant_tokenwise(v, self.bits, self.group))
+        return TokenwiseData(
+            *affine.quant_tokenwise(k, self.bits, self.group), *affine.quant_tokenwise(v, self.bits, self.group)
+        )
 
     def decode(self, d, aux):
         k = affine.dequant_tokenwise(d.k_codes, d.k_scale, d.k_zero, self.bits, self.group, self.head_dim)

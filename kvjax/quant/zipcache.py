@@ -50,8 +50,7 @@ class ZipCodec:
         h = self.head_dim
         k = affine.dequant_tokenwise(d["k_codes"], d["k_scale"], d["k_zero"], self.bits, h, h)
         v = affine.dequant_tokenwise(d["v_codes"], d["v_scale"], d["v_zero"], self.bits, h, h)
-        return (k * aux["k_ch"][:, :, None].astype(jnp.float32), v * aux["v_ch"][:, :, None].astype(jnp.float32),
-                None)
+        return (k * aux["k_ch"][:, :, None].astype(jnp.float32), v * aux["v_ch"][:, :, None].astype(jnp.float32), None)
 
 
 def probe_scores(q, q_pos, k, k_pos, frac: float = 0.05, seed: int = 0):
@@ -68,8 +67,9 @@ def probe_scores(q, q_pos, k, k_pos, frac: float = 0.05, seed: int = 0):
     qp = jnp.take_along_axis(q, idx[:, :, None, None], axis=1)
     probs = attention_probs(qp, k, ppos, k_pos)  # [B, N, G, P, S]
     g = probs.shape[2]
-    seen = ((k_pos[:, :, None, :] <= ppos[:, None, :, None]) & (k_pos[:, :, None, :] >= 0)
-            & (ppos[:, None, :, None] >= 0))
+    seen = (
+        (k_pos[:, :, None, :] <= ppos[:, None, :, None]) & (k_pos[:, :, None, :] >= 0) & (ppos[:, None, :, None] >= 0)
+    )
     return jnp.sum(probs, axis=(2, 3)) / jnp.maximum(jnp.sum(seen, axis=2) * g, 1)
 
 
@@ -116,8 +116,12 @@ class ZipCache(QuantPolicy):
 
     def init_aux(self, k, v, pos, scores, ctx):
         valid = (pos >= 0)[..., None]
-        ch = {f"{n}_ch": jnp.maximum(jnp.sqrt(jnp.max(jnp.where(valid, jnp.abs(x.astype(jnp.float32)), 0), axis=2)),
-                                     1e-2).astype(jnp.float16) for n, x in (("k", k), ("v", v))}
+        ch = {
+            f"{n}_ch": jnp.maximum(
+                jnp.sqrt(jnp.max(jnp.where(valid, jnp.abs(x.astype(jnp.float32)), 0), axis=2)), 1e-2
+            ).astype(jnp.float16)
+            for n, x in (("k", k), ("v", v))
+        }
         return ch
 
     def residual_aux(self, aux, res_scores, valid, ctx):
@@ -129,8 +133,10 @@ class ZipCache(QuantPolicy):
         hi_idx = order[:, :, :cap_hi]
         lo_idx = take_tokens(order, jnp.clip(n_hi_tokens[..., None] + jnp.arange(cap_lo), 0, k.shape[2] - 1))
         c_hi, c_lo = self.stream_codecs(ctx)
-        return (c_hi.encode(take_tokens(k, hi_idx), take_tokens(v, hi_idx), None, aux),
-                c_lo.encode(take_tokens(k, lo_idx), take_tokens(v, lo_idx), None, aux))
+        return (
+            c_hi.encode(take_tokens(k, hi_idx), take_tokens(v, hi_idx), None, aux),
+            c_lo.encode(take_tokens(k, lo_idx), take_tokens(v, lo_idx), None, aux),
+        )
 
     def encode_prompt(self, k, v, pos, count, scores, aux, ctx, cap):
         t, h = self.stream_gap, self.n_hi
@@ -152,8 +158,13 @@ class ZipCache(QuantPolicy):
         """mass [B, N, R+T] is summed over the G query heads of each KV head."""
         aux = state.aux
         seen = (state.res_pos >= 0).astype(jnp.float32)
-        return state.replace(aux={**aux, "res_score": aux["res_score"] + mass * seen / ctx.config.group_size,
-                                  "res_cnt": aux["res_cnt"] + seen})
+        return state.replace(
+            aux={
+                **aux,
+                "res_score": aux["res_score"] + mass * seen / ctx.config.group_size,
+                "res_cnt": aux["res_cnt"] + seen,
+            }
+        )
 
     def shift_aux(self, aux, full, t):
         def shift(x):
