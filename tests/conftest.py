@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -33,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TINY
 
 from kvjax import jit_cache
-from kvjax.models import LlamaConfig, init_params
+from kvjax.models import init_params
 
 
 # XLA:CPU keeps memory mappings for every compiled program while jax's caches hold it; one
@@ -68,23 +70,6 @@ _PASSES_OFF_BY_USER = jax.config.read("jax_disable_most_optimizations")
 def pytest_runtest_setup(item):
     slow = item.get_closest_marker("slow") is not None
     jax.config.update("jax_disable_most_optimizations", _PASSES_OFF_BY_USER or not slow)
-
-
-TINY = LlamaConfig(
-    name="tiny",
-    vocab_size=97,
-    hidden_size=48,
-    intermediate_size=96,
-    num_layers=3,
-    num_heads=6,
-    num_kv_heads=2,
-    head_dim=32,
-    rope_theta=10000.0,
-    max_position=512,
-    bos_id=1,
-    eos_ids=(2,),
-    pad_id=0,
-)
 
 
 @pytest.fixture(scope="session")
@@ -136,10 +121,8 @@ def hf_smollm2():
     )
     staging = tempfile.mkdtemp(dir=os.environ["KVJAX_TEST_CACHE_DIR"])
     model.save_pretrained(staging)
-    try:
+    with contextlib.suppress(OSError):  # another worker saved it first
         os.rename(staging, saved)  # atomic: a worker sees the whole folder or none of it
-    except OSError:  # another worker saved it first
-        pass
     return model.eval()
 
 

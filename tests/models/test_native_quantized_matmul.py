@@ -190,12 +190,14 @@ def test_fusing_concatenates_the_blocks(rng):
 @needs_kernel
 def test_model_decode_reads_the_blocks(rng):
     """A tiny tied Llama with q4_1 kernels and a q8_0 table, projections fused as kvjax.load does."""
-    from kvjax.models import LlamaConfig, forward, fuse_projections, init_params
+    from helpers import tiny_config
+
+    from kvjax.models import forward, fuse_projections, init_params
     from kvjax.native.weights import float_weight
     from kvjax.policies import Dense
     from kvjax.state import LayerContext
 
-    cfg = LlamaConfig(
+    cfg = tiny_config(
         name="tiny32",
         vocab_size=96,
         hidden_size=64,
@@ -204,11 +206,8 @@ def test_model_decode_reads_the_blocks(rng):
         num_heads=4,
         num_kv_heads=2,
         head_dim=16,
-        rope_theta=10000.0,
         max_position=64,
         tie_embeddings=True,
-        bos_id=1,
-        eos_ids=(2,),
         pad_id=0,
     )
     params, cfg = fuse_projections(_quantized_params(init_params(cfg, jax.random.key(0)), rng), cfg)

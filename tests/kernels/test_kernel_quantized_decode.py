@@ -39,8 +39,9 @@ def _run(
     dtype=jnp.float32,
     per_head=True,
     residual=True,
-    blk=qda.DecodeBlockSizes(block_s=64, num_splits=2),
+    blk=None,
 ):
+    blk = blk or qda.DecodeBlockSizes(block_s=64, num_splits=2)
     cache = _cache(rng, b, n, s, h, bits, gk, gv, dtype)
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(dtype)
     lens = rng.integers(0, s + 1, (b, n) if per_head else (b,))

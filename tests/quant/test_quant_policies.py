@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TINY_QUANT
 
 from kvjax import attention
 from kvjax.generate import decode, prefill
-from kvjax.models.config import LlamaConfig
 from kvjax.models.forward import init_params
 from kvjax.policies import REGISTRY, parse_policy
 from kvjax.policies.base import PolicyError
@@ -23,17 +23,7 @@ from kvjax.quant.base import QuantState
 from kvjax.sampling import Sampler
 from kvjax.state import LayerContext, SlotKV
 
-CFG = LlamaConfig(
-    name="tiny-quant",
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=32,
-    max_position=1024,
-)
+CFG = TINY_QUANT
 QUANT = sorted(n for n, c in REGISTRY.items() if issubclass(c, QuantPolicy))
 CALIBRATED = ("kvquant", "rotatekv", "bfp", "kv4")
 # small-shape settings per method (group / residual / gap sized for a 32-dim, ~50-token test)

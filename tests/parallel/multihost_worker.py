@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
+
 PROMPTS = ["Sequence parallel prefill splits a long prompt over devices.", "Ring attention rotates keys"]
 EXIT_PEER_FAILURE = 3
 
@@ -35,27 +37,14 @@ class ByteTokenizer:
 def build_model(name: str):
     """The same model in every process: SmolLM2 from its GGUF, or a small random Llama."""
     import jax
+    from helpers import TINY_BYTES
 
     from kvjax.loaders import Model, load
-    from kvjax.models.config import LlamaConfig
     from kvjax.models.forward import init_params
 
     if name == "smollm2":
         return load("smollm2")
-    cfg = LlamaConfig(
-        name="tiny-bytes",
-        vocab_size=259,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position=4096,
-        bos_id=1,
-        eos_ids=(2,),
-        pad_id=0,
-    )
+    cfg = TINY_BYTES
     params = jax.tree.map(lambda x: x * 6.0, init_params(cfg, jax.random.key(7)))
     return Model(cfg, params, ByteTokenizer())
 

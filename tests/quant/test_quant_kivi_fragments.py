@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TINY_FRAGMENTS
 
 from kvjax import attention
-from kvjax.models.config import LlamaConfig
 from kvjax.pallas_kernels import _compat
 from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mgpu
 from kvjax.pallas_kernels.testing import tolerance
@@ -18,17 +18,7 @@ from kvjax.policies.base import PolicyError
 from kvjax.quant import dequantize_state
 from kvjax.state import LayerContext, SlotKV
 
-CFG = LlamaConfig(
-    name="tiny-frag",
-    vocab_size=128,
-    hidden_size=256,
-    intermediate_size=256,
-    num_layers=1,
-    num_heads=6,
-    num_kv_heads=2,
-    head_dim=64,
-    max_position=4096,
-)
+CFG = TINY_FRAGMENTS
 
 
 def ctx(impl=None, new=160):

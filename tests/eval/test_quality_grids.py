@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "quality_sweep.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_sweep.py"
 _spec = importlib.util.spec_from_file_location("quality_sweep", _PATH)
 qs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(qs)

@@ -3,6 +3,7 @@ interruption without redoing finished work, failing cells recorded, plan validat
 
 import json
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -150,10 +151,10 @@ def test_cells_of_an_older_generator_version_are_redone_and_labelled(tiny, tmp_p
     monkeypatch.setitem(episodes.VERSIONS, "passkey", 2)  # the generator changed
     rows = sweep.run_sweep(tiny, cells, str(tmp_path), trials=2, batch_size=2, progress=False)
     assert calls == [1] and [r["task_version"] for r in rows] == [2]  # redone, the old record ignored
-    md = open(report.write_report(str(tmp_path))).read()
+    md = Path(report.write_report(str(tmp_path))).read_text()
     assert "passkey-v1" not in md  # redone with the current version: the old record is dropped
     cells2 = sweep.plan(["passkey"], ["dense"], [], [400], [1])  # a seed that was only run at v2 ...
     sweep.run_sweep(tiny, cells2, str(tmp_path), trials=2, batch_size=2, progress=False)
     monkeypatch.setitem(episodes.VERSIONS, "passkey", 3)  # ... and a newer generator again
-    md = open(report.write_report(str(tmp_path))).read()
+    md = Path(report.write_report(str(tmp_path))).read_text()
     assert "passkey-v2" in md and "older version of that task's episode generator" in md

@@ -3,6 +3,7 @@ renders tables and PNG plots from a cells.jsonl; spec-list parsing."""
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -122,7 +123,7 @@ def test_report_writes_tables_and_plots(tmp_path):
         )
     )
     (tmp_path / "cells.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    md = open(write_report(str(tmp_path))).read()
+    md = Path(write_report(str(tmp_path))).read_text()
     assert "| kvpress | snapkv | 0.2 | 60 (6/6)" not in md  # counts are the recorded ones
     assert "| kvjax | snapkv | 0.5 | 90 (9/10) |" in md and "| kvpress | snapkv | 0.2 | 60 (6/10) |" in md
     assert "MemoryError: boom" in md and "12.30" in md
@@ -174,11 +175,11 @@ def test_report_labels_and_plots_quantized_caches(tmp_path):
     assert sorted(lines[("snapkv", "kvjax", False)]) == [(0.2, 20.0, None), (0.5, 50.0, None)]
     assert ("rtn", "kvjax", True) in lines and not any("bits" in k[0] for k in lines)
     (tmp_path / "cells.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    md = open(write_report(str(tmp_path))).read()
+    md = Path(write_report(str(tmp_path))).read_text()
     assert "| kvjax | kivi(bits=2) | - | 50 (1/3) | 1.9 MB | 0.190 |" in md
     assert "| kvjax | kivi(bits=4) | - | 100 (3/3) | 3.1 MB | 0.310 |" in md
     assert "Quantized caches (kivi, rtn; 2 and 4 bits): kvjax only, kvpress has no counterpart" in md
     assert "Also kvjax only (no kvpress press): tova." in md
     assert (tmp_path / "passkey_2048_inside.png").read_bytes()[:4] == b"\x89PNG"
     (tmp_path / "cells.jsonl").write_text("\n".join(json.dumps(r) for r in rows if r["engine"] == "kvjax") + "\n")
-    assert "kvjax only" not in open(write_report(str(tmp_path))).read()  # no kvpress rows: no note
+    assert "kvjax only" not in Path(write_report(str(tmp_path))).read_text()  # no kvpress rows: no note

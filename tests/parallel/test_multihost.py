@@ -16,15 +16,13 @@ import subprocess
 import sys
 import time
 
+import multihost_worker
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import multihost_worker
-
 from kvjax.parallel import multihost
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 pytestmark = pytest.mark.multiprocess
 

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import tomllib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAPPED = {"kvjax": "kvjax", "kvjax.models": "models", "kvjax.pallas_kernels": "pallas_kernels"}
 
 

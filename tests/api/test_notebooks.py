@@ -22,7 +22,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-COLAB = Path(__file__).resolve().parent.parent / "colab"
+COLAB = Path(__file__).resolve().parents[2] / "colab"
 EXPECTED = ("01_quickstart", "02_compare_methods", "03_long_context", "04_kernels")
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 # Notebooks that load the real SmolLM2 are `slow` (the marker's definition in pyproject.toml).

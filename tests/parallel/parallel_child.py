@@ -11,21 +11,13 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
+
 
 def tiny_config():
-    from kvjax.models.config import LlamaConfig
+    from helpers import TINY_PARALLEL
 
-    return LlamaConfig(
-        name="tiny",
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position=4096,
-    )
+    return TINY_PARALLEL
 
 
 def rel_err(a, b, mask):

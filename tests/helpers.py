@@ -1,0 +1,59 @@
+"""Tiny model configurations and helpers shared by the test folders.
+
+Every test that needs a small random Llama builds it from `TINY` here, changing only what
+its check needs (a head_dim the Hopper fragment layout takes, a byte-level vocabulary...),
+so the configurations are not copied from file to file. Scripts that tests start in a
+child process (parallel/parallel_child.py, parallel/multihost_worker.py) import this
+module too (they put tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from kvjax.models import LlamaConfig
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+TINY = LlamaConfig(
+    name="tiny",
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=96,
+    num_layers=3,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=32,
+    rope_theta=10000.0,
+    max_position=512,
+    bos_id=1,
+    eos_ids=(2,),
+    pad_id=0,
+)
+
+
+def tiny_config(**changes) -> LlamaConfig:
+    """`TINY` with `changes` applied (and named after them unless a name is given)."""
+    if "name" not in changes:
+        changes["name"] = "tiny-" + "-".join(f"{k}{v}" for k, v in sorted(changes.items()))
+    return dataclasses.replace(TINY, **changes)
+
+
+#: Two layers, head_dim 16, long positions: the multi-device and multi-process checks.
+TINY_PARALLEL = tiny_config(
+    name="tiny-parallel", vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    head_dim=16, max_position=4096,
+)  # fmt: skip
+#: A byte-level vocabulary (256 bytes + 3 specials) for the ByteTokenizer of multi-process runs.
+TINY_BYTES = dataclasses.replace(TINY_PARALLEL, name="tiny-bytes", vocab_size=259)
+#: head_dim 32, two layers: the quantized caches' checks.
+TINY_QUANT = tiny_config(
+    name="tiny-quant", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    head_dim=32, max_position=1024,
+)  # fmt: skip
+#: head_dim 64 (what the Hopper KIVI fragment layout takes), one layer.
+TINY_FRAGMENTS = tiny_config(
+    name="tiny-frag", vocab_size=128, hidden_size=256, intermediate_size=256, num_layers=1, num_heads=6,
+    head_dim=64, max_position=4096,
+)  # fmt: skip
