@@ -50,7 +50,7 @@ def test_wheel_contents(tmp_path):
         "kvjax/pallas_kernels/packing.py",
         "kvjax/data/kjv_judges.txt",
         "kvjax/generate.py",
-        "kvjax/cli.py",
+        "kvjax/cli/__init__.py",
     ):
         assert required in names, required
     assert not any(n.startswith(("models/", "pallas_kernels/", "tests/")) for n in names)
