@@ -1,29 +1,29 @@
 """The quality grids behind BENCHMARKS.md "Quality" and docs/quality/ (SmolLM2, CPU).
 
-    python benchmarks/quality_sweep.py run issue3          # 4k: eviction methods, passkey + perplexity
-    python benchmarks/quality_sweep.py run issue3_seed1    # 4k: 10 more passkey trials (seed 1)
-    python benchmarks/quality_sweep.py run issue3_merging_seed1  # 4k: merging rows to 20 trials
-    python benchmarks/quality_sweep.py run issue3_chunk_seed2  # 4k: 10 more trials, chunk rows + TOVA
-    python benchmarks/quality_sweep.py run issue3_kv       # 4k: the same methods on KV retrieval
-    python benchmarks/quality_sweep.py run issue3_merging  # 4k: merging and trained methods (own prefills)
-    python benchmarks/quality_sweep.py run issue3_merging_more  # 4k: their perplexity, KV retrieval (3 trials)
-    python benchmarks/quality_sweep.py run issue7          # 2k: passkey + KV retrieval, kvjax and kvpress
-    python benchmarks/quality_sweep.py run issue7_more     # 2k: prefix_suffix, qa, majority, both engines
-    python benchmarks/quality_sweep.py run issue7_merging  # 2k: passkey for merging / trained methods
-    python benchmarks/quality_sweep.py run issue7_merging_4k  # 4k: the same at 4k
-    python benchmarks/quality_sweep.py run issue7_quant    # 2k: quantized caches at 2 / 4 bits (kvjax only)
-    python benchmarks/quality_sweep.py run issue7_quant_4k # 4k: the same, passkey / qa / KV retrieval
-    python benchmarks/quality_sweep.py run issue7_4k       # 4k: passkey, kvjax and kvpress side by side
-    python benchmarks/quality_sweep.py run issue7_4k_more  # 4k: the other tasks, both engines
-    python benchmarks/quality_sweep.py run issue7_mix      # 2k: the multi-task mix, both engines
-    python benchmarks/quality_sweep.py run issue7_mix_4k   # 4k: the multi-task mix, both engines
-    python benchmarks/quality_sweep.py status issue7_quant # cells recorded, and the keys of those left
-    python benchmarks/quality_sweep.py table issue3        # markdown for BENCHMARKS.md
-    python benchmarks/quality_sweep.py report issue7       # docs/quality/issue7: report.md + PNG plots
+    python benchmarks/quality_sweep.py run eviction_4k                # 4k: eviction methods, passkey + perplexity
+    python benchmarks/quality_sweep.py run eviction_4k_seed1          # 4k: 10 more passkey trials (seed 1)
+    python benchmarks/quality_sweep.py run eviction_4k_merging_seed1  # 4k: merging rows to 20 trials
+    python benchmarks/quality_sweep.py run eviction_4k_chunk_seed2    # 4k: 10 more trials, chunk rows + TOVA
+    python benchmarks/quality_sweep.py run eviction_4k_kv             # 4k: the same methods on KV retrieval
+    python benchmarks/quality_sweep.py run eviction_4k_merging        # 4k: merging and trained methods (own prefills)
+    python benchmarks/quality_sweep.py run eviction_4k_merging_more   # 4k: their perplexity, KV retrieval (3 trials)
+    python benchmarks/quality_sweep.py run tasks_2k                   # 2k: passkey + KV retrieval, kvjax and kvpress
+    python benchmarks/quality_sweep.py run tasks_2k_more              # 2k: prefix_suffix, qa, majority, both engines
+    python benchmarks/quality_sweep.py run tasks_4k                   # 4k: passkey, kvjax and kvpress side by side
+    python benchmarks/quality_sweep.py run tasks_4k_more              # 4k: the other tasks, both engines
+    python benchmarks/quality_sweep.py run mix_2k                     # 2k: the multi-task mix, both engines
+    python benchmarks/quality_sweep.py run mix_4k                     # 4k: the multi-task mix, both engines
+    python benchmarks/quality_sweep.py run merging_2k                 # 2k: passkey for merging / trained methods
+    python benchmarks/quality_sweep.py run merging_4k                 # 4k: the same at 4k
+    python benchmarks/quality_sweep.py run quant_2k                   # 2k: quantized caches at 2 / 4 bits (kvjax only)
+    python benchmarks/quality_sweep.py run quant_4k                   # 4k: the same, passkey / qa / KV retrieval
+    python benchmarks/quality_sweep.py status quant_2k                # cells recorded, and the keys of those left
+    python benchmarks/quality_sweep.py table eviction_4k              # markdown for BENCHMARKS.md
+    python benchmarks/quality_sweep.py report tasks_2k                # docs/quality/tasks_2k_4k: report.md + PNG plots
 
 `run` is `kvjax sweep` with the grid below (resumable: rerun to continue; results in
-docs/quality/runs/GRID/cells.jsonl). Policies that are not registered (yet) are skipped
-with a note, so the same command picks up methods landed later.
+docs/quality/runs/<out>/cells.jsonl, a grid's `out` defaulting to its name). Policies that
+are not registered are skipped with a note, so the same command picks up methods added later.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ QUANT_2_FIRST = tuple(f"{q}:bits={b}" for b in (2, 4) for q in QUANTIZERS)
 TUNED = {"kv_retrieval": {"pairs": 1, "repeat": 2}, "majority": {"votes": 7, "winner": 6}}
 TUNED_2K = {"majority": TUNED["majority"]}  # two codes stated once already score 9/10 at 2k
 GRIDS = {
-    "issue3": dict(
+    "eviction_4k": dict(
         tasks=["passkey", "ppl"],
         contexts=[4096],
         modes=["inside"],
@@ -84,8 +84,8 @@ GRIDS = {
         trials={"passkey": 10},
         batch_size=5,
     ),
-    # a second seed doubles issue 3's passkey trials to 20 (the table sums over seeds)
-    "issue3_seed1": dict(
+    # a second seed doubles the eviction grid's passkey trials to 20 (the table sums over seeds)
+    "eviction_4k_seed1": dict(
         tasks=["passkey"],
         contexts=[4096],
         modes=["inside"],
@@ -94,10 +94,10 @@ GRIDS = {
         methods=("dense",) + EVICTION,
         trials={"passkey": 10},
         batch_size=5,
-        out="issue3_4k",
+        out="eviction_4k",
     ),
     # 10 more passkey trials (seed 2) for the chunk rows and TOVA, beside the 20-trial table
-    "issue3_chunk_seed2": dict(
+    "eviction_4k_chunk_seed2": dict(
         tasks=["passkey"],
         contexts=[4096],
         modes=["inside"],
@@ -106,9 +106,9 @@ GRIDS = {
         methods=("dense", "tova", "chunkkv", "chunkkv:scorer=tova"),
         trials={"passkey": 10},
         batch_size=5,
-        out="issue3_4k_seed2",
+        out="eviction_4k_seed2",
     ),
-    "issue3_kv": dict(
+    "eviction_4k_kv": dict(
         tasks=["kv_retrieval"],
         contexts=[4096],
         modes=["inside"],
@@ -116,10 +116,10 @@ GRIDS = {
         methods=("dense",) + EVICTION,
         trials={"kv_retrieval": 10},
         batch_size=5,
-        out="issue3_4k",
+        out="eviction_4k",
         options=TUNED,
     ),
-    "issue3_merging": dict(
+    "eviction_4k_merging": dict(
         tasks=["passkey"],
         contexts=[4096],
         modes=["inside"],
@@ -127,10 +127,10 @@ GRIDS = {
         methods=MERGING,
         trials={"passkey": 3},
         batch_size=3,
-        out="issue3_4k",
+        out="eviction_4k",
     ),
     # perplexity and KV retrieval (3 trials) for the merging / trained rows
-    "issue3_merging_more": dict(
+    "eviction_4k_merging_more": dict(
         tasks=["ppl", "kv_retrieval"],
         contexts=[4096],
         modes=["inside"],
@@ -138,11 +138,11 @@ GRIDS = {
         methods=MERGING,
         trials={"kv_retrieval": 3},
         batch_size=3,
-        out="issue3_4k",
+        out="eviction_4k",
         options=TUNED,
     ),
     # 17 more trials (seed 1) take the merging / trained rows to 20 (run on a GPU: they prefill per episode)
-    "issue3_merging_seed1": dict(
+    "eviction_4k_merging_seed1": dict(
         tasks=["passkey"],
         contexts=[4096],
         modes=["inside"],
@@ -151,9 +151,9 @@ GRIDS = {
         methods=MERGING,
         trials={"passkey": 17},
         batch_size=3,
-        out="issue3_4k",
+        out="eviction_4k",
     ),
-    "issue7": dict(
+    "tasks_2k": dict(
         tasks=["passkey", "kv_retrieval"],
         contexts=[2048],
         modes=["inside", "excluded"],
@@ -162,8 +162,9 @@ GRIDS = {
         trials=3,
         batch_size=3,
         kvjax_only=("tova",),
+        out="tasks_2k_4k",
     ),
-    "issue7_more": dict(
+    "tasks_2k_more": dict(
         tasks=["prefix_suffix", "qa", "majority"],
         contexts=[2048],
         modes=["inside", "excluded"],
@@ -173,10 +174,10 @@ GRIDS = {
         batch_size=3,
         excluded_tasks=["qa"],
         kvjax_only=("tova",),
-        out="issue7",
+        out="tasks_2k_4k",
         options=TUNED_2K,
     ),
-    "issue7_4k": dict(
+    "tasks_4k": dict(
         tasks=["passkey"],
         contexts=[4096],
         modes=["inside"],
@@ -184,9 +185,9 @@ GRIDS = {
         methods=("dense",) + PRESSED,
         trials=3,
         batch_size=3,
-        out="issue7",
+        out="tasks_2k_4k",
     ),
-    "issue7_4k_more": dict(
+    "tasks_4k_more": dict(
         tasks=["kv_retrieval", "prefix_suffix", "majority", "qa"],
         contexts=[4096],
         modes=["inside", "excluded"],
@@ -196,11 +197,11 @@ GRIDS = {
         batch_size=3,
         excluded_tasks=["qa"],
         kvjax_only=("tova",),
-        out="issue7",
+        out="tasks_2k_4k",
         options=TUNED,
     ),
     # the multi-task mix (passkey, KV-retrieval and qa turns over one context), one code
-    "issue7_mix": dict(
+    "mix_2k": dict(
         tasks=["mix"],
         contexts=[2048],
         modes=["inside"],
@@ -209,10 +210,10 @@ GRIDS = {
         trials=3,
         batch_size=3,
         kvjax_only=("tova",),
-        out="issue7",
+        out="tasks_2k_4k",
         options={"mix": {"pairs": 1}},
     ),
-    "issue7_mix_4k": dict(
+    "mix_4k": dict(
         tasks=["mix"],
         contexts=[4096],
         modes=["inside"],
@@ -221,10 +222,10 @@ GRIDS = {
         trials=3,
         batch_size=3,
         kvjax_only=("tova",),
-        out="issue7",
+        out="tasks_2k_4k",
         options={"mix": {"pairs": 1, "repeat": 2, "kv_first": True}},
     ),
-    "issue7_merging": dict(
+    "merging_2k": dict(
         tasks=["passkey"],
         contexts=[2048],
         modes=["inside"],
@@ -232,9 +233,9 @@ GRIDS = {
         methods=MERGING,
         trials=3,
         batch_size=3,
-        out="issue7",
+        out="tasks_2k_4k",
     ),
-    "issue7_merging_4k": dict(
+    "merging_4k": dict(
         tasks=["passkey"],
         contexts=[4096],
         modes=["inside"],
@@ -242,14 +243,14 @@ GRIDS = {
         methods=MERGING,
         trials=3,
         batch_size=3,
-        out="issue7",
+        out="tasks_2k_4k",
     ),
-    # the quantized caches at 2k: the options of issue7 / issue7_more / issue7_mix; every
+    # the quantized caches at 2k: the options of tasks_2k / tasks_2k_more / mix_2k; every
     # "inside" cell before the "excluded" ones (mode_first). The question-excluded placement
     # only for ZipCache: it is the one quantizer whose choice (which tokens keep more bits)
     # reads attention scores, so the question's place can change it; the others quantize every
     # token the same way wherever the question is.
-    "issue7_quant": dict(
+    "quant_2k": dict(
         tasks=["passkey", "kv_retrieval", "prefix_suffix", "qa", "majority", "mix"],
         contexts=[2048],
         modes=["inside", "excluded"],
@@ -259,12 +260,12 @@ GRIDS = {
         batch_size=3,
         excluded_tasks=["passkey", "kv_retrieval", "qa"],
         excluded_methods=("dense", "zipcache"),
-        out="issue7",
+        out="tasks_2k_4k",
         mode_first=True,
         options={**TUNED_2K, "mix": {"pairs": 1}},
     ),
-    # ... and at 4k (the options of issue7_4k / issue7_4k_more), 2-bit specs first
-    "issue7_quant_4k": dict(
+    # ... and at 4k (the options of tasks_4k / tasks_4k_more), 2-bit specs first
+    "quant_4k": dict(
         tasks=["passkey", "qa", "kv_retrieval"],
         contexts=[4096],
         modes=["inside"],
@@ -272,7 +273,7 @@ GRIDS = {
         methods=("dense",) + QUANT_2_FIRST,
         trials=3,
         batch_size=3,
-        out="issue7",
+        out="tasks_2k_4k",
         options=TUNED,
     ),
 }
@@ -280,8 +281,7 @@ BUDGETS = [0.5, 0.2, 0.1]
 
 
 def _out(grid: str) -> str:
-    name = GRIDS[grid].get("out", {"issue3": "issue3_4k"}.get(grid, grid))
-    return os.path.join(ROOT, "docs", "quality", "runs", name)
+    return os.path.join(ROOT, "docs", "quality", "runs", GRIDS[grid].get("out", grid))
 
 
 def plan_grid(grid: str, engines: list[str] | None = None) -> list:
@@ -337,7 +337,7 @@ def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None
 
 
 def table(grid: str) -> str:
-    """Issue 3's table: a row per method and budget; passkey, KV retrieval, perplexity, KV bytes."""
+    """The eviction table: a row per method and budget; passkey, KV retrieval, perplexity, KV bytes."""
     from kvjax.eval.report import method_label
     from kvjax.eval.sweep import read_jsonl
 
@@ -402,7 +402,7 @@ def main() -> None:
     else:
         from kvjax.eval.report import write_report
 
-        print(write_report(_out(a.grid), os.path.join(ROOT, "docs", "quality", a.grid)))
+        print(write_report(_out(a.grid), os.path.join(ROOT, "docs", "quality", os.path.basename(_out(a.grid)))))
 
 
 if __name__ == "__main__":

@@ -31,12 +31,12 @@ def test_grid_plans_unique_cells_within_its_filters(grid):
 
 
 def test_quantized_grid_excludes_the_question_only_for_zipcache():
-    excluded = {c.policy.split(":")[0] for c in qs.plan_grid("issue7_quant") if c.mode == "excluded"}
+    excluded = {c.policy.split(":")[0] for c in qs.plan_grid("quant_2k") if c.mode == "excluded"}
     assert excluded == {"dense", "zipcache"}
 
 
 def test_status_counts_recorded_cells(tmp_path):
-    cells = qs.plan_grid("issue7_merging")
+    cells = qs.plan_grid("merging_2k")
     first = cells[0]
     row = {
         "engine": first.engine,
@@ -47,6 +47,6 @@ def test_status_counts_recorded_cells(tmp_path):
         "mode": first.mode,
     }
     (tmp_path / "cells.jsonl").write_text(json.dumps(row) + "\n")
-    report = qs.status("issue7_merging", out=str(tmp_path)).splitlines()
-    assert report[0].startswith(f"issue7_merging: 1 of {len(cells)} cells recorded")
+    report = qs.status("merging_2k", out=str(tmp_path)).splitlines()
+    assert report[0].startswith(f"merging_2k: 1 of {len(cells)} cells recorded")
     assert first.key not in report and report[1:] == [c.key for c in cells[1:]]
