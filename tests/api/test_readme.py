@@ -128,9 +128,7 @@ def _kvjax_lines(page: Path) -> list[list[str]]:
 
 def _cli_params():
     return [
-        pytest.param(args, id=f"{_rel(page)}:{' '.join(args)[:60]}")
-        for page in PAGES
-        for args in _kvjax_lines(page)
+        pytest.param(args, id=f"{_rel(page)}:{' '.join(args)[:60]}") for page in PAGES for args in _kvjax_lines(page)
     ]
 
 
