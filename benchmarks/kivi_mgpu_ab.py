@@ -5,8 +5,8 @@ holding a package, e.g. made with `git archive REV pallas_kernels | tar -x -C /t
 renamed), and keyword variants, each checked at full size against the float32 reference, then
 timed against cuDNN's bf16 decode in interleaved rounds (median of the rounds; each sample is
 `kernels_bench`'s: 30 queued calls, median of 5). Prints a table with the registers and shared
-memory of each compiled kernel (Mosaic GPU's dumps). The session of 2026-11-28 ran it (from
-scratch/ab.py, the same code with environment variables for arguments) for BENCHMARKS.md.
+memory of each compiled kernel (Mosaic GPU's dumps). Without --mods it times the working tree's
+kernel alone (BENCHMARKS.md, "Decode kernels").
 
     source benchmarks/gpu_env.sh
     git archive f8cb462 pallas_kernels | tar -x -C /tmp && mv /tmp/pallas_kernels /tmp/oldpk

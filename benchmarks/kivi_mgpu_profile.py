@@ -1,7 +1,12 @@
 """One Mosaic GPU KIVI-2 decode call at the benchmark shape (B8 Hq32 Hkv8 D128, 128k, with the
 benchmark's 128-token residual window; argv[1] = the group G, default 32) on random codes, for
-Nsight Compute / Nsight Systems (commands in BENCHMARKS.md, "Decode"). With --hlo, prints the
-operations of the compiled call instead (what XLA launches besides the Pallas kernel)."""
+Nsight Compute / Nsight Systems. With --hlo, prints the operations of the compiled call instead
+(what XLA launches besides the Pallas kernel). For example:
+
+    ncu --target-processes all -k regex:mosaic -c 1 --section LaunchStats --section Occupancy \\
+        --section WarpStateStats --section InstructionStats python3 benchmarks/kivi_mgpu_profile.py 32
+
+PTX and ptxas reports: MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=DIR."""
 
 import sys
 

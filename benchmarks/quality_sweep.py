@@ -66,14 +66,14 @@ MERGING = ("elastic", "kvmerger", "locret")
 QUANTIZERS = ("kivi", "kv4", "kvquant", "rotatekv", "rtn", "bfp", "zipcache")
 QUANT = tuple(f"{q}:bits={b}" for q in QUANTIZERS for b in (2, 4))
 QUANT_2_FIRST = tuple(f"{q}:bits={b}" for b in (2, 4) for q in QUANTIZERS)
-# Sized for a 2-core CPU (a 4k SmolLM2 prefill takes ~70 s there, 2k ~17 s): methods whose
-# prompt-time state comes from the shared dense capture are cheap per extra policy; merging
+# Sized for a 2-core CPU, where a SmolLM2 prefill of 2k-4k tokens is the expensive step: methods
+# whose prompt-time state comes from the shared dense capture are cheap per extra policy; merging
 # and trained methods run their own prefill per episode, so they get their own small grids.
-# Task variants whose full cache scores >= 90% on SmolLM2 (benchmarks/task_difficulty.py, H200,
-# 10 trials): at 4k one code stated twice (two codes stated once: 6/10); 7 votes, 6 for the
-# winner (5 votes, 3 for the winner: 7/10 at 2k, 5/10 at 4k).
+# Task variants whose full cache scores >= 90% on SmolLM2 (benchmarks/task_difficulty.py; the
+# scores are in BENCHMARKS.md, "Task difficulty"): at 4k one code stated twice; 7 votes, 6 for
+# the winner.
 TUNED = {"kv_retrieval": {"pairs": 1, "repeat": 2}, "majority": {"votes": 7, "winner": 6}}
-TUNED_2K = {"majority": TUNED["majority"]}  # two codes stated once already score 9/10 at 2k
+TUNED_2K = {"majority": TUNED["majority"]}  # two codes stated once already pass the bar at 2k
 GRIDS = {
     "eviction_4k": dict(
         tasks=["passkey", "ppl"],

@@ -1,4 +1,4 @@
-"""Quality of the quantized KV caches on SmolLM2 at 4k context (issue 4's "Must show").
+"""Quality of the quantized KV caches on SmolLM2 at 4k context (BENCHMARKS.md, "Quantized caches").
 
 For every method at 2, 3 and 4 bits (+ naive round-to-nearest rows and the dense cache):
 perplexity (kvjax.eval protocol: first half prefilled and quantized, second half

@@ -65,7 +65,7 @@ def model_config(name: str):
 def random_params(cfg, sharding, dtype):
     """normal(0.02) weights of the shapes `init_params` gives, made on the devices: one small
     jitted generator per distinct shape (a single jit over all ~300 leaves of an 8B model
-    took minutes to compile on the H100 host)."""
+    is slow to compile)."""
     import functools
 
     import jax

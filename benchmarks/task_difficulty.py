@@ -1,13 +1,11 @@
-"""Full-cache scores of task variants: how the sweep's task options were chosen (issue 7 asks
-that the full cache score >= 90% on SmolLM2 at every tested length).
+"""Full-cache scores of task variants: how the sweep's task options were chosen (the full cache
+should score >= 90% on SmolLM2 at every tested length; BENCHMARKS.md, "Task difficulty").
 
     python benchmarks/task_difficulty.py [--model PATH] [--trials 10] [--out DIR]
 
 Runs the dense policy only, over the variants in VARIANTS (task, context, options), through
 `kvjax.eval.sweep.run_sweep` (one output folder per variant under --out, resumable), and prints
-a markdown table: task, context, options, correct / questions. The qa rows before the
-unambiguity rules and the `quote` option (2026-11-27: 15/20 at 2k, 11/20 at 4k by default) are
-in git history; `mentions` and `turns=1` did not help then.
+a markdown table: task, context, options, correct / questions.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ VARIANTS = [
     ("qa", 4096, {"mentions": 2}),
     ("mix", 2048, {}),
     ("mix", 4096, {}),
-    ("mix", 4096, {"pairs": 1, "repeat": 2}),  # the 4k mix grid's variant until 2026-11-27 (afternoon)
+    ("mix", 4096, {"pairs": 1, "repeat": 2}),  # the code asked after the passkey turn
     ("mix", 4096, {"pairs": 1, "repeat": 2, "kv_first": True}),
 ]
 

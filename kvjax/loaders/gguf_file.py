@@ -38,10 +38,9 @@ def _reader_class():
 
     The reader slices its `np.memmap` once for every metadata value (300k times for SmolLM2's
     49k-token vocabulary and merges). Each memmap slice runs numpy's Python-level `__getitem__`
-    and `__array_finalize__`; a plain view of the same mapped bytes slices in C. Opening
-    SmolLM2's GGUF goes from 2.5 s to 0.7 s, the fields and tensors are the same, and tensor data
-    stays lazily mapped. Where a gguf release changes the private `_get` this overrides, the
-    stock reader is used."""
+    and `__array_finalize__`; a plain view of the same mapped bytes slices in C. The fields and
+    tensors are the same, and tensor data stays lazily mapped. Where a gguf release changes the
+    private `_get` this overrides, the stock reader is used."""
     import inspect
 
     import gguf

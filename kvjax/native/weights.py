@@ -21,8 +21,10 @@ import jax.numpy as jnp
 
 from .quantized_matmul import quantized_matmul
 
-# Rows of x up to which the blocks are read (kvjax/native: the kernel is faster than the float32
-# dot up to here on a 2-core Xeon; prefill chunks have hundreds of rows).
+# Rows of x up to which the blocks are read (a static shape choice). With few rows (decode:
+# batch x 1 token) the matmul is bound by reading the weights, so the smaller blocks pay; with
+# many (prefill chunks, hundreds of rows) it is bound by arithmetic, where XLA's float32 dot is
+# the better kernel (BENCHMARKS.md, CPU generation).
 QUANTIZED_MAX_ROWS = 8
 
 

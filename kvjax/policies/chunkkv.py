@@ -2,11 +2,11 @@
 
 Liu et al., "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context
 LLM Inference" (2025), arXiv:2502.00299. Token-level eviction scores each token alone, so a
-kept phrase can lose some of its tokens (at 4k and 20% kept, passkey answers came out with
-digits missing). ChunkKV splits the prompt into chunks of `chunk` consecutive positions,
-scores each chunk by the mean, over its tokens, of a token-level scorer's scores summed over
-the KV heads, and keeps the best chunks in every KV head of the layer (one kept set per
-layer, as in the paper and kvpress's ChunkKVPress).
+kept phrase can lose some of its tokens (a kept pass key can lose some of its digits).
+ChunkKV splits the prompt into chunks of `chunk` consecutive positions, scores each chunk by
+the mean, over its tokens, of a token-level scorer's scores summed over the KV heads, and
+keeps the best chunks in every KV head of the layer (one kept set per layer, as in the paper
+and kvpress's ChunkKVPress).
 
 The token-level scorer (`scorer`) is SnapKV's observation window (the paper's choice; with
 `window` and `kernel`), TOVA's last query or key norms. The state keeps floor(budget *

@@ -7,8 +7,8 @@ Retaining heads: per layer a small MLP R(x) = W2 silu(W1 x) (no biases) on the
 concatenated pre-RoPE [q, k, v] of a token ([Nq*H + 2*N*H] inputs) predicts one causal
 importance score (CIS) per KV head. The heads are trained on the frozen model with optax
 (`kvjax.policies.locret_train`, run by `benchmarks/train_locret.py`); the SmolLM2 heads ship
-in `kvjax/policies/data/locret/` (training data, steps and loss curve in locret_train's
-docstring and the README). Each token is scored once, when its chunk is prefilled.
+in `kvjax/policies/data/locret/` (how they were trained: `benchmarks/train_locret.py` and
+docs/methods.md, "locret"). Each token is scored once, when its chunk is prefilled.
 
 Inference (the authors' `infer.py`): the prompt is prefilled chunk by chunk; after every
 chunk the cache is cut back to its budget by the stored scores, the `stabilizers` most

@@ -14,8 +14,8 @@ between adjacent tokens' predictions; AdamW (b1 0.9, b2 0.95, weight decay 0.01)
 linear warm-up over the first 2/3 of the steps then linear decay to 0, gradients clipped
 to [-0.5, 0.5]. One sequence window per step (the authors' batch size 1).
 
-Shipped SmolLM2 heads (`benchmarks/train_locret.py`, the documented CPU run): see that
-script's docstring and the README for the data, steps, hidden size and loss curve.
+Shipped SmolLM2 heads: `benchmarks/train_locret.py` with its defaults (data, steps, hidden
+size in its docstring; the run's loss curve in docs/training/locret_smollm2.json).
 """
 
 from __future__ import annotations
