@@ -52,8 +52,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlock = 32;
-// Software prefetch distance along the blocks (bytes): ~10% faster than the hardware prefetcher
-// alone on the 2-core Xeon of BENCHMARKS.md.
+// Software prefetch distance along the blocks (bytes), on top of the hardware prefetcher: each
+// weight row is streamed once, so the loads are issued this far ahead of their use (the distance
+// was chosen by timing on the AVX-512 Xeon of BENCHMARKS.md, CPU generation).
 constexpr int64_t kPrefetchBytes = 2048;
 
 float Fp16ToFloat(uint16_t h) {
