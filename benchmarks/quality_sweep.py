@@ -22,7 +22,8 @@
     python benchmarks/quality_sweep.py report tasks_2k                # docs/quality/tasks_2k_4k: report.md + PNG plots
 
 `run` is `kvjax sweep` with the grid below (resumable: rerun to continue; results in
-docs/quality/runs/<out>/cells.jsonl, a grid's `out` defaulting to its name). Policies that
+docs/quality/runs/<out>/cells.jsonl, a grid's `out` defaulting to its name). Records of an
+older kvjax carry no settings and are not reused: `run --force` runs those cells again. Policies that
 are not registered are skipped with a note, so the same command picks up methods added later.
 """
 
@@ -322,7 +323,9 @@ def status(grid: str, engines: list[str] | None = None, out: str | None = None) 
     return "\n".join([f"{grid}: {len(cells) - len(left)} of {len(cells)} cells recorded in {folder}"] + left)
 
 
-def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None, out: str | None = None) -> None:
+def run(
+    grid: str, model_path: str = "smollm2", engines: list[str] | None = None, out: str | None = None, force=False
+) -> None:
     from kvjax.eval import kvpress_bridge, sweep
     from kvjax.loaders import load
 
@@ -332,7 +335,14 @@ def run(grid: str, model_path: str = "smollm2", engines: list[str] | None = None
     hf = kvpress_bridge.load_hf(model_path) if any(c.engine == "kvpress" for c in cells) else None
     sweep.enable_compilation_cache()
     sweep.run_sweep(
-        model, cells, out or _out(grid), trials=g["trials"], batch_size=g["batch_size"], options=g.get("options"), hf=hf
+        model,
+        cells,
+        out or _out(grid),
+        trials=g["trials"],
+        batch_size=g["batch_size"],
+        options=g.get("options"),
+        hf=hf,
+        force=force,
     )
 
 
@@ -392,9 +402,14 @@ def main() -> None:
         help="run: write the cells to this folder instead of the grid's (e.g. beside another "
         "sweep into the grid's folder; append its jsonl files there afterwards)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run: run again the grid's cells recorded with other settings (or without them) and its failed cells",
+    )
     a = p.parse_args()
     if a.cmd == "run":
-        run(a.grid, a.model, a.engines.split(",") if a.engines else None, a.out)
+        run(a.grid, a.model, a.engines.split(",") if a.engines else None, a.out, a.force)
     elif a.cmd == "status":
         print(status(a.grid, a.engines.split(",") if a.engines else None, a.out))
     elif a.cmd == "table":

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 METHODS = ("kivi", "kvquant", "zipcache", "rotatekv", "bfp", "kv4")
 DEFAULT_SPECS = ["dense"] + [f"rtn:bits={b}" for b in (2, 3, 4)] + [f"{m}:bits={b}" for m in METHODS for b in (2, 3, 4)]
@@ -31,7 +32,7 @@ def bytes_per_token(model, policy, context: int) -> float:
     import jax
     import jax.numpy as jnp
 
-    from kvjax.generate import prefill
+    from kvjax.generation import prefill
 
     toks = jax.ShapeDtypeStruct((1, context), jnp.int32)
     lens = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -48,14 +49,15 @@ def bytes_per_token(model, policy, context: int) -> float:
 
 
 def run(args) -> None:
-    from kvjax.eval import evaluate
+    from kvjax.eval import check, evaluate
     from kvjax.loaders import load
     from kvjax.policies import parse_policy
 
     model = load(args.model)
     done = set()
     if os.path.exists(args.out):
-        done = {json.loads(line)["spec"] for line in open(args.out) if line.strip()}
+        with open(args.out) as f:
+            done = {json.loads(line)["spec"] for line in f if line.strip()}
     for spec in args.specs:
         if spec in done:
             continue
@@ -77,7 +79,7 @@ def run(args) -> None:
             row.update(
                 passkey=pk["correct"],
                 trials=pk["trials"],
-                misses=[s for s in pk["samples"] if not s["output"].strip().startswith(s["answer"])][:3],
+                misses=[s for s in pk["samples"] if not check(s["outputs"][0], s["answers"][0])][:3],
             )
         row.update(ppl_s=t1 - t0, passkey_s=time.time() - t1)
         with open(args.out, "a") as f:
@@ -123,16 +125,16 @@ def render(rows: list[dict], main_text: str = "kjv-judges") -> str:
 
 
 def table(args) -> None:
-    rows = [json.loads(line) for path in args.results for line in open(path) if line.strip()]
+    rows = [json.loads(line) for path in args.results for line in Path(path).read_text().splitlines() if line.strip()]
     md = render(rows)
     print(md)
     if args.write:
         start, end = "<!-- quant-table:start -->", "<!-- quant-table:end -->"
-        text = open(args.write).read() if os.path.exists(args.write) else ""
+        text = Path(args.write).read_text() if os.path.exists(args.write) else ""
         if start not in text:
             sys.exit(f"{args.write} has no {start} ... {end} markers")
         a, b = text.index(start) + len(start), text.index(end)
-        open(args.write, "w").write(text[:a] + "\n" + md + text[b:])
+        Path(args.write).write_text(text[:a] + "\n" + md + text[b:])
 
 
 def main() -> None:

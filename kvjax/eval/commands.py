@@ -1,4 +1,5 @@
-"""Argument parsing shared by the `kvjax eval`, `kvjax sweep` and `kvjax report` commands."""
+"""Argument parsing shared by the `kvjax eval`, `kvjax sweep` and `kvjax report` commands: the
+comma-separated lists, trials and task options they take on the command line."""
 
 from __future__ import annotations
 
@@ -37,9 +38,13 @@ def split_list(text: str, kind=str, name: str = "value") -> list:
 
 
 def parse_trials(text: str):
-    """'10' -> 10; 'passkey=20,kv_retrieval=10' -> {'passkey': 20, 'kv_retrieval': 10}."""
+    """'10' -> 10; 'passkey=20,kv_retrieval=10' -> {'passkey': 20, 'kv_retrieval': 10}
+    (values checked by `sweep.check_trials`)."""
     if "=" not in text:
-        return split_list(text, int, "trials")[0]
+        values = split_list(text, int, "trials")
+        if len(values) != 1:
+            raise ValueError(f"trials {text!r} must be one integer or TASK=INTEGER,...")
+        return values[0]
     out = {}
     for piece in split_list(text, str, "trials"):
         task, _, n = piece.partition("=")
@@ -50,8 +55,17 @@ def parse_trials(text: str):
     return out
 
 
+def _value(text: str):
+    """'3' -> 3, 'true' / 'false' -> True / False, anything else unchanged."""
+    t = text.strip()
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    return int(t) if t.lstrip("-").isdigit() else t
+
+
 def parse_options(items) -> dict:
-    """['kv_retrieval:pairs=2,turns=2', 'qa:turns=3'] -> {'kv_retrieval': {'pairs': 2, 'turns': 2}, ...}."""
+    """['kv_retrieval:pairs=2,turns=2', 'mix:kv_first=true'] -> {'kv_retrieval': {'pairs': 2,
+    'turns': 2}, 'mix': {'kv_first': True}} (names and values checked by `tasks.check_options`)."""
     out: dict = {}
     for item in items or ():
         task, sep, args = item.partition(":")
@@ -61,7 +75,7 @@ def parse_options(items) -> dict:
             key, eq, val = kv.partition("=")
             if not eq:
                 raise ValueError(f"task option {kv!r} must be key=value")
-            out.setdefault(task.strip(), {})[key.strip()] = int(val) if val.strip().lstrip("-").isdigit() else val
+            out.setdefault(task.strip(), {})[key.strip()] = _value(val)
     return out
 
 

@@ -34,62 +34,92 @@ from ..policies.registry import parse_policy
 from .session import MODES, SessionResult, prefill_ids
 
 
-def press_for(spec: str):
-    """The kvpress press equivalent to kvjax `spec` (None for dense); ValueError otherwise."""
-    import kvpress
-
+def press_recipe(spec: str):
+    """(press class name, keyword arguments) of the kvpress press equivalent to kvjax `spec`,
+    a nested press given as such a pair; None for dense. ValueError when kvpress has none.
+    Needs no kvpress import, so a sweep checks its kvpress cells before loading anything."""
     pol = parse_policy(spec)
     name = pol.name
     if name == "dense":
         return None
     ratio = 1.0 - getattr(pol, "budget", 1.0)
     if name == "streaming":
-        return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=pol.sink)
+        return "StreamingLLMPress", dict(compression_ratio=ratio, n_sink=pol.sink)
     if name in ("snapkv", "adakv"):
-        snap = kvpress.SnapKVPress(compression_ratio=ratio, window_size=pol.window, kernel_size=pol.kernel)
-        return snap if name == "snapkv" else kvpress.AdaKVPress(snap, alpha_safeguard=pol.safeguard)
+        snap = ("SnapKVPress", dict(compression_ratio=ratio, window_size=pol.window, kernel_size=pol.kernel))
+        return snap if name == "snapkv" else ("AdaKVPress", dict(press=snap, alpha_safeguard=pol.safeguard))
     if name == "pyramidkv":
-        return kvpress.PyramidKVPress(
+        return "PyramidKVPress", dict(
             compression_ratio=ratio, window_size=pol.window, kernel_size=pol.kernel, beta=pol.beta
         )
     if name == "tova" and not pol.on_decode:
-        return kvpress.TOVAPress(compression_ratio=ratio)
+        return "TOVAPress", dict(compression_ratio=ratio)
     if name == "knorm":
-        return kvpress.KnormPress(compression_ratio=ratio)
+        return "KnormPress", dict(compression_ratio=ratio)
     if name == "h2o" and pol.recent == 0 and pol.normalize:
-        return kvpress.ObservedAttentionPress(compression_ratio=ratio)
-    if name == "chunkkv":
+        return "ObservedAttentionPress", dict(compression_ratio=ratio)
+    if name == "chunkkv" and pol.scorer in ("snapkv", "tova", "knorm"):
         scorer = {
-            "snapkv": lambda: kvpress.SnapKVPress(
-                compression_ratio=ratio, window_size=pol.window, kernel_size=pol.kernel
-            ),
-            "tova": lambda: kvpress.TOVAPress(compression_ratio=ratio),
-            "knorm": lambda: kvpress.KnormPress(compression_ratio=ratio),
-        }[pol.scorer]()
-        return kvpress.ChunkKVPress(scorer, chunk_length=pol.chunk)
+            "snapkv": ("SnapKVPress", dict(compression_ratio=ratio, window_size=pol.window, kernel_size=pol.kernel)),
+            "tova": ("TOVAPress", dict(compression_ratio=ratio)),
+            "knorm": ("KnormPress", dict(compression_ratio=ratio)),
+        }[pol.scorer]
+        return "ChunkKVPress", dict(press=scorer, chunk_length=pol.chunk)
     raise ValueError(
         f"no kvpress press matches {spec!r}; kvpress columns exist for dense, streaming, snapkv, "
         "pyramidkv, adakv, knorm, chunkkv, tova with on_decode=false and h2o with recent=0,normalize=true"
     )
 
 
+def check_kvpress(specs) -> None:
+    """Raise ValueError when kvpress is not installed or one of `specs` has no kvpress press."""
+    import importlib.util
+
+    if importlib.util.find_spec("kvpress") is None:
+        raise ValueError("engine 'kvpress' needs the kvpress package (pip install kvpress==0.5.5)")
+    for s in specs:
+        press_recipe(s)
+
+
+def press_for(spec: str):
+    """The kvpress press equivalent to kvjax `spec` (None for dense); ValueError otherwise."""
+    import kvpress
+
+    def build(recipe):
+        cls, kwargs = recipe
+        return getattr(kvpress, cls)(**{k: build(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})
+
+    recipe = press_recipe(spec)
+    return None if recipe is None else build(recipe)
+
+
 def load_hf(model: str = "smollm2"):
-    """HF transformers model (float32, eager attention so ObservedAttention sees weights)."""
+    """HF transformers model (float32, eager attention so ObservedAttention sees weights).
+    Loading is quiet: transformers' logging at error level, and its progress bars (GGUF
+    de-quantization, weight loading) go nowhere."""
+    import contextlib
+    import io
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
     import transformers
 
     from ..loaders.load import EMBEDDED, embedded_path
 
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     path = embedded_path(model) if model in EMBEDDED else model
     kw = dict(dtype=torch.float32, attn_implementation="eager")
-    if path.endswith(".gguf"):
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), **kw
-        )
-    else:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
+    # transformers' GGUF reader draws a plain tqdm bar on stderr that no setting turns off
+    with contextlib.redirect_stderr(io.StringIO()):
+        if path.endswith(".gguf"):
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(path), gguf_file=os.path.basename(path), **kw
+            )
+        else:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
     return hf.eval()
 
 

@@ -1,11 +1,16 @@
-"""Perplexity with a policy active, on a shared dense capture of the prefix.
+"""Perplexity with a policy active: the one definition `kvjax eval`, `kvjax sweep` and the
+benchmarks use.
 
-Same protocol and numbers as `kvjax.eval.metrics.perplexity` (first half prefilled and
-compressed, second half teacher-forced through the decode step, the first scored token
-from the prefill logits), two speed-ups that do not change the result: the prefix's dense
-prefill is captured once for every policy that `shares_prefill`, and where appending T
-tokens in one decode call equals T single steps (`appends_in_chunks`) the second half is
-fed in chunks of `chunk` tokens instead of one at a time.
+Protocol (the same for every method, dense included): the first `prefix` tokens (half by
+default) are prefilled, and compressed by the policy; the remaining tokens are teacher-forced
+through the policy's decode step; the perplexity is over those remaining tokens, the first of
+them scored from the prefill logits. This measures the compressed cache the way generation
+uses it.
+
+Two ways to save work that leave the numbers unchanged: a policy that `shares_prefill` builds
+its state from one dense capture of the prefix (`capture_prefix`, shared by every such
+policy), and where appending T tokens in one decode call equals T single steps
+(`appends_in_chunks`) the tokens are fed `chunk` at a time instead of one by one.
 """
 
 from __future__ import annotations
@@ -17,12 +22,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generate import prefill
+from ..generation import prefill
 from ..models.forward import forward
+from ..policies.registry import parse_policy
 from ..state import LayerContext
-from .metrics import _teacher_forced_nll
 from .session import appends_in_chunks, capture_batch
 from .shared import apply_policy, shares_prefill
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "dtype", "implementation"))
+def _teacher_forced_nll(params, state, first_logits, targets, *, config, policy, dtype, implementation=None):
+    """targets [B, N] -> summed NLL [B] over N tokens; token i+1 scored after feeding token i."""
+    ctx = LayerContext(0, config, "decode", True, 0, targets.shape[1], implementation)
+    b = targets.shape[0]
+
+    def nll(logits, tgt):
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tgt[:, None], axis=-1)[:, 0]
+
+    def step(carry, tgt_pair):
+        state, total = carry
+        fed, nxt = tgt_pair
+        logits, state = forward(
+            params,
+            fed[:, None],
+            state.lengths[:, None],
+            state,
+            config=config,
+            policy=policy,
+            ctx=ctx,
+            dtype=dtype,
+            logits_at=jnp.zeros((b,), jnp.int32),
+        )
+        return (state, total + nll(logits, nxt)), None
+
+    total = nll(first_logits, targets[:, 0])
+    pairs = (targets[:, :-1].T, targets[:, 1:].T)
+    (state, total), _ = jax.lax.scan(step, (state, total), pairs)
+    return total
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "dtype", "implementation"))
@@ -34,43 +70,81 @@ def _chunk_nll(params, state, fed, positions, targets, *, config, policy, dtype,
     return jnp.sum(jnp.where(positions >= 0, nll, 0.0), axis=1), state
 
 
-def prefix_of(tokens) -> np.ndarray:
-    """The prefilled half [1, n // 2] of a text's tokens."""
+def _tokens_and_prefix(tokens, prefix: int | None):
     toks = np.atleast_2d(np.asarray(tokens, np.int32))
-    return toks[:, : toks.shape[1] // 2]
+    n = toks.shape[1]
+    prefix = n // 2 if prefix is None else prefix
+    if not 1 <= prefix < n:
+        raise ValueError(f"prefix={prefix} must be in [1, {n - 1}] for a text of {n} tokens")
+    return toks, prefix
 
 
-def perplexity_fast(model, tokens, policy, captured=None, chunk: int = 256, implementation=None) -> dict:
-    """tokens [N] or [1, N]. `captured`: `capture_batch(model, prefix_of(tokens))`, shared
-    across policies. Returns metrics.perplexity's keys plus prefill_s / decode_s."""
-    toks = np.atleast_2d(np.asarray(tokens, np.int32))
+def capture_prefix(model, tokens, prefix: int | None = None, implementation: str | None = None):
+    """The dense capture of the prefix of tokens [N] or [B, N] (`session.capture_batch`),
+    to be passed as `captured` to `perplexity` for every policy that `shares_prefill`."""
+    toks, prefix = _tokens_and_prefix(tokens, prefix)
+    return capture_batch(model, [list(r) for r in toks[:, :prefix]], implementation)
+
+
+def text_window(tokenizer, haystack: str, context: int, seed: int) -> list[int]:
+    """The `context` tokens of `haystack` scored by the "ppl" task, starting at an offset
+    drawn from `seed`."""
+    ids = tokenizer.encode(haystack)
+    if len(ids) < context:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than context={context}")
+    start = int(np.random.default_rng(seed).integers(0, len(ids) - context + 1))
+    return ids[start : start + context]
+
+
+def perplexity(
+    model,
+    tokens,
+    policy,
+    prefix: int | None = None,
+    captured=None,
+    chunk: int = 256,
+    implementation: str | None = None,
+) -> dict:
+    """tokens [N] or [B, N]; policy: a Policy or a spec string; prefix: tokens prefilled (N // 2
+    by default); captured: `capture_prefix(model, tokens, prefix)`, reused across policies
+    that `shares_prefill` (computed here when needed and not given); chunk: tokens fed per
+    decode call where the policy `appends_in_chunks` (1: one at a time).
+
+    Returns {'ppl', 'nll', 'scored_tokens', 'kv_bytes', 'dense_kv_bytes', 'compression_ratio',
+    'prefill_s', 'decode_s'}: bytes of the state right after the prefix prefill (with its
+    decode headroom), seconds of the prefill (capture included) and of the scored part."""
+    policy = parse_policy(policy) if isinstance(policy, str) else policy
+    toks, prefix = _tokens_and_prefix(tokens, prefix)
     b, n = toks.shape
-    prefix = n // 2
     if n > model.config.max_position:
         raise ValueError(f"text of {n} tokens exceeds the model's max_position={model.config.max_position}")
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
     rest = n - prefix
+    chunked = chunk > 1 and appends_in_chunks(policy)
+    headroom = rest + chunk if chunked else rest
     common = dict(config=model.config, policy=policy, dtype=model.dtype, implementation=implementation)
     t0 = time.perf_counter()
     capture_s = 0.0
     if shares_prefill(policy):
         if captured is None:
-            captured = capture_batch(model, [list(r) for r in toks[:, :prefix]], implementation)
+            captured = capture_prefix(model, toks, prefix, implementation)
         first, cap, capture_s = captured
         t0 = time.perf_counter()
-        state = apply_policy(model, cap, policy, rest + chunk, implementation)
+        state = apply_policy(model, cap, policy, headroom, implementation)
     else:
         first, state = prefill(
             model.params,
             jnp.asarray(toks[:, :prefix]),
             jnp.full((b,), prefix, jnp.int32),
-            max_new_tokens=rest + chunk,
+            max_new_tokens=headroom,
             **common,
         )
     jax.block_until_ready(first)
     kv_bytes, dense = state.nbytes, state.dense_nbytes(model.config)
     t1 = time.perf_counter()
     targets = toks[:, prefix:]
-    if appends_in_chunks(policy):
+    if chunked:
         nll = -np.asarray(jax.nn.log_softmax(first, axis=-1))[np.arange(b), targets[:, 0]].astype(np.float64)
         for s in range(0, rest - 1, chunk):
             fed = np.full((b, chunk), model.config.pad_id, np.int32)

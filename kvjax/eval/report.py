@@ -16,7 +16,7 @@ import os
 from collections import Counter, defaultdict
 
 from ..policies.registry import parse_policy
-from .sweep import is_current, read_jsonl
+from .sweep import Cell, is_current, latest, read_jsonl, summary
 
 
 def _parts(spec: str):
@@ -194,18 +194,17 @@ def plots(cells: list[dict], out_dir: str) -> list[str]:
 
 
 def _label_versions(cells: list[dict]) -> tuple[list[dict], set]:
-    """Cells of an older generator version get the task label "TASK-vN" (their own column and
-    plots), unless the same cell was redone with the current version (then they are dropped);
+    """The last record of each cell of the current task version, and the cells of an older
+    version that were not redone, with the task label "TASK-vN" (their own column and plots);
     returns (cells, those labels)."""
-    key = lambda r: tuple(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))
-    redone = {key(r) for r in cells if is_current(r)}
-    out, stale = [], set()
+    current = latest(cells)
+    out, stale, old = list(current.values()), set(), {}
     for r in cells:
-        if not is_current(r):
-            if key(r) in redone:
-                continue
-            r = {**r, "task": f"{r['task']}-v{r.get('task_version', 1)}"}
-            stale.add(r["task"])
+        if not is_current(r) and Cell.of(r).key not in current:
+            old[(Cell.of(r).key, r.get("task_version", 1))] = r
+    for r in old.values():
+        r = {**r, "task": f"{r['task']}-v{r.get('task_version', 1)}"}
+        stale.add(r["task"])
         out.append(r)
     return out, stale
 
@@ -228,13 +227,19 @@ def write_report(directory: str, out: str | None = None) -> str:
     where = ", ".join(f"{d}: {n}" for d, n in sorted(ran.items()))
     md = [
         f"# Quality sweep: {os.path.relpath(directory)}\n",
-        f"{len(ok)} cells finished, {len(bad)} failed. Cells by device ({where}); prefill / decode seconds "
+        f"{summary(cells)}. Cells by device ({where}); prefill / decode seconds "
         "are only comparable between cells of one device.\n",
     ]
+    unchecked = sum("settings" not in r for r in cells)
+    if unchecked:
+        md.append(
+            f"{unchecked} cells were recorded without their settings (model, text, trials, options, batch "
+            "size) by an older kvjax: those cannot be checked, and a resumed sweep does not reuse them.\n"
+        )
     if stale:
         md.append(
-            f"Columns {', '.join(sorted(stale))} come from an older version of that task's episode generator "
-            "(`kvjax.eval.episodes.VERSIONS`); rerunning the sweep into this folder redoes them.\n"
+            f"Columns {', '.join(sorted(stale))} come from an older version of that task's episodes "
+            "(`kvjax.eval.tasks.TASKS`); rerunning the sweep into this folder redoes them.\n"
         )
     md.append(tables(cells))
     if bad:

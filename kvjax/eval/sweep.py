@@ -1,36 +1,47 @@
-"""The sweep runner: tasks x policies x budgets x contexts x seeds x modes, resumable.
+"""The sweep runner: tasks x policies x budgets x contexts x seeds x modes x engines, resumable.
 
     cells = plan(["passkey", "ppl"], ["dense", "snapkv"], [0.5, 0.2], [4096], [0])
-    run_sweep(model, cells, "out/", trials={"passkey": 20})
+    rows = run_sweep(model, cells, "out/", trials={"passkey": 20})
 
-Results go to `out/cells.jsonl`, one JSON line per finished cell (status "ok" with
-accuracy or ppl, KV bytes, compression ratio, times; or status "error" with the message —
-a failing cell never stops the run). Each batch of a cell is first written to
-`out/parts.jsonl`, so an interrupted run resumes at the next unfinished batch and never
-redoes a finished cell of the task's current generator version (`episodes.task_version`,
-stored in every record; records of an older version are redone). Within one (task, context,
-seed, mode) group the dense prefill of each batch is captured once and shared by every policy
-that `shares_prefill`.
+Results go to `out/cells.jsonl`, one JSON line per finished cell: status "ok" with accuracy or
+ppl, KV bytes, compression ratio and times, or status "error" with the message (a failing
+cell never stops the run). Each batch of a cell is first written to `out/parts.jsonl`, so an
+interrupted run resumes at the next unfinished batch.
+
+Every record carries its task's version (`tasks.TASKS`) and the `Settings` that shape it
+besides its key: the model's fingerprint, the text's name and content hash, the trials, the
+task's options and the batch size. Resuming into a folder reuses a recorded cell or batch
+only when all of them match. A record of an older task version is redone (the report keeps it
+as "TASK-vN"). A record made with other settings, or by a kvjax that did not record them,
+stops the run before anything is computed (`SettingsMismatch` names the cell and the
+setting); with `force=True` (`kvjax sweep --force`) those records, and the records of failed
+cells, are removed and the cells run again. Within one (task, context, seed, mode) group the
+dense prefill of each batch is captured once and shared by every policy that `shares_prefill`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from .. import jit_cache
 from ..policies.registry import parse_policy
-from .episodes import EPISODES, check, make_episodes, task_version
+from .ppl import capture_prefix, perplexity, text_window
 from .session import MODES, SessionResult, capture_batch, pads_safely, prefill_ids, run_session
 from .shared import shares_prefill
+from .tasks import PPL, TASK_NAMES, TASKS, check, check_options, check_text, make_episodes, task_version
 from .texts import load_text
 
-TASKS = tuple(EPISODES) + ("ppl",)
 ENGINES = ("kvjax", "kvpress")
-DEFAULT_TRIALS = {"passkey": 20, "kv_retrieval": 10, "ppl": 1}
+# Tokens a cell needs beyond its context: the later turns' questions and the answers.
+_QUESTION_ROOM = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +60,141 @@ class Cell:
     @property
     def key(self) -> str:
         return f"{self.engine}|{self.task}|{self.policy}|{self.context}|{self.seed}|{self.mode}"
+
+    @classmethod
+    def of(cls, record: dict) -> Cell:
+        """The cell a cells.jsonl record belongs to."""
+        return cls(*(record[f.name] for f in dataclasses.fields(cls)))
+
+
+class SettingsMismatch(ValueError):
+    """An output folder holds records of the planned cells made with other settings."""
+
+
+class CellFailed(RuntimeError):
+    """`run_cell`'s cell ended with status "error"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What shapes a cell's result besides its key; stored in each of its records.
+    model: `model_fingerprint`; text: the name or path given; text_sha256: of its content;
+    trials, options (sorted (name, value) pairs) and batch_size: None for ppl cells."""
+
+    model: str
+    text: str
+    text_sha256: str
+    trials: int | None = None
+    options: tuple = ()
+    batch_size: int | None = None
+
+    def as_record(self) -> dict:
+        return {**dataclasses.asdict(self), "options": dict(self.options)}
+
+    def differences(self, recorded: dict | None) -> list[str]:
+        """'name: recorded X, asked Y' for each setting `recorded` (a record's "settings")
+        does not match; one entry when the record has none."""
+        if recorded is None:
+            return ["settings: not recorded (written by an older kvjax), so they cannot be checked"]
+        want = self.as_record()
+        return [f"{k}: recorded {recorded.get(k)!r}, asked {v!r}" for k, v in want.items() if recorded.get(k) != v]
+
+
+@functools.cache
+def _leading_values():
+    import jax
+
+    return jax.jit(lambda params: [x.reshape(-1)[:64] for x in jax.tree_util.tree_leaves(params)])
+
+
+def model_fingerprint(model) -> str:
+    """'NAME:HASH': the config's name, and a hash of its dimensions, the compute dtype and the
+    first 64 values of every parameter array (different weights of one architecture differ)."""
+    import jax
+
+    cfg = model.config
+    dims = [getattr(cfg, k, None) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")]
+    dims += [getattr(cfg, k, None) for k in ("head_dim", "rope_theta", "rope_scaling", "max_position")]
+    h = hashlib.sha256(repr((dims, str(np.dtype(model.dtype)))).encode())
+    for a in jax.device_get(_leading_values()(model.params)):
+        h.update(np.asarray(a).tobytes())
+    return f"{cfg.name}:{h.hexdigest()[:16]}"
+
+
+def text_sha256(haystack: str) -> str:
+    return hashlib.sha256(haystack.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+    """Everything one `run_sweep` call applies to its cells. trials: an int for every task or
+    {task: int} (tasks left out: their `Task.default_trials`); options: {task: {name: value}};
+    policies: {spec: Policy} for policy objects a spec cannot rebuild (`evaluate`'s)."""
+
+    model: Any
+    text: str
+    haystack: str
+    model_id: str
+    trials: int | Mapping[str, int] | None = None
+    batch_size: int = 5
+    options: Mapping[str, dict] = dataclasses.field(default_factory=dict)
+    hf: Any = None
+    implementation: str | None = None
+    policies: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def n_trials(self, task: str) -> int:
+        if task == PPL:
+            return 1
+        if isinstance(self.trials, int):
+            return self.trials
+        return (self.trials or {}).get(task, TASKS[task].default_trials)
+
+    def settings(self, cell: Cell) -> Settings:
+        base = Settings(self.model_id, self.text, text_sha256(self.haystack))
+        if cell.task == PPL:
+            return base
+        opts = tuple(sorted((self.options.get(cell.task) or {}).items()))
+        return dataclasses.replace(base, trials=self.n_trials(cell.task), options=opts, batch_size=self.batch_size)
+
+    def policy(self, spec: str):
+        return self.policies.get(spec) or parse_policy(spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunState:
+    """The output folder of a run and the work done in it: parts {(cell key, batch): part
+    record} that may be reused, and the keys of the cells that failed in this run."""
+
+    out: str
+    parts: dict
+    failed: set
+
+    @property
+    def cells_path(self) -> str:
+        return os.path.join(self.out, "cells.jsonl")
+
+    @property
+    def parts_path(self) -> str:
+        return os.path.join(self.out, "parts.jsonl")
+
+    def write_cell(self, record: dict) -> None:
+        _write(self.cells_path, record)
+
+    def write_part(self, part: dict) -> None:
+        self.parts[(part["key"], part["batch"])] = part
+        _write(self.parts_path, part)
+
+    def fail(self, cell: Cell, settings: Settings, e: Exception) -> None:
+        self.failed.add(cell.key)
+        self.write_cell(
+            {
+                **dataclasses.asdict(cell),
+                "status": "error",
+                "task_version": task_version(cell.task),
+                "settings": settings.as_record(),
+                "error": f"{type(e).__name__}: {e}",
+            }
+        )
 
 
 def expand_policies(specs, budgets) -> list[str]:
@@ -71,23 +217,77 @@ def expand_policies(specs, budgets) -> list[str]:
 def plan(tasks, policies, budgets, contexts, seeds, modes=("inside",), engines=("kvjax",)) -> list[Cell]:
     """All cells, grouped so that each (engine, context, task, seed, mode) is contiguous."""
     for t in tasks:
-        if t not in TASKS:
-            raise ValueError(f"unknown task {t!r}; expected one of {TASKS}")
+        if t not in TASK_NAMES:
+            raise ValueError(f"unknown task {t!r}; expected one of {TASK_NAMES}")
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; expected one of {MODES}")
     for e in engines:
         if e not in ENGINES:
             raise ValueError(f"unknown engine {e!r}; expected one of {ENGINES}")
+    for c in contexts:
+        if not isinstance(c, int) or c < 1:
+            raise ValueError(f"context={c!r} must be a positive number of tokens")
     specs = expand_policies(policies, budgets)
     cells = []
     for e in engines:
         for c in contexts:
             for t in tasks:
                 for s in seeds:
-                    for m in ("-",) if t == "ppl" else modes:
+                    for m in ("-",) if t == PPL else modes:
                         cells += [Cell(e, t, p, c, s, m) for p in specs]
     return cells
+
+
+def check_trials(trials) -> None:
+    """trials: None, an int >= 1, or {task: int >= 1} naming tasks that have episodes."""
+    if trials is None:
+        return
+    items = trials.items() if isinstance(trials, Mapping) else [("every task", trials)]
+    for task, n in items:
+        if task == PPL:
+            raise ValueError("trials do not apply to ppl (one text window per seed); drop 'ppl=' from the trials")
+        if task != "every task" and task not in TASKS:
+            raise ValueError(f"trials for unknown task {task!r}; expected tasks from {tuple(TASKS)}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"trials={n!r} for {task} must be an integer >= 1")
+
+
+def check_plan(cells: list[Cell], trials=None, options=None, haystack: str | None = None, text: str = "the text",
+               batch_size: int = 5) -> None:  # fmt: skip
+    """Everything about a sweep that can be checked without a model: trials, task options
+    (`tasks.check_options`), whether the text states the facts qa and mix ask about, the
+    batch size, and a kvpress press for every kvpress cell. Raises ValueError naming the value."""
+    check_trials(trials)
+    for task, opts in (options or {}).items():
+        if task == PPL:
+            raise ValueError("ppl takes no options")
+        check_options(task, opts)
+    if haystack is not None:
+        for task in dict.fromkeys(c.task for c in cells):
+            check_text(task, haystack, repr(text))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    pressed = list(dict.fromkeys(c.policy for c in cells if c.engine == "kvpress"))
+    if pressed:
+        from .kvpress_bridge import check_kvpress
+
+        check_kvpress(pressed)
+
+
+def check_contexts(model, cells: list[Cell], haystack: str | None = None) -> None:
+    """Raise ValueError for a context the model cannot hold, or a text shorter than a ppl cell's context."""
+    for c in cells:
+        if c.context + _QUESTION_ROOM > model.config.max_position:
+            raise ValueError(
+                f"context={c.context} exceeds what the model supports (max_position="
+                f"{model.config.max_position}, minus {_QUESTION_ROOM} tokens for questions and answers)"
+            )
+    ppl = [c.context for c in cells if c.task == PPL]
+    if ppl and haystack is not None:
+        n = len(model.tokenizer.encode(haystack))
+        if n < max(ppl):
+            raise ValueError(f"the text has {n} tokens, fewer than the ppl context={max(ppl)}")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -109,6 +309,78 @@ def _write(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _rewrite(path: str, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a JSON-lines file with only the records `keep` accepts (atomically)."""
+    records = [r for r in read_jsonl(path) if keep(r)]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
+def is_current(record: dict) -> bool:
+    """Whether a cells / parts record was made by its task's current version."""
+    task = record["task"] if "task" in record else record["key"].split("|")[1]
+    return task not in TASK_NAMES or record.get("task_version", 1) == task_version(task)
+
+
+def latest(records: list[dict]) -> dict[str, dict]:
+    """{cell key: its last record} over the records of current task versions."""
+    return {Cell.of(r).key: r for r in records if is_current(r)}
+
+
+def summary(records) -> str:
+    """The one count of a sweep's cells, printed by `kvjax sweep` and written by `kvjax report`."""
+    ok = sum(r.get("status") == "ok" for r in records)
+    return f"{ok} cells finished, {len(records) - ok} failed"
+
+
+def recorded_keys(out: str) -> set[str]:
+    """`Cell.key`s of the cells finished in folder `out` (its cells.jsonl) by their tasks'
+    current versions, whatever their settings."""
+    return set(latest(read_jsonl(os.path.join(out, "cells.jsonl"))))
+
+
+def _resume(run: SweepRun, cells: list[Cell], out: str, force: bool) -> tuple[RunState, set[str]]:
+    """The state a run starts from in `out` (the parts it reuses) and the keys of the recorded
+    cells it reuses; see the module doc for the rules."""
+    state = RunState(out, {}, set())
+    planned = {c.key: c for c in cells}
+    mismatched, retried, reused = {}, set(), set()
+    for key, r in latest(read_jsonl(state.cells_path)).items():
+        if key not in planned:
+            continue
+        diff = run.settings(planned[key]).differences(r.get("settings"))
+        if diff:
+            mismatched[key] = diff
+        elif r.get("status") != "ok" and force:
+            retried.add(key)
+        else:
+            reused.add(key)
+    for p in read_jsonl(state.parts_path):
+        key = p["key"]
+        if key not in planned or key in reused or not is_current(p):
+            continue
+        diff = run.settings(planned[key]).differences(p.get("settings"))
+        if diff:
+            mismatched.setdefault(key, diff)
+        else:
+            state.parts[(key, p["batch"])] = p
+    if mismatched and not force:
+        key, diff = next(iter(mismatched.items()))
+        raise SettingsMismatch(
+            f"{out} holds {len(mismatched)} of this sweep's cells made with other settings "
+            f"(first: {key}, {'; '.join(diff)}); pass --force (force=True) to run them again "
+            "and replace their records, or choose another output folder"
+        )
+    drop = set(mismatched) | retried
+    if drop:
+        _rewrite(state.cells_path, lambda r: not (is_current(r) and Cell.of(r).key in drop))
+        # a retried (failed) cell keeps the parts it finished with these settings
+        _rewrite(state.parts_path, lambda p: not (is_current(p) and p["key"] in mismatched))
+    return state, reused
+
+
 _BYTES: dict = {}
 
 
@@ -124,7 +396,7 @@ def _eval_bytes(model, policy, batch, width):
     import jax
     import jax.numpy as jnp
 
-    from ..generate import prefill
+    from ..generation import prefill
 
     toks = jax.ShapeDtypeStruct((batch, width), jnp.int32)
     lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
@@ -140,7 +412,7 @@ def _eval_bytes(model, policy, batch, width):
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
 
 
-def _aggregate(cell: Cell, parts: list[dict]) -> dict:
+def _aggregate(cell: Cell, settings: Settings, parts: list[dict]) -> dict:
     parts = sorted(parts, key=lambda p: p["batch"])
     correct = [c for p in parts for c in p["correct"]]  # per episode, per turn
     turns = np.array(correct, dtype=float)
@@ -150,6 +422,7 @@ def _aggregate(cell: Cell, parts: list[dict]) -> dict:
         **dataclasses.asdict(cell),
         "status": "ok",
         "task_version": task_version(cell.task),
+        "settings": settings.as_record(),
         "trials": len(correct),
         "accuracy": float(turns.mean()),
         "turn_accuracy": turns.mean(axis=0).tolist(),
@@ -167,21 +440,6 @@ def _aggregate(cell: Cell, parts: list[dict]) -> dict:
     return out
 
 
-def is_current(record: dict) -> bool:
-    """Whether a cells / parts record was made by its task's current generator version."""
-    task = record["task"] if "task" in record else record["key"].split("|")[1]
-    return record.get("task_version", 1) == task_version(task)
-
-
-def _error(cell: Cell, e: Exception) -> dict:
-    return {
-        **dataclasses.asdict(cell),
-        "status": "error",
-        "task_version": task_version(cell.task),
-        "error": f"{type(e).__name__}: {e}",
-    }
-
-
 def _device(engine: str) -> str:
     """What ran the cell: the jax device kind (kvjax) or torch's device (kvpress, CPU torch)."""
     import jax
@@ -189,13 +447,14 @@ def _device(engine: str) -> str:
     return "cpu (torch)" if engine == "kvpress" else jax.devices()[0].device_kind
 
 
-def _part(cell, b, episodes, res: SessionResult, model, pol, width) -> dict:
+def _part(cell, settings, b, episodes, res: SessionResult, model, pol, width) -> dict:
     n = len(episodes)
     correct = [[check(o, t.answer) for o, t in zip(outs, e.turns)] for outs, e in zip(res.outputs, episodes)]
     return {
         "key": cell.key,
         "batch": b,
         "task_version": task_version(cell.task),
+        "settings": settings.as_record(),
         "episodes": n,
         "correct": correct,
         "kv_bytes": res.kv_bytes if cell.engine == "kvpress" else _state_bytes(model, pol, n, width) / n,
@@ -212,27 +471,38 @@ def _part(cell, b, episodes, res: SessionResult, model, pol, width) -> dict:
     }
 
 
-def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=None):
-    """Run one (engine, task, context, seed, mode) group; `state` tracks finished work."""
-    from ..generate import bucket_length
+def _session_rows(model, pol, ctx, trn, mode, implementation) -> SessionResult:
+    """One row at a time, for a policy that cannot take padded decode steps."""
+    rows = [run_session(model, pol, [x], [y], mode, implementation=implementation) for x, y in zip(ctx, trn)]
+    return SessionResult(
+        [r.outputs[0] for r in rows],
+        *[float(np.mean([getattr(r, f) for r in rows])) for f in ("kv_bytes", "dense_kv_bytes")],
+        *[sum(getattr(r, f) for r in rows) for f in ("capture_s", "compress_s", "append_s", "decode_s")],
+    )
 
-    c0 = cells[0]
-    try:  # `text` is the haystack itself (run_sweep loads it once)
+
+def _run_group(run: SweepRun, cells: list[Cell], state: RunState, tick) -> None:
+    """Run one (engine, task, context, seed, mode) group of cells."""
+    from ..generation import bucket_length
+
+    model, c0 = run.model, cells[0]
+    trials, batch_size = run.n_trials(c0.task), run.batch_size
+    settings = {c.key: run.settings(c) for c in cells}
+    try:
         episodes = make_episodes(
-            c0.task, model.tokenizer, c0.context, trials, c0.seed, text, **options.get(c0.task, {})
+            c0.task, model.tokenizer, c0.context, trials, c0.seed, run.haystack, **run.options.get(c0.task, {})
         )
-    except Exception as e:  # e.g. a text without the facts `qa` needs: every cell of the group fails
+    except Exception as e:  # e.g. a text window without the facts `qa` needs: every cell of the group fails
         for c in cells:
-            state["failed"].add(c.key)
-            _write(state["cells_path"], _error(c, e))
+            state.fail(c, settings[c.key], e)
         tick(len(cells) * -(-trials // batch_size))
         return
     contexts = [model.tokenizer.encode(e.context) for e in episodes]
     turns = [[model.tokenizer.encode(p) for p in e.pieces()] for e in episodes]
-    pols = {c.key: parse_policy(c.policy) for c in cells}
+    pols = {c.key: run.policy(c.policy) for c in cells}
     batches = list(range(0, len(episodes), batch_size))
     for b, start in enumerate(batches):
-        todo = [c for c in cells if c.key not in state["failed"] and (c.key, b) not in state["parts"]]
+        todo = [c for c in cells if c.key not in state.failed and (c.key, b) not in state.parts]
         if not todo:
             continue
         sl = slice(start, start + batch_size)
@@ -242,7 +512,7 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
         if c0.engine == "kvpress":  # one HF prefill per row serves every press
             from .kvpress_bridge import run_press_sessions
 
-            pressed = run_press_sessions(hf, model.tokenizer, [c.policy for c in todo], ctx, trn, c0.mode)
+            pressed = run_press_sessions(run.hf, model.tokenizer, [c.policy for c in todo], ctx, trn, c0.mode)
         for c in todo:
             pol = pols[c.key]
             try:
@@ -252,85 +522,54 @@ def _run_group(model, cells, state, trials, text, batch_size, options, tick, hf=
                         raise res
                 elif pads_safely(pol) or len(eps) == 1:
                     if shares_prefill(pol) and captured is None:
-                        captured = capture_batch(model, prefill_ids(ctx, trn, c0.mode))
-                    res = run_session(model, pol, ctx, trn, c0.mode, captured=captured)
-                else:  # one row at a time: the policy cannot take padded decode steps
-                    rows = [run_session(model, pol, [x], [y], c0.mode) for x, y in zip(ctx, trn)]
-                    res = SessionResult(
-                        [r.outputs[0] for r in rows],
-                        *[float(np.mean([getattr(r, f) for r in rows])) for f in ("kv_bytes", "dense_kv_bytes")],
-                        *[
-                            sum(getattr(r, f) for r in rows)
-                            for f in ("capture_s", "compress_s", "append_s", "decode_s")
-                        ],
+                        captured = capture_batch(model, prefill_ids(ctx, trn, c0.mode), run.implementation)
+                    res = run_session(
+                        model, pol, ctx, trn, c0.mode, captured=captured, implementation=run.implementation
                     )
-                part = _part(c, b, eps, res, model, pol, width)
+                else:
+                    res = _session_rows(model, pol, ctx, trn, c0.mode, run.implementation)
+                part = _part(c, settings[c.key], b, eps, res, model, pol, width)
             except Exception as e:  # recorded; the sweep goes on
-                state["failed"].add(c.key)
-                _write(state["cells_path"], _error(c, e))
+                state.fail(c, settings[c.key], e)
                 tick(len(batches) - b)
                 continue
-            state["parts"][(c.key, b)] = part
-            _write(state["parts_path"], part)
+            state.write_part(part)
             tick(1)
             jit_cache.release_if_high()  # a sweep compiles programs per policy and shape
     for c in cells:
-        if c.key in state["failed"]:
-            continue
-        parts = [state["parts"][(c.key, b)] for b in range(len(batches))]
-        _write(state["cells_path"], _aggregate(c, parts))
+        if c.key not in state.failed:
+            state.write_cell(_aggregate(c, settings[c.key], [state.parts[(c.key, b)] for b in range(len(batches))]))
 
 
-def _run_ppl(model, cells, state, text, tick):
-    from .ppl import perplexity_fast, prefix_of
-
-    c0 = cells[0]
-    ids = model.tokenizer.encode(load_text(text))
-    if len(ids) < c0.context:
-        raise ValueError(f"text {text!r} has {len(ids)} tokens, fewer than context={c0.context}")
-    start = int(np.random.default_rng(c0.seed).integers(0, len(ids) - c0.context + 1))
-    toks = ids[start : start + c0.context]  # the window kvjax.eval.evaluate uses
+def _run_ppl(run: SweepRun, cells: list[Cell], state: RunState, tick) -> None:
+    """Run one (engine, context, seed) group of ppl cells on one text window."""
+    model, c0 = run.model, cells[0]
+    toks = text_window(model.tokenizer, run.haystack, c0.context, c0.seed)
     captured = None
     for c in cells:
-        pol = parse_policy(c.policy)
+        pol = run.policy(c.policy)
+        settings = run.settings(c)
         try:
             if shares_prefill(pol) and captured is None:
-                captured = capture_batch(model, [list(prefix_of(toks)[0])])
-            r = perplexity_fast(model, toks, pol, captured=captured)
+                captured = capture_prefix(model, toks, implementation=run.implementation)
+            r = perplexity(model, toks, pol, captured=captured, implementation=run.implementation)
             r["kv_bytes_held"], r["kv_bytes"] = r["kv_bytes"], _state_bytes(model, pol, 1, c0.context // 2)
             r["compression_ratio"] = r["kv_bytes"] / max(r["dense_kv_bytes"], 1)
-            _write(
-                state["cells_path"],
+            state.write_cell(
                 {
                     **dataclasses.asdict(c),
                     "status": "ok",
+                    "task_version": task_version(c.task),
+                    "settings": settings.as_record(),
                     **r,
                     "shared_capture": shares_prefill(pol),
                     "devices": [_device(c.engine)],
-                },
+                }
             )
         except Exception as e:
-            _write(state["cells_path"], _error(c, e))
+            state.fail(c, settings, e)
         tick(1)
         jit_cache.release_if_high()
-
-
-def check_inputs(model, cells: list[Cell], text: str) -> None:
-    """Raise ValueError for an unreadable text or a context the model cannot hold."""
-    load_text(text)
-    for c in cells:
-        if c.context + 64 > model.config.max_position:
-            raise ValueError(
-                f"context={c.context} exceeds what the model supports (max_position="
-                f"{model.config.max_position}, minus 64 tokens for questions and answers)"
-            )
-
-
-def recorded_keys(out: str) -> set[str]:
-    """`Cell.key`s of the cells finished in folder `out` (its cells.jsonl) by their tasks'
-    current generator versions: the cells a resumed `run_sweep` skips."""
-    fields = [f.name for f in dataclasses.fields(Cell)]
-    return {Cell(*(r[k] for k in fields)).key for r in read_jsonl(os.path.join(out, "cells.jsonl")) if is_current(r)}
 
 
 def run_sweep(
@@ -343,47 +582,56 @@ def run_sweep(
     options: dict | None = None,
     progress: bool = True,
     hf=None,
+    force: bool = False,
+    implementation: str | None = None,
+    policies: Mapping[str, Any] | None = None,
 ) -> list[dict]:
-    """Run every unfinished cell (see module doc); returns all finished cell records.
-    trials: int or {task: int} (defaults DEFAULT_TRIALS, else 10); options: {task: kwargs}
-    for the episode generators; hf: the transformers model for engine "kvpress" cells."""
-    check_inputs(model, cells, text)
+    """Run every planned cell not already recorded in `out` with the same settings (see the
+    module doc) and return the planned cells' records. trials: an int for every task or
+    {task: int} (default `Task.default_trials`); text: a built-in text name or a file;
+    options: {task: {option: value}} for the episode generators; progress: a progress bar on
+    stderr (when it is a terminal); hf: the transformers model for engine "kvpress" cells;
+    force: run again the cells recorded with other settings and the failed ones.
+    Raises ValueError (SettingsMismatch for a folder of other settings) before running anything."""
     haystack = load_text(text)  # the episodes are woven into this text, not into its name
+    options = {k: dict(v) for k, v in (options or {}).items()}
+    check_plan(cells, trials, options, haystack, text, batch_size)
+    check_contexts(model, cells, haystack)
+    if hf is None and any(c.engine == "kvpress" for c in cells):
+        raise ValueError("kvpress cells need hf=kvjax.eval.kvpress_bridge.load_hf(model)")
+    run = SweepRun(
+        model, text, haystack, model_fingerprint(model), trials, batch_size, options, hf, implementation, policies or {}
+    )
     os.makedirs(out, exist_ok=True)
-    paths = {"cells_path": os.path.join(out, "cells.jsonl"), "parts_path": os.path.join(out, "parts.jsonl")}
-    done = recorded_keys(out)
-    parts = {(p["key"], p["batch"]): p for p in read_jsonl(paths["parts_path"]) if is_current(p)}
-    state = {**paths, "parts": parts, "failed": set()}
-    todo = [c for c in cells if c.key not in done]
+    state, reused = _resume(run, cells, out, force)
     groups: dict = {}
-    for c in todo:
-        groups.setdefault((c.engine, c.context, c.task, c.seed, c.mode), []).append(c)
-
-    def n_trials(task):
-        return trials if isinstance(trials, int) else (trials or {}).get(task, DEFAULT_TRIALS.get(task, 10))
-
-    total = sum(len(g) * (1 if k[2] == "ppl" else -(-n_trials(k[2]) // batch_size)) for k, g in groups.items())
+    for c in cells:
+        if c.key not in reused:
+            groups.setdefault((c.engine, c.context, c.task, c.seed, c.mode), []).append(c)
+    total = sum(len(g) * -(-run.n_trials(k[2]) // batch_size) for k, g in groups.items())
     bar = _bar(total, progress)
     for (engine, context, task, seed, mode), group in groups.items():
         bar.set_description(f"{engine} {task} {context} seed={seed} {mode}")
-        if task == "ppl":
-            _run_ppl(model, group, state, text, bar.update)
+        if task == PPL:
+            _run_ppl(run, group, state, bar.update)
         else:
-            _run_group(model, group, state, n_trials(task), haystack, batch_size, options or {}, bar.update, hf)
+            _run_group(run, group, state, bar.update)
     bar.close()
-    keys = {c.key for c in cells}
-    return [
-        r
-        for r in read_jsonl(paths["cells_path"])
-        if is_current(r) and Cell(*(r[k] for k in ("engine", "task", "policy", "context", "seed", "mode"))).key in keys
-    ]
+    recorded = latest(read_jsonl(state.cells_path))
+    return [recorded[c.key] for c in cells if c.key in recorded]
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
-    """Persist jit compilations across sweep processes (resumed runs recompile nothing)."""
+    """Persist jit compilations across sweep processes (resumed runs recompile nothing): in
+    `path`, else in kvjax's user cache (`quant.calibration.user_cache_dir()`/jax) unless a
+    compilation cache is already configured (JAX_COMPILATION_CACHE_DIR, or jax's config)."""
     import jax
 
-    path = path or os.path.join(os.path.expanduser("~"), ".cache", "kvjax", "jax")
+    from ..quant.calibration import user_cache_dir
+
+    if path is None and jax.config.jax_compilation_cache_dir:
+        return
+    path = path or os.path.join(user_cache_dir(), "jax")
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
@@ -392,27 +640,27 @@ def enable_compilation_cache(path: str | None = None) -> None:
 def _bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, unit="batch", dynamic_ncols=True, smoothing=0.1)
+    # disable=None: drawn only when stderr is a terminal
+    return tqdm(total=total, disable=None if enabled else True, unit="batch", dynamic_ncols=True, smoothing=0.1)
 
 
-def run_cell(
-    model, cell: Cell, trials: int, text: str = "kjv-judges", batch_size: int = 5, options: dict | None = None, hf=None
-) -> dict:
-    """One cell, nothing kept on disk; raises RuntimeError when the cell fails."""
+def run_cell(model, cell: Cell, trials: int, text: str = "kjv-judges", batch_size: int = 5, options=None, **kw) -> dict:
+    """One cell, nothing kept on disk (keyword arguments as `run_sweep`'s); raises CellFailed
+    naming the error when the cell fails."""
     import tempfile
 
+    kw.setdefault("progress", False)
     with tempfile.TemporaryDirectory() as out:
         (row,) = run_sweep(
             model,
             [cell],
             out,
-            trials={cell.task: trials},
+            trials=None if cell.task == PPL else {cell.task: trials},
             text=text,
             batch_size=batch_size,
             options=options,
-            progress=False,
-            hf=hf,
+            **kw,
         )
     if row["status"] != "ok":
-        raise RuntimeError(f"{cell.task} with {cell.policy} failed: {row['error']}")
+        raise CellFailed(f"{cell.task} with {cell.policy} failed: {row['error']}")
     return row

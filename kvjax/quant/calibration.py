@@ -5,11 +5,20 @@ RotateKV / block-floating-point / KV4 channel permutations).
     arrays = CALIBRATORS[method](stats, config)      # numpy arrays, leading axis = layer
     save(path, method, config, arrays)               # orbax: arrays + JSON meta
 
-`kvjax calibrate --method kvquant --model smollm2 --text FILE --out DIR` runs the three
-steps. `load` checks method, model name, layer count, KV heads and head_dim and raises
+`calibrate` (`kvjax calibrate --method kvquant --model M --text FILE [--out DIR]`) runs the
+three steps after checking the token count against the model's context and a memory
+estimate. Where artifacts live, and the order `load` looks in:
+
+1. an explicit path (a policy's `calibration=DIR`, `kvjax calibrate --out DIR`);
+2. the user cache, where `kvjax calibrate` writes without `--out`:
+   `$XDG_CACHE_HOME/kvjax/calibration/<method>/<model>` (`~/.cache/...` when XDG_CACHE_HOME
+   is unset or not absolute);
+3. the artifacts shipped for SmolLM2 in `kvjax/quant/data/<method>/<model>` (calibrated on
+   the GPL-3 text, so evaluations on other texts do not see their own calibration data).
+   Nothing here writes into the installed package.
+
+`load` checks method, model name, layer count, KV heads and head_dim and raises
 `CalibrationError` naming both models when a calibration was made for another model.
-Artifacts for SmolLM2 ship in `kvjax/quant/data/<method>/` (calibrated on the GPL-3 text,
-so evaluations on other texts do not see their own calibration data).
 """
 
 from __future__ import annotations
@@ -53,8 +62,31 @@ def slug(name: str) -> str:
 
 
 def default_path(method: str, config) -> str:
-    """Where the shipped artifact for `config`'s model would be."""
+    """Where the shipped artifact for `config`'s model would be (read only)."""
     return os.path.join(DATA_DIR, method, slug(config.name))
+
+
+def user_cache_dir() -> str:
+    """kvjax's user cache: $XDG_CACHE_HOME/kvjax (the XDG base directory rule: ignored unless
+    absolute), else ~/.cache/kvjax."""
+    root = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(root):
+        root = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "kvjax")
+
+
+def cache_path(method: str, config) -> str:
+    """Where `kvjax calibrate` without `--out` writes `method`'s artifact for `config`'s model."""
+    return os.path.join(user_cache_dir(), "calibration", method, slug(config.name))
+
+
+def find(method: str, config, path: str | None = None) -> str:
+    """The artifact directory `load` reads: `path` if given, else the user cache's if it
+    exists, else the shipped one (see the module doc)."""
+    if path:
+        return os.path.abspath(os.path.expanduser(path))
+    cached = cache_path(method, config)
+    return cached if os.path.isdir(cached) else default_path(method, config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,13 +187,16 @@ def _restore(path: str):
 
 
 def load(method: str, config, path: str | None = None) -> dict:
-    """The calibration arrays of `method` for `config`'s model: from `path`, or the shipped
-    artifact when path is empty. Raises CalibrationError when it is missing or was made for
-    another method or model (name, layers, KV heads, head_dim all checked)."""
-    path = os.path.abspath(os.path.expanduser(path)) if path else default_path(method, config)
-    hint = f"run `kvjax calibrate --method {method} --model MODEL --out DIR` and pass {method}:calibration=DIR"
+    """The calibration arrays of `method` for `config`'s model, from `find(method, config,
+    path)`: `path`, else the user cache, else the shipped artifact. Raises CalibrationError
+    when it is missing or was made for another method or model (name, layers, KV heads,
+    head_dim all checked)."""
+    explicit = bool(path)
+    path = find(method, config, path)
+    hint = f"run `kvjax calibrate --method {method} --model MODEL` (or pass {method}:calibration=DIR)"
     if not os.path.isdir(path):
-        raise CalibrationError(f"no {method} calibration for model {config.name!r} at {path}; {hint}")
+        where = path if explicit else f"{cache_path(method, config)} (user cache) or {path} (shipped)"
+        raise CalibrationError(f"no {method} calibration for model {config.name!r} at {where}; {hint}")
     meta, arrays = _restore(path)
     if meta.get("method") != method:
         raise CalibrationError(f"calibration at {path} is for method {meta.get('method')!r}, not {method!r}; {hint}")
@@ -181,17 +216,99 @@ def load(method: str, config, path: str | None = None) -> dict:
     return arrays
 
 
-def calibrate(method: str, model, text: str, tokens: int = 1024, out: str | None = None) -> tuple[str, dict]:
-    """Tokenize `text`, collect statistics over its first `tokens` tokens, run the
-    method's calibrator and save the artifact to `out` (default: the shipped location)."""
+def check_method(method: str) -> None:
     if method not in CALIBRATORS:
         raise ValueError(
             f"method={method!r} needs no calibration or is unknown; calibrated methods: {sorted(CALIBRATORS)}"
         )
-    ids = model.tokenizer.encode(text)
-    if len(ids) < tokens:
-        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than tokens={tokens}")
-    stats = collect(model, ids[:tokens], grads=method == "kvquant")
+
+
+def collect_bytes(config, tokens: int, grads: bool) -> int:
+    """An estimate of the memory `collect` needs beyond the model's weights (float32): the
+    [heads, T, T] attention scores (every layer's kept for the backward pass when `grads`),
+    the activations the backward pass keeps, the logits, and the K / V statistics on device
+    and on the host."""
+    f32, t, layers = 4, tokens, config.num_layers
+    scores = config.num_heads * t * t * f32 * 2  # scores and probabilities of one layer
+    kv = layers * t * config.num_kv_heads * config.head_dim * f32
+    logits = t * config.vocab_size * f32
+    if not grads:
+        return scores + 2 * kv + logits + 2 * 3 * kv
+    acts = layers * t * (8 * config.hidden_size + 3 * config.intermediate_size) * f32
+    return layers * scores + acts + 3 * logits + 6 * kv + 2 * 5 * kv
+
+
+def available_bytes() -> int | None:
+    """Free memory of the default device (accelerators: its limit minus what is in use; the
+    CPU: MemAvailable of /proc/meminfo); None where neither is known."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_tokens(method: str, config, tokens: int) -> None:
+    """Raise ValueError when `tokens` is not in [2, max_position] or would not fit in memory."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+        raise ValueError(f"tokens={tokens!r} must be an integer >= 2 (the statistics need next-token losses)")
+    if tokens > config.max_position:
+        raise ValueError(f"tokens={tokens} exceeds the model's context (max_position={config.max_position})")
+    need, free = collect_bytes(config, tokens, method == "kvquant"), available_bytes()
+    if free is not None and need > free:
+        raise ValueError(
+            f"tokens={tokens} needs about {need / 2**30:.1f} GiB for {method} statistics on {config.name} "
+            f"but {free / 2**30:.1f} GiB are free; use fewer --tokens"
+        )
+
+
+def _first_tokens(tokenizer, text: str, n: int) -> list[int]:
+    """The first `n` tokens of `text`, tokenizing a prefix that grows until it holds them
+    with a margin (the last tokens of a cut prefix may differ from the whole text's)."""
+    chars = 8 * n + 4096
+    while True:
+        ids = tokenizer.encode(text[:chars])
+        if len(ids) >= n + 64 or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < n:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than tokens={n}")
+    return ids[:n]
+
+
+def calibrate(
+    method: str, model, text: str, tokens: int = 1024, out: str | None = None, progress: bool = False
+) -> tuple[str, dict]:
+    """Check `tokens` (`check_tokens`), collect statistics over the first `tokens` tokens of
+    `text`, run the method's calibrator and save the artifact to `out` (default:
+    `cache_path(method, config)`, where `load` finds it). progress: a bar of the four
+    stages on stderr (when it is a terminal). Returns (path, {array: shape})."""
+    from tqdm.auto import tqdm
+
+    check_method(method)
+    check_tokens(method, model.config, tokens)
+    path = out or cache_path(method, model.config)
+    bar = tqdm(total=4, disable=None if progress else True, bar_format="{desc}: {n}/{total} stages [{elapsed}]")
+    bar.set_description(f"{method}: tokenizing")
+    ids = _first_tokens(model.tokenizer, text, tokens)
+    bar.update()
+    bar.set_description(f"{method}: {tokens}-token forward{' and gradients' if method == 'kvquant' else ''}")
+    stats = collect(model, ids, grads=method == "kvquant")
+    bar.update()
+    bar.set_description(f"{method}: fitting")
     arrays = CALIBRATORS[method](stats, model.config)
-    path = save(out or default_path(method, model.config), method, model.config, arrays, {"tokens": tokens})
+    bar.update()
+    bar.set_description(f"{method}: saving to {path}")
+    path = save(path, method, model.config, arrays, {"tokens": tokens})
+    _restore.cache_clear()  # a load in this process must read the new artifact
+    bar.update()
+    bar.close()
     return path, {k: list(v.shape) for k, v in arrays.items()}

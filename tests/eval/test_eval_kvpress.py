@@ -70,7 +70,7 @@ def test_press_sessions_answer_passkey(hf_smollm2, smollm2):
     """Full cache and a mild press find a passkey at 512 tokens, question inside or excluded."""
     from kvjax.eval import kvpress_bridge as kb
     from kvjax.eval import load_text
-    from kvjax.eval.episodes import passkey
+    from kvjax.eval.tasks import passkey
 
     tok = smollm2.tokenizer
     ep = passkey(tok, 512, 0.3, 5, load_text("kjv-judges"))

@@ -6,8 +6,7 @@ import re
 import pytest
 
 from kvjax.eval import load_text
-from kvjax.eval.episodes import EPISODES, _facts, check, make_episodes
-from kvjax.eval.tasks import TASKS
+from kvjax.eval.tasks import TASKS, _facts, check, check_options, check_text, make_episode, make_episodes
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +19,7 @@ def kjv():
     return load_text("kjv-judges")
 
 
-@pytest.mark.parametrize("task", sorted(EPISODES))
+@pytest.mark.parametrize("task", sorted(TASKS))
 @pytest.mark.parametrize("context", [1024, 2048])
 def test_episodes_deterministic_answers_present_and_fit(task, context, tok, kjv):
     a = make_episodes(task, tok, context, 3, seed=7, text=kjv)
@@ -109,9 +108,33 @@ def test_errors(tok, kjv):
         make_episodes("passkey", tok, 100, 1, 0, kjv)
 
 
-def test_legacy_samples_still_work(tok, kjv):
-    s = TASKS["kv_retrieval"](tok, 1024, 0.5, 3, kjv)
-    assert s.answer in s.prompt and s.prompt.count("The code for") == 3  # 2 pairs + the question
+def test_one_episode_and_the_old_names(tok, kjv):
+    e = make_episode("kv_retrieval", tok, 1024, 0.5, 3, kjv, pairs=3)
+    assert e.prompt == e.context + e.pieces()[0] and e.answer == e.turns[0].answer and e.answer in e.context
+    (one,) = make_episodes("kv_retrieval", tok, 1024, 1, 0, kjv, pairs=3)  # seed 0 * 100003, depth 0.5
+    assert one == make_episode("kv_retrieval", tok, 1024, 0.5, 0, kjv, pairs=3)
+    with pytest.raises(ImportError, match=r"kvjax.eval.make_episode\('passkey'"):
+        from kvjax.eval import passkey_sample  # noqa: F401
+    with pytest.raises(ValueError, match=r"depth=1.5 must be in \[0, 1\]"):
+        make_episode("passkey", tok, 1024, 1.5, 0, kjv)
+
+
+def test_options_and_texts_are_checked_without_a_model():
+    assert check_options("mix", {"kv_first": True, "pairs": 1}) == {"kv_first": True, "pairs": 1}
+    with pytest.raises(ValueError, match="task 'passkey' has no option 'pairs'; it takes no options"):
+        check_options("passkey", {"pairs": 2})
+    with pytest.raises(ValueError, match="it takes votes=5, winner=3"):
+        check_options("majority", {"vote": 5})
+    with pytest.raises(ValueError, match="qa option turns='2' must be an integer"):
+        check_options("qa", {"turns": "2"})
+    with pytest.raises(ValueError, match=r"prefix_suffix options: turns x \(2 \+ distractors\) = 80 words"):
+        check_options("prefix_suffix", {"turns": 20})
+    with pytest.raises(ValueError, match="qa options: turns=0 must be >= 1"):
+        check_options("qa", {"turns": 0})
+    check_text("qa", load_text("kjv-judges"))
+    check_text("passkey", load_text("pydoc"))  # retrieval tasks take any text
+    with pytest.raises(ValueError, match="task 'mix' asks about facts stated in the text"):
+        check_text("mix", load_text("pydoc"), "'pydoc'")
 
 
 @pytest.mark.parametrize(

@@ -217,7 +217,7 @@ def test_eight_bit_decode_tracks_dense(name, params, calib):
     res = {}
     for p in (pol, parse_policy("dense")):
         logits, st = prefill(params, tokens, lengths, policy=p, config=CFG, max_new_tokens=20)
-        from kvjax.eval.metrics import _teacher_forced_nll
+        from kvjax.eval.ppl import _teacher_forced_nll
 
         tgt = jnp.asarray(np.random.default_rng(0).integers(0, 128, (1, 20)), jnp.int32)
         res[p.name] = float(_teacher_forced_nll(params, st, logits, tgt, config=CFG, policy=p, dtype=jnp.float32)[0])

@@ -1,6 +1,8 @@
 """Quantized caches on real SmolLM2 keys and values (the shipped model; slow): KIVI's
-per-group error bound, every method's reconstruction error at 4 bits against bounds, and
-the shipped calibration artifacts load for this model."""
+per-group error bound, every method's reconstruction error at 4 bits against bounds, the
+shipped calibration artifacts load for this model, and `kvjax calibrate` leaves them alone."""
+
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -84,24 +86,40 @@ def test_reconstruction_error_on_real_kv(real, spec):
 
 
 @pytest.mark.parametrize("method", ["kvquant", "rotatekv", "bfp", "kv4"])
-def test_shipped_calibrations_load_for_smollm2(real, method):
+def test_shipped_calibrations_load_for_smollm2(real, method, tmp_path, monkeypatch):
     model, _ = real
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty user cache: the shipped artifact is found
+    assert calibration.find(method, model.config) == calibration.default_path(method, model.config)
+    assert calibration.default_path(method, model.config).startswith(calibration.DATA_DIR)
     arrays = calibration.load(method, model.config)
     assert all(a.shape[0] == model.config.num_layers for a in arrays.values())
-    assert calibration.default_path(method, model.config).startswith(calibration.DATA_DIR)
 
 
-def test_calibrate_cli_writes_a_loadable_artifact(real, tmp_path):
+def test_calibrate_cli_never_writes_into_the_package(real, tmp_path, monkeypatch):
+    """Without --out, `kvjax calibrate` for SmolLM2 (whose artifact ships in the package) writes
+    to the user cache; the package's files stay byte-identical and the policies read the new one."""
+    import hashlib
+    from pathlib import Path
+
     from typer.testing import CliRunner
 
     from kvjax.cli import app
 
+    def files():
+        root = Path(calibration.DATA_DIR)
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+        }
+
     model, _ = real
-    out = tmp_path / "bfp"
-    res = CliRunner().invoke(
-        app, ["calibrate", "--method", "bfp", "--text", "kjv-judges", "--tokens", "64", "--out", str(out)]
-    )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    before = files()
+    res = CliRunner().invoke(app, ["calibrate", "--method", "bfp", "--text", "kjv-judges", "--tokens", "64"])
     assert res.exit_code == 0, res.output
-    assert calibration.load("bfp", model.config, str(out))["k_perm"].shape == (30, 3, 64)
-    res = CliRunner().invoke(app, ["calibrate", "--method", "kivi", "--out", str(tmp_path / "x")])
-    assert res.exit_code != 0 and "method='kivi' needs no calibration or is unknown" in str(res.exception)
+    assert files() == before
+    cached = calibration.cache_path("bfp", model.config)
+    assert json.loads(res.output.splitlines()[-1])["path"] == cached and cached.startswith(str(tmp_path))
+    assert calibration.find("bfp", model.config) == cached
+    assert calibration.load("bfp", model.config)["k_perm"].shape == (30, 3, 64)
+    res = CliRunner().invoke(app, ["calibrate", "--method", "kivi"])
+    assert res.exit_code == 2 and "error: method='kivi' needs no calibration or is unknown" in res.output
