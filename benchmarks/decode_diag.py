@@ -1,9 +1,9 @@
 """Where does the 8B-shaped decode step lose time against the roofline? (GPU diagnostic)
 
-    python3 benchmarks/decode_diag.py 8192:1 32768:8 [--impls pallas,xla]
+    python3 benchmarks/decode_diag.py 8192:1 32768:8 [--impls pallas,reference]
 
-For each CONTEXT:BATCH: times the jitted decode loop (32 steps, best of 3) with the kernel
-("pallas") and the XLA reference attention, and reads the optimized HLO: cache-sized copies
+For each CONTEXT:BATCH: times the jitted decode loop (32 steps, best of 3) with each attention
+`implementation` (the kernels, "pallas", and the jnp reference, "reference"), and reads the optimized HLO: cache-sized copies
 inside the while-loop body (a per-step copy of the KV cache would double its traffic), copies
 outside it (the undonated input state, once per call), conditionals in the loop body (each one a
 device-to-host sync per step) and whether the decode kernel is in the program.
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 sys.path.insert(0, "benchmarks")
 import generate_bench as g
 
-from kvjax.generate import decode
+from kvjax.generation import decode
 from kvjax.models.presets import LLAMA3_1_8B as cfg
 from kvjax.policies import Dense
 from kvjax.sampling import Sampler
@@ -43,7 +43,7 @@ def hlo_facts(txt: str, shape: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="+", help="CONTEXT:BATCH")
-    ap.add_argument("--impls", default="pallas,xla")
+    ap.add_argument("--impls", default="pallas,reference")
     ap.add_argument("--steps", type=int, default=33)
     a = ap.parse_args()
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
@@ -65,12 +65,13 @@ def main():
             )
             compiled = decode.lower(params, state, logits, jax.random.key(0), **kw).compile()
             facts = hlo_facts(compiled.as_text(), shape)
-            jax.block_until_ready(compiled(params, state, logits, jax.random.key(0)))
             ts = []
-            for _ in range(3):
+            for _ in range(4):  # decode donates (deletes) its input state: a fresh one per call
+                state = jax.block_until_ready(g._filled_state(cfg, b, ctx, a.steps, jnp.bfloat16))
                 t = time.perf_counter()
                 jax.block_until_ready(compiled(params, state, logits, jax.random.key(0)))
                 ts.append(time.perf_counter() - t)
+            ts = ts[1:]
             print(f"ctx={ctx} B={b} impl={impl}: {1000 * min(ts) / (a.steps - 1):.2f} ms/step; {facts}", flush=True)
             del compiled
         del state

@@ -1,16 +1,40 @@
-"""kvjax: long-context LLM inference in JAX with compressed KV caches."""
+"""kvjax: long-context LLM inference in JAX with compressed KV caches.
 
-from . import (  # `kvjax.generate(model, prompts, ...)` is callable
+`kvjax.load` a model, then `kvjax.generate(model, prompts, policy="snapkv:budget=0.2")` (text
+in, text out, with stats) or `kvjax.stream(...)` (the same, token by token); the low-level
+compiled steps are in `kvjax.generation`, the policies in `kvjax.policies` and `kvjax.quant`.
+"""
+
+from . import (
     attention,
     attention_kernels,  # registers attend(implementation="pallas")
-    generate,
     native,  # CPU decode matmuls on GGUF blocks (built on first use, not at import)
     policies,
     quant,  # registers the quantized caches (kivi, kvquant, ...)
 )
+from .generation import GenerateOutput, generate, stream
 from .loaders import load
 from .models import LlamaConfig, get_preset
 from .policies import parse_policy
 from .state import KVState, LayerContext, SlotKV
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "GenerateOutput",
+    "KVState",
+    "LayerContext",
+    "LlamaConfig",
+    "SlotKV",
+    "__version__",
+    "attention",
+    "attention_kernels",
+    "generate",
+    "get_preset",
+    "load",
+    "native",
+    "parse_policy",
+    "policies",
+    "quant",
+    "stream",
+]

@@ -61,7 +61,7 @@ def kv_cache_bytes(
 ) -> int:
     """Bytes of the KV state `policy` holds after prefilling `batch` prompts of `context`
     tokens (with room for `max_new_tokens`), from shapes alone."""
-    from .generate import prefill
+    from .generation import prefill
     from .models import init_params
 
     if context < 1 or batch < 1:
@@ -103,6 +103,12 @@ def serving_estimate(
     dev = get_device(device) if isinstance(device, str) else device
     if not 0 < mfu <= 1 or not 0 < mbu <= 1:
         raise ValueError(f"mfu={mfu} and mbu={mbu} must be in (0, 1]")
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise ValueError(f"context={context!r} must be an integer >= 1 (tokens per user)")
+    if context > config.max_position:
+        raise ValueError(f"context={context} exceeds {config.name}'s max_position={config.max_position}")
+    if users is not None and (isinstance(users, bool) or not isinstance(users, int) or users < 1):
+        raise ValueError(f"users={users!r} must be an integer >= 1, or None (as many as fit)")
     weights = config.num_params() * weight_bytes_per_param
     kv = kv_cache_bytes(config, policy, context)
     free = dev.memory - weights

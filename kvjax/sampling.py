@@ -3,26 +3,50 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """temperature 0 = greedy argmax. top_k 0 = off. top_p 1.0 = off."""
+    """temperature 0 = greedy argmax. top_k 0 = off. top_p 1.0 = off.
+
+    A frozen (hashable) dataclass: it is a static argument of the compiled decode loop, so
+    a new temperature, top_k or top_p compiles a new loop. top_k / top_p only shape a
+    sampled distribution, so they need temperature > 0."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not _real(self.temperature):
+            raise TypeError(f"temperature={self.temperature!r} must be a number >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, numbers.Integral) or isinstance(self.top_k, bool):
+            raise TypeError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = off)")
+        if not _real(self.top_p):
+            raise TypeError(f"top_p={self.top_p!r} must be a number in (0, 1] (1 = off)")
+        if not self.temperature >= 0:  # also refuses nan
             raise ValueError(f"temperature={self.temperature} must be >= 0")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.temperature == 0 and (self.top_k or self.top_p < 1.0):
+            raise ValueError(
+                f"top_k={self.top_k} / top_p={self.top_p} have no effect with temperature=0 (greedy decoding); "
+                "set temperature > 0 to sample"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """logits [B, V] float32 -> token ids [B] int32."""
@@ -30,7 +54,7 @@ class Sampler:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logits = logits / self.temperature
         if self.top_k:
-            kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
+            kth = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))[0][..., -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         if self.top_p < 1.0:
             sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]

@@ -1,13 +1,22 @@
 """The `kvjax` command line. Each command is a plain function in `run` or `evals`, registered
-here in one table."""
+here in one table; every command ends an ordinary mistake (a bad value, a missing file) with
+one `error: ...` line on stderr and exit code 2."""
 
 from __future__ import annotations
 
 import typer
 
 from . import evals, run
+from .common import user_errors_fail
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="kvjax: compressed KV caches for JAX LLMs")
+# rich_markup_mode=None: click's plain help, where boolean options show as flags (--chat /
+# --no-chat) rather than with a value placeholder.
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="kvjax: compressed KV caches for JAX LLMs",
+)
 
 COMMANDS = {
     "generate": run.generate,
@@ -20,7 +29,26 @@ COMMANDS = {
     "report": evals.report_cmd,
 }
 for _name, _fn in COMMANDS.items():
-    app.command(_name)(_fn)
+    app.command(_name)(user_errors_fail(_fn))
+
+
+def _print_version(value: bool):
+    if value:
+        import jax
+
+        from .. import __version__
+
+        typer.echo(f"kvjax {__version__} (jax {jax.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the kvjax and jax versions and exit."
+    ),
+):
+    """kvjax: compressed KV caches for JAX LLMs."""
 
 
 def main():  # pragma: no cover

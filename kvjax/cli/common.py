@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import typer
+
+#: What a user's mistake raises: bad values (ValueError, which includes PolicyError and
+#: ModelFileError) and missing or unreadable files (OSError). Anything else is a bug and keeps
+#: its traceback.
+USER_ERRORS = (ValueError, OSError)
 
 
 def load_model(model: str, dtype: str = "float32"):
@@ -13,7 +20,21 @@ def load_model(model: str, dtype: str = "float32"):
     return load(model, dtype=getattr(jnp, dtype))
 
 
-def fail(e: Exception):
-    """Print `error: ...` on stderr and exit with code 2 (no traceback)."""
-    typer.echo(f"error: {e}", err=True)
+def fail(e: Exception | str):
+    """Print `error: ...` (one line) on stderr and exit with code 2 (no traceback)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    typer.echo(f"error: {text}", err=True)
     raise typer.Exit(2)
+
+
+def user_errors_fail(fn):
+    """Wrap a command so that USER_ERRORS end it with `fail` (one line, exit code 2)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            fail(e)
+
+    return run

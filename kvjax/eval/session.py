@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generate import bucket_length, decode, prefill
+from ..generation import bucket_length, decode, prefill
 from ..models.forward import forward
 from ..policies.adakv import AdaKV
 from ..policies.base import Policy
@@ -204,7 +204,7 @@ def run_session(
         t1 = time.perf_counter()
         out, n_out, _ = decode(
             model.params,
-            state,
+            jax.tree.map(jnp.copy, state),  # decode donates its input; the next turn appends to `state`
             logits,
             jax.random.key(0),
             config=cfg,

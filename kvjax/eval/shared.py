@@ -5,7 +5,7 @@ attends over the *full* chunk, and only then compresses the layer's cache. The l
 output, and so every later layer's input, is the dense model's. So a single prefill that
 records, per layer, the queries, keys/values and the attention mass each key received
 (`capture`) holds everything every such policy needs; `apply_policy` then builds that
-policy's compressed state exactly as `kvjax.generate.prefill` would (tests check equality
+policy's compressed state exactly as `kvjax.generation.prefill` would (tests check equality
 for every registered policy `shares_prefill` accepts). Policies that do more during
 prefill (merging, chunked eviction, quantizers, compositions) return False from
 `shares_prefill` and are run through the real `prefill` by the callers.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from ..attention import AttentionOutput
-from ..generate import prefill, prompt_positions
+from ..generation import prefill, prompt_positions
 from ..policies import slots
 from ..policies.base import Policy
 from ..policies.eviction import EvictionPolicy
@@ -107,7 +107,7 @@ def apply_policy(model, captured: KVState, policy, max_new_tokens: int, implemen
     if not shares_prefill(policy):
         raise ValueError(
             f"policy {policy.spec()!r} does more than compress after a dense prefill; "
-            "run it through kvjax.generate.prefill"
+            "run it through kvjax.generation.prefill"
         )
     t = captured.layers[0].q.shape[1]
     policy.validate(t, model.config)

@@ -53,17 +53,19 @@ def load(
     """Load a model: "smollm2" (embedded GGUF), a .gguf file, or an HF safetensors dir.
 
     fuse_projections: concatenate q/k/v and gate/up weights (`kvjax.models.fuse_projections`;
-    the same math in two matmuls instead of five per layer: 4.82 vs 5.96 ms per 8B decode step
-    at batch 1 on an H200, BENCHMARKS.md). False keeps the checkpoint's separate matrices.
+    the same math in two matmuls instead of five per layer). False keeps the checkpoint's
+    separate matrices.
     quantized_matmul: GGUF only. Keep the file's Q4_1 / Q8_0 blocks beside the float weights
     (`kvjax.native.QuantizedWeight`) so that decode steps on the CPU read the blocks through the
-    native kernel (`kvjax.native`; ~4-5x fewer bytes than float32, the same float32 math up to
+    native kernel (`kvjax.native`; fewer bytes than float32, the same float32 math up to
     summation order); prefill and other backends use the float weights. None (default): on when
     jax's default backend is the CPU and the kernel builds (else one warning says why). False:
-    float weights only (the earlier behaviour). True: keep the blocks on any backend.
+    float weights only. True: keep the blocks on any backend.
     Raises ModelFileError naming the file and the problem for missing, corrupt,
-    unsupported or inconsistent inputs."""
-    model = _load(name_or_path, dtype, quantized_matmul)
+    unsupported or inconsistent inputs, and TypeError when `name_or_path` is not a string."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path={name_or_path!r} must be 'smollm2', the path of a .gguf file or an HF directory")
+    model = _load(os.fspath(name_or_path), dtype, quantized_matmul)
     if fuse_projections:
         model.params, model.config = fuse_projections_(model.params, model.config)
     return model

@@ -23,39 +23,48 @@ def read_config(directory: str) -> LlamaConfig:
             c = json.load(f)
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(c, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, got {type(c).__name__}")
     kind = c.get("model_type")
     if kind not in SUPPORTED_MODEL_TYPES:
         raise ModelFileError(f"{path}: unsupported model_type {kind!r}; kvjax reads {SUPPORTED_MODEL_TYPES}")
+
+    def need(key: str, where: dict = c, what: str = "config.json"):
+        if where.get(key) is None:
+            raise ModelFileError(f"{path}: {what} lacks the field {key!r} (needed for a {kind} model)")
+        return where[key]
+
     scaling = None
     rs = c.get("rope_scaling") or (c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else None)
     if rs:
         rtype = rs.get("rope_type", rs.get("type"))
+        what = f"its {rtype} rope scaling"
         if rtype == "llama3":
             scaling = RopeScaling(
                 "llama3",
-                rs["factor"],
-                rs["low_freq_factor"],
-                rs["high_freq_factor"],
-                rs["original_max_position_embeddings"],
+                need("factor", rs, what),
+                need("low_freq_factor", rs, what),
+                need("high_freq_factor", rs, what),
+                need("original_max_position_embeddings", rs, what),
             )
         elif rtype == "linear":
-            scaling = RopeScaling("linear", rs["factor"])
+            scaling = RopeScaling("linear", need("factor", rs, what))
         elif rtype not in (None, "default"):
             raise ModelFileError(f"{path}: unsupported rope scaling {rtype!r}")
     theta = c.get("rope_theta", (rs or {}).get("rope_theta", 10000.0))
-    heads = c["num_attention_heads"]
+    heads = need("num_attention_heads")
     eos = c.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     window = c.get("sliding_window") if c.get("use_sliding_window", kind == "mistral") else None
     return LlamaConfig(
         name=c.get("_name_or_path") or os.path.basename(os.path.normpath(directory)),
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_layers=c["num_hidden_layers"],
+        vocab_size=need("vocab_size"),
+        hidden_size=need("hidden_size"),
+        intermediate_size=need("intermediate_size"),
+        num_layers=need("num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads", heads),
-        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        head_dim=c.get("head_dim") or need("hidden_size") // heads,
         rope_theta=float(theta),
         rope_scaling=scaling,
         rms_norm_eps=c.get("rms_norm_eps", 1e-5),

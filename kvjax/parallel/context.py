@@ -28,7 +28,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from .. import generate as gen
+from .. import generation as gen
 from ..models.config import LlamaConfig
 from ..models.forward import hidden_states, logits_from_hidden
 from ..policies.base import Policy
@@ -71,7 +71,7 @@ class Plan:
             raise ValueError(
                 f"prompt width {width} must be a multiple of {self.multiple} (layout={self.layout!r} over "
                 f"mesh axis {self.axis!r} of size {self.size}); pad it, e.g. with "
-                f"kvjax.generate.bucket_length(n, multiple={self.multiple})"
+                f"kvjax.generation.bucket_length(n, multiple={self.multiple})"
             )
 
     def local_token_index(self, width_local: int) -> jax.Array:
@@ -179,7 +179,7 @@ def decode(
     dtype=jnp.float32,
     implementation: str | None = None,
 ):
-    """`kvjax.generate.decode` on a sequence-sharded state (from `prefill`): every shard
+    """`kvjax.generation.decode` on a sequence-sharded state (from `prefill`): every shard
     runs the same loop; attention merges the shards' partial results (LSE) each step.
     Returns (tokens [B, max_new] int32, n_out [B], sharded KVState)."""
     specs = tuple(_spec_of(x) for x in jax.tree.leaves(state.layers))

@@ -1,6 +1,6 @@
 """`generate` for long prompts on many devices (one process or many).
 
-Same inputs and output as `kvjax.generate.generate`, plus a mesh: the prompt is padded to
+Same inputs and output as `kvjax.generate`, plus a mesh: the prompt is padded to
 a multiple of the ring's block count, prefilled context-parallel, and decoded on the
 sequence-sharded state. With several processes (after `multihost.initialize`) every
 process calls it with the same prompts; each one only puts its own shards of the token
@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..generate import GenerateOutput, bucket_length, prepare_request
+from ..generation import GenerateOutput, bucket_length, prepare_request
 from ..policies.base import Policy
 from ..sampling import Sampler
 from . import context, multihost
@@ -52,7 +52,7 @@ def generate(
     implementation: str | None = None,
     timeout_s: float | None = None,
 ) -> GenerateOutput:
-    """Context-parallel `kvjax.generate.generate` over mesh axis `axis` (see module doc).
+    """Context-parallel `kvjax.generate` over mesh axis `axis` (see module doc).
     `timeout_s` bounds each phase when several processes run (`multihost.peer_guard`)."""
     plan = context.Plan(mesh, axis, layout, kernel)
     pol, ids, _ = prepare_request(model, prompts, policy, max_new_tokens, chat)

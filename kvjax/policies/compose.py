@@ -15,7 +15,9 @@ from .base import Policy, PolicyError
 
 @dataclasses.dataclass(frozen=True, init=False)
 class Compose(Policy):
-    """Compose(selector, store, ...): see module doc. Spec: ``a:...+b:...``."""
+    """Compose(selector, store): see module doc. Spec: ``a:...+b:...``. The selector must not
+    evict while decoding; the store is the one policy that stores the kept slots (a quantizer
+    or another store)."""
 
     name = "compose"
     policies: tuple = ()
@@ -38,6 +40,12 @@ class Compose(Policy):
                     f"cannot compose {p.name!r} after {policies[0].name!r}: {p.name} does not store another "
                     "policy's kept slots (only quantizers and other stores can follow)"
                 )
+        stores = [p for p in policies if p.stores_slots]
+        if len(stores) > 1:
+            raise PolicyError(
+                f"cannot compose {stores[1].name!r} after {stores[0].name!r}: both store the kept tokens (quantizers "
+                "and other stores), and a cache has one store; keep one, e.g. 'snapkv:budget=0.2+kivi:bits=2'"
+            )
         object.__setattr__(self, "policies", tuple(policies))
 
     @classmethod

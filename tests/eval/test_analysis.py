@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from kvjax.analysis import kv_cache_bytes, serving_estimate
 from kvjax.cli import app
-from kvjax.generate import prefill
+from kvjax.generation import prefill
 from kvjax.models.presets import LLAMA3_1_8B
 from kvjax.policies import parse_policy
 

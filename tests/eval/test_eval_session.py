@@ -15,7 +15,7 @@ import pytest
 
 from kvjax.eval import session
 from kvjax.eval.shared import apply_policy, capture, shares_prefill
-from kvjax.generate import decode, prefill
+from kvjax.generation import decode, prefill
 from kvjax.policies import REGISTRY, parse_policy
 from kvjax.sampling import Sampler
 

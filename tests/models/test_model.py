@@ -163,7 +163,7 @@ def test_logits_match_hf_transformers(smollm2, hf_smollm2):
 def test_greedy_continuation_matches_hf(smollm2, hf_smollm2):
     import torch
 
-    from kvjax.generate import generate
+    from kvjax.generation import generate
 
     prompt = "The history of the city of Rome begins"
     out = generate(smollm2, prompt, max_new_tokens=32, stop_ids=())

@@ -251,7 +251,7 @@ def test_dispatch_is_static_on_rows(rng):
 @pytest.mark.slow
 @needs_kernel
 def test_smollm2_blocks_match_float32_weights(smollm2):
-    from kvjax.generate import generate
+    from kvjax.generation import generate
     from kvjax.loaders import load
     from kvjax.models import forward
     from kvjax.policies import Dense

@@ -173,7 +173,7 @@ def check_context(seed: int, devices: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from kvjax import generate as G
+    from kvjax import generation as G
     from kvjax.parallel import Plan, decode, make_mesh, prefill
     from kvjax.policies import Dense, parse_policy
     from kvjax.sampling import Sampler
@@ -223,7 +223,7 @@ def check_context(seed: int, devices: int) -> dict:
 
 def check_smollm2(devices: int) -> dict:
     """SmolLM2 greedy generation: context-parallel on `devices` fake devices vs one device."""
-    from kvjax.generate import generate
+    from kvjax.generation import generate
     from kvjax.loaders import load
     from kvjax.parallel import generate as cp_generate
     from kvjax.parallel import make_mesh

@@ -3,7 +3,7 @@
 tests/multihost_worker.py is launched twice through `kvjax.parallel.multihost.launch_local`;
 each process holds one CPU device, the mesh's ring axis spans both, and each process puts
 only its own shard of the prompt on its device. The job's tokens must equal a plain
-one-process `kvjax.generate.generate`. If one process dies before decoding, the other
+one-process `kvjax.generate`. If one process dies before decoding, the other
 must stop with a clear error within a bounded time.
 """
 
@@ -63,7 +63,7 @@ def test_two_processes_generate_like_one(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
     got = json.loads(out.read_text())
     assert got["processes"] == 2 and got["devices"] == 2, got
-    from kvjax.generate import generate
+    from kvjax.generation import generate
 
     model = multihost_worker.build_model("tiny")
     ref = generate(model, multihost_worker.PROMPTS, max_new_tokens=8)

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh
 
 import kvjax.parallel as kp
-from kvjax import generate as G
+from kvjax import generation as G
 from kvjax.parallel import kernels, layout
 from kvjax.policies import Dense, PolicyError
 

@@ -100,7 +100,7 @@ def _kvpress_kept(hf, press, ids, full_keys):
 def _kvjax_kept(model, spec, ids):
     import jax.numpy as jnp
 
-    from kvjax.generate import prefill
+    from kvjax.generation import prefill
     from kvjax.policies import parse_policy
 
     _, state = prefill(

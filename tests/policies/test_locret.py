@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kvjax import attention
-from kvjax.generate import decode, prefill
+from kvjax.generation import decode, prefill
 from kvjax.models.rope import apply_rope
 from kvjax.policies import PolicyError, parse_policy
 from kvjax.policies import locret_train as lt
@@ -165,7 +165,7 @@ def test_generate_with_chunked_prefill_and_bytes_shrink(tiny_config, tiny_params
         if budget == 0.1:
             _out, _n_out, st2 = decode(
                 tiny_params,
-                st,
+                jax.tree.map(jnp.copy, st),  # decode donates its input; `st` is read below
                 logits,
                 jax.random.key(0),
                 config=tiny_config,

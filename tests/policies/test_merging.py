@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kvjax import attention
-from kvjax.generate import decode, prefill
+from kvjax.generation import decode, prefill
 from kvjax.policies import PolicyError, parse_policy
 from kvjax.policies.elastic_cache import ElasticCache
 from kvjax.policies.eviction import ScoredKV

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvjax import attention
-from kvjax.generate import decode, prefill
+from kvjax.generation import decode, prefill
 from kvjax.policies import REGISTRY, Policy, PolicyError, parse_policy
 from kvjax.policies.eviction import EvictionPolicy, ScoredKV
 from kvjax.sampling import Sampler
@@ -32,7 +32,7 @@ def _run(params, cfg, policy, tokens, lengths, max_new=6):
     logits, state = prefill(params, tokens, lengths, config=cfg, policy=policy, max_new_tokens=max_new)
     out, _n, state2 = decode(
         params,
-        state,
+        jax.tree.map(jnp.copy, state),  # decode donates its input; the tests read `state` after
         logits,
         jax.random.key(0),
         config=cfg,

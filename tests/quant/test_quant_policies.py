@@ -12,7 +12,7 @@ import pytest
 from helpers import TINY_QUANT
 
 from kvjax import attention
-from kvjax.generate import decode, prefill
+from kvjax.generation import decode, prefill
 from kvjax.models.forward import init_params
 from kvjax.policies import REGISTRY, parse_policy
 from kvjax.policies.base import PolicyError

@@ -1,0 +1,272 @@
+"""The jit-compiled steps of generation: prefill a prompt batch, then decode in a while loop.
+
+    first_logits, state = prefill(params, tokens [B, Tb], lengths [B], ...)
+    tokens_out, n_out, state = decode(params, state, first_logits, key, limit, ...)
+
+Every static argument is hashable configuration; everything that changes from call to call
+is an array, so a new prompt of a similar length, or a new `limit` within the same
+`max_new_tokens` bucket, reuses the compiled program. `decode` donates its input state: the
+loop updates the cache in place and the caller's `state` is deleted (pass a copy to keep it).
+`decode_start` / `decode_steps` split `decode` so a host loop can stream tokens chunk by chunk
+with the same loop body (and the same tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from ..models.config import LlamaConfig
+from ..models.forward import forward, hidden_states, logits_from_hidden
+from ..policies.base import Policy
+from ..sampling import Sampler
+from ..state import KVState, LayerContext
+
+#: Smallest static decode length: `max_new_tokens` from 1 to 16 share one program.
+MIN_NEW_TOKENS_BUCKET = 16
+
+
+def bucket_length(n: int, minimum: int = 32, multiple: int | None = None) -> int:
+    """Static prompt length for n tokens: next power of two >= n (>= minimum), or the
+    next multiple of `multiple` when given."""
+    if multiple:
+        return max(multiple, -(-n // multiple) * multiple)
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def new_tokens_bucket(n: int) -> int:
+    """Static decode length (output buffer and cache headroom) for `max_new_tokens=n`: the
+    next power of two >= n, at least MIN_NEW_TOKENS_BUCKET. The loop bound itself is traced,
+    so every n within one bucket runs the same compiled programs."""
+    return bucket_length(n, minimum=MIN_NEW_TOKENS_BUCKET)
+
+
+def prompt_positions(lengths: jax.Array, width: int, offset: int = 0) -> jax.Array:
+    """Positions [B, width] for tokens offset..offset+width-1, -1 beyond each row's length."""
+    pos = offset + jnp.arange(width, dtype=jnp.int32)[None, :]
+    return jnp.where(pos < lengths[:, None], pos, -1)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "policy", "max_new_tokens", "prefill_chunk", "dtype", "implementation"),
+)
+def prefill(
+    params,
+    tokens,
+    lengths,
+    *,
+    config: LlamaConfig,
+    policy: Policy,
+    max_new_tokens: int,
+    prefill_chunk: int | None = None,
+    dtype=jnp.float32,
+    implementation: str | None = None,
+):
+    """Run the prompt tokens [B, Tb] (right-padded; true lengths [B]) through the model.
+
+    max_new_tokens: the decode headroom the state keeps (static). prefill_chunk: run the
+    prompt in chunks of this many tokens (Sarathi-Serve's chunked prefill; Tb must be a
+    multiple of it), so activations are O(chunk) instead of O(Tb).
+    Returns (logits at each row's last prompt token [B, V] float32, KVState)."""
+    b, tb = tokens.shape
+    state = policy.init_state(config, b, tb, max_new_tokens, dtype)
+    ctx = LayerContext(0, config, "prefill", True, tb, max_new_tokens, implementation)
+    if not prefill_chunk or prefill_chunk >= tb:
+        pos = prompt_positions(lengths, tb)
+        logits, state = forward(
+            params,
+            tokens,
+            pos,
+            state,
+            config=config,
+            policy=policy,
+            ctx=ctx,
+            dtype=dtype,
+            logits_at=jnp.maximum(lengths - 1, 0),
+        )
+        return logits, state
+    if tb % prefill_chunk:
+        raise ValueError(f"prompt bucket {tb} must be a multiple of prefill_chunk={prefill_chunk}")
+    n = tb // prefill_chunk
+    chunks = tokens.reshape(b, n, prefill_chunk).swapaxes(0, 1)
+    mid_ctx = dataclasses.replace(ctx, final=False)
+
+    def run_chunk(carry, i, chunk, c):
+        state, last_hidden = carry
+        pos = prompt_positions(lengths, prefill_chunk, offset=i * prefill_chunk)
+        h, state = hidden_states(params, chunk, pos, state, config=config, policy=policy, ctx=c, dtype=dtype)
+        local = lengths - 1 - i * prefill_chunk
+        here = (local >= 0) & (local < prefill_chunk)
+        picked = jnp.take_along_axis(h, jnp.clip(local, 0, prefill_chunk - 1)[:, None, None], axis=1)[:, 0]
+        return state, jnp.where(here[:, None], picked, last_hidden)
+
+    last = jnp.zeros((b, config.hidden_size), dtype)
+    if n > 1:
+
+        def body(carry, xs):
+            return run_chunk(carry, xs[0], xs[1], mid_ctx), None
+
+        (state, last), _ = jax.lax.scan(body, (state, last), (jnp.arange(n - 1), chunks[:-1]))
+    state, last = run_chunk((state, last), n - 1, chunks[-1], ctx)
+    return logits_from_hidden(params, last, config=config, dtype=dtype), state
+
+
+@struct.dataclass
+class DecodeLoop:
+    """The carry of the decode loop (a pytree).
+
+    step: tokens written so far (scalar); token [B]: last sampled token; out [B, max_new]
+    (pad_id after a row stops); done [B]; n_out [B]: tokens produced per row (a stop token
+    included); state: the KVState; key: the PRNG key the next step splits."""
+
+    step: jax.Array
+    token: jax.Array
+    out: jax.Array
+    done: jax.Array
+    n_out: jax.Array
+    state: KVState
+    key: jax.Array
+
+
+def _stops(stop_ids: tuple[int, ...]) -> jax.Array:
+    return jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+
+
+def _start(state, first_logits, key, *, config, max_new_tokens, sampler, stop_ids) -> DecodeLoop:
+    """Sample each row's first token from the prefill logits."""
+    b = first_logits.shape[0]
+    key, sub = jax.random.split(key)
+    tok = sampler(first_logits, sub)
+    out = jnp.full((b, max_new_tokens), config.pad_id, jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, _stops(stop_ids))
+    return DecodeLoop(jnp.ones((), jnp.int32), tok, out, done, jnp.ones((b,), jnp.int32), state, key)
+
+
+def _run(params, loop: DecodeLoop, until, *, config, policy, sampler, stop_ids, dtype, implementation) -> DecodeLoop:
+    """Decode steps while `loop.step < until` (traced) and some row is still going."""
+    b, max_new = loop.out.shape
+    stops = _stops(stop_ids)
+    ctx = LayerContext(0, config, "decode", True, 0, max_new, implementation)
+    until = jnp.minimum(jnp.asarray(until, jnp.int32), max_new)
+
+    def cond(s: DecodeLoop):
+        return (s.step < until) & ~jnp.all(s.done)
+
+    def body(s: DecodeLoop):
+        logits, st = forward(
+            params,
+            s.token[:, None],
+            s.state.lengths[:, None],
+            s.state,
+            config=config,
+            policy=policy,
+            ctx=ctx,
+            dtype=dtype,
+            logits_at=jnp.zeros((b,), jnp.int32),
+        )
+        key, sub = jax.random.split(s.key)
+        tok = jnp.where(s.done, config.pad_id, sampler(logits, sub))
+        out = s.out.at[:, s.step].set(tok)
+        n_out = s.n_out + (~s.done).astype(jnp.int32)
+        done = s.done | jnp.isin(tok, stops)
+        return DecodeLoop(s.step + 1, tok, out, done, n_out, st, key)
+
+    if max_new == 1:
+        return loop
+    return jax.lax.while_loop(cond, body, loop)
+
+
+_DECODE_STATIC = ("config", "policy", "max_new_tokens", "sampler", "stop_ids", "dtype", "implementation")
+
+
+@functools.partial(jax.jit, static_argnames=_DECODE_STATIC, donate_argnames=("state",))
+def decode(
+    params,
+    state: KVState,
+    first_logits,
+    key,
+    limit=None,
+    *,
+    config: LlamaConfig,
+    policy: Policy,
+    max_new_tokens: int,
+    sampler: Sampler,
+    stop_ids: tuple[int, ...],
+    dtype=jnp.float32,
+    implementation: str | None = None,
+):
+    """Sample up to `limit` tokens per row (default and at most `max_new_tokens`) with a
+    `lax.while_loop`; a row stops after a token in `stop_ids`.
+
+    max_new_tokens is static (the output width); limit is traced, so any limit up to it
+    reuses the compiled loop. `state` is donated (deleted on return).
+    Returns (tokens [B, max_new_tokens] int32 (pad_id after a row stops or past `limit`),
+    n_out [B], KVState)."""
+    loop = _start(
+        state, first_logits, key, config=config, max_new_tokens=max_new_tokens, sampler=sampler, stop_ids=stop_ids
+    )
+    loop = _run(
+        params,
+        loop,
+        max_new_tokens if limit is None else limit,
+        config=config,
+        policy=policy,
+        sampler=sampler,
+        stop_ids=stop_ids,
+        dtype=dtype,
+        implementation=implementation,
+    )
+    return loop.out, loop.n_out, loop.state
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_new_tokens", "sampler", "stop_ids"), donate_argnames=("state",)
+)
+def decode_start(
+    state: KVState, first_logits, key, *, config: LlamaConfig, max_new_tokens: int, sampler: Sampler, stop_ids
+) -> DecodeLoop:
+    """The first step of `decode` (sample from the prefill logits) as a `DecodeLoop` that
+    `decode_steps` continues. `state` is donated."""
+    return _start(
+        state, first_logits, key, config=config, max_new_tokens=max_new_tokens, sampler=sampler, stop_ids=stop_ids
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "policy", "sampler", "stop_ids", "dtype", "implementation"),
+    donate_argnames=("loop",),
+)
+def decode_steps(
+    params,
+    loop: DecodeLoop,
+    until,
+    *,
+    config: LlamaConfig,
+    policy: Policy,
+    sampler: Sampler,
+    stop_ids: tuple[int, ...],
+    dtype=jnp.float32,
+    implementation: str | None = None,
+) -> DecodeLoop:
+    """Continue `loop` until `loop.step == until` (traced) or every row is done; the loop
+    body is `decode`'s, so the tokens equal `decode`'s. `loop` is donated."""
+    return _run(
+        params,
+        loop,
+        until,
+        config=config,
+        policy=policy,
+        sampler=sampler,
+        stop_ids=stop_ids,
+        dtype=dtype,
+        implementation=implementation,
+    )
