@@ -106,6 +106,15 @@ def test_spec_parser_refuses(spec, text):
         parse_policy(spec)
 
 
+def test_evaluate_checks_context_and_batch_size(tiny_model):
+    from kvjax.eval import evaluate
+
+    with pytest.raises((TypeError, ValueError), match=re.escape("context='1024'")):
+        evaluate(tiny_model, "passkey", "dense", context="1024")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        evaluate(tiny_model, "passkey", "dense", context=256, batch_size=0)
+
+
 def test_hf_config_lacking_a_field(tmp_path):
     cfg = {"model_type": "llama", "vocab_size": 97, "num_attention_heads": 2, "num_hidden_layers": 1}
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -5,6 +5,7 @@ no recompilation for max_new_tokens +- 1, and the donated decode state."""
 from __future__ import annotations
 
 import contextlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -159,3 +160,13 @@ def test_decode_donates_its_input_state(tiny_config, tiny_params):
     # the backend (XLA:CPU donates too) took the buffers: the caller's state is gone, the cache exists once
     assert all(x.is_deleted() for x in jax.tree.leaves(state))
     assert not any(x.is_deleted() for x in jax.tree.leaves(new_state)) and out.shape == (2, 4)
+
+
+@pytest.mark.parametrize("fn", [kvjax.generate, kvjax.stream], ids=lambda f: f.__name__)
+def test_help_documents_every_parameter(fn):
+    import inspect
+
+    doc = inspect.getdoc(fn)
+    own = inspect.getdoc(kvjax.generate)
+    for name in inspect.signature(fn).parameters:
+        assert re.search(rf"^\s*{name}: ", own, re.M) or re.search(rf"\b{name}: ", doc), f"{name} is not documented"
