@@ -59,17 +59,17 @@ def test_stop_strings_cut_the_text_and_count_the_tokens(tiny_model):
 def test_chat_messages_use_the_template(tiny_model):
     tok = tiny_model.tokenizer
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
-    out = kvjax.generate(tiny_model, messages=conv, max_new_tokens=6, stop_ids=[])
     rendered = tok.apply_chat_template(conv)
-    assert rendered.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and rendered.endswith("assistant\n")
-    ref = kvjax.generate(tiny_model, rendered, max_new_tokens=6, stop_ids=[])
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    user_only = kvjax.generate(tiny_model, "Name a color.", chat=True, max_new_tokens=6, stop_ids=[])
-    batch = kvjax.generate(
-        tiny_model, messages=[conv, [{"role": "user", "content": "Name a color."}]], max_new_tokens=6, stop_ids=[]
+    assert rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a color.<|im_end|>\n" + (
+        "<|im_start|>assistant\n"
     )
-    np.testing.assert_array_equal(batch.tokens[0], out.tokens[0])
-    np.testing.assert_array_equal(batch.tokens[1], user_only.tokens[0])
+    user = tok.apply_chat_template([{"role": "user", "content": "Hi!"}])
+    kw = dict(max_new_tokens=6, stop_ids=[])
+    out = kvjax.generate(tiny_model, messages=[conv, [{"role": "user", "content": "Hi!"}]], **kw)
+    ref = kvjax.generate(tiny_model, [rendered, user], **kw)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    chat = kvjax.generate(tiny_model, [rendered, "Hi!"], chat=True, **kw)  # chat=True wraps plain prompts
+    np.testing.assert_array_equal(chat.tokens[1], ref.tokens[1])
 
 
 @pytest.mark.parametrize("chunk_steps", [1, 3])
