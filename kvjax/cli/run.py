@@ -146,7 +146,9 @@ def list_policies_cmd(
             typer.echo(f"{name:12s} " + ", ".join(f"{k}={v}" for k, (v, _) in params.items()))
             continue
         typer.echo(f"{name}: {line}")
+        kw = max((len(k) for k in params), default=0)
+        dw = max((len(repr(v)) for v, _ in params.values()), default=0)
         for key, (default, rng) in params.items():
-            typer.echo(f"    {key} = {default!r:10s} {rng}")
+            typer.echo(f"    {key:<{kw}} = {default!r:<{dw}}  {rng}".rstrip())
         if not params:
             typer.echo("    (no parameters)")
