@@ -1,5 +1,6 @@
-"""Full-cache scores of task variants: how the sweep's task options were chosen (the full cache
-should score >= 90% on SmolLM2 at every tested length; BENCHMARKS.md, "Task difficulty").
+"""Full-cache scores of task variants: how the sweeps' task options are chosen (the full cache
+must score >= 90% on the model at every tested length, or the task measures the model, not
+the cache).
 
     python benchmarks/task_difficulty.py [--model PATH] [--trials 10] [--out DIR]
 

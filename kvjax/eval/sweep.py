@@ -253,8 +253,9 @@ def check_trials(trials) -> None:
             raise ValueError(f"trials={n!r} for {task} must be an integer >= 1")
 
 
-def check_plan(cells: list[Cell], trials=None, options=None, haystack: str | None = None, text: str = "the text",
-               batch_size: int = 5) -> None:  # fmt: skip
+def check_plan(
+    cells: list[Cell], trials=None, options=None, haystack: str | None = None, text: str = "the text", batch_size=5
+) -> None:
     """Everything about a sweep that can be checked without a model: trials, task options
     (`tasks.check_options`), whether the text states the facts qa and mix ask about, the
     batch size, and a kvpress press for every kvpress cell. Raises ValueError naming the value."""

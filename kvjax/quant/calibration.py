@@ -224,18 +224,21 @@ def check_method(method: str) -> None:
 
 
 def collect_bytes(config, tokens: int, grads: bool) -> int:
-    """An estimate of the memory `collect` needs beyond the model's weights (float32): the
-    [heads, T, T] attention scores (every layer's kept for the backward pass when `grads`),
-    the activations the backward pass keeps, the logits, and the K / V statistics on device
-    and on the host."""
+    """An estimate of the memory `collect` needs beyond the model's weights (float32), counted
+    in the buffers XLA keeps: without `grads`, one layer's [heads, T, T] scores and
+    probabilities, the logits twice and the K / V statistics (device and host copies); with
+    `grads`, four score-sized buffers of every layer (scores, probabilities and their
+    gradients, kept for the backward pass), the activations the backward pass keeps (about
+    12 hidden + 4 intermediate floats per token and layer), the logits and their gradients,
+    and the statistics with their gradients. It errs on the high side of measured peaks."""
     f32, t, layers = 4, tokens, config.num_layers
-    scores = config.num_heads * t * t * f32 * 2  # scores and probabilities of one layer
-    kv = layers * t * config.num_kv_heads * config.head_dim * f32
+    score = config.num_heads * t * t * f32  # one layer's [heads, T, T]
+    kv = layers * t * config.num_kv_heads * config.head_dim * f32  # one [L, T, N, H] statistic
     logits = t * config.vocab_size * f32
     if not grads:
-        return scores + 2 * kv + logits + 2 * 3 * kv
-    acts = layers * t * (8 * config.hidden_size + 3 * config.intermediate_size) * f32
-    return layers * scores + acts + 3 * logits + 6 * kv + 2 * 5 * kv
+        return 2 * score + 2 * logits + 10 * kv
+    acts = layers * t * (12 * config.hidden_size + 4 * config.intermediate_size) * f32
+    return 4 * layers * score + acts + 4 * logits + 16 * kv
 
 
 def available_bytes() -> int | None:

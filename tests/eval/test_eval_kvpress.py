@@ -81,3 +81,16 @@ def test_press_sessions_answer_passkey(hf_smollm2, smollm2):
             assert ep.turns[0].answer in res[spec].outputs[0][0], (mode, spec, res[spec].outputs)
         assert res["knorm:budget=0.9"].kv_bytes < 0.95 * res["dense"].kv_bytes
     kb._set_impl(hf_smollm2, "eager")
+
+
+@pytest.mark.slow
+@pytest.mark.kvpress
+def test_loading_the_hf_model_is_quiet(capfd):
+    """The kvpress engine's model loads without progress bars or log lines (transformers' GGUF
+    de-quantization bar included)."""
+    from kvjax.eval.kvpress_bridge import load_hf
+
+    hf = load_hf("smollm2")
+    out, err = capfd.readouterr()
+    assert hf.config.num_hidden_layers == 30
+    assert out == "" and err == "", err[-400:]
