@@ -328,20 +328,9 @@ def section_correct(args):
             )
         record("kivi2_decode/triton/f32/T2", lambda: kivi(2, 2, 2, 4, 2, 1024, 64, 32, 16, 32, jnp.float32))
         record(
-            "kivi4_decode/triton/bf16/T1_rows_magic_bs128",
+            "kivi4_decode/triton/bf16/T1_bs128",
             lambda: kivi(
-                4,
-                2,
-                1,
-                8,
-                2,
-                2048,
-                128,
-                32,
-                32,
-                64,
-                jnp.bfloat16,
-                qda.DecodeBlockSizes(block_s=128, num_warps=4, unpack="rows", convert="magic"),
+                4, 2, 1, 8, 2, 2048, 128, 32, 32, 64, jnp.bfloat16, qda.DecodeBlockSizes(block_s=128, num_warps=4)
             ),
         )
 
@@ -445,11 +434,11 @@ def section_prefill(args):
                 lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True), n=args.n, reps=args.reps
             )
             add("torch sdpa causal", ms, spread, causal_flops)
-            del tq, tk, tv
+            tq = tk = tv = None  # freed before empty_cache (the lambda reads them by name)
             torch.cuda.empty_cache()
         except Exception as e:
             emit({"kind": "prefill", "name": "torch sdpa causal", "S": s, "error": repr(e)[:1000]})
-        del q, k, v
+        q = k = v = None  # freed before the next length (`attempt` reads them by name)
 
 
 def section_decode(args):
@@ -457,8 +446,8 @@ def section_decode(args):
     import jax.numpy as jnp
     import numpy as np
 
+    from kvjax.pallas_kernels import kivi_mgpu as qdm
     from kvjax.pallas_kernels import quantized_decode_attention as qda
-    from kvjax.pallas_kernels import quantized_decode_attention_mgpu as qdm
     from kvjax.pallas_kernels import sparse_decode_attention as sda
 
     b, nq, n, h = (2, 8, 2, 64) if args.quick else (8, 32, 8, 128)
@@ -534,7 +523,7 @@ def section_decode(args):
             lambda: F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True), n=args.n * 3, reps=args.reps
         )
         add("torch sdpa bf16 dense (enable_gqa)", ms, spread, dense_bytes)
-        del tq, tk, tv
+        tq = tk = tv = None  # freed before empty_cache (the lambda reads them by name)
         torch.cuda.empty_cache()
     except Exception as e:
         emit({"kind": "decode", "name": "torch sdpa bf16 dense", "error": repr(e)[:1000]})
@@ -571,7 +560,7 @@ def section_decode(args):
                         )
                     )
                 )
-                name = f"kivi{bits} G{gk} triton bs{bs_} w{blk.num_warps} {blk.convert}"
+                name = f"kivi{bits} G{gk} triton bs{bs_} w{blk.num_warps}"
                 if bits == 2 and gk == 32:  # full-size correctness of the headline variant
                     try:
                         out, _ = fn(*args_)
@@ -611,8 +600,8 @@ def _mgpu_kivi_rows(attempt, bits, gk, args_, nbytes):
     timing): a full-size check against the float32 reference, then the timing."""
     import jax
 
+    from kvjax.pallas_kernels import kivi_mgpu as qdm
     from kvjax.pallas_kernels import quantized_decode_attention as qda
-    from kvjax.pallas_kernels import quantized_decode_attention_mgpu as qdm
 
     q, kc, ksc, kz, vc, vsc, vz, lens, kr, vr, rl = args_
     name = f"kivi{bits} G{gk} mosaic_gpu"
@@ -647,20 +636,6 @@ def _mgpu_kivi_rows(attempt, bits, gk, args_, nbytes):
         print(f"[decode] {name} full-size check ERROR {e!s:.500}", flush=True)
         return
     attempt(name, fn, (q, fr, lens, kr, vr, rl), nbytes, {"bits": bits, "G": gk})
-    if bits == 2:  # for comparison: the column sums left per thread (the old default), the XLA epilogue
-        for kw in (dict(warp_sums=False), dict(merge="xla")):
-            other = jax.jit(
-                lambda q, fr, lens, kr, vr, rl, kw=kw: qdm.quantized_decode_attention_mgpu(
-                    q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, **kw
-                )
-            )
-            attempt(
-                f"{name} ({', '.join(f'{k}={v}' for k, v in kw.items())})",
-                other,
-                (q, fr, lens, kr, vr, rl),
-                nbytes,
-                {"bits": bits, "G": gk, **kw},
-            )
 
 
 def section_profile(args):
@@ -686,7 +661,8 @@ def section_profile(args):
 
 
 def _decode_sweep(args, attempt, q, keys, b, n, s, h, r):
-    """KIVI-2 (G32) decode over kernel variants: unpack strategy x block, then warps x splits x stages."""
+    """KIVI-2 (G32) decode over the Triton kernel's tuning knobs (`DecodeBlockSizes`): block, warps,
+    splits, stages, float32 dequantization."""
     import jax
     import jax.numpy as jnp
 
@@ -718,7 +694,7 @@ def _decode_sweep(args, attempt, q, keys, b, n, s, h, r):
             )
         )
         name = (
-            f"sweep kivi2 G32 {blk.unpack}/{blk.convert} bs{blk.block_s} w{blk.num_warps} "
+            f"sweep kivi2 G32 bs{blk.block_s} w{blk.num_warps} "
             f"st{blk.num_stages} sp{blk.num_splits}{' f32' if blk.dequant_f32 else ''}"
         )
         attempt(name, fn, args_, nbytes, {"bits": 2, "G": 32, "sweep": True})
@@ -728,13 +704,13 @@ def _decode_sweep(args, attempt, q, keys, b, n, s, h, r):
 
     D = qda.DecodeBlockSizes
     for blk in (
-        D(block_s=64, num_warps=2, num_stages=3, num_splits=32, convert="magic"),
-        D(block_s=64, num_warps=2, num_stages=3, num_splits=32, convert="mantissa"),
-        D(block_s=64, num_warps=4, num_stages=3, num_splits=32, convert="mantissa"),
-        D(block_s=128, num_warps=4, num_stages=3, num_splits=32, convert="mantissa"),
-        D(block_s=64, num_warps=1, num_stages=3, num_splits=32, convert="mantissa"),
-        D(block_s=64, num_warps=2, num_stages=3, num_splits=64, convert="mantissa"),
-        D(block_s=64, num_warps=2, num_stages=3, num_splits=32, unpack="rows", convert="magic"),
+        D(block_s=64, num_warps=2, num_stages=3, num_splits=32),
+        D(block_s=64, num_warps=4, num_stages=3, num_splits=32),
+        D(block_s=128, num_warps=4, num_stages=3, num_splits=32),
+        D(block_s=64, num_warps=1, num_stages=3, num_splits=32),
+        D(block_s=64, num_warps=2, num_stages=3, num_splits=64),
+        D(block_s=64, num_warps=2, num_stages=2, num_splits=32),
+        D(block_s=64, num_warps=2, num_stages=3, num_splits=32, dequant_f32=True),
     ):
         one(blk)
     best = min(results, key=results.get)

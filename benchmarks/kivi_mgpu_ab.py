@@ -1,15 +1,16 @@
-"""A/B timings of the Hopper KIVI decode kernel (`pallas_kernels/quantized_decode_attention_mgpu.py`)
-at the decode benchmark's shape (B8 Hq32 Hkv8 D128, 128k quantized tokens, a 128-token bf16
-window): the working tree's kernel, copies of other versions of `pallas_kernels/` (each a folder
-holding a package, e.g. made with `git archive REV pallas_kernels | tar -x -C /tmp/rev` and
-renamed), and keyword variants, each checked at full size against the float32 reference, then
-timed against cuDNN's bf16 decode in interleaved rounds (median of the rounds; each sample is
-`kernels_bench`'s: 30 queued calls, median of 5). Prints a table with the registers and shared
-memory of each compiled kernel (Mosaic GPU's dumps). Without --mods it times the working tree's
-kernel alone (BENCHMARKS.md, "Decode kernels").
+"""A/B timings of the Hopper KIVI decode kernel (`pallas_kernels/kivi_mgpu`) at the decode
+benchmark's shape (B8 Hq32 Hkv8 D128, 128k quantized tokens, a 128-token bf16 window): the working
+tree's kernel, copies of other versions of `pallas_kernels/` (each a folder holding a package, e.g.
+made with `git archive REV pallas_kernels | tar -x -C /tmp/rev` and renamed; versions before the
+`kivi_mgpu` subpackage have the kernel in `quantized_decode_attention_mgpu.py`), and variants of
+the tuning knobs (`KiviMgpuBlockSizes` fields; keyword arguments for old copies), each checked at
+full size against the float32 reference, then timed against cuDNN's bf16 decode in interleaved
+rounds (median of the rounds; each sample is `kernels_bench`'s: 30 queued calls, median of 5).
+Prints a table with the registers and shared memory of each compiled kernel (Mosaic GPU's dumps).
+Without --mods it times the working tree's kernel alone (BENCHMARKS.md, "Decode kernels").
 
     source benchmarks/gpu_env.sh
-    git archive f8cb462 pallas_kernels | tar -x -C /tmp && mv /tmp/pallas_kernels /tmp/oldpk
+    git archive REV pallas_kernels | tar -x -C /tmp && mv /tmp/pallas_kernels /tmp/oldpk
     python3 benchmarks/kivi_mgpu_ab.py --path /tmp --mods oldpk --configs 2,32 4,32 \\
         --variant 'tps4={"tiles_per_step": 4, "stages": 2}'
 """
@@ -30,18 +31,36 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_bench import _bench_jax, _lse_err, _rel, decode_cache
 
+from kvjax.pallas_kernels import kivi_mgpu as tree
 from kvjax.pallas_kernels import quantized_decode_attention as qda
-from kvjax.pallas_kernels import quantized_decode_attention_mgpu as tree
+
+
+def _kernel_module(package: str):
+    """The Hopper KIVI kernel's module in a copy of pallas_kernels (the subpackage, or the single
+    module of versions before it)."""
+    try:
+        return importlib.import_module(f"{package}.kivi_mgpu")
+    except ImportError:
+        return importlib.import_module(f"{package}.quantized_decode_attention_mgpu")
+
+
+def _call(mod, q, fr, lens, kr, vr, rl, bits, kw):
+    """The kernel of `mod` with tuning knobs `kw` (block_sizes where the module has them)."""
+    if kw and hasattr(mod, "KiviMgpuBlockSizes"):
+        kw = {"block_sizes": mod.KiviMgpuBlockSizes(**kw)}
+    return mod.quantized_decode_attention_mgpu(q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, **kw)
 
 
 def _resources(d):
     """'registers/shared bytes' from Mosaic GPU's dump folder of one compiled kernel."""
     out = ""
     for f in glob.glob(f"{d}/*.ptxas"):
-        m = re.search(r"Used (\d+) registers", open(f).read())
+        with open(f) as fh:
+            m = re.search(r"Used (\d+) registers", fh.read())
         out += m.group(1) if m else "?"
     for f in glob.glob(f"{d}/*.resources.txt"):
-        m = re.search(r"smem_scratch_bytes=(\d+)", open(f).read())
+        with open(f) as fh:
+            m = re.search(r"smem_scratch_bytes=(\d+)", fh.read())
         out += f"/{m.group(1) if m else '?'}B"
     return out
 
@@ -55,13 +74,13 @@ def main():
         "--variant",
         action="append",
         default=[],
-        help='NAME={"kwarg": value} for the tree\'s kernel, or NAME@MOD={...} for a copy',
+        help='NAME={"knob": value} (KiviMgpuBlockSizes fields) for the tree\'s kernel, or NAME@MOD={...} for a copy',
     )
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if args.path:
         sys.path.insert(0, args.path)
-    mods = {"tree": tree, **{m: importlib.import_module(f"{m}.quantized_decode_attention_mgpu") for m in args.mods}}
+    mods = {"tree": tree, **{m: _kernel_module(m) for m in args.mods}}
     variants = []
     for v in args.variant:
         name, kw = v.split("=", 1)
@@ -98,8 +117,8 @@ def main():
             os.environ["MOSAIC_GPU_DUMP_TO"] = d  # read when the kernel compiles
             try:
                 fn = jax.jit(
-                    lambda q, fr, lens, kr, vr, rl, mod=mod, kw=kw, bits=bits: mod.quantized_decode_attention_mgpu(
-                        q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, **kw
+                    lambda q, fr, lens, kr, vr, rl, mod=mod, kw=kw, bits=bits: _call(
+                        mod, q, fr, lens, kr, vr, rl, bits, kw
                     )
                 )
                 out, lse = jax.block_until_ready(fn(q, fr, lens, kr, vr, rl))

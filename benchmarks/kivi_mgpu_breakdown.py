@@ -1,7 +1,8 @@
 """Where the Hopper KIVI decode call spends its time (B8 Hq32 Hkv8 D128, 128k, KIVI-2): the whole
-call against cuDNN's bf16 dense decode (merging the splits and the residual window in one Triton
-kernel, or in XLA), then its parts timed alone: the Pallas kernel's partials, the Triton merge,
-the XLA epilogue (`assemble`) and the XLA residual window. Prints a table; run on a Hopper GPU:
+call against cuDNN's bf16 dense decode (with the default and with 16 splits, and with the KIVI
+policy's 192-slot window), then its parts timed alone: the Pallas kernel's partials, the Triton
+merge, the XLA epilogue (`assemble`) and the XLA residual window. Prints a table; run on a Hopper
+GPU:
 
     source benchmarks/gpu_env.sh && python3 benchmarks/kivi_mgpu_breakdown.py [G ...] [--trace]
 
@@ -41,7 +42,8 @@ def kernel_times(fn, *args, calls=20):
     jax.block_until_ready(out)
     jax.profiler.stop_trace()
     (path,) = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
-    trace = json.load(gzip.open(path))
+    with gzip.open(path) as f:
+        trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     total = defaultdict(float)
@@ -54,9 +56,8 @@ def kernel_times(fn, *args, calls=20):
 
 
 def main(groups):
-    from kvjax.pallas_kernels import _kivi_mgpu_epilogue as ep
-    from kvjax.pallas_kernels import _kivi_mgpu_merge as mrg
-    from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
+    from kvjax.pallas_kernels import kivi_mgpu as mg
+    from kvjax.pallas_kernels.kivi_mgpu import kernel
 
     b, nq, n, s, h, r, bits = 8, 32, 8, 131072, 128, 128, 2
     ks = jax.random.split(jax.random.key(0), 9)
@@ -79,43 +80,40 @@ def main(groups):
             (jax.random.uniform(ks[1], (b, n, s // gk, 2, h)) * 0.1).astype(jnp.bfloat16),
             (jax.random.uniform(ks[4], (b, n, s // 64, 2, 64, h // gk)) * 0.1).astype(jnp.bfloat16),
         )
-        variants = (dict(), dict(warp_sums=False), dict(merge="xla"), dict(num_splits=16))
-        for kw in variants:
+        variants = (mg.KiviMgpuBlockSizes(), mg.KiviMgpuBlockSizes(num_splits=16))
+        for blocks in variants:
             full = jax.jit(
-                lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
-                    q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, **kw
+                lambda q, fr, kr, blocks=blocks: mg.quantized_decode_attention_mgpu(
+                    q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, block_sizes=blocks
                 )
             )
-            rows.append((f"G{gk} full call {kw or 'defaults'}", bench(full, q, fr, kr)))
+            rows.append((f"G{gk} full call {blocks}", bench(full, q, fr, kr)))
         kr192 = jnp.concatenate([kr, kr[:, :, :64]], axis=2)  # the KIVI policy's window at G=32: 3 chunks of 64
-        for kw in (dict(), dict(merge="xla")):
-            full = jax.jit(
-                lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
-                    q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl + 64, **kw
-                )
+        full = jax.jit(
+            lambda q, fr, kr: mg.quantized_decode_attention_mgpu(
+                q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl + 64
             )
-            rows.append((f"G{gk} full call, R=192 {kw or 'defaults'}", bench(full, q, fr, kr192)))
+        )
+        rows.append((f"G{gk} full call, R=192", bench(full, q, fr, kr192)))
         if "--trace" in sys.argv:
-            for kw in variants[:3]:
+            for blocks in variants:
                 full = jax.jit(
-                    lambda q, fr, kr, kw=kw: mg.quantized_decode_attention_mgpu(
-                        q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, **kw
+                    lambda q, fr, kr, blocks=blocks: mg.quantized_decode_attention_mgpu(
+                        q, fr, lens, bits=bits, k_res=kr, v_res=kr, res_lengths=rl, block_sizes=blocks
                     )
                 )
-                print(f"G{gk} {kw or 'defaults'}: GPU us per call by kernel:")
+                print(f"G{gk} {blocks}: GPU us per call by kernel:")
                 for name, us in kernel_times(full, q, fr, kr).items():
                     print(f"    {us:9.2f}  {name}")
             continue
         bare = jax.jit(lambda q, fr: mg.quantized_decode_attention_mgpu(q, fr, lens, bits=bits))
         rows.append((f"G{gk} no residual window", bench(bare, q, fr)))
-        tps = 2
-        fold = mg.folds_by_default(gk, h, 1, nq // n)
-        splits = mg.default_splits(b, n, s, tps, gk)
+        blocks = mg.KiviMgpuBlockSizes().resolved(
+            b=b, n=n, s=s, h=h, gk=gk, bits=bits, fold=mg.folds_scales(gk, h, bits)
+        )
         qb, qr, rows_q, rows_p = mg.query_columns(q, n)
-        if fold:
-            qb = jnp.tile(qb[:, :, :rows_p], (1, 1, mg.fold_columns(rows_p, gk) // rows_p, 1))
         kern = jax.jit(
-            lambda qb, fr: mg._kernel_partials(
+            lambda qb, fr: kernel.kernel_partials(
                 qb,
                 fr,
                 jnp.full((b, n), s, jnp.int32),
@@ -123,24 +121,16 @@ def main(groups):
                 gk=gk,
                 gv=gk,
                 rows_q=rows_p,
-                splits=splits,
                 scale=h**-0.5,
-                stages=4,
-                overlap_v=True,
-                mask_cond=True,
-                tiles_per_step=tps,
-                auto_barriers=False,
-                lazy_rescale=True,
-                fold=fold,
-                warp_sums=True,
+                block_sizes=blocks,
             )
         )
         rows.append((f"G{gk} kernel partials only", bench(kern, qb, fr)))
         parts = jax.block_until_ready(kern(qb, fr))
-        asm = jax.jit(lambda parts: ep.assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gk, t=1, row_stride=16))
+        asm = jax.jit(lambda parts: mg.assemble(parts, rows_q=rows_q, rows_p=rows_p, gv=gk, t=1, row_stride=16))
         rows.append((f"G{gk} XLA assemble only (no residual)", bench(asm, parts)))
         tri = jax.jit(
-            lambda parts, qr, kr: mrg.merge_partials(
+            lambda parts, qr, kr: mg.merge_partials(
                 parts,
                 qr,
                 kr,
@@ -156,7 +146,7 @@ def main(groups):
         )
         rows.append((f"G{gk} Triton merge only (with the residual)", bench(tri, parts, qr, kr)))
         res = jax.jit(
-            lambda qr, kr: ep.residual_partial(
+            lambda qr, kr: mg.residual_partial(
                 qr, kr, kr, rl[:, None] + jnp.zeros((b, n), jnp.int32), t=1, scale=h**-0.5
             )
         )

@@ -13,7 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
+from kvjax.pallas_kernels import kivi_mgpu as mg
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--")]
 bits, gk = 2, int(argv[0]) if argv else 32

@@ -104,11 +104,13 @@ def check_kernels(kernels, dtype) -> dict:
                 v = jax.random.normal(kv, (2, 2, s, 128), jnp.float32).astype(dtype)
                 ql = jnp.asarray([t, t // 3], jnp.int32)
                 kl = ql if causal else jnp.asarray([s, s // 2 + 7], jnp.int32)
-                f = jax.jit(lambda *a, kern=kern, causal=causal: K.prefix_attention(*a, causal=causal, kernel=kern))
-                out, lse = f(q, k, v, ql, kl)
-                ref, rlse = jax.jit(lambda *a, causal=causal: K.prefix_attention(*a, causal=causal, kernel="xla"))(
-                    q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), ql, kl
+                f = jax.jit(
+                    lambda *a, kern=kern, causal=causal: K.prefix_attention(*a, causal=causal, implementation=kern)
                 )
+                out, lse = f(q, k, v, ql, kl)
+                ref, rlse = jax.jit(
+                    lambda *a, causal=causal: K.prefix_attention(*a, causal=causal, implementation="reference")
+                )(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), ql, kl)
                 valid = np.arange(t)[None, :] < np.asarray(ql)[:, None]
                 d = np.where(valid[..., None, None], np.asarray(out, np.float32) - np.asarray(ref), 0)
                 r = np.where(valid[..., None, None], np.asarray(ref), 0)
@@ -121,7 +123,7 @@ def check_kernels(kernels, dtype) -> dict:
             q = jax.random.normal(jax.random.key(3), (1, t, 32, 128), jnp.float32).astype(dtype)
             k = jax.random.normal(jax.random.key(4), (1, 8, t, 128), jnp.float32).astype(dtype)
             lens = jnp.asarray([t], jnp.int32)
-            f = jax.jit(lambda q, k: K.prefix_attention(q, k, k, lens, lens, causal=True, kernel=kern)[0])
+            f = jax.jit(lambda q, k: K.prefix_attention(q, k, k, lens, lens, causal=True, implementation=kern)[0])
             f(q, k).block_until_ready()
             ts = []
             for _ in range(5):
@@ -147,7 +149,7 @@ def time_prefill(cfg, params, n_dev, length, policy_spec, kernel, reps, dtype) -
     from kvjax.policies import parse_policy
 
     mesh = make_mesh(seq=n_dev, devices=jax.devices()[:n_dev])
-    plan = Plan(mesh, kernel=kernel)
+    plan = Plan(mesh, prefix_implementation=kernel)
     pol = parse_policy(policy_spec)
     row = {
         "what": "prefill",
@@ -226,11 +228,11 @@ def cmd_run(args) -> None:
     )
     kernel = args.kernel
     if args.check_kernels:
-        res = check_kernels(["cudnn"] if jax.default_backend() == "gpu" else ["xla"], dtype)
+        res = check_kernels(["cudnn"] if jax.default_backend() == "gpu" else ["reference"], dtype)
         if not any(r.get("ok") for r in res.values()) and jax.default_backend() == "gpu":
             res.update(check_kernels(["pallas"], dtype))
         good = [r for r in res.values() if r.get("ok")]
-        kernel = min(good, key=lambda r: r["ms_8k_causal"])["kernel"] if good else "xla"
+        kernel = min(good, key=lambda r: r["ms_8k_causal"])["kernel"] if good else "reference"
         log({"what": "kernel_choice", "kernel": kernel})
     for item in args.rows:
         model, n_dev, length, spec = item.split("@")

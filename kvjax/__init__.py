@@ -7,7 +7,7 @@ compiled steps are in `kvjax.generation`, the policies in `kvjax.policies` and `
 
 from . import (
     attention,
-    attention_kernels,  # registers attend(implementation="pallas")
+    attention_kernels,
     native,  # CPU decode matmuls on GGUF blocks (built on first use, not at import)
     policies,
     quant,  # registers the quantized caches (kivi, kvquant, ...)

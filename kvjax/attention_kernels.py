@@ -1,4 +1,4 @@
-"""Kernel-backed attention behind `kvjax.attention.attend` (registered as "pallas").
+"""Kernel-backed attention: `kvjax.attention.attend(implementation="pallas")`.
 
 `attend` passes a cache in kvjax's layout (q [B,T,Nq,H], k/v [B,N,S,H], q_pos [B,T], k_pos
 [B,N,S]). The prefill kernel wants a prefix-valid cache: this module checks, on device and per
@@ -14,9 +14,10 @@ traced). The decode kernel reads the positions itself and needs no check:
     (the capacity must be a multiple of 16 slots; `Dense` rounds it up to 64).
 Everything else (want_mass, prefill over other position patterns) is the reference.
 
-Backends follow `kvjax.pallas_kernels._compat.backend_kind()`: Mosaic GPU (Hopper) or Triton
-on GPUs, Mosaic TPU on TPUs (prefill, and decode with blocks of up to 512 slots), and on CPU
-the same kernels in interpret mode (slow; for tests) when "pallas" is asked for explicitly.
+The kernels' lowering follows `kvjax.pallas_kernels._compat.backend_kind()`: Mosaic GPU
+(Hopper) or Triton on GPUs, Mosaic TPU on TPUs (prefill, and decode with blocks of up to 512
+slots), and on CPU the Triton kernels in interpret mode (slow; for tests) when "pallas" is asked
+for explicitly.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from . import attention
-from .attention import AttentionOutput
+from .attention_reference import AttentionOutput, attention_reference
+from .pallas_kernels import _compat
+from .pallas_kernels.block_mask import MaskSpec
+from .pallas_kernels.block_sparse_attention import SUPPORTED_DTYPES, BlockSizes, block_sparse_attention
+from .pallas_kernels.sparse_decode_attention import sparse_decode_attention
 
 
 def _prefix_lengths(k_pos):
@@ -39,8 +43,6 @@ def _prefix_lengths(k_pos):
 
 def _prefill_backend(q, backend):
     """The block-sparse backend that can run these shapes, or None."""
-    from .pallas_kernels.block_sparse_attention import SUPPORTED_DTYPES
-
     h = q.shape[-1]
     if not any(q.dtype == d for d in SUPPORTED_DTYPES):
         return None
@@ -57,9 +59,6 @@ def _prefill_backend(q, backend):
 
 
 def _prefill(q, k, v, q_pos, k_pos, window, scale, backend, interpret):
-    from .pallas_kernels.block_mask import MaskSpec
-    from .pallas_kernels.block_sparse_attention import BlockSizes, block_sparse_attention
-
     _b, t, _nq, _h = q.shape
     s = k.shape[2]
     bs = BlockSizes.get_default(backend)
@@ -88,7 +87,7 @@ def _prefill(q, k, v, q_pos, k_pos, window, scale, backend, interpret):
         return out, jnp.where(valid, lse[:, :t], -jnp.inf)
 
     def reference():
-        r = attention.attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale)
+        r = attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale)
         return r.out, r.lse.astype(jnp.float32)
 
     return lax.cond(ok, kernel, reference)
@@ -98,8 +97,6 @@ def _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block, backend=None
     """Every slot block, masked by the slot positions inside the kernel: exact for any cache
     layout (prefix, evicted, merged), with no per-layer check or `lax.cond` (a conditional costs
     the GPU a device-to-host sync per layer per step)."""
-    from .pallas_kernels.sparse_decode_attention import sparse_decode_attention
-
     b, _, _, _ = q.shape
     n, s = k.shape[1], k.shape[2]
     nblk = s // block
@@ -124,10 +121,8 @@ def _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block, backend=None
 
 def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False) -> AttentionOutput:
     """`attend` through the Pallas kernels where the cache is prefix-valid (module docstring)."""
-    from .pallas_kernels import _compat
-
     backend = _compat.backend_kind()
-    interpret = backend == "xla"
+    interpret = backend == "reference"  # no lowering for this device: the Triton kernels, interpreted
     if interpret:
         backend = "triton"
     t, h = q.shape[1], q.shape[3]
@@ -147,16 +142,12 @@ def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mas
                 return AttentionOutput(
                     *_decode(q, k, v, q_pos, k_pos, window, scale, interpret, block, backend="mosaic_tpu")
                 )
-    return attention.attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass)
+    return attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass)
 
 
 def kernel_backend() -> str:
-    """Which kernel family "pallas" uses on the default device."""
-    from .pallas_kernels import _compat
-
+    """Which kernel lowering "pallas" uses on the default device (`_compat.backend_kind`)."""
     return _compat.backend_kind()
 
-
-attention.register_implementation("pallas", pallas_attention)
 
 __all__ = ["kernel_backend", "pallas_attention"]

@@ -1,12 +1,22 @@
-"""Version-tolerant access to the Pallas backends (jax 0.10 here, 0.11 on the GPU machine).
+"""Version-tolerant access to the Pallas backends, and the kernels' `backend` vocabulary.
 
 Every kernel imports Pallas through this module so that a missing backend (no Mosaic GPU
 in an old jaxlib, no TPU interpreter) disables only the kernels that need it.
+
+`backend=` of a kernel entry point names how it runs, one of `KERNEL_BACKENDS`:
+  "mosaic_gpu"  Mosaic GPU lowering (Hopper and newer),
+  "triton"      Triton lowering (any CUDA GPU; also what `interpret=True` runs on CPU),
+  "mosaic_tpu"  Mosaic TPU lowering (`interpret=True`: the TPU interpreter on CPU),
+  "reference"   the kernel's pure-jnp `*_reference` (what XLA runs where no lowering applies),
+or None: `backend_kind()` for the default device ("triton" with `interpret=True`). The old
+spelling "xla" for the reference still works, with a DeprecationWarning. Which of the
+reference or the kernels `kvjax.attention.attend` uses is its own `implementation=` knob.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 from jax.experimental import pallas as pl
@@ -26,9 +36,22 @@ try:  # Mosaic TPU.
 except ImportError:  # pragma: no cover
     pltpu = None
 
-__all__ = ["backend_kind", "pl", "plgpu", "pltpu", "pltriton", "tpu_interpret_params", "triton_params"]
+__all__ = [
+    "BACKENDS",
+    "KERNEL_BACKENDS",
+    "backend_kind",
+    "pl",
+    "plgpu",
+    "pltpu",
+    "pltriton",
+    "resolve_backend",
+    "tpu_interpret_params",
+    "triton_params",
+]
 
-BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu")
+BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu")  # the Pallas lowerings
+KERNEL_BACKENDS = (*BACKENDS, "reference")
+RENAMED = {"xla": "reference"}  # old spelling -> new, accepted with a DeprecationWarning
 
 
 def triton_params(num_warps: int, num_stages: int):
@@ -67,7 +90,8 @@ def is_hopper_or_newer() -> bool:
 
 
 def backend_kind() -> str:
-    """The kernel backend for the default device: 'mosaic_gpu', 'triton', 'mosaic_tpu' or 'xla'."""
+    """The kernel backend for the default device: 'mosaic_gpu', 'triton', 'mosaic_tpu', or
+    'reference' where Pallas has no lowering (CPU)."""
     platform = jax.default_backend()
     if platform == "tpu":
         return "mosaic_tpu"
@@ -76,7 +100,29 @@ def backend_kind() -> str:
         if is_cuda and plgpu is not None and is_hopper_or_newer():
             return "mosaic_gpu"
         return "triton"
-    return "xla"
+    return "reference"
+
+
+def renamed(name, renames: dict, what: str, stacklevel: int = 3):
+    """`name`, or its new spelling (with a DeprecationWarning) when `renames` maps it."""
+    if isinstance(name, str) and name in renames:
+        new = renames[name]
+        warnings.warn(
+            f"{what}={name!r} is deprecated; use {what}={new!r} (the same thing)",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        return new
+    return name
+
+
+def resolve_backend(backend: str | None, interpret: bool, allowed: tuple[str, ...] = KERNEL_BACKENDS) -> str:
+    """A kernel entry point's `backend` argument -> one of `allowed` (module doc)."""
+    backend = renamed(backend, RENAMED, "backend", stacklevel=4)
+    if backend is None:
+        backend = "triton" if interpret else backend_kind()
+    check_backend(backend, allowed)
+    return backend
 
 
 def check_backend(backend: str, allowed: tuple[str, ...]) -> None:

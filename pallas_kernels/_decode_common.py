@@ -1,13 +1,131 @@
-"""Pieces shared by the decode kernels: GQA row grouping, the online-softmax step (in registers
-for the Triton kernels, in VMEM scratch refs for the Mosaic TPU ones), and the LSE merge of
-split-K partial results."""
+"""Pieces shared by the decode kernels, so that each backend's module imports this one and
+none imports another backend's: the input checks of the sparse and the quantized (KIVI) decode
+kernels, the KIVI kernels' tuning knobs (`DecodeBlockSizes`), GQA row grouping, the
+online-softmax step (in registers for the Triton kernels, in VMEM scratch refs for the Mosaic
+TPU ones), and the LSE merge of split-K partial results."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 from jax import lax
 
 NEG_INIT = -1e30  # running-max start: finite, so fully masked blocks give p = 0, alpha = 1
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+KERNEL_BITS = (2, 4, 8)  # code widths the quantized decode kernels read
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodeBlockSizes:
+    """Tuning knobs of the KIVI decode kernels (static). block_s: tokens per inner step;
+    num_splits: split-K chunks (None = about 16 programs per SM); num_warps, num_stages: Triton
+    compiler parameters; dequant_f32: keep dequantized K/V in float32 (tf32 dots on GPU) instead
+    of q's dtype. On mosaic_tpu only block_s (one grid step each) and dequant_f32 apply."""
+
+    block_s: int = 64
+    num_splits: int | None = None
+    num_warps: int = 2
+    num_stages: int = 3
+    dequant_f32: bool = False
+
+    @classmethod
+    def get_default(cls, backend: str = "triton") -> DecodeBlockSizes:
+        return cls()
+
+
+def is_float(x) -> bool:
+    return any(x.dtype == d for d in FLOAT_DTYPES)
+
+
+def u32_to_f32(codes):
+    """Exact uint32 (< 2**23) -> float32 with two integer/float ops (no slow int->float cvt)."""
+    return lax.bitcast_convert_type(codes | jnp.uint32(0x4B000000), jnp.float32) - 8388608.0
+
+
+def check_quantized_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res):
+    """The KIVI decode kernels' inputs (layout in `quantized_decode_attention`) -> (b, t, nq, h,
+    n, s, gk, gv); raises ValueError naming the value that does not fit."""
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"bits={bits} is not supported by the quantized decode kernel; expected one of {KERNEL_BITS}")
+    pw = 32 // bits
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, T, Nq, H]; got shape {q.shape}")
+    b, t, nq, h = q.shape
+    for name, x in (("k_codes", k_codes), ("v_codes", v_codes)):
+        if x.dtype != jnp.uint32 or x.ndim != 4:
+            raise ValueError(f"{name} must be a 4-D uint32 array; got {x.dtype}{x.shape}")
+    n = k_codes.shape[1]
+    s = k_codes.shape[2] * pw
+    if k_codes.shape != (b, n, s // pw, h):
+        raise ValueError(f"k_codes{k_codes.shape} must be [B, N, S/{pw}, H] with B={b}, H={h} (from q{q.shape})")
+    if nq % n:
+        raise ValueError(f"query heads {nq=} must be a multiple of key/value heads {n=}")
+    if v_codes.shape != (b, n, s, h // pw) or h % pw:
+        raise ValueError(f"v_codes{v_codes.shape} must be [B, N, S, H/{pw}] = {(b, n, s, h // pw)} for bits={bits}")
+    if k_scale.shape != k_zero.shape or k_scale.ndim != 4 or k_scale.shape[:2] != (b, n) or k_scale.shape[3] != h:
+        raise ValueError(
+            f"k_scale{k_scale.shape}/k_zero{k_zero.shape} must be [B, N, S/Gk, H] with B={b}, N={n}, H={h}"
+        )
+    if v_scale.shape != v_zero.shape or v_scale.ndim != 4 or v_scale.shape[:3] != (b, n, s):
+        raise ValueError(f"v_scale{v_scale.shape}/v_zero{v_zero.shape} must be [B, N, S, H/Gv] with S={s}")
+    if s % k_scale.shape[2] or h % v_scale.shape[3]:
+        raise ValueError(
+            f"groups must divide: S={s} by k groups {k_scale.shape[2]}, H={h} by v groups {v_scale.shape[3]}"
+        )
+    for name, x in (("q", q), ("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
+        if not is_float(x):
+            raise ValueError(f"{name} dtype={x.dtype} is not supported; expected float32, bfloat16 or float16")
+    if (k_res is None) != (v_res is None):
+        raise ValueError("pass both k_res and v_res, or neither")
+    if k_res is not None:
+        if k_res.shape != v_res.shape or k_res.ndim != 4 or k_res.shape[:2] != (b, n) or k_res.shape[3] != h:
+            raise ValueError(f"k_res{k_res.shape}/v_res{v_res.shape} must be [B, N, R, H] with B={b}, N={n}, H={h}")
+        if not (is_float(k_res) and is_float(v_res)):
+            raise ValueError(f"residual dtype={k_res.dtype} is not supported; expected a float dtype")
+    return b, t, nq, h, n, s, s // k_scale.shape[2], h // v_scale.shape[3]
+
+
+def check_sparse_inputs(q, k, v, block_indices, block_size):
+    """The sparse decode kernels' inputs (layout in `sparse_decode_attention`) -> (b, t, nq, h,
+    n, s); raises ValueError naming the value that does not fit."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"expected q [B,T,Nq,H], k/v [B,N,S,H]; got q{q.shape} k{k.shape} v{v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k{k.shape} and v{v.shape} must have the same shape")
+    b, t, nq, h = q.shape
+    _, n, s, hk = k.shape
+    if k.shape[0] != b or hk != h:
+        raise ValueError(f"q{q.shape} and k{k.shape} must agree on batch and head_dim")
+    if nq % n:
+        raise ValueError(f"query heads {nq=} must be a multiple of key/value heads {n=}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not is_float(x):
+            raise ValueError(f"{name} dtype={x.dtype} is not supported; expected float32, bfloat16 or float16")
+    if s % block_size:
+        raise ValueError(f"S={s} must be a multiple of block_size={block_size}")
+    if block_indices.ndim != 3 or block_indices.shape[:2] != (b, n):
+        raise ValueError(f"block_indices shape {block_indices.shape} must be [B, N, K] with B={b}, N={n}")
+    if not jnp.issubdtype(block_indices.dtype, jnp.integer):
+        raise ValueError(f"block_indices dtype={block_indices.dtype} must be an integer type")
+    return b, t, nq, h, n, s
+
+
+def check_positions(k_pos, q_pos, b, t, n, s, window=None):
+    """Optional slot positions k_pos [B, N, S] and query positions q_pos [B, T] (both or
+    neither), and a local window that needs them."""
+    if (k_pos is None) != (q_pos is None):
+        raise ValueError("pass both k_pos [B, N, S] and q_pos [B, T], or neither")
+    if k_pos is not None:
+        if k_pos.shape != (b, n, s) or q_pos.shape != (b, t):
+            raise ValueError(
+                f"k_pos{k_pos.shape} must be [B, N, S] = {(b, n, s)} and q_pos{q_pos.shape} [B, T] = {(b, t)}"
+            )
+        for name, x in (("k_pos", k_pos), ("q_pos", q_pos)):
+            if not jnp.issubdtype(x.dtype, jnp.integer):
+                raise ValueError(f"{name} dtype={x.dtype} must be an integer type")
+    if window is not None and (k_pos is None or window < 1):
+        raise ValueError(f"window={window} needs k_pos/q_pos and must be >= 1")
 
 
 def next_pow2(x: int) -> int:

@@ -64,13 +64,13 @@ def element_mask(spec: MaskSpec, q_len: int, kv_len: int, block_mask: np.ndarray
         m &= (qp - kp) < spec.window
     m = m[None]
     if block_mask is not None:
-        bm = _check_block_mask(spec, block_mask, q_len, kv_len)
+        bm = check_block_mask(spec, block_mask, q_len, kv_len)
         rq, rk = spec.mask_block
         m = m & np.repeat(np.repeat(bm, rq, axis=1), rk, axis=2)
     return m
 
 
-def _check_block_mask(spec: MaskSpec, block_mask, q_len: int, kv_len: int) -> np.ndarray:
+def check_block_mask(spec: MaskSpec, block_mask, q_len: int, kv_len: int) -> np.ndarray:
     bm = np.asarray(block_mask, bool)
     if bm.ndim == 2:
         bm = bm[None]
@@ -116,7 +116,7 @@ def build_block_metadata(
         all_vis &= (q1 - k0) < spec.window
     any_vis, all_vis = any_vis[None], all_vis[None]
     if block_mask is not None:
-        bm = _check_block_mask(spec, block_mask, q_len, kv_len)
+        bm = check_block_mask(spec, block_mask, q_len, kv_len)
         rq, rk = spec.mask_block
         if rq % block_q or rk % block_kv:
             raise ValueError(

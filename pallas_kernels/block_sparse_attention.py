@@ -7,11 +7,12 @@ Layout like `jax.nn.dot_product_attention`: q [B, T, Nq, H], k/v [B, S, N, H] wi
 log-sum-exp of the scaled logits (-inf, with out = 0, for a row that sees no key), so partial
 results over disjoint key sets merge with `kvjax.attention.merge_partials`.
 
-Backends (`backend=`): "mosaic_gpu" (Hopper, warp-specialised TMA + wgmma kernel in
-`block_sparse_attention_mgpu.py`), "triton" (any CUDA GPU; also the kernel run by
-`interpret=True` on CPU), "mosaic_tpu" (grid over key blocks with scalar-prefetched block
-indices; `interpret=True` runs it in the TPU interpreter) and "xla" (the jnp reference).
-`None` picks by the default device (`_compat.backend_kind`).
+Backends (`backend=`, `_compat` has the vocabulary): "mosaic_gpu" (Hopper, warp-specialised
+TMA + wgmma kernel in `block_sparse_attention_mgpu.py`), "triton" (any CUDA GPU; also the kernel
+run by `interpret=True` on CPU), "mosaic_tpu" (grid over key blocks with scalar-prefetched block
+indices; `interpret=True` runs it in the TPU interpreter) and "reference" (the jnp reference);
+`None` picks by the default device (`_compat.backend_kind`). The Pallas lowerings are the
+entries of one dispatch table (`_KERNELS`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from jax import lax
 from . import _compat
 from ._compat import pl
 from ._decode_common import NEG_INIT, scratch_finish, scratch_init, scratch_update
-from .block_mask import BlockMetadata, MaskSpec, build_block_metadata
+from .block_mask import BlockMetadata, MaskSpec, build_block_metadata, check_block_mask
+from .block_sparse_attention_mgpu import mgpu_block_sparse_attention
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -122,9 +124,7 @@ def block_sparse_attention_reference(
     scale = h**-0.5 if scale is None else scale
     bm = None
     if block_mask is not None:
-        from .block_mask import _check_block_mask
-
-        bm = jnp.asarray(_check_block_mask(mask, block_mask, t, s))  # [Hm, nqb_m, nkb_m]
+        bm = jnp.asarray(check_block_mask(mask, block_mask, t, s))  # [Hm, nqb_m, nkb_m]
     kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
     kpos = jnp.arange(s)
     lengths = None if kv_lengths is None else kv_lengths.astype(jnp.int32)
@@ -368,17 +368,18 @@ def _block_sparse_jit(q, k, v, meta, lengths, *, spec, scale, bs, backend, has_l
     listed = jnp.arange(indices.shape[-1]) < counts[..., None]
     counts = jnp.sum(listed[None] & (indices[None] < nvalid[:, None, None, None]), axis=-1, dtype=jnp.int32)
     meta = (counts, indices, partial)  # counts now [B, Hm, nqb]
-    if backend == "triton":
-        return _generic_call(
-            q, k, v, meta, lengths, spec=spec, scale=scale, bs=bs, has_lengths=has_lengths, interpret=interpret
-        )
-    if backend == "mosaic_tpu":
-        return _tpu_call(
-            q, k, v, meta, lengths, spec=spec, scale=scale, bs=bs, has_lengths=has_lengths, interpret=interpret
-        )
-    from .block_sparse_attention_mgpu import mgpu_block_sparse_attention
+    return _KERNELS[backend](
+        q, k, v, meta, lengths, spec=spec, scale=scale, bs=bs, has_lengths=has_lengths, interpret=interpret
+    )
 
-    return mgpu_block_sparse_attention(q, k, v, meta, lengths, spec=spec, scale=scale, bs=bs, has_lengths=has_lengths)
+
+def _mgpu_call(q, k, v, meta, lengths, *, interpret, **kw):
+    del interpret  # Mosaic GPU has no interpreter for wgmma: the kernel runs on a Hopper GPU only
+    return mgpu_block_sparse_attention(q, k, v, meta, lengths, **kw)
+
+
+# backend -> Pallas kernel ("reference" is handled before the kernels' metadata is built)
+_KERNELS = {"triton": _generic_call, "mosaic_tpu": _tpu_call, "mosaic_gpu": _mgpu_call}
 
 
 def block_sparse_attention(
@@ -401,11 +402,10 @@ def block_sparse_attention(
     [nqb, nkb] or [Nq, nqb, nkb] at `mask.mask_block` granularity; kv_lengths [B] int (keys
     at or past the length are invisible; key blocks past it are skipped). `metadata` may
     carry a precomputed `build_block_metadata` result (it must match the kernel blocks).
-    Returns (out [B, T, Nq, H], lse [B, T, Nq] float32)."""
-    if backend is None:
-        backend = "triton" if interpret else _compat.backend_kind()
-    _compat.check_backend(backend, _compat.BACKENDS + ("xla",))
-    if backend == "xla":
+    backend: one of `_compat.KERNEL_BACKENDS` or None (by device). Returns (out [B, T, Nq, H], lse
+    [B, T, Nq] float32)."""
+    backend = _compat.resolve_backend(backend, interpret)
+    if backend == "reference":
         return block_sparse_attention_reference(
             q, k, v, mask=mask, block_mask=block_mask, kv_lengths=kv_lengths, scale=scale
         )

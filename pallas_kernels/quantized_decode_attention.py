@@ -16,19 +16,19 @@ head. Split-K: the quantized tokens are cut into `num_splits` chunks (plus one p
 residual) whose partial results are merged through their LSEs. Codes are unpacked and
 dequantized in registers; the cache is read once. Returns (out [B,T,Nq,H], lse [B,T,Nq] f32).
 
-Backends: the Triton lowering on every CUDA GPU ("mosaic_gpu" also runs it on this layout),
-interpret mode on CPU, "mosaic_tpu" (grid over blocks of quantized tokens plus a residual step,
-one online softmax in VMEM, in `quantized_decode_attention_tpu.py`; of `block_sizes` only
-block_s and dequant_f32 apply, None picks the largest block that fits; with `interpret=True` it
-runs in the TPU interpreter), and "xla" = the jnp reference. Measured in BENCHMARKS.md
-("Kernels"): instruction-bound on the dequantization (0.6-0.9x cuDNN at 128k). The Hopper kernel,
-`quantized_decode_attention_mgpu.py` (2.0-2.2x cuDNN), reads the same codes in a fragment
-layout of its own (`to_fragment_layout`); KIVI caches on Hopper store that layout directly.
+Backends (`backend=`, `_compat` has the vocabulary): "triton" (every CUDA GPU; "mosaic_gpu" runs
+it too on this layout, and `interpret=True` runs it on CPU), "mosaic_tpu" (a grid over blocks of
+quantized tokens plus a residual step, one online softmax in VMEM:
+`quantized_decode_attention_tpu.py`; of `block_sizes` only block_s and dequant_f32 apply, None
+picks the largest block that fits; `interpret=True` runs it in the TPU interpreter) and
+"reference" (the jnp reference), each an entry of one dispatch table (`_BACKENDS`). The Triton
+kernel unpacks and dequantizes every code on the CUDA cores. The Hopper kernel, `kivi_mgpu`,
+reads the same codes in a fragment layout of its own (`kivi_mgpu.to_fragment_layout`) that
+feeds the tensor cores from registers; KIVI caches on Hopper store that layout directly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -38,6 +38,10 @@ from jax import lax
 from . import _compat, packing
 from ._compat import pl
 from ._decode_common import (
+    FLOAT_DTYPES,
+    KERNEL_BITS,
+    DecodeBlockSizes,
+    check_quantized_inputs,
     finish,
     group_rows,
     init_carry,
@@ -45,75 +49,21 @@ from ._decode_common import (
     merge_splits,
     online_update,
     per_head,
+    u32_to_f32,
     ungroup_rows,
 )
+from .quantized_decode_attention_tpu import quantized_decode_attention_tpu
 
-KERNEL_BITS = (2, 4, 8)
-FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DecodeBlockSizes:
-    """block_s: tokens per inner step; num_splits: split-K chunks (None = about 16 programs per
-    SM). Defaults: the fastest KIVI-2 variant of `benchmarks/kernels_bench.py --sweep` (H100 and
-    H200, 2026-11-26); the other unpack / convert / dtype choices were measured slower."""
-
-    block_s: int = 64
-    num_splits: int | None = None
-    num_warps: int = 2
-    num_stages: int = 3
-    unpack: str = "rows"  # "rows" (2-D tiles, scales expanded) or "grouped" (4-D, scales broadcast per group)
-    convert: str = "magic"  # code -> float: "magic" (2^23 + c, subtract) or "mantissa" (1 + c/2^b via a rotate)
-    dequant_f32: bool = False  # keep dequantized K/V in float32 (tf32 dots on GPU) instead of q's dtype
-
-    @classmethod
-    def get_default(cls, backend: str = "triton") -> DecodeBlockSizes:
-        return cls()
-
-
-def _is_float(x) -> bool:
-    return any(x.dtype == d for d in FLOAT_DTYPES)
-
-
-def _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res):
-    if bits not in KERNEL_BITS:
-        raise ValueError(f"bits={bits} is not supported by the quantized decode kernel; expected one of {KERNEL_BITS}")
-    pw = 32 // bits
-    if q.ndim != 4:
-        raise ValueError(f"q must be [B, T, Nq, H]; got shape {q.shape}")
-    b, t, nq, h = q.shape
-    for name, x in (("k_codes", k_codes), ("v_codes", v_codes)):
-        if x.dtype != jnp.uint32 or x.ndim != 4:
-            raise ValueError(f"{name} must be a 4-D uint32 array; got {x.dtype}{x.shape}")
-    n = k_codes.shape[1]
-    s = k_codes.shape[2] * pw
-    if k_codes.shape != (b, n, s // pw, h):
-        raise ValueError(f"k_codes{k_codes.shape} must be [B, N, S/{pw}, H] with B={b}, H={h} (from q{q.shape})")
-    if nq % n:
-        raise ValueError(f"query heads {nq=} must be a multiple of key/value heads {n=}")
-    if v_codes.shape != (b, n, s, h // pw) or h % pw:
-        raise ValueError(f"v_codes{v_codes.shape} must be [B, N, S, H/{pw}] = {(b, n, s, h // pw)} for bits={bits}")
-    if k_scale.shape != k_zero.shape or k_scale.ndim != 4 or k_scale.shape[:2] != (b, n) or k_scale.shape[3] != h:
-        raise ValueError(
-            f"k_scale{k_scale.shape}/k_zero{k_zero.shape} must be [B, N, S/Gk, H] with B={b}, N={n}, H={h}"
-        )
-    if v_scale.shape != v_zero.shape or v_scale.ndim != 4 or v_scale.shape[:3] != (b, n, s):
-        raise ValueError(f"v_scale{v_scale.shape}/v_zero{v_zero.shape} must be [B, N, S, H/Gv] with S={s}")
-    if s % k_scale.shape[2] or h % v_scale.shape[3]:
-        raise ValueError(
-            f"groups must divide: S={s} by k groups {k_scale.shape[2]}, H={h} by v groups {v_scale.shape[3]}"
-        )
-    for name, x in (("q", q), ("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale), ("v_zero", v_zero)):
-        if not _is_float(x):
-            raise ValueError(f"{name} dtype={x.dtype} is not supported; expected float32, bfloat16 or float16")
-    if (k_res is None) != (v_res is None):
-        raise ValueError("pass both k_res and v_res, or neither")
-    if k_res is not None:
-        if k_res.shape != v_res.shape or k_res.ndim != 4 or k_res.shape[:2] != (b, n) or k_res.shape[3] != h:
-            raise ValueError(f"k_res{k_res.shape}/v_res{v_res.shape} must be [B, N, R, H] with B={b}, N={n}, H={h}")
-        if not (_is_float(k_res) and _is_float(v_res)):
-            raise ValueError(f"residual dtype={k_res.dtype} is not supported; expected a float dtype")
-    return b, t, nq, h, n, s, s // k_scale.shape[2], h // v_scale.shape[3]
+__all__ = [
+    "FLOAT_DTYPES",
+    "KERNEL_BITS",
+    "DecodeBlockSizes",
+    "compressed_bytes",
+    "dequantize_keys",
+    "dequantize_values",
+    "quantized_decode_attention",
+    "quantized_decode_attention_reference",
+]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -154,7 +104,9 @@ def quantized_decode_attention_reference(
     scale=None,
 ):
     """Dequantize everything and attend in float32 (same semantics as the kernel)."""
-    b, t, nq, h, n, s, _, _ = _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
+    b, t, nq, h, n, s, _, _ = check_quantized_inputs(
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res
+    )
     g = nq // n
     scale = h**-0.5 if scale is None else scale
     lengths = per_head(lengths, b, n, "lengths")
@@ -178,19 +130,6 @@ def quantized_decode_attention_reference(
 
 
 # ----------------------------------------------------------------------------- kernel
-
-
-def _u32_to_f32(codes):
-    """Exact uint32 (< 2**23) -> float32 with two integer/float ops (no slow int->float cvt)."""
-    return lax.bitcast_convert_type(codes | jnp.uint32(0x4B000000), jnp.float32) - 8388608.0
-
-
-def _unit_codes(words, rot, bits):
-    """float32 1 + code / 2**bits for the code that `rot` rotates to the top of the mantissa:
-    a rotate and one and/or (the float is exact; dequantize as f * (2^b s) + (z - 2^b s))."""
-    r = (words << rot) | (words >> ((jnp.uint32(32) - rot) & jnp.uint32(31)))
-    field = jnp.uint32(((1 << bits) - 1) << (23 - bits))
-    return lax.bitcast_convert_type((r & field) | jnp.uint32(0x3F800000), jnp.float32)
 
 
 def _expand_rows(x, rep):
@@ -235,8 +174,6 @@ def _kernel(
     num_splits,
     has_res,
     compute_dtype,
-    unpack,
-    convert,
 ):
     bi, ni, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     pw = 32 // bits
@@ -252,10 +189,6 @@ def _kernel(
         nblocks = jnp.clip(pl.cdiv(length - start, bs), 0, chunk // bs)
         k_shifts = (lax.broadcasted_iota(jnp.int32, (1, pw, 1), 1) * bits).astype(jnp.uint32)
         v_shifts = (lax.broadcasted_iota(jnp.int32, (1, 1, pw), 2) * bits).astype(jnp.uint32)
-        k4_shifts = (lax.broadcasted_iota(jnp.int32, (1, 1, pw, 1), 2) * bits).astype(jnp.uint32)
-        v4_shifts = (lax.broadcasted_iota(jnp.int32, (1, 1, 1, pw), 3) * bits).astype(jnp.uint32)
-        k4_rot = (jnp.uint32(23 - bits + 32) - k4_shifts) & jnp.uint32(31)  # brings code j to mantissa bit 23-b
-        v4_rot = (jnp.uint32(23 - bits + 32) - v4_shifts) & jnp.uint32(31)
 
         def body(j, carry):
             s0 = start + j * bs
@@ -263,43 +196,18 @@ def _kernel(
             ng = max(bs // gk, 1)
             ks = ks_ref[pl.ds(s0 // gk, ng), :].astype(jnp.float32)  # [groups in block, H]
             kz = kz_ref[pl.ds(s0 // gk, ng), :].astype(jnp.float32)
-            if unpack == "grouped":  # [groups, words/group, slots, H]; scales broadcast, one final reshape
-                wg = min(bs, gk) // pw
-                k4 = kw.reshape(ng, wg, 1, h)
-                ks4, kz4 = ks.reshape(ng, 1, 1, h), kz.reshape(ng, 1, 1, h)
-                if convert == "mantissa":
-                    a = ks4 * float(1 << bits)
-                    k = _unit_codes(k4, k4_rot, bits) * a + (kz4 - a)
-                else:
-                    k = _u32_to_f32((k4 >> k4_shifts) & mask_code) * ks4 + kz4
-                k = k.astype(compute_dtype)
-                sc = (
-                    lax.dot_general(q, k.reshape(bs, h), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-                    * scale
-                )
-            else:
-                kcodes = ((kw[:, None, :] >> k_shifts) & mask_code).reshape(bs, h)
-                if bs >= gk:
-                    ks, kz = _expand_rows(ks, gk), _expand_rows(kz, gk)
-                k = (_u32_to_f32(kcodes) * ks + kz).astype(compute_dtype)
-                sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+            kcodes = ((kw[:, None, :] >> k_shifts) & mask_code).reshape(bs, h)  # token-major rows
+            if bs >= gk:
+                ks, kz = _expand_rows(ks, gk), _expand_rows(kz, gk)
+            k = (u32_to_f32(kcodes) * ks + kz).astype(compute_dtype)
+            sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
             kpos = s0 + lax.broadcasted_iota(jnp.int32, (rows, bs), 1)
             sc = jnp.where(kpos < length, sc, -jnp.inf)
             vw = vc_ref[pl.ds(s0, bs), :]  # [bs, H/pw]
             vs = vs_ref[pl.ds(s0, bs), :].astype(jnp.float32)  # [bs, H/gv]
             vz = vz_ref[pl.ds(s0, bs), :].astype(jnp.float32)
-            if unpack == "grouped":  # [bs, groups, words/group, slots]
-                v4 = vw.reshape(bs, h // gv, gv // pw, 1)
-                vs4, vz4 = vs.reshape(bs, h // gv, 1, 1), vz.reshape(bs, h // gv, 1, 1)
-                if convert == "mantissa":
-                    a = vs4 * float(1 << bits)
-                    v = _unit_codes(v4, v4_rot, bits) * a + (vz4 - a)
-                else:
-                    v = _u32_to_f32((v4 >> v4_shifts) & mask_code) * vs4 + vz4
-                v = v.astype(compute_dtype).reshape(bs, h)
-            else:
-                vcodes = ((vw[:, :, None] >> v_shifts) & mask_code).reshape(bs, h)
-                v = (_u32_to_f32(vcodes) * _expand_cols(vs, gv) + _expand_cols(vz, gv)).astype(compute_dtype)
+            vcodes = ((vw[:, :, None] >> v_shifts) & mask_code).reshape(bs, h)
+            v = (u32_to_f32(vcodes) * _expand_cols(vs, gv) + _expand_cols(vz, gv)).astype(compute_dtype)
             return online_update(carry, sc, v)
 
         finish(lax.fori_loop(0, nblocks, body, init), o_ref, lse_ref)
@@ -326,7 +234,7 @@ def _auto_splits(b, n, s, bs) -> int:
     return splits
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "scale", "bsz", "backend", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "scale", "bsz", "interpret"))
 def _quantized_decode_jit(
     q,
     k_codes,
@@ -343,7 +251,6 @@ def _quantized_decode_jit(
     bits,
     scale,
     bsz: DecodeBlockSizes,
-    backend,
     interpret,
 ):
     b, t, nq, h = q.shape
@@ -377,8 +284,6 @@ def _quantized_decode_jit(
         num_splits=splits,
         has_res=has_res,
         compute_dtype=compute_dtype,
-        unpack=bsz.unpack,
-        convert=bsz.convert,
     )
     per_bn = lambda *shape: pl.BlockSpec((None, None, *shape), lambda bi, ni, si: (bi, ni) + (0,) * len(shape))
     full = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
@@ -414,7 +319,12 @@ def _quantized_decode_jit(
     return out.astype(q.dtype), lse
 
 
-def quantized_decode_attention(
+def _reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, *, block_sizes, interpret, **kw):
+    del block_sizes, interpret  # the jnp reference has no tuning knobs
+    return quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, lengths, **kw)
+
+
+def _triton(
     q,
     k_codes,
     k_scale,
@@ -424,73 +334,24 @@ def quantized_decode_attention(
     v_zero,
     lengths,
     *,
-    bits: int,
-    k_res=None,
-    v_res=None,
-    res_lengths=None,
-    scale: float | None = None,
-    block_sizes: DecodeBlockSizes | None = None,
-    backend: str | None = None,
-    interpret: bool = False,
+    bits,
+    k_res,
+    v_res,
+    res_lengths,
+    scale,
+    block_sizes,
+    interpret,
 ):
-    """KIVI decode attention (see module docstring). lengths / res_lengths: [B] or [B, N].
-    Returns (out [B, T, Nq, H] in q.dtype, lse [B, T, Nq] float32)."""
-    b, _t, _nq, h, n, s, gk, gv = _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
-    if backend is None:
-        backend = "triton" if interpret else _compat.backend_kind()
-    _compat.check_backend(backend, ("triton", "mosaic_gpu", "mosaic_tpu", "xla"))
-    if backend == "xla":
-        return quantized_decode_attention_reference(
-            q,
-            k_codes,
-            k_scale,
-            k_zero,
-            v_codes,
-            v_scale,
-            v_zero,
-            lengths,
-            bits=bits,
-            k_res=k_res,
-            v_res=v_res,
-            res_lengths=res_lengths,
-            scale=scale,
-        )
-    if backend == "mosaic_tpu":
-        from .quantized_decode_attention_tpu import quantized_decode_attention_tpu
-
-        return quantized_decode_attention_tpu(
-            q,
-            k_codes,
-            k_scale,
-            k_zero,
-            v_codes,
-            v_scale,
-            v_zero,
-            lengths,
-            bits=bits,
-            k_res=k_res,
-            v_res=v_res,
-            res_lengths=res_lengths,
-            scale=scale,
-            block_sizes=block_sizes,
-            interpret=interpret,
-        )
-    bsz = block_sizes or DecodeBlockSizes.get_default(backend)
+    """The Triton kernel (module doc): checks its shape constraints, then runs it."""
+    b, _t, _nq, h, n, s, gk, gv = check_quantized_inputs(
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res
+    )
+    bsz = block_sizes or DecodeBlockSizes.get_default("triton")
     bs, pw = bsz.block_s, 32 // bits
     if s % bs or bs % pw or (bs % gk and gk % bs):
         raise ValueError(
             f"S={s} must be a multiple of block_s={bs}, which must be a multiple of {pw} (bits={bits}) "
             f"and divide or be divided by the key group Gk={gk}"
-        )
-    if bsz.unpack not in ("grouped", "rows") or bsz.convert not in ("mantissa", "magic"):
-        raise ValueError(
-            f"unpack={bsz.unpack!r}, convert={bsz.convert!r}; expected unpack 'grouped' or 'rows' "
-            "and convert 'mantissa' or 'magic'"
-        )
-    if bsz.unpack == "grouped" and (min(bs, gk) % pw or gv % pw):
-        raise ValueError(
-            f"unpack='grouped' needs groups Gk={gk} (or block_s={bs}) and Gv={gv} to be multiples of "
-            f"{pw} codes per word (bits={bits}); use unpack='rows'"
         )
     splits = bsz.num_splits
     if splits is not None and s % (splits * bs):
@@ -521,7 +382,59 @@ def quantized_decode_attention(
         bits=bits,
         scale=scale,
         bsz=bsz,
-        backend=backend,
+        interpret=interpret,
+    )
+
+
+# backend -> implementation; "mosaic_gpu" runs the Triton kernel on this layout (the Hopper kernel
+# reads the fragment layout: `kivi_mgpu`)
+_BACKENDS = {
+    "triton": _triton,
+    "mosaic_gpu": _triton,
+    "mosaic_tpu": quantized_decode_attention_tpu,
+    "reference": _reference,
+}
+
+
+def quantized_decode_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    lengths,
+    *,
+    bits: int,
+    k_res=None,
+    v_res=None,
+    res_lengths=None,
+    scale: float | None = None,
+    block_sizes: DecodeBlockSizes | None = None,
+    backend: str | None = None,
+    interpret: bool = False,
+):
+    """KIVI decode attention (see module docstring). lengths / res_lengths: [B] or [B, N];
+    backend: one of `_compat.KERNEL_BACKENDS` or None (by device). Returns (out [B, T, Nq, H] in
+    q.dtype, lse [B, T, Nq] float32)."""
+    check_quantized_inputs(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
+    backend = _compat.resolve_backend(backend, interpret, tuple(_BACKENDS))
+    return _BACKENDS[backend](
+        q,
+        k_codes,
+        k_scale,
+        k_zero,
+        v_codes,
+        v_scale,
+        v_zero,
+        lengths,
+        bits=bits,
+        k_res=k_res,
+        v_res=v_res,
+        res_lengths=res_lengths,
+        scale=scale,
+        block_sizes=block_sizes,
         interpret=interpret,
     )
 

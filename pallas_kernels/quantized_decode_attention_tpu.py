@@ -1,5 +1,6 @@
 """Mosaic TPU version of KIVI decode attention (`quantized_decode_attention.py` holds the
-layout, the semantics, the Triton kernel and the jnp reference; this file only the TPU kernel).
+layout, the semantics, the Triton kernel, the jnp reference and the dispatch table that calls
+this one for backend="mosaic_tpu"; this file only the TPU kernel).
 
 q [B, T, Nq, H]; k_codes uint32 [B, N, S/pw, H] (packed along tokens), k_scale/k_zero
 [B, N, S/Gk, H]; v_codes uint32 [B, N, S, H/pw] (packed along channels), v_scale/v_zero
@@ -30,13 +31,13 @@ Dequantization in VMEM (codes are `packing.pack` words: code j of a word in bits
 Shapes: block_s (default: the largest of 512, 256, ..., 8 that fits) must divide S, be a
 multiple of 8 and of pw = 32 // bits, and divide or be divided by the key group Gk.
 bits in {2, 4, 8}. On a real TPU head_dim should be a multiple of 128 (lane tiling); smaller
-head dims run in interpret mode, which is what the CPU tests use. Validated in the TPU
-interpreter only (`interpret=True`), and its lowering to Mosaic checked from CPU; no TPU was
-available to compile (Mosaic's layout passes) or time it.
+head dims run in interpret mode, which is what the CPU tests use. Checked in the TPU interpreter
+(`interpret=True`) and lowered to Mosaic from CPU; not compiled for or run on a TPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -45,8 +46,17 @@ from jax import lax
 
 from . import _compat
 from ._compat import pl
-from ._decode_common import group_rows, per_head, scratch_finish, scratch_init, scratch_update, ungroup_rows
-from .quantized_decode_attention import _infer, _u32_to_f32
+from ._decode_common import (
+    DecodeBlockSizes,
+    check_quantized_inputs,
+    group_rows,
+    per_head,
+    scratch_finish,
+    scratch_init,
+    scratch_update,
+    u32_to_f32,
+    ungroup_rows,
+)
 
 _BLOCK_CHOICES = (512, 256, 128, 64, 32, 16, 8)
 
@@ -74,11 +84,11 @@ def _values(vw, vs, vz, bits: int, h: int):
     byte = jnp.zeros((vw.shape[0], h), jnp.float32)
     for kb in range(4):  # byte kb of word c -> channels c*pw + j whose code sits in that byte
         sel = ((col // pw == row) & ((col % pw) // cpb == kb)).astype(jnp.bfloat16)
-        b8 = _u32_to_f32((vw >> jnp.uint32(8 * kb)) & jnp.uint32(0xFF)).astype(jnp.bfloat16)
+        b8 = u32_to_f32((vw >> jnp.uint32(8 * kb)) & jnp.uint32(0xFF)).astype(jnp.bfloat16)
         byte = byte + lax.dot_general(b8, sel, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     if bits < 8:
         shift = ((lax.broadcasted_iota(jnp.int32, byte.shape, 1) % cpb) * bits).astype(jnp.uint32)
-        codes = _u32_to_f32(
+        codes = u32_to_f32(
             (lax.bitcast_convert_type(byte.astype(jnp.int32), jnp.uint32) >> shift) & jnp.uint32((1 << bits) - 1)
         )
     else:
@@ -135,7 +145,7 @@ def _kernel(
         kw = kc_ref[...]  # [bs/pw, H] uint32: slot j of word w = token w*pw + j
         a = bs // pw
         for j in range(pw):
-            kbuf[pl.ds(j, a, stride=pw), :] = _u32_to_f32((kw >> jnp.uint32(j * bits)) & jnp.uint32((1 << bits) - 1))
+            kbuf[pl.ds(j, a, stride=pw), :] = u32_to_f32((kw >> jnp.uint32(j * bits)) & jnp.uint32((1 << bits) - 1))
         ks = ks_ref[...].astype(jnp.float32)  # [max(bs/gk, 1), H]
         kz = kz_ref[...].astype(jnp.float32)
         if bs <= gk:
@@ -170,7 +180,7 @@ def _kernel(
         scratch_finish(m_scr, l_scr, acc_scr, o_ref, lse_ref)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "scale", "block_s", "dequant_f32", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "scale", "block_sizes", "interpret"))
 def _quantized_decode_tpu_jit(
     q,
     k_codes,
@@ -186,8 +196,7 @@ def _quantized_decode_tpu_jit(
     *,
     bits,
     scale,
-    block_s,
-    dequant_f32,
+    block_sizes: DecodeBlockSizes,
     interpret,
 ):
     pltpu = _compat.pltpu
@@ -196,7 +205,7 @@ def _quantized_decode_tpu_jit(
     pw = 32 // bits
     s = k_codes.shape[2] * pw
     gk, gv = s // k_scale.shape[2], h // v_scale.shape[3]
-    bs = block_s
+    bs = block_sizes.block_s
     nsb = s // bs
     qr, rows = group_rows(q, n)
     rows_p = -(-rows // 8) * 8
@@ -204,7 +213,7 @@ def _quantized_decode_tpu_jit(
     has_res = k_res is not None
     if not has_res:
         res_lengths = jnp.zeros((b, n), jnp.int32)
-    compute_dtype = jnp.float32 if (q.dtype == jnp.float32 or dequant_f32) else q.dtype
+    compute_dtype = jnp.float32 if (q.dtype == jnp.float32 or block_sizes.dequant_f32) else q.dtype
     # Blocks whose last two dims are the array's full dims (any size is then legal on TPU).
     kc = k_codes.reshape(b, n, nsb, bs // pw, h)
     kgrp = max(bs // gk, 1)
@@ -304,13 +313,16 @@ def quantized_decode_attention_tpu(
     v_res=None,
     res_lengths=None,
     scale: float | None = None,
-    block_sizes=None,
+    block_sizes: DecodeBlockSizes | None = None,
     interpret: bool = False,
 ):
     """Mosaic TPU KIVI decode attention (module docstring); `interpret=True` runs it in the TPU
     interpreter. block_sizes: a `DecodeBlockSizes` (only block_s and dequant_f32 apply here)
-    or None. Returns (out [B, T, Nq, H] q.dtype, lse [B, T, Nq] float32)."""
-    b, _t, _nq, h, n, s, gk, _gv = _infer(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res)
+    or None (the largest block_s that fits). Returns (out [B, T, Nq, H] q.dtype, lse [B, T, Nq]
+    float32)."""
+    b, _t, _nq, h, n, s, gk, _gv = check_quantized_inputs(
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, k_res, v_res
+    )
     pw = 32 // bits
     if block_sizes is None:
         bs = next((c for c in _BLOCK_CHOICES if _fits(c, s, pw, gk)), None)
@@ -319,9 +331,9 @@ def quantized_decode_attention_tpu(
                 f"no block_s in {_BLOCK_CHOICES} fits S={s} (multiple of 8 and of {pw} for bits={bits}, "
                 f"dividing or divided by the key group Gk={gk}) on mosaic_tpu"
             )
-        dequant_f32 = False
+        block_sizes = dataclasses.replace(DecodeBlockSizes.get_default("mosaic_tpu"), block_s=bs, dequant_f32=False)
     else:
-        bs, dequant_f32 = block_sizes.block_s, block_sizes.dequant_f32
+        bs = block_sizes.block_s
         if not _fits(bs, s, pw, gk):
             raise ValueError(
                 f"block_s={bs} must divide S={s}, be a multiple of 8 and of {pw} (bits={bits}), and "
@@ -347,8 +359,7 @@ def quantized_decode_attention_tpu(
         res_lengths,
         bits=bits,
         scale=scale,
-        block_s=bs,
-        dequant_f32=dequant_f32,
+        block_sizes=block_sizes,
         interpret=interpret,
     )
 

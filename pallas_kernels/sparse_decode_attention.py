@@ -14,10 +14,11 @@ an evicted, merged or re-ordered cache needs no prefix check (the positions ride
 per slot next to 2 * H * itemsize of K and V).
 Returns (out [B, T, Nq, H], lse [B, T, Nq] float32; -inf and 0 where nothing was selected).
 
-Backends: the Triton lowering on every CUDA GPU ("mosaic_gpu" runs it too), interpret mode on
-CPU, "mosaic_tpu" (grid over the selected blocks with scalar-prefetched block numbers, in
-`sparse_decode_attention_tpu.py`; `block_sizes` does not apply; with `interpret=True` it runs
-in the TPU interpreter) and "xla" = the jnp reference.
+Backends (`backend=`, `_compat` has the vocabulary): "triton" (every CUDA GPU; "mosaic_gpu" runs
+it too, and `interpret=True` runs it on CPU), "mosaic_tpu" (a grid over the selected blocks with
+scalar-prefetched block numbers: `sparse_decode_attention_tpu.py`; `block_sizes` does not apply;
+`interpret=True` runs it in the TPU interpreter) and "reference" (the jnp reference), each an
+entry of one dispatch table (`_BACKENDS`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from jax import lax
 from . import _compat
 from ._compat import pl
 from ._decode_common import (
+    FLOAT_DTYPES,
+    check_positions,
+    check_sparse_inputs,
     clean_selection,
     finish,
     group_rows,
@@ -42,60 +46,38 @@ from ._decode_common import (
     per_head,
     ungroup_rows,
 )
+from .sparse_decode_attention_tpu import sparse_decode_attention_tpu
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+SUPPORTED_DTYPES = FLOAT_DTYPES
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "SparseDecodeBlockSizes",
+    "sparse_decode_attention",
+    "sparse_decode_attention_reference",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SparseDecodeBlockSizes:
-    """num_splits: programs per (row, KV head) over the K selected blocks (None = auto)."""
+    """Tuning knobs of the Triton kernel (static). num_splits: programs per (row, KV head) over
+    the K selected blocks (None = auto); num_warps, num_stages: Triton compiler parameters."""
 
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 2
 
-
-def _check(q, k, v, block_indices, block_size):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"expected q [B,T,Nq,H], k/v [B,N,S,H]; got q{q.shape} k{k.shape} v{v.shape}")
-    if k.shape != v.shape:
-        raise ValueError(f"k{k.shape} and v{v.shape} must have the same shape")
-    b, t, nq, h = q.shape
-    _, n, s, hk = k.shape
-    if k.shape[0] != b or hk != h:
-        raise ValueError(f"q{q.shape} and k{k.shape} must agree on batch and head_dim")
-    if nq % n:
-        raise ValueError(f"query heads {nq=} must be a multiple of key/value heads {n=}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not any(x.dtype == d for d in SUPPORTED_DTYPES):
-            raise ValueError(f"{name} dtype={x.dtype} is not supported; expected float32, bfloat16 or float16")
-    if s % block_size:
-        raise ValueError(f"S={s} must be a multiple of block_size={block_size}")
-    if block_indices.ndim != 3 or block_indices.shape[:2] != (b, n):
-        raise ValueError(f"block_indices shape {block_indices.shape} must be [B, N, K] with B={b}, N={n}")
-    if not jnp.issubdtype(block_indices.dtype, jnp.integer):
-        raise ValueError(f"block_indices dtype={block_indices.dtype} must be an integer type")
-    return b, t, nq, h, n, s
-
-
-def _check_positions(k_pos, q_pos, b, t, n, s):
-    if (k_pos is None) != (q_pos is None):
-        raise ValueError("pass both k_pos [B, N, S] and q_pos [B, T], or neither")
-    if k_pos is None:
-        return
-    if k_pos.shape != (b, n, s) or q_pos.shape != (b, t):
-        raise ValueError(f"k_pos{k_pos.shape} must be [B, N, S] = {(b, n, s)} and q_pos{q_pos.shape} [B, T] = {(b, t)}")
-    for name, x in (("k_pos", k_pos), ("q_pos", q_pos)):
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} dtype={x.dtype} must be an integer type")
+    @classmethod
+    def get_default(cls, backend: str = "triton") -> SparseDecodeBlockSizes:
+        return cls()
 
 
 def sparse_decode_attention_reference(
     q, k, v, block_indices, lengths, *, block_size, block_counts=None, scale=None, k_pos=None, q_pos=None, window=None
 ):
     """Gather-free jnp reference: a [B, N, S] visibility mask from the selected blocks."""
-    b, t, nq, h, n, s = _check(q, k, v, block_indices, block_size)
-    _check_positions(k_pos, q_pos, b, t, n, s)
+    b, t, nq, h, n, s = check_sparse_inputs(q, k, v, block_indices, block_size)
+    check_positions(k_pos, q_pos, b, t, n, s)
     g = nq // n
     scale = h**-0.5 if scale is None else scale
     kk = block_indices.shape[2]
@@ -219,6 +201,64 @@ def _sparse_decode_jit(
     return out.astype(q.dtype), lse
 
 
+def _reference(q, k, v, block_indices, lengths, *, block_sizes, selection_is_clean, interpret, **kw):
+    del block_sizes, selection_is_clean, interpret  # the jnp reference has no tuning knobs
+    return sparse_decode_attention_reference(q, k, v, block_indices, lengths, **kw)
+
+
+def _tpu(q, k, v, block_indices, lengths, *, block_sizes, selection_is_clean, **kw):
+    del block_sizes, selection_is_clean  # the TPU kernel cleans every selection (its docstring)
+    return sparse_decode_attention_tpu(q, k, v, block_indices, lengths, **kw)
+
+
+def _triton(
+    q,
+    k,
+    v,
+    block_indices,
+    lengths,
+    *,
+    block_size,
+    block_counts,
+    scale,
+    k_pos,
+    q_pos,
+    window,
+    block_sizes,
+    selection_is_clean,
+    interpret,
+):
+    """The Triton kernel (module doc): checks its shape constraints, then runs it."""
+    b, _t, _nq, h, n, _s = check_sparse_inputs(q, k, v, block_indices, block_size)
+    for name, val in (("block_size", block_size), ("head_dim", h)):
+        if val < 16 or val & (val - 1):
+            raise ValueError(f"{name}={val} must be a power of two >= 16 for the triton backend")
+    kk = block_indices.shape[2]
+    counts = jnp.full((b, n), kk, jnp.int32) if block_counts is None else per_head(block_counts, b, n, "block_counts")
+    lengths = per_head(lengths, b, n, "lengths")
+    scale = float(h**-0.5 if scale is None else scale)
+    return _sparse_decode_jit(
+        q,
+        k,
+        v,
+        block_indices,
+        jnp.minimum(counts, kk),
+        lengths,
+        k_pos,
+        q_pos,
+        block_size=block_size,
+        scale=scale,
+        bsz=block_sizes or SparseDecodeBlockSizes.get_default("triton"),
+        interpret=interpret,
+        window=window,
+        clean=selection_is_clean,
+    )
+
+
+# backend -> implementation ("mosaic_gpu" runs the Triton kernel)
+_BACKENDS = {"triton": _triton, "mosaic_gpu": _triton, "mosaic_tpu": _tpu, "reference": _reference}
+
+
 def sparse_decode_attention(
     q,
     k,
@@ -241,65 +281,24 @@ def sparse_decode_attention(
 
     Block numbers that are repeated, negative or past the last block are dropped, as in the
     reference (a sort per (row, head)); `selection_is_clean=True` skips that pass when the
-    caller knows the list is distinct and in range (e.g. every block, in order)."""
-    b, t, _nq, h, n, s = _check(q, k, v, block_indices, block_size)
-    _check_positions(k_pos, q_pos, b, t, n, s)
-    if window is not None and (k_pos is None or window < 1):
-        raise ValueError(f"window={window} needs k_pos/q_pos and must be >= 1")
-    if backend is None:
-        backend = "triton" if interpret else _compat.backend_kind()
-    _compat.check_backend(backend, ("triton", "mosaic_gpu", "mosaic_tpu", "xla"))
-    if backend == "xla":
-        return sparse_decode_attention_reference(
-            q,
-            k,
-            v,
-            block_indices,
-            lengths,
-            block_size=block_size,
-            block_counts=block_counts,
-            scale=scale,
-            k_pos=k_pos,
-            q_pos=q_pos,
-            window=window,
-        )
-    if backend == "mosaic_tpu":
-        from .sparse_decode_attention_tpu import sparse_decode_attention_tpu
-
-        return sparse_decode_attention_tpu(
-            q,
-            k,
-            v,
-            block_indices,
-            lengths,
-            block_size=block_size,
-            block_counts=block_counts,
-            scale=scale,
-            k_pos=k_pos,
-            q_pos=q_pos,
-            window=window,
-            interpret=interpret,
-        )
-    for name, val in (("block_size", block_size), ("head_dim", h)):
-        if val < 16 or val & (val - 1):
-            raise ValueError(f"{name}={val} must be a power of two >= 16 for the triton backend")
-    kk = block_indices.shape[2]
-    counts = jnp.full((b, n), kk, jnp.int32) if block_counts is None else per_head(block_counts, b, n, "block_counts")
-    lengths = per_head(lengths, b, n, "lengths")
-    scale = float(h**-0.5 if scale is None else scale)
-    return _sparse_decode_jit(
+    caller knows the list is distinct and in range (e.g. every block, in order). backend: one of
+    `_compat.KERNEL_BACKENDS` or None (by device)."""
+    b, t, _nq, _h, n, s = check_sparse_inputs(q, k, v, block_indices, block_size)
+    check_positions(k_pos, q_pos, b, t, n, s, window)
+    backend = _compat.resolve_backend(backend, interpret, tuple(_BACKENDS))
+    return _BACKENDS[backend](
         q,
         k,
         v,
         block_indices,
-        jnp.minimum(counts, kk),
         lengths,
-        k_pos,
-        q_pos,
         block_size=block_size,
+        block_counts=block_counts,
         scale=scale,
-        bsz=block_sizes or SparseDecodeBlockSizes(),
-        interpret=interpret,
+        k_pos=k_pos,
+        q_pos=q_pos,
         window=window,
-        clean=selection_is_clean,
+        block_sizes=block_sizes,
+        selection_is_clean=selection_is_clean,
+        interpret=interpret,
     )

@@ -1,5 +1,6 @@
 """Mosaic TPU version of sparse decode attention (`sparse_decode_attention.py` holds the
-semantics, the Triton kernel and the jnp reference; this file only the TPU kernel).
+semantics, the Triton kernel, the jnp reference and the dispatch table that calls this one for
+backend="mosaic_tpu"; this file only the TPU kernel).
 
 q [B, T, Nq, H]; k, v [B, N, S, H] (blocks of `block_size` tokens); block_indices [B, N, K];
 block_counts [B, N]; lengths [B, N]; optionally slot positions k_pos [B, N, S], query positions
@@ -22,9 +23,8 @@ along as a [1, block_size] lane row and the query positions as a [rows, 1] colum
 
 Shapes: block_size must be a multiple of 8 (sublane tiling; 16 suits bfloat16 better).
 On a real TPU head_dim should be a multiple of 128 (lane tiling); smaller head dims
-(e.g. 32, 64) run in interpret mode, which is what the CPU tests use. Validated in the TPU
-interpreter only (`interpret=True`), and its lowering to Mosaic checked from CPU; no TPU was
-available to compile (Mosaic's layout passes) or time it.
+(e.g. 32, 64) run in interpret mode, which is what the CPU tests use. Checked in the TPU
+interpreter (`interpret=True`) and lowered to Mosaic from CPU; not compiled for or run on a TPU.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from jax import lax
 from . import _compat
 from ._compat import pl
 from ._decode_common import (
+    check_positions,
+    check_sparse_inputs,
     clean_selection,
     group_rows,
     per_head,
@@ -46,7 +48,6 @@ from ._decode_common import (
     scratch_update,
     ungroup_rows,
 )
-from .sparse_decode_attention import _check, _check_positions
 
 
 def _kernel(
@@ -179,10 +180,8 @@ def sparse_decode_attention_tpu(
 ):
     """Mosaic TPU sparse decode attention (module docstring); `interpret=True` runs it in the
     TPU interpreter. Returns (out [B, T, Nq, H] q.dtype, lse [B, T, Nq] float32)."""
-    b, t, _nq, h, n, s = _check(q, k, v, block_indices, block_size)
-    _check_positions(k_pos, q_pos, b, t, n, s)
-    if window is not None and (k_pos is None or window < 1):
-        raise ValueError(f"window={window} needs k_pos/q_pos and must be >= 1")
+    b, t, _nq, h, n, s = check_sparse_inputs(q, k, v, block_indices, block_size)
+    check_positions(k_pos, q_pos, b, t, n, s, window)
     if block_size % 8:
         raise ValueError(f"block_size={block_size} must be a multiple of 8 for the mosaic_tpu backend")
     kk = block_indices.shape[2]
@@ -207,4 +206,4 @@ def sparse_decode_attention_tpu(
     )
 
 
-__all__ = ["clean_selection", "sparse_decode_attention_tpu"]
+__all__ = ["sparse_decode_attention_tpu"]

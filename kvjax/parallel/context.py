@@ -34,6 +34,7 @@ from ..models.forward import hidden_states, logits_from_hidden
 from ..policies.base import Policy
 from ..sampling import Sampler
 from ..state import KVState, LayerContext
+from .kernels import resolve_prefix_implementation
 from .layout import check_layout, multiple_for, ring_order
 from .mesh import require_axis, shard_map
 from .sharded_policy import SeqSharded
@@ -43,19 +44,26 @@ from .sharded_policy import SeqSharded
 class Plan:
     """Static description of a context-parallel run (hashable: a jit static argument).
 
-    axis: ring mesh axis; layout: token order (kvjax.parallel.layout); kernel: None (ring
-    blocks through `attend`) or "xla"/"cudnn" prefix kernels (zigzag only)."""
+    axis: ring mesh axis; layout: token order (kvjax.parallel.layout); prefix_implementation: None
+    (ring blocks through `attend`) or the zigzag schedule's prefix-block implementation,
+    "reference", "pallas" or "cudnn" (`kvjax.parallel.kernels`; `kernel=` is its deprecated name)."""
 
     mesh: Mesh
     axis: str = "seq"
     layout: str = "zigzag"
-    kernel: str | None = None
+    prefix_implementation: str | None = None
+    kernel: str | None = None  # deprecated name of prefix_implementation (moved there, then None)
 
     def __post_init__(self):
+        prefix = resolve_prefix_implementation(self.prefix_implementation, self.kernel, optional=True)
+        object.__setattr__(self, "prefix_implementation", prefix)
+        object.__setattr__(self, "kernel", None)
         require_axis(self.mesh, self.axis)
         check_layout(self.layout)
-        if self.kernel is not None and self.layout != "zigzag":
-            raise ValueError(f"kernel={self.kernel!r} needs layout='zigzag', got layout={self.layout!r}")
+        if self.prefix_implementation is not None and self.layout != "zigzag":
+            raise ValueError(
+                f"prefix_implementation={self.prefix_implementation!r} needs layout='zigzag', got layout={self.layout!r}"
+            )
 
     @property
     def size(self) -> int:
@@ -136,7 +144,7 @@ def prefill(
     row's last prompt token [B, V] float32, sharded KVState; see module doc)."""
     w = tokens.shape[1]
     plan.check_width(w)
-    pol = SeqSharded(policy, plan.axis, plan.kernel)
+    pol = SeqSharded(policy, plan.axis, plan.prefix_implementation)
     toks = tokens if ordered else _in_ring_order(tokens, plan)
 
     def local(params, toks, lengths):
@@ -237,7 +245,7 @@ def _decode(
     implementation,
     layer_specs,
 ):
-    pol = SeqSharded(policy, plan.axis, plan.kernel)
+    pol = SeqSharded(policy, plan.axis, plan.prefix_implementation)
     stacked = [_is_stacked(s, plan) for s in layer_specs]
     specs = KVState(layers=jax.tree.unflatten(jax.tree.structure(state.layers), list(layer_specs)), lengths=P())
 

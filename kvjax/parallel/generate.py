@@ -48,13 +48,16 @@ def generate(
     stop_ids: Sequence[int] | None = None,
     axis: str = "seq",
     layout: str = "zigzag",
-    kernel: str | None = None,
+    prefix_implementation: str | None = None,
     implementation: str | None = None,
     timeout_s: float | None = None,
+    kernel: str | None = None,
 ) -> GenerateOutput:
-    """Context-parallel `kvjax.generate` over mesh axis `axis` (see module doc).
-    `timeout_s` bounds each phase when several processes run (`multihost.peer_guard`)."""
-    plan = context.Plan(mesh, axis, layout, kernel)
+    """Context-parallel `kvjax.generate` over mesh axis `axis` (see module doc). implementation:
+    `attend`'s; prefix_implementation: the ring's zigzag prefix blocks (`Plan`; `kernel=` is its
+    deprecated name). `timeout_s` bounds each phase when several processes run
+    (`multihost.peer_guard`)."""
+    plan = context.Plan(mesh, axis, layout, prefix_implementation, kernel)
     pol, ids, _ = prepare_request(model, prompts, policy, max_new_tokens, chat)
     cfg = model.config
     longest = max(len(t) for t in ids)

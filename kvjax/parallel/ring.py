@@ -12,13 +12,14 @@ overlaps compute. Partial results merge through their log-sum-exp
 is exact; with the zigzag order whole blocks are invisible and are skipped.
 
 Two schedules:
-- "positions" (any layout, any implementation of `attend`): per step the shard tests the
+- "positions" (any layout, any `implementation` of `attend`): per step the shard tests the
   position ranges and runs one of: nothing / all queries x first half of the keys /
   second half of the queries x all keys / everything.
-- "zigzag" (with `kernel=`): the shard index decides the same blocks statically and each
-  block runs on a prefix-length kernel (`kvjax.parallel.kernels`). Contract: the keys are
-  the queries' own tokens in zigzag order (self-attention over a right-padded prompt),
-  i.e. k_pos[:, :, :T] == q_pos; slots beyond T are empty.
+- "zigzag" (with `prefix_implementation=`): the shard index decides the same blocks statically
+  and each block runs on a prefix-length implementation ("reference", "pallas" or "cudnn":
+  `kvjax.parallel.kernels`). Contract: the keys are the queries' own tokens in zigzag order
+  (self-attention over a right-padded prompt), i.e. k_pos[:, :, :T] == q_pos; slots beyond T
+  are empty. `kernel=` is the deprecated name of `prefix_implementation=`.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _positions_block(q, q_pos, k, v, k_pos, *, window, scale, implementation):
     return lax.switch(branch, branches)
 
 
-def _zigzag_block(step, q, q_pos, k, v, k_pos, *, i, n, scale, kernel, implementation):
+def _zigzag_block(step, q, q_pos, k, v, k_pos, *, i, n, scale, prefix_implementation):
     """One ring step of the "zigzag" schedule (see module doc for the contract)."""
     t = q.shape[1]
     c = t // 2
@@ -97,7 +98,7 @@ def _zigzag_block(step, q, q_pos, k, v, k_pos, *, i, n, scale, kernel, implement
     def run(qq, ql, kk, vv, kp, causal):
         kv_len = jnp.sum(kp[:, 0] >= 0, axis=1)
         return kernels.prefix_attention(
-            qq, kk, vv, ql, kv_len, causal=causal, scale=scale, kernel=kernel, implementation=implementation
+            qq, kk, vv, ql, kv_len, causal=causal, scale=scale, implementation=prefix_implementation
         )
 
     def as_f32(o, l):
@@ -153,25 +154,29 @@ def ring_attention_local(
     window: int | None = None,
     scale: float | None = None,
     want_mass: bool = False,
-    implementation: str | None = None,
+    implementation=None,
+    prefix_implementation: str | None = None,
     kernel: str | None = None,
 ) -> AttentionOutput:
     """Ring attention for the shard this code runs on (call inside shard_map over `axis`).
 
     q [B, T, Nq, H], q_pos [B, T]: this shard's queries; k, v [B, N, S, H], k_pos [B, N, S]:
-    this shard's cache slots. kernel=None: "positions" schedule over `attend(implementation)`;
-    kernel="xla"|"cudnn": "zigzag" schedule (module doc). Returns
-    AttentionOutput(out [B, T, Nq, H], lse [B, T, Nq] float32, key_mass [B, N, S] | None)."""
+    this shard's cache slots. prefix_implementation=None: "positions" schedule over
+    `attend(implementation)`; "reference" | "pallas" | "cudnn": "zigzag" schedule (module doc).
+    Returns AttentionOutput(out [B, T, Nq, H], lse [B, T, Nq] float32, key_mass [B, N, S] | None)."""
+    prefix_implementation = kernels.resolve_prefix_implementation(prefix_implementation, kernel, optional=True)
     n = axis_size(axis)
     t = q.shape[1]
-    if kernel is not None:
+    if prefix_implementation is not None:
         if window is not None:
-            raise ValueError(f"kernel={kernel!r} has no sliding window; got window={window}")
+            raise ValueError(
+                f"prefix_implementation={prefix_implementation!r} has no sliding window; got window={window}"
+            )
         if t % 2 or k.shape[2] < t:
             raise ValueError(f"the zigzag schedule needs an even query block and >= T slots; got T={t}, S={k.shape[2]}")
         k, v, k_pos = k[:, :, :t], v[:, :, :t], k_pos[:, :, :t]
         i = lax.axis_index(axis)
-        step_fn = functools.partial(_zigzag_block, i=i, n=n, scale=scale, kernel=kernel, implementation=implementation)
+        step_fn = functools.partial(_zigzag_block, i=i, n=n, scale=scale, prefix_implementation=prefix_implementation)
     else:
 
         def step_fn(step, q, q_pos, k, v, k_pos):
@@ -201,7 +206,18 @@ def _check_divisible(name: str, size: int, axis: str | None, mesh) -> None:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("mesh", "axis", "causal", "layout", "window", "scale", "want_mass", "implementation", "kernel"),
+    static_argnames=(
+        "mesh",
+        "axis",
+        "causal",
+        "layout",
+        "window",
+        "scale",
+        "want_mass",
+        "implementation",
+        "prefix_implementation",
+        "kernel",
+    ),
 )
 def ring_attention(
     q,
@@ -217,7 +233,8 @@ def ring_attention(
     window: int | None = None,
     scale: float | None = None,
     want_mass: bool = False,
-    implementation: str | None = None,
+    implementation=None,
+    prefix_implementation: str | None = None,
     kernel: str | None = None,
 ) -> AttentionOutput:
     """Attention of q [B, T, Nq, H] over k, v [B, N, S, H] (natural token order, positions
@@ -227,15 +244,18 @@ def ring_attention(
     reordered by `layout`, sharded, and the result is put back in the original order.
     causal=False lets every valid query see every valid key. Batch and heads are sharded
     too when the mesh has the axes AXIS_RULES maps "batch" and "heads"/"kv_heads" to.
+    implementation: `attend`'s (the positions schedule's blocks); prefix_implementation: None, or
+    the zigzag schedule's prefix-block implementation (module doc; `kernel=` is its deprecated name).
     Same result as `kvjax.attention.attend` (returns AttentionOutput)."""
+    prefix_implementation = kernels.resolve_prefix_implementation(prefix_implementation, kernel, optional=True)
     n = require_axis(mesh, axis)
     check_layout(layout)
     if not causal and window is not None:
         raise ValueError(f"window={window} needs causal=True")
-    if kernel is not None and (layout != "zigzag" or not causal or q.shape[1] != k.shape[2]):
+    if prefix_implementation is not None and (layout != "zigzag" or not causal or q.shape[1] != k.shape[2]):
         raise ValueError(
-            f"kernel={kernel!r} needs layout='zigzag', causal=True and self-attention (T == S); "
-            f"got layout={layout!r}, causal={causal}, T={q.shape[1]}, S={k.shape[2]}"
+            f"prefix_implementation={prefix_implementation!r} needs layout='zigzag', causal=True and "
+            f"self-attention (T == S); got layout={layout!r}, causal={causal}, T={q.shape[1]}, S={k.shape[2]}"
         )
     b, t, nq, _h = q.shape
     s = k.shape[2]
@@ -267,7 +287,7 @@ def ring_attention(
             scale=scale,
             want_mass=want_mass,
             implementation=implementation,
-            kernel=kernel,
+            prefix_implementation=prefix_implementation,
         )
         return (r.out, r.lse, r.key_mass) if want_mass else (r.out, r.lse)
 

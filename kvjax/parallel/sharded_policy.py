@@ -2,13 +2,14 @@
 
 `SeqSharded(inner)` is the policy the model sees inside `shard_map` over the ring axis.
 Every shard holds `inner`'s state for its own tokens; the wrapper only changes where
-attention looks, through `ctx.implementation`:
+attention looks, through `ctx.implementation` (an attention function is a valid
+`implementation` of `kvjax.attention.attend`):
 
 - prefill: the shard's queries attend over every shard's slots by ring attention
-  (`ring[...]` implementation, `kvjax.parallel.ring`);
+  (`RingAttention`, `kvjax.parallel.ring`);
 - decode: the new token's query (the same on every shard) attends to the local slots and
   the shards' partial results merge through their log-sum-exp with `psum`
-  (`shardmerge[...]`); no shard ever holds another shard's K/V.
+  (`ShardMergeAttention`); no shard ever holds another shard's K/V.
 
 New decode tokens are stored by shard 0 (which, in zigzag order, also holds the prompt's
 last chunk): the others receive the token with position -1, so their append leaves an
@@ -34,38 +35,38 @@ from ..policies.compose import Compose
 from ..policies.dense import Dense
 from ..policies.eviction import EvictionPolicy
 from ..state import LayerContext
+from .kernels import resolve_prefix_implementation
 from .ring import _mass, ring_attention_local
-
-_REGISTERED: set[str] = set()
 
 #: eviction policies whose per-slot scores depend on that slot only (so a shard can score
 #: its own slots exactly); each shard then keeps its budget of its own tokens.
 SHARD_LOCAL_SCORES = ("knorm",)
 
 
-def ring_implementation(axis: str, kernel: str | None, inner: str | None) -> str:
-    """Register (once) and return the `attend` implementation name for ring prefill."""
-    name = f"ring[{axis},{kernel},{inner}]"
-    if name not in _REGISTERED:
+@dataclasses.dataclass(frozen=True)
+class RingAttention:
+    """An `attend` implementation for ring prefill over mesh axis `axis` (call inside shard_map):
+    `ring_attention_local` with its blocks through `attend(implementation=inner)`, or through the
+    zigzag schedule's `prefix_implementation`. Frozen and hashable: a static jit argument."""
 
-        def fn(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False):
-            return ring_attention_local(
-                q,
-                k,
-                v,
-                q_pos,
-                k_pos,
-                axis=axis,
-                window=window,
-                scale=scale,
-                want_mass=want_mass,
-                implementation=inner,
-                kernel=kernel,
-            )
+    axis: str
+    prefix_implementation: str | None = None
+    inner: object = None
 
-        attention.register_implementation(name, fn)
-        _REGISTERED.add(name)
-    return name
+    def __call__(self, q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False):
+        return ring_attention_local(
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            axis=self.axis,
+            window=window,
+            scale=scale,
+            want_mass=want_mass,
+            implementation=self.inner,
+            prefix_implementation=self.prefix_implementation,
+        )
 
 
 def shard_merge_attention(
@@ -92,32 +93,45 @@ def shard_merge_attention(
     return attention.AttentionOutput(out, lse, mass)
 
 
-def merge_implementation(axis: str, inner: str | None) -> str:
-    """Register (once) and return the `attend` implementation name for sharded decode."""
-    name = f"shardmerge[{axis},{inner}]"
-    if name not in _REGISTERED:
+@dataclasses.dataclass(frozen=True)
+class ShardMergeAttention:
+    """An `attend` implementation for decode over a cache sharded along mesh axis `axis`
+    (`shard_merge_attention`, local attention through `attend(implementation=inner)`)."""
 
-        def fn(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False):
-            return shard_merge_attention(
-                q, k, v, q_pos, k_pos, axis=axis, window=window, scale=scale, want_mass=want_mass, implementation=inner
-            )
+    axis: str
+    inner: object = None
 
-        attention.register_implementation(name, fn)
-        _REGISTERED.add(name)
-    return name
+    def __call__(self, q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False):
+        return shard_merge_attention(
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            axis=self.axis,
+            window=window,
+            scale=scale,
+            want_mass=want_mass,
+            implementation=self.inner,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class SeqSharded(Policy):
-    """inner: the policy each shard runs; axis: the ring mesh axis; kernel: None (ring
-    blocks through `attend`) or a prefix kernel for the zigzag schedule ("xla", "cudnn")."""
+    """inner: the policy each shard runs; axis: the ring mesh axis; prefix_implementation: None
+    (ring blocks through `attend`) or the zigzag schedule's prefix-block implementation
+    ("reference", "pallas", "cudnn"; `kernel=` is its deprecated name)."""
 
     name = "seq_sharded"
     inner: Policy = Dense()
     axis: str = "seq"
-    kernel: str | None = None
+    prefix_implementation: str | None = None
+    kernel: str | None = None  # deprecated name of prefix_implementation (moved there, then None)
 
     def __post_init__(self):
+        prefix = resolve_prefix_implementation(self.prefix_implementation, self.kernel, optional=True)
+        object.__setattr__(self, "prefix_implementation", prefix)
+        object.__setattr__(self, "kernel", None)
         if not isinstance(self.inner, Policy):
             raise PolicyError(f"SeqSharded wraps a Policy, got {self.inner!r}")
         first = self.inner.policies[0] if isinstance(self.inner, Compose) else self.inner
@@ -152,11 +166,11 @@ class SeqSharded(Policy):
         return self.inner.init_layer(layer, batch, prompt_len, max_new_tokens, config, dtype)
 
     def prefill(self, state, q, k, v, q_pos, ctx: LayerContext):
-        impl = ring_implementation(self.axis, self.kernel, ctx.implementation)
+        impl = RingAttention(self.axis, self.prefix_implementation, ctx.implementation)
         return self.inner.prefill(state, q, k, v, q_pos, dataclasses.replace(ctx, implementation=impl))
 
     def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
-        impl = merge_implementation(self.axis, ctx.implementation)
+        impl = ShardMergeAttention(self.axis, ctx.implementation)
         owner = lax.axis_index(self.axis) == 0
         q_pos = jnp.where(owner, q_pos, -1)
         return self.inner.decode(state, q, k, v, q_pos, dataclasses.replace(ctx, implementation=impl))

@@ -5,7 +5,7 @@ attention over quantized tokens + the full-precision residual window, merged thr
 their log-sum-exps). A fused kernel (pallas_kernels/quantized_decode_attention.py) plugs
 in with `register_quantized_kernel(name, fn)`; it is used only when the layer's
 implementation (`ctx.implementation`, else the backend default: "pallas" on GPU/TPU,
-"xla" on CPU) names it, with the same arguments and semantics as the reference, so
+"reference" on CPU) names it, with the same arguments and semantics as the reference, so
 results never change behind the caller's back: with no kernel, or shapes a kernel cannot
 take, the reference runs. "pallas" is registered here (`pallas_kivi_attention`).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from .. import attention
-from ..pallas_kernels.kivi_fragments import KiviFragments
+from ..pallas_kernels.kivi_mgpu import KiviFragments
 from . import affine
 
 _KERNELS: dict = {}
@@ -71,7 +71,7 @@ def fused_kivi_attention(state, q, q_pos, ctx, *, bits: int, group: int):
     """The kernel registered for the layer's implementation (ctx.implementation, else the
     backend default: 'pallas' on GPU/TPU) applied to a KIVI QuantState; None (use the
     reference) when none is registered or the kernel cannot take these shapes."""
-    impl = ctx.implementation or attention.default_implementation()
+    impl = attention.resolve_implementation(ctx.implementation, strict=False)
     d = state.streams[0].data
     if ctx.config.sliding_window is not None:
         return None
@@ -153,14 +153,14 @@ def pallas_kivi_attention(
 
 
 def mgpu_kivi_attention(q, fr, lengths, k_res, v_res, res_len, *, bits: int):
-    """Adapter to the Hopper kernel (pallas_kernels/quantized_decode_attention_mgpu.py) for a
+    """Adapter to the Hopper kernel (pallas_kernels/kivi_mgpu) for a
     cache in its fragment layout: every residual slot below res_len is visible (the decode
     query is the newest token). The kernel computes in bf16 (f16 for 8-bit codes; a float32
     model's query and residual window are rounded to bf16; the output comes back in q's
     dtype). None (the caller runs the reference) off a Hopper GPU or for shapes the kernel does
     not take."""
     from ..pallas_kernels import _compat
-    from ..pallas_kernels import quantized_decode_attention_mgpu as kernel
+    from ..pallas_kernels import kivi_mgpu as kernel
 
     if _compat.backend_kind() != "mosaic_gpu":
         return None

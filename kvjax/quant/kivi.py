@@ -10,7 +10,7 @@ State (stream 0): KIVIData(k_codes [B, N, S/per_word, H], k_scale/k_zero [B, N, 
 v_codes [B, N, S, H/per_word], v_scale/v_zero [B, N, S, H/G]) + residual [B, N, R+G, H].
 
 `layout="fragments"` stores the same codes in the fragment layout of the Hopper kernel
-(`pallas_kernels/kivi_fragments.py`, read by `quantized_decode_attention_mgpu.py`; scales in
+(`pallas_kernels/kivi_mgpu/fragments.py`, read by `kivi_mgpu/kernel.py`; scales in
 bf16, f16 for 8-bit codes) and flushes whole 64-token tiles (blocks of lcm(G, 64) tokens);
 "auto" (the default) picks it on a Hopper GPU when the kernel takes the shapes (2/4/8 bits, one
 width, head_dim a multiple of 64, G in {16, 32} or a multiple of 64), else the standard layout.
@@ -23,7 +23,8 @@ import math
 
 from flax import struct
 
-from ..pallas_kernels import _compat, kivi_fragments, packing
+from ..pallas_kernels import _compat, packing
+from ..pallas_kernels.kivi_mgpu import fragments as kivi_fragments
 from ..policies.base import PolicyError
 from ..policies.registry import register
 from . import affine

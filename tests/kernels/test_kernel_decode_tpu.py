@@ -1,5 +1,6 @@
 """Mosaic TPU decode kernels (sparse selected-block and KIVI quantized) in the TPU interpreter,
-against their float32 jnp references, through the public entry points with backend="mosaic_tpu".
+against their float32 jnp references, through the public entry points with backend="mosaic_tpu"
+(each entry point's dispatch table sends it to the `*_tpu.py` kernel).
 
 Each case is one compile of the interpreted kernel (seconds on CPU), so the factors are spread
 over few cases instead of crossed (pairwise for the sparse kernel; every bit width with both
@@ -16,7 +17,7 @@ import pytest
 from kvjax.pallas_kernels import _compat, packing
 from kvjax.pallas_kernels import quantized_decode_attention as qda
 from kvjax.pallas_kernels import sparse_decode_attention as sda
-from kvjax.pallas_kernels.sparse_decode_attention_tpu import clean_selection
+from kvjax.pallas_kernels._decode_common import clean_selection
 from kvjax.pallas_kernels.testing import assert_attention_close, lower_for
 
 pytestmark = pytest.mark.skipif(
@@ -244,7 +245,7 @@ def test_quantized_mosaic_lowering(fake_tpu_info, bits):
         z((b, n), jnp.int32),
     )
     fn = functools.partial(
-        _quantized_decode_tpu_jit, bits=bits, scale=0.1, block_s=512, dequant_f32=False, interpret=False
+        _quantized_decode_tpu_jit, bits=bits, scale=0.1, block_sizes=qda.DecodeBlockSizes(block_s=512), interpret=False
     )
     assert "tpu_custom_call" in lower_for("tpu", fn, *args)
 

@@ -22,8 +22,7 @@ def _cache(rng, b, n, s, h, lens_bn, dtype=jnp.float32):
 def kernel_runs(monkeypatch):
     """Counts the kernel calls that actually run (the dispatcher picks kernel or reference
     with lax.cond at run time, so a trace-time flag would not tell)."""
-    import kvjax.pallas_kernels.block_sparse_attention as bsa
-    import kvjax.pallas_kernels.sparse_decode_attention as sda
+    from kvjax import attention_kernels
 
     runs = []
 
@@ -37,15 +36,15 @@ def kernel_runs(monkeypatch):
 
         monkeypatch.setattr(mod, name, wrapped)
 
-    probe(bsa, "block_sparse_attention")
-    probe(sda, "sparse_decode_attention")
+    probe(attention_kernels, "block_sparse_attention")
+    probe(attention_kernels, "sparse_decode_attention")
     return runs
 
 
 def _both(q, k, v, qp, kp, **kw):
     return (
         attention.attend(q, k, v, qp, kp, implementation="pallas", **kw),
-        attention.attend(q, k, v, qp, kp, implementation="xla", **kw),
+        attention.attend(q, k, v, qp, kp, implementation="reference", **kw),
     )
 
 
@@ -112,6 +111,31 @@ def test_key_mass_and_small_heads_use_reference(rng):
 
 
 def test_default_implementation_by_backend():
-    expected = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    expected = "pallas" if jax.default_backend() in ("gpu", "tpu") else "reference"
     assert attention.default_implementation() == expected
-    assert "pallas" in attention._IMPLEMENTATIONS
+    assert sorted(attention.IMPLEMENTATIONS) == ["pallas", "reference"]
+    assert attention.resolve_implementation(None) == attention.resolve_implementation("auto") == expected
+
+
+def test_implementation_vocabulary(rng):
+    """ "xla" (the old name of the reference) still runs it, with a DeprecationWarning naming the
+    new one; an unknown name is refused with the accepted ones; a function is called as is."""
+    k, v, kp = _cache(rng, 1, 1, 16, 8, [[16]])
+    q, qp = jnp.asarray(rng.standard_normal((1, 1, 2, 8)), jnp.float32), jnp.asarray([[15]], jnp.int32)
+    want = attention.attend(q, k, v, qp, kp, implementation="reference")
+    with pytest.warns(DeprecationWarning, match=r"implementation='xla' is deprecated; use implementation='reference'"):
+        old = attention.attend(q, k, v, qp, kp, implementation="xla")
+    np.testing.assert_array_equal(old.out, want.out)
+    with pytest.raises(
+        ValueError,
+        match=r"unknown attention implementation='triton'; expected 'auto', one of \['pallas', 'reference'\]",
+    ):
+        attention.attend(q, k, v, qp, kp, implementation="triton")
+    calls = []
+
+    def mine(*args, **kw):
+        calls.append(sorted(kw))
+        return attention.attention_reference(*args, **kw)
+
+    np.testing.assert_array_equal(attention.attend(q, k, v, qp, kp, implementation=mine).out, want.out)
+    assert calls == [["scale", "want_mass", "window"]]

@@ -1,7 +1,7 @@
 """The Hopper KIVI decode kernel's epilogue and defaults on CPU: the Triton merge of the split
 partials and the residual window (interpret mode) against its jnp reference, the residual window
 against the reference, the default number of splits, and the code positions the kernel reads
-(pallas_kernels/_kivi_mgpu_merge.py, _kivi_mgpu_shapes.py, _kivi_mgpu_registers.py)."""
+(pallas_kernels/kivi_mgpu: merge.py, shapes.py, registers.py)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kivi_mgpu_model import model_partials, random_cache, warp_summed
 
+from kvjax.pallas_kernels import kivi_mgpu as mg
 from kvjax.pallas_kernels import quantized_decode_attention as qda
-from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
-from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble, residual_partial
-from kvjax.pallas_kernels._kivi_mgpu_merge import merge_partials
+from kvjax.pallas_kernels.kivi_mgpu import assemble, merge_partials, residual_partial
 from kvjax.pallas_kernels.testing import assert_attention_close
 
 
@@ -41,16 +40,16 @@ def test_residual_window_part_matches_the_reference(rng):
     "bits,t,nq,n,h,gk,gv,r,row_stride",
     [
         (2, 1, 8, 2, 128, 32, 32, 32, 16),  # GQA 4, the benchmark's groups, a residual window
-        (2, 1, 8, 2, 128, 32, 32, 32, 1),  # the same, column sums per thread (warp_sums=False)
+        (2, 1, 8, 2, 128, 32, 32, 32, 1),  # the same, column sums per thread (row_stride 1)
         (4, 2, 4, 2, 64, 64, 64, 16, 16),  # speculative T=2, one value group
         (2, 1, 6, 2, 64, 32, 32, None, 1),  # GQA 3: rows padded to 4, no residual window
         (2, 3, 4, 2, 64, 16, 16, 48, 16),  # T=3: six rows padded to 8; a window of 3 chunks, ragged
     ],
 )
 def test_triton_merge_matches_the_xla_epilogue(rng, bits, t, nq, n, h, gk, gv, r, row_stride):
-    """`_kivi_mgpu_merge.merge_partials` (one Triton kernel, interpret mode here) equals its jnp
+    """`kivi_mgpu.merge_partials` (one Triton kernel, interpret mode here) equals its jnp
     reference — `assemble` with `residual_partial` — on the kernel model's partials (column sums
-    per thread, or per warp as `warp_sums` leaves them), with empty splits, a row that sees
+    per thread, or per warp as the kernel leaves them), with empty splits, a row that sees
     nothing, and residual windows of every length up to R, read in chunks where R is not a power
     of two."""
     b, s, splits = 2, 256, 4
@@ -125,9 +124,9 @@ def test_default_splits_fill_one_wave_and_bound_the_split_length(b, n, s, tps, g
     ],
 )
 def test_default_steps(bits, h, s, gk, fold, tps, stages):
-    """tiles_per_step=None and stages=None: bigger steps where the key scales are not folded
-    (BENCHMARKS.md), 2 stages once a step's codes take 16 KB (4 CTAs per SM in shared memory)."""
-    from kvjax.pallas_kernels import _kivi_mgpu_shapes as shapes
+    """tiles_per_step=None and stages=None: bigger steps where the key scales are not folded,
+    2 stages once a step's codes take 16 KB (4 CTAs per SM in shared memory)."""
+    from kvjax.pallas_kernels.kivi_mgpu import shapes
 
     got = shapes.default_tiles_per_step(bits, s, gk, fold)
     assert (got, shapes.default_stages(bits, h, got)) == (tps, stages)
@@ -140,7 +139,7 @@ def test_code_positions_give_exact_offset_codes(rng, which, bits):
     turns position i of each 16-bit half into bf16 128 + 2^offset * code exactly, for every
     position; the values' positions sit higher in the mantissa than the keys' (smaller offset
     relative to the code: the value accumulator's rounding error, `SPLIT_TOKENS`)."""
-    from kvjax.pallas_kernels import _kivi_mgpu_registers as regs
+    from kvjax.pallas_kernels.kivi_mgpu import registers as regs
 
     pos = getattr(regs, which)
     words = rng.integers(0, 2**32, 256, dtype=np.uint64).astype(np.uint32)
@@ -249,6 +248,15 @@ def test_merge_names_a_size_triton_cannot_block():
 
 @pytest.mark.parametrize("r,want", [(192, 64), (128, 128), (512, 128), (48, 16), (130, 2)])
 def test_residual_chunk_is_the_largest_power_of_two_that_divides_the_window(r, want):
-    from kvjax.pallas_kernels._kivi_mgpu_merge import residual_chunk
+    assert mg.residual_chunk(r) == want and r % want == 0
 
-    assert residual_chunk(r) == want and r % want == 0
+
+def test_block_sizes_resolve_to_the_defaults():
+    """KiviMgpuBlockSizes: None fields take the shape's defaults; given ones are kept and checked."""
+    got = mg.KiviMgpuBlockSizes().resolved(b=8, n=8, s=131072, h=128, gk=32, bits=2, fold=False)
+    assert got == mg.KiviMgpuBlockSizes(num_splits=8, stages=2, tiles_per_step=4)
+    mine = mg.KiviMgpuBlockSizes(num_splits=4, stages=3, tiles_per_step=1)
+    assert mine.resolved(b=8, n=8, s=131072, h=128, gk=32, bits=2, fold=False) == mine
+    with pytest.raises(ValueError, match=r"tiles_per_step=3 must be 1, 2 or 4"):
+        mg.KiviMgpuBlockSizes(tiles_per_step=3).resolved(b=1, n=1, s=4096, h=128, gk=32, bits=2, fold=False)
+    hash(mg.KiviMgpuBlockSizes.get_default())  # a static jit argument

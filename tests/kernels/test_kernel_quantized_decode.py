@@ -72,15 +72,12 @@ def test_bits_and_dtypes(rng, bits, dtype):
         dict(bits=2, t=3, nq=2, n=2, per_head=False),  # speculative T=3, no GQA, lengths [B]
         dict(bits=4, t=2, nq=8, n=1, gk=128, s=256),  # GQA 8, Gk > block
         dict(bits=2, residual=False, gk=64, gv=32),  # no residual window
-        dict(bits=8, h=64, blk=qda.DecodeBlockSizes(block_s=32, num_splits=1, unpack="rows", convert="magic")),
-        dict(
-            bits=4,
-            blk=qda.DecodeBlockSizes(block_s=128, num_splits=None, num_warps=4, unpack="grouped", convert="mantissa"),
-        ),
-        dict(bits=8, t=2, blk=qda.DecodeBlockSizes(block_s=64, num_splits=2, unpack="grouped", convert="magic")),
-        dict(bits=2, b=1, blk=qda.DecodeBlockSizes(block_s=16, num_splits=4, unpack="grouped", dequant_f32=True)),
+        dict(bits=8, h=64, blk=qda.DecodeBlockSizes(block_s=32, num_splits=1)),
+        dict(bits=4, blk=qda.DecodeBlockSizes(block_s=128, num_splits=None, num_warps=4)),
+        dict(bits=8, t=2, blk=qda.DecodeBlockSizes(block_s=64, num_splits=2)),
+        dict(bits=2, b=1, blk=qda.DecodeBlockSizes(block_s=16, num_splits=4, dequant_f32=True)),
     ],
-    ids=["spec3", "gqa8", "nores", "rows8", "grouped_mantissa4", "grouped_magic8", "grouped_bs16_f32"],
+    ids=["spec3", "gqa8", "nores", "bs32_8", "bs128_auto_splits4", "spec2_8", "bs16_f32"],
 )
 def test_variants(rng, kw):
     _run(rng, **kw)
@@ -149,9 +146,7 @@ def test_triton_lowering(bits):
         z((b, n, r, h), jnp.bfloat16),
         z((b, n), jnp.int32),
     )
-    fn = functools.partial(
-        qda._quantized_decode_jit, bits=bits, scale=0.1, bsz=qda.DecodeBlockSizes(), backend="triton", interpret=False
-    )
+    fn = functools.partial(qda._quantized_decode_jit, bits=bits, scale=0.1, bsz=qda.DecodeBlockSizes(), interpret=False)
     assert "triton" in lower_for("cuda", fn, *args)
 
 
@@ -191,5 +186,20 @@ def test_bad_inputs_name_the_values(rng):
         call(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, k_res=kr, v_res=kr)
     with pytest.raises(ValueError, match=r"pass both k_res and v_res"):
         call(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, k_res=kr)
-    with pytest.raises(ValueError, match=r"backend='cuda' is not supported by this kernel"):
+    with pytest.raises(ValueError, match=r"backend='cuda' is not supported by this kernel; expected one of \('triton'"):
         call(q, kc, ks, kz, vc, vs, vz, lens, bits=bits, backend="cuda")
+
+
+def test_backend_vocabulary(rng):
+    """backend="reference" is the jnp reference (bit for bit); "xla", its old name, still is, with a
+    DeprecationWarning naming the new one."""
+    b, n, s, h, bits = 1, 2, 64, 32, 2
+    cache = _cache(rng, b, n, s, h, bits, 32, 16, jnp.float32)
+    q, lens = jnp.asarray(rng.standard_normal((b, 1, 4, h)), jnp.float32), jnp.array([[40, 64]])
+    want = qda.quantized_decode_attention_reference(q, *cache, lens, bits=bits)
+    got = qda.quantized_decode_attention(q, *cache, lens, bits=bits, backend="reference")
+    with pytest.warns(DeprecationWarning, match=r"backend='xla' is deprecated; use backend='reference'"):
+        old = qda.quantized_decode_attention(q, *cache, lens, bits=bits, backend="xla")
+    for x in (got, old):
+        np.testing.assert_array_equal(x[0], want[0])
+        np.testing.assert_array_equal(x[1], want[1])

@@ -1,4 +1,4 @@
-"""The Mosaic GPU KIVI decode kernel (pallas_kernels/quantized_decode_attention_mgpu.py) on CPU:
+"""The Mosaic GPU KIVI decode kernel (pallas_kernels/kivi_mgpu) on CPU:
 its fragment layout, its arithmetic (a numpy model of one CTA's partial sums, finished by the
 kernel's own XLA epilogue, against the float32 reference), lowering for a CUDA target, and its
 errors. The kernel itself runs only on a Hopper GPU (Mosaic GPU has no interpreter for wgmma):
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from kivi_mgpu_model import codes_from_words, model_partials, query_scale, random_cache
 
-from kvjax.pallas_kernels import _kivi_mgpu_fold as kfold
+from kvjax.pallas_kernels import kivi_mgpu as mg
 from kvjax.pallas_kernels import packing
 from kvjax.pallas_kernels import quantized_decode_attention as qda
-from kvjax.pallas_kernels import quantized_decode_attention_mgpu as mg
-from kvjax.pallas_kernels._kivi_mgpu_epilogue import assemble
+from kvjax.pallas_kernels.kivi_mgpu import assemble
+from kvjax.pallas_kernels.kivi_mgpu import fold as kfold
 from kvjax.pallas_kernels.testing import assert_attention_close, lower_for
 
 
@@ -57,7 +57,7 @@ def test_key_scale_loads_are_free_of_bank_conflicts(h):
     """Each thread reads its key scales (and zeros) as H/32 chunks of 8 neighbouring channels
     (16-byte loads), and in every load the four threads of a row (q = lane % 4) read chunks in
     distinct shared-memory banks (4-byte banks, 32 of them). With a thread's channels contiguous
-    (the earlier `key_channel`), threads q and q + 2 met in the same banks (BENCHMARKS.md)."""
+    threads q and q + 2 would meet in the same banks)."""
     col = np.arange(h)
     ch = mg.key_channel(col, h)
     assert sorted(ch) == list(range(h))
@@ -77,7 +77,7 @@ def test_value_scale_loads_are_free_of_bank_conflicts(h, gv, rows_q):
     groups, `expand_fn`) sit in distinct banks, or share a word: found through
     `to_fragment_layout` with every scale distinct."""
     n_gc, tiles = h // gv, 2
-    nb = mg._value_columns(n_gc, rows_q)
+    nb = mg.value_columns(n_gc, rows_q)
     code = np.arange(tiles * 64 * n_gc, dtype=np.float32).reshape(1, 1, tiles * 64, n_gc)
     ksz = jnp.zeros((1, 1, tiles, h))  # 8-bit codes: f16 scales hold these integers exactly
     fr = mg.to_fragment_layout(
@@ -133,19 +133,19 @@ def test_kernel_arithmetic_model_matches_reference(rng, bits, t, nq, n, h, gk, g
     assert_attention_close(out, lse, ro, rl, jnp.bfloat16, f"kivi{bits} mgpu model")
 
 
-@pytest.mark.parametrize("gk,t,nq", [(128, 1, 8), (32, 1, 8), (16, 1, 4), (32, 2, 8)])
+@pytest.mark.parametrize("gk,t,nq", [(128, 1, 8), (64, 2, 8), (256, 1, 4)])
 def test_folded_key_scales_model_matches_reference(rng, gk, t, nq):
-    """The kernel's algebra with `fold_scales`: keys as bare codes against a query scaled per
-    key group (bf16(q * s)), plus the zero points' part q . z in float32; several key groups a
-    tile (Gk < 64) included."""
+    """The kernel's algebra where it folds the key scales (`folds_scales`: Gk >= 64): keys as bare
+    codes against a query scaled per key group (bf16(q * s)), plus the zero points' part q . z in
+    float32."""
     b, n, h, s, gv, bits, splits = 2, 2, 128, 512, 32, 2, 2
     cache = random_cache(rng, b, n, s, h, bits, gk, gv)
     fr = mg.to_fragment_layout(*cache, bits=bits)
     q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(jnp.bfloat16)
     lengths = jnp.asarray([[s, 300], [0, 77]], jnp.int32)
     qb, _, rows_q, rows_p = mg.query_columns(q, n)
-    assert mg.can_fold_scales(gk, h, t, nq // n) and not mg.can_fold_scales(gk, 64, t, nq // n)
-    assert not mg.can_fold_scales(gk, h, t, nq // n, bits=8)  # f16 operands: no fold
+    assert mg.folds_scales(gk, h, bits) and not mg.folds_scales(gk, 64, bits) and not mg.folds_scales(32, h, bits)
+    assert not mg.folds_scales(gk, h, bits=8)  # f16 operands: no fold
     parts = model_partials(
         qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, splits=splits, scale=h**-0.5, fold=True
     )
@@ -214,27 +214,26 @@ def _on_hopper():
 
 @pytest.mark.skipif(not _on_hopper(), reason="the Mosaic GPU kernel runs only on a Hopper GPU (CPU: the model above)")
 @pytest.mark.parametrize(
-    "bits,t,nq,n,h,gk,gv,lazy,ramp",
+    "bits,t,nq,n,h,gk,gv,ramp",
     [
-        (2, 1, 8, 2, 128, 32, 32, True, False),
-        (2, 1, 8, 2, 128, 32, 32, True, True),
-        (2, 1, 8, 2, 128, 32, 32, False, True),
-        (4, 1, 8, 2, 128, 128, 128, True, True),
-        (2, 2, 8, 2, 64, 16, 16, True, False),
-        (4, 4, 4, 2, 128, 64, 32, True, True),
-        (2, 1, 6, 2, 64, 32, 32, True, True),
-        (2, 1, 6, 3, 256, 256, 64, True, False),
-        (8, 1, 8, 2, 128, 32, 32, True, True),  # 8-bit codes: f16 operands
-        (8, 2, 8, 2, 128, 128, 64, True, False),
-        (2, 1, 8, 2, 128, 128, 32, True, True),  # key scales folded into the query, one group a tile
-        (2, 2, 8, 2, 128, 16, 16, True, True),  # folded, four key groups a tile, 8 query rows
-        (2, 1, 4, 2, 128, 32, 32, True, False),  # folded, two key groups a tile, 2 query rows
+        (2, 1, 8, 2, 128, 32, 32, False),
+        (2, 1, 8, 2, 128, 32, 32, True),
+        (4, 1, 8, 2, 128, 128, 128, True),  # key scales folded into the query
+        (2, 2, 8, 2, 64, 16, 16, False),
+        (4, 4, 4, 2, 128, 64, 32, True),  # folded, one key group a tile
+        (2, 1, 6, 2, 64, 32, 32, True),
+        (2, 1, 6, 3, 256, 256, 64, False),  # folded, a key group over 4 tiles
+        (8, 1, 8, 2, 128, 32, 32, True),  # 8-bit codes: f16 operands
+        (8, 2, 8, 2, 128, 128, 64, False),
+        (2, 1, 8, 2, 128, 128, 32, True),  # folded, 2 tiles a step
+        (2, 2, 8, 2, 128, 16, 16, True),  # four key groups a tile, 8 query rows
+        (2, 1, 4, 2, 128, 32, 32, False),  # two key groups a tile, 2 query rows
     ],
 )
-def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy, ramp):
+def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, ramp):
     """The kernel itself on the GPU against the float32 reference: ragged lengths (one row empty,
     one off the tile), a residual window, and (ramp) scores that move the running max again and
-    again, with the lazy rescaling on and off."""
+    again (both kinds of tile of the lazy rescaling)."""
     b, s, r = 2, 2048, 64
     cache, q_scale = (
         _ramped_cache(rng, b, n, s, h, bits, gk, gv)
@@ -246,67 +245,65 @@ def test_kernel_matches_reference_on_hopper(rng, bits, t, nq, n, h, gk, gv, lazy
     lengths = jnp.asarray([[s, 1000, 0][:n], [77, s - 64, 5][:n]], jnp.int32)
     kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
     rl = jnp.asarray([r, 17], jnp.int32)
+    out, lse = mg.quantized_decode_attention_mgpu(q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl)
+    ro, rlse = qda.quantized_decode_attention_reference(
+        q, *cache, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl
+    )
+    assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, f"kivi{bits} G{gk} mgpu ramp={ramp}")
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="the Mosaic GPU kernel runs only on a Hopper GPU (CPU: the model above)")
+def test_kernel_with_the_xla_epilogue_on_hopper(rng):
+    """Three splits (not a power of two: no Triton merge) go through the XLA epilogue."""
+    b, t, nq, n, h, s, r, bits, gk = 2, 1, 8, 2, 128, 3072, 64, 2, 32
+    cache, q_scale = _ramped_cache(rng, b, n, s, h, bits, gk, gk)
+    fr = mg.to_fragment_layout(*cache, bits=bits)
+    q = (jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32) * q_scale).astype(jnp.bfloat16)
+    lengths = jnp.asarray([[s, 2000], [77, 0]], jnp.int32)
+    kr, vr = (jnp.asarray(rng.standard_normal((b, n, r, h)), jnp.float32).astype(jnp.bfloat16) for _ in range(2))
+    rl = jnp.asarray([r, 17], jnp.int32)
+    blocks = mg.KiviMgpuBlockSizes(num_splits=3, tiles_per_step=2)
     out, lse = mg.quantized_decode_attention_mgpu(
-        q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, lazy_rescale=lazy
+        q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, block_sizes=blocks
     )
     ro, rlse = qda.quantized_decode_attention_reference(
         q, *cache, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl
     )
-    assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, f"kivi{bits} G{gk} mgpu lazy={lazy} ramp={ramp}")
-    variants = [dict(lazy_rescale=False)] if lazy else []  # a rescale every tile
-    variants.append(dict(lazy_rescale=lazy, merge="xla"))  # the XLA epilogue instead of the Triton merge
-    variants.append(dict(lazy_rescale=lazy, warp_sums=False))  # column sums left per thread
-    if mg.can_fold_scales(gk, h, t, nq // n, bits):  # dequantized keys against a scaled query, the other way round
-        variants.append(dict(lazy_rescale=lazy, fold_scales=not mg.folds_by_default(gk, h, t, nq // n, bits)))
-    for kw in variants:  # equal up to bf16 roundings of the probabilities / of the keys or the scaled query
-        other, _ = mg.quantized_decode_attention_mgpu(
-            q, fr, lengths, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, **kw
-        )
-        o, e = np.asarray(out, np.float32), np.asarray(other, np.float32)
-        assert np.linalg.norm(o - e) <= 1e-2 * np.linalg.norm(e), kw
+    assert_attention_close(out, lse, ro, rlse, jnp.bfloat16, "kivi2 G32 mgpu, 3 splits, XLA epilogue")
 
 
 @pytest.mark.parametrize(
-    "bits,t,gk,h,tps,nq,fold,r,warp_sums",
+    "bits,t,gk,h,tps,nq,r,s,splits",
     [
-        (2, 1, 32, 128, 2, 8, None, 64, True),
-        (4, 4, 128, 128, 1, 8, None, 64, True),
-        (2, 1, 32, 128, None, 8, None, 64, True),
-        (4, 1, 32, 128, None, 8, None, 64, True),  # default steps: 4 / 2 tiles
-        (2, 2, 16, 64, 4, 8, None, 64, True),
-        (4, 1, 256, 128, 2, 8, None, 64, True),
-        (2, 1, 32, 64, 1, 6, None, 64, True),
-        (2, 1, 128, 128, 2, 8, False, 64, True),
-        (2, 1, 32, 128, 2, 8, True, 64, True),
-        (2, 2, 16, 128, 2, 8, True, 64, True),  # several groups a tile
-        (2, 1, 32, 256, 1, 4, True, 64, True),
-        (2, 1, 32, 128, 2, 8, None, 192, False),  # the KIVI policy's window at G=32 (chunks); sums per thread
-        (8, 1, 32, 128, 1, 8, None, 64, True),
-        (8, 2, 128, 128, 1, 8, None, 64, True),  # 8-bit codes: f16 operands
+        (2, 1, 32, 128, 2, 8, 64, 2048, 4),
+        (4, 4, 128, 128, 1, 8, 64, 2048, 4),  # folded
+        (2, 1, 32, 128, None, 8, 64, 2048, 4),
+        (4, 1, 32, 128, None, 8, 64, 2048, 4),  # default steps: 4 / 2 tiles
+        (2, 2, 16, 64, 4, 8, 64, 2048, 4),
+        (4, 1, 256, 128, 2, 8, 64, 2048, 4),  # folded, a key group over 2 steps
+        (2, 1, 32, 64, 1, 6, 64, 2048, 4),
+        (2, 1, 128, 128, 2, 8, 64, 2048, 4),  # folded, 2 tiles a step
+        (2, 2, 16, 128, 2, 8, 64, 2048, 4),
+        (2, 1, 32, 256, 1, 4, 64, 2048, 4),
+        (2, 1, 32, 128, 2, 8, 192, 2048, 4),  # the KIVI policy's window at G=32 (chunks)
+        (8, 1, 32, 128, 1, 8, 64, 2048, 4),
+        (8, 2, 128, 128, 1, 8, 64, 2048, 4),  # 8-bit codes: f16 operands
+        (2, 1, 32, 128, 2, 8, 64, 3072, 3),  # three splits: the XLA epilogue
     ],
 )
-def test_lowers_for_cuda(bits, t, gk, h, tps, nq, fold, r, warp_sums):
-    b, n, s = 2, 2, 2048
+def test_lowers_for_cuda(bits, t, gk, h, tps, nq, r, s, splits):
+    b, n = 2, 2
     sds = jax.ShapeDtypeStruct
     w = 64 * h * bits // 32
     dt = mg.operand_dtype(bits)
     fr = mg.KiviFragments(
         sds((b, n, s // 64, 2, w), jnp.uint32), sds((b, n, s // gk, 2, h), dt), sds((b, n, s // 64, 2, 64, h // 32), dt)
     )
+    blocks = mg.KiviMgpuBlockSizes(num_splits=splits, tiles_per_step=tps)
 
     def fn(q, fr, lens, kr, vr, rl):
         return mg.quantized_decode_attention_mgpu(
-            q,
-            fr,
-            lens,
-            bits=bits,
-            k_res=kr,
-            v_res=vr,
-            res_lengths=rl,
-            num_splits=4,
-            tiles_per_step=tps,
-            fold_scales=fold,
-            warp_sums=warp_sums,
+            q, fr, lens, bits=bits, k_res=kr, v_res=vr, res_lengths=rl, block_sizes=blocks
         )
 
     text = lower_for(
@@ -320,6 +317,7 @@ def test_lowers_for_cuda(bits, t, gk, h, tps, nq, fold, r, warp_sums):
         sds((b,), jnp.int32),
     )
     assert "mosaic_gpu" in text
+    assert ("kivi_merge_partials" in text) == (splits & (splits - 1) == 0)  # the Triton merge, or XLA's epilogue
 
 
 def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
@@ -343,19 +341,7 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
         (dict(tiles_per_step=3), {}, r"tiles_per_step=3 must be 1, 2 or 4"),
         (dict(), dict(gv=1), r"value group Gv=1 must be even and divide H=128"),
         (dict(), dict(gk=8), r"key group Gk=8 must be 16, 32, 64 or a multiple of 64"),
-        (
-            dict(fold_scales=True, h=64),
-            dict(h=64),
-            r"fold_scales=True needs 2- or 4-bit codes and a head_dim H of 128 "
-            r"or 256 \(got bits=2, H=64\)",
-        ),
-        (
-            dict(fold_scales=True, bits=8),
-            dict(bits=8, sz_dtype=jnp.float16),
-            r"fold_scales=True needs .* bits=8, H=128",
-        ),
         (dict(bits=8), dict(bits=8), r"k_sz dtype=bfloat16 is not supported .* for bits=8; expected float16"),
-        (dict(merge="cuda"), {}, r"merge='cuda' must be 'xla', or 'triton' where H=128 and num_splits=2"),
         (dict(num_splits=0), {}, r"multiple of num_splits \* tiles_per_step = 0 \* 2"),
         (dict(stages=0), {}, r"stages=0 must be at least 1"),
     ],
@@ -363,22 +349,34 @@ def _frags(b=1, n=2, s=256, h=128, bits=2, gk=32, gv=32, sz_dtype=jnp.bfloat16):
 def test_bad_input_names_the_value(kw, fr_kw, match):
     bits = kw.get("bits", 2)
     q = jnp.zeros((1, 1, kw.get("nq", 8), kw.get("h", 128)), kw.get("dtype", jnp.bfloat16))
+    blocks = mg.KiviMgpuBlockSizes(
+        num_splits=kw.get("num_splits"), stages=kw.get("stages"), tiles_per_step=kw.get("tiles_per_step", 2)
+    )
     with pytest.raises(ValueError, match=match):
+        mg.quantized_decode_attention_mgpu(q, _frags(**fr_kw), jnp.array([256]), bits=bits, block_sizes=blocks)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (
+            dict(num_splits=4),
+            r"num_splits= moved into block_sizes: pass block_sizes=KiviMgpuBlockSizes\(num_splits=4\)",
+        ),
+        (dict(lazy_rescale=False), r"lazy_rescale= was removed: the running max is always rescaled lazily"),
+        (dict(merge="xla"), r"merge= was removed: the Triton merge runs where H and the splits are powers of two"),
+        (dict(tile=2), r"unexpected keyword argument 'tile'"),
+    ],
+)
+def test_old_keywords_name_their_replacement(kw, match):
+    with pytest.raises(TypeError, match=match):
         mg.quantized_decode_attention_mgpu(
-            q,
-            _frags(**fr_kw),
-            jnp.array([256]),
-            bits=bits,
-            tiles_per_step=kw.get("tiles_per_step", 2),
-            fold_scales=kw.get("fold_scales"),
-            merge=kw.get("merge"),
-            num_splits=kw.get("num_splits"),
-            stages=kw.get("stages"),
+            jnp.zeros((1, 1, 8, 128), jnp.bfloat16), _frags(), jnp.array([256]), bits=2, **kw
         )
 
 
 def test_scales_of_the_wrong_layout_name_it():
-    """A cache in the previous fragment layout (v_sz [B, N, S/64, 2, H/Gv, 64]) or with key scales
+    """A cache with the value scales in the other order (v_sz [B, N, S/64, 2, H/Gv, 64]) or with key scales
     of the wrong shape is refused with the expected layout, not read in the wrong order."""
     fr = _frags()
     q = jnp.zeros((1, 1, 8, 128), jnp.bfloat16)

@@ -87,7 +87,7 @@ def test_position_masking(rng, t, window):
 
 def test_repeated_and_out_of_range_blocks_count_once(rng):
     """A repeated block number attends once and a negative or past-the-end one not at all, as
-    in the reference (the kernel used to clamp and double-count them)."""
+    in the reference (a kernel that only clamped the numbers would count a repeat twice)."""
     b, nq, n, s, h, bs = 1, 2, 2, 128, 32, 32
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
     q, k, v = f(b, 1, nq, h), f(b, n, s, h), f(b, n, s, h)

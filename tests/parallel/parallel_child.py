@@ -41,8 +41,8 @@ def check_ring(seed: int) -> dict:
 
     cases = {
         "fp32_causal_zigzag": dict(dtype="float32", causal=True, layout="zigzag"),
-        "fp32_causal_zigzag_kernel": dict(dtype="float32", causal=True, layout="zigzag", kernel="xla"),
-        "fp32_causal_zigzag_pallas": dict(dtype="float32", causal=True, layout="zigzag", kernel="pallas"),
+        "fp32_causal_zigzag_kernel": dict(dtype="float32", causal=True, layout="zigzag", prefix="reference"),
+        "fp32_causal_zigzag_pallas": dict(dtype="float32", causal=True, layout="zigzag", prefix="pallas"),
         "fp32_causal_striped": dict(dtype="float32", causal=True, layout="striped"),
         "fp32_causal_contiguous": dict(dtype="float32", causal=True, layout="contiguous"),
         "fp32_noncausal_zigzag": dict(dtype="float32", causal=False, layout="zigzag"),
@@ -50,7 +50,7 @@ def check_ring(seed: int) -> dict:
         "fp32_mass_zigzag": dict(dtype="float32", causal=True, layout="zigzag", want_mass=True),
         "bf16_causal_zigzag": dict(dtype="bfloat16", causal=True, layout="zigzag"),
         "bf16_noncausal_zigzag": dict(dtype="bfloat16", causal=False, layout="zigzag"),
-        "bf16_causal_zigzag_kernel": dict(dtype="bfloat16", causal=True, layout="zigzag", kernel="xla"),
+        "bf16_causal_zigzag_kernel": dict(dtype="bfloat16", causal=True, layout="zigzag", prefix="reference"),
     }
     mesh = make_mesh(seq=8)
     rng = np.random.default_rng(seed)
@@ -84,7 +84,7 @@ def check_ring(seed: int) -> dict:
             layout=c["layout"],
             window=c.get("window"),
             want_mass=c.get("want_mass", False),
-            kernel=c.get("kernel"),
+            prefix_implementation=c.get("prefix"),
         )
         valid = np.asarray(q_pos >= 0)
         res = {
@@ -192,7 +192,7 @@ def check_context(seed: int, devices: int) -> dict:
     runs = {
         "dense": ("dense", dict()),
         "dense_striped": ("dense", dict(layout="striped")),
-        "kivi2_kernel": ("kivi:bits=2,group=16,residual=16", dict(kernel="xla")),
+        "kivi2_kernel": ("kivi:bits=2,group=16,residual=16", dict(prefix_implementation="reference")),
         "knorm_kivi2": ("knorm:budget=0.5+kivi:bits=2,group=16,residual=0", dict()),
     }
     for name, (spec, kw) in runs.items():

@@ -78,19 +78,45 @@ def test_width_not_a_multiple_of_the_ring_is_an_error_in_prefill(tiny_config):
 def test_bad_layout_kernel_and_window_combinations():
     with pytest.raises(ValueError, match=r"layout='spiral'; expected one of \('zigzag', 'striped', 'contiguous'\)"):
         kp.Plan(kp.make_mesh(seq=1), layout="spiral")
-    with pytest.raises(ValueError, match=r"kernel='xla' needs layout='zigzag', got layout='striped'"):
-        kp.Plan(kp.make_mesh(seq=1), layout="striped", kernel="xla")
+    with pytest.raises(
+        ValueError, match=r"prefix_implementation='reference' needs layout='zigzag', got layout='striped'"
+    ):
+        kp.Plan(kp.make_mesh(seq=1), layout="striped", prefix_implementation="reference")
     q = jnp.zeros((1, 4, 2, 8))
     k = jnp.zeros((1, 1, 4, 8))
     pos = jnp.arange(4)[None]
     with pytest.raises(ValueError, match=r"window=3 needs causal=True"):
         kp.ring_attention(q, k, k, pos, pos[:, None], mesh=kp.make_mesh(seq=1), causal=False, window=3)
-    with pytest.raises(ValueError, match=r"kernel='cudnn' needs layout='zigzag', causal=True and self-attention"):
-        kp.ring_attention(q, k, k, pos, pos[:, None], mesh=kp.make_mesh(seq=1), layout="striped", kernel="cudnn")
-    with pytest.raises(ValueError, match=r"kernel='triton'; expected one of \('xla', 'cudnn', 'pallas'\)"):
-        kernels.prefix_attention(q, k, k, pos[:, 0], pos[:, 0], causal=False, kernel="triton")
+    with pytest.raises(
+        ValueError, match=r"prefix_implementation='cudnn' needs layout='zigzag', causal=True and self-attention"
+    ):
+        kp.ring_attention(
+            q, k, k, pos, pos[:, None], mesh=kp.make_mesh(seq=1), layout="striped", prefix_implementation="cudnn"
+        )
+    with pytest.raises(
+        ValueError, match=r"implementation='triton'; expected one of \('reference', 'pallas', 'cudnn'\)"
+    ):
+        kernels.prefix_attention(q, k, k, pos[:, 0], pos[:, 0], causal=False, implementation="triton")
     with pytest.raises(ValueError, match=r"a causal prefix block needs as many queries as keys, got T=4 and S=2"):
         kernels.prefix_attention(q, k[:, :, :2], k[:, :, :2], pos[:, 0], pos[:, 0], causal=True)
+
+
+def test_old_kernel_names_still_work_with_a_warning():
+    """kernel= (and "xla" for the reference) is the deprecated spelling of prefix_implementation= /
+    implementation=: it still works, and the warning names the new spelling."""
+    with pytest.warns(DeprecationWarning, match=r"kernel='xla' is deprecated; use prefix_implementation='reference'"):
+        plan = kp.Plan(kp.make_mesh(seq=1), kernel="xla")
+    assert plan == kp.Plan(kp.make_mesh(seq=1), prefix_implementation="reference") and plan.kernel is None
+    with pytest.warns(DeprecationWarning, match=r"kernel='cudnn' is deprecated; use prefix_implementation='cudnn'"):
+        assert kp.SeqSharded(Dense(), kernel="cudnn").prefix_implementation == "cudnn"
+    with pytest.raises(ValueError, match=r"prefix_implementation='pallas' and kernel='xla' were both given"):
+        kp.Plan(kp.make_mesh(seq=1), prefix_implementation="pallas", kernel="xla")
+    q, pos = jnp.ones((1, 4, 2, 8)), jnp.arange(4)[None]
+    k = jnp.ones((1, 1, 4, 8))
+    want = kernels.prefix_attention(q, k, k, pos[:, 0] + 4, pos[:, 0] + 4, causal=True)
+    with pytest.warns(DeprecationWarning, match=r"kernel='xla' is deprecated; use implementation='reference'"):
+        old = kernels.prefix_attention(q, k, k, pos[:, 0] + 4, pos[:, 0] + 4, causal=True, kernel="xla")
+    np.testing.assert_array_equal(old[0], want[0])
 
 
 def test_policies_that_evict_while_decoding_are_refused():

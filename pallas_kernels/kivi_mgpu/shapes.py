@@ -1,34 +1,74 @@
-"""Shapes and defaults of the Hopper KIVI decode kernel (`quantized_decode_attention_mgpu.py`):
-the input checks, the query rows and columns the kernel computes, and how many split-K programs
-it runs (Liu et al. 2024, KIVI, https://arxiv.org/abs/2402.02750)."""
+"""Shapes and defaults of the Hopper KIVI decode kernel (`kernel.py`): the input checks, the
+query rows and columns the kernel computes, its tuning knobs (`KiviMgpuBlockSizes`) and their
+defaults: how many split-K programs it runs, pipeline steps and stages (Liu et al. 2024, KIVI,
+https://arxiv.org/abs/2402.02750)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._compat import plgpu
-from .kivi_fragments import MGPU_BITS, TILE, KiviFragments, key_channel, operand_dtype
+from .._compat import plgpu
+from .fragments import MGPU_BITS, TILE, KiviFragments, key_channel, operand_dtype
 
 # Default bound on a split's length. The value product accumulates A = 128 + f * code, whose offset
 # the column sums take out after the loop: the float32 accumulator holds more than the result, so
-# its rounding error grows with the split's length (H200, KIVI-2 at 128k, relative error against
-# the float32 reference: 0.9e-3 at 4k tokens a split, 1.3e-3 at 8k, 2.0e-3 at 16k, 3.3e-3 at 32k,
-# 1.1e-2 at 128k; `value_code_position` keeps f >= 4; BENCHMARKS.md).
+# its rounding error grows with the split's length (`registers.value_code_position` keeps f >= 4).
 SPLIT_TOKENS = 16384
 
 
-def _splits_fit(p: int, *, tiles: int, tps: int, gk: int) -> bool:
+@dataclasses.dataclass(frozen=True, slots=True)
+class KiviMgpuBlockSizes:
+    """Tuning knobs of the Hopper KIVI decode kernel (static; None: the default for the shape).
+
+    num_splits: split-K programs per (row, KV head) (`default_splits`: one wave of 4 CTAs per SM
+    on an H100/H200, splits of at most SPLIT_TOKENS tokens; fewer, longer splits cost the merge
+    less and lose a little precision); stages: pipeline depth (`default_stages`); tiles_per_step:
+    64-token tiles per pipeline step, 1, 2 or 4 (`default_tiles_per_step`)."""
+
+    num_splits: int | None = None
+    stages: int | None = None
+    tiles_per_step: int | None = None
+
+    @classmethod
+    def get_default(cls) -> KiviMgpuBlockSizes:
+        return cls()
+
+    def resolved(self, *, b: int, n: int, s: int, h: int, gk: int, bits: int, fold: bool) -> KiviMgpuBlockSizes:
+        """Every None replaced by its default for these shapes; raises ValueError naming a value
+        that does not fit."""
+        tps = default_tiles_per_step(bits, s, gk, fold) if self.tiles_per_step is None else self.tiles_per_step
+        if tps not in (1, 2, 4) or (gk < tps * TILE and (tps * TILE) % gk):
+            raise ValueError(
+                f"tiles_per_step={tps} must be 1, 2 or 4 (and a step's {tps * TILE} tokens a multiple of "
+                f"the key group Gk={gk} when they hold several groups)"
+            )
+        stages = default_stages(bits, h, tps) if self.stages is None else self.stages
+        if stages < 1:
+            raise ValueError(f"stages={stages} must be at least 1")
+        splits = default_splits(b, n, s, tps, gk) if self.num_splits is None else self.num_splits
+        tiles = s // TILE
+        if not splits_fit(splits, tiles=tiles, tps=tps, gk=gk):
+            raise ValueError(
+                f"S/64 = {tiles} tiles must be a multiple of num_splits * tiles_per_step = {splits} * "
+                f"{tps}, and each split's {tiles // max(splits, 1) * TILE} tokens a multiple of the key "
+                f"group Gk={gk}"
+            )
+        return KiviMgpuBlockSizes(num_splits=splits, stages=stages, tiles_per_step=tps)
+
+
+def splits_fit(p: int, *, tiles: int, tps: int, gk: int) -> bool:
     return p >= 1 and tiles % (p * tps) == 0 and (tiles // p * TILE) % gk == 0
 
 
 def default_splits(b: int, n: int, s: int, tps: int, gk: int, sms: int = 132) -> int:
     """num_splits=None: doubled while the splits fit the tiles and either the B * N * splits CTAs
     still fit one wave of 4 per SM or a split is longer than SPLIT_TOKENS."""
-    fits = functools.partial(_splits_fit, tiles=s // TILE, tps=tps, gk=gk)
+    fits = functools.partial(splits_fit, tiles=s // TILE, tps=tps, gk=gk)
     p = 1
     while fits(p * 2) and (p * 2 * b * n <= sms * 4 or s // p > SPLIT_TOKENS):
         p *= 2
@@ -37,32 +77,30 @@ def default_splits(b: int, n: int, s: int, tps: int, gk: int, sms: int = 132) ->
 
 def default_tiles_per_step(bits: int, s: int, gk: int, fold: bool) -> int:
     """tiles_per_step=None: the most 64-token tiles a pipeline step can take, of 4 for 2-bit codes
-    and 2 for 4-bit codes whose key scales are not folded (their steps' bookkeeping and the latency
-    of their first loads show: H200, 128k, B8 Hkv8, G=32, KIVI-2 0.332 -> 0.325 ms at 4 tiles and
-    2 stages, KIVI-4 0.401 -> 0.383 ms at 2 tiles and 2 stages), of 2 for folded 2-bit codes (4
-    took the G=128 kernel to 129 registers: 0.308 -> 0.364 ms), else 1. A step's tiles must divide
-    the S/64 tiles and hold whole key groups (or a part of one)."""
+    and 2 for 4-bit codes whose key scales are not folded (a bigger step pays its bookkeeping and
+    the latency of its first loads once for more tokens), of 2 for folded 2-bit codes (4 would
+    take the folded kernel past 128 registers a thread), else 1. A step's tiles must divide the
+    S/64 tiles and hold whole key groups (or a part of one)."""
     prefs = (4, 2, 1) if bits == 2 and not fold else (2, 1) if bits == 2 or (bits == 4 and not fold) else (1,)
     return next(p for p in prefs if (s // TILE) % p == 0 and (gk >= p * TILE or (p * TILE) % gk == 0))
 
 
 def default_stages(bits: int, h: int, tps: int) -> int:
     """stages=None: 2 where a pipeline step's codes take 16 KB or more (and for 8-bit codes), so
-    the kernel keeps 4 CTAs per SM in shared memory; else 4 (H200, KIVI-8 at 128k with 4 stages:
-    0.75 / 0.96 ms at G=32 / G=128, 0.65 / 0.61 ms with 2; BENCHMARKS.md)."""
+    the kernel keeps 4 CTAs per SM in shared memory; else 4."""
     return 2 if bits == 8 or tps * TILE * h * bits // 4 >= 16384 else 4
 
 
-def _score_columns(rows_q: int) -> int:
+def score_columns(rows_q: int) -> int:
     """Columns of the key product: the query rows, repeated up to 8 (wgmma's smallest N)."""
     return rows_q if rows_q % 8 == 0 else 8
 
 
-def _value_columns(n_gc: int, rows_q: int) -> int:
+def value_columns(n_gc: int, rows_q: int) -> int:
     """Columns of the value product: one copy of the query rows per value group, repeated until
     a multiple of 16 (wgmma's B needs rows of >= 32 bytes) and of the score columns."""
     nb = n_gc * rows_q
-    while nb % 16 or nb % _score_columns(rows_q):
+    while nb % 16 or nb % score_columns(rows_q):
         nb *= 2
     return nb
 
@@ -76,7 +114,7 @@ def padded_rows(rows_q: int) -> int:
 def query_columns(q, n: int):
     """q [B, T, N*Gq, H] -> (qb [B, N, NS, H]: the T*Gq query rows of each KV head, zero-padded
     to `padded_rows`, key channels permuted (`key_channel`), repeated to NS columns
-    (`_score_columns`): column j is padded row j % rows_p; qr [B, N, rows, H] unpermuted and
+    (`score_columns`): column j is padded row j % rows_p; qr [B, N, rows, H] unpermuted and
     unpadded; rows; rows_p)."""
     b, t, nq, h = q.shape
     gq = nq // n
@@ -84,7 +122,7 @@ def query_columns(q, n: int):
     rows_p = padded_rows(rows_q)
     qr = q.reshape(b, t, n, gq, h).transpose(0, 2, 1, 3, 4).reshape(b, n, rows_q, h)
     qp = jnp.pad(qr, ((0, 0), (0, 0), (0, rows_p - rows_q), (0, 0)))[..., key_channel(np.arange(h), h)]
-    return jnp.tile(qp, (1, 1, _score_columns(rows_p) // rows_p, 1)), qr, rows_q, rows_p
+    return jnp.tile(qp, (1, 1, score_columns(rows_p) // rows_p, 1)), qr, rows_q, rows_p
 
 
 def check_shapes(q, fr: KiviFragments, bits: int):

@@ -2,19 +2,16 @@
 partials finished (value offset and zero points added back), the full-precision residual window
 attended, and all of them merged through their maxima (Liu et al. 2024, KIVI,
 https://arxiv.org/abs/2402.02750: quantized tokens plus a window of recent ones in full
-precision). Its jnp reference is `_kivi_mgpu_epilogue.assemble` with `residual_partial`, which
-XLA runs as 15 small kernels (37 us of GPU time a call at 128k, B8 Hkv8, on an H200, plus the
-gaps between launches); this one took 13-16 us there at 16 splits, and 8.7-8.9 us at 8 splits
-with the column sums summed per warp (BENCHMARKS.md, "Decode").
+precision). Its jnp reference is `epilogue.assemble` with `residual_partial`, which XLA runs as
+many small kernels; this one launch replaces them.
 
 One program per (batch row, KV head, query row): it reads its column of every split at once (a
-gather; a loop over the splits paid the load latency once per split, and a program per (batch
-row, KV head) many small reductions: neither was faster than XLA), weighs the splits by their
+gather, so the load latency is paid once, not once per split), weighs the splits by their
 maxima (log2 units, as the kernel keeps them), then reads the residual window in chunks of a
 power of two (`residual_chunk`: any R, 192 for the KIVI policy's default window at G=32) and
 merges each into the running max and sums. Of the column sums (corr, lsum) it reads only the
-rows that hold distinct partial sums (`row_stride`: every row when the kernel leaves them per
-thread, one row in 16 when it sums them per warp) and only its own query row's columns (strided
+rows that hold distinct partial sums (`row_stride`: one row in 16 as the kernel leaves them,
+summed per warp; 1 for sums kept per thread) and only its own query row's columns (strided
 loads).
 """
 
@@ -27,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _compat
-from ._compat import pl
+from .. import _compat
+from .._compat import pl
 
 _FLOOR = -1e30  # the kernel's initial running max (log2 units): an empty split
 MAX_RESIDUAL_CHUNK = 128  # residual slots a loop step reads (Triton blocks: a power of two)
@@ -108,7 +105,7 @@ def merge_partials(
     interpret: bool = False,
 ):
     """partials (acc [B,N,P,H,NB], corr [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32: the
-    kernel's per-split sums for rows_p padded query rows, `_kernel_partials`; the column sums
+    kernel's per-split sums for rows_p padded query rows, `kernel.kernel_partials`; the column sums
     corr and lsum are split over rows 0, row_stride, 2 row_stride, ... of the 64: 1 where the
     kernel leaves them per thread, 16 where it sums them per warp); qr [B,N,rows_q,H] the query
     rows (unpermuted, unpadded; `query_columns`); optional residual window k_res/v_res [B,N,R,H]

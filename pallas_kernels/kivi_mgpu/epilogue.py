@@ -1,8 +1,10 @@
-"""The XLA side of the Hopper KIVI decode kernel (`quantized_decode_attention_mgpu.py`): finishing
+"""The XLA side of the Hopper KIVI decode kernel (`kernel.py`): finishing
 each split's partial sums (the value offset and zero points added back, normalized), the
 full-precision residual window, and the merge of all of them through their log-sum-exps
 (Liu et al. 2024, KIVI, https://arxiv.org/abs/2402.02750: quantized tokens plus a residual
-window of recent ones in full precision)."""
+window of recent ones in full precision). `merge.py` does the same in one Triton kernel; this
+is its jnp reference, and the kernel's epilogue where the merge does not apply (H or the number
+of splits not a power of two)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import math
 
 import jax.numpy as jnp
 
-from ._decode_common import masked_softmax, merge_splits
+from .._decode_common import masked_softmax, merge_splits
 
 
 def finish_splits(acc, corr, lsum, m, *, rows_q, gv, row_stride=1):

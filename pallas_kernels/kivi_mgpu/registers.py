@@ -1,15 +1,15 @@
-"""Register-level pieces of the Hopper KIVI decode kernel (`quantized_decode_attention_mgpu.py`),
-written with Mosaic GPU's FragmentedArray API inside `plgpu.inline_mgpu`: loading a thread's
-words, turning codes into bf16 pairs (f16 for 8-bit codes) with one `lop3` (inline PTX), and
-building WGMMA-layout arrays register by register (folding the key scales into the query:
-`_kivi_mgpu_fold.py`).
+"""Register-level pieces of the Hopper KIVI decode kernel (`kernel.py`), written with Mosaic GPU's
+FragmentedArray API inside `plgpu.inline_mgpu`: loading a thread's words, turning codes into bf16
+pairs (f16 for 8-bit codes) with one `lop3` (inline PTX), and building WGMMA-layout arrays
+register by register (folding the key scales into the query: `fold.py`, which shares the MLIR
+helpers here: `mlir_modules`, `thread_coords`, `as_index`, `asm`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .kivi_fragments import TILE, register_of
+from .fragments import TILE, register_of
 
 _MAGIC = 0x43004300  # two bf16 128.0: OR-ing a code < 128 into the mantissa gives 128 + code
 _MAGIC_F16 = 0x64006400  # two f16 1024.0: the same for a code < 1024 (8-bit codes)
@@ -17,7 +17,7 @@ _MAGIC_F16 = 0x64006400  # two f16 1024.0: the same for a code < 1024 (8-bit cod
 
 def code_base(bits: int) -> float:
     """The base that `lop3` ORs codes into: bf16 128 for 2- and 4-bit codes, f16 1024 for 8-bit
-    ones (`kivi_fragments.operand_dtype`)."""
+    ones (`fragments.operand_dtype`)."""
     return 1024.0 if bits == 8 else 128.0
 
 
@@ -30,7 +30,7 @@ def _x2(bits: int) -> str:
     return "f16x2" if bits == 8 else "bf16x2"
 
 
-def _mgpu():
+def mlir_modules():
     import jax.experimental.mosaic.gpu as mgpu
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, gpu, llvm, vector
@@ -40,23 +40,23 @@ def _mgpu():
     return ir, arith, gpu, llvm, vector, mgpu, fa, utils
 
 
-def _thread_coords():
-    ir, arith, gpu, _, _, _, _, utils = _mgpu()
+def thread_coords():
+    ir, arith, gpu, _, _, _, _, utils = mlir_modules()
     i32 = ir.IntegerType.get_signless(32)
     tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
     tid = arith.remui(tid, utils.c(128, i32))
     return tid, arith.divui(tid, utils.c(32, i32)), arith.remui(tid, utils.c(32, i32))
 
 
-def _idx(x):
-    ir, arith, *_ = _mgpu()
+def as_index(x):
+    ir, arith, *_ = mlir_modules()
     return arith.index_cast(ir.IndexType.get(), x)
 
 
 def _load_words(ref, row0, tid, words):
     """This thread's `words` consecutive int32 words of a tile stored as rows [row0, row0 +
     words) of 128 words (16-byte loads; 8-byte ones when a thread has only 2 words)."""
-    ir, arith, _, _, vector, _, _, utils = _mgpu()
+    ir, arith, _, _, vector, _, _, utils = mlir_modules()
     i32 = ir.IntegerType.get_signless(32)
     out = []
     width = min(words, 4)
@@ -64,13 +64,13 @@ def _load_words(ref, row0, tid, words):
         off = arith.addi(arith.muli(tid, utils.c(words, i32)), utils.c(width * v, i32))
         row = arith.addi(arith.divui(off, utils.c(128, i32)), utils.c(row0, i32))
         col = arith.remui(off, utils.c(128, i32))
-        vec = vector.load(ir.VectorType.get((width,), i32), ref, [_idx(row), _idx(col)])
+        vec = vector.load(ir.VectorType.get((width,), i32), ref, [as_index(row), as_index(col)])
         out += [vector.extract(vec, [], [k]) for k in range(width)]
     return out
 
 
-def _asm(ret_ty, args, body, constraints):
-    _, _, _, llvm, *_ = _mgpu()
+def asm(ret_ty, args, body, constraints):
+    _, _, _, llvm, *_ = mlir_modules()
     return llvm.inline_asm(ret_ty, args, body, constraints)
 
 
@@ -101,7 +101,7 @@ def value_code_position(bits: int, i: int):
 
 def _shifted(word, shift):
     """word >> shift (a left shift for a negative one), as i32."""
-    ir, arith, *_, utils = _mgpu()
+    ir, arith, *_, utils = mlir_modules()
     i32 = ir.IntegerType.get_signless(32)
     if shift > 0:
         return arith.shrui(word, utils.c(shift, i32))
@@ -120,10 +120,10 @@ def _x2_imm(x: float, bits: int = 2) -> int:
 def _code_pair(src, offset, bits):
     """bf16x2 (f16x2 for 8-bit codes; as i32) base + 2^offset * code for the codes at bits
     `offset` and 16 + `offset` of `src` (`code_base`)."""
-    ir, *_ = _mgpu()
+    ir, *_ = mlir_modules()
     i32 = ir.IntegerType.get_signless(32)
     mask = ((1 << bits) - 1) * 0x00010001 << offset
-    return _asm(i32, [src], f"lop3.b32 $0, $1, {mask:#x}, {_magic(bits):#x}, 0xEA;", "=r,r")
+    return asm(i32, [src], f"lop3.b32 $0, $1, {mask:#x}, {_magic(bits):#x}, 0xEA;", "=r,r")
 
 
 def _exact_ptx(offset: int, dst: str, bits: int) -> str:
@@ -142,14 +142,14 @@ def _dequant_pair(src, offset, bits, s2, z2):
     """bf16x2 (f16x2 for 8-bit codes; as i32) code * s + z (one rounding) for the codes at bits
     `offset` / 16 + `offset` of `src`: lop3, the exact code (`_exact_ptx`), then `fma` with the
     scale and zero."""
-    ir, *_ = _mgpu()
+    ir, *_ = mlir_modules()
     i32 = ir.IntegerType.get_signless(32)
     mask = ((1 << bits) - 1) * 0x00010001 << offset
     body = (
         f"{{ .reg .b32 t, m, c; lop3.b32 t, $1, {mask:#x}, {_magic(bits):#x}, 0xEA; "
         f"{_exact_ptx(offset, 't', bits)} fma.rn.{_x2(bits)} $0, t, $2, $3; }}"
     )
-    return _asm(i32, [src, s2, z2], body, "=r,r,r,r")
+    return asm(i32, [src, s2, z2], body, "=r,r,r,r")
 
 
 def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
@@ -167,10 +167,10 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
     row0 = (2 * t + kv) * words  # words of a tile: [128 threads * words] = `words` rows of 128
 
     def fn(ctx, words_ref, *scale_refs):
-        ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
+        ir, arith, _, _, vector, mgpu, fa, utils = mlir_modules()
         i32 = ir.IntegerType.get_signless(32)
         bf16 = ir.F16Type.get() if bits == 8 else ir.BF16Type.get()  # the operand type
-        tid, warp, lane = _thread_coords()
+        tid, warp, lane = thread_coords()
         ws = _load_words(words_ref, row0, tid, words)
         pairs = None
         if scale_refs:
@@ -189,7 +189,9 @@ def unpack_fn(m_rows, k_cols, bits, gk, h, t, kv, k_rows_per_step):
                 for v in range(h // 32):  # H/4 channels = H/32 chunks of 8: chunk 4v + q (`key_channel`)
                     off = arith.addi(base, utils.c(32 * v, i32))
                     vec = vector.load(
-                        ir.VectorType.get((8,), bf16), sz_ref, [_idx(g), _idx(utils.c(which, i32)), _idx(off)]
+                        ir.VectorType.get((8,), bf16),
+                        sz_ref,
+                        [as_index(g), as_index(utils.c(which, i32)), as_index(off)],
                     )
                     for p in range(4):
                         two = vector.extract_strided_slice(ir.VectorType.get((2,), bf16), vec, [2 * p], [2], [1])
@@ -221,19 +223,19 @@ def expand_fn(nb, rows_q, n_gc, t, which, bits):
     64 tokens, H/Gv groups] in H/Gv rows of 128) -> f32 [64, NB] in the WGMMA layout with
     element (r, j) = tile t's per-token value-group scale (which=0) or zero (1) of token r and
     group (j // rows_q) % (H/Gv). The threads of a warp read 8 tokens and two neighbouring groups:
-    words of distinct banks (with tokens last, a group's tokens filled a 128-byte row and the two
-    groups met in the same banks). A thread's second token is read at an immediate offset from
-    its first (computing both addresses cost the KIVI-2 kernel 2 registers and its fourth CTA per
-    SM). Scales are divided by the factor 2^offset that `unpack_fn` leaves on the value codes of
+    words of distinct banks (with tokens last, a group's tokens would fill a 128-byte row and the
+    two groups meet in the same banks). A thread's second token is read at an immediate offset
+    from its first (computing both addresses takes 2 more registers, which would cost the KIVI-2
+    kernel its fourth CTA per SM). Scales are divided by the factor 2^offset that `unpack_fn` leaves on the value codes of
     token r (`value_code_position` of the token's group of 8, r // 8)."""
 
     def fn(ctx, ref):
-        ir, arith, _, _, vector, mgpu, fa, utils = _mgpu()
+        ir, arith, _, _, vector, mgpu, fa, utils = mlir_modules()
         from jax._src.lib.mlir.dialects import memref
 
         i32 = ir.IntegerType.get_signless(32)
         f32 = ir.F32Type.get()
-        _, warp, lane = _thread_coords()
+        _, warp, lane = thread_coords()
         q = arith.remui(lane, utils.c(4, i32))
         row0 = arith.addi(arith.muli(warp, utils.c(16, i32)), arith.divui(lane, utils.c(4, i32)))
         shape = fa.WGMMA_LAYOUT.registers_shape((64, nb))
@@ -269,7 +271,7 @@ def expand_fn(nb, rows_q, n_gc, t, which, bits):
                     else:
                         flat = arith.addi(utils.c(base, i32), arith.addi(arith.muli(tok, utils.c(n_gc, i32)), grp))
                         row, col = arith.divui(flat, utils.c(128, i32)), arith.remui(flat, utils.c(128, i32))
-                    loaded[key] = arith.extf(f32, memref.load(ref, [_idx(row), _idx(col)]))
+                    loaded[key] = arith.extf(f32, memref.load(ref, [as_index(row), as_index(col)]))
                 x = loaded[key]
                 if inv[half] is not None:
                     x = arith.mulf(x, inv[half])
@@ -286,7 +288,7 @@ def tile_fn(reps: int):
     `reps` times (no instructions: the registers are reused)."""
 
     def fn(ctx, x):
-        _, _, _, _, _, mgpu, _, _ = _mgpu()
+        _, _, _, _, _, mgpu, _, _ = mlir_modules()
         axis = 1 if len(x.shape) == 2 else 0
         regs = np.concatenate([x.registers] * reps, axis=axis)
         return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=x.is_signed)
@@ -299,10 +301,10 @@ def warp_sums_fn():
     by its column's sum over its warp's 16 rows (warp w holds rows 16w ... 16w + 15): the two rows
     a thread holds added, then butterfly shuffles across the 8 lanes that hold the same columns
     (xor 4, 8, 16). Registers and shuffles only: a cross-warp `.sum(axis=0)` takes shared memory,
-    which cost the kernel its fourth CTA per SM (BENCHMARKS.md)."""
+    which would cost the kernel its fourth CTA per SM."""
 
     def fn(ctx, x):
-        ir, arith, _, _, vector, mgpu, _, utils = _mgpu()
+        ir, arith, _, _, vector, mgpu, _, utils = mlir_modules()
         regs = np.empty(x.registers.shape, dtype=object)
         for jt in range(x.registers.shape[1]):  # column tile: the other indices are rows
             idxs = [idx for idx in np.ndindex(x.registers.shape) if idx[1] == jt]
@@ -329,7 +331,7 @@ def commit_any_fn(tau: float):
     barrier (every thread writes the same value, after the barrier, so the stores agree)."""
 
     def fn(ctx, s, mb, flag_ref):
-        ir, arith, _, _, vector, _, _, utils = _mgpu()
+        ir, arith, _, _, vector, _, _, utils = mlir_modules()
         from jax._src.lib.mlir.dialects import memref
 
         i32 = ir.IntegerType.get_signless(32)
@@ -346,7 +348,7 @@ def commit_any_fn(tau: float):
             "{ .reg .pred p, q; setp.ne.u32 p, $1, 0; fence.proxy.async.shared::cta; "
             "bar.red.or.pred q, 1, 128, p; selp.u32 $0, 1, 0, q; }"
         )
-        flag = _asm(i32, [over], body, "=r,r")
-        memref.store(flag, flag_ref, [_idx(utils.c(0, i32))])
+        flag = asm(i32, [over], body, "=r,r")
+        memref.store(flag, flag_ref, [as_index(utils.c(0, i32))])
 
     return fn

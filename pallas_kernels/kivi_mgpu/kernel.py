@@ -3,29 +3,27 @@ Asymmetric 2bit Quantization for KV Cache", https://arxiv.org/abs/2402.02750): c
 unpacked straight into the registers that feed `wgmma`, so the tensor cores do every
 multiply-add and the CUDA cores spend about one instruction per code.
 
-Why a layout of its own (`kivi_fragments.py`): the Triton kernel (`quantized_decode_attention.py`)
-unpacks codes in one layout and pays for a trip through shared memory into the MMA operand
-layout; here the codes are stored so that each thread's 16-byte load already holds exactly its
-`wgmma` A fragment (keys as A = K [64 tokens, H], values as A = V^T [H, 64 tokens]). Keys,
-values and their scales sit side by side (`KiviFragments`), so a pipeline step issues three
+Why a layout of its own (`fragments.py`): the Triton kernel (`pallas_kernels.quantized_decode_
+attention`) unpacks codes in one layout and pays for a trip through shared memory into the MMA
+operand layout; here the codes are stored so that each thread's 16-byte load already holds
+exactly its `wgmma` A fragment (keys as A = K [64 tokens, H], values as A = V^T [H, 64 tokens]).
+Keys, values and their scales sit side by side (`KiviFragments`), so a pipeline step issues three
 TMA copies. `kvjax.quant.kivi` (layout="fragments", the default on Hopper) writes the layout
 directly; `to_fragment_layout` converts a standard KIVI cache. The register-level code is in
-`_kivi_mgpu_registers.py`. 2- and 4-bit codes go through the tensor cores in bf16 (128 + f *
-code is exact below 256); 8-bit codes need 10 mantissa bits, so the kernel runs them in f16
-(1024 + f * code, `operand_dtype`; the fragment layout then stores their scales in f16 too:
-scales and zeros beyond f16's range, |x| > 65504, cannot be stored).
+`registers.py`. 2- and 4-bit codes go through the tensor cores in bf16 (128 + f * code is exact
+below 256); 8-bit codes need 10 mantissa bits, so the kernel runs them in f16 (1024 + f * code,
+`operand_dtype`; the fragment layout then stores their scales in f16 too: scales and zeros beyond
+f16's range, |x| > 65504, cannot be stored).
 
 Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
   1. keys: each register = `lop3(word >> shift, mask << offset, 0x43004300)` (bf16 128 + f * code,
      exact; 2-bit codes: three shifts serve a word's eight positions, f = 1, 4 or 16 per column
      tile, `code_position`), then code exactly (`sub` 128, or `fma` by 1/f and -128/f), `fma`
-     scale and zero: the K tile in bf16, in registers. With `fold_scales` (the default where H
-     is 128 or 256 and a key group spans whole tiles, `folds_by_default`) the scales are folded
-     into the query instead, once per key group and pipeline step (B = bf16(q * s) / f in shared
-     memory, zq = q . z - 128 sum(B) in float32, `fold_query_fn`): the keys enter the product as
-     128 + f * code straight from `lop3`, and zq is added to the scores. A tile with several key
-     groups (Gk < 64) multiplies against every group's query columns at once and each warp keeps
-     its own group's (`group_columns_fn`);
+     scale and zero: the K tile in bf16, in registers. Where `folds_scales` (H is 128 or 256 and
+     a key group spans whole tiles) the scales are folded into the query instead, once per key
+     group and pipeline step (B = bf16(q * s) / f in shared memory, zq = q . z - 128 sum(B) in
+     float32, `fold_query_fn`): the keys enter the product as 128 + f * code straight from
+     `lop3`, and zq is added to the scores;
   2. S^T [64, 8] = K @ Q^T on the tensor cores (the T*Gq query rows, zero-padded to 2, 4 or a
      multiple of 8 and repeated up to wgmma's N = 8); the values unpack meanwhile;
   3. online softmax over the tile's 64 tokens (exp2; the length mask only on tiles that cross it)
@@ -37,18 +35,18 @@ Per 64-token tile (one CTA = one warpgroup = one (batch, KV head, split)):
      register copy), B = p * v_scale / f (the per-token scale folded in, bf16), A = bf16(128 + f *
      code) straight from `lop3`; O^T [H, NB] += A @ B on the tensor cores; the offset and the zero
      points come back exactly through per-column sums (sum_t p * v_zero - 128 * sum_t B), kept
-     per thread and reduced after the loop.
+     per thread and summed per warp after the loop (`warp_sums_fn`).
+Every shared-memory load of the loop is free of bank conflicts (the key-channel order of
+`key_channel`, the value-scale order of `KiviFragments.v_sz`), and the kernel runs without
+Pallas' automatic barriers (each step's own warpgroup barrier orders its shared memory).
 The split-K partials are finished, the full-precision residual window attended and all of them
-merged through their maxima in one more (Triton-lowered) kernel (`_kivi_mgpu_merge.py`; its jnp
-reference, and the fallback, is `_kivi_mgpu_epilogue.py`). On CPU the tests check the layout,
-a numpy model of the kernel's arithmetic, the merge in interpret mode and the lowering for a CUDA
-target (Mosaic GPU has no interpreter for wgmma); the kernel itself is
-checked against the jnp reference on the GPU (`tests/test_kernel_quantized_decode_mgpu.py`,
-`tests/test_quant_kivi_fragments.py`, `benchmarks/kernels_bench.py`, `benchmarks/kivi_mgpu_ab.py`).
-Measured in BENCHMARKS.md ("Decode"), against cuDNN's bf16 decode at 128k on an H200: KIVI-2
-2.97-3.01x at G=32 and 3.1-3.2x at G=128, KIVI-4 2.3-2.5x, KIVI-8 1.6x. Every shared-memory load
-of the loop is free of bank conflicts (the key-channel order of `key_channel`, the value-scale
-order of `KiviFragments.v_sz`): with them the KIVI-2 G=32 kernel was 7% slower.
+merged through their maxima in one more (Triton-lowered) kernel (`merge.py`; its jnp reference,
+and the epilogue where H or the number of splits is not a power of two, is `epilogue.py`). On
+CPU the tests check the layout, a numpy model of the kernel's arithmetic, the merge in interpret
+mode and the lowering for a CUDA target (Mosaic GPU has no interpreter for wgmma); the kernel
+itself is checked against the jnp reference on a Hopper GPU
+(`tests/kernels/test_kernel_quantized_decode_mgpu.py`, `tests/quant/test_quant_kivi_fragments.py`,
+`benchmarks/kernels_bench.py`, `benchmarks/kivi_mgpu_ab.py`).
 """
 
 from __future__ import annotations
@@ -60,61 +58,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._compat import pl, plgpu
-from ._decode_common import checked_lengths, per_head
-from ._kivi_mgpu_epilogue import assemble, residual_partial
-from ._kivi_mgpu_fold import (
-    add_columns_fn,
-    can_fold_scales,
-    fold_columns,
-    fold_query_fn,
-    folds_by_default,
-    group_columns_fn,
-)
-from ._kivi_mgpu_merge import merge_partials
-from ._kivi_mgpu_registers import code_base, commit_any_fn, expand_fn, tile_fn, unpack_fn, warp_sums_fn
-from ._kivi_mgpu_shapes import (
-    SPLIT_TOKENS,
-    _score_columns,
-    _splits_fit,
-    _value_columns,
-    check_shapes,
-    default_splits,
-    default_stages,
-    default_tiles_per_step,
-    padded_rows,
-    query_columns,
-)
-from .kivi_fragments import (
-    MGPU_BITS,
-    TILE,
-    KiviFragments,
-    fragment_slots,
-    from_fragment_layout,
-    key_channel,
-    operand_dtype,
-    to_fragment_layout,
-)
-
-__all__ = [
-    "MGPU_BITS",
-    "SPLIT_TOKENS",
-    "TILE",
-    "KiviFragments",
-    "can_fold_scales",
-    "check_shapes",
-    "default_splits",
-    "folds_by_default",
-    "fragment_slots",
-    "from_fragment_layout",
-    "key_channel",
-    "operand_dtype",
-    "padded_rows",
-    "quantized_decode_attention_mgpu",
-    "query_columns",
-    "to_fragment_layout",
-]
-
+from .._compat import pl, plgpu
+from .._decode_common import checked_lengths, per_head
+from .epilogue import assemble, residual_partial
+from .fold import add_columns_fn, fold_query_fn, folds_scales
+from .fragments import TILE, KiviFragments, operand_dtype
+from .merge import merge_partials
+from .registers import code_base, commit_any_fn, expand_fn, tile_fn, unpack_fn, warp_sums_fn
+from .shapes import KiviMgpuBlockSizes, check_shapes, query_columns, score_columns, value_columns
 
 LAZY_TAU = 8.0  # log2 units: probabilities of a tile that keeps the running max stay <= 2^8
 
@@ -126,39 +77,21 @@ def _swizzle(row_bytes: int) -> int:
     raise ValueError(f"rows of {row_bytes} bytes cannot be swizzled")
 
 
-def _kernel_partials(
-    qb,
-    fr: KiviFragments,
-    lengths,
-    *,
-    bits,
-    gk,
-    gv,
-    rows_q,
-    splits,
-    scale,
-    stages,
-    overlap_v,
-    mask_cond,
-    tiles_per_step,
-    auto_barriers,
-    lazy_rescale,
-    fold,
-    warp_sums,
-):
-    """qb [B, N, NSK, H] in `operand_dtype(bits)` (`query_columns`; NSK = `fold_columns` when
-    folding, else NS).
+def kernel_partials(qb, fr: KiviFragments, lengths, *, bits, gk, gv, rows_q, scale, block_sizes: KiviMgpuBlockSizes):
+    """The Pallas kernel: qb [B, N, NS, H] in `operand_dtype(bits)` (`query_columns`), block_sizes
+    resolved (`KiviMgpuBlockSizes.resolved`).
     Returns per split: acc [B,N,P,H,NB], corr [B,N,P,64,NC], lsum and m [B,N,P,64,NS] float32
-    (see `_kivi_mgpu_epilogue.finish_splits`); with warp_sums the column sums corr and lsum are
-    summed per warp (`warp_sums_fn`: rows 16w ... 16w + 15 all hold warp w's sums)."""
+    (see `epilogue.finish_splits`); the column sums corr and lsum summed per warp (`warp_sums_fn`:
+    rows 16w ... 16w + 15 all hold warp w's sums)."""
     b, n, nsk, h = qb.shape
-    ns = _score_columns(rows_q)
-    if nsk != (fold_columns(rows_q, gk) if fold else ns):
-        raise ValueError(f"qb has {nsk} query columns; expected {fold_columns(rows_q, gk) if fold else ns}")
-    nb = _value_columns(h // gv, rows_q)
+    ns = score_columns(rows_q)
+    if nsk != ns:
+        raise ValueError(f"qb has {nsk} query columns; expected {ns}")
+    fold = folds_scales(gk, h, bits)
+    splits, stages, tps = block_sizes.num_splits, block_sizes.stages, block_sizes.tiles_per_step
+    nb = value_columns(h // gv, rows_q)
     nc = math.lcm(ns, (h // gv) * rows_q)  # distinct columns of B (NB repeats them up to wgmma's minimum)
     tiles = fr.words.shape[2]
-    tps = tiles_per_step
     steps = tiles // (splits * tps)
     w = fr.words.shape[4]
     n_gc = h // gv
@@ -216,17 +149,13 @@ def _kernel_partials(
     if fold:
         qref = plgpu.RefType(transforms=q_transforms)
         fold_q = {
-            t: plgpu.inline_mgpu(arg_types=(qref, ref, qref, ref))(fold_query_fn(nsk, h, t, gk, k_rows, rows_q, bits))
+            t: plgpu.inline_mgpu(arg_types=(qref, ref, qref, ref))(fold_query_fn(nsk, h, t, gk, k_rows, bits))
             for t in builds
         }
         add_zq = plgpu.inline_mgpu(
             arg_types=(wgmma_layout, ref),
             return_type=plgpu.ShapeDtypeStruct((TILE, nsk), jnp.float32, layout=wgmma_layout),
         )(add_columns_fn(nsk))
-    if fold and gk < TILE:  # several key groups a tile: each warp keeps its own group's columns
-        own_group = plgpu.inline_mgpu(
-            arg_types=(wgmma_layout,), return_type=plgpu.ShapeDtypeStruct((TILE, ns), jnp.float32, layout=wgmma_layout)
-        )(group_columns_fn(ns, rows_q, gk))
     b_swz = _swizzle(nb * 2)
 
     def body(
@@ -256,18 +185,16 @@ def _kernel_partials(
             acc, m, corr, lsum = carry
             a_k = unpack_k[t](words) if fold else unpack_k[t](words, ksz)
 
-            def qk(acc_ref):  # overlap_v: the values unpack while the tensor cores work on the keys
+            def qk(acc_ref):  # the values unpack while the tensor cores work on the keys
                 plgpu.wgmma(acc_ref, a_k, plgpu.transpose_ref(bk_smem[buf[t]] if fold else q_smem, (1, 0)))
-                a_v = unpack_v[t](words) if overlap_v else None
+                a_v = unpack_v[t](words)
                 return acc_ref[...], a_v
 
             s, a_v = pl.run_scoped(qk, plgpu.ACC((TILE, nsk), jnp.float32))
-            a_v = a_v if overlap_v else unpack_v[t](words)
             if t + 1 in builds[1:]:  # the next tile's key groups: committed by this tile's barrier
                 fold_q[t + 1](q_smem, ksz, bk_smem[buf[t + 1]], zq_smem[buf[t + 1]])
             if fold:
                 s = add_zq(s, zq_smem[buf[t]])
-                s = own_group(s) if gk < TILE else s
             s = s * log2e_scale
             start = tile * TILE
 
@@ -275,7 +202,7 @@ def _kernel_partials(
                 tok = start + plgpu.broadcasted_iota(jnp.int32, (TILE, ns), 0, layout=wgmma_layout)
                 return jnp.where(tok < length, x, -jnp.inf)
 
-            s = lax.cond(start + TILE > length, mask, lambda x: x, s) if mask_cond else mask(s)
+            s = lax.cond(start + TILE > length, mask, lambda x: x, s)  # only tiles that cross the length
 
             def probabilities(m_used, corr, lsum):  # -> B = p * v_scale in SMEM (uncommitted), corr, lsum
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_used, s.shape, [1]))
@@ -296,14 +223,12 @@ def _kernel_partials(
                 plgpu.commit_smem()
                 return acc * lax.broadcast_in_dim(widen(alpha, nb), acc.shape, [1]), m_new, corr, lsum
 
-            if lazy_rescale:  # FlashAttention-4's conditional rescaling: keep the max unless a score passes it by TAU
-                corr_kept, lsum_kept = probabilities(m, corr, lsum)
-                commit_any(s, lax.broadcast_in_dim(m, s.shape, [1]), flag_smem)
-                acc, m, corr, lsum = lax.cond(
-                    flag_smem[0] != 0, lambda: rescaled(acc, m, corr, lsum), lambda: (acc, m, corr_kept, lsum_kept)
-                )
-            else:
-                acc, m, corr, lsum = rescaled(acc, m, corr, lsum)
+            # FlashAttention-4's conditional rescaling: keep the max unless a score passes it by LAZY_TAU
+            corr_kept, lsum_kept = probabilities(m, corr, lsum)
+            commit_any(s, lax.broadcast_in_dim(m, s.shape, [1]), flag_smem)
+            acc, m, corr, lsum = lax.cond(
+                flag_smem[0] != 0, lambda: rescaled(acc, m, corr, lsum), lambda: (acc, m, corr_kept, lsum_kept)
+            )
 
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, a_v, b_smem)
@@ -343,8 +268,7 @@ def _kernel_partials(
         acc, m, corr, lsum = plgpu.emit_pipeline(
             step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages, init_carry=(acc0, m0, zeros_t, zeros_s)
         )(*gmem)
-        if warp_sums:  # the merge then reads one row in 16
-            corr, lsum = per_warp[nc](corr), per_warp[ns](lsum)
+        corr, lsum = per_warp[nc](corr), per_warp[ns](lsum)  # the merge then reads one row in 16
         acc_out.at[bi, ni, si][...] = acc
         corr_out.at[bi, ni, si][...] = corr
         l_out.at[bi, ni, si][...] = lsum
@@ -382,8 +306,31 @@ def _kernel_partials(
         # slot end before the step's own warpgroup barrier (commit_smem), so the slot is free by the
         # time any thread issues the copy that refills it, and B is rewritten only after the
         # wgmma that read it has been waited for.
-        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True),
     )(qb, words, fr.k_sz, fr.v_sz.reshape(b, n, tiles * n_gc, 128), lengths)  # a tile's v_sz: H/Gv rows of 128
+
+
+_MOVED = ("num_splits", "stages", "tiles_per_step")  # keyword arguments now in KiviMgpuBlockSizes
+_REMOVED = {  # keyword arguments of removed variants, each measured slower than the way the kernel runs
+    "overlap_v": "the values always unpack during the key product",
+    "mask_cond": "only tiles that cross a row's length are masked",
+    "auto_barriers": "the kernel runs without Pallas' automatic barriers",
+    "lazy_rescale": "the running max is always rescaled lazily (LAZY_TAU)",
+    "fold_scales": "the key scales are folded into the query exactly where `folds_scales` says",
+    "merge": "the Triton merge runs where H and the splits are powers of two, the XLA epilogue elsewhere",
+    "warp_sums": "the column sums are always summed per warp",
+}
+
+
+def _refuse(kwargs: dict) -> None:
+    for name in kwargs:
+        if name in _MOVED:
+            raise TypeError(
+                f"{name}= moved into block_sizes: pass block_sizes=KiviMgpuBlockSizes({name}={kwargs[name]!r})"
+            )
+        if name in _REMOVED:
+            raise TypeError(f"{name}= was removed: {_REMOVED[name]}")
+        raise TypeError(f"quantized_decode_attention_mgpu() got an unexpected keyword argument {name!r}")
 
 
 def quantized_decode_attention_mgpu(
@@ -396,167 +343,39 @@ def quantized_decode_attention_mgpu(
     v_res=None,
     res_lengths=None,
     scale: float | None = None,
-    num_splits: int | None = None,
-    stages: int | None = None,
-    tiles_per_step: int | None = None,
-    overlap_v: bool = True,
-    mask_cond: bool = True,
-    auto_barriers: bool = False,
-    lazy_rescale: bool = True,
-    fold_scales: bool | None = None,
-    merge: str | None = None,
-    warp_sums: bool = True,
+    block_sizes: KiviMgpuBlockSizes | None = None,
+    **removed,
 ):
     """KIVI decode attention on Hopper (module doc). q [B, T, Nq, H] bf16; fr: the cache in the
     fragment layout (`to_fragment_layout`); lengths [B] or [B, N] valid quantized tokens; the
-    residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`.
-    Tuning: num_splits (split-K programs per (row, KV head); None: enough for one wave of 4 CTAs
-    per SM on an H100/H200 and for splits of at most SPLIT_TOKENS tokens; fewer, longer splits
-    are a little faster and a little less precise), stages
-    (pipeline depth; None: `default_stages`, 2 where a step's codes take 16 KB, else 4),
-    tiles_per_step (64-token tiles per pipeline step; None: `default_tiles_per_step`, 4 for 2-bit
-    and 2 for 4-bit codes whose key scales are not folded, 2 for folded 2-bit codes, else 1),
-    overlap_v (unpack the values while the key product runs), mask_cond (mask only the tiles that cross a row's length),
-    auto_barriers (Pallas' conservative barrier around every SMEM store and copy; not needed),
-    lazy_rescale (keep the running max, and skip rescaling, unless a tile's score passes it by
-    LAZY_TAU = 8 in log2 units: probabilities stay <= 2^8; False rescales every tile), fold_scales
-    (fold the key scales into the query once per key group, so keys enter the product as 128 +
-    f * code straight from `lop3` and no key scale sits in registers; None: where it pays,
-    `folds_by_default`), merge (how the split partials and the residual window are merged:
-    "triton", one Triton-lowered kernel (`_kivi_mgpu_merge.py`), or "xla", about 15 small XLA
-    kernels (`_kivi_mgpu_epilogue.assemble`); None: "triton" where H and num_splits are powers of
-    two), warp_sums (sum the column sums per warp in the kernel, by shuffles, so the merge reads
-    one row in 16 of them; False leaves them per thread).
+    residual window k_res/v_res [B, N, R, H] with res_lengths as in `quantized_decode_attention`;
+    block_sizes: the tuning knobs (`KiviMgpuBlockSizes`; None: the defaults for the shape).
     Returns (out [B, T, Nq, H] bf16, lse [B, T, Nq] float32)."""
-    b, t, nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
-    can_fold = can_fold_scales(gk, h, t, nq // n, bits)
-    if fold_scales and not can_fold:
-        raise ValueError(
-            f"fold_scales=True needs 2- or 4-bit codes and a head_dim H of 128 or 256 (got bits={bits}, H={h})"
-        )
-    fold_scales = folds_by_default(gk, h, t, nq // n, bits) if fold_scales is None else fold_scales
-    tps = default_tiles_per_step(bits, s, gk, fold_scales) if tiles_per_step is None else tiles_per_step
-    if tps not in (1, 2, 4) or (gk < tps * TILE and (tps * TILE) % gk):
-        raise ValueError(
-            f"tiles_per_step={tps} must be 1, 2 or 4 (and a step's {tps * TILE} tokens a multiple of "
-            f"the key group Gk={gk} when they hold several groups)"
-        )
+    _refuse(removed)
+    b, _t, _nq, h, n, s, gk, gv = check_shapes(q, fr, bits)
     if (k_res is None) != (v_res is None) or (k_res is not None and res_lengths is None):
         raise ValueError("pass k_res, v_res and res_lengths together, or none of them")
     scale = float(h**-0.5 if scale is None else scale)
-    stages = default_stages(bits, h, tps) if stages is None else stages
-    if stages < 1:
-        raise ValueError(f"stages={stages} must be at least 1")
-    tiles = s // TILE
-    fits = functools.partial(_splits_fit, tiles=tiles, tps=tps, gk=gk)
-    num_splits = default_splits(b, n, s, tps, gk) if num_splits is None else num_splits
-    if not fits(num_splits):
-        raise ValueError(
-            f"S/64 = {tiles} tiles must be a multiple of num_splits * tiles_per_step = {num_splits} * "
-            f"{tps}, and each split's {tiles // max(num_splits, 1) * TILE} tokens a multiple of the key "
-            f"group Gk={gk}"
-        )
+    block_sizes = (block_sizes or KiviMgpuBlockSizes.get_default()).resolved(
+        b=b, n=n, s=s, h=h, gk=gk, bits=bits, fold=folds_scales(gk, h, bits)
+    )
     lengths = checked_lengths(lengths, b, n, "lengths")
-    pow2 = h & (h - 1) == 0 and num_splits & (num_splits - 1) == 0
-    if merge is None:
-        merge = "triton" if pow2 else "xla"
-    if merge not in ("triton", "xla") or (merge == "triton" and not pow2):
-        raise ValueError(
-            f"merge={merge!r} must be 'xla', or 'triton' where H={h} and num_splits={num_splits} are powers of two"
-        )
     res_lengths = None if res_lengths is None else checked_lengths(res_lengths, b, n, "res_lengths")
     return _mgpu_jit(
-        q,
-        fr,
-        lengths,
-        k_res,
-        v_res,
-        res_lengths,
-        bits=bits,
-        gk=gk,
-        gv=gv,
-        scale=scale,
-        splits=num_splits,
-        stages=stages,
-        overlap_v=overlap_v,
-        mask_cond=mask_cond,
-        tiles_per_step=tps,
-        auto_barriers=auto_barriers,
-        lazy_rescale=lazy_rescale,
-        fold_scales=fold_scales,
-        merge=merge,
-        warp_sums=bool(warp_sums),
+        q, fr, lengths, k_res, v_res, res_lengths, bits=bits, gk=gk, gv=gv, scale=scale, block_sizes=block_sizes
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "bits",
-        "gk",
-        "gv",
-        "scale",
-        "splits",
-        "stages",
-        "overlap_v",
-        "mask_cond",
-        "tiles_per_step",
-        "auto_barriers",
-        "lazy_rescale",
-        "fold_scales",
-        "merge",
-        "warp_sums",
-    ),
-)
-def _mgpu_jit(
-    q,
-    fr,
-    lengths,
-    k_res,
-    v_res,
-    res_lengths,
-    *,
-    bits,
-    gk,
-    gv,
-    scale,
-    splits,
-    stages,
-    overlap_v,
-    mask_cond,
-    tiles_per_step,
-    auto_barriers,
-    lazy_rescale,
-    fold_scales,
-    merge,
-    warp_sums,
-):
-    t = q.shape[1]
+@functools.partial(jax.jit, static_argnames=("bits", "gk", "gv", "scale", "block_sizes"))
+def _mgpu_jit(q, fr, lengths, k_res, v_res, res_lengths, *, bits, gk, gv, scale, block_sizes):
+    t, h = q.shape[1], q.shape[3]
     qb, qr, rows_q, rows_p = query_columns(q, fr.words.shape[1])
     qb = qb.astype(operand_dtype(bits))  # f16 for 8-bit codes
-    if fold_scales:  # the query rows once per key group of a tile (`fold_columns`)
-        qb = jnp.tile(qb[:, :, :rows_p], (1, 1, fold_columns(rows_p, gk) // rows_p, 1))
-    acc, corr, lsum, m = _kernel_partials(
-        qb,
-        fr,
-        lengths,
-        bits=bits,
-        gk=gk,
-        gv=gv,
-        rows_q=rows_p,
-        splits=splits,
-        scale=scale,
-        stages=stages,
-        overlap_v=overlap_v,
-        mask_cond=mask_cond,
-        tiles_per_step=tiles_per_step,
-        auto_barriers=auto_barriers,
-        lazy_rescale=lazy_rescale,
-        fold=fold_scales,
-        warp_sums=warp_sums,
+    acc, corr, lsum, m = kernel_partials(
+        qb, fr, lengths, bits=bits, gk=gk, gv=gv, rows_q=rows_p, scale=scale, block_sizes=block_sizes
     )
-    row_stride = 16 if warp_sums else 1
-    if merge == "triton":
+    splits = block_sizes.num_splits
+    if h & (h - 1) == 0 and splits & (splits - 1) == 0:  # Triton blocks: powers of two
         return merge_partials(
             (acc, corr, lsum, m),
             qr,
@@ -568,7 +387,7 @@ def _mgpu_jit(
             gv=gv,
             t=t,
             scale=scale,
-            row_stride=row_stride,
+            row_stride=16,
             out_dtype=q.dtype,
         )
     residual = None
@@ -576,6 +395,6 @@ def _mgpu_jit(
         res_lengths = jnp.minimum(per_head(res_lengths, *k_res.shape[:2], "res_lengths"), k_res.shape[2])
         residual = residual_partial(qr, k_res, v_res, res_lengths, t=t, scale=scale)
     out, lse = assemble(
-        (acc, corr, lsum, m), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual, row_stride=row_stride
+        (acc, corr, lsum, m), rows_q=rows_q, rows_p=rows_p, gv=gv, t=t, residual=residual, row_stride=16
     )
     return out.astype(q.dtype), lse

@@ -1,4 +1,4 @@
-"""The fragment layout of the Hopper KIVI decode kernel (`quantized_decode_attention_mgpu.py`):
+"""The fragment layout of the Hopper KIVI decode kernel (`kernel.py`):
 KIVI codes (Liu et al. 2024, https://arxiv.org/abs/2402.02750) arranged so that each thread's
 16-byte load holds exactly the registers `wgmma` reads for its A operand (Marlin-style, Frantar
 et al. 2024).
@@ -11,7 +11,7 @@ et al. 2024).
 * values: A = V^T [H, 64 tokens] (rows = channels);
 word m of thread t holds, at bits (b*i, 16 + b*i), the two codes of register m*R + i (R = 16/b)
 (`fragment_slots`, `register_of`). `to_fragment_layout` / `from_fragment_layout` convert from / to the
-standard KIVI layout that `quantized_decode_attention` reads.
+standard KIVI layout that `pallas_kernels.quantized_decode_attention` reads.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import packing
+from .. import packing
 
 TILE = 64  # tokens per pipeline step (the wgmma M of the key product)
 MGPU_BITS = (2, 4, 8)
@@ -33,7 +33,7 @@ def operand_dtype(bits: int):
     """The kernel's `wgmma` operand type for `bits`-wide codes, which the fragment layout also
     stores the scales and zeros in: codes enter the tensor cores as base + f * code, exact only
     below the next power of two, bf16 (base 128, 7 mantissa bits) for 2- and 4-bit codes, f16
-    (base 1024, 10 mantissa bits) for 8-bit ones (`_kivi_mgpu_registers.code_base`)."""
+    (base 1024, 10 mantissa bits) for 8-bit ones (`registers.code_base`)."""
     return jnp.float16 if bits == 8 else jnp.bfloat16
 
 
@@ -81,7 +81,7 @@ def register_of(flat, col_tiles: int):
     """Register `flat` = word * R + position of a thread's A fragment -> (row tile, row half,
     column tile). The column tile runs fastest, so position i of every word holds column tiles
     j = i (mod R): for 2-bit codes the kernel then extracts positions 0-2, 3-5 and 6-7 of a word
-    from three shifts of it (`_kivi_mgpu_registers.unpack_fn`), and the power-of-4 factor this
+    from three shifts of it (`registers.unpack_fn`), and the power-of-4 factor this
     leaves on a code depends on its column tile alone."""
     return flat // (2 * col_tiles), (flat // col_tiles) % 2, flat % col_tiles
 
@@ -92,7 +92,7 @@ def key_channel(col, h: int):
     4v + q: col 8(4v + p) + 2q + e -> 32v + 8q + 2p + e. A thread's scales (or zeros) are then
     H/32 loads of 16 bytes, and the four threads q of a row read four neighbouring chunks: 64
     bytes in distinct banks (with a thread's channels contiguous, q*H/4 + 2j + e, threads q and
-    q + 2 met in the same banks: a 2-way conflict on every load, BENCHMARKS.md)."""
+    q + 2 would meet in the same banks: a 2-way conflict on every load)."""
     del h  # every H (a multiple of 32) permutes the same way within its 32-channel blocks
     j, q, e = col // 8, (col % 8) // 2, col % 2
     return 32 * (j // 4) + 8 * q + 2 * (j % 4) + e
