@@ -91,8 +91,15 @@ def attend(
     scale: float | None = None,
     want_mass: bool = False,
     implementation: str | Callable | None = None,
+    prefix_cache: bool = False,
 ) -> AttentionOutput:
     """Attention of q [B, T, Nq, H] over cache slots k, v [B, N, S, H] (see module doc).
+
+    prefix_cache: a promise that k_pos holds positions 0..len-1 in order in every (row, head)
+    and q_pos is 0..T-1 (or -1): a kernel may then run without checking the layout on device
+    (the check's fallback branch costs a GPU memory for the reference's score tiles and a
+    device-to-host sync). A wrong promise gives wrong results; callers set it only for a prompt
+    prefilled whole into an empty cache (`LayerContext.prefix_cache`).
 
     Returns `AttentionOutput(out [B, T, Nq, H], lse [B, T, Nq], key_mass [B, N, S] | None)`.
     """
@@ -108,6 +115,8 @@ def attend(
         raise ValueError(f"k_pos{k_pos.shape} must be [B, N, S] = {k.shape[:3]}")
     impl = resolve_implementation(implementation)
     fn = impl if callable(impl) else IMPLEMENTATIONS[impl]
+    if prefix_cache and impl == "pallas":
+        return fn(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass, prefix_cache=True)
     return fn(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass)
 
 

@@ -58,7 +58,7 @@ def _prefill_backend(q, backend):
     return None
 
 
-def _prefill(q, k, v, q_pos, k_pos, window, scale, backend, interpret):
+def _prefill(q, k, v, q_pos, k_pos, window, scale, backend, interpret, prefix_cache=False):
     _b, t, _nq, _h = q.shape
     s = k.shape[2]
     bs = BlockSizes.get_default(backend)
@@ -90,6 +90,8 @@ def _prefill(q, k, v, q_pos, k_pos, window, scale, backend, interpret):
         r = attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale)
         return r.out, r.lse.astype(jnp.float32)
 
+    if prefix_cache:  # the caller promised the layout (attend's prefix_cache): no check, no fallback
+        return kernel()
     return lax.cond(ok, kernel, reference)
 
 
@@ -119,7 +121,9 @@ def _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block, backend=None
     )
 
 
-def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False) -> AttentionOutput:
+def pallas_attention(
+    q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False, prefix_cache=False
+) -> AttentionOutput:
     """`attend` through the Pallas kernels where the cache is prefix-valid (module docstring)."""
     backend = _compat.backend_kind()
     interpret = backend == "reference"  # no lowering for this device: the Triton kernels, interpreted
@@ -131,7 +135,7 @@ def pallas_attention(q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mas
         if t > 1:
             pb = _prefill_backend(q, backend)
             if pb is not None:
-                return AttentionOutput(*_prefill(q, k, v, q_pos, k_pos, window, scale, pb, interpret))
+                return AttentionOutput(*_prefill(q, k, v, q_pos, k_pos, window, scale, pb, interpret, prefix_cache))
         elif backend in ("triton", "mosaic_gpu") and h >= 16 and not h & (h - 1):
             block = next((bl for bl in (64, 32, 16) if s % bl == 0), None)
             if block is not None and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):

@@ -60,6 +60,26 @@ def test_prefill_prefix_cache_uses_kernel(rng, window, kernel_runs):
     assert kernel_runs == ["block_sparse_attention"], "the kernel path was not taken"
 
 
+def test_prefill_with_prefix_promise_has_no_conditional(rng, kernel_runs):
+    """attend(prefix_cache=True) runs the kernel with no on-device layout check: the traced
+    program holds no `cond` (whose reference branch needs its own score tiles in memory), and
+    the result equals the reference."""
+    b, t, nq, n, h = 2, 64, 4, 2, 32
+    lens = np.array([64, 41])
+    k, v, kp = _cache(rng, b, n, t, h, np.stack([lens, lens], 1))
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32)
+    qp = jnp.asarray(np.where(np.arange(t)[None] < lens[:, None], np.arange(t)[None], -1), jnp.int32)
+
+    def run(*a):
+        return attention.attend(*a, implementation="pallas", prefix_cache=True)
+
+    assert "cond[" not in str(jax.make_jaxpr(run)(q, k, v, qp, kp))  # no lax.cond (kernel loops have cond_jaxpr)
+    got = run(q, k, v, qp, kp)
+    want = attention.attend(q, k, v, qp, kp, implementation="reference")
+    assert_attention_close(got.out, got.lse, want.out, want.lse, jnp.float32, "prefill")
+    assert kernel_runs == ["block_sparse_attention"]
+
+
 def test_decode_per_head_lengths(rng, kernel_runs):
     b, nq, n, s, h = 2, 4, 2, 128, 32
     k, v, kp = _cache(rng, b, n, s, h, [[128, 90], [7, 0]])
