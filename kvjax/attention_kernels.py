@@ -12,7 +12,8 @@ traced). The decode kernel reads the positions itself and needs no check:
   * decode (T == 1): the sparse-decode kernel with every block of the cache selected (a dense
     split-K decode) and the slot positions masked inside it, so any cache layout takes it
     (the capacity must be a multiple of 16 slots; `Dense` rounds it up to 64).
-Everything else (want_mass, prefill over other position patterns) is the reference.
+With `want_mass` the kernels' log-sum-exps give each slot's softmax mass in one more q.k pass
+(`key_mass_from_lse`). Shapes or dtypes no kernel takes run the reference.
 
 The kernels' lowering follows `kvjax.pallas_kernels._compat.backend_kind()`: Mosaic GPU
 (Hopper) or Triton on GPUs, Mosaic TPU on TPUs (prefill, and decode with blocks of up to 512
@@ -25,7 +26,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from .attention_reference import AttentionOutput, attention_reference
+from .attention_reference import AttentionOutput, attention_reference, key_mass_from_lse
 from .pallas_kernels import _compat
 from .pallas_kernels.block_mask import MaskSpec
 from .pallas_kernels.block_sparse_attention import SUPPORTED_DTYPES, BlockSizes, block_sparse_attention
@@ -131,21 +132,23 @@ def pallas_attention(
         backend = "triton"
     t, h = q.shape[1], q.shape[3]
     s = k.shape[2]
-    if not want_mass:
-        if t > 1:
-            pb = _prefill_backend(q, backend)
-            if pb is not None:
-                return AttentionOutput(*_prefill(q, k, v, q_pos, k_pos, window, scale, pb, interpret, prefix_cache))
-        elif backend in ("triton", "mosaic_gpu") and h >= 16 and not h & (h - 1):
+    out = None
+    if t > 1 and (pb := _prefill_backend(q, backend)) is not None:
+        out, lse = _prefill(q, k, v, q_pos, k_pos, window, scale, pb, interpret, prefix_cache)
+    elif t == 1 and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        if backend in ("triton", "mosaic_gpu") and h >= 16 and not h & (h - 1):
             block = next((bl for bl in (64, 32, 16) if s % bl == 0), None)
-            if block is not None and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-                return AttentionOutput(*_decode(q, k, v, q_pos, k_pos, window, scale, interpret, block))
+            if block is not None:
+                out, lse = _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block)
         elif backend == "mosaic_tpu":  # one grid step per block: larger blocks, fewer steps
             block = next((bl for bl in (512, 256, 128, 64, 32, 16, 8) if s % bl == 0), None)
-            if block is not None and q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-                return AttentionOutput(
-                    *_decode(q, k, v, q_pos, k_pos, window, scale, interpret, block, backend="mosaic_tpu")
-                )
+            if block is not None:
+                out, lse = _decode(q, k, v, q_pos, k_pos, window, scale, interpret, block, backend="mosaic_tpu")
+    if out is not None:
+        # H2O-style key mass: one more q.k pass in bounded query chunks against the kernel's
+        # log-sum-exps, instead of the reference's attention-sized score tiles.
+        mass = key_mass_from_lse(q, k, q_pos, k_pos, lse, window=window, scale=scale) if want_mass else None
+        return AttentionOutput(out, lse, mass)
     return attention_reference(q, k, v, q_pos, k_pos, window=window, scale=scale, want_mass=want_mass)
 
 

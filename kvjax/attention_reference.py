@@ -195,6 +195,41 @@ def attention_reference(
     return AttentionOutput(out, lse, mass)
 
 
+def key_mass_from_lse(q, k, q_pos, k_pos, lse, *, window=None, scale=None, budget_bytes=1 << 29) -> jax.Array:
+    """Softmax mass each slot receives, summed over queries and the G query heads of its KV head
+    ([B, N, S] float32, H2O's statistic), from the queries' log-sum-exps lse [B, T, Nq] (e.g.
+    a flash kernel's): p(q, s) = exp(q . k_s * scale - lse_q) for visible slots. One more pass of
+    q . k in query chunks sized so a chunk's [B, N, G, chunk, S] scores stay under
+    `budget_bytes`: memory O(chunk x S) instead of the reference's attention-sized tiles."""
+    b, t, nq, h = q.shape
+    n, s = k.shape[1], k.shape[2]
+    g = nq // n
+    scale = h**-0.5 if scale is None else scale
+    chunk = max(1, min(t, budget_bytes // max(1, b * nq * s * 4)))
+    chunk = 1 << (chunk.bit_length() - 1)  # a power of two: few distinct shapes
+    pad = (-t) % chunk
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    pp = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
+    lp = jnp.pad(jnp.where(jnp.isfinite(lse), lse, jnp.inf), ((0, 0), (0, pad), (0, 0)), constant_values=jnp.inf)
+    nc = (t + pad) // chunk
+    xs = (
+        qp.reshape(b, nc, chunk, nq, h).swapaxes(0, 1),
+        pp.reshape(b, nc, chunk).swapaxes(0, 1),
+        lp.reshape(b, nc, chunk, nq).swapaxes(0, 1),
+    )
+
+    def one(mass, x):
+        qc, pc, lc = x
+        logits = attention_logits(qc, k, scale)  # [B, N, G, C, S]
+        mask = visibility_mask(pc, k_pos, window)[:, :, None]
+        lse_c = jnp.transpose(lc.reshape(b, chunk, n, g), (0, 2, 3, 1))[..., None]  # [B, N, G, C, 1]
+        p = jnp.where(mask, jnp.exp(logits - lse_c), 0.0)
+        return mass + jnp.sum(p, axis=(2, 3)), None
+
+    mass, _ = jax.lax.scan(one, jnp.zeros((b, n, s), jnp.float32), xs)
+    return mass
+
+
 def merge_partials(outs, lses):
     """Merge partial attention results over disjoint key sets via their LSEs.
 

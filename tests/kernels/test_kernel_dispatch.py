@@ -120,6 +120,39 @@ def test_decode_over_evicted_cache_uses_kernel(rng, window, kernel_runs):
     assert kernel_runs == ["sparse_decode_attention"], "the kernel path was not taken"
 
 
+@pytest.mark.parametrize("window", [None, 20])
+def test_key_mass_through_the_kernels(rng, window, kernel_runs):
+    """want_mass with the kernels: prefill and decode run the kernel and the slot masses come
+    from its log-sum-exps (`key_mass_from_lse`), equal to the reference's."""
+    b, t, nq, n, h = 2, 48, 4, 2, 32
+    lens = np.array([48, 30])
+    k, v, kp = _cache(rng, b, n, t, h, np.stack([lens, lens], 1))
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32)
+    qp = jnp.asarray(np.where(np.arange(t)[None] < lens[:, None], np.arange(t)[None], -1), jnp.int32)
+    got, want = _both(q, k, v, qp, kp, window=window, want_mass=True)
+    np.testing.assert_allclose(got.key_mass, want.key_mass, rtol=2e-5, atol=2e-5)
+    assert_attention_close(got.out, got.lse, want.out, want.lse, jnp.float32, "prefill")
+    q1 = q[:, -1:]
+    qp1 = jnp.asarray(lens[:, None] - 1, jnp.int32)
+    got, want = _both(q1, k, v, qp1, kp, window=window, want_mass=True)
+    np.testing.assert_allclose(got.key_mass, want.key_mass, rtol=2e-5, atol=2e-5)
+    assert kernel_runs == ["block_sparse_attention", "sparse_decode_attention"]
+
+
+def test_key_mass_from_lse_in_small_chunks(rng):
+    """The chunked mass pass (a budget that forces 4-query chunks and padding) equals the
+    reference's mass."""
+    from kvjax.attention_reference import attention_reference, key_mass_from_lse
+
+    b, t, nq, n, h = 1, 30, 4, 2, 16
+    k, v, kp = _cache(rng, b, n, t, h, [[t, t]])
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32)
+    qp = jnp.arange(t, dtype=jnp.int32)[None]
+    ref = attention_reference(q, k, v, qp, kp, want_mass=True)
+    mass = key_mass_from_lse(q, k, qp, kp, ref.lse, budget_bytes=4 * b * nq * t * 4)
+    np.testing.assert_allclose(mass, ref.key_mass, rtol=1e-5, atol=1e-6)
+
+
 def test_key_mass_and_small_heads_use_reference(rng):
     b, t, nq, n, s, h = 1, 32, 2, 1, 32, 8  # head_dim 8: no kernel
     k, v, kp = _cache(rng, b, n, s, h, [[s]])
