@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, "benchmarks")
 import generate_bench as g
+from benchmarks_common import random_params
 
 from kvjax.generation import decode
 from kvjax.models.presets import LLAMA3_1_8B as cfg
@@ -47,7 +48,7 @@ def main():
     ap.add_argument("--steps", type=int, default=33)
     a = ap.parse_args()
     print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
-    params = g._random_params(cfg, jnp.bfloat16)
+    params = random_params(cfg, jnp.bfloat16)
     for spec in a.configs:
         ctx, b = map(int, spec.split(":"))
         state = g._filled_state(cfg, b, ctx, a.steps, jnp.bfloat16)

@@ -19,6 +19,8 @@ import json
 import os
 import time
 
+from benchmarks_common import random_params
+
 
 def _table(rows, cols):
     print("| " + " | ".join(cols) + " |")
@@ -95,26 +97,6 @@ def cpu_bench(prompt_tokens=2048, new_tokens=128):
     return rows
 
 
-def _random_params(cfg, dtype):
-    """Random weights, one small jitted generator per distinct shape (fast to compile)."""
-    import jax
-    import jax.numpy as jnp
-
-    from kvjax.models import init_params
-
-    shapes = jax.eval_shape(lambda k: init_params(cfg, k, dtype), jax.random.key(0))
-    gens = {}
-
-    def make(i, leaf):
-        key = (leaf.shape, str(leaf.dtype))
-        if key not in gens:
-            gens[key] = jax.jit(lambda k, s=leaf.shape: (jax.random.normal(k, s, jnp.float32) * 0.02).astype(dtype))
-        return gens[key](jax.random.key(i))
-
-    leaves, tree = jax.tree_util.tree_flatten(shapes)
-    return jax.tree_util.tree_unflatten(tree, [make(i, l) for i, l in enumerate(leaves)])
-
-
 def _filled_state(cfg, batch, ctx, new, dtype):
     import jax
     import jax.numpy as jnp
@@ -161,7 +143,7 @@ def gpu_bench(contexts=(8192, 32768), batches=(1, 8), new_tokens=33, hf=True, fu
     for fused in fused_variants:  # q/k/v and gate/up as one matmul each, or five
         vcfg = dataclasses.replace(cfg, fused_projections=fused)
         t = time.perf_counter()
-        params = _random_params(vcfg, jnp.bfloat16)
+        params = random_params(vcfg, jnp.bfloat16)
         jax.block_until_ready(params)
         weight_bytes = sum(p.nbytes for p in jax.tree_util.tree_leaves(params))
         print(f"weights ready in {time.perf_counter() - t:.1f}s ({weight_bytes / 1e9:.2f} GB)", flush=True)
