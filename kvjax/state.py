@@ -32,6 +32,10 @@ class SlotKV:
     def capacity(self) -> int:
         return self.k.shape[2]
 
+    def nbytes_used(self) -> int:
+        """Bytes of the slots that hold a token (pos >= 0): their K, V and position."""
+        return slot_bytes_used(self.pos >= 0, [self.k, self.v, self.pos], [self.fill])
+
     @classmethod
     def empty(cls, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype) -> SlotKV:
         shape = (batch, num_kv_heads, capacity, head_dim)
@@ -46,25 +50,90 @@ class SlotKV:
 @struct.dataclass
 class KVState:
     """layers: tuple of per-layer states; lengths [B] int32: tokens consumed per row
-    (= the position the next token of that row gets)."""
+    (= the position the next token of that row gets).
+
+    Bytes, all layers (python ints, read from the concrete arrays; see docs/memory.md):
+
+    - `kv_bytes_held`: every leaf of every layer state (codes, scales, positions, scores,
+      residual windows, extras): what the cache occupies.
+    - `kv_bytes_used`: the part of it that holds a token: each slot that holds one, at its
+      storage cost (K, V, position and per-slot extras; quantized tokens at their code and
+      scale cost), plus per-row/per-head bookkeeping.
+    - `kv_bytes_headroom`: held - used: empty slots (room for decode tokens, static shapes
+      rounded up, rows shorter than the batch's longest, evicted slots).
+    - `dense_bytes_of_seen(config)`: what a dense K+V cache of exactly the tokens each row
+      has seen (sum of `lengths`) needs, in the cache's full-precision dtype, no headroom.
+    """
 
     layers: tuple
     lengths: jax.Array
 
     @property
-    def nbytes(self) -> int:
-        """Bytes held by the cache arrays (codes, scales, positions, extras), all layers."""
+    def kv_bytes_held(self) -> int:
+        """Bytes of every leaf of the layer states (see class doc)."""
         return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self.layers)))
 
-    def dense_nbytes(self, config: LlamaConfig, dtype=None) -> int:
-        """Bytes a dense cache of the same dtype would need for max(lengths) tokens per row."""
+    @property
+    def nbytes(self) -> int:
+        """Same as `kv_bytes_held`."""
+        return self.kv_bytes_held
+
+    @property
+    def kv_bytes_used(self) -> int:
+        """Bytes of the slots that hold a token, at their storage cost (see class doc). A layer
+        state type reports its own through `nbytes_used()`; one without it counts as all used."""
+        return int(sum(used_nbytes(layer) for layer in self.layers))
+
+    @property
+    def kv_bytes_headroom(self) -> int:
+        """kv_bytes_held - kv_bytes_used: bytes of slots that hold no token."""
+        return self.kv_bytes_held - self.kv_bytes_used
+
+    def dense_bytes_of_seen(self, config: LlamaConfig, dtype=None) -> int:
+        """Bytes a dense K+V cache (no positions, no headroom) needs for the tokens every row
+        has seen: sum(lengths) tokens x `config.kv_bytes_per_token` in `dtype` (default: the
+        cache's full-precision dtype)."""
         dtype = dtype or _kv_dtype(self.layers)
-        tokens = int(jnp.max(self.lengths)) * int(self.lengths.shape[0])
+        tokens = int(jnp.sum(self.lengths))
         return tokens * config.kv_bytes_per_token(jnp.dtype(dtype).itemsize)
 
+    def dense_nbytes(self, config: LlamaConfig, dtype=None) -> int:
+        """Same as `dense_bytes_of_seen`."""
+        return self.dense_bytes_of_seen(config, dtype)
+
     def compression_ratio(self, config: LlamaConfig, dtype=None) -> float:
-        """nbytes / dense_nbytes: 1.0 for a dense cache holding exactly the tokens seen."""
-        return self.nbytes / max(1, self.dense_nbytes(config, dtype))
+        """kv_bytes_held / dense_bytes_of_seen: 1.0 for a dense cache holding exactly the tokens
+        seen (positions and headroom make a real dense cache hold a little more)."""
+        return self.kv_bytes_held / max(1, self.dense_bytes_of_seen(config, dtype))
+
+    def byte_stats(self, config: LlamaConfig, dtype=None) -> dict:
+        """{kv_bytes_held, kv_bytes_used, kv_bytes_headroom, dense_bytes_of_seen} (see class doc)."""
+        held, used = self.kv_bytes_held, self.kv_bytes_used
+        return {
+            "kv_bytes_held": held,
+            "kv_bytes_used": used,
+            "kv_bytes_headroom": held - used,
+            "dense_bytes_of_seen": self.dense_bytes_of_seen(config, dtype),
+        }
+
+
+def used_nbytes(layer) -> int:
+    """Bytes of a layer state that hold tokens: `layer.nbytes_used()` where the state type
+    defines it, else all of its leaves."""
+    fn = getattr(layer, "nbytes_used", None)
+    if fn is not None:
+        return int(fn())
+    return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(layer)))
+
+
+def slot_bytes_used(valid: jax.Array, per_slot: list, fixed: list = ()) -> int:
+    """Bytes of the filled slots: `valid` [..., S] bool marks them; `per_slot` arrays have the
+    same leading [..., S] axes (any trailing ones) and cost their bytes per slot; `fixed`
+    arrays (counters, per-row limits) count whole."""
+    n_valid = int(jnp.sum(valid))
+    total = valid.size
+    used = sum(x.nbytes * n_valid // max(total, 1) for x in per_slot)
+    return int(used + sum(x.nbytes for x in fixed))
 
 
 def _kv_dtype(layers) -> Any:
@@ -82,6 +151,25 @@ def _kv_dtype(layers) -> Any:
     return jnp.bfloat16
 
 
+#: Steps per power of two of `bound_length`: the static bound exceeds the longest row by
+#: less than width / BOUND_STEPS tokens.
+BOUND_STEPS = 8
+
+
+def bound_length(longest: int, width: int) -> int:
+    """Static bound on a batch's true prompt lengths, finer than the prompt bucket `width`:
+    `longest` (the longest row's true length) rounded up to a multiple of width / BOUND_STEPS
+    (at least 1), at most `width`. E.g. 633 tokens in a 1024 bucket -> 640; 11 in 32 -> 12.
+
+    Compressed states are sized from it (`LayerContext.prompt_bound`), so a batch holds what
+    its longest row needs rather than what the bucket could; each bound value is one more
+    static shape (at most BOUND_STEPS per bucket)."""
+    if not (isinstance(longest, int) and isinstance(width, int) and 1 <= longest <= width):
+        raise ValueError(f"longest={longest!r} must be an integer in [1, width={width!r}]")
+    step = max(1, width // BOUND_STEPS)
+    return min(width, -(-longest // step) * step)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerContext:
     """Static facts a policy sees for one layer call.
@@ -90,6 +178,9 @@ class LayerContext:
     final: this prefill chunk ends the prompt (eviction policies compress then).
     prompt_len: the static (bucketed) prompt length; max_new_tokens: decode headroom the
     state must keep after compression.
+    longest: a static bound on every row's true prompt length (`bound_length`; 0 = none given,
+    use prompt_len). Prompt tokens sit at positions < longest, so the slots a prefill appended
+    beyond it hold only padding; compressed states are sized from it (`prompt_bound`).
     """
 
     layer: int
@@ -99,3 +190,11 @@ class LayerContext:
     prompt_len: int = 0
     max_new_tokens: int = 0
     implementation: str | None = None
+    longest: int = 0
+
+    @property
+    def prompt_bound(self) -> int:
+        """The static bound on the true prompt lengths: `longest` if given, else prompt_len."""
+        if self.longest and self.prompt_len:
+            return min(self.longest, self.prompt_len)
+        return self.longest or self.prompt_len

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..policies.base import Policy
 from ..sampling import Sampler
-from ..state import KVState
+from ..state import KVState, bound_length
 from .request import Request, build_request, check_int, check_options
 from .steps import decode, decode_start, decode_steps, prefill
 from .text import RowText
@@ -80,6 +80,7 @@ def _stats(req: Request, model, state: KVState, kv_after_prefill: int, n_tokens,
         "kv_bytes": state.nbytes,
         "kv_bytes_after_prefill": kv_after_prefill,
         "dense_kv_bytes": state.dense_nbytes(model.config),
+        **state.byte_stats(model.config),  # held / used / headroom / dense_bytes_of_seen (KVState doc)
         "policy": req.options.policy.spec(),
         "prompt_bucket": req.width,
         "new_tokens_bucket": req.options.new_tokens_bucket,
@@ -105,6 +106,7 @@ class _Call:
         opts = self.req.options
         args = (self.model.params, self.tokens, self.lengths)
         static = dict(max_new_tokens=opts.new_tokens_bucket, prefill_chunk=opts.prefill_chunk, **self.common)
+        static["longest"] = bound_length(max(len(t) for t in self.req.ids), self.req.width)
         exe, self.times["prefill_compile_s"] = _compiled(prefill, args, static)
         t0 = time.perf_counter()
         logits, state = jax.block_until_ready(exe(*args))

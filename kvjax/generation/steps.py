@@ -56,7 +56,7 @@ def prompt_positions(lengths: jax.Array, width: int, offset: int = 0) -> jax.Arr
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "policy", "max_new_tokens", "prefill_chunk", "dtype", "implementation"),
+    static_argnames=("config", "policy", "max_new_tokens", "prefill_chunk", "dtype", "implementation", "longest"),
 )
 def prefill(
     params,
@@ -69,16 +69,19 @@ def prefill(
     prefill_chunk: int | None = None,
     dtype=jnp.float32,
     implementation: str | None = None,
+    longest: int | None = None,
 ):
     """Run the prompt tokens [B, Tb] (right-padded; true lengths [B]) through the model.
 
     max_new_tokens: the decode headroom the state keeps (static). prefill_chunk: run the
     prompt in chunks of this many tokens (Sarathi-Serve's chunked prefill; Tb must be a
-    multiple of it), so activations are O(chunk) instead of O(Tb).
+    multiple of it), so activations are O(chunk) instead of O(Tb). longest: a static bound
+    on max(lengths) (`kvjax.state.bound_length`; None: Tb) that compressed states are sized
+    from (`LayerContext.prompt_bound`); it must not be below a row's true length.
     Returns (logits at each row's last prompt token [B, V] float32, KVState)."""
     b, tb = tokens.shape
     state = policy.init_state(config, b, tb, max_new_tokens, dtype)
-    ctx = LayerContext(0, config, "prefill", True, tb, max_new_tokens, implementation)
+    ctx = LayerContext(0, config, "prefill", True, tb, max_new_tokens, implementation, longest or 0)
     if not prefill_chunk or prefill_chunk >= tb:
         pos = prompt_positions(lengths, tb)
         logits, state = forward(

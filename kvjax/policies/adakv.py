@@ -6,6 +6,10 @@ KV heads of a layer: the layer keeps its total budget (N * floor(budget * length
 best slots of any head, each head keeping at least `safeguard` of its even share. Kept
 slots of all heads live in one flat pool per layer (k, v [B, P, H], head id per slot), so
 a head that needs more context really holds more and one that needs less holds less.
+
+Per row (true length L): each head's even share is SnapKV's count, min(L, max(floor(budget
+* L), window)), so a row no longer than the window is kept whole; the pool holds that share
+for the batch's bound on true lengths times the KV heads.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from .. import attention
-from ..state import LayerContext
+from ..state import LayerContext, slot_bytes_used
 from . import slots
-from .base import PolicyError, budget_capacity
+from .base import PolicyError
 from .registry import register
 from .snapkv import SnapKV
 
@@ -33,6 +37,10 @@ class PooledKV:
     pos: jax.Array
     head: jax.Array
     fill: jax.Array
+
+    def nbytes_used(self) -> int:
+        """Bytes of the pool slots that hold a token: K, V, position and head id."""
+        return slot_bytes_used(self.pos >= 0, [self.k, self.v, self.pos, self.head], [self.fill])
 
 
 def pooled_attend(st: PooledKV, q, q_pos, num_kv_heads: int, ctx: LayerContext):
@@ -52,6 +60,8 @@ class AdaKV(SnapKV):
     minimum fraction of its even share every head keeps (kvpress's alpha_safeguard)."""
 
     name = "adakv"
+    #: the pool is not a per-head slot cache, so no quantizer or other store can follow
+    feeds_stores = False
     budget: float = 0.2
     window: int = 64
     kernel: int = 5
@@ -66,12 +76,12 @@ class AdaKV(SnapKV):
         b, n, s = state.pos.shape
         lengths = slots.row_lengths(state.pos)
         scores = jnp.where(state.pos >= 0, self.scores(state, q, q_pos, res, ctx), -jnp.inf)
-        per_head = slots.keep_counts(lengths, self.budget)  # [B]
+        per_head = self.keep_counts(lengths, ctx)  # [B]
         n_safe = jnp.maximum(1, jnp.floor(per_head * self.safeguard)).astype(jnp.int32)
         # Safeguard: every head's n_safe best slots are lifted above everything else.
         rank = jnp.argsort(jnp.argsort(-scores, axis=2), axis=2)
         lifted = jnp.where((rank < n_safe[:, None, None]) & (state.pos >= 0), jnp.inf, scores)
-        cap = budget_capacity(self.budget, ctx.prompt_len) * n  # static pool size
+        cap = min(self.capacity(ctx.prompt_bound, ctx), s) * n  # static pool size
         flat = lifted.reshape(b, n * s)
         _, idx = jax.lax.top_k(flat, cap)  # [B, P]
         total = per_head * n

@@ -83,7 +83,12 @@ class Policy:
         return False
 
     def after_prefill(self, state, q, q_pos, res, ctx: LayerContext):
-        """Hook after a prompt chunk has been appended and attended (default: nothing)."""
+        """Hook after a prompt chunk has been appended and attended. Default: after the final
+        chunk, a slot cache keeps only `prefill_capacity(ctx.prompt_bound, max_new_tokens)`
+        slots (`trim_slots`): prompt tokens are appended in position order, so the slots
+        beyond the bound on the true prompt lengths hold only padding."""
+        if ctx.final and isinstance(state, SlotKV):
+            return trim_slots(state, self.prefill_capacity(ctx.prompt_bound, ctx.max_new_tokens), ctx.prompt_bound)
         return state
 
     def compress(self, state, ctx: LayerContext, **observations):
@@ -97,6 +102,8 @@ class Policy:
     #: True for policies that store the slots another policy selected (quantizers,
     #: low-rank stores): they implement `ingest`.
     stores_slots: ClassVar[bool] = False
+    #: False for a policy whose prefilled state is not a `SlotKV` a store can ingest.
+    feeds_stores: ClassVar[bool] = True
 
     def ingest(self, slots_state: SlotKV, ctx: LayerContext):
         """Take over a prefilled (possibly evicted) `SlotKV` and return this policy's own
@@ -126,8 +133,27 @@ def check_positive(name: str, value: int, minimum: int = 1) -> None:
 
 
 def budget_capacity(budget: float, prompt_len: int, minimum: int = 1) -> int:
-    """Static slot count for a fraction `budget` of a `prompt_len`-token prompt."""
-    return max(minimum, min(prompt_len, int(prompt_len * budget + 1e-4)))
+    """Static slot count for a fraction `budget` of a `prompt_len`-token prompt: the per-row
+    count `slots.keep_counts` gives a row of `prompt_len` tokens (at least `minimum`, at most
+    the prompt). Counts grow with the length, so it bounds every shorter row's."""
+    return slots.keep_count(prompt_len, budget, minimum)
+
+
+def trim_slots(state: SlotKV, capacity: int, bound: int) -> SlotKV:
+    """Keep the first `capacity` slots of a slot cache whose prompt tokens sit in slots below
+    `bound` (slot = position, as `slots.append` writes a right-padded prompt): the rest hold
+    padding. `fill` drops to at most `bound`, so decoding appends right after the prompts.
+    Unchanged when `capacity` is not smaller than the cache."""
+    if capacity >= state.capacity:
+        return state
+    if capacity < bound:
+        raise PolicyError(f"cannot trim a slot cache to capacity={capacity} below the prompt bound={bound}")
+    return SlotKV(
+        k=state.k[:, :, :capacity],
+        v=state.v[:, :, :capacity],
+        pos=state.pos[:, :, :capacity],
+        fill=jnp.minimum(state.fill, bound).astype(jnp.int32),
+    )
 
 
 def tree_nbytes(tree) -> int:

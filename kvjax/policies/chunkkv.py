@@ -13,6 +13,9 @@ The token-level scorer (`scorer`) is SnapKV's observation window (the paper's ch
 length) slots per row, so the chunk that crosses the budget is kept in part (kvpress keeps
 floor(chunks * budget) whole chunks instead; the two agree whenever chunk divides the
 budget). The paper's optional layer-wise index reuse is not implemented.
+
+Per row (true length L): with SnapKV scores a row keeps at least `window` tokens (all of a
+row not longer than the window), as SnapKV does; with TOVA or key-norm scores at least 1.
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ class ChunkKV(EvictionPolicy):
         if self.scorer not in SCORERS:
             raise PolicyError(f"chunkkv: scorer={self.scorer!r}; expected one of {SCORERS}")
 
-    def validate(self, prompt_len, config):
-        self.token_scorer().validate(prompt_len, config)
+    def keep_floor(self) -> int:
+        return self.token_scorer().keep_floor()
 
     def token_scorer(self) -> EvictionPolicy:
         """The token-level policy whose scores the chunks average."""

@@ -3,6 +3,10 @@
 `Compose(SnapKV(budget=0.2), KIVI(bits=2))`: SnapKV prefills and evicts on a full-precision
 cache, then KIVI ingests the kept slots and quantizes them; decode runs on KIVI's state.
 Both savings show in the state's bytes.
+
+The selector never decodes, so it runs with no decode headroom (`max_new_tokens=0`): it
+hands over exactly its kept slots, and the store sizes its own state from them (their
+count and the batch's bound on true prompt lengths) plus the real headroom.
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ class Compose(Policy):
                     f"cannot compose {p.name!r} before {policies[-1].name!r}: {p.name} evicts during decoding, "
                     "so the tokens it keeps change after the next policy has stored them"
                 )
+        for p in policies[:-1]:
+            if not p.feeds_stores:
+                raise PolicyError(
+                    f"cannot compose {p.name!r} before {policies[-1].name!r}: {p.name} keeps its tokens in a "
+                    "layout no store ingests (its state is not a per-head slot cache)"
+                )
         for p in policies[1:]:
             if not p.stores_slots:
                 raise PolicyError(
@@ -64,13 +74,13 @@ class Compose(Policy):
             p.validate(prompt_len, config)
 
     def prefill_capacity(self, prompt_len, max_new_tokens):
-        return self.policies[0].prefill_capacity(prompt_len, max_new_tokens)
+        return self.policies[0].prefill_capacity(prompt_len, 0)
 
     def init_layer(self, layer, batch, prompt_len, max_new_tokens, config, dtype):
-        return self.policies[0].init_layer(layer, batch, prompt_len, max_new_tokens, config, dtype)
+        return self.policies[0].init_layer(layer, batch, prompt_len, 0, config, dtype)
 
     def prefill(self, state, q, k, v, q_pos, ctx: LayerContext):
-        state, out = self.policies[0].prefill(state, q, k, v, q_pos, ctx)
+        state, out = self.policies[0].prefill(state, q, k, v, q_pos, dataclasses.replace(ctx, max_new_tokens=0))
         if ctx.final:
             for p in self.policies[1:]:
                 state = p.ingest(state, ctx)

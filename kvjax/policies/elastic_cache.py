@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from ..state import LayerContext, SlotKV
 from . import slots
-from .base import PolicyError, budget_capacity, check_positive
+from .base import PolicyError, check_positive
 from .eviction import EvictionPolicy, ScoredKV
 from .registry import register
 
@@ -112,15 +112,10 @@ class ElasticCache(EvictionPolicy):
         check_positive("sink", self.sink, 0)
         check_positive("offset", self.offset, 1)
 
-    def validate(self, prompt_len, config):
-        if prompt_len <= self.sink:
-            raise PolicyError(f"prompt of {prompt_len} tokens must be longer than sink={self.sink}")
-
-    def capacity(self, prompt_len, ctx):
-        return budget_capacity(self.budget, prompt_len, min(self.sink + 1, prompt_len))
-
-    def keep_counts(self, lengths, ctx):
-        return slots.keep_counts(lengths, self.budget, self.sink + 1)
+    def keep_floor(self) -> int:
+        """The sinks and the last prompt token are always anchors: a row of at most sink + 1
+        tokens is kept whole."""
+        return self.sink + 1
 
     def init_layer(self, layer, batch, prompt_len, max_new_tokens, config, dtype):
         kv = SlotKV.empty(batch, config.num_kv_heads, prompt_len, config.head_dim, dtype)
@@ -143,7 +138,7 @@ class ElasticCache(EvictionPolicy):
         lengths = slots.row_lengths(kv.pos)
         protected = (kv.pos >= 0) & ((kv.pos < self.sink) | (kv.pos == lengths[:, None, None] - 1))
         scores = jnp.where(protected, jnp.inf, freq)
-        cap = self.capacity(ctx.prompt_len, ctx)
+        cap = min(self.capacity(ctx.prompt_bound, ctx), kv.capacity)
         idx, valid = slots.select_indices(kv, scores, self.keep_counts(lengths, ctx), cap)
         b, n, _ = kv.pos.shape
         bi, ni = jnp.arange(b)[:, None, None], jnp.arange(n)[None, :, None]

@@ -2,22 +2,30 @@
 
 A subclass defines `scores(state, q, q_pos, res, ctx) -> [B, N, S]` (higher = keep).
 After the final prompt chunk the cache keeps, per row, floor(budget * length) slots per
-KV head (at least `min_keep`) in a new, smaller state: real memory savings, not a mask.
-Policies that also evict while decoding (`evicts_on_decode`) keep one spare slot: each
-step writes the new token into it, attends, then empties the lowest-scoring slot.
+KV head in a new, smaller state: real memory savings, not a mask. Policies that also evict
+while decoding (`evicts_on_decode`) keep one spare slot: each step writes the new token
+into it, attends, then empties the lowest-scoring slot.
+
+Short rows (the per-row rule, docs/memory.md): every count is decided per row from its
+true length L, never from the padded bucket. A row keeps min(L, max(floor(budget * L),
+`keep_floor()`)) tokens, where the floor is the method's observation or recent window
+(SnapKV, PyramidKV, AdaKV, ChunkKV with SnapKV scores, KVMerger), sinks + 1 (StreamingLLM,
+Elastic Cache) or 1: a row no longer than its floor is kept whole, and one whose budget is
+smaller than its window keeps the whole window. The static capacity is that count for the
+static bound on the batch's true lengths (`LayerContext.prompt_bound`); the count grows with
+L, so it holds every row's count, and a row keeps the same tokens alone or in any batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from .. import attention
-from ..state import LayerContext, SlotKV
+from ..state import LayerContext, SlotKV, slot_bytes_used
 from . import slots
 from .base import Policy, PolicyError, budget_capacity, check_budget
 
@@ -31,28 +39,38 @@ class ScoredKV:
     score: jax.Array
     limit: jax.Array
 
+    def nbytes_used(self) -> int:
+        """Bytes of the slots that hold a token (K, V, position, score) plus the budgets."""
+        return slot_bytes_used(
+            self.kv.pos >= 0, [self.kv.k, self.kv.v, self.kv.pos, self.score], [self.kv.fill, self.limit]
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class EvictionPolicy(Policy):
     """Base of the eviction methods; `budget` is the fraction of the prompt kept."""
 
     budget: float = 0.2
-    min_keep: ClassVar[int] = 1
 
     def __post_init__(self):
         check_budget(self.budget)
 
     # -- sizes --------------------------------------------------------------------------
+    def keep_floor(self) -> int:
+        """Tokens a row keeps at least (all of a row not longer than this); see module doc."""
+        return 1
+
     def prefill_capacity(self, prompt_len, max_new_tokens):
         return prompt_len
 
     def capacity(self, prompt_len: int, ctx: LayerContext) -> int:
-        """Static kept-slot count per KV head for this layer (the largest per-row count)."""
-        return budget_capacity(self.budget, prompt_len, self.min_keep)
+        """Static kept-slot count per KV head for this layer: the count of a row of
+        `prompt_len` tokens (pass `ctx.prompt_bound`), the largest any row can need."""
+        return budget_capacity(self.budget, prompt_len, self.keep_floor())
 
     def keep_counts(self, lengths: jax.Array, ctx: LayerContext) -> jax.Array:
         """Per-row kept-slot counts [B] (or [B, N]) for true prompt lengths [B]."""
-        return slots.keep_counts(lengths, self.budget, self.min_keep)
+        return slots.keep_counts(lengths, self.budget, self.keep_floor())
 
     # -- prefill ------------------------------------------------------------------------
     def prefill(self, state, q, k, v, q_pos, ctx: LayerContext):
@@ -68,7 +86,7 @@ class EvictionPolicy(Policy):
     def compress(self, state, ctx: LayerContext, *, q=None, q_pos=None, res=None):
         lengths = slots.row_lengths(state.pos)
         scores = self.scores(state, q, q_pos, res, ctx)
-        cap = self.capacity(ctx.prompt_len, ctx)
+        cap = min(self.capacity(ctx.prompt_bound, ctx), state.capacity)
         keep = self.keep_counts(lengths, ctx)
         idx, valid = slots.select_indices(state, scores, keep, cap)
         if not self.evicts_on_decode:

@@ -20,6 +20,8 @@ Long-Context Tasks" (2024), arXiv:2407.08454. After the prompt (per layer and KV
    and, beyond floor(budget * length) units (recent window included), the lightest go.
 
 The result is a smaller `SlotKV` (budget slots + decode headroom); decoding appends.
+Per row (true length L): at least `window` units are kept (the recent window is never
+merged), so a row of at most `window` tokens is kept whole.
 """
 
 from __future__ import annotations
@@ -100,9 +102,8 @@ class KVMerger(EvictionPolicy):
             raise PolicyError(f"threshold={self.threshold!r} must be a cosine similarity in (-1, 1]")
         check_positive("window", self.window, 0)
 
-    def validate(self, prompt_len, config):
-        if self.window >= prompt_len:
-            raise PolicyError(f"window={self.window} must be smaller than the prompt ({prompt_len} tokens)")
+    def keep_floor(self) -> int:
+        return max(1, self.window)
 
     def init_layer(self, layer, batch, prompt_len, max_new_tokens, config, dtype):
         kv = SlotKV.empty(batch, config.num_kv_heads, prompt_len, config.head_dim, dtype)
@@ -129,5 +130,5 @@ class KVMerger(EvictionPolicy):
         merged, is_pivot = gaussian_merge(kv, set_id, mass)
         units = kv.replace(pos=jnp.where(is_pivot, kv.pos, -1))
         scores = jnp.where(recent, _BIG + kv.pos, mass)  # newest first among the window
-        idx, valid = slots.select_indices(units, scores, keep, self.capacity(ctx.prompt_len, ctx))
+        idx, valid = slots.select_indices(units, scores, keep, min(self.capacity(ctx.prompt_bound, ctx), kv.capacity))
         return slots.gather(merged, idx, valid, ctx.max_new_tokens)

@@ -183,6 +183,7 @@ class Locret(Policy):
         """Score and append a chunk, attend, then evict back to the budget (see module doc)."""
         t = k.shape[1]
         cap, kept = state.kv.capacity, min(self.kept_slots(ctx.prompt_len), state.kv.capacity)
+        final_kept = min(self.kept_slots(ctx.prompt_bound), kept)  # the batch's bound on true lengths
         if not ctx.final and kept + t > cap:
             raise PolicyError(
                 f"locret: a prefill chunk of {t} tokens does not fit next to the {kept} kept slots in a "
@@ -207,7 +208,7 @@ class Locret(Policy):
             new = slots.gather(kv, idx, valid, cap - kept)
             kept_score = jnp.pad(jnp.take_along_axis(score, idx, axis=2), ((0, 0), (0, 0), (0, cap - kept)))
             return ScoredKV(new, kept_score, state.limit), res.out
-        idx, valid = slots.select_indices(kv, ranked, slots.keep_counts(lengths, self.budget), kept)
+        idx, valid = slots.select_indices(kv, ranked, slots.keep_counts(lengths, self.budget), final_kept)
         return slots.gather(kv, idx, valid, ctx.max_new_tokens), res.out
 
     def decode(self, state, q, k, v, q_pos, ctx: LayerContext):

@@ -5,6 +5,12 @@ Funneling" (2024), arXiv:2406.02069. Lower layers keep more tokens, upper layers
 linearly, with the same total as SnapKV at that budget. Budget formula as in the authors'
 KVCache-Factory and kvpress (beta sets the steepness). Each layer's state has its own
 static capacity, so the savings are real per layer.
+
+Per row (true length L), as SnapKV: a layer keeps at least min(L, window) tokens, so a row
+no longer than the window is kept whole. The pyramid's count is not monotone in L (it
+switches between the pyramid and SnapKV's flat budget), so each layer's static capacity is
+the largest count over every length up to the batch's bound, and a row keeps the same
+tokens alone or in any batch.
 """
 
 from __future__ import annotations
@@ -12,34 +18,29 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from .base import PolicyError
 from .registry import register
 from .snapkv import SnapKV
 
 
-def layer_budget(length, budget: float, window: int, beta: int, layer: int, num_layers: int):
-    """Tokens kept by `layer` for a prompt of `length` tokens (python ints or jnp arrays)."""
-    xp = jnp if not isinstance(length, int) else None
+def layer_budget(length, budget: float, window: int, beta: int, layer: int, num_layers: int, xp=jnp):
+    """Tokens kept by `layer` for prompts of `length` tokens (an array; xp = jnp or np), as
+    kvpress's PyramidKVPress.get_layer_budget: the pyramid where it is well formed, else
+    max(1, round(length * budget))."""
+    length = xp.asarray(length).astype(xp.float32)
     max_cap = window + length * budget
     min_num = (max_cap - window) / beta
     max_num = (max_cap - window) * 2 - min_num
-    if xp is None:
-        if max_num >= length - window:
-            max_num = length - window
-            min_num = (max_cap - window) * 2 - max_num
-        if not (length >= max_num >= min_num >= window):
-            return max(1, round(length * budget))
-        steps = (max_num - min_num) / (num_layers - 1) if num_layers > 1 else 0.0
-        return round(max_num - layer * steps)
     over = max_num >= length - window
-    max_num = jnp.where(over, length - window, max_num)
-    min_num = jnp.where(over, (max_cap - window) * 2 - max_num, min_num)
+    max_num = xp.where(over, length - window, max_num)
+    min_num = xp.where(over, (max_cap - window) * 2 - max_num, min_num)
     ok = (length >= max_num) & (max_num >= min_num) & (min_num >= window)
     steps = (max_num - min_num) / (num_layers - 1) if num_layers > 1 else 0.0
-    pyramid = jnp.round(max_num - layer * steps)
-    flat = jnp.maximum(1, jnp.round(length * budget))
-    return jnp.where(ok, pyramid, flat).astype(jnp.int32)
+    pyramid = xp.round(max_num - layer * steps)
+    flat = xp.maximum(1, xp.round(length * budget))
+    return xp.where(ok, pyramid, flat).astype(xp.int32)
 
 
 @register
@@ -58,10 +59,14 @@ class PyramidKV(SnapKV):
         if not isinstance(self.beta, int) or self.beta < 1:
             raise PolicyError(f"beta={self.beta!r} must be an integer >= 1")
 
+    def _counts(self, lengths, layer: int, num_layers: int, xp):
+        n = layer_budget(lengths, self.budget, self.window, self.beta, layer, num_layers, xp)
+        return xp.minimum(xp.maximum(n, self.window), lengths)
+
     def capacity(self, prompt_len, ctx):
-        n = layer_budget(prompt_len, self.budget, self.window, self.beta, ctx.layer, ctx.config.num_layers)
-        return max(1, min(prompt_len, n))
+        """The largest count of this layer over every true length up to `prompt_len`."""
+        lengths = np.arange(1, max(1, prompt_len) + 1, dtype=np.int32)
+        return int(np.max(self._counts(lengths, ctx.layer, ctx.config.num_layers, np)))
 
     def keep_counts(self, lengths, ctx):
-        n = layer_budget(lengths, self.budget, self.window, self.beta, ctx.layer, ctx.config.num_layers)
-        return jnp.clip(n, 1, jnp.minimum(lengths, self.capacity(ctx.prompt_len, ctx)))
+        return self._counts(lengths, ctx.layer, ctx.config.num_layers, jnp)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..state import SlotKV
 
@@ -43,9 +44,18 @@ def row_lengths(pos: jax.Array) -> jax.Array:
 
 
 def keep_counts(lengths: jax.Array, budget: float, minimum: int = 1) -> jax.Array:
-    """Per-row number of tokens to keep: floor(budget * length), at least `minimum`."""
-    n = jnp.floor(lengths.astype(jnp.float32) * budget + 1e-4).astype(jnp.int32)
-    return jnp.clip(n, minimum, jnp.maximum(lengths, minimum))
+    """Per-row number of tokens to keep [B] for true lengths [B]: floor(budget * length), at
+    least `minimum` (a method's observation or recent window, 1 otherwise) and at most the
+    row's length, so a row of at most `minimum` tokens is kept whole. Computed in float32
+    exactly as `keep_count` computes the static count."""
+    n = jnp.floor(lengths.astype(jnp.float32) * jnp.float32(budget) + jnp.float32(1e-4)).astype(jnp.int32)
+    return jnp.minimum(jnp.maximum(n, minimum), lengths)
+
+
+def keep_count(length: int, budget: float, minimum: int = 1) -> int:
+    """`keep_counts` of one static length (python int), in the same float32 arithmetic."""
+    n = int(np.floor(np.float32(length) * np.float32(budget) + np.float32(1e-4)))
+    return min(max(n, minimum), length)
 
 
 def select_indices(state: SlotKV, scores: jax.Array, keep: jax.Array, capacity: int):

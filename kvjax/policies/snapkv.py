@@ -5,6 +5,10 @@ arXiv:2404.14469. The observation window (the last `window` prompt tokens) atten
 the prompt; its weights, averaged over the window, pooled with a `kernel`-wide average
 (clustering neighbours) and averaged over the query heads of each KV head, score every
 slot [B, N, S]; the window itself is always kept; top-k per KV head survive.
+
+Per row (true length L, not the padded bucket): min(L, max(floor(budget * L), window))
+tokens are kept, so a prompt no longer than the window is kept whole and a budget smaller
+than the window still keeps the whole window (kvpress's SnapKVPress refuses such prompts).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from . import slots
-from .base import PolicyError, check_positive
+from .base import check_positive
 from .eviction import EvictionPolicy, protect_window, window_attention
 from .registry import register
 
@@ -34,9 +38,8 @@ class SnapKV(EvictionPolicy):
         check_positive("window", self.window)
         check_positive("kernel", self.kernel)
 
-    def validate(self, prompt_len, config):
-        if self.window >= prompt_len:
-            raise PolicyError(f"window={self.window} must be smaller than the prompt ({prompt_len} tokens)")
+    def keep_floor(self) -> int:
+        return self.window
 
     def scores(self, state, q, q_pos, res, ctx):
         w = window_attention(state, q, q_pos, self.window, ctx)  # [B, N, G, W, S]

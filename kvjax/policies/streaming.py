@@ -3,6 +3,8 @@
 Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (2023),
 arXiv:2309.17453. Keeps the first `sink` tokens and the most recent ones; the rest is
 freed. Decoding keeps the same size: each new token evicts the oldest non-sink token.
+Per row (true length L): at least `sink + 1` tokens are kept (the sinks and the newest
+token), so a row of at most sink + 1 tokens is kept whole.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from .base import PolicyError, check_positive
+from .base import check_positive
 from .eviction import EvictionPolicy
 from .registry import register
 
@@ -31,12 +33,8 @@ class StreamingLLM(EvictionPolicy):
         super().__post_init__()
         check_positive("sink", self.sink, 0)
 
-    def validate(self, prompt_len, config):
-        if prompt_len <= self.sink:
-            raise PolicyError(f"prompt of {prompt_len} tokens must be longer than sink={self.sink}")
-
-    def capacity(self, prompt_len, ctx):
-        return max(super().capacity(prompt_len, ctx), min(self.sink + 1, prompt_len))
+    def keep_floor(self) -> int:
+        return self.sink + 1
 
     def scores(self, state, q, q_pos, res, ctx):
         # Position order: older = lower, sinks = top. Selecting the top-k then keeps the sinks

@@ -6,9 +6,15 @@ A `QuantPolicy` prefills exactly on a full-precision `SlotKV` (as KIVI does), th
     streams   quantized tokens, one `Stream` per precision class (ZipCache has two);
               every leaf of a stream's `data` is [B, N, tokens-ish, ...] with the token
               axis at 2, so blocks are written per (row, head) at `count`
-    res_k/v   [B, N, R + T, H] full-precision residual window (newest tokens), res_pos
-              [B, N, R + T] (-1 = empty), res_len [B, N]
+    res_k/v   [B, N, W, H] full-precision residual window (newest tokens), res_pos
+              [B, N, W] (-1 = empty), res_len [B, N]; W = R + T, or fewer (`residual_window`)
+              when the kept tokens plus the decode headroom cannot fill R + T
     aux       method extras (ZipCache channel scales, RotateKV's full-precision sinks)
+
+Sizes come from the tokens a row can bring (`_ingest`): the slots handed over, and for a
+prompt the batch's static bound on true lengths (`LayerContext.prompt_bound`), not the
+padded bucket. A window smaller than R + T never fills, so no token is quantized that R + T
+would have kept exact: the cache behaves the same, it only holds less.
 
 Decode appends the new token to the residual window, attends over the dequantized
 streams + residual (+ aux segments) merged through their log-sum-exps, and, when the
@@ -31,17 +37,26 @@ from .. import attention
 from ..models.rope import inverse_frequencies
 from ..policies import slots
 from ..policies.base import Policy, PolicyError
-from ..state import LayerContext, SlotKV
+from ..state import LayerContext, SlotKV, slot_bytes_used
 
 
 @struct.dataclass
 class Stream:
     """data: pytree of arrays [B, N, L, ...] (token axis 2); count [B, N]: tokens stored;
-    tokens_per_block: tokens one flush writes (static)."""
+    tokens_per_block: tokens one flush writes (static); capacity: tokens the data holds per
+    (row, head) (static; 0 = unknown, all counted as used)."""
 
     data: Any
     count: jax.Array
     tokens_per_block: int = struct.field(pytree_node=False, default=1)
+    capacity: int = struct.field(pytree_node=False, default=0)
+
+    def nbytes_used(self) -> int:
+        """Bytes of the stored tokens: the data's bytes x count / capacity, plus the counts."""
+        data = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.data))
+        if self.capacity:
+            data = data * int(jnp.sum(self.count)) // (self.count.size * self.capacity)
+        return int(data + self.count.nbytes)
 
 
 @struct.dataclass
@@ -55,6 +70,22 @@ class QuantState:
     res_pos: jax.Array
     res_len: jax.Array
     aux: Any = None
+
+    def nbytes_used(self) -> int:
+        """Bytes that hold tokens: stored stream tokens, filled residual slots (K, V, position
+        and the per-slot extras, aux entries named "res_*"), filled sink slots, plus counters
+        and the other extras."""
+        used = sum(s.nbytes_used() for s in self.streams)
+        res_valid = self.res_pos >= 0
+        per_slot, fixed = [self.res_k, self.res_v, self.res_pos], [self.res_len]
+        aux = self.aux if isinstance(self.aux, dict) else {"": self.aux}
+        for key, x in aux.items():  # "res_*" extras follow the residual window's slots
+            if key not in ("sink_k", "sink_v", "sink_pos"):
+                (per_slot if key.startswith("res_") else fixed).extend(jax.tree_util.tree_leaves(x))
+        used += slot_bytes_used(res_valid, per_slot, fixed)
+        if "sink_pos" in aux:
+            used += slot_bytes_used(aux["sink_pos"] >= 0, [aux["sink_k"], aux["sink_v"], aux["sink_pos"]])
+        return int(used)
 
 
 def rope_heads(x: jax.Array, pos: jax.Array, cfg, inverse: bool = False) -> jax.Array:
@@ -175,10 +206,19 @@ class QuantPolicy(Policy):
         return self._ingest(slots_state, ctx, None, own=False)
 
     def capacity(self, c_in: int, ctx: LayerContext) -> int:
-        """Static quantized-token capacity: all kept tokens plus the decode headroom,
-        less the residual window, in whole blocks."""
+        """Static quantized-token capacity for rows of at most `c_in` kept tokens: those plus
+        the decode headroom, less the residual window, in whole blocks (at least one)."""
         t = self.block(ctx)
         return round_up(max(c_in + ctx.max_new_tokens - self.residual, t), t)
+
+    def residual_window(self, c_in: int, ctx: LayerContext) -> int:
+        """Static residual-window slots W for rows of at most `c_in` kept tokens: R + T, or,
+        when those tokens plus the decode headroom cannot reach R + T, just enough for all
+        of them, rounded up to whole blocks of T (a flush reads the window's first T slots).
+        Such a window never fills, so nothing is ever quantized, exactly as in the R + T
+        window."""
+        t = self.block(ctx)
+        return min(self.residual + t, round_up(c_in + ctx.max_new_tokens, t))
 
     def init_aux(self, k, v, pos, scores, ctx: LayerContext) -> Any:
         """Method extras computed from all kept tokens at ingest (default: none)."""
@@ -214,7 +254,7 @@ class QuantPolicy(Policy):
             }
             pos = jnp.where(hot, -1, pos)
         data = self.codec(ctx).encode(k, v, pos, aux)
-        return (Stream(data, count, self.block(ctx)),), aux
+        return (Stream(data, count, self.block(ctx), cap),), aux
 
     def _ingest(self, st: SlotKV, ctx: LayerContext, scores, own: bool) -> QuantState:
         self.check_config(ctx.config)
@@ -224,9 +264,13 @@ class QuantPolicy(Policy):
         k, v, pos = take_tokens(st.k, order), take_tokens(st.v, order), take_tokens(st.pos, order)
         scores = None if scores is None else take_tokens(scores, order)
         c_in = k.shape[2]
+        # Tokens a row can bring: the slots handed over, at most the bound on true prompt
+        # lengths (a prompt's slots beyond it hold padding).
+        kept = min(c_in, ctx.prompt_bound) if ctx.prompt_bound else c_in
+        w = self.residual_window(kept, ctx)
         count = jnp.sum(pos >= 0, axis=2).astype(jnp.int32)
         nq = jnp.where(count >= rc, (count - r) // t * t, 0)
-        cap = self.capacity(c_in, ctx)
+        cap = self.capacity(kept, ctx)
         aux = self.init_aux(k, v, pos, scores, ctx)
         qpos = jnp.where(jnp.arange(cap) < nq[..., None], fit_tokens(pos, cap, -1), -1)
         streams, aux = self.encode_prompt(
@@ -239,8 +283,8 @@ class QuantPolicy(Policy):
             ctx,
             cap,
         )
-        ridx = nq[..., None] + jnp.arange(rc)
-        valid = jnp.arange(rc) < (count - nq)[..., None]
+        ridx = nq[..., None] + jnp.arange(w)
+        valid = jnp.arange(w) < (count - nq)[..., None]
         ridx = jnp.clip(ridx, 0, c_in - 1)
         res_k = jnp.where(valid[..., None], take_tokens(k, ridx), 0).astype(st.k.dtype)
         res_v = jnp.where(valid[..., None], take_tokens(v, ridx), 0).astype(st.v.dtype)

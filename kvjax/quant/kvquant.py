@@ -40,7 +40,7 @@ BITS = (2, 3, 4)
 
 def n_outliers(frac: float, head_dim: int) -> int:
     """Sparse entries kept per token vector for an outlier fraction `frac`."""
-    return 0 if frac <= 0 else max(1, int(round(frac * head_dim)))
+    return 0 if frac <= 0 else max(1, round(frac * head_dim))
 
 
 def nearest(x: jax.Array, codebook: jax.Array) -> jax.Array:

@@ -57,7 +57,7 @@ def probe_scores(q, q_pos, k, k_pos, frac: float = 0.05, seed: int = 0):
     """Normalized attention scores [B, N, S] from probe queries: the last `frac` and a
     random `frac` of each row's valid queries (q [B, T, Nq, H], q_pos [B, T])."""
     t = q.shape[1]
-    n = max(1, int(round(frac * t)))
+    n = max(1, round(frac * t))
     length = jnp.sum(q_pos >= 0, axis=1)
     recent = length[:, None] - n + jnp.arange(n)[None]
     u = jax.random.uniform(jax.random.key(seed), (q.shape[0], n))
@@ -102,7 +102,7 @@ class ZipCache(QuantPolicy):
 
     @property
     def n_hi(self) -> int:
-        return int(round(self.salient * self.stream_gap))
+        return round(self.salient * self.stream_gap)
 
     def block(self, ctx):
         return self.stream_gap
@@ -144,7 +144,7 @@ class ZipCache(QuantPolicy):
         rank = scores if scores is not None else pos.astype(jnp.float32)  # no queries: most recent
         live = jnp.arange(cap) < count[..., None]
         hi, lo = self._split(k, v, pos, rank, live, nhi, cap // t * h, cap // t * (t - h), aux, ctx)
-        return (Stream(hi, nhi, h), Stream(lo, count - nhi, t - h)), aux
+        return (Stream(hi, nhi, h, cap // t * h), Stream(lo, count - nhi, t - h, cap // t * (t - h))), aux
 
     def block_scores(self, state, t):
         return state.aux["res_score"][:, :, :t] / jnp.maximum(state.aux["res_cnt"][:, :, :t], 1.0)

@@ -414,4 +414,4 @@ def test_dense_bytes_reference_is_the_model_dtype(name, params, calib):
     common = dict(config=CFG, max_new_tokens=8, dtype=jnp.float32)
     _, st = prefill(params, tokens, lengths, policy=make(name, calib), **common)
     _, d_st = prefill(params, tokens, lengths, policy=parse_policy("dense"), **common)
-    assert st.dense_nbytes(CFG) == d_st.dense_nbytes(CFG) == 64 * 2 * CFG.kv_bytes_per_token(4)
+    assert st.dense_nbytes(CFG) == d_st.dense_nbytes(CFG) == (64 + 45) * CFG.kv_bytes_per_token(4)  # tokens seen
