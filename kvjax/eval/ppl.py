@@ -7,10 +7,10 @@ through the policy's decode step; the perplexity is over those remaining tokens,
 them scored from the prefill logits. This measures the compressed cache the way generation
 uses it.
 
-Two ways to save work that leave the numbers unchanged: a policy that `shares_prefill` builds
-its state from one dense capture of the prefix (`capture_prefix`, shared by every such
-policy), and where appending T tokens in one decode call equals T single steps
-(`appends_in_chunks`) the tokens are fed `chunk` at a time instead of one by one.
+Two ways to save work that leave the numbers unchanged: policies that `shares_prefill` can
+build their states from one dense capture of the prefix (`capture_prefix`, worth it for several
+such policies on one text), and where appending T tokens in one decode call equals T single
+steps (`appends_in_chunks`) the tokens are fed `chunk` at a time instead of one by one.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def perplexity(
     implementation: str | None = None,
 ) -> dict:
     """tokens [N] or [B, N]; policy: a Policy or a spec string; prefix: tokens prefilled (N // 2
-    by default); captured: `capture_prefix(model, tokens, prefix)`, reused across policies
-    that `shares_prefill` (computed here when needed and not given); chunk: tokens fed per
+    by default); captured: `capture_prefix(model, tokens, prefix)`, shared by the policies
+    that `shares_prefill` (without it the policy prefills the prefix itself); chunk: tokens fed per
     decode call where the policy `appends_in_chunks` (1: one at a time).
 
     Returns {'ppl', 'nll', 'scored_tokens', 'kv_bytes', 'dense_kv_bytes', 'compression_ratio',
@@ -126,9 +126,7 @@ def perplexity(
     common = dict(config=model.config, policy=policy, dtype=model.dtype, implementation=implementation)
     t0 = time.perf_counter()
     capture_s = 0.0
-    if shares_prefill(policy):
-        if captured is None:
-            captured = capture_prefix(model, toks, prefix, implementation)
+    if captured is not None and shares_prefill(policy):
         first, cap, capture_s = captured
         t0 = time.perf_counter()
         state = apply_policy(model, cap, policy, headroom, implementation)

@@ -154,8 +154,10 @@ def run_session(
     model, policy, contexts, turns, mode: str = "inside", answer_tokens: int = 8, captured=None, implementation=None
 ) -> SessionResult:
     """Answer every turn of every row (see module doc). `captured`: the result of
-    `capture_batch` on `prefill_ids(contexts, turns, mode)`, reused across policies that
-    `shares_prefill`; computed here when needed and not given."""
+    `capture_batch` on `prefill_ids(contexts, turns, mode)`, which a caller running several
+    policies that `shares_prefill` on the same rows computes once for all of them (the capture
+    records each layer's queries and key mass, so it costs more than one plain prefill);
+    without it, or for another policy, the policy prefills the rows itself (the same state)."""
     ids = prefill_ids(contexts, turns, mode)
     cfg = model.config
     if (
@@ -169,9 +171,7 @@ def run_session(
     headroom = headroom_for(turns, answer_tokens)
     capture_s = 0.0
     t0 = time.perf_counter()
-    if shares_prefill(policy):
-        if captured is None:
-            captured = capture_batch(model, ids, implementation)
+    if captured is not None and shares_prefill(policy):
         logits, cap, capture_s = captured
         t0 = time.perf_counter()
         state = apply_policy(model, cap, policy, headroom, implementation)

@@ -16,7 +16,8 @@ as "TASK-vN"). A record made with other settings, or by a kvjax that did not rec
 stops the run before anything is computed (`SettingsMismatch` names the cell and the
 setting); with `force=True` (`kvjax sweep --force`) those records, and the records of failed
 cells, are removed and the cells run again. Within one (task, context, seed, mode) group the
-dense prefill of each batch is captured once and shared by every policy that `shares_prefill`.
+dense prefill of each batch is captured once and shared by the policies that `shares_prefill`,
+when there are two or more of them (one policy prefills by itself: the same state, faster).
 """
 
 from __future__ import annotations
@@ -448,7 +449,14 @@ def _device(engine: str) -> str:
     return "cpu (torch)" if engine == "kvpress" else jax.devices()[0].device_kind
 
 
-def _part(cell, settings, b, episodes, res: SessionResult, model, pol, width) -> dict:
+def _sharing(keys, pols) -> set[str]:
+    """The keys whose policies build their prefill state from one shared dense capture: those
+    that `shares_prefill`, when there are at least two (a capture costs more than one prefill)."""
+    out = {k for k in keys if shares_prefill(pols[k])}
+    return out if len(out) >= 2 else set()
+
+
+def _part(cell, settings, b, episodes, res: SessionResult, model, pol, width, shared: bool) -> dict:
     n = len(episodes)
     correct = [[check(o, t.answer) for o, t in zip(outs, e.turns)] for outs, e in zip(res.outputs, episodes)]
     return {
@@ -463,7 +471,7 @@ def _part(cell, settings, b, episodes, res: SessionResult, model, pol, width) ->
         "dense_kv_bytes": res.dense_kv_bytes,
         "prefill_s": res.capture_s + res.compress_s,
         "decode_s": res.append_s + res.decode_s,
-        "shared_capture": cell.engine == "kvpress" or shares_prefill(pol),
+        "shared_capture": cell.engine == "kvpress" or shared,
         "device": _device(cell.engine),
         "samples": [
             {"depth": e.depth, "answers": [t.answer for t in e.turns], "outputs": o}
@@ -510,6 +518,7 @@ def _run_group(run: SweepRun, cells: list[Cell], state: RunState, tick) -> None:
         eps, ctx, trn = episodes[sl], contexts[sl], turns[sl]
         width = bucket_length(max(len(i) for i in prefill_ids(ctx, trn, c0.mode)))
         captured, pressed = None, {}
+        shared = _sharing([c.key for c in todo if pads_safely(pols[c.key]) or len(eps) == 1], pols)
         if c0.engine == "kvpress":  # one HF prefill per row serves every press
             from .kvpress_bridge import run_press_sessions
 
@@ -522,14 +531,20 @@ def _run_group(run: SweepRun, cells: list[Cell], state: RunState, tick) -> None:
                     if isinstance(res, Exception):
                         raise res
                 elif pads_safely(pol) or len(eps) == 1:
-                    if shares_prefill(pol) and captured is None:
+                    if c.key in shared and captured is None:
                         captured = capture_batch(model, prefill_ids(ctx, trn, c0.mode), run.implementation)
                     res = run_session(
-                        model, pol, ctx, trn, c0.mode, captured=captured, implementation=run.implementation
+                        model,
+                        pol,
+                        ctx,
+                        trn,
+                        c0.mode,
+                        captured=captured if c.key in shared else None,
+                        implementation=run.implementation,
                     )
                 else:
                     res = _session_rows(model, pol, ctx, trn, c0.mode, run.implementation)
-                part = _part(c, settings[c.key], b, eps, res, model, pol, width)
+                part = _part(c, settings[c.key], b, eps, res, model, pol, width, c.key in shared)
             except Exception as e:  # recorded; the sweep goes on
                 state.fail(c, settings[c.key], e)
                 tick(len(batches) - b)
@@ -547,13 +562,15 @@ def _run_ppl(run: SweepRun, cells: list[Cell], state: RunState, tick) -> None:
     model, c0 = run.model, cells[0]
     toks = text_window(model.tokenizer, run.haystack, c0.context, c0.seed)
     captured = None
+    shared = _sharing([c.key for c in cells if c.engine == "kvjax"], {c.key: run.policy(c.policy) for c in cells})
     for c in cells:
         pol = run.policy(c.policy)
         settings = run.settings(c)
         try:
-            if shares_prefill(pol) and captured is None:
+            if c.key in shared and captured is None:
                 captured = capture_prefix(model, toks, implementation=run.implementation)
-            r = perplexity(model, toks, pol, captured=captured, implementation=run.implementation)
+            cap = captured if c.key in shared else None
+            r = perplexity(model, toks, pol, captured=cap, implementation=run.implementation)
             r["kv_bytes_held"], r["kv_bytes"] = r["kv_bytes"], _state_bytes(model, pol, 1, c0.context // 2)
             r["compression_ratio"] = r["kv_bytes"] / max(r["dense_kv_bytes"], 1)
             state.write_cell(
@@ -563,7 +580,7 @@ def _run_ppl(run: SweepRun, cells: list[Cell], state: RunState, tick) -> None:
                     "task_version": task_version(c.task),
                     "settings": settings.as_record(),
                     **r,
-                    "shared_capture": shares_prefill(pol),
+                    "shared_capture": c.key in shared,
                     "devices": [_device(c.engine)],
                 }
             )

@@ -144,7 +144,7 @@ def test_ppl_cells_and_evaluate_match_the_protocol(tiny, tmp_path):
         assert r["status"] == "ok" and r["ppl"] == pytest.approx(ref, rel=1e-4)
         assert r["devices"] == [jax.devices()[0].device_kind]
     one = evaluate(tiny, "ppl", "snapkv:budget=0.5,window=8", context=256, seed=3, text=str(path))
-    assert one["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-6)
+    assert one["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-4)  # its own prefill, no shared capture
 
 
 def test_eval_and_sweep_score_the_same_prompts(tiny, tmp_path, monkeypatch):
