@@ -54,16 +54,22 @@ class ZipCodec:
 
 
 def probe_scores(q, q_pos, k, k_pos, frac: float = 0.05, seed: int = 0):
-    """Normalized attention scores [B, N, S] from probe queries: the last `frac` and a
-    random `frac` of each row's valid queries (q [B, T, Nq, H], q_pos [B, T])."""
+    """Normalized attention scores [B, N, S] from probe queries: the last n and n random
+    queries of each row, n = max(1, round(frac * length)) for the row's true length (q [B, T,
+    Nq, H], q_pos [B, T]). Probe i's random draw depends only on (seed, i), so a row gets the
+    same probes alone or in any batch, whatever the padded width T."""
     t = q.shape[1]
-    n = max(1, round(frac * t))
+    n_max = max(1, round(frac * t))
     length = jnp.sum(q_pos >= 0, axis=1)
-    recent = length[:, None] - n + jnp.arange(n)[None]
-    u = jax.random.uniform(jax.random.key(seed), (q.shape[0], n))
-    rand = jnp.floor(u * jnp.maximum(length - n, 1)[:, None]).astype(jnp.int32)
-    idx = jnp.clip(jnp.concatenate([recent, rand], axis=1), 0, t - 1)
-    ppos = jnp.where(jnp.concatenate([recent, rand], axis=1) >= 0, jnp.take_along_axis(q_pos, idx, axis=1), -1)
+    n = jnp.clip(jnp.round(frac * length), 1, n_max).astype(jnp.int32)  # [B]
+    i = jnp.arange(n_max)[None]
+    recent = jnp.where(i < n[:, None], length[:, None] - n[:, None] + i, -1)
+    u = jax.vmap(lambda j: jax.random.uniform(jax.random.fold_in(jax.random.key(seed), j)))(jnp.arange(n_max))
+    rand = jnp.floor(u[None] * jnp.maximum(length - n, 1)[:, None]).astype(jnp.int32)
+    rand = jnp.where(i < n[:, None], rand, -1)
+    picks = jnp.concatenate([recent, rand], axis=1)
+    idx = jnp.clip(picks, 0, t - 1)
+    ppos = jnp.where(picks >= 0, jnp.take_along_axis(q_pos, idx, axis=1), -1)
     qp = jnp.take_along_axis(q, idx[:, :, None, None], axis=1)
     probs = attention_probs(qp, k, ppos, k_pos)  # [B, N, G, P, S]
     g = probs.shape[2]

@@ -149,6 +149,24 @@ def test_no_compressed_policy_holds_more_than_dense_from_1024_tokens(spec, tiny_
         assert held <= dense, f"{spec} holds {held} bytes at {n} tokens, dense {dense}"
 
 
+def test_zipcache_saliency_probes_do_not_depend_on_the_batch(tiny_config, tiny_params):
+    """ZipCache's probe queries are drawn per row from its true length: a 250-token row (two
+    blocks of 100 quantized at prefill, salient tokens chosen by the probes) generates the same
+    alone (256 bucket) and next to a 600-token row (1024 bucket)."""
+    rng = np.random.default_rng(5)
+    p250, p600 = rng.integers(3, 97, 250).tolist(), rng.integers(3, 97, 600).tolist()
+    pol = parse_policy("zipcache")
+    alone, st_a = _generate(tiny_params, tiny_config, pol, [p250])
+    batched, st_b = _generate(tiny_params, tiny_config, pol, [p250, p600])
+    np.testing.assert_array_equal(alone[0], batched[0])
+    for a, b in zip(st_a.layers, st_b.layers):
+        hi_a, hi_b = a.streams[0], b.streams[0]
+        np.testing.assert_array_equal(hi_a.count[0], hi_b.count[0])
+        for x, y in zip(jax.tree.leaves(hi_a.data), jax.tree.leaves(hi_b.data)):
+            n = min(x.shape[2], y.shape[2])
+            np.testing.assert_array_equal(x[0, :, :n], y[0, :, :n])
+
+
 def test_kivi_residual_window_is_sized_to_the_prompt(generated):
     """KIVI (R=128, G=32): a lone 5- or 11-token prompt with 4 new tokens gets a 32-slot
     window, not R + G = 160; with a 600-token row in the batch the window is R + G again.
