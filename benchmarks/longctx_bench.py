@@ -51,8 +51,8 @@ def parse_cases(text: str) -> list[tuple[str, int, int]]:
     return cases
 
 
-def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
-    """Bytes read + written per second by a device copy of `n_bytes` (best of 5)."""
+def copy_bandwidth(n_bytes: int = 1 << 32) -> float:
+    """Bytes read + written per second by a device copy of `n_bytes` (best of 10)."""
     import jax
     import jax.numpy as jnp
 
@@ -60,7 +60,7 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
     f = jax.jit(lambda a: a * 1.0001)
     f(x).block_until_ready()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(10):
         t = time.perf_counter()
         f(x).block_until_ready()
         best = min(best, time.perf_counter() - t)
