@@ -117,6 +117,12 @@ class Attention(nn.Module):
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         step = self.policy.prefill if ctx.phase == "prefill" else self.policy.decode
         state, out = step(state, q, k, v, positions, ctx)
+        if ctx.phase == "prefill":
+            # The next layer starts only after this layer's cache is final (compressed, quantized):
+            # nothing downstream reads the compressed state, so XLA's scheduler may otherwise
+            # postpone every layer's compression to the end of the prompt, keeping all layers'
+            # uncompressed caches and scoring buffers alive at once.
+            out, state = jax.lax.optimization_barrier((out, state))
         out = out.reshape(b, t, c.num_heads * c.head_dim).astype(self.dtype)
         return _dense(c.hidden_size, "o_proj", self.dtype, self.param_dtype)(out), state
 
