@@ -181,8 +181,9 @@ def generate(
     compilation excluded), prefill_compile_s, decode_compile_s and compile_s (tracing and
     compiling, about 0 when the programs are cached); prefill/decode tokens per second;
     kv_bytes (the state after decoding), kv_bytes_after_prefill, dense_kv_bytes (a dense
-    cache of the tokens seen); policy (its spec); prompt_bucket and new_tokens_bucket (the
-    static shapes compiled for).
+    cache of the tokens seen); kv_bytes_held, kv_bytes_used, kv_bytes_headroom and
+    dense_bytes_of_seen (`KVState.byte_stats`, docs/memory.md); policy (its spec);
+    prompt_bucket and new_tokens_bucket (the static shapes compiled for).
 
     Raises TypeError / ValueError naming the argument for a bad argument, before anything
     is compiled."""
