@@ -181,6 +181,10 @@ class LayerContext:
     longest: a static bound on every row's true prompt length (`bound_length`; 0 = none given,
     use prompt_len). Prompt tokens sit at positions < longest, so the slots a prefill appended
     beyond it hold only padding; compressed states are sized from it (`prompt_bound`).
+    prefix_cache: the caller guarantees that this prefill call's queries sit at positions
+    0..T-1 (-1 = padding) of an empty cache the policy appends them to in order, so its slots
+    hold positions 0..len-1 (a whole prompt in one call). Attention kernels then skip their
+    on-device layout check and the reference fallback that check needs (`attention.attend`).
     """
 
     layer: int
@@ -191,6 +195,7 @@ class LayerContext:
     max_new_tokens: int = 0
     implementation: str | None = None
     longest: int = 0
+    prefix_cache: bool = False
 
     @property
     def prompt_bound(self) -> int:

@@ -91,7 +91,7 @@ def prefill(
             state,
             config=config,
             policy=policy,
-            ctx=ctx,
+            ctx=dataclasses.replace(ctx, prefix_cache=True),  # the whole prompt into the empty state
             dtype=dtype,
             logits_at=jnp.maximum(lengths - 1, 0),
         )

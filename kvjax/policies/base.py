@@ -65,6 +65,7 @@ class Policy:
             window=ctx.config.sliding_window,
             want_mass=want_mass,
             implementation=ctx.implementation,
+            prefix_cache=ctx.prefix_cache and ctx.phase == "prefill",
         )
 
     def prefill(self, state, q, k, v, q_pos, ctx: LayerContext):

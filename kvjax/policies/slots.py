@@ -30,12 +30,14 @@ def append(state: SlotKV, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> SlotK
     pp = jnp.broadcast_to(q_pos[:, None, :], (b, n, t)).astype(jnp.int32)
     start = jnp.minimum(state.fill, state.capacity - t)
     z = jnp.zeros((), jnp.int32)
-    return state.replace(
-        k=jax.lax.dynamic_update_slice(state.k, kk, (z, z, start, z)),
-        v=jax.lax.dynamic_update_slice(state.v, vv, (z, z, start, z)),
-        pos=jax.lax.dynamic_update_slice(state.pos, pp, (z, z, start)),
-        fill=state.fill + t,
-    )
+    k = jax.lax.dynamic_update_slice(state.k, kk, (z, z, start, z))
+    v = jax.lax.dynamic_update_slice(state.v, vv, (z, z, start, z))
+    pos = jax.lax.dynamic_update_slice(state.pos, pp, (z, z, start))
+    # Materialise the in-place update before attention reads the cache: XLA:CPU otherwise fuses
+    # the update into the reading fusion and, since the write then needs the old buffer too,
+    # copies the whole K or V buffer every decode step.
+    k, v, pos = jax.lax.optimization_barrier((k, v, pos))
+    return state.replace(k=k, v=v, pos=pos, fill=state.fill + t)
 
 
 def row_lengths(pos: jax.Array) -> jax.Array:

@@ -18,8 +18,8 @@ would have kept exact: the cache behaves the same, it only holds less.
 
 Decode appends the new token to the residual window, attends over the dequantized
 streams + residual (+ aux segments) merged through their log-sum-exps, and, when the
-window holds R + T tokens, quantizes its T oldest tokens as one block (`lax.cond`, static
-shapes). So the last R tokens are always exact. Counts are per (row, head): evicted
+window holds R + T tokens, quantizes its T oldest tokens as one block at the start of the
+next step (a masked write every step, static shapes, no conditional). So the last R tokens are always exact. Counts are per (row, head): evicted
 caches with different kept tokens per head work unchanged.
 """
 
@@ -195,6 +195,7 @@ class QuantPolicy(Policy):
             window=ctx.config.sliding_window,
             want_mass=ctx.final and self.wants_mass(ctx),
             implementation=ctx.implementation,
+            prefix_cache=ctx.prefix_cache,
         )
         if ctx.final:
             state = self._ingest(state, ctx, self.prompt_scores(state, q, q_pos, res, ctx), own=True)
@@ -295,15 +296,22 @@ class QuantPolicy(Policy):
 
     # ---- decode -------------------------------------------------------------------------
     def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
-        """Append each new token to the residual window, attend, flush a full window."""
+        """Per new token: flush a full residual window (quantize its T oldest tokens), append the
+        token to the window, attend.
+
+        The flush runs first and unconditionally: it writes only where a window is full (a masked
+        block write, O(T) per (row, head)), and writing the stream *before* attention reads it lets
+        XLA update the stream in place; a write after the read (or a `lax.cond` around it, which
+        also costs GPUs a device-to-host sync per layer and step) makes it copy every stream leaf
+        each step. Attention sees the same tokens either way: a window filled by this step's token
+        is flushed at the start of the next step."""
         if not isinstance(state, QuantState):
             raise PolicyError(f"{self.name}: decode needs the quantized state a final prefill chunk produces")
         outs = []
         for i in range(q.shape[1]):
+            state = self._flush(state, ctx)
             state = self._append(state, k[:, i], v[:, i], q_pos[:, i])
             state, out = self._attend(state, q[:, i : i + 1], q_pos[:, i : i + 1], ctx)
-            full = state.res_len >= state.res_k.shape[2]
-            state = jax.lax.cond(jnp.any(full), lambda s: self._flush(s, ctx), lambda s: s, state)
             outs.append(out)
         return state, jnp.concatenate(outs, axis=1)
 

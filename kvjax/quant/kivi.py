@@ -102,6 +102,26 @@ def fragments_fit(bits: int, v_bits: int, group: int, head_dim: int | None = Non
     return None
 
 
+#: The quantized capacity is padded by at most 1/SPLIT_SLACK of itself (`split_capacity`).
+SPLIT_SLACK = 16
+
+
+def split_capacity(tokens: int, block: int) -> int:
+    """Capacity for `tokens` quantized tokens: a multiple of `block` (the kernels' token block)
+    and of the largest power-of-two multiple of it that pads by at most 1/SPLIT_SLACK.
+
+    The fused decode kernels cut a row's tokens into split-K programs of equal whole blocks, so
+    they can only use as many programs as there are power-of-two factors in the block count:
+    an odd count (32k tokens + decode headroom - residual window = 511 blocks of 64) leaves one
+    program per (row, KV head), a handful of SMs reading the whole cache. Rounding to a coarser
+    power-of-two granule keeps at least tokens / (SPLIT_SLACK * 2 * block) splits available
+    (e.g. 32,673 tokens -> 32,768 = 512 blocks) for at most 1/SPLIT_SLACK more memory."""
+    granule = block
+    while granule * 2 * SPLIT_SLACK <= tokens:
+        granule *= 2
+    return round_up(tokens, granule)
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class KIVI(QuantPolicy):
@@ -153,8 +173,8 @@ class KIVI(QuantPolicy):
         return math.lcm(self.group, kivi_fragments.TILE) if self.fragments(ctx) else self.group
 
     def capacity(self, c_in, ctx):
-        """Quantized tokens in whole blocks of 64 (the fused kernel's default token block)."""
-        return round_up(super().capacity(c_in, ctx), math.lcm(self.group, 64))
+        """Quantized tokens, rounded so the fused decode kernels can split them (`split_capacity`)."""
+        return split_capacity(super().capacity(c_in, ctx), math.lcm(self.group, 64))
 
     def check_config(self, config):
         super().check_config(config)

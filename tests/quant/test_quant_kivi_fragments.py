@@ -79,7 +79,7 @@ def test_fragments_decode_equals_attention_over_its_dequantized_cache():
 
     @jax.jit
     def checked(state, q, k, v, qpos):
-        appended = pol._append(state, k[:, 0], v[:, 0], qpos[:, 0])
+        appended = pol._append(pol._flush(state, c), k[:, 0], v[:, 0], qpos[:, 0])  # what decode does first
         kd, vd, pd = dequantize_state(pol, appended, c)
         expected = attention.attention_reference(q, kd, vd, qpos, pd).out
         state, out = pol.decode(state, q, k, v, qpos, c)
