@@ -8,7 +8,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: $(STAMP)
 # file per worker so module fixtures (the real model, HF) load once per file.
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 900 -n 2 --dist loadfile
+
+# ruff lint and format check (configured in pyproject.toml); .ci/run runs it before `make test`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"

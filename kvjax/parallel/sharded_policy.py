@@ -123,7 +123,7 @@ class SeqSharded(Policy):
     ("reference", "pallas", "cudnn"; `kernel=` is its deprecated name)."""
 
     name = "seq_sharded"
-    inner: Policy = Dense()
+    inner: Policy = dataclasses.field(default_factory=Dense)
     axis: str = "seq"
     prefix_implementation: str | None = None
     kernel: str | None = None  # deprecated name of prefix_implementation (moved there, then None)

@@ -1,6 +1,5 @@
 """KV-cache compression policies. Importing this package registers every method."""
 
-from . import adakv, chunkkv, elastic_cache, h2o, knorm, kvmerger, locret, pyramidkv, snapkv, streaming, tova
 from .adakv import AdaKV
 from .base import Policy, PolicyError
 from .chunkkv import ChunkKV
