@@ -1,11 +1,13 @@
 """README.md and docs/ state facts that hold: the README's Python blocks run as written, its size
 stays within 12 KiB, every relative link (and #anchor) of the README, BENCHMARKS.md and docs/
-resolves, the docs' Python blocks compile, and every `kvjax ...` line of a shell block parses
+resolves, every file those pages name in inline code exists, the docs' Python blocks compile, and
+every `kvjax ...` line of a shell block parses
 against the real command line (`kvjax <cmd> --help` exits 0, and the line's options and values
 are accepted by the command's parser without running it)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from pathlib import Path
@@ -82,6 +84,44 @@ def test_link_checker_sees_links_and_catches_a_broken_one(tmp_path):
     assert _anchors(page) == {"title"}
     assert _slug("Eviction at 4k context, SmolLM2") == "eviction-at-4k-context-smollm2"
     assert _slug("`kivi`") == "kivi"
+
+
+# ---------------------------------------------------------------------------------- files
+
+_TOP = ("kvjax", "pallas_kernels", "models", "tests", "benchmarks", "colab", "docs", ".ci")
+_FILE_REF = re.compile(r"`([\w./-]+\.(?:py|md|sh|ipynb|toml))`")
+_EXTERNAL = {"attention_mgpu.py"}  # jax's own Pallas op that the Hopper prefill kernel adapts
+
+
+@functools.cache
+def _file_names() -> frozenset[str]:
+    """Base names of the repository's files (top level and the folders of `_TOP`)."""
+    files = [p for top in _TOP for p in (ROOT / top).rglob("*")] + list(ROOT.glob("*"))
+    return frozenset(p.name for p in files if p.is_file())
+
+
+def _missing_files(text: str) -> list[str]:
+    """Files named in inline code (outside fenced blocks) that do not exist: a path under a top
+    folder must exist as written; a bare name must be some file's name."""
+    missing = []
+    for ref in _FILE_REF.findall(_FENCE.sub("", text)):
+        if "/" in ref:
+            if ref.split("/")[0] in _TOP and not (ROOT / ref).exists():
+                missing.append(ref)
+        elif ref not in _file_names() and ref not in _EXTERNAL:
+            missing.append(ref)
+    return missing
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_files_named_exist(page):
+    missing = _missing_files(page.read_text())
+    assert not missing, f"{_rel(page)} names files that do not exist (renamed or removed?): {missing}"
+
+
+def test_file_check_catches_a_stale_name():
+    text = "`kvjax/attention.py`, `block_mask.py`, `kvjax/eval/episodes.py`, `_kivi_mgpu_merge.py`, `OUT/x.md`"
+    assert _missing_files(text) == ["kvjax/eval/episodes.py", "_kivi_mgpu_merge.py"]
 
 
 # ---------------------------------------------------------------------------------- Python
