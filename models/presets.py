@@ -92,7 +92,34 @@ QWEN2_7B = LlamaConfig(
     pad_id=151643,
 )
 
-PRESETS: dict[str, LlamaConfig] = {c.name: c for c in (SMOLLM2_135M, LLAMA2_7B, LLAMA3_1_8B, MISTRAL_7B, QWEN2_7B)}
+_LLAMA3_2 = dict(
+    vocab_size=128256,
+    num_heads=32,
+    num_kv_heads=8,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
+    rms_norm_eps=1e-5,
+    max_position=131072,
+    tie_embeddings=True,
+    bos_id=128000,
+    eos_ids=(128001, 128008, 128009),
+    pad_id=128004,
+)
+LLAMA3_2_1B = LlamaConfig(
+    name="llama3.2-1b", hidden_size=2048, intermediate_size=8192, num_layers=16, head_dim=64, **_LLAMA3_2
+)
+LLAMA3_2_3B = LlamaConfig(
+    name="llama3.2-3b",
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_layers=28,
+    head_dim=128,
+    **{**_LLAMA3_2, "num_heads": 24},
+)
+
+PRESETS: dict[str, LlamaConfig] = {
+    c.name: c for c in (SMOLLM2_135M, LLAMA2_7B, LLAMA3_1_8B, LLAMA3_2_1B, LLAMA3_2_3B, MISTRAL_7B, QWEN2_7B)
+}
 
 
 def get_preset(name: str) -> LlamaConfig:

@@ -1,11 +1,12 @@
-"""Read Llama-family GGUF files (llama.cpp) with the `gguf` package.
+"""Read Llama-family GGUF files (llama.cpp) with the `gguf` package, tensor by tensor.
 
 llama.cpp's converter permutes the rows of q and k so that its interleaved RoPE can run
-on them; we undo it (as transformers does) so the standard rotate-half RoPE applies.
+on them; we undo it per head (as transformers does) so the standard rotate-half RoPE applies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from ..models.config import LlamaConfig
 from .errors import ModelFileError
+from .sources import Unpermuted, normalize
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -125,75 +127,85 @@ def read_config(reader, path: str) -> LlamaConfig:
     )
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Reverse llama.cpp's q/k row permutation (as transformers' GGUF reader does):
-    rows viewed as (n_head, hd/2, 2) are regrouped to (n_head, 2, hd/2)."""
-    rows = w.shape[0]
-    rest = w.shape[1:]
-    return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+@dataclasses.dataclass(frozen=True, eq=False)
+class GGUFTensor:
+    """A GGUF tensor as a source (`kvjax.loaders.sources`) in HF layout ([out, in] for matrices):
+    a row slice reads those rows' bytes (quantized blocks or floats) from the file's memory map
+    and dequantizes them to float32 (`gguf.quants.dequantize`); a column slice is cut after.
+    raw=True reads the quantized blocks themselves: uint8 [out, in/32*bytes]."""
+
+    tensor: object
+    name: str
+    path: str
+    raw: bool = False
+    counter: object = None
+
+    @property
+    def shape(self):
+        if self.raw:
+            return tuple(self.tensor.data.shape)
+        return tuple(int(d) for d in reversed(self.tensor.shape))
+
+    @property
+    def dtype(self):
+        return np.dtype(np.uint8) if self.raw else np.dtype(np.float32)
+
+    def read(self, index=None) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        index = normalize(index, self.shape)
+        data = self.tensor.data
+        rows = np.array(data[index[0]])  # the rows' bytes only (a slice of the memory map)
+        if self.counter is not None:
+            self.counter.add(rows.nbytes)
+        if not self.raw:
+            try:
+                rows = dequantize(rows, self.tensor.tensor_type)
+            except Exception as e:
+                raise ModelFileError(
+                    f"{self.path}: cannot decode tensor {self.tensor.name} ({self.tensor.tensor_type.name}): {e}"
+                ) from e
+            rows = np.asarray(rows, np.float32).reshape((index[0].stop - index[0].start, *self.shape[1:]))
+        return np.ascontiguousarray(rows[(slice(None), *index[1:])])
 
 
-def read_tensors(reader, config: LlamaConfig, path: str) -> dict[str, np.ndarray]:
-    """Dequantized tensors under HF names ([out, in] matrices)."""
-    from gguf.quants import dequantize
-
+def tensor_sources(reader, config: LlamaConfig, path: str, counter=None, blocks: bool = False) -> tuple[dict, dict]:
+    """Sources of every tensor under HF names ([out, in] matrices, q/k rows in rotate-half order),
+    and (blocks=True) of the raw quantized blocks of every 2-D weight of a type in BLOCK_TYPES:
+    name -> (block type, uint8 source [N, K/32*bytes]), row n holding W[n, :]."""
     arch = _field(reader, "general.architecture")
-    out = {}
+    out, raw = {}, {}
     for t in reader.tensors:
-        try:
-            data = dequantize(t.data, t.tensor_type)
-        except Exception as e:
-            raise ModelFileError(f"{path}: cannot decode tensor {t.name} ({t.tensor_type.name}): {e}") from e
-        data = np.asarray(data, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
         name = t.name
         if name == "token_embd.weight":
-            out["model.embed_tokens.weight"] = data
+            hf = "model.embed_tokens.weight"
         elif name == "output_norm.weight":
-            out["model.norm.weight"] = data
+            hf = "model.norm.weight"
         elif name == "output.weight":
-            out["lm_head.weight"] = data
+            hf = "lm_head.weight"
         elif name.startswith("blk."):
             _, idx, rest = name.split(".", 2)
             if rest not in _LAYER_NAMES:
                 continue  # e.g. rope_freqs; not used by these architectures
-            if arch == "llama" and rest in ("attn_q.weight", "attn_q.bias"):
-                data = _unpermute(data, config.num_heads)
-            if arch == "llama" and rest in ("attn_k.weight", "attn_k.bias"):
-                data = _unpermute(data, config.num_kv_heads)
-            out[f"model.layers.{idx}.{_LAYER_NAMES[rest]}"] = data
-    return out
+            hf = f"model.layers.{idx}.{_LAYER_NAMES[rest]}"
+        else:
+            continue
+        heads = None
+        if arch == "llama" and hf.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            heads = config.num_heads
+        if arch == "llama" and hf.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+            heads = config.num_kv_heads
+        src = GGUFTensor(t, hf, path, counter=counter)
+        out[hf] = Unpermuted(src, heads) if heads else src
+        kind = BLOCK_TYPES.get(t.tensor_type.name)
+        if blocks and kind is not None and len(t.shape) == 2:
+            b = GGUFTensor(t, hf, path, raw=True, counter=counter)
+            raw[hf] = (kind, Unpermuted(b, heads) if heads and hf.endswith(".weight") else b)
+    return out, raw
 
 
 # GGUF tensor types whose raw blocks the native CPU kernel reads (kvjax.native).
 BLOCK_TYPES = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
-
-
-def read_blocks(reader, config: LlamaConfig) -> dict[str, tuple[str, np.ndarray]]:
-    """The raw quantized blocks of every 2-D weight of a type in BLOCK_TYPES, under HF names:
-    name -> (block type, uint8 [N, K/32*bytes]), row n holding W[n, :] (the q/k rows put in
-    the same order as `read_tensors` puts them)."""
-    arch = _field(reader, "general.architecture")
-    out = {}
-    for t in reader.tensors:
-        kind = BLOCK_TYPES.get(t.tensor_type.name)
-        if kind is None or len(t.shape) != 2:
-            continue
-        data = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1)
-        name = t.name
-        if name == "token_embd.weight":
-            out["model.embed_tokens.weight"] = (kind, data)
-        elif name == "output.weight":
-            out["lm_head.weight"] = (kind, data)
-        elif name.startswith("blk."):
-            _, idx, rest = name.split(".", 2)
-            if rest not in _LAYER_NAMES:
-                continue
-            if arch == "llama" and rest == "attn_q.weight":
-                data = _unpermute(data, config.num_heads)
-            if arch == "llama" and rest == "attn_k.weight":
-                data = _unpermute(data, config.num_kv_heads)
-            out[f"model.layers.{idx}.{_LAYER_NAMES[rest]}"] = (kind, np.ascontiguousarray(data))
-    return out
 
 
 def read_tokenizer_parts(reader) -> dict:

@@ -2,11 +2,19 @@
 
 Code in kvjax speaks logical names (batch, seq, heads, kv_heads, ...); `AXIS_RULES` maps
 each to a mesh axis (or None = replicated), in the spirit of maxtext's `logical_axis_rules`.
-`make_mesh` builds a mesh whose axes are those mesh names, for one host or many
-(after `kvjax.parallel.multihost.initialize`, `jax.devices()` lists every process's devices).
+Activations, the KV state and every parameter (`PARAM_AXES`) are named in it, so one table
+decides the whole layout. `make_mesh` builds a mesh whose axes are those mesh names, for one
+host or many (after `kvjax.parallel.multihost.initialize`, `jax.devices()` lists every
+process's devices).
 
     mesh = make_mesh(seq=4)                   # 4 devices on the ring axis
     spec = logical_spec(("batch", "seq", "heads", None), mesh)   # P(None, 'seq', None, None)
+    shardings = param_shardings(params, config, make_mesh(seq=1, tensor=4))  # tensor parallel
+
+Parameters follow Megatron-LM (Shoeybi et al. 2019): q/k/v and gate/up are split by output
+columns ("heads", "kv_heads", "mlp"), o_proj and down_proj by input rows, the embedding table
+and LM head by vocabulary rows; norms are replicated. `fsdp=True` maps "embed" to the "data"
+axis as well (every matrix sharded along its model dimension, FSDP-style).
 """
 
 from __future__ import annotations
@@ -27,9 +35,30 @@ AXIS_RULES: dict[str, str | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "embed": None,
-    "mlp": None,
-    "vocab": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "norm": None,
 }
+
+#: parameter module name -> {leaf name: logical axes of its dimensions}. Kernels are linen's
+#: [in, out]; `kvjax.models.llama` names every parameter in this table (tests check it).
+PARAM_AXES: dict[str, dict[str, tuple[str | None, ...]]] = {
+    "embed_tokens": {"embedding": ("vocab", "embed")},
+    "lm_head": {"kernel": ("embed", "vocab")},
+    "q_proj": {"kernel": ("embed", "heads"), "bias": ("heads",)},
+    "k_proj": {"kernel": ("embed", "kv_heads"), "bias": ("kv_heads",)},
+    "v_proj": {"kernel": ("embed", "kv_heads"), "bias": ("kv_heads",)},
+    "qkv_proj": {"kernel": ("embed", "heads"), "bias": ("heads",)},  # grouped per shard (models.fuse)
+    "o_proj": {"kernel": ("heads", "embed")},
+    "gate_proj": {"kernel": ("embed", "mlp")},
+    "up_proj": {"kernel": ("embed", "mlp")},
+    "gate_up_proj": {"kernel": ("embed", "mlp")},  # grouped per shard (models.fuse)
+    "down_proj": {"kernel": ("mlp", "embed")},
+    "*norm": {"scale": ("norm",)},  # every RMSNorm: input, post-attention, final, q/k norms
+}
+
+#: what each sharded logical axis splits, for messages: logical name -> config field.
+_AXIS_FIELDS = {"heads": "num_heads", "kv_heads": "num_kv_heads", "mlp": "intermediate_size", "embed": "hidden_size"}
 
 #: mesh axes `make_mesh` creates, outermost first (the ring axis sits inside `data`).
 MESH_AXES: tuple[str, ...] = ("data", "seq", "tensor")
@@ -102,6 +131,56 @@ def make_mesh(
     except Exception:
         grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def param_axes(path: Sequence[str]) -> tuple[str | None, ...]:
+    """Logical axes of the parameter at `path` (e.g. ('layers_0', 'self_attn', 'q_proj', 'kernel'))."""
+    *mods, leaf = path
+    module = mods[-1] if mods else ""
+    table = PARAM_AXES.get(module) or (PARAM_AXES["*norm"] if module.endswith("norm") else None)
+    if table is None or leaf not in table:
+        raise ValueError(f"no sharding rule for the parameter {'/'.join(path)}; add it to PARAM_AXES")
+    return table[leaf]
+
+
+def param_rules(fsdp: bool = False) -> dict[str, str | None]:
+    """AXIS_RULES, with "embed" on the "data" axis when `fsdp`."""
+    return {**AXIS_RULES, "embed": "data"} if fsdp else AXIS_RULES
+
+
+def param_spec(path: Sequence[str], shape: Sequence[int], config, mesh: Mesh, fsdp: bool = False) -> PartitionSpec:
+    """PartitionSpec of one parameter on `mesh`. A vocabulary that the tensor axis does not
+    divide stays replicated (the model then gathers nothing); any other axis that does not
+    divide is an error naming the config field."""
+    names = param_axes(path)
+    if len(names) != len(shape):
+        raise ValueError(f"parameter {'/'.join(path)} has shape {tuple(shape)}, its rule names {names}")
+    spec = list(logical_spec(names, mesh, param_rules(fsdp)))
+    for d, (name, axis) in enumerate(zip(names, spec)):
+        if axis is None or shape[d] % mesh.shape[axis] == 0:
+            continue
+        if name == "vocab":
+            spec[d] = None
+            continue
+        field = _AXIS_FIELDS.get(name, name)
+        raise ValueError(
+            f"{field}={getattr(config, field, shape[d])} cannot be split over the mesh axis {axis!r} of size "
+            f"{mesh.shape[axis]} (parameter {'/'.join(path)}, shape {tuple(shape)})"
+        )
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params, config, mesh: Mesh, fsdp: bool = False):
+    """A tree of NamedShardings for `params` (arrays, ShapeDtypeStructs or loader sources; with or
+    without the {'params': ...} wrapper), by `param_spec`."""
+    import jax.tree_util as jtu
+
+    def one(path, x):
+        keys = tuple(k.key for k in path if hasattr(k, "key"))
+        keys = keys[1:] if keys and keys[0] == "params" else keys
+        return NamedSharding(mesh, param_spec(keys, x.shape, config, mesh, fsdp))
+
+    return jtu.tree_map_with_path(one, params, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))
 
 
 def shard_map(f, *, mesh: Mesh, in_specs, out_specs):

@@ -227,7 +227,7 @@ def test_hf_config_weight_mismatch(hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelFileError, match=r"mlp.gate_proj.weight has shape \(96, 64\), config expects \(128, 64\)"):
+    with pytest.raises(ModelFileError, match=r"mlp.down_proj.weight has shape \(64, 96\), config expects \(64, 128\)"):
         load(str(hf_dir))
 
 

@@ -19,6 +19,8 @@ EXPECTED_PARAMS = {
     "mistral-7b": 7.25e9,
     "qwen2-7b": 7.62e9,
     "llama2-7b": 6.74e9,
+    "llama3.2-1b": 1.24e9,
+    "llama3.2-3b": 3.21e9,
 }
 
 
