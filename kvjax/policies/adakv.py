@@ -108,12 +108,30 @@ class AdaKV(SnapKV):
         vv = v.reshape(b, t * n, h).astype(state.v.dtype)
         pp = jnp.repeat(q_pos, n, axis=1).astype(jnp.int32)
         hh = jnp.broadcast_to(jnp.tile(jnp.arange(n, dtype=jnp.int32), t)[None], (b, t * n))
-        z = jnp.zeros((), jnp.int32)
-        st = state.replace(
-            k=jax.lax.dynamic_update_slice(state.k, kk, (z, state.fill, z)),
-            v=jax.lax.dynamic_update_slice(state.v, vv, (z, state.fill, z)),
-            pos=jax.lax.dynamic_update_slice(state.pos, pp, (z, state.fill)),
-            head=jax.lax.dynamic_update_slice(state.head, hh, (z, state.fill)),
+        st = state.replace(  # at `fill`, per row when it is [B] (after a rollback)
+            k=slots.write_rows(state.k, kk, state.fill, axis=1),
+            v=slots.write_rows(state.v, vv, state.fill, axis=1),
+            pos=slots.write_rows(state.pos, pp, state.fill, axis=1),
+            head=slots.write_rows(state.head, hh, state.fill, axis=1),
             fill=state.fill + t * n,
         )
         return st, pooled_attend(st, q, q_pos, n, ctx).out
+
+    def truncate_layer(self, layer, lengths):
+        """Pool slots at positions >= lengths[b] emptied; row b's offset back to its first
+        emptied slot (decode appends in position order)."""
+        if not isinstance(layer, PooledKV):
+            return super().truncate_layer(layer, lengths)
+        b, p = layer.pos.shape
+        drop = layer.pos >= lengths[:, None]
+        slot = jnp.arange(p, dtype=jnp.int32)
+        first_drop = jnp.min(jnp.where(drop, slot, p), axis=1)
+        after_kept = jnp.max(jnp.where((layer.pos >= 0) & ~drop, slot + 1, 0), axis=1)
+        fill = jnp.minimum(jnp.broadcast_to(layer.fill, (b,)), jnp.maximum(first_drop, after_kept))
+        return layer.replace(
+            k=jnp.where(drop[..., None], jnp.zeros((), layer.k.dtype), layer.k),
+            v=jnp.where(drop[..., None], jnp.zeros((), layer.v.dtype), layer.v),
+            pos=jnp.where(drop, -1, layer.pos),
+            head=jnp.where(drop, 0, layer.head),
+            fill=fill.astype(jnp.int32),
+        )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from .. import attention
 from ..state import KVState, LayerContext, SlotKV
-from . import slots
+from . import rows, slots
 
 
 class PolicyError(ValueError):
@@ -96,6 +96,27 @@ class Policy:
         """Return a smaller state. The dense cache never compresses."""
         return state
 
+    # ---- rollback -------------------------------------------------------------------
+    def truncate(self, state: KVState, lengths) -> KVState:
+        """Roll `state` back to per-row lengths [B] (each at most the row's current length):
+        the tokens at positions >= lengths[b] leave the cache as if never appended
+        (`kvjax.policies.rows.truncate_state`; per-row write offsets). Raises PolicyError for a
+        policy that evicts while decoding: the tokens those steps evicted cannot come back."""
+        if self.evicts_on_decode:
+            raise PolicyError(
+                f"{self.spec()!r} evicts tokens while decoding, so its state cannot be rolled back to "
+                "earlier lengths (the evicted tokens are gone); use a dense, quantized or prompt-time "
+                "eviction policy"
+            )
+        return rows.truncate_state(self, state, lengths)
+
+    def truncate_layer(self, layer, lengths: jax.Array):
+        """One layer of `truncate`: a slot cache drops the slots at positions >= lengths[b]
+        (`slots.truncate_slots`). Other state types override this or raise PolicyError."""
+        if isinstance(layer, SlotKV):
+            return slots.truncate_slots(layer, lengths)
+        raise PolicyError(f"{self.name}: cannot roll back a {type(layer).__name__} state")
+
     # ---- composition ----------------------------------------------------------------
     #: True when decode() changes which tokens are kept (H2O, StreamingLLM, TOVA...).
     #: Such a policy cannot feed a second policy (Compose checks this).
@@ -105,6 +126,10 @@ class Policy:
     stores_slots: ClassVar[bool] = False
     #: False for a policy whose prefilled state is not a `SlotKV` a store can ingest.
     feeds_stores: ClassVar[bool] = True
+    #: True for retrieval policies (Quest, A^2ATS): every token is kept (the state holds at
+    #: least the dense cache) and each decode step reads a selection of it
+    #: (`KVState.kv_bytes_read_per_step`).
+    retrieves: ClassVar[bool] = False
 
     def ingest(self, slots_state: SlotKV, ctx: LayerContext):
         """Take over a prefilled (possibly evicted) `SlotKV` and return this policy's own

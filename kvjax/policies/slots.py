@@ -1,6 +1,8 @@
-"""Slot operations shared by policies: append, gather, top-k selection, replacement.
+"""Slot operations shared by policies: append, gather, top-k selection, replacement, rollback.
 
-All functions are pure and shape-static; per-row / per-head counts are data.
+All functions are pure and shape-static; per-row / per-head counts are data. A `SlotKV`'s
+write offset `fill` is a scalar (every row appends at the same slot, what a prefill makes) or
+[B] (row b appends at fill[b], after `truncate_slots` or `kvjax.policies.rows.per_row_fill`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,26 @@ def to_heads_major(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 1, 2)
 
 
+def write_rows(buf: jax.Array, x: jax.Array, start: jax.Array, axis: int = 2) -> jax.Array:
+    """`buf` [B, ...] with `x` [B, ...] written along `axis` from `start`: a scalar (every row,
+    one `dynamic_update_slice`) or [B] int32 (row b from start[b])."""
+    start = jnp.asarray(start, jnp.int32)
+    if start.ndim == 0:
+        idx = [jnp.zeros((), jnp.int32)] * buf.ndim
+        idx[axis] = start
+        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), idx)
+
+    def one(row, xr, s):
+        idx = [jnp.zeros((), jnp.int32)] * row.ndim
+        idx[axis - 1] = s
+        return jax.lax.dynamic_update_slice(row, xr.astype(row.dtype), idx)
+
+    return jax.vmap(one)(buf, x, start)
+
+
 def append(state: SlotKV, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> SlotKV:
-    """Write T new tokens (k, v [B, T, N, H], positions q_pos [B, T]) at slot `fill`.
+    """Write T new tokens (k, v [B, T, N, H], positions q_pos [B, T]) at slot `fill` (per row
+    when `fill` is [B]).
 
     The caller sizes the capacity (generate reserves prompt + max_new_tokens slots); a
     chunk larger than the whole cache is an error at trace time."""
@@ -29,10 +49,9 @@ def append(state: SlotKV, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> SlotK
     vv = to_heads_major(v).astype(state.v.dtype)
     pp = jnp.broadcast_to(q_pos[:, None, :], (b, n, t)).astype(jnp.int32)
     start = jnp.minimum(state.fill, state.capacity - t)
-    z = jnp.zeros((), jnp.int32)
-    k = jax.lax.dynamic_update_slice(state.k, kk, (z, z, start, z))
-    v = jax.lax.dynamic_update_slice(state.v, vv, (z, z, start, z))
-    pos = jax.lax.dynamic_update_slice(state.pos, pp, (z, z, start))
+    k = write_rows(state.k, kk, start)
+    v = write_rows(state.v, vv, start)
+    pos = write_rows(state.pos, pp, start)
     # Materialise the in-place update before attention reads the cache: XLA:CPU otherwise fuses
     # the update into the reading fusion and, since the write then needs the old buffer too,
     # copies the whole K or V buffer every decode step.
@@ -112,6 +131,32 @@ def write_slot(state: SlotKV, slot: jax.Array, k: jax.Array, v: jax.Array, q_pos
         v=state.v.at[bi, ni, slot].set(vv),
         pos=state.pos.at[bi, ni, slot].set(pp),
         fill=state.fill + 1,
+    )
+
+
+def truncate_slots(state: SlotKV, lengths: jax.Array) -> SlotKV:
+    """Roll a slot cache back to per-row lengths [B]: every slot holding a position >= lengths[b]
+    is emptied (K, V zeroed, position -1, as in a cache that never held it) and row b's write
+    offset moves back to its first emptied slot, so the next append reuses those slots. `fill`
+    becomes [B].
+
+    For tokens that were appended after everything kept (decode steps, a continued prefill),
+    the result equals the state that never saw them. Slots are never reused while a later slot
+    still holds a token (the offset stays after the row's last kept slot)."""
+    b, _, s = state.pos.shape
+    lengths = jnp.asarray(lengths, jnp.int32)
+    drop = state.pos >= lengths[:, None, None]
+    slot = jnp.arange(s, dtype=jnp.int32)
+    first_drop = jnp.min(jnp.where(drop, slot, s), axis=(1, 2))
+    kept = (state.pos >= 0) & ~drop
+    after_kept = jnp.max(jnp.where(kept, slot + 1, 0), axis=(1, 2))
+    fill = jnp.broadcast_to(state.fill, (b,)).astype(jnp.int32)
+    fill = jnp.minimum(fill, jnp.maximum(first_drop, after_kept))
+    return SlotKV(
+        k=jnp.where(drop[..., None], jnp.zeros((), state.k.dtype), state.k),
+        v=jnp.where(drop[..., None], jnp.zeros((), state.v.dtype), state.v),
+        pos=jnp.where(drop, -1, state.pos),
+        fill=fill,
     )
 
 

@@ -364,6 +364,81 @@ class QuantPolicy(Policy):
             aux=self.shift_aux(state.aux, full, t),
         )
 
+    # ---- rollback -----------------------------------------------------------------------
+    def rollback_limit(self) -> int:
+        """Newest tokens a decode state can always drop without reaching quantized ones: R.
+        After ingest the residual window holds at least the newest min(count, R) tokens and
+        after a decode step the newest R + 1 (`truncate_layer` says when the result is also
+        identical to a state that never saw them)."""
+        return self.residual
+
+    def truncate_layer(self, layer, lengths):
+        """Roll a QuantState back to per-row lengths [B]: residual slots at positions >=
+        lengths[b] emptied (K, V and "res_*" extras zeroed, position -1), res_len reduced;
+        full-precision sinks likewise. Quantized streams keep no positions and cannot give a
+        token back, so every dropped token must still be in the residual window: with concrete
+        arrays a rollback that reaches quantized tokens raises PolicyError (under `jit` it is
+        the caller's guarantee; at most `rollback_limit()` tokens always qualify).
+
+        The result is identical to the state that never saw the dropped tokens when no flush
+        ran while they were appended, i.e. the window had room for them (res_len + k <= W =
+        R + T before the k dropped tokens came). Otherwise that flush quantized the window's T
+        oldest tokens earlier than the shorter state would have (at its next full window), so
+        the two differ in which of those T tokens are exact for up to T decode steps. Methods
+        that fold decode-time attention into their stored statistics (`tracks_residual_mass`)
+        refuse: the dropped tokens' queries cannot be taken back."""
+        if not isinstance(layer, QuantState):
+            return super().truncate_layer(layer, lengths)
+        if self.tracks_residual_mass:
+            raise PolicyError(
+                f"{self.name}: its residual statistics accumulate every decode query's attention, so a "
+                "rollback cannot remove the dropped tokens' share; it cannot be truncated"
+            )
+        lengths = jnp.asarray(lengths, jnp.int32)
+        drop = layer.res_pos >= lengths[:, None, None]
+        self._check_rollback(layer, lengths)
+
+        def clear(key, x):
+            if key.startswith("res_") and x.ndim >= 3 and x.shape[:3] == drop.shape:
+                m = drop.reshape(drop.shape + (1,) * (x.ndim - 3))
+                return jnp.where(m, jnp.zeros((), x.dtype), x)
+            return x
+
+        aux = layer.aux
+        if isinstance(aux, dict):
+            aux = {key: clear(key, x) for key, x in aux.items()}
+            if "sink_pos" in aux:
+                sdrop = aux["sink_pos"] >= lengths[:, None, None]
+                aux["sink_pos"] = jnp.where(sdrop, -1, aux["sink_pos"])
+                for key in ("sink_k", "sink_v"):
+                    aux[key] = jnp.where(sdrop[..., None], jnp.zeros((), aux[key].dtype), aux[key])
+        return layer.replace(
+            res_k=jnp.where(drop[..., None], jnp.zeros((), layer.res_k.dtype), layer.res_k),
+            res_v=jnp.where(drop[..., None], jnp.zeros((), layer.res_v.dtype), layer.res_v),
+            res_pos=jnp.where(drop, -1, layer.res_pos),
+            res_len=layer.res_len - jnp.sum(drop, axis=2).astype(jnp.int32),
+            aux=aux,
+        )
+
+    def _check_rollback(self, layer: QuantState, lengths) -> None:
+        """With concrete arrays: PolicyError unless, in every (row, head) whose streams hold
+        tokens, the oldest residual token sits at a position <= lengths[b] (then every quantized
+        token is older than the cut, as the window holds the newest tokens in order)."""
+        if any(isinstance(x, jax.core.Tracer) for x in (layer.res_pos, lengths)):
+            return
+        pos = np.asarray(layer.res_pos)
+        n_len = np.asarray(lengths)[:, None]
+        stored = sum(np.asarray(st.count) for st in layer.streams)
+        oldest = np.where(pos >= 0, pos, np.iinfo(np.int32).max).min(axis=2)
+        bad = (stored > 0) & (oldest > n_len)  # rows kept whole arrive with lengths = int32 max
+        if bad.any():
+            b, n = np.argwhere(bad)[0]
+            raise PolicyError(
+                f"{self.name}: rolling row {b} back to length {int(n_len[b, 0])} reaches tokens already "
+                f"quantized (head {n}'s residual window starts at position {int(oldest[b, n])}); a "
+                f"rollback is exact for at most rollback_limit()={self.rollback_limit()} tokens"
+            )
+
     # ---- attention ----------------------------------------------------------------------
     def segments(self, state: QuantState, ctx: LayerContext) -> list:
         """(k, v, k_pos) triples [B, N, S, H] / [B, N, S] to attend over besides the residual
