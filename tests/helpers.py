@@ -57,3 +57,15 @@ TINY_FRAGMENTS = tiny_config(
     name="tiny-frag", vocab_size=128, hidden_size=256, intermediate_size=256, num_layers=1, num_heads=6,
     head_dim=64, max_position=4096,
 )  # fmt: skip
+
+
+def write_byte_tokenizer(directory) -> None:
+    """A byte-level BPE tokenizer.json (256 byte tokens, no merges) in `directory`, for HF
+    checkpoints that tests write (the loader needs a tokenizer beside the weights)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(os.path.join(str(directory), "tokenizer.json"))

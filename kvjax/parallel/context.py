@@ -1,20 +1,26 @@
-"""Context-parallel prefill and decode of the whole model over the `seq` mesh axis.
+"""Context- and tensor-parallel prefill and decode of the whole model over a 2-D mesh.
 
-    logits, state = prefill(params, tokens, lengths, mesh=mesh, config=cfg, policy=p, max_new_tokens=64)
-    out, n_out, state = decode(params, state, logits, key, mesh=mesh, config=cfg, policy=p, ...)
+    logits, state = prefill(params, tokens, lengths, plan=Plan(mesh), config=cfg, policy=p, max_new_tokens=64)
+    out, n_out, state = decode(params, state, logits, key, plan=Plan(mesh), config=cfg, policy=p, ...)
 
-The prompt [B, T] is put in ring order (zigzag by default), sharded along T, and the
-unchanged model (`kvjax.models.forward`) runs inside `shard_map` with `SeqSharded(policy)`:
-every matmul is token-local, attention is a ring. The KV state that comes out is sharded
-along the slot axis: each shard keeps its own tokens' slots (+ decode headroom).
+The unchanged model (`kvjax.models.forward`) runs inside one `shard_map` over both axes:
+- `seq` (the ring): the prompt [B, T] is put in ring order (zigzag by default), sharded along
+  T, and the policy is wrapped in `SeqSharded`: every matmul is token-local, attention is a
+  ring. Each shard keeps its own tokens' slots (+ decode headroom).
+- `tensor`: the parameters are split the Megatron way (`kvjax.parallel.tensor`,
+  `param_shardings`) and the model runs with the shard's config (`shard_config`): the shard's
+  heads, their KV state and their compression; one psum per row-parallel matmul.
+With a ring of one shard the policy runs unwrapped, so every policy works under pure tensor
+parallelism; with a longer ring the policies `SeqSharded` accepts.
 
-Global layout of a sharded state (how shards' local states are stitched together): a
-leaf of rank >= 3 ([B, N, S, ...], the slot layout of kvjax states) is the concatenation
-of the shards' leaves along S (axis 2, sharded over `seq`); a leaf of rank < 3 (counters
-such as `fill`) gets a leading axis with one entry per shard. `KVState.lengths` is
-replicated, and so is the work over mesh axes other than the ring axis (context
-parallelism shards the sequence only). `nbytes` of the global state is the memory of all
-shards together; each shard keeps `max_new_tokens` decode slots (only shard 0 fills them).
+Global layout of a sharded state (how shards' local states are stitched together): a leaf
+of rank >= 3 ([B, N, S, ...], the slot layout of kvjax states) is the concatenation of the
+ring shards' leaves along S (axis 2, over `seq`); a leaf of rank >= 2 is the concatenation of
+the tensor shards' leaves along axis 1 (KV heads, or a policy's head-major pool, over
+`tensor`); a leaf of lower rank than either (counters such as `fill`) gets a leading axis with
+one entry per shard of those axes. `KVState.lengths` is replicated, and so is the work over
+other mesh axes. `nbytes` of the global state is the memory of all shards together; each ring
+shard keeps `max_new_tokens` decode slots (only ring shard 0 fills them).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from .kernels import resolve_prefix_implementation
 from .layout import check_layout, multiple_for, ring_order
 from .mesh import require_axis, shard_map
 from .sharded_policy import SeqSharded
+from .tensor import param_specs, shard_config, tensor_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +53,15 @@ class Plan:
 
     axis: ring mesh axis; layout: token order (kvjax.parallel.layout); prefix_implementation: None
     (ring blocks through `attend`) or the zigzag schedule's prefix-block implementation,
-    "reference", "pallas" or "cudnn" (`kvjax.parallel.kernels`; `kernel=` is its deprecated name)."""
+    "reference", "pallas" or "cudnn" (`kvjax.parallel.kernels`; `kernel=` is its deprecated name).
+    tensor_axis: the tensor-parallel mesh axis (absent or size 1: none)."""
 
     mesh: Mesh
     axis: str = "seq"
     layout: str = "zigzag"
     prefix_implementation: str | None = None
     kernel: str | None = None  # deprecated name of prefix_implementation (moved there, then None)
+    tensor_axis: str = "tensor"
 
     def __post_init__(self):
         prefix = resolve_prefix_implementation(self.prefix_implementation, self.kernel, optional=True)
@@ -68,6 +77,31 @@ class Plan:
     @property
     def size(self) -> int:
         return int(self.mesh.shape[self.axis])
+
+    @property
+    def tensor_size(self) -> int:
+        return tensor_size(self.mesh, self.tensor_axis)
+
+    @property
+    def ring(self) -> bool:
+        """Whether the policy runs wrapped in `SeqSharded` (a ring of several shards, or a
+        zigzag prefix implementation asked for)."""
+        return self.size > 1 or self.prefix_implementation is not None
+
+    def policy_for(self, policy: Policy, config: LlamaConfig) -> Policy:
+        """The policy each shard runs (`SeqSharded(policy)` on a ring)."""
+        if not self.ring:
+            return policy
+        if config.attn_logit_softcap is not None and self.prefix_implementation is not None:
+            raise ValueError(
+                f"prefix_implementation={self.prefix_implementation!r} has no logit soft-cap; {config.name} caps "
+                f"attention logits (attn_logit_softcap={config.attn_logit_softcap}): leave prefix_implementation=None"
+            )
+        return SeqSharded(policy, self.axis, self.prefix_implementation)
+
+    def local_config(self, config: LlamaConfig) -> LlamaConfig:
+        """The config one tensor shard runs with (`kvjax.parallel.tensor.shard_config`)."""
+        return shard_config(config, self.tensor_size, self.tensor_axis)
 
     @property
     def multiple(self) -> int:
@@ -95,20 +129,36 @@ class Plan:
 
 
 # ---- global <-> local state -------------------------------------------------------------
+def _stack_axes(ndim: int, plan: Plan) -> tuple[str, ...]:
+    """Mesh axes over which a local leaf of rank `ndim` is kept once per shard (module doc)."""
+    axes = []
+    if ndim < 3 and plan.size > 1:
+        axes.append(plan.axis)
+    if ndim < 2 and plan.tensor_size > 1:
+        axes.append(plan.tensor_axis)
+    return tuple(axes)
+
+
 def _leaf_spec(ndim: int, plan: Plan) -> P:
     """Spec of a global leaf built from a local leaf of rank `ndim` (module doc)."""
+    dims = [None] * ndim
     if ndim >= 3:
-        return P(None, None, plan.axis, *([None] * (ndim - 3)))
-    return P(plan.axis, *([None] * ndim)) if plan.size > 1 else P()
+        dims[2] = plan.axis
+    if ndim >= 2 and plan.tensor_size > 1:
+        dims[1] = plan.tensor_axis
+    stack = _stack_axes(ndim, plan)
+    if stack:
+        return P(stack if len(stack) > 1 else stack[0], *dims)
+    return P(*dims) if ndim >= 3 or plan.tensor_size > 1 else P()
 
 
-def _is_stacked(spec: P, plan: Plan) -> bool:
-    """A rank < 3 leaf kept once per shard (a one-shard ring keeps leaves as they are)."""
-    return plan.size > 1 and len(spec) > 0 and spec[0] == plan.axis
+def _is_stacked(spec: P) -> bool:
+    """A leaf kept once per shard (its leading axis is sharded; a batch axis never is)."""
+    return len(spec) > 0 and spec[0] is not None
 
 
 def _to_global(layers, plan: Plan):
-    return jax.tree.map(lambda x: x if x.ndim >= 3 or plan.size == 1 else x[None], layers)
+    return jax.tree.map(lambda x: x[None] if _stack_axes(x.ndim, plan) else x, layers)
 
 
 def _to_local(layers, stacked):
@@ -144,26 +194,27 @@ def prefill(
     row's last prompt token [B, V] float32, sharded KVState; see module doc)."""
     w = tokens.shape[1]
     plan.check_width(w)
-    pol = SeqSharded(policy, plan.axis, plan.prefix_implementation)
+    pol = plan.policy_for(policy, config)
+    cfg = plan.local_config(config)
     toks = tokens if ordered else _in_ring_order(tokens, plan)
 
     def local(params, toks, lengths):
         bl, wl = toks.shape
         idx = plan.local_token_index(wl)
         pos = jnp.where(idx[None, :] < lengths[:, None], idx[None, :], -1)
-        state = pol.init_state(config, bl, wl, max_new_tokens, dtype)
-        ctx = LayerContext(0, config, "prefill", True, wl, max_new_tokens, implementation)
-        h, state = hidden_states(params, toks, pos, state, config=config, policy=pol, ctx=ctx, dtype=dtype)
+        state = pol.init_state(cfg, bl, wl, max_new_tokens, dtype)
+        ctx = LayerContext(0, cfg, "prefill", True, wl, max_new_tokens, implementation)
+        h, state = hidden_states(params, toks, pos, state, config=cfg, policy=pol, ctx=ctx, dtype=dtype)
         here = (pos == (lengths - 1)[:, None])[..., None]
         last = lax.psum(jnp.sum(jnp.where(here, h.astype(jnp.float32), 0.0), axis=1), plan.axis).astype(h.dtype)
-        logits = logits_from_hidden(params, last, config=config, dtype=dtype)
+        logits = logits_from_hidden(params, last, config=cfg, dtype=dtype)
         return logits, state.replace(lengths=lengths.astype(jnp.int32))
 
     def local_global(params, toks, lengths):
         logits, state = local(params, toks, lengths)
         return logits, state.replace(layers=_to_global(state.layers, plan))
 
-    in_specs = (P(), P(None, plan.axis), P())
+    in_specs = (param_specs(params, config, plan.mesh), P(None, plan.axis), P())
     # One shard's state shapes (the policy may change the state type at prefill, e.g. Compose).
     shapes = jax.eval_shape(
         shard_map(local, mesh=plan.mesh, in_specs=in_specs, out_specs=(P(), P())), params, toks, lengths
@@ -245,8 +296,9 @@ def _decode(
     implementation,
     layer_specs,
 ):
-    pol = SeqSharded(policy, plan.axis, plan.prefix_implementation)
-    stacked = [_is_stacked(s, plan) for s in layer_specs]
+    pol = plan.policy_for(policy, config)
+    cfg = plan.local_config(config)
+    stacked = [_is_stacked(s) for s in layer_specs]
     specs = KVState(layers=jax.tree.unflatten(jax.tree.structure(state.layers), list(layer_specs)), lengths=P())
 
     def local(params, state, logits, key):
@@ -256,7 +308,7 @@ def _decode(
             state,
             logits,
             key,
-            config=config,
+            config=cfg,
             policy=pol,
             max_new_tokens=max_new_tokens,
             sampler=sampler,
@@ -266,6 +318,7 @@ def _decode(
         )
         return out, n_out, state.replace(layers=_to_global(state.layers, plan))
 
-    return shard_map(local, mesh=plan.mesh, in_specs=(P(), specs, P(), P()), out_specs=(P(), P(), specs))(
+    in_specs = (param_specs(params, config, plan.mesh), specs, P(), P())
+    return shard_map(local, mesh=plan.mesh, in_specs=in_specs, out_specs=(P(), P(), specs))(
         params, state, first_logits, key
     )

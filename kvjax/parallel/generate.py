@@ -1,10 +1,12 @@
-"""`generate` for long prompts on many devices (one process or many).
+"""`generate` for long prompts and large models on many devices (one process or many).
 
-Same inputs and output as `kvjax.generate`, plus a mesh: the prompt is padded to
-a multiple of the ring's block count, prefilled context-parallel, and decoded on the
-sequence-sharded state. With several processes (after `multihost.initialize`) every
-process calls it with the same prompts; each one only puts its own shards of the token
-array on its devices, and every process gets the full result.
+Same inputs and output as `kvjax.generate`, plus a mesh: the parameters are placed by the
+sharding rules (tensor parallel over the mesh's "tensor" axis; already placed when the model
+was loaded with `kvjax.load(path, mesh=mesh)`), the prompt is padded to a multiple of the
+ring's block count, prefilled context-parallel over "seq", and decoded on the sharded state.
+With several processes (after `multihost.initialize`) every process calls it with the same
+prompts; each one only puts its own shards of the token array on its devices, and every
+process gets the full result.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..policies.base import Policy
 from ..sampling import Sampler
 from . import context, multihost
 from .layout import padded_length, ring_order
+from .tensor import shard_params
 
 
 def put_prompt(tokens: np.ndarray, lengths: np.ndarray, plan: context.Plan):
@@ -53,7 +56,8 @@ def generate(
     timeout_s: float | None = None,
     kernel: str | None = None,
 ) -> GenerateOutput:
-    """Context-parallel `kvjax.generate` over mesh axis `axis` (see module doc). implementation:
+    """Context- and tensor-parallel `kvjax.generate` over mesh axes `axis` and "tensor" (see module
+    doc). implementation:
     `attend`'s; prefix_implementation: the ring's zigzag prefix blocks (`Plan`; `kernel=` is its
     deprecated name). `timeout_s` bounds each phase when several processes run
     (`multihost.peer_guard`)."""
@@ -67,7 +71,7 @@ def generate(
         tokens[i, : len(t)] = t
     lengths = np.asarray([len(t) for t in ids], np.int32)
     toks, lens = put_prompt(tokens, lengths, plan)
-    params = multihost.replicate(model.params, mesh) if jax.process_count() > 1 else model.params
+    params, cfg = shard_params(model.params, cfg, mesh)
     stops = tuple(stop_ids) if stop_ids is not None else tuple(model.tokenizer.eos_ids)
     common = dict(
         plan=plan,
@@ -104,6 +108,7 @@ def generate(
         "policy": pol.spec(),
         "devices": int(mesh.devices.size),
         "seq_shards": plan.size,
+        "tensor_shards": plan.tensor_size,
         "processes": jax.process_count(),
     }
     return GenerateOutput(texts, out, n_out, state, stats)

@@ -6,6 +6,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import write_byte_tokenizer
 
 from kvjax.loaders import ModelFileError, load
 from kvjax.loaders.load import embedded_path
@@ -51,15 +52,7 @@ def test_chat_template(smollm2):
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
 
 
-def _byte_tokenizer(directory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(os.path.join(directory, "tokenizer.json"))
+_byte_tokenizer = write_byte_tokenizer
 
 
 ARCHS = {

@@ -243,6 +243,144 @@ def check_smollm2(devices: int) -> dict:
     }
 
 
+#: Tiny configs for the tensor-parallel checks: 8 query and 4 KV heads (tensor=4 splits them),
+#: a byte vocabulary rounded up to 260 (split by 2 and 4), head_dim 32 (KIVI's groups).
+TP_SIZES = dict(
+    vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=32,
+    max_position=4096,
+)  # fmt: skip
+TP_FAMILIES = {
+    "llama": dict(),
+    "qwen3": dict(model_type="qwen3", qk_norm=True, rms_norm_eps=1e-6),
+    "gemma3": dict(
+        model_type="gemma3", qk_norm=True, norm_offset=1.0, sandwich_norms=True, hidden_act="gelu_tanh",
+        embed_scale=True, query_pre_attn_scalar=24.0, sliding_window=16,
+        layer_types=("sliding_attention", "full_attention"), rope_theta=1e6, local_rope_theta=1e4,
+        tie_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+#: weight scale per family: large enough that attention steers the tokens, small enough that the
+#: greedy tokens do not collapse to one (Gemma's embeddings are also scaled by sqrt(hidden)).
+TP_SCALE = {"llama": 6.0, "qwen3": 6.0, "gemma3": 2.0}
+
+
+def tp_model(family: str, seed: int = 5):
+    """A tiny random model of `family` (weights x TP_SCALE), fused."""
+    import jax
+    from helpers import tiny_config
+    from multihost_worker import ByteTokenizer
+
+    from kvjax.loaders import Model
+    from kvjax.models import fuse_projections
+    from kvjax.models.forward import init_params
+
+    cfg = tiny_config(name=f"tiny-tp-{family}", **TP_SIZES, **TP_FAMILIES[family])
+    params = jax.tree.map(lambda x: x * TP_SCALE[family], init_params(cfg, jax.random.key(seed)))
+    params, cfg = fuse_projections(params, cfg)
+    return Model(cfg, params, ByteTokenizer())
+
+
+TP_PROMPTS = ["Tensor parallel splits the heads of every layer over devices.", "Megatron-LM"]
+
+
+def _decode_collectives(model, mesh, policy: str) -> dict:
+    """Prefill on `mesh`, then compile the decode loop and list its collectives' result shapes."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kvjax.parallel import Plan, context, prefill, put_prompt, shard_params
+    from kvjax.policies import parse_policy
+    from kvjax.sampling import Sampler
+
+    plan = Plan(mesh)
+    params, cfg = shard_params(model.params, model.config, mesh)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, cfg.vocab_size, (2, 64)).astype(np.int32)
+    toks, lens = put_prompt(tokens, np.array([64, 41], np.int32), plan)
+    pol = parse_policy(policy)
+    logits, state = prefill(params, toks, lens, plan=plan, config=cfg, policy=pol, max_new_tokens=16, ordered=True)
+    specs = tuple(context._spec_of(x) for x in jax.tree.leaves(state.layers))
+    hlo = (
+        context._decode.lower(
+            params, state, logits, jax.random.key(0), plan=plan, config=cfg, policy=pol, max_new_tokens=16,
+            sampler=Sampler(), stop_ids=(), dtype=jnp.float32, implementation=None, layer_specs=specs,
+        )
+        .compile()
+        .as_text()
+    )  # fmt: skip
+    found = {}
+    for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+        shapes = re.findall(r"= \(?([a-z0-9]+\[[0-9,]*\])[^=]*? " + op + r"(?:-start)?\(", hlo)
+        found[op] = shapes
+    leaves = jax.tree.leaves(state.layers)
+    found["state"] = [[list(x.shape), [a if isinstance(a, str) or a is None else list(a) for a in x.sharding.spec]]
+                      for x in leaves]  # fmt: skip
+    return found
+
+
+def check_tensor(devices: int) -> dict:
+    """Tensor parallel (alone and with the ring) vs one device: greedy tokens per family and
+    policy, parameter bytes per device, and the collectives of the compiled decode."""
+    import jax
+
+    from kvjax.generation import generate
+    from kvjax.parallel import generate as tp_generate
+    from kvjax.parallel import make_mesh, shard_params
+
+    four = jax.devices()[:4]
+    meshes = {
+        "tensor4": make_mesh(seq=1, tensor=4, devices=four),
+        "tensor2_seq2": make_mesh(seq=2, tensor=2, devices=four),
+        "seq2": make_mesh(seq=2, devices=jax.devices()[:2]),
+    }
+    snap_kivi, knorm_kivi = "snapkv:budget=0.2+kivi:bits=2", "knorm:budget=0.5+kivi:bits=2"
+    runs = [  # (family, mesh, policy, reference: "one" device or another mesh's run)
+        ("llama", "tensor4", "dense", "one"),
+        ("llama", "tensor4", snap_kivi, "one"),
+        ("llama", "tensor2_seq2", "dense", "one"),
+        # The ring keeps each shard's budget of its own tokens (SeqSharded): not one device's
+        # choice, so tensor x ring is compared with the ring alone.
+        ("llama", "seq2", knorm_kivi, None),
+        ("llama", "tensor2_seq2", knorm_kivi, "seq2"),
+        ("qwen3", "tensor4", snap_kivi, "one"),
+        ("qwen3", "tensor2_seq2", "dense", "one"),
+        ("gemma3", "tensor4", "snapkv:budget=0.2", "one"),  # KIVI refuses models with local layers
+        ("gemma3", "tensor2_seq2", "dense", "one"),
+    ]
+    models = {f: tp_model(f) for f in TP_FAMILIES}
+    out, tokens, one = {"runs": {}}, {}, {}
+    for family, mesh, policy, ref in runs:
+        got = tp_generate(models[family], TP_PROMPTS, mesh=meshes[mesh], policy=policy, max_new_tokens=8)
+        tokens[(family, mesh, policy)] = got.tokens.tolist()
+        if ref == "one" and (family, policy) not in one:
+            one[(family, policy)] = generate(
+                models[family], TP_PROMPTS, policy=policy, max_new_tokens=8
+            ).tokens.tolist()
+        want = one[(family, policy)] if ref == "one" else tokens.get((family, ref, policy))
+        if ref is not None:
+            out["runs"][f"{family}/{mesh}/{policy}"] = {
+                "tokens": got.tokens.tolist(),
+                "ref": want,
+                "kv_bytes": got.stats["kv_bytes_after_prefill"],
+            }
+    params, _ = shard_params(models["llama"].params, models["llama"].config, meshes["tensor4"])
+    leaves = jax.tree.leaves(params)
+    dev = four[0]
+    out["bytes"] = {
+        "total": sum(x.nbytes for x in leaves),
+        "device0": sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == dev),
+        "replicated": sum(x.nbytes for x in leaves if x.sharding.is_fully_replicated),
+    }
+    out["hlo"] = _decode_collectives(models["llama"], meshes["tensor2_seq2"], knorm_kivi)
+    out["vocab"] = TP_SIZES["vocab_size"]
+    return out
+
+
 def main(argv):
     check, devices = argv[1], int(argv[2])
     seed = int(argv[3]) if len(argv) > 3 else int.from_bytes(os.urandom(4), "little")
@@ -252,6 +390,8 @@ def main(argv):
         res = check_context(seed, devices)
     elif check == "smollm2":
         res = check_smollm2(devices)
+    elif check == "tensor":
+        res = check_tensor(devices)
     else:
         raise SystemExit(f"unknown check {check!r}")
     res["seed"] = seed

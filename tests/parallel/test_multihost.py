@@ -4,7 +4,9 @@ tests/multihost_worker.py is launched twice through `kvjax.parallel.multihost.la
 each process holds one CPU device, the mesh's ring axis spans both, and each process puts
 only its own shard of the prompt on its device. The job's tokens must equal a plain
 one-process `kvjax.generate`. If one process dies before decoding, the other
-must stop with a clear error within a bounded time.
+must stop with a clear error within a bounded time. With tensor=2 across the two processes,
+each loads only its half of an HF checkpoint's sharded weights (the loader's byte count and
+the kernel's read count), and the tokens still equal one process's.
 """
 
 from __future__ import annotations
@@ -68,6 +70,45 @@ def test_two_processes_generate_like_one(tmp_path):
     model = multihost_worker.build_model("tiny")
     ref = generate(model, multihost_worker.PROMPTS, max_new_tokens=8)
     assert np.asarray(got["tokens"]).tolist() == ref.tokens.tolist(), (got, ref.texts)
+
+
+def _tiny_checkpoint(directory):
+    """A random Llama (4 query / 2 KV heads, ~10 MB of float32) saved by transformers."""
+    import torch
+    import transformers
+    from helpers import write_byte_tokenizer
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6.0)  # large enough that attention steers the greedy tokens
+    model.save_pretrained(directory, safe_serialization=True)
+    write_byte_tokenizer(directory)
+
+
+@pytest.mark.slow
+def test_two_processes_tensor_parallel_each_read_their_shards(tmp_path):
+    from kvjax import load
+    from kvjax.generation import generate
+
+    ckpt = tmp_path / "ckpt"
+    _tiny_checkpoint(ckpt)
+    procs, logs, _, out = launch(tmp_path, "--checkpoint", str(ckpt), "--tensor", "2")
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
+    ref = generate(load(str(ckpt)), multihost_worker.PROMPTS, max_new_tokens=8)
+    assert json.loads(out.read_text())["tokens"] == ref.tokens.tolist()
+    file_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    for i in range(2):
+        r = json.loads((tmp_path / f"result.json.{i}").read_text())
+        half = (r["total_bytes"] - r["replicated_bytes"]) // 2 + r["replicated_bytes"]
+        assert r["local_bytes"] == half, r  # this process holds half of every split weight
+        assert r["bytes_read"] == r["local_bytes"], r  # and read exactly that
+        assert r["bytes_read"] <= r["rchar"] < 0.6 * file_bytes, (r, file_bytes)  # the kernel agrees
 
 
 @pytest.mark.slow
