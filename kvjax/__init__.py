@@ -16,6 +16,7 @@ from .generation import GenerateOutput, generate, stream
 from .loaders import load
 from .models import LlamaConfig, get_preset
 from .policies import parse_policy
+from .session import Session
 from .state import KVState, LayerContext, SlotKV
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "KVState",
     "LayerContext",
     "LlamaConfig",
+    "Session",
     "SlotKV",
     "__version__",
     "attention",

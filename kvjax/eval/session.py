@@ -1,4 +1,4 @@
-"""Shared-context sessions: compress a context once, then ask it several questions.
+"""Shared-context sessions for `kvjax eval`: compress a context once, ask its questions turn by turn.
 
     res = run_session(model, policy, contexts, turns, mode="inside")
 
@@ -7,9 +7,10 @@ per turn (turn t's piece is the previous turn's gold answer, if any, and questio
 mode "inside": the context and the first question are prefilled (and compressed) together
 (what `kvjax.generate` does with the whole prompt); "excluded": only the context is
 prefilled and compressed, the first question is appended afterwards (kvpress's default
-pipeline). Every later piece is appended to the compressed state through the policy's
-decode step (T tokens at once where that is the same as T single steps, else one token at
-a time), each turn's answer is decoded greedily from a copy of the state, and the state
+pipeline). The turns run through `kvjax.Session` (one row per context): every later piece
+is appended to the compressed state for good (`Session.extend`, the policy's decode step;
+T tokens at once where that is the same as T single steps, else one token at a time), each
+turn's answer is decoded greedily from a copy of the state (`Session.ask`), and the state
 kept for the next turn holds the gold answer, never the model's (no error propagation).
 """
 
@@ -23,89 +24,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generation import bucket_length, decode, prefill
-from ..models.forward import forward
-from ..policies.adakv import AdaKV
-from ..policies.base import Policy
-from ..policies.eviction import EvictionPolicy
-from ..sampling import Sampler
-from ..state import LayerContext
+from ..generation import bucket_length
+from ..generation.resume import appends_in_chunks, extend, feed, pads_safely
+from ..session import PIECE_MULTIPLE, Session
 from .shared import apply_policy, capture, shares_prefill
 
 MODES = ("inside", "excluded")
-_SAFE_DECODES = (Policy.decode, EvictionPolicy.decode, AdaKV.decode)
-
-
-def appends_in_chunks(policy) -> bool:
-    """True when appending T tokens in one decode call equals T single decode steps."""
-    return not policy.evicts_on_decode and type(policy).decode in _SAFE_DECODES
-
-
-def pads_safely(policy) -> bool:
-    """True when a decode step may carry padding tokens (position -1) for some rows."""
-    return type(policy).decode in _SAFE_DECODES
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "dtype", "chunked", "implementation"))
 def _append(params, state, tokens, positions, *, config, policy, dtype, chunked, implementation=None):
-    """Feed tokens [B, W] (left-padded: positions -1 first) through decode; logits at the
-    last column [B, V] and the new state."""
-    b, w = tokens.shape
-    ctx = LayerContext(0, config, "decode", True, 0, w, implementation)
-    last = jnp.full((b,), w - 1, jnp.int32)
-    if chunked:
-        return forward(
-            params, tokens, positions, state, config=config, policy=policy, ctx=ctx, dtype=dtype, logits_at=last
-        )
-
-    def step(carry, xs):
-        st, _ = carry
-        logits, st = forward(
-            params,
-            xs[0][:, None],
-            xs[1][:, None],
-            st,
-            config=config,
-            policy=policy,
-            ctx=ctx,
-            dtype=dtype,
-            logits_at=jnp.zeros((b,), jnp.int32),
-        )
-        return (st, logits), None
-
-    init = (state, jnp.zeros((b, config.vocab_size), jnp.float32))
-    (state, logits), _ = jax.lax.scan(step, init, (tokens.T, positions.T))
-    return logits, state
+    """Feed tokens [B, W] (positions [B, W], -1 = padding) through decode; logits at the
+    last column [B, V] and the new state (`kvjax.generation.resume.feed`)."""
+    last = jnp.full((tokens.shape[0],), tokens.shape[1] - 1, jnp.int32)
+    return feed(
+        params,
+        state,
+        tokens,
+        positions,
+        last,
+        config=config,
+        policy=policy,
+        dtype=dtype,
+        phase="decode",
+        chunked=chunked,
+        implementation=implementation,
+    )
 
 
 def append_tokens(model, state, pieces: list[list[int]], policy, width: int | None = None, implementation=None):
-    """Append one token piece per row to `state` (rows left-padded to a common width, a
-    multiple of 16 unless `width` is given). Returns (logits after each row's last token
-    [B, V], new state)."""
-    b = len(pieces)
+    """Append one token piece per row to `state` (`kvjax.generation.resume.extend`: rows
+    right-padded to a common width, a multiple of 16 where the policy takes padding, unless
+    `width` is given). Returns (logits after each row's last token [B, V], new state)."""
     if any(not p for p in pieces):
         raise ValueError("every row needs at least one token to append")
     n = max(len(p) for p in pieces)
-    w = width or (n if b == 1 else -(-n // 16) * 16)
+    w = width or (-(-n // PIECE_MULTIPLE) * PIECE_MULTIPLE if pads_safely(policy) and len(pieces) > 1 else n)
     if w < n:
         raise ValueError(f"width={w} is smaller than the longest piece ({n} tokens)")
-    if b > 1 and w > min(len(p) for p in pieces) and not pads_safely(policy):
-        raise ValueError(f"policy {policy.spec()!r} cannot take padded decode steps; append one row at a time")
-    toks = np.full((b, w), model.config.pad_id, np.int32)
-    pos = np.full((b, w), -1, np.int32)
-    lengths = np.asarray(state.lengths)
+    toks = np.full((len(pieces), w), model.config.pad_id, np.int32)
     for i, p in enumerate(pieces):
-        toks[i, w - len(p) :] = p
-        pos[i, w - len(p) :] = lengths[i] + np.arange(len(p))
-    return _append(
+        toks[i, : len(p)] = p
+    return extend(
         model.params,
         state,
-        jnp.asarray(toks),
-        jnp.asarray(pos),
+        toks,
+        [len(p) for p in pieces],
         config=model.config,
         policy=policy,
         dtype=model.dtype,
-        chunked=appends_in_chunks(policy),
+        phase="decode",
         implementation=implementation,
     )
 
@@ -175,48 +143,41 @@ def run_session(
         logits, cap, capture_s = captured
         t0 = time.perf_counter()
         state = apply_policy(model, cap, policy, headroom, implementation)
-    else:
-        width = bucket_length(max(len(i) for i in ids))
-        toks = np.full((len(ids), width), cfg.pad_id, np.int32)
-        for r, i in enumerate(ids):
-            toks[r, : len(i)] = i
-        logits, state = prefill(
-            model.params,
-            jnp.asarray(toks),
-            jnp.asarray([len(i) for i in ids], jnp.int32),
-            config=cfg,
-            policy=policy,
-            max_new_tokens=headroom,
-            dtype=model.dtype,
-            implementation=implementation,
+        jax.block_until_ready(state)
+        session = Session.from_state(
+            model, state, logits, policy=policy, headroom=headroom, implementation=implementation
         )
-    jax.block_until_ready(state)
+    else:
+        session = Session(
+            model, ids, policy=policy, headroom=headroom, max_new_tokens=answer_tokens, implementation=implementation
+        )
     compress_s = time.perf_counter() - t0
+    state = session.state
     kv_bytes, dense = state.nbytes / len(ids), state.dense_nbytes(cfg) / len(ids)
     outputs = [[] for _ in ids]
     append_s = decode_s = 0.0
     for t in range(len(turns[0])):
         if t > 0 or mode == "excluded":
             t1 = time.perf_counter()
-            logits, state = append_tokens(model, state, [r[t] for r in turns], policy, implementation=implementation)
-            jax.block_until_ready(logits)
+            session.extend([r[t] for r in turns])
             append_s += time.perf_counter() - t1
         t1 = time.perf_counter()
-        out, n_out, _ = decode(
-            model.params,
-            jax.tree.map(jnp.copy, state),  # decode donates its input; the next turn appends to `state`
-            logits,
-            jax.random.key(0),
-            config=cfg,
-            policy=policy,
-            max_new_tokens=answer_tokens,
-            sampler=Sampler(),
-            stop_ids=tuple(model.tokenizer.eos_ids),
-            dtype=model.dtype,
-            implementation=implementation,
-        )
-        out, n_out = np.asarray(out), np.asarray(n_out)
+        answer = session.ask(max_new_tokens=answer_tokens, stop_ids=tuple(model.tokenizer.eos_ids))
         decode_s += time.perf_counter() - t1
         for r in range(len(ids)):
-            outputs[r].append(model.tokenizer.decode(out[r, : n_out[r]]))
+            outputs[r].append(answer.texts[r])
+    session.close()
     return SessionResult(outputs, kv_bytes, dense, capture_s, compress_s, append_s, decode_s)
+
+
+__all__ = [
+    "MODES",
+    "SessionResult",
+    "append_tokens",
+    "appends_in_chunks",  # kvjax.generation.resume's, re-exported for the eval modules
+    "capture_batch",
+    "headroom_for",
+    "pads_safely",
+    "prefill_ids",
+    "run_session",
+]
