@@ -26,6 +26,7 @@ import numpy as np
 from ..policies.base import Policy
 from ..sampling import Sampler
 from ..state import KVState, bound_length
+from .prefix import DEFAULT_MIN_PREFIX, generate_shared
 from .request import Request, build_request, check_int, check_options
 from .steps import decode, decode_start, decode_steps, prefill
 from .text import RowText
@@ -147,6 +148,7 @@ def generate(
     on_token: Callable[[int, int, str], object] | None = None,
     prefill_chunk: int | None = None,
     implementation: str | None = None,
+    share_prefixes: bool | int = False,
 ) -> GenerateOutput:
     """Generate continuations for one prompt or a batch of prompts of any lengths.
 
@@ -175,6 +177,13 @@ def generate(
         order, as the tokens are produced (see `stream`); None: decode in one call.
       prefill_chunk: prefill the prompt in chunks of this many tokens (>= 1; None: at once).
       implementation: the attention implementation (None: the backend's default).
+      share_prefixes: BatchLLM global prefix sharing (`kvjax.generation.prefix`): rows are
+        grouped by shared prefixes chosen to maximise the reused prompt tokens, each prefix
+        is prefilled once and read once per decode step for its group, and results come back
+        in the caller's order (greedy: the same tokens). True shares prefixes of at least 16
+        tokens, an integer sets that minimum. Dense cache only; not with on_token or
+        prefill_chunk. Stats add prefill_tokens, prefill_tokens_saved and prefix_groups;
+        `state` is None when the batch ran as several groups.
 
     Returns a `GenerateOutput`: texts, tokens [B, max_new_tokens], n_tokens [B], the final
     KV state and `stats`: prompt_tokens, generated_tokens; prefill_s and decode_s (run time,
@@ -205,6 +214,8 @@ def generate(
         chat=chat,
         on_token=on_token,
     )
+    if share_prefixes is not False and share_prefixes is not None:
+        return _generate_shared(model, call, share_prefixes, on_token, prefill_chunk, implementation)
     if on_token is not None or call.req.options.stop:
         # stop strings are checked on the host between chunks, so a row stops early
         s = TokenStream(call, chunk_steps=1 if on_token is not None else 16)
@@ -224,6 +235,19 @@ def generate(
     n_out = np.asarray(n_out)
     texts = [model.tokenizer.decode(out[i, : n_out[i]]) for i in range(len(n_out))]
     return call.finish(out, n_out, state, texts)
+
+
+def _generate_shared(model, call: _Call, share_prefixes, on_token, prefill_chunk, implementation) -> GenerateOutput:
+    if share_prefixes is True:
+        min_prefix = DEFAULT_MIN_PREFIX
+    else:
+        min_prefix = check_int("share_prefixes", share_prefixes, 1, none_means="no sharing")
+    if on_token is not None or prefill_chunk is not None:
+        raise ValueError(
+            "share_prefixes runs whole groups at once: on_token and prefill_chunk are not supported with it"
+        )
+    out, n_out, texts, states, stats = generate_shared(model, call.req, implementation, min_prefix)
+    return GenerateOutput(texts, out, n_out, states[0] if len(states) == 1 else None, stats)
 
 
 class TokenStream:
