@@ -109,6 +109,7 @@ def read_config(reader, path: str) -> LlamaConfig:
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     return LlamaConfig(
         name=str(_field(reader, "general.name", os.path.basename(path))),
+        model_type=arch,
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),

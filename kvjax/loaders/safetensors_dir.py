@@ -13,14 +13,14 @@ import os
 
 import numpy as np
 
-from ..models.config import LlamaConfig, RopeScaling
+from ..models.config import LlamaConfig
 from .errors import ModelFileError
+from .hf_config import SUPPORTED_MODEL_TYPES, config_from_hf, text_tensor_name
 from .sources import ByteCounter, FileTensor
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def read_config(directory: str) -> LlamaConfig:
+    """The model's LlamaConfig from `directory`/config.json (`kvjax.loaders.hf_config`)."""
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ModelFileError(f"{directory}: no config.json (expected an HF model directory)")
@@ -29,59 +29,7 @@ def read_config(directory: str) -> LlamaConfig:
             c = json.load(f)
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: invalid JSON: {e}") from e
-    if not isinstance(c, dict):
-        raise ModelFileError(f"{path}: expected a JSON object, got {type(c).__name__}")
-    kind = c.get("model_type")
-    if kind not in SUPPORTED_MODEL_TYPES:
-        raise ModelFileError(f"{path}: unsupported model_type {kind!r}; kvjax reads {SUPPORTED_MODEL_TYPES}")
-
-    def need(key: str, where: dict = c, what: str = "config.json"):
-        if where.get(key) is None:
-            raise ModelFileError(f"{path}: {what} lacks the field {key!r} (needed for a {kind} model)")
-        return where[key]
-
-    scaling = None
-    rs = c.get("rope_scaling") or (c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else None)
-    if rs:
-        rtype = rs.get("rope_type", rs.get("type"))
-        what = f"its {rtype} rope scaling"
-        if rtype == "llama3":
-            scaling = RopeScaling(
-                "llama3",
-                need("factor", rs, what),
-                need("low_freq_factor", rs, what),
-                need("high_freq_factor", rs, what),
-                need("original_max_position_embeddings", rs, what),
-            )
-        elif rtype == "linear":
-            scaling = RopeScaling("linear", need("factor", rs, what))
-        elif rtype not in (None, "default"):
-            raise ModelFileError(f"{path}: unsupported rope scaling {rtype!r}")
-    theta = c.get("rope_theta", (rs or {}).get("rope_theta", 10000.0))
-    heads = need("num_attention_heads")
-    eos = c.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-    window = c.get("sliding_window") if c.get("use_sliding_window", kind == "mistral") else None
-    return LlamaConfig(
-        name=c.get("_name_or_path") or os.path.basename(os.path.normpath(directory)),
-        vocab_size=need("vocab_size"),
-        hidden_size=need("hidden_size"),
-        intermediate_size=need("intermediate_size"),
-        num_layers=need("num_hidden_layers"),
-        num_heads=heads,
-        num_kv_heads=c.get("num_key_value_heads", heads),
-        head_dim=c.get("head_dim") or need("hidden_size") // heads,
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        rms_norm_eps=c.get("rms_norm_eps", 1e-5),
-        max_position=c.get("max_position_embeddings", 4096),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=kind == "qwen2",
-        sliding_window=window,
-        bos_id=c.get("bos_token_id"),
-        eos_ids=eos_ids,
-        pad_id=c.get("pad_token_id") if c.get("pad_token_id") is not None else (eos_ids[0] if eos_ids else 0),
-    )
+    return config_from_hf(c, path, os.path.basename(os.path.normpath(directory)))
 
 
 _DTYPES = {
@@ -141,11 +89,18 @@ def file_tensors(path: str, counter: ByteCounter | None = None) -> dict[str, Fil
 
 
 def tensor_sources(directory: str, counter: ByteCounter | None = None) -> dict[str, FileTensor]:
-    """Every tensor of every *.safetensors shard of `directory`, by name (read lazily)."""
+    """Every language-model tensor of every *.safetensors shard of `directory`, by its HF name
+    (read lazily; other towers of a multimodal checkpoint are left out)."""
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         raise ModelFileError(f"{directory}: no *.safetensors files")
     out = {}
     for path in files:
-        out.update(file_tensors(path, counter))
+        for name, src in file_tensors(path, counter).items():
+            text = text_tensor_name(name)  # a multimodal checkpoint's language model, by its text names
+            if text is not None:
+                out[text] = src
     return out
+
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "file_tensors", "read_config", "tensor_sources"]

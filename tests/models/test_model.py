@@ -21,6 +21,22 @@ EXPECTED_PARAMS = {
     "llama2-7b": 6.74e9,
     "llama3.2-1b": 1.24e9,
     "llama3.2-3b": 3.21e9,
+    "qwen3-0.6b": 0.596e9,
+    "qwen3-1.7b": 1.72e9,
+    "qwen3-4b": 4.02e9,
+    "qwen3-8b": 8.19e9,
+    "qwen3-14b": 14.8e9,
+    "qwen3-32b": 32.8e9,
+    "gemma2-2b": 2.61e9,
+    "gemma2-9b": 9.24e9,
+    "gemma2-27b": 27.2e9,
+    # Gemma 3's language models (the 4b/12b/27b checkpoints add a ~0.4B vision tower)
+    "gemma3-1b": 1.0e9,
+    "gemma3-4b": 3.88e9,
+    "gemma3-12b": 11.77e9,
+    "gemma3-27b": 27.0e9,
+    "phi3-mini-4k": 3.82e9,
+    "phi3-medium-4k": 14.0e9,
 }
 
 
