@@ -60,7 +60,6 @@ def load(
     quantized_matmul: bool | None = None,
     *,
     mesh=None,
-    fsdp: bool = False,
     check_finite: bool = True,
 ) -> Model:
     """Load a model: "smollm2" (embedded GGUF), a .gguf file, or an HF safetensors dir.
@@ -74,7 +73,6 @@ def load(
     logical-axis rules of `kvjax.parallel.mesh` (tensor parallel over its "tensor" axis: q/k/v
     and gate/up by output columns, o and down by input rows, embedding and LM head by vocabulary);
     in a multi-host job each process reads only the slices of its own devices. None: one device.
-    fsdp: also shard every parameter's embedding dimension over the mesh's "data" axis.
     fuse_projections: concatenate q/k/v and gate/up weights (`kvjax.models.fuse_projections`;
     the same math in two matmuls instead of five per layer), per tensor while loading; under a
     tensor-parallel mesh in one group per shard. False keeps the checkpoint's separate matrices.
@@ -92,8 +90,6 @@ def load(
         raise TypeError(f"name_or_path={name_or_path!r} must be 'smollm2', the path of a .gguf file or an HF directory")
     if quantized_matmul and mesh is not None:
         raise ValueError("quantized_matmul=True keeps GGUF blocks for the one-device CPU kernel; it takes no mesh")
-    if fsdp and mesh is None:
-        raise ValueError("fsdp=True shards parameters over a mesh's 'data' axis; pass mesh=")
     t0 = time.perf_counter()
     counter = ByteCounter()
     path, config, tensors, blocks, tok, default_dtype = _open(os.fspath(name_or_path), quantized_matmul, mesh, counter)
@@ -106,7 +102,7 @@ def load(
     if mesh is not None:
         from ..parallel.mesh import param_shardings
 
-        shardings = param_shardings(sources, config, mesh, fsdp=fsdp)
+        shardings = param_shardings(sources, config, mesh)
     try:
         params = place(sources, shardings, dtype, check_finite)
     except ModelFileError as e:

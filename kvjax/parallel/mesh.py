@@ -13,8 +13,8 @@ process's devices).
 
 Parameters follow Megatron-LM (Shoeybi et al. 2019): q/k/v and gate/up are split by output
 columns ("heads", "kv_heads", "mlp"), o_proj and down_proj by input rows, the embedding table
-and LM head by vocabulary rows; norms are replicated. `fsdp=True` maps "embed" to the "data"
-axis as well (every matrix sharded along its model dimension, FSDP-style).
+and LM head by vocabulary rows; norms are replicated. "embed" (the model dimension) is not
+sharded: parameters are replicated over "data" and "seq" (no FSDP).
 """
 
 from __future__ import annotations
@@ -143,19 +143,14 @@ def param_axes(path: Sequence[str]) -> tuple[str | None, ...]:
     return table[leaf]
 
 
-def param_rules(fsdp: bool = False) -> dict[str, str | None]:
-    """AXIS_RULES, with "embed" on the "data" axis when `fsdp`."""
-    return {**AXIS_RULES, "embed": "data"} if fsdp else AXIS_RULES
-
-
-def param_spec(path: Sequence[str], shape: Sequence[int], config, mesh: Mesh, fsdp: bool = False) -> PartitionSpec:
+def param_spec(path: Sequence[str], shape: Sequence[int], config, mesh: Mesh) -> PartitionSpec:
     """PartitionSpec of one parameter on `mesh`. A vocabulary that the tensor axis does not
     divide stays replicated (the model then gathers nothing); any other axis that does not
     divide is an error naming the config field."""
     names = param_axes(path)
     if len(names) != len(shape):
         raise ValueError(f"parameter {'/'.join(path)} has shape {tuple(shape)}, its rule names {names}")
-    spec = list(logical_spec(names, mesh, param_rules(fsdp)))
+    spec = list(logical_spec(names, mesh))
     for d, (name, axis) in enumerate(zip(names, spec)):
         if axis is None or shape[d] % mesh.shape[axis] == 0:
             continue
@@ -170,7 +165,7 @@ def param_spec(path: Sequence[str], shape: Sequence[int], config, mesh: Mesh, fs
     return PartitionSpec(*spec)
 
 
-def param_shardings(params, config, mesh: Mesh, fsdp: bool = False):
+def param_shardings(params, config, mesh: Mesh):
     """A tree of NamedShardings for `params` (arrays, ShapeDtypeStructs or loader sources; with or
     without the {'params': ...} wrapper), by `param_spec`."""
     import jax.tree_util as jtu
@@ -178,7 +173,7 @@ def param_shardings(params, config, mesh: Mesh, fsdp: bool = False):
     def one(path, x):
         keys = tuple(k.key for k in path if hasattr(k, "key"))
         keys = keys[1:] if keys and keys[0] == "params" else keys
-        return NamedSharding(mesh, param_spec(keys, x.shape, config, mesh, fsdp))
+        return NamedSharding(mesh, param_spec(keys, x.shape, config, mesh))
 
     return jtu.tree_map_with_path(one, params, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))
 

@@ -69,7 +69,7 @@ def shard_config(config: LlamaConfig, size: int, axis: str = "tensor") -> LlamaC
     )
 
 
-def shard_params(params, config: LlamaConfig, mesh: Mesh, fsdp: bool = False):
+def shard_params(params, config: LlamaConfig, mesh: Mesh):
     """(params placed by `param_shardings` on `mesh`, config): fused projections regrouped one
     group per tensor shard when they are not, arrays already in place kept as they are. In a
     multi-process job every process must pass the same values (each keeps only its devices'
@@ -77,7 +77,6 @@ def shard_params(params, config: LlamaConfig, mesh: Mesh, fsdp: bool = False):
     size = tensor_size(mesh)
     if size > 1:
         check_divisible(config, size)
-    if size > 1 or fsdp:
         # GGUF blocks (the CPU decode kernel's) are not split: keep the float weights.
         params = jax.tree.map(
             lambda x: x.weight if isinstance(x, QuantizedWeight) else x,
@@ -86,7 +85,7 @@ def shard_params(params, config: LlamaConfig, mesh: Mesh, fsdp: bool = False):
         )
     if config.fused_projections and config.fused_groups != size:
         params, config = fuse_projections(params, config, groups=size)
-    shardings = param_shardings(params, config, mesh, fsdp=fsdp)
+    shardings = param_shardings(params, config, mesh)
 
     def put(x, sharding: NamedSharding):
         if isinstance(x, QuantizedWeight):  # replicated (nothing is split here): blocks beside the weight
@@ -102,6 +101,6 @@ def shard_params(params, config: LlamaConfig, mesh: Mesh, fsdp: bool = False):
     return jax.tree.map(put, params, shardings, is_leaf=is_weight), config
 
 
-def param_specs(params, config: LlamaConfig, mesh: Mesh, fsdp: bool = False):
+def param_specs(params, config: LlamaConfig, mesh: Mesh):
     """The PartitionSpecs of `param_shardings` (shard_map's in_specs for the parameters)."""
-    return jax.tree.map(lambda s: s.spec, param_shardings(params, config, mesh, fsdp=fsdp))
+    return jax.tree.map(lambda s: s.spec, param_shardings(params, config, mesh))
