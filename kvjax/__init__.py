@@ -12,6 +12,7 @@ from . import (
     policies,
     quant,  # registers the quantized caches (kivi, kvquant, ...)
 )
+from .ape import ape
 from .generation import GenerateOutput, generate, stream
 from .loaders import load
 from .models import LlamaConfig, get_preset
@@ -29,6 +30,7 @@ __all__ = [
     "Session",
     "SlotKV",
     "__version__",
+    "ape",
     "attention",
     "attention_kernels",
     "generate",
