@@ -21,7 +21,9 @@ from .models.config import LlamaConfig
 
 @struct.dataclass
 class SlotKV:
-    """k, v [B, N, S, H]; pos [B, N, S] int32 (-1 = empty); fill: next slot to append to."""
+    """k, v [B, N, S, H]; pos [B, N, S] int32 (-1 = empty); fill: next slot to append to, a
+    scalar (every row, what a prefill makes) or [B] int32 (per row: after a rollback or a row
+    reset, `kvjax.policies.rows`)."""
 
     k: jax.Array
     v: jax.Array
