@@ -3,13 +3,16 @@
 
     from kvjax.generation import generate, stream            # also kvjax.generate, kvjax.stream
     from kvjax.generation import prefill, decode, bucket_length
+    from kvjax.generation import extend                      # continue from a state (resume)
 
 See `steps` (the jitted prefill and decode loop), `request` (argument checks, tokenizing),
-`text` (incremental text and stop strings) and `api` (generate, stream).
+`text` (incremental text and stop strings), `api` (generate, stream), `resume` (feed more
+tokens into an existing state at per-row offsets) and `prefix` (BatchLLM prefix sharing).
 """
 
 from .api import GenerateOutput, StreamPiece, TokenStream, generate, stream
 from .request import prepare_request
+from .resume import extend
 from .steps import (
     DecodeLoop,
     bucket_length,
@@ -30,6 +33,7 @@ __all__ = [
     "decode",
     "decode_start",
     "decode_steps",
+    "extend",
     "generate",
     "new_tokens_bucket",
     "prefill",
