@@ -1,8 +1,9 @@
-"""Functional Llama-family models (installed as `kvjax.models`)."""
+"""Functional decoder models: the Llama layout and the families built on it (installed as
+`kvjax.models`)."""
 
 from .config import LlamaConfig, RopeScaling
 from .forward import forward, hidden_states, init_params, logits_from_hidden
-from .fuse import fuse_projections
+from .fuse import fuse_projections, unfuse_projections
 from .llama import Llama
 from .presets import PRESETS, get_preset
 from .rope import apply_rope, invert_rope
@@ -20,4 +21,5 @@ __all__ = [
     "init_params",
     "invert_rope",
     "logits_from_hidden",
+    "unfuse_projections",
 ]

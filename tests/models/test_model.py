@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.models import PRESETS, forward, fuse_projections, get_preset, init_params
+from kvjax.models import PRESETS, forward, fuse_projections, get_preset, init_params, unfuse_projections
 from kvjax.models.rope import apply_rope, inverse_frequencies, invert_rope
 from kvjax.policies import Dense
 from kvjax.state import LayerContext
@@ -129,17 +129,21 @@ def test_incremental_decoding_equals_full_forward_ragged(tiny_config, tiny_param
         np.testing.assert_allclose(inc[r, : n - p0], full[r, p0:n], rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_fused_projections_compute_the_same_model(tiny_config, rng, qkv_bias):
-    """fuse_projections concatenates q/k/v and gate/up; logits stay those of the separate weights."""
+@pytest.mark.parametrize("qkv_bias, groups", [(False, 1), (True, 1), (True, 2)])
+def test_fused_projections_compute_the_same_model(tiny_config, rng, qkv_bias, groups):
+    """fuse_projections concatenates q/k/v and gate/up (in `groups` groups of whole heads, one per
+    tensor-parallel shard); logits stay those of the separate weights, and unfusing restores them."""
     cfg = dataclasses.replace(tiny_config, qkv_bias=qkv_bias)
     params = jax.tree_util.tree_map(lambda x: x + 0.1 * jnp.ones_like(x), init_params(cfg, jax.random.key(1)))
-    fused, fcfg = fuse_projections(params, cfg)
+    fused, fcfg = fuse_projections(params, cfg, groups=groups)
+    assert fcfg.fused_groups == groups
+    back, bcfg = unfuse_projections(fused, fcfg)
+    assert bcfg == cfg and jax.tree.all(jax.tree.map(jnp.array_equal, back, params))
     attn = fused["params"]["layers_0"]["self_attn"]
     assert fcfg.fused_projections and set(attn) == {"qkv_proj", "o_proj"}
     assert set(fused["params"]["layers_0"]["mlp"]) == {"gate_up_proj", "down_proj"}
     assert ("bias" in attn["qkv_proj"]) == qkv_bias
-    assert fuse_projections(fused, fcfg)[0] is fused  # already fused: unchanged
+    assert fuse_projections(fused, fcfg, groups=groups)[0] is fused  # already fused so: unchanged
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(2, 9)), jnp.int32)
     lengths = jnp.asarray([9, 6])
     a, inc_a, _ = _full_and_incremental(params, cfg, tokens, lengths)

@@ -164,3 +164,46 @@ def test_generate_pads_any_prompt_length_and_matches_generate():
     got = kp.generate(model, prompt, mesh=kp.make_mesh(seq=1), max_new_tokens=4)
     assert got.tokens.tolist() == ref.tokens.tolist()
     assert got.stats["seq_shards"] == 1 and got.stats["kv_bytes"] > 0
+
+
+FAMILY_SWITCHES = {
+    "llama": dict(),
+    "qwen2": dict(qkv_bias=True),
+    "qwen3": dict(qk_norm=True),
+    "gemma": dict(qk_norm=True, norm_offset=1.0, sandwich_norms=True, tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SWITCHES))
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_parameter_has_a_sharding_rule(family, fused, tiny_config):
+    """The rules table names every parameter the model has, with one logical axis per dimension."""
+    from kvjax.loaders.convert import param_shapes
+    from kvjax.models import fuse_projections
+
+    cfg = dataclasses.replace(tiny_config, **FAMILY_SWITCHES[family])
+    shapes = param_shapes(cfg)
+    if fused:
+        shapes, cfg = (
+            jax.eval_shape(lambda p: fuse_projections(p, cfg)[0], shapes),
+            dataclasses.replace(cfg, fused_projections=True),
+        )
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
+        names = kp.param_axes(tuple(k.key for k in path))
+        assert len(names) == leaf.ndim, (path, names)
+    specs = kp.param_shardings(shapes, cfg, kp.make_mesh(seq=1))
+    assert all(s.spec == jax.sharding.PartitionSpec(*([None] * len(s.spec))) for s in jax.tree.leaves(specs))
+
+
+def test_tensor_parallel_errors_name_the_field(tiny_config):
+    with pytest.raises(ValueError, match=r"num_heads=6 of tiny cannot be split over the mesh axis 'tensor' of size 4"):
+        kp.shard_config(tiny_config, 4)
+    with pytest.raises(ValueError, match=r"no sharding rule for the parameter layers_0/mlp/swiglu/kernel"):
+        kp.param_axes(("layers_0", "mlp", "swiglu", "kernel"))
+    fused = dataclasses.replace(tiny_config, fused_projections=True)
+    with pytest.raises(ValueError, match=r"laid out in fused_groups=1 groups, not one per shard"):
+        kp.shard_config(fused, 2)
+    local = kp.shard_config(dataclasses.replace(tiny_config, vocab_size=96), 2)
+    assert (local.num_heads, local.num_kv_heads, local.intermediate_size, local.vocab_size) == (3, 1, 48, 48)
+    assert local.vocab_parallel and local.tensor_axis == "tensor"
+    assert not kp.shard_config(tiny_config, 2).vocab_parallel  # vocab 97: every shard keeps all of it
