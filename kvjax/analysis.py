@@ -5,11 +5,14 @@ Analysis" (2024): with a model of P parameters, a context of L tokens and a KV c
 `kv(L)` bytes per user on a device of HBM capacity M, compute rate F and bandwidth W,
   * concurrency:   users = floor((M - weight_bytes) / kv(L))
   * prefill:       t_prefill ~ (2 P L + 2 n_layers L^2 d_attn) / (F * mfu)   (compute bound)
-  * decode step:   t_decode  ~ (weight_bytes + users * kv(L)) / (W * mbu)      (memory bound)
+  * decode step:   t_decode  ~ (weight_bytes + users * read(L)) / (W * mbu)    (memory bound)
   * context switch: moving one user's cache over the host link, kv(L) / pcie.
-The KV bytes of any kvjax policy are exact: `kv_cache_bytes` traces the policy's prefill
-with `jax.eval_shape` (no weights allocated, nothing computed), so compressed, quantized,
-per-layer and per-head layouts are all counted as they really are stored.
+kv(L) is what the cache holds, read(L) what one decode step reads of it: the same for a dense,
+evicted or quantized cache, a fraction of it for the retrieval policies (Quest reads its page
+bounds and the selected pages, A^2ATS its codes and the selected tokens). Both are exact for any
+kvjax policy: `kv_cache_bytes` / `kv_read_bytes` trace the policy's prefill with
+`jax.eval_shape` (no weights allocated, nothing computed), so compressed, quantized, per-layer
+and per-head layouts are counted as they really are stored (`KVState.kv_bytes_read_per_step`).
 """
 
 from __future__ import annotations
@@ -55,12 +58,26 @@ def get_device(name: str) -> Device:
         raise ValueError(f"unknown device {name!r}; expected one of {sorted(DEVICES)}") from None
 
 
-@functools.lru_cache(maxsize=64)
 def kv_cache_bytes(
     config: LlamaConfig, policy, context: int, batch: int = 1, max_new_tokens: int = 0, dtype=jnp.bfloat16
 ) -> int:
     """Bytes of the KV state `policy` holds after prefilling `batch` prompts of `context`
     tokens (with room for `max_new_tokens`), from shapes alone."""
+    state = _prefill_state(config, policy, context, batch, max_new_tokens, dtype)
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(state.layers)))
+
+
+def kv_read_bytes(
+    config: LlamaConfig, policy, context: int, batch: int = 1, max_new_tokens: int = 0, dtype=jnp.bfloat16
+) -> int:
+    """Bytes of the KV state one decode step reads after prefilling `batch` prompts of `context`
+    tokens (`KVState.kv_bytes_read_per_step`), from shapes alone."""
+    return _prefill_state(config, policy, context, batch, max_new_tokens, dtype).kv_bytes_read_per_step
+
+
+@functools.lru_cache(maxsize=64)
+def _prefill_state(config: LlamaConfig, policy, context: int, batch: int, max_new_tokens: int, dtype):
+    """The KVState (of `jax.ShapeDtypeStruct`s) a prefill of `batch` x `context` tokens leaves."""
     from .generation import prefill
     from .models import init_params
 
@@ -81,7 +98,7 @@ def kv_cache_bytes(
         tokens,
         lengths,
     )
-    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(state.layers)))
+    return state
 
 
 def serving_estimate(
@@ -96,6 +113,8 @@ def serving_estimate(
     mbu: float = 0.8,
 ) -> dict:
     """Memory, concurrency, prefill and decode times for `context`-token users on `device`.
+    Concurrency counts the bytes each user's cache holds; the decode step, the bytes one step
+    reads (weights + users x `kv_read_bytes`).
 
     users: how many users decode together (default: as many as fit). mfu / mbu: the
     achievable fractions of peak compute and bandwidth (the paper's defaults are peaks;
@@ -111,12 +130,13 @@ def serving_estimate(
         raise ValueError(f"users={users!r} must be an integer >= 1, or None (as many as fit)")
     weights = config.num_params() * weight_bytes_per_param
     kv = kv_cache_bytes(config, policy, context)
+    read = kv_read_bytes(config, policy, context)
     free = dev.memory - weights
     fit = int(free // kv) if free > 0 else 0
     n = fit if users is None else users
     attn_dim = config.num_heads * config.head_dim
     prefill_flops = 2 * config.num_params() * context + 2 * config.num_layers * context**2 * attn_dim
-    decode_bytes = weights + n * kv
+    decode_bytes = weights + n * read  # weights once, then each user's cache as much as a step reads
     return {
         "model": config.name,
         "policy": policy.spec(),
@@ -125,6 +145,8 @@ def serving_estimate(
         "weight_bytes": weights,
         "kv_bytes_per_user": kv,
         "kv_bytes_per_token": kv / context,
+        "kv_read_bytes_per_user": read,
+        "kv_read_bytes_per_token": read / context,
         "max_users": fit,
         "users": n,
         "fits": weights + n * kv <= dev.memory,

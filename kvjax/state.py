@@ -38,6 +38,11 @@ class SlotKV:
         """Bytes of the slots that hold a token (pos >= 0): their K, V and position."""
         return slot_bytes_used(self.pos >= 0, [self.k, self.v, self.pos], [self.fill])
 
+    def nbytes_read_per_step(self) -> int:
+        """Bytes one decode step reads: every slot's K, V and position (the decode attention
+        visits every slot block and masks by position; empty headroom slots included)."""
+        return leaves_nbytes(self)
+
     @classmethod
     def empty(cls, batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype) -> SlotKV:
         shape = (batch, num_kv_heads, capacity, head_dim)
@@ -65,6 +70,12 @@ class KVState:
       rounded up, rows shorter than the batch's longest, evicted slots).
     - `dense_bytes_of_seen(config)`: what a dense K+V cache of exactly the tokens each row
       has seen (sum of `lengths`) needs, in the cache's full-precision dtype, no headroom.
+    - `kv_bytes_read_per_step`: what one decode step reads of the cache (one new token per
+      row): each layer state type reports it through `nbytes_read_per_step()` (a dense or
+      evicted slot cache and the quantized caches read every leaf; Quest reads its page
+      metadata and the selected pages, A^2ATS its codes and the selected tokens). Computed
+      from static shapes alone (works on `jax.eval_shape` results), so `kvjax.analysis` uses it
+      for the decode step time.
     """
 
     layers: tuple
@@ -108,13 +119,20 @@ class KVState:
         seen (positions and headroom make a real dense cache hold a little more)."""
         return self.kv_bytes_held / max(1, self.dense_bytes_of_seen(config, dtype))
 
+    @property
+    def kv_bytes_read_per_step(self) -> int:
+        """Bytes one decode step reads of the cache, all layers (see class doc)."""
+        return int(sum(read_nbytes(layer) for layer in self.layers))
+
     def byte_stats(self, config: LlamaConfig, dtype=None) -> dict:
-        """{kv_bytes_held, kv_bytes_used, kv_bytes_headroom, dense_bytes_of_seen} (see class doc)."""
+        """{kv_bytes_held, kv_bytes_used, kv_bytes_headroom, kv_bytes_read_per_step,
+        dense_bytes_of_seen} (see class doc)."""
         held, used = self.kv_bytes_held, self.kv_bytes_used
         return {
             "kv_bytes_held": held,
             "kv_bytes_used": used,
             "kv_bytes_headroom": held - used,
+            "kv_bytes_read_per_step": self.kv_bytes_read_per_step,
             "dense_bytes_of_seen": self.dense_bytes_of_seen(config, dtype),
         }
 
@@ -126,6 +144,35 @@ def used_nbytes(layer) -> int:
     if fn is not None:
         return int(fn())
     return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(layer)))
+
+
+def leaf_nbytes(x) -> int:
+    """Bytes of one array or `jax.ShapeDtypeStruct` (size x itemsize: shapes alone)."""
+    return int(x.size) * jnp.dtype(x.dtype).itemsize
+
+
+def leaves_nbytes(tree) -> int:
+    """Bytes of every leaf of a pytree (arrays or `jax.ShapeDtypeStruct`s)."""
+    return int(sum(leaf_nbytes(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def read_nbytes(layer) -> int:
+    """Bytes one decode step reads of a layer state: `layer.nbytes_read_per_step()` where the
+    state type defines it, else all of its leaves."""
+    fn = getattr(layer, "nbytes_read_per_step", None)
+    if fn is not None:
+        return int(fn())
+    return leaves_nbytes(layer)
+
+
+def slot_bytes_used(valid: jax.Array, per_slot: list, fixed: list = ()) -> int:
+    """Bytes of the filled slots: `valid` [..., S] bool marks them; `per_slot` arrays have the
+    same leading [..., S] axes (any trailing ones) and cost their bytes per slot; `fixed`
+    arrays (counters, per-row limits) count whole."""
+    n_valid = int(jnp.sum(valid))
+    total = valid.size
+    used = sum(x.nbytes * n_valid // max(total, 1) for x in per_slot)
+    return int(used + sum(x.nbytes for x in fixed))
 
 
 def slot_bytes_used(valid: jax.Array, per_slot: list, fixed: list = ()) -> int:

@@ -134,7 +134,9 @@ def tiny_calibrations(tiny_params, tmp_path_factory):
     from kvjax.quant import calibration
 
     model = types.SimpleNamespace(config=TINY, params=tiny_params)
-    stats = calibration.collect(model, np.random.default_rng(0).integers(0, TINY.vocab_size, 96), grads=True)
+    stats = calibration.collect(
+        model, np.random.default_rng(0).integers(0, TINY.vocab_size, 96), grads=True, queries=True
+    )
     root = tmp_path_factory.mktemp("tiny_calibrations")
     paths = {m: calibration.save(str(root / m), m, TINY, fn(stats, TINY)) for m, fn in calibration.CALIBRATORS.items()}
     from kvjax.policies import locret_train  # Locret's retaining heads are trained (a few optax steps), not calibrated

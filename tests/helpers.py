@@ -59,6 +59,32 @@ TINY_FRAGMENTS = tiny_config(
 )  # fmt: skip
 
 
+def teacher_forced_logits(params, cfg, policy, tokens, lengths, steps: int, implementation=None):
+    """Prefill `tokens` [B, T] (true `lengths`) under `policy`, then feed each step's greedy
+    token for `steps` decode steps. Returns (logits [steps + 1, B, V] as numpy, final state)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kvjax.generation import prefill
+    from kvjax.models.forward import forward
+    from kvjax.state import LayerContext
+
+    logits, state = prefill(
+        params, tokens, lengths, config=cfg, policy=policy, max_new_tokens=steps + 1, implementation=implementation
+    )
+    out = [np.asarray(logits)]
+    nxt = jnp.argmax(logits, axis=-1)
+    ctx = LayerContext(0, cfg, "decode", True, 0, steps + 1, implementation)
+    for _ in range(steps):
+        logits, state = forward(
+            params, nxt[:, None], state.lengths[:, None], state, config=cfg, policy=policy, ctx=ctx,
+            logits_at=jnp.zeros(nxt.shape, jnp.int32),
+        )  # fmt: skip
+        out.append(np.asarray(logits))
+        nxt = jnp.argmax(logits, axis=-1)
+    return np.stack(out), state
+
+
 def write_byte_tokenizer(directory) -> None:
     """A byte-level BPE tokenizer.json (256 byte tokens, no merges) in `directory`, for HF
     checkpoints that tests write (the loader needs a tokenizer beside the weights)."""

@@ -101,7 +101,8 @@ def eval_cmd(
     score = f"ppl {r['ppl']:.3f}" if "ppl" in r else f"accuracy {r['accuracy']:.3f} ({r['correct']}/{r['questions']})"
     typer.echo(
         f"[{r['policy']}] {task} at {context} tokens: {score}; KV {r['kv_bytes']:,.0f} bytes "
-        f"(dense {r['dense_kv_bytes']:,.0f}, ratio {r['compression_ratio']:.3f})"
+        f"(dense {r['dense_kv_bytes']:,.0f}, ratio {r['compression_ratio']:.3f}), "
+        f"{r.get('kv_bytes_read', r['kv_bytes']):,.0f} read per decode step"
     )
 
 

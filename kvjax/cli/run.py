@@ -81,7 +81,8 @@ def generate(
         f"({s['decode_tokens_per_s']:.1f} tok/s)\n"
         f"compile: {s['compile_s']:.2f} s (prefill {s['prefill_compile_s']:.2f} s, decode {s['decode_compile_s']:.2f} s; "
         "not in the times above)\n"
-        f"KV cache: {s['kv_bytes']:,} bytes held (a dense cache of the tokens seen: {s['dense_kv_bytes']:,} bytes)"
+        f"KV cache: {s['kv_bytes']:,} bytes held, {s['kv_bytes_read_per_step']:,} read per decode step "
+        f"(a dense cache of the tokens seen: {s['dense_kv_bytes']:,} bytes)"
     )
 
 
@@ -110,7 +111,9 @@ def cost(
     users: int | None = typer.Option(None, help="users decoding together (default: as many as fit)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON list instead of a table"),
 ):
-    """Memory, concurrency, prefill and decode time per policy (Fu 2024's peak analysis)."""
+    """Memory, concurrency, prefill and decode time per policy (Fu 2024's peak analysis). KV
+    B/token: bytes the cache holds (memory, concurrency); read B/token: bytes one decode step
+    reads of it (the step time)."""
     from ..analysis import get_device, serving_estimate
     from ..policies import parse_policy
 
@@ -122,11 +125,14 @@ def cost(
         typer.echo(json.dumps(rows))
         return
     typer.echo(f"{cfg.name} on {device}, {context} tokens per user (peak rates x mfu 0.5 / mbu 0.8)")
-    typer.echo(f"{'policy':36s} {'KV B/token':>10s} {'max users':>9s} {'prefill s':>9s} {'step ms':>8s} {'tok/s':>8s}")
+    typer.echo(
+        f"{'policy':36s} {'KV B/token':>10s} {'read B/token':>12s} {'max users':>9s} {'prefill s':>9s} "
+        f"{'step ms':>8s} {'tok/s':>8s}"
+    )
     for spec, r in zip(policy, rows):
         typer.echo(
-            f"{spec:36s} {r['kv_bytes_per_token']:10.0f} {r['max_users']:9d} {r['prefill_s']:9.1f} "
-            f"{1000 * r['decode_step_s']:8.1f} {r['decode_tokens_per_s']:8.0f}"
+            f"{spec:36s} {r['kv_bytes_per_token']:10.0f} {r['kv_read_bytes_per_token']:12.0f} {r['max_users']:9d} "
+            f"{r['prefill_s']:9.1f} {1000 * r['decode_step_s']:8.1f} {r['decode_tokens_per_s']:8.0f}"
         )
 
 

@@ -1,7 +1,8 @@
 """`kvjax report DIR`: markdown tables and PNG plots of a sweep's cells.jsonl.
 
 Tables, one per (context, mode): a row per method and budget, a column per task (accuracy
-in percent with the number of questions, or perplexity), KV bytes per episode, the
+in percent with the number of questions, or perplexity), KV bytes per episode (held, and read
+by one decode step: a fraction of it for the retrieval policies, Quest and A^2ATS), the
 measured compression ratio (state bytes / dense bytes) and seconds per episode; kvpress
 rows carry the "kvpress" engine label, and a note under a table with kvpress rows names the
 kvjax-only methods (quantized caches: kvpress has no quantized-cache press). Plots, one per
@@ -109,9 +110,11 @@ def tables(cells: list[dict]) -> str:
             )
             out.append(f"### {ctx} tokens, {what}\n")
             out.append(
-                "| engine | method | budget | " + " | ".join(tasks) + " | KV bytes | ratio | prefill s | decode s |"
+                "| engine | method | budget | "
+                + " | ".join(tasks)
+                + " | KV bytes | read/step | ratio | prefill s | decode s |"
             )
-            out.append("|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|")
+            out.append("|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|")
             for (engine, label, budget), cols in sorted(
                 by.items(), key=lambda kv: (kv[0][1] != "dense", kv[0][1], -(kv[0][2] or 1.0), kv[0][0])
             ):
@@ -121,10 +124,11 @@ def tables(cells: list[dict]) -> str:
                 )
                 cells_md = " | ".join(_score(cols[t]) if t in cols else "-" for t in tasks)
                 kv = f"{ref['kv_bytes'] / 1e6:.1f} MB" if "kv_bytes" in ref else "-"
+                read = f"{ref['kv_bytes_read'] / 1e6:.1f} MB" if "kv_bytes_read" in ref else "-"
                 ratio = f"{ref['compression_ratio']:.3f}" if "compression_ratio" in ref else "-"
                 times = " | ".join(f"{ref[k]:.1f}" if k in ref else "-" for k in ("prefill_s", "decode_s"))
                 b = "-" if budget is None else f"{budget:g}"
-                out.append(f"| {engine} | {label} | {b} | {cells_md} | {kv} | {ratio} | {times} |")
+                out.append(f"| {engine} | {label} | {b} | {cells_md} | {kv} | {read} | {ratio} | {times} |")
             note = _kvjax_only_note(by)
             out.append(f"\n{note}\n" if note else "")
     return "\n".join(out)

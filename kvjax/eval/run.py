@@ -34,7 +34,8 @@ def evaluate(
     "ppl": perplexity over `context` tokens of `text` (`kvjax.eval.ppl`; trials and mode do not
     apply). options: the task generator's options, e.g. {"pairs": 4} for kv_retrieval;
     progress: a bar on stderr. Returns the cell's record: accuracy, correct, questions,
-    trials and samples (or ppl), kv_bytes (the state after prefill), dense_kv_bytes,
+    trials and samples (or ppl), kv_bytes (the state after prefill), kv_bytes_read (what one
+    decode step reads of it, `KVState.kv_bytes_read_per_step`), dense_kv_bytes,
     compression_ratio, prefill_s and decode_s per episode. Raises ValueError for bad
     arguments and `CellFailed` when the cell fails (a policy that cannot take the prompt...)."""
     if task not in TASK_NAMES:

@@ -386,12 +386,13 @@ def _resume(run: SweepRun, cells: list[Cell], out: str, force: bool) -> tuple[Ru
 _BYTES: dict = {}
 
 
-def _state_bytes(model, policy, batch: int, width: int) -> int:
-    """Bytes of the state right after prefilling a `width`-token bucket (no decode headroom)."""
+def _state_bytes(model, policy, batch: int, width: int, read: bool = False) -> int:
+    """Bytes of the state right after prefilling a `width`-token bucket (no decode headroom):
+    what it holds, or (read=True) what one decode step reads of it."""
     key = (id(model), policy, batch, width)
     if key not in _BYTES:
         _BYTES[key] = _eval_bytes(model, policy, batch, width)
-    return _BYTES[key]
+    return _BYTES[key][1 if read else 0]
 
 
 def _eval_bytes(model, policy, batch, width):
@@ -402,16 +403,14 @@ def _eval_bytes(model, policy, batch, width):
 
     toks = jax.ShapeDtypeStruct((batch, width), jnp.int32)
     lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    shapes = jax.eval_shape(
-        lambda t, l: (
-            prefill(model.params, t, l, config=model.config, policy=policy, max_new_tokens=0, dtype=model.dtype)[
-                1
-            ].layers
-        ),
+    state = jax.eval_shape(
+        lambda t, l: prefill(
+            model.params, t, l, config=model.config, policy=policy, max_new_tokens=0, dtype=model.dtype
+        )[1],
         toks,
         lens,
     )
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state.layers)), state.kv_bytes_read_per_step
 
 
 def _aggregate(cell: Cell, settings: Settings, parts: list[dict]) -> dict:
@@ -431,8 +430,9 @@ def _aggregate(cell: Cell, settings: Settings, parts: list[dict]) -> dict:
         "correct": int(turns.sum()),
         "questions": int(turns.size),
     }
-    for k in ("kv_bytes", "kv_bytes_held", "dense_kv_bytes"):
-        out[k] = float(np.mean([p[k] for p in parts]))
+    for k in ("kv_bytes", "kv_bytes_held", "dense_kv_bytes", "kv_bytes_read"):
+        if all(k in p for p in parts):  # kv_bytes_read: parts written before it was recorded lack it
+            out[k] = float(np.mean([p[k] for p in parts]))
     out["compression_ratio"] = out["kv_bytes"] / max(out["dense_kv_bytes"], 1.0)
     for k in ("prefill_s", "decode_s"):
         out[k] = float(sum(p[k] for p in warm) / episodes)
@@ -468,6 +468,7 @@ def _part(cell, settings, b, episodes, res: SessionResult, model, pol, width, sh
         "correct": correct,
         "kv_bytes": res.kv_bytes if cell.engine == "kvpress" else _state_bytes(model, pol, n, width) / n,
         "kv_bytes_held": res.kv_bytes,
+        **({} if cell.engine == "kvpress" else {"kv_bytes_read": _state_bytes(model, pol, n, width, read=True) / n}),
         "dense_kv_bytes": res.dense_kv_bytes,
         "prefill_s": res.capture_s + res.compress_s,
         "decode_s": res.append_s + res.decode_s,
@@ -572,6 +573,7 @@ def _run_ppl(run: SweepRun, cells: list[Cell], state: RunState, tick) -> None:
             cap = captured if c.key in shared else None
             r = perplexity(model, toks, pol, captured=cap, implementation=run.implementation)
             r["kv_bytes_held"], r["kv_bytes"] = r["kv_bytes"], _state_bytes(model, pol, 1, c0.context // 2)
+            r["kv_bytes_read"] = _state_bytes(model, pol, 1, c0.context // 2, read=True)
             r["compression_ratio"] = r["kv_bytes"] / max(r["dense_kv_bytes"], 1)
             state.write_cell(
                 {

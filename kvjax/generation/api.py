@@ -81,7 +81,7 @@ def _stats(req: Request, model, state: KVState, kv_after_prefill: int, n_tokens,
         "kv_bytes": state.nbytes,
         "kv_bytes_after_prefill": kv_after_prefill,
         "dense_kv_bytes": state.dense_nbytes(model.config),
-        **state.byte_stats(model.config),  # held / used / headroom / dense_bytes_of_seen (KVState doc)
+        **state.byte_stats(model.config),  # held / used / headroom / read per step / dense of seen (KVState doc)
         "policy": req.options.policy.spec(),
         "prompt_bucket": req.width,
         "new_tokens_bucket": req.options.new_tokens_bucket,
@@ -190,8 +190,9 @@ def generate(
     compilation excluded), prefill_compile_s, decode_compile_s and compile_s (tracing and
     compiling, about 0 when the programs are cached); prefill/decode tokens per second;
     kv_bytes (the state after decoding), kv_bytes_after_prefill, dense_kv_bytes (a dense
-    cache of the tokens seen); kv_bytes_held, kv_bytes_used, kv_bytes_headroom and
-    dense_bytes_of_seen (`KVState.byte_stats`, docs/memory.md); policy (its spec);
+    cache of the tokens seen); kv_bytes_held, kv_bytes_used, kv_bytes_headroom,
+    kv_bytes_read_per_step (what one decode step reads of the cache) and dense_bytes_of_seen
+    (`KVState.byte_stats`, docs/memory.md); policy (its spec);
     prompt_bucket and new_tokens_bucket (the static shapes compiled for).
 
     Raises TypeError / ValueError naming the argument for a bad argument, before anything

@@ -1,5 +1,6 @@
 """KV-cache compression policies. Importing this package registers every method."""
 
+from .a2ats import A2ATS
 from .adakv import AdaKV
 from .base import Policy, PolicyError
 from .chunkkv import ChunkKV
@@ -11,12 +12,14 @@ from .knorm import KNorm
 from .kvmerger import KVMerger
 from .locret import Locret
 from .pyramidkv import PyramidKV
+from .quest import Quest
 from .registry import REGISTRY, list_policies, parse_policy, register
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
 
 __all__ = [
+    "A2ATS",
     "H2O",
     "REGISTRY",
     "TOVA",
@@ -31,6 +34,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PyramidKV",
+    "Quest",
     "SnapKV",
     "StreamingLLM",
     "list_policies",

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from .. import attention
-from ..state import LayerContext, slot_bytes_used
+from ..state import LayerContext, leaves_nbytes, slot_bytes_used
 from . import slots
 from .base import PolicyError
 from .registry import register
@@ -41,6 +41,11 @@ class PooledKV:
     def nbytes_used(self) -> int:
         """Bytes of the pool slots that hold a token: K, V, position and head id."""
         return slot_bytes_used(self.pos >= 0, [self.k, self.v, self.pos, self.head], [self.fill])
+
+    def nbytes_read_per_step(self) -> int:
+        """Bytes one decode step reads: the whole pool (every head attends over it, masked by
+        the owning-head ids)."""
+        return leaves_nbytes(self)
 
 
 def pooled_attend(st: PooledKV, q, q_pos, num_kv_heads: int, ctx: LayerContext):

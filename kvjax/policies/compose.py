@@ -40,9 +40,10 @@ class Compose(Policy):
                 )
         for p in policies[:-1]:
             if not p.feeds_stores:
+                why = getattr(p, "feeds_stores_note", "") or "its state is not a per-head slot cache"
                 raise PolicyError(
                     f"cannot compose {p.name!r} before {policies[-1].name!r}: {p.name} keeps its tokens in a "
-                    "layout no store ingests (its state is not a per-head slot cache)"
+                    f"layout no store ingests ({why})"
                 )
         for p in policies[1:]:
             if not p.stores_slots:

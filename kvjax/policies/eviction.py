@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from .. import attention
-from ..state import LayerContext, SlotKV, slot_bytes_used
+from ..state import LayerContext, SlotKV, leaves_nbytes, slot_bytes_used
 from . import slots
 from .base import Policy, PolicyError, budget_capacity, check_budget
 
@@ -44,6 +44,11 @@ class ScoredKV:
         return slot_bytes_used(
             self.kv.pos >= 0, [self.kv.k, self.kv.v, self.kv.pos, self.score], [self.kv.fill, self.limit]
         )
+
+    def nbytes_read_per_step(self) -> int:
+        """Bytes one decode step reads: every slot's K, V, position and running score (attention
+        visits every slot, the eviction ranks them all) plus the budgets."""
+        return leaves_nbytes(self)
 
 
 @dataclasses.dataclass(frozen=True)

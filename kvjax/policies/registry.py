@@ -201,6 +201,18 @@ RANGES: dict[str, dict[str, Range]] = {
         "calibration": CALIBRATION,
     },
     "rtn": {"bits": BITS, "residual": RESIDUAL},
+    "a2ats": {
+        "topk": Range(0, 1, low_open=True, note="fraction of the tokens seen each query head retrieves"),
+        "window": at_least(0, "newest tokens always read"),
+        "sinks": at_least(0, "first tokens always read"),
+        "calibration": CALIBRATION,
+    },
+    "quest": {
+        "budget": Range(0, low_open=True, note="a fraction of the prompt (<= 1) or whole tokens (> 1) read per step"),
+        "page": at_least(1, "slots per page; the sparse decode kernel takes powers of two >= 16 (GPU, CPU interpret)"),
+        "dense_layers": at_least(0, "fewer than the model's layers"),
+        "gqa": Range(choices=("max", "union")),
+    },
     "bfp": {
         "bits": BITS,
         "block_size": Range(note="must divide head_dim"),

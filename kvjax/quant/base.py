@@ -37,7 +37,7 @@ from .. import attention
 from ..models.rope import inverse_frequencies
 from ..policies import slots
 from ..policies.base import Policy, PolicyError
-from ..state import LayerContext, SlotKV, slot_bytes_used
+from ..state import LayerContext, SlotKV, leaves_nbytes, slot_bytes_used
 
 
 @struct.dataclass
@@ -86,6 +86,12 @@ class QuantState:
         if "sink_pos" in aux:
             used += slot_bytes_used(aux["sink_pos"] >= 0, [aux["sink_k"], aux["sink_v"], aux["sink_pos"]])
         return int(used)
+
+    def nbytes_read_per_step(self) -> int:
+        """Bytes one decode step reads: every leaf (each stream is dequantized or read by the
+        fused kernel whole, codes and scales of its empty headroom included, plus the residual
+        window, sinks and extras)."""
+        return leaves_nbytes(self)
 
 
 def rope_heads(x: jax.Array, pos: jax.Array, cfg, inverse: bool = False) -> jax.Array:

@@ -1,5 +1,6 @@
 """Offline calibration for the quantized caches (KVQuant codebooks and thresholds,
-RotateKV / block-floating-point / KV4 channel permutations).
+RotateKV / block-floating-point / KV4 channel permutations) and A^2ATS's query-aware key
+codebooks (`kvjax.policies.a2ats`).
 
     stats = collect(model, tokens, grads=True)      # per-layer K (pre/post RoPE), V, Fisher
     arrays = CALIBRATORS[method](stats, config)      # numpy arrays, leading axis = layer
@@ -89,23 +90,29 @@ def find(method: str, config, path: str | None = None) -> str:
     return cached if os.path.isdir(cached) else default_path(method, config)
 
 
+#: Methods whose calibrator reads the queries (`collect(..., queries=True)`).
+NEEDS_QUERIES = {"a2ats"}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Probe(Dense):
     """Dense prefill that adds zero perturbations dk, dv [B, T, N, H] to the keys and
-    values, so jax.grad gives d loss / d K and d loss / d V (KVQuant's Fisher weights)."""
+    values, so jax.grad gives d loss / d K and d loss / d V (KVQuant's Fisher weights), and
+    records the post-RoPE queries [B, T, Nq, H]."""
 
     name = "_probe"
 
     def prefill(self, state, q, k, v, q_pos, ctx):
-        sl, dk, dv = state
+        sl, dk, dv, _ = state
         sl, out = Dense.prefill(self, sl, q, k + dk, v + dv, q_pos, ctx)
-        return (sl, dk, dv), out
+        return (sl, dk, dv, q.astype(jnp.float32)), out
 
 
-def collect(model, tokens, grads: bool = False) -> dict:
+def collect(model, tokens, grads: bool = False, queries: bool = False) -> dict:
     """Run `tokens` [T] through `model` with a dense cache. Returns numpy float32 arrays
     [L, T, N, H]: k_post (post-RoPE keys), k_pre (pre-RoPE), v; with grads=True also
-    gk_pre, gv: gradients of the next-token loss w.r.t. pre-RoPE keys and values."""
+    gk_pre, gv: gradients of the next-token loss w.r.t. pre-RoPE keys and values; with
+    queries=True also q_pre [L, T, Nq, H]: the pre-RoPE queries."""
     cfg = model.config
     toks = jnp.asarray(np.asarray(tokens, np.int32))[None]
     t = toks.shape[1]
@@ -116,8 +123,10 @@ def collect(model, tokens, grads: bool = False) -> dict:
 
     # the weights are an argument, not a closure: closed over, they would be folded into the
     # program as constants (slow to compile, and hundreds of MB in a persistent compilation cache)
+    qbuf = jnp.zeros((1, t, cfg.num_heads, cfg.head_dim), jnp.float32)
+
     def loss(pert, params):
-        layers = tuple((empty, dk, dv) for dk, dv in pert)
+        layers = tuple((empty, dk, dv, qbuf) for dk, dv in pert)
         state = KVState(layers=layers, lengths=jnp.zeros((1,), jnp.int32))
         logits, st = forward(params, toks, pos, state, config=cfg, policy=_Probe(), ctx=ctx, dtype=jnp.float32)
         logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
@@ -134,6 +143,11 @@ def collect(model, tokens, grads: bool = False) -> dict:
     hpos = jnp.broadcast_to(jnp.arange(t)[None, None], kpost.shape[:3])
     kpre = rope_heads(kpost, hpos, cfg, inverse=True)
     out = {"k_post": kpost, "k_pre": kpre, "v": v}
+    if queries:
+        qpost = jnp.stack([jnp.swapaxes(layer[3][0], 0, 1) for layer in st.layers])  # [L, Nq, T, H]
+        out["q_pre"] = rope_heads(
+            qpost, jnp.broadcast_to(jnp.arange(t)[None, None], qpost.shape[:3]), cfg, inverse=True
+        )
     if grads:
         gk = jnp.stack([jnp.swapaxes(dk[0], 0, 1) for dk, _ in g])  # [L, N, T, H] post-RoPE grads
         out["gk_pre"] = rope_heads(gk, hpos, cfg, inverse=True)  # R^T g: gradient w.r.t. pre-RoPE keys
@@ -223,7 +237,7 @@ def check_method(method: str) -> None:
         )
 
 
-def collect_bytes(config, tokens: int, grads: bool) -> int:
+def collect_bytes(config, tokens: int, grads: bool, queries: bool = False) -> int:
     """An estimate of the memory `collect` needs beyond the model's weights (float32), counted
     in the buffers XLA keeps: without `grads`, one layer's [heads, T, T] scores and
     probabilities, the logits twice and the K / V statistics (device and host copies); with
@@ -235,6 +249,8 @@ def collect_bytes(config, tokens: int, grads: bool) -> int:
     score = config.num_heads * t * t * f32  # one layer's [heads, T, T]
     kv = layers * t * config.num_kv_heads * config.head_dim * f32  # one [L, T, N, H] statistic
     logits = t * config.vocab_size * f32
+    if queries:  # the queries [L, T, Nq, H], recorded, rotated back and copied to the host
+        kv += 4 * config.group_size * kv // 10
     if not grads:
         return 2 * score + 2 * logits + 10 * kv
     acts = layers * t * (12 * config.hidden_size + 4 * config.intermediate_size) * f32
@@ -265,7 +281,7 @@ def check_tokens(method: str, config, tokens: int) -> None:
         raise ValueError(f"tokens={tokens!r} must be an integer >= 2 (the statistics need next-token losses)")
     if tokens > config.max_position:
         raise ValueError(f"tokens={tokens} exceeds the model's context (max_position={config.max_position})")
-    need, free = collect_bytes(config, tokens, method == "kvquant"), available_bytes()
+    need, free = collect_bytes(config, tokens, method == "kvquant", method in NEEDS_QUERIES), available_bytes()
     if free is not None and need > free:
         raise ValueError(
             f"tokens={tokens} needs about {need / 2**30:.1f} GiB for {method} statistics on {config.name} "
@@ -304,7 +320,7 @@ def calibrate(
     ids = _first_tokens(model.tokenizer, text, tokens)
     bar.update()
     bar.set_description(f"{method}: {tokens}-token forward{' and gradients' if method == 'kvquant' else ''}")
-    stats = collect(model, ids, grads=method == "kvquant")
+    stats = collect(model, ids, grads=method == "kvquant", queries=method in NEEDS_QUERIES)
     bar.update()
     bar.set_description(f"{method}: fitting")
     arrays = CALIBRATORS[method](stats, model.config)
@@ -315,3 +331,98 @@ def calibrate(
     bar.update()
     bar.close()
     return path, {k: list(v.shape) for k, v in arrays.items()}
+
+
+# ---- A^2ATS: query-aware key codebooks (kvjax.policies.a2ats) ------------------------------------
+#: SmolLM2's windowed-RoPE position (see `a2ats_window`).
+A2ATS_WINDOW_SMOLLM2 = 1024
+
+
+def a2ats_window(config) -> int:
+    """The fixed relative position w queries are rotated to (windowed RoPE). The paper uses 2048
+    for 128k-context models. SmolLM2 (8k positions) gets 1024: on held-out text its top-3%
+    recall with exact pre-RoPE keys changes little with w (0.31 at w = 128 to 0.29 at 2048, at
+    2k context; BENCHMARKS.md, Retrieval), and 1024 sits in the range of distances a 4k-8k
+    context retrieves over. Models with more than 8192 positions get the paper's 2048."""
+    if config.max_position <= 8192:
+        return min(A2ATS_WINDOW_SMOLLM2, max(1, config.max_position // 8))
+    return 2048
+
+
+def kmeans(x: np.ndarray, clusters: int, iters: int = 25, seed: int = 0) -> np.ndarray:
+    """Lloyd's k-means of many independent problems at once: x [G, T, D] -> centroids [G, C, D]
+    (float32), started from C distinct points of each problem (with repeats when T < C); an
+    empty cluster keeps its centroid."""
+    g, t, _ = x.shape
+    rng = np.random.default_rng(seed)
+    init = np.stack([rng.choice(t, clusters, replace=t < clusters) for _ in range(g)])
+    return np.asarray(_lloyd(jnp.asarray(x, jnp.float32), jnp.asarray(init), clusters, iters))
+
+
+@functools.partial(jax.jit, static_argnames=("clusters", "iters"))
+def _lloyd(x, init, clusters, iters):
+    cent = jnp.take_along_axis(x, init[..., None], axis=1)
+
+    def step(cent, _):
+        d = jnp.sum(cent * cent, axis=-1)[:, None, :] - 2 * jnp.einsum("gtd,gcd->gtc", x, cent)
+        onehot = jax.nn.one_hot(jnp.argmin(d, axis=-1), clusters, dtype=x.dtype)  # [G, T, C]
+        count = jnp.sum(onehot, axis=1)[..., None]
+        total = jnp.einsum("gtc,gtd->gcd", onehot, x)
+        return jnp.where(count > 0, total / jnp.maximum(count, 1), cent), None
+
+    cent, _ = jax.lax.scan(step, cent, None, length=iters)
+    return cent
+
+
+def a2ats_fit(
+    stats: dict, config, window: int | None = None, sub_dim: int = 8, bits: int = 6, query_aware: bool = True
+) -> dict:
+    """A^2ATS codebooks from `collect(..., queries=True)` statistics (He et al., 2025).
+
+    Per layer and KV head: the pre-RoPE queries of the G heads of its group rotated to the fixed
+    position w (windowed RoPE: every non-local key is scored as if it were w tokens back), H =
+    sum q q^T / count (+ 1e-4 of its mean eigenvalue, so it is positive definite), its Cholesky
+    factor L (H = L L^T); then a product-quantization codebook of the pre-RoPE keys in the
+    L-transformed space k' = L^T k: the key vector cut into head_dim / sub_dim sub-vectors,
+    2**bits centroids each (k-means). ||L^T (k - c)||^2 = (k - c)^T H (k - c) is the expected
+    squared error of the query-key logit, so the codebook minimises the attention-score error
+    rather than the key error. query_aware=False: L = I (plain k-means, the paper's ablation).
+
+    Returns {"chol": [L, N, H, H], "codebook": [L, N, M, C, sub_dim], "rope_window": [L]}."""
+    h = config.head_dim
+    if sub_dim < 1 or h % sub_dim:
+        raise ValueError(f"sub_dim={sub_dim} must divide head_dim={h}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits} must be in [1, 8] (codes are stored as uint8)")
+    if "q_pre" not in stats:
+        raise ValueError("a2ats needs the queries: collect(model, tokens, queries=True)")
+    w = a2ats_window(config) if window is None else window
+    n, g, m = config.num_kv_heads, config.group_size, h // sub_dim
+    chols, books = [], []
+    for q_pre, k_pre in zip(stats["q_pre"], stats["k_pre"]):  # [T, Nq, H], [T, N, H]
+        t = q_pre.shape[0]
+        if query_aware:
+            qh = jnp.swapaxes(jnp.asarray(q_pre), 0, 1)[None]  # [1, Nq, T, H]
+            qw = np.asarray(rope_heads(qh, jnp.full(qh.shape[:3], w), config))[0].reshape(n, g * t, h)
+            cov = np.einsum("nth,ntd->nhd", qw.astype(np.float64), qw.astype(np.float64)) / (g * t)
+            ridge = 1e-4 * np.trace(cov, axis1=1, axis2=2)[:, None, None] / h + 1e-12
+            chol = np.linalg.cholesky(cov + ridge * np.eye(h)).astype(np.float32)
+        else:
+            chol = np.broadcast_to(np.eye(h, dtype=np.float32), (n, h, h)).copy()
+        kt = np.einsum("nhd,tnh->ntd", chol, k_pre)  # k' = L^T k, [N, T, H]
+        sub = kt.reshape(n, t, m, sub_dim).transpose(0, 2, 1, 3).reshape(n * m, t, sub_dim)
+        books.append(kmeans(sub, 2**bits).reshape(n, m, 2**bits, sub_dim))
+        chols.append(chol)
+    layers = len(chols)
+    return {
+        "chol": np.stack(chols),
+        "codebook": np.stack(books).astype(np.float32),
+        "rope_window": np.full((layers,), w, np.int32),
+    }
+
+
+@calibrator("a2ats")
+def a2ats(stats: dict, config) -> dict:
+    """`kvjax calibrate --method a2ats`: `a2ats_fit` with its defaults (8-dim sub-vectors,
+    64 centroids each, w from `a2ats_window`)."""
+    return a2ats_fit(stats, config)

@@ -309,8 +309,8 @@ def test_report_labels_and_plots_quantized_caches(tmp_path):
     assert ("rtn", "kvjax", True) in lines and not any("bits" in k[0] for k in lines)
     (tmp_path / "cells.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     md = Path(write_report(str(tmp_path))).read_text()
-    assert "| kvjax | kivi(bits=2) | - | 50 (1/3) | 1.9 MB | 0.190 |" in md
-    assert "| kvjax | kivi(bits=4) | - | 100 (3/3) | 3.1 MB | 0.310 |" in md
+    assert "| kvjax | kivi(bits=2) | - | 50 (1/3) | 1.9 MB | - | 0.190 |" in md  # no kv_bytes_read recorded: "-"
+    assert "| kvjax | kivi(bits=4) | - | 100 (3/3) | 3.1 MB | - | 0.310 |" in md
     assert "Quantized caches (kivi, rtn; 2 and 4 bits): kvjax only, kvpress has no counterpart" in md
     assert "Also kvjax only (no kvpress press): tova." in md
     assert (tmp_path / "passkey_2048_inside.png").read_bytes()[:4] == b"\x89PNG"
