@@ -136,6 +136,24 @@ class KVState:
             "dense_bytes_of_seen": self.dense_bytes_of_seen(config, dtype),
         }
 
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the leaves kept in host memory (`kvjax.host`), all layers: each layer state
+        type that offloads reports them through `nbytes_host()` (from shapes and its static
+        placement, so `jax.eval_shape` results work too); 0 for the others."""
+        return int(sum(host_nbytes(layer) for layer in self.layers))
+
+    @property
+    def device_bytes(self) -> int:
+        """kv_bytes_held - host_bytes: what the cache occupies in device memory."""
+        return self.kv_bytes_held - self.host_bytes
+
+    @property
+    def host_bytes_read_per_step(self) -> int:
+        """Bytes one decode step copies from host memory to the device (the host link's traffic
+        per step, part of `kv_bytes_read_per_step`): `nbytes_host_read_per_step()` per layer."""
+        return int(sum(_call_or_zero(layer, "nbytes_host_read_per_step") for layer in self.layers))
+
 
 def used_nbytes(layer) -> int:
     """Bytes of a layer state that hold tokens: `layer.nbytes_used()` where the state type
@@ -175,14 +193,14 @@ def slot_bytes_used(valid: jax.Array, per_slot: list, fixed: list = ()) -> int:
     return int(used + sum(x.nbytes for x in fixed))
 
 
-def slot_bytes_used(valid: jax.Array, per_slot: list, fixed: list = ()) -> int:
-    """Bytes of the filled slots: `valid` [..., S] bool marks them; `per_slot` arrays have the
-    same leading [..., S] axes (any trailing ones) and cost their bytes per slot; `fixed`
-    arrays (counters, per-row limits) count whole."""
-    n_valid = int(jnp.sum(valid))
-    total = valid.size
-    used = sum(x.nbytes * n_valid // max(total, 1) for x in per_slot)
-    return int(used + sum(x.nbytes for x in fixed))
+def _call_or_zero(layer, name: str) -> int:
+    fn = getattr(layer, name, None)
+    return int(fn()) if fn is not None else 0
+
+
+def host_nbytes(layer) -> int:
+    """Bytes of a layer state kept in host memory: `layer.nbytes_host()` where defined, else 0."""
+    return _call_or_zero(layer, "nbytes_host")
 
 
 def _kv_dtype(layers) -> Any:
@@ -234,6 +252,9 @@ class LayerContext:
     0..T-1 (-1 = padding) of an empty cache the policy appends them to in order, so its slots
     hold positions 0..len-1 (a whole prompt in one call). Attention kernels then skip their
     on-device layout check and the reference fallback that check needs (`attention.attend`).
+    new_turn: this decode call appends a new question (a new turn of a session,
+    `kvjax.Session.ask`): retrieval policies (`offload`) choose what to fetch for it from its
+    tokens. Decode steps that continue a turn (answer tokens, appended history) leave it False.
     """
 
     layer: int
@@ -245,6 +266,7 @@ class LayerContext:
     implementation: str | None = None
     longest: int = 0
     prefix_cache: bool = False
+    new_turn: bool = False
 
     @property
     def prompt_bound(self) -> int:

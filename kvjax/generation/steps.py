@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from .. import host
 from ..models.config import LlamaConfig
 from ..models.forward import forward, hidden_states, logits_from_hidden
 from ..policies.base import Policy
@@ -160,31 +161,39 @@ def _run(params, loop: DecodeLoop, until, *, config, policy, sampler, stop_ids, 
     ctx = LayerContext(0, config, "decode", True, 0, max_new, implementation)
     until = jnp.minimum(jnp.asarray(until, jnp.int32), max_new)
 
+    # Host-resident leaves (`kvjax.host`) are read-only while decoding: loop-invariant operands
+    # of the while_loop, outside its carry, so no step carries or rewrites a host buffer.
+    carried, on_host, join = host.split_host(loop.state)
+
     def cond(s: DecodeLoop):
         return (s.step < until) & ~jnp.all(s.done)
 
     def body(s: DecodeLoop):
+        state = join(s.state, on_host)
         logits, st = forward(
             params,
             s.token[:, None],
-            s.state.lengths[:, None],
-            s.state,
+            state.lengths[:, None],
+            state,
             config=config,
             policy=policy,
             ctx=ctx,
             dtype=dtype,
             logits_at=jnp.zeros((b,), jnp.int32),
         )
+        if not host.unchanged_host_leaves(st, on_host):
+            raise ValueError(f"policy {policy.spec()!r} rewrote a host-resident state leaf in a decode step")
         key, sub = jax.random.split(s.key)
         tok = jnp.where(s.done, config.pad_id, sampler(logits, sub))
         out = s.out.at[:, s.step].set(tok)
         n_out = s.n_out + (~s.done).astype(jnp.int32)
         done = s.done | jnp.isin(tok, stops)
-        return DecodeLoop(s.step + 1, tok, out, done, n_out, st, key)
+        return DecodeLoop(s.step + 1, tok, out, done, n_out, host.split_host(st)[0], key)
 
     if max_new == 1:
         return loop
-    return jax.lax.while_loop(cond, body, loop)
+    final = jax.lax.while_loop(cond, body, loop.replace(state=carried))
+    return final.replace(state=join(final.state, on_host))
 
 
 _DECODE_STATIC = ("config", "policy", "max_new_tokens", "sampler", "stop_ids", "dtype", "implementation")

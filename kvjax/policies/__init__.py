@@ -11,9 +11,11 @@ from .h2o import H2O
 from .knorm import KNorm
 from .kvmerger import KVMerger
 from .locret import Locret
+from .offload import Offload
 from .pyramidkv import PyramidKV
 from .quest import Quest
 from .registry import REGISTRY, list_policies, parse_policy, register
+from .shadowkv import ShadowKV
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
@@ -31,10 +33,12 @@ __all__ = [
     "KNorm",
     "KVMerger",
     "Locret",
+    "Offload",
     "Policy",
     "PolicyError",
     "PyramidKV",
     "Quest",
+    "ShadowKV",
     "SnapKV",
     "StreamingLLM",
     "list_policies",

@@ -144,6 +144,7 @@ FLAG = Range(choices=(True, False))
 BITS = Range(choices=(2, 3, 4, 8))
 CALIBRATION = Range(note="directory of a calibration artifact ('' = the one shipped for SmolLM2)")
 RESIDUAL = at_least(0, "recent tokens kept in full precision")
+OFFLOAD = Range(choices=("auto", "host", "device"), note="where host-resident leaves live (kvjax.host)")
 
 RANGES: dict[str, dict[str, Range]] = {
     "dense": {},
@@ -212,6 +213,21 @@ RANGES: dict[str, dict[str, Range]] = {
         "page": at_least(1, "slots per page; the sparse decode kernel takes powers of two >= 16 (GPU, CPU interpret)"),
         "dense_layers": at_least(0, "fewer than the model's layers"),
         "gqa": Range(choices=("max", "union")),
+    },
+    "shadowkv": {
+        "rank": at_least(0, "0 = the paper's 160/1024 of the key channels N*H; at most N*H"),
+        "budget": Range(0, low_open=True, note="tokens selected per step: a fraction (<= 1) or whole tokens (> 1)"),
+        "chunk": at_least(1, "tokens per chunk; must divide the prompt bucket and prefill_chunk"),
+        "local": at_least(0, "last prompt chunks kept exact"),
+        "outliers": Range(0, 1, note="exact outlier chunks, a fraction of the selected chunks"),
+        "offload": OFFLOAD,
+    },
+    "offload": {
+        "window": at_least(1, "recent tokens on the device (from a block boundary)"),
+        "block": at_least(1, "tokens per offloaded block; must divide the prompt bucket and prefill_chunk"),
+        "topk": at_least(1, "blocks a question retrieves"),
+        "sinks": at_least(0, "first tokens on the device"),
+        "offload": OFFLOAD,
     },
     "bfp": {
         "bits": BITS,
