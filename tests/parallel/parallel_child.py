@@ -348,7 +348,6 @@ def check_tensor(devices: int) -> dict:
         ("llama", "seq2", knorm_kivi, None),
         ("llama", "tensor2_seq2", knorm_kivi, "seq2"),
         ("qwen3", "tensor4", snap_kivi, "one"),
-        ("qwen3", "tensor2_seq2", "dense", "one"),
         ("gemma3", "tensor4", "snapkv:budget=0.2", "one"),  # KIVI refuses models with local layers
         ("gemma3", "tensor2_seq2", "dense", "one"),
     ]
