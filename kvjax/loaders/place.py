@@ -58,8 +58,14 @@ def _transpose(out_sharding):
     return jax.jit(lambda x: x.T, out_shardings=out_sharding)
 
 
+#: platforms whose "device" memory is host memory: matrices are transposed there on the host,
+#: tile by tile (`sources.Transposed`), which needs less memory than a device transpose.
+HOST_TRANSPOSE_PLATFORMS = ("cpu",)
+
+
 def _place_one(src, sharding, dtype, name: str | None = None, check: bool = False) -> jax.Array:
-    if isinstance(src, Transposed) and sharding.device_set and next(iter(sharding.device_set)).platform != "cpu":
+    platform = next(iter(sharding.device_set)).platform
+    if isinstance(src, Transposed) and platform not in HOST_TRANSPOSE_PLATFORMS:
         # On an accelerator the device transposes ([out, in] -> [in, out], shard by shard, no
         # communication); on a CPU the device is the host, where `Transposed.read` needs less memory.
         raw = _place_one(src.src, _transposed_sharding(sharding, len(src.shape)), dtype, name, check)

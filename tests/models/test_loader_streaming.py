@@ -105,6 +105,23 @@ def test_checkpoint_keeps_its_dtype_and_values(tmp_path, stored):
     np.testing.assert_array_equal(np.asarray(qkv), want)
 
 
+def test_device_transpose_places_the_same_parameters(tmp_path, monkeypatch):
+    """The accelerator path (checkpoint matrices placed as stored, then transposed by the device)
+    gives the host path's parameters; forced here on the CPU."""
+    import torch
+
+    from kvjax.loaders import place
+    from kvjax.parallel import make_mesh
+
+    _tiny_hf(tmp_path, torch.bfloat16)
+    host = load(str(tmp_path), mesh=make_mesh(seq=1))
+    monkeypatch.setattr(place, "HOST_TRANSPOSE_PLATFORMS", ())
+    dev = load(str(tmp_path), mesh=make_mesh(seq=1))
+    for a, b in zip(jax.tree.leaves(host.params), jax.tree.leaves(dev.params)):
+        assert a.shape == b.shape and a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def test_nonfinite_weight_is_named(tmp_path):
     from safetensors.numpy import load_file, save_file
 
