@@ -75,6 +75,16 @@ def kv_read_bytes(
     return _prefill_state(config, policy, context, batch, max_new_tokens, dtype).kv_bytes_read_per_step
 
 
+def kv_host_bytes(
+    config: LlamaConfig, policy, context: int, batch: int = 1, max_new_tokens: int = 0, dtype=jnp.bfloat16
+) -> tuple[int, int]:
+    """(bytes the state keeps in host memory, bytes one decode step copies from there) for a
+    policy with host-resident leaves (`kvjax.host`: ShadowKV's values, offloaded blocks; 0, 0
+    for the others), from shapes alone."""
+    state = _prefill_state(config, policy, context, batch, max_new_tokens, dtype)
+    return state.host_bytes, state.host_bytes_read_per_step
+
+
 @functools.lru_cache(maxsize=64)
 def _prefill_state(config: LlamaConfig, policy, context: int, batch: int, max_new_tokens: int, dtype):
     """The KVState (of `jax.ShapeDtypeStruct`s) a prefill of `batch` x `context` tokens leaves."""
@@ -113,8 +123,11 @@ def serving_estimate(
     mbu: float = 0.8,
 ) -> dict:
     """Memory, concurrency, prefill and decode times for `context`-token users on `device`.
-    Concurrency counts the bytes each user's cache holds; the decode step, the bytes one step
-    reads (weights + users x `kv_read_bytes`).
+    Concurrency counts the bytes each user's cache holds in device memory; the decode step, the
+    bytes one step reads from device memory (weights + users x the device part of
+    `kv_read_bytes`) plus, for policies with host-resident leaves, a host-link term: users x
+    the bytes one step copies from host memory / the host link's rate, added to the step (no
+    overlap of copy and compute assumed).
 
     users: how many users decode together (default: as many as fit). mfu / mbu: the
     achievable fractions of peak compute and bandwidth (the paper's defaults are peaks;
@@ -131,12 +144,15 @@ def serving_estimate(
     weights = config.num_params() * weight_bytes_per_param
     kv = kv_cache_bytes(config, policy, context)
     read = kv_read_bytes(config, policy, context)
+    host_kv, host_read = kv_host_bytes(config, policy, context)
+    dev_kv = kv - host_kv
     free = dev.memory - weights
-    fit = int(free // kv) if free > 0 else 0
+    fit = int(free // dev_kv) if free > 0 else 0
     n = fit if users is None else users
     attn_dim = config.num_heads * config.head_dim
     prefill_flops = 2 * config.num_params() * context + 2 * config.num_layers * context**2 * attn_dim
-    decode_bytes = weights + n * read  # weights once, then each user's cache as much as a step reads
+    decode_bytes = weights + n * (read - host_read)  # weights once, then each user's cache as a step reads it
+    step_s = decode_bytes / (dev.bandwidth * mbu) + n * host_read / dev.host_link
     return {
         "model": config.name,
         "policy": policy.spec(),
@@ -147,11 +163,15 @@ def serving_estimate(
         "kv_bytes_per_token": kv / context,
         "kv_read_bytes_per_user": read,
         "kv_read_bytes_per_token": read / context,
+        "kv_device_bytes_per_user": dev_kv,
+        "kv_host_bytes_per_user": host_kv,
+        "host_read_bytes_per_user": host_read,
         "max_users": fit,
         "users": n,
-        "fits": weights + n * kv <= dev.memory,
+        "fits": weights + n * dev_kv <= dev.memory,
         "prefill_s": prefill_flops / (dev.flops * mfu),
-        "decode_step_s": decode_bytes / (dev.bandwidth * mbu),
-        "decode_tokens_per_s": n / (decode_bytes / (dev.bandwidth * mbu)) if n else 0.0,
-        "context_switch_s": kv / dev.host_link,
+        "host_link_step_s": n * host_read / dev.host_link,
+        "decode_step_s": step_s,
+        "decode_tokens_per_s": n / step_s if n else 0.0,
+        "context_switch_s": dev_kv / dev.host_link,
     }

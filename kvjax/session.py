@@ -238,7 +238,7 @@ class Session:
         n = max(len(p) for p in pieces)
         return -(-n // PIECE_MULTIPLE) * PIECE_MULTIPLE if pads_safely(self.policy) else n
 
-    def _run_feed(self, state, pieces):
+    def _run_feed(self, state, pieces, new_turn: bool = False):
         cfg = self.model.config
         toks, lens = pad_rows(pieces, cfg.pad_id, PIECE_MULTIPLE if pads_safely(self.policy) else 1)
         if len(set(lens.tolist())) > 1 and not pads_safely(self.policy):
@@ -256,6 +256,7 @@ class Session:
             phase="decode",
             chunked=appends_in_chunks(self.policy),
             implementation=self.implementation,
+            new_turn=new_turn,  # a question: retrieval policies fetch for it (LayerContext.new_turn)
         )
         exe, compile_s = _compiled(feed, args, static)
         t0 = time.perf_counter()
@@ -344,7 +345,7 @@ class Session:
                 logits = self._logits if self.rows > 1 else jnp.repeat(self._logits, len(g), axis=0)
                 base = jax.tree.map(jnp.copy, base)  # decode donates its state; the kept one stays
             else:
-                logits, base, run_s, compile_s, n = self._run_feed(base, [pieces[i] for i in g])
+                logits, base, run_s, compile_s, n = self._run_feed(base, [pieces[i] for i in g], new_turn=True)
                 stats["append_s"] += run_s
                 stats["compile_s"] += compile_s
                 stats["prefill_tokens"] += n

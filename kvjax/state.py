@@ -126,14 +126,19 @@ class KVState:
 
     def byte_stats(self, config: LlamaConfig, dtype=None) -> dict:
         """{kv_bytes_held, kv_bytes_used, kv_bytes_headroom, kv_bytes_read_per_step,
-        dense_bytes_of_seen} (see class doc)."""
+        dense_bytes_of_seen, device_bytes, host_bytes, host_bytes_read_per_step} (see class doc
+        and the properties of the last three)."""
         held, used = self.kv_bytes_held, self.kv_bytes_used
+        host = self.host_bytes
         return {
             "kv_bytes_held": held,
             "kv_bytes_used": used,
             "kv_bytes_headroom": held - used,
             "kv_bytes_read_per_step": self.kv_bytes_read_per_step,
             "dense_bytes_of_seen": self.dense_bytes_of_seen(config, dtype),
+            "device_bytes": held - host,
+            "host_bytes": host,
+            "host_bytes_read_per_step": self.host_bytes_read_per_step,
         }
 
     @property

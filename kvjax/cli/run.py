@@ -112,8 +112,9 @@ def cost(
     as_json: bool = typer.Option(False, "--json", help="print one JSON list instead of a table"),
 ):
     """Memory, concurrency, prefill and decode time per policy (Fu 2024's peak analysis). KV
-    B/token: bytes the cache holds (memory, concurrency); read B/token: bytes one decode step
-    reads of it (the step time)."""
+    B/token: bytes the cache holds (memory, concurrency); host B/token: the part of it in host
+    memory (ShadowKV, offload); read B/token: bytes one decode step reads of it (the step time,
+    with a host-link term for what a step copies from host memory)."""
     from ..analysis import get_device, serving_estimate
     from ..policies import parse_policy
 
@@ -126,12 +127,13 @@ def cost(
         return
     typer.echo(f"{cfg.name} on {device}, {context} tokens per user (peak rates x mfu 0.5 / mbu 0.8)")
     typer.echo(
-        f"{'policy':36s} {'KV B/token':>10s} {'read B/token':>12s} {'max users':>9s} {'prefill s':>9s} "
-        f"{'step ms':>8s} {'tok/s':>8s}"
+        f"{'policy':36s} {'KV B/token':>10s} {'host B/token':>12s} {'read B/token':>12s} {'max users':>9s} "
+        f"{'prefill s':>9s} {'step ms':>8s} {'tok/s':>8s}"
     )
     for spec, r in zip(policy, rows):
         typer.echo(
-            f"{spec:36s} {r['kv_bytes_per_token']:10.0f} {r['kv_read_bytes_per_token']:12.0f} {r['max_users']:9d} "
+            f"{spec:36s} {r['kv_bytes_per_token']:10.0f} {r['kv_host_bytes_per_user'] / context:12.0f} "
+            f"{r['kv_read_bytes_per_token']:12.0f} {r['max_users']:9d} "
             f"{r['prefill_s']:9.1f} {1000 * r['decode_step_s']:8.1f} {r['decode_tokens_per_s']:8.0f}"
         )
 

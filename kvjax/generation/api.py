@@ -191,8 +191,10 @@ def generate(
     compiling, about 0 when the programs are cached); prefill/decode tokens per second;
     kv_bytes (the state after decoding), kv_bytes_after_prefill, dense_kv_bytes (a dense
     cache of the tokens seen); kv_bytes_held, kv_bytes_used, kv_bytes_headroom,
-    kv_bytes_read_per_step (what one decode step reads of the cache) and dense_bytes_of_seen
-    (`KVState.byte_stats`, docs/memory.md); policy (its spec);
+    kv_bytes_read_per_step (what one decode step reads of the cache), dense_bytes_of_seen,
+    device_bytes and host_bytes (the cache in device / host memory, `kvjax.host`) and
+    host_bytes_read_per_step (copied from host memory per decode step) (`KVState.byte_stats`,
+    docs/memory.md); policy (its spec);
     prompt_bucket and new_tokens_bucket (the static shapes compiled for).
 
     Raises TypeError / ValueError naming the argument for a bad argument, before anything

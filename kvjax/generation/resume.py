@@ -50,7 +50,9 @@ def pads_safely(policy) -> bool:
     return _appends_like_dense(policy)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "dtype", "phase", "chunked", "implementation"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "policy", "dtype", "phase", "chunked", "implementation", "new_turn")
+)
 def feed(
     params,
     state: KVState,
@@ -64,16 +66,19 @@ def feed(
     phase: str = "decode",
     chunked: bool = True,
     implementation=None,
+    new_turn: bool = False,
 ):
     """tokens, positions [B, T] (-1 = padding) into `state`; logits at column logits_at [B].
-    `chunked=False` (decode phase only) feeds one column per step. Returns (logits [B, V], state)."""
+    `chunked=False` (decode phase only) feeds one column per step. new_turn (decode phase): the
+    tokens are a new question (`LayerContext.new_turn`; with chunked=False every column's step
+    carries it). Returns (logits [B, V], state)."""
     b, t = tokens.shape
     if phase == "prefill":
         ctx = LayerContext(0, config, "prefill", False, int(t), 0, implementation)
         return forward(
             params, tokens, positions, state, config=config, policy=policy, ctx=ctx, dtype=dtype, logits_at=logits_at
         )
-    ctx = LayerContext(0, config, "decode", True, 0, int(t), implementation)
+    ctx = LayerContext(0, config, "decode", True, 0, int(t), implementation, new_turn=new_turn)
     if chunked:
         return forward(
             params, tokens, positions, state, config=config, policy=policy, ctx=ctx, dtype=dtype, logits_at=logits_at
