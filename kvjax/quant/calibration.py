@@ -424,5 +424,7 @@ def a2ats_fit(
 @calibrator("a2ats")
 def a2ats(stats: dict, config) -> dict:
     """`kvjax calibrate --method a2ats`: `a2ats_fit` with its defaults (8-dim sub-vectors,
-    64 centroids each, w from `a2ats_window`)."""
-    return a2ats_fit(stats, config)
+    64 centroids each, w from `a2ats_window`), the factors and codebooks stored in float16 (the
+    policy computes in float32 from the stored values, so codes and lookup tables agree)."""
+    arrays = a2ats_fit(stats, config)
+    return {**arrays, "chol": arrays["chol"].astype(np.float16), "codebook": arrays["codebook"].astype(np.float16)}
