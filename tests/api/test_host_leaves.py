@@ -96,7 +96,10 @@ def test_host_leaves_stay_in_host_memory_through_prefill_and_decode(spec, tiny_p
     assert state.host_bytes == host_bytes > 0 and state.device_bytes == state.kv_bytes_held - host_bytes
     tokens, lengths = _prompt(tiny_config)
     _, shapes = jax.eval_shape(
-        lambda p, t, n: prefill(p, t, n, config=tiny_config, policy=pol, max_new_tokens=NEW), tiny_params, tokens, lengths
+        lambda p, t, n: prefill(p, t, n, config=tiny_config, policy=pol, max_new_tokens=NEW),
+        tiny_params,
+        tokens,
+        lengths,
     )
     assert shapes.host_bytes == host_bytes and shapes.kv_bytes_read_per_step == state.kv_bytes_read_per_step
     stats = state.byte_stats(tiny_config)

@@ -146,7 +146,7 @@ def test_landmarks_outliers_selection_and_attention_equal_the_papers_algorithm(t
     k_post = np.stack([_rope(k_pre[i], np.arange(t), cfg.rope_theta) for i in range(b)])
     k_post = np.where((pos >= 0)[:, None, :, None], k_post, 0.0)
     pol = ShadowKV(rank=24, budget=40, outliers=0.4)  # 5 selected chunks, 2 outliers
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
     ctx = LayerContext(0, cfg, "prefill", True, t, 4)
     st = pol.init_layer(0, b, t, 4, cfg, jnp.float32)
     run = jax.jit(lambda st, q, k, v, p: pol.prefill(st, q, k, v, p, ctx)[0])
@@ -179,7 +179,9 @@ def test_fit_basis_equals_numpy_svd_and_counts_energy(rng):
     basis, w = lowrank.fit_basis(lowrank.gram(jnp.asarray(x, jnp.float32), jnp.asarray(valid)), 5)
     flat = np.swapaxes(x, 1, 2).reshape(1, 50, 16)[0, :43]
     _, s, vt = np.linalg.svd(flat, full_matrices=False)
-    np.testing.assert_allclose(np.abs(np.asarray(basis[0]) @ vt[:5].T), np.eye(5), atol=1e-4)  # same vectors, up to sign
+    np.testing.assert_allclose(
+        np.abs(np.asarray(basis[0]) @ vt[:5].T), np.eye(5), atol=1e-4
+    )  # same vectors, up to sign
     np.testing.assert_allclose(np.asarray(w[0]), s**2, rtol=1e-4, atol=1e-5 * s[0] ** 2)
     e = lowrank.energy_captured(w[0], [5, 16])
     assert e[1] == pytest.approx(1.0) and e[0] == pytest.approx(float((s[:5] ** 2).sum() / (s**2).sum()), rel=1e-5)
@@ -197,7 +199,9 @@ def test_state_bytes_and_reads(tiny_params, tiny_config):
     n, h = tiny_config.num_kv_heads, tiny_config.head_dim
     assert layer.nbytes_host() == 2 * n * 128 * h * 4  # every prompt value, float32
     assert layer.nbytes_host_read_per_step() == 2 * n * 4 * 8 * h * 4  # 4 chunks of 8 values per (row, head)
-    assert st.device_bytes < 0.7 * dense.kv_bytes_held and st.kv_bytes_read_per_step < 0.5 * dense.kv_bytes_read_per_step
+    assert (
+        st.device_bytes < 0.7 * dense.kv_bytes_held and st.kv_bytes_read_per_step < 0.5 * dense.kv_bytes_read_per_step
+    )
 
 
 def test_bad_input(tiny_params, tiny_config):
@@ -208,7 +212,9 @@ def test_bad_input(tiny_params, tiny_config):
         ShadowKV(chunk=12).init_state(cfg, 1, 64, 4)
     tokens, lengths = _tokens(cfg, (128,))
     with pytest.raises(PolicyError, match="prefill chunk of 20 tokens must divide the prompt bucket \\(120\\)"):
-        prefill(tiny_params, tokens[:, :120], lengths - 8, config=cfg, policy=ShadowKV(), max_new_tokens=4, prefill_chunk=20)
+        prefill(
+            tiny_params, tokens[:, :120], lengths - 8, config=cfg, policy=ShadowKV(), max_new_tokens=4, prefill_chunk=20
+        )
     for bad, msg in (
         (dict(budget=0), "budget=0 must be"),
         (dict(budget=12.5), "must be a whole number"),
