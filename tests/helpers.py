@@ -62,6 +62,9 @@ TINY_FRAGMENTS = tiny_config(
 def teacher_forced_logits(params, cfg, policy, tokens, lengths, steps: int, implementation=None):
     """Prefill `tokens` [B, T] (true `lengths`) under `policy`, then feed each step's greedy
     token for `steps` decode steps. Returns (logits [steps + 1, B, V] as numpy, final state)."""
+    import functools
+
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -75,11 +78,11 @@ def teacher_forced_logits(params, cfg, policy, tokens, lengths, steps: int, impl
     out = [np.asarray(logits)]
     nxt = jnp.argmax(logits, axis=-1)
     ctx = LayerContext(0, cfg, "decode", True, 0, steps + 1, implementation)
+    step = jax.jit(functools.partial(forward, config=cfg, policy=policy, ctx=ctx))
     for _ in range(steps):
-        logits, state = forward(
-            params, nxt[:, None], state.lengths[:, None], state, config=cfg, policy=policy, ctx=ctx,
-            logits_at=jnp.zeros(nxt.shape, jnp.int32),
-        )  # fmt: skip
+        logits, state = step(
+            params, nxt[:, None], state.lengths[:, None], state, logits_at=jnp.zeros(nxt.shape, jnp.int32)
+        )
         out.append(np.asarray(logits))
         nxt = jnp.argmax(logits, axis=-1)
     return np.stack(out), state

@@ -4,6 +4,7 @@ a full top-k is dense decoding, and missing or foreign calibrations name the com
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -77,7 +78,9 @@ def _prefilled(cfg, pol, rng, b=2, t=96, max_new=4):
     lengths = np.array([t, t - 17])
     q_pos = jnp.asarray(np.where(np.arange(t)[None] < lengths[:, None], np.arange(t)[None], -1), jnp.int32)
     ctx = LayerContext(1, cfg, "prefill", True, t, max_new)
-    st, _ = pol.prefill(pol.init_layer(1, b, t, max_new, cfg, jnp.float32), q, k, v, q_pos, ctx)
+    st, _ = jax.jit(functools.partial(pol.prefill, ctx=ctx))(
+        pol.init_layer(1, b, t, max_new, cfg, jnp.float32), q, k, v, q_pos
+    )
     return st, lengths
 
 
@@ -91,7 +94,7 @@ def test_decode_step_attends_exactly_over_topk_union_window_and_sinks(tiny_confi
     q1, k1, v1 = f(b, 1, n * g, h), f(b, 1, n, h), f(b, 1, n, h)
     p1 = jnp.asarray(lengths[:, None], jnp.int32)
     ctx = LayerContext(1, cfg, "decode", True, 0, 4)
-    st1, out = pol.decode(st, q1, k1, v1, p1, ctx)
+    st1, out = jax.jit(functools.partial(pol.decode, ctx=ctx))(st, q1, k1, v1, p1)
     # independent selection from the same approximate scores
     chol, linv, book, w = pol.codec(ctx)
     qt = rotate(q1[:, 0].reshape(b, n, g, h), jnp.broadcast_to(w - p1[:, :, None], (b, n, g)), cfg)
