@@ -26,7 +26,9 @@ masked in it. Decode steps that are not a new turn append to the window, which h
 the question, the answer and history (no block leaves the device while decoding, so the host
 leaves are read-only and loop-invariant in the decode loop).
 
-A top-k covering every block retrieves the whole context: exactly dense decoding. Chunked
+ReKV encodes its video stream with sliding-window attention; here the prompt is prefilled with
+exact causal attention. A top-k covering every block retrieves the whole context: exactly dense
+decoding. Chunked
 prefill (`prefill_chunk=C`, C a multiple of `block`) writes each chunk's K/V to host memory
 and attends over the earlier chunks block by block from there (`HostKV`), so the prompt's
 full K/V never sits on the device at once. `offload`: "auto" (host memory where the backend
