@@ -4,9 +4,10 @@ A layer state may keep leaves in host memory through JAX's memory kinds (`pinned
 the JAX guide "Memories and host offloading"): ShadowKV's values, the offload policy's
 blocks. Such a leaf is written while the prompt is prefilled and only read while decoding:
 
-- placement: `to_host(x)` (`jax.device_put(x, jax.memory.Space.Host)`, inside or outside
-  `jit`) in `init_layer` and in the final prefill chunk, so a prefill's output carries the
-  memory kind (`x.sharding.memory_kind == "pinned_host"`) as out_shardings would give it;
+- placement: `zeros` (made by a host computation) in `init_layer`, `to_host(x)`
+  (`jax.device_put(x, jax.memory.Space.Host)`, inside or outside `jit`) in the final prefill
+  chunk, so a prefill's output carries the memory kind (`x.sharding.memory_kind ==
+  "pinned_host"`) as out_shardings would give it;
 - reads: `take_along_axis` / `slice_tokens` run the gather or slice where the leaf lives (on
   the host, under `compute_on("device_host")`, the indices copied there first) and move only
   the selected rows to the device; a whole host leaf is never copied to the device;
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.compute_on import compute_on
+from jax.experimental.compute_on import compute_on, compute_on2
 
 #: The memory kind host leaves use (JAX's page-locked host memory, what fast copies need).
 HOST_KIND = "pinned_host"
@@ -79,6 +80,14 @@ def is_host(x) -> bool:
 def to_host(x: jax.Array) -> jax.Array:
     """x placed in host memory (inside `jit` too)."""
     return jax.device_put(x, jax.memory.Space.Host)
+
+
+def zeros(shape, dtype) -> jax.Array:
+    """A zero array made in host memory by a host computation (no device buffer of that size in
+    between, as `to_host(jnp.zeros(...))` would have)."""
+    return compute_on2(
+        lambda: jnp.zeros(shape, dtype), compute_type="device_host", out_memory_spaces=jax.memory.Space.Host
+    )()
 
 
 def to_device(x: jax.Array) -> jax.Array:

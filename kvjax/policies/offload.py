@@ -70,9 +70,8 @@ class HostKV:
     @classmethod
     def empty(cls, batch, num_kv_heads, capacity, head_dim, dtype, on_host: bool) -> HostKV:
         shape = (batch, num_kv_heads, capacity, head_dim)
-        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-        if on_host:
-            k, v = host.to_host(k), host.to_host(v)
+        make = host.zeros if on_host else jnp.zeros
+        k, v = make(shape, dtype), make(shape, dtype)
         return cls(k, v, jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32), on_host)
 
     def nbytes_host(self) -> int:

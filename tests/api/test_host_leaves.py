@@ -138,8 +138,11 @@ def test_device_placement_and_backends_without_host_memory(spec, tiny_params, ti
 
 
 def _eqns(jaxpr):
+    """Every equation, nested ones too, except inside host computations (`compute_on2`)."""
     for eqn in jaxpr.eqns:
         yield eqn
+        if eqn.primitive.name == "compute_on":
+            continue
         for p in eqn.params.values():
             for sub in p if isinstance(p, (list, tuple)) else [p]:
                 if isinstance(sub, core.ClosedJaxpr):
@@ -222,6 +225,26 @@ def test_decode_loop_holds_no_per_step_copy_of_a_host_leaf(spec, tiny_params, ti
             tiny_params, state, logits
         )
         assert any("device_put makes a device" in x for x in host_leaf_copies(closed))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_chunked_prefill_never_holds_the_prompts_kv_on_the_device(spec, tiny_params, tiny_config):
+    """With prefill_chunk=64 the traced prefill makes no device array of the prompt's K or V
+    size [B, N, S, H] (the store is made and written in host memory, attention reads it back a
+    chunk at a time); a whole-prompt prefill of course does."""
+    cfg = tiny_config
+    tokens, lengths = _prompt(cfg)
+    full = (2, cfg.num_kv_heads, 128, cfg.head_dim)
+
+    def device_kv_sized(chunk):
+        def run(p, t, n):
+            return prefill(p, t, n, config=cfg, policy=parse_policy(spec), max_new_tokens=NEW, prefill_chunk=chunk)
+
+        eqns = _eqns(jax.make_jaxpr(run)(tiny_params, tokens, lengths).jaxpr)
+        return [e.primitive.name for e in eqns for o in e.outvars if o.aval.shape == full and not _on_host(o.aval)]
+
+    assert device_kv_sized(64) == []
+    assert device_kv_sized(None)
 
 
 class RewritingShadowKV(ShadowKV):
