@@ -8,8 +8,11 @@
 The context is prefilled and compressed by the policy once, with the question excluded (what
 kvpress's pipeline does): the compressed state is kept, and each `ask` appends its question
 to a copy of it through the policy's decode step (`kvjax.generation.resume.extend`), then
-decodes the answer. Several questions are rows over the same state (`rows.broadcast_rows`);
-nothing is recompressed and the kept state is never written (`decode` donates only the copy).
+decodes the answer. Several questions are rows of one batch over the same state: where the
+kept state is a slot cache decoded by plain append + attend (dense, prompt-time eviction) the
+rows read one copy of it as a shared prefix (`SharedPrefixKV`: each decode step reads it once),
+otherwise each row gets its own copy (`rows.broadcast_rows`). Nothing is recompressed and the
+kept state is never written (`decode` donates only copies).
 
 `extend` appends tokens to the kept state for good (a conversation's history, SCBench's
 multi-turn mode); a session can also hold several contexts as rows (one question per row),
@@ -34,16 +37,43 @@ from .generation.resume import appends_in_chunks, feed, pad_rows, pads_safely
 from .generation.steps import bucket_length, decode, new_tokens_bucket, prefill
 from .generation.text import cut_at_stop
 from .policies import rows
-from .state import KVState, bound_length
+from .policies.base import Policy
+from .policies.eviction import EvictionPolicy
+from .policies.shared_prefix import SharedPrefix, shared_prefix_state
+from .state import KVState, SlotKV, bound_length
+
+
+def shares_kept_state(policy, state: KVState) -> bool:
+    """True when questions can read one copy of the kept state as a shared prefix
+    (`SharedPrefixKV`) instead of a copy per question: every layer is a slot cache and the
+    policy's decode step is the plain append + attend (dense, prompt-time eviction), which the
+    two-level attention computes exactly."""
+    cls = type(policy)
+    plain = cls.decode in (Policy.decode, EvictionPolicy.decode) and cls.attend is Policy.attend
+    return plain and not policy.evicts_on_decode and all(isinstance(x, SlotKV) for x in state.layers)
+
 
 #: Appended pieces (questions, history) are padded to a multiple of this many tokens where the
 #: policy allows padding, so questions of similar lengths share one compiled program.
 PIECE_MULTIPLE = 16
 
 
-def _compiled(fn, args: tuple, static: dict):
+def _signature(args: tuple, static: dict):
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    return tree, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves), tuple(sorted(static.items()))
+
+
+def _compiled(fn, args: tuple, static: dict, cache: dict | None = None):
+    """(executable of jitted `fn` for these arguments, seconds spent tracing and compiling);
+    `cache` keeps executables by argument shapes and static values, so a session's repeated
+    asks neither trace nor compile again."""
+    key = (fn, *_signature(args, static)) if cache is not None else None
+    if key is not None and key in cache:
+        return cache[key], 0.0
     t0 = time.perf_counter()
     exe = fn.lower(*args, **static).compile()
+    if key is not None:
+        cache[key] = exe
     return exe, time.perf_counter() - t0
 
 
@@ -145,6 +175,7 @@ class Session:
         self.headroom = check_int("headroom", headroom, 1)
         self.implementation = implementation
         self._closed = False
+        self._programs: dict = {}  # compiled feed / decode programs by shapes (`_compiled`)
 
     def _start(self, state, logits, *, prefill_s, compile_s, tokens):
         self._state, self._logits = state, logits
@@ -212,6 +243,7 @@ class Session:
     def close(self) -> None:
         """Release the kept state; later calls raise RuntimeError."""
         self._state = self._logits = None
+        self._programs.clear()
         self._closed = True
 
     def __enter__(self) -> Session:
@@ -238,8 +270,9 @@ class Session:
         n = max(len(p) for p in pieces)
         return -(-n // PIECE_MULTIPLE) * PIECE_MULTIPLE if pads_safely(self.policy) else n
 
-    def _run_feed(self, state, pieces, new_turn: bool = False):
+    def _run_feed(self, state, pieces, new_turn: bool = False, policy=None):
         cfg = self.model.config
+        step = self.policy if policy is None else policy
         toks, lens = pad_rows(pieces, cfg.pad_id, PIECE_MULTIPLE if pads_safely(self.policy) else 1)
         if len(set(lens.tolist())) > 1 and not pads_safely(self.policy):
             raise ValueError(f"policy {self.policy.spec()!r} cannot take padded decode steps; give equal-length pieces")
@@ -251,14 +284,14 @@ class Session:
         args = (self.model.params, state, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(lens - 1, jnp.int32))
         static = dict(
             config=cfg,
-            policy=self.policy,
+            policy=step,
             dtype=self.model.dtype,
             phase="decode",
-            chunked=appends_in_chunks(self.policy),
+            chunked=appends_in_chunks(step),
             implementation=self.implementation,
             new_turn=new_turn,  # a question: retrieval policies fetch for it (LayerContext.new_turn)
         )
-        exe, compile_s = _compiled(feed, args, static)
+        exe, compile_s = _compiled(feed, args, static, self._programs)
         t0 = time.perf_counter()
         logits, state = jax.block_until_ready(exe(*args))
         return logits, state, time.perf_counter() - t0, compile_s, int(lens.sum())
@@ -339,27 +372,37 @@ class Session:
         stats = dict(questions=n_rows, prefill_tokens=0, context_prefill_tokens=0, append_s=0.0, decode_s=0.0)
         stats["compile_s"] = 0.0
         state = None
+        shared = self.rows == 1 and shares_kept_state(self.policy, self._state)
+        step = SharedPrefix() if shared else self.policy
         for g in groups:
-            base = self._state if self.rows > 1 else rows.broadcast_rows(self._state, len(g))
+            # `decode` donates its state, and a jitted step may hand an unchanged input leaf back
+            # as its output: every path starts from new arrays, so the kept state is never donated.
+            if self.rows > 1:
+                base = jax.tree.map(jnp.copy, self._state)
+            elif shared:  # one copy of the kept state, read by all rows as their shared prefix
+                base = shared_prefix_state(jax.tree.map(jnp.copy, self._state), len(g), w + width)
+            else:
+                base = rows.broadcast_rows(self._state, len(g))
             if pieces is None:
                 logits = self._logits if self.rows > 1 else jnp.repeat(self._logits, len(g), axis=0)
-                base = jax.tree.map(jnp.copy, base)  # decode donates its state; the kept one stays
             else:
-                logits, base, run_s, compile_s, n = self._run_feed(base, [pieces[i] for i in g], new_turn=True)
+                logits, base, run_s, compile_s, n = self._run_feed(
+                    base, [pieces[i] for i in g], new_turn=True, policy=step
+                )
                 stats["append_s"] += run_s
                 stats["compile_s"] += compile_s
                 stats["prefill_tokens"] += n
             args = (self.model.params, base, logits, jax.random.key(int(seed)), jnp.int32(n_new))
             static = dict(
                 config=cfg,
-                policy=self.policy,
+                policy=step,
                 max_new_tokens=width,
                 sampler=sampler,
                 stop_ids=stops,
                 dtype=self.model.dtype,
                 implementation=self.implementation,
             )
-            exe, compile_s = _compiled(decode, args, static)
+            exe, compile_s = _compiled(decode, args, static, self._programs)
             del base
             t0 = time.perf_counter()
             o, n, state = jax.block_until_ready(exe(*args))
