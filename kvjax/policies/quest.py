@@ -111,11 +111,10 @@ def page_scores(q: jax.Array, kmax: jax.Array, kmin: jax.Array) -> jax.Array:
 
 def select_pages(scores: jax.Array, current, limit: jax.Array, rank: int, width: int, mode: str):
     """Pages to read: scores [B, N, G, P] (-inf = empty page); current: the page of the newest
-    token, scalar or [B] (always read); limit [B, N]: pages per (row, KV head), current included; rank
-    (static): pages ranked per selector head (K - 1 of the largest K); width (static): pages
-    returned. mode
-    "max": one ranking per KV head by the max over its G heads' scores; "union": each query
-    head's own top limit - 1 pages, united.
+    token, scalar or [B] (always read); limit [B, N]: pages per (row, KV head), current
+    included; rank (static): pages ranked per selector head (K - 1 of the largest K); width
+    (static): pages returned. mode "max": one ranking per KV head by the max over its G heads'
+    scores; "union": each query head's own top limit - 1 pages, united.
 
     Returns pages [B, N, width] int32 (selected first, in increasing page order) and valid
     [B, N, width] bool. Ties: `jax.lax.top_k` takes the lower page number first."""

@@ -71,8 +71,6 @@ def _policy_specs():
             kw = dict(bits=4, group=8, residual=16)
         if name == "quest":  # the one-layer model has no layer after Quest's default two dense ones
             kw["dense_layers"] = 0
-        if name == "quest":  # the one-layer model has no layer after Quest's default two dense ones
-            kw["dense_layers"] = 0
         out.append((name, name + (":" + ",".join(f"{k}={v}" for k, v in kw.items()) if kw else "")))
     return out
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config
 
 from kvjax.attention import attend
 from kvjax.generation import decode, prefill
@@ -13,6 +14,13 @@ from kvjax.policies import PolicyError, parse_policy, rows, slots
 from kvjax.policies.shared_prefix import SharedPrefixKV, shared_prefix_attend
 from kvjax.sampling import Sampler
 from kvjax.state import SlotKV
+
+
+@pytest.fixture(scope="module")
+def tiny1(tiny_params):
+    """`tiny_params`' first layer alone (a third of the compile time; the operations are per layer)."""
+    keep = {k: v for k, v in tiny_params["params"].items() if not k.startswith("layers_") or k == "layers_0"}
+    return tiny_config(num_layers=1), {"params": keep}
 
 
 def _prefill(params, cfg, pol, ids_rows, new=32):
@@ -27,8 +35,8 @@ def _distinct(rng, n):
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
-def test_continue_from_state_equals_one_prefill(tiny_config, tiny_params, rng, phase):
-    cfg, pol = tiny_config, parse_policy("dense")
+def test_continue_from_state_equals_one_prefill(tiny1, rng, phase):
+    (cfg, tiny_params), pol = tiny1, parse_policy("dense")
     full = [_distinct(rng, 40), _distinct(rng, 29)]
     cut = [23, 11]
     logits, whole = _prefill(tiny_params, cfg, pol, full)
@@ -71,10 +79,10 @@ ROLLBACK += ["snapkv:budget=0.4,window=8+kivi:bits=4,group=8,residual=16"]
 
 
 @pytest.mark.parametrize("spec", ROLLBACK)
-def test_truncate_equals_never_seen(spec, tiny_config, tiny_params, rng):
+def test_truncate_equals_never_seen(spec, tiny1, rng):
     """Append accepted + rejected tokens, roll back: the state equals one that only ever saw the
     accepted tokens (leaf for leaf, one row), and both rows of a batch decode the same after."""
-    cfg, pol = tiny_config, parse_policy(spec)
+    (cfg, tiny_params), pol = tiny1, parse_policy(spec)
     prompts = [_distinct(rng, 40), _distinct(rng, 33)]
     accepted, rejected = [[5, 9, 14], [7]], [[21, 30], [11, 12, 13, 40]]
     for r in range(2):  # one row: leaf-for-leaf identity
@@ -107,8 +115,8 @@ def test_truncate_equals_never_seen(spec, tiny_config, tiny_params, rng):
         np.testing.assert_allclose(np.asarray(both[r]), np.asarray(alone[0]), atol=2e-4)
 
 
-def test_truncate_refusals(tiny_config, tiny_params, rng):
-    cfg = tiny_config
+def test_truncate_refusals(tiny1, rng):
+    cfg, tiny_params = tiny1
     pol = parse_policy("h2o:budget=0.5")
     _, st = _prefill(tiny_params, cfg, pol, [_distinct(rng, 40)])
     with pytest.raises(PolicyError, match="evicts tokens while decoding"):
@@ -136,8 +144,8 @@ def test_per_row_fill_appends_per_row(rng):
     np.testing.assert_array_equal(np.asarray(st.k[:, 0, :4, 0]), [[1, 1, 1, 2], [1, 2, 0, 0]])
 
 
-def test_row_operations(tiny_config, tiny_params, rng):
-    cfg, pol = tiny_config, parse_policy("kivi:bits=4,group=8,residual=16")
+def test_row_operations(tiny1, rng):
+    (cfg, tiny_params), pol = tiny1, parse_policy("kivi:bits=4,group=8,residual=16")
     _, one = _prefill(tiny_params, cfg, pol, [_distinct(rng, 30)])
     many = rows.broadcast_rows(one, 3)
     assert many.lengths.shape == (3,)
