@@ -52,6 +52,26 @@ class Sampler:
         """logits [B, V] float32 -> token ids [B] int32."""
         if self.temperature == 0.0:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, self.shaped_logits(logits), axis=-1).astype(jnp.int32)
+
+    def probs(self, logits: jax.Array) -> jax.Array:
+        """logits [..., V] -> the distribution [..., V] float32 that `__call__` draws from:
+        one-hot at the argmax when greedy, else softmax of the temperature-scaled logits with
+        the top-k / top-p cut applied. Speculative decoding compares these (draft vs target)."""
+        logits = logits.astype(jnp.float32)
+        if self.temperature == 0.0:
+            return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+        return jax.nn.softmax(self.shaped_logits(logits), axis=-1)
+
+    def sample_and_probs(self, logits: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(token ids [...] int32 drawn as `__call__` draws them, `probs(logits)` [..., V])."""
+        return self(logits, key), self.probs(logits)
+
+    def shaped_logits(self, logits: jax.Array) -> jax.Array:
+        """Sampled case (temperature > 0): logits / temperature with the tokens outside the top-k
+        and the top-p nucleus set to -inf; categorical sampling from them is `__call__`."""
+        if self.temperature == 0.0:
+            raise ValueError("shaped_logits is the sampled case; temperature=0 decodes greedily (argmax)")
         logits = logits / self.temperature
         if self.top_k:
             kth = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))[0][..., -1:]
@@ -64,4 +84,4 @@ class Sampler:
             cutoff_idx = jnp.sum(cum - probs < self.top_p, axis=-1, keepdims=True) - 1
             cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
             logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        return logits

@@ -19,6 +19,7 @@ from .shadowkv import ShadowKV
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
+from .triforce_retrieval import TriForceRetrieval
 
 __all__ = [
     "A2ATS",
@@ -41,6 +42,7 @@ __all__ = [
     "ShadowKV",
     "SnapKV",
     "StreamingLLM",
+    "TriForceRetrieval",
     "list_policies",
     "parse_policy",
     "register",

@@ -214,6 +214,10 @@ RANGES: dict[str, dict[str, Range]] = {
         "dense_layers": at_least(0, "fewer than the model's layers"),
         "gqa": Range(choices=("max", "union")),
     },
+    "triforce_retrieval": {
+        "budget": at_least(1, "prompt tokens kept (whole chunks, sinks included); a multiple of chunk"),
+        "chunk": at_least(1, "consecutive keys per chunk"),
+    },
     "shadowkv": {
         "rank": at_least(0, "0 = the paper's 160/1024 of the key channels N*H; at most N*H"),
         "budget": Range(0, low_open=True, note="tokens selected per step: a fraction (<= 1) or whole tokens (> 1)"),
