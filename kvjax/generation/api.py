@@ -149,6 +149,8 @@ def generate(
     prefill_chunk: int | None = None,
     implementation: str | None = None,
     share_prefixes: bool | int = False,
+    speculative=None,
+    draft_model=None,
 ) -> GenerateOutput:
     """Generate continuations for one prompt or a batch of prompts of any lengths.
 
@@ -184,6 +186,15 @@ def generate(
         tokens, an integer sets that minimum. Dense cache only; not with on_token or
         prefill_chunk. Stats add prefill_tokens, prefill_tokens_saved and prefix_groups;
         `state` is None when the batch ran as several groups.
+      speculative: lossless speculative decoding, a spec string such as
+        "triforce:budget=256,gamma=6,draft_gamma=4" or a `kvjax.generation.speculative.TriForce`
+        (docs/speculative.md): the target over its cache (`policy`, which must roll back)
+        verifies drafts made over a TriForce retrieval cache, itself fed by a StreamingLLM
+        level. Stop ids only (no stop strings), no on_token, prefill_chunk or share_prefixes.
+        Stats add speculative, acceptance_rate (per verifying level), tokens_per_verify and
+        target_forwards.
+      draft_model: a loaded model with the target's vocabulary for the StreamingLLM level
+        (None: the target model itself).
 
     Returns a `GenerateOutput`: texts, tokens [B, max_new_tokens], n_tokens [B], the final
     KV state and `stats`: prompt_tokens, generated_tokens; prefill_s and decode_s (run time,
@@ -217,6 +228,14 @@ def generate(
         chat=chat,
         on_token=on_token,
     )
+    if speculative is not None or draft_model is not None:
+        if on_token is not None or (share_prefixes is not False and share_prefixes is not None):
+            raise ValueError("speculative decoding runs the whole batch at once: on_token and share_prefixes are off")
+        from .speculative import generate_speculative
+
+        return generate_speculative(
+            model, call, "triforce" if speculative is None else speculative, draft_model, implementation=implementation
+        )
     if share_prefixes is not False and share_prefixes is not None:
         return _generate_shared(model, call, share_prefixes, on_token, prefill_chunk, implementation)
     if on_token is not None or call.req.options.stop:
