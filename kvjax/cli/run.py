@@ -30,6 +30,9 @@ def generate(
     prefill_chunk: int | None = typer.Option(None, help="prefill the prompt in chunks of this many tokens"),
     stream: bool = typer.Option(False, "--stream/--no-stream", help="print the text as it is generated (one prompt)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
+    speculative: str | None = typer.Option(
+        None, metavar="SPEC", help="lossless speculative decoding, e.g. 'triforce:budget=256,gamma=6,draft_gamma=4'"
+    ),
 ):
     """Generate text and print it with tokens/s, compile time and KV-cache bytes."""
     from ..generation import generate as run
@@ -52,6 +55,16 @@ def generate(
     )
     check_prompts(prompt)  # every mistake the model is not needed for, before loading it
     check_options(chat=chat, **options)
+    if speculative is not None:
+        from ..generation.speculative import parse_speculative
+
+        if stream:
+            fail("--speculative decodes the whole batch at once: drop --stream")
+        try:
+            parse_speculative(speculative)
+        except ValueError as e:
+            fail(str(e))
+        options["speculative"] = speculative
     m = load_model(model)
     if system is not None:
         inputs = dict(
@@ -84,6 +97,12 @@ def generate(
         f"KV cache: {s['kv_bytes']:,} bytes held, {s['kv_bytes_read_per_step']:,} read per decode step "
         f"(a dense cache of the tokens seen: {s['dense_kv_bytes']:,} bytes)"
     )
+    if speculative is not None:
+        rates = ", ".join(f"{r:.3f}" for r in s["acceptance_rate"])
+        typer.echo(
+            f"speculative {s['speculative']}: acceptance per verifying level (target first) [{rates}], "
+            f"{s['tokens_per_verify']:.2f} tokens per target forward, {s['target_forwards']} target forwards"
+        )
 
 
 def _config(model: str):
