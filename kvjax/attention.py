@@ -21,7 +21,9 @@ re-ordered caches need no special masks.
 The named ones are the entries of one table, `IMPLEMENTATIONS`. Inside the kernels, which
 Pallas lowering runs ("mosaic_gpu", "triton", "mosaic_tpu") is their own `backend=` knob
 (`kvjax.pallas_kernels._compat`). The old name "xla" for the reference still works, with a
-DeprecationWarning.
+DeprecationWarning. Where "pallas" runs the reference instead (shapes or dtypes no kernel takes),
+the call is counted with its reason at trace time: `fallbacks()` returns the counts,
+`reset_fallbacks()` clears them, and the "kvjax.attention" logger reports each one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Callable
 
 import jax
 
-from .attention_kernels import kernel_backend, pallas_attention
+from .attention_kernels import fallbacks, kernel_backend, pallas_attention, record_fallback, reset_fallbacks
 from .attention_reference import (
     MASK_VALUE,
     AttentionOutput,
@@ -130,8 +132,11 @@ __all__ = [
     "attention_probs",
     "attention_reference",
     "default_implementation",
+    "fallbacks",
     "kernel_backend",
     "merge_partials",
+    "record_fallback",
+    "reset_fallbacks",
     "resolve_implementation",
     "visibility_mask",
 ]

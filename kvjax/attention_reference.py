@@ -99,11 +99,14 @@ def _attention_block(q, k, v, q_pos, k_pos, window, scale, want_mass):
     return out.reshape(b, t, nq, h).astype(q.dtype), lse, mass
 
 
-def _skipping_attention(q, k, v, q_pos, k_pos, window, scale, kv_chunk):
-    """Online-softmax attention of q [B,T,Nq,H] over the slots in blocks of `kv_chunk`, skipping
-    (with `lax.cond`, so the work is not done) every block no query can see: its valid positions
-    all lie after the last query's, or before the window. Exact for any slot layout; on a causal
-    prefill it skips about half of the blocks. Returns (out [B,T,Nq,H], lse [B,T,Nq])."""
+def _skipping_attention(q, k, v, q_pos, k_pos, window, scale, kv_chunk, skip=True):
+    """Online-softmax (flash-style) attention of q [B,T,Nq,H] over the slots in blocks of
+    `kv_chunk`: the scores live one [B, N, G, T, kv_chunk] tile at a time, never [T, S]. With
+    `skip`, every block no query can see (its valid positions all lie after the last query's, or
+    before the window) is skipped with `lax.cond`, so the work is not done (on a causal prefill
+    about half of the blocks); without it every block is computed and masked (no conditional: on
+    GPUs and TPUs each `lax.cond` is a device-to-host sync). Exact for any slot layout.
+    Returns (out [B,T,Nq,H], lse [B,T,Nq])."""
     b, t, nq, h = q.shape
     n, s = k.shape[1], k.shape[2]
     g = nq // n
@@ -139,6 +142,8 @@ def _skipping_attention(q, k, v, q_pos, k_pos, window, scale, kv_chunk):
         return m_new, l, acc * alpha + pv
 
     def maybe(j, carry):
+        if not skip:
+            return block(j, carry)
         visible = (kmin[j] <= qmax) & (kmax[j] >= 0)
         if window is not None:
             visible &= kmax[j] > qmin - window
@@ -157,41 +162,71 @@ def _skipping_attention(q, k, v, q_pos, k_pos, window, scale, kv_chunk):
     return out.astype(q.dtype), jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, nq)
 
 
+#: Bytes of float32 scores one query chunk of the reference may hold off the CPU before it switches
+#: to key blocks with an online softmax (`attention_reference`).
+SCORE_BUDGET = 1 << 30
+
+
+def _key_block(s: int, target: int) -> int:
+    """A key-block length near `target` (a power of two >= 128, at most S): the largest power of
+    two <= target that divides S when one >= 64 does (no padded copy of the cache), else target."""
+    target = max(128, 1 << (max(1, target).bit_length() - 1))
+    if target >= s:
+        return s
+    for blk in (target >> i for i in range(target.bit_length())):
+        if blk < 64:
+            break
+        if s % blk == 0:
+            return blk
+    return target
+
+
 def attention_reference(
-    q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False, q_chunk=512, kv_chunk=128
-) -> AttentionOutput:
+    q, k, v, q_pos, k_pos, *, window=None, scale=None, want_mass=False, q_chunk=512, kv_chunk=128,
+    score_budget=SCORE_BUDGET,
+) -> AttentionOutput:  # fmt: skip
     """Exact attention in jnp (float32 softmax), processed in query chunks of `q_chunk`
     so memory stays O(q_chunk * S). On CPU, without `want_mass`, several queries over more than
     `kv_chunk` slots take the block-skipping online softmax (`_skipping_attention`) in
     `kv_chunk` x `kv_chunk` tiles, which does not compute the blocks a causal prefill cannot
-    see. Shapes as in the module docstring."""
+    see. On other backends, several queries whose [B, Nq, q_chunk, S] float32 scores would pass
+    `score_budget` bytes (a chunk of a long prompt against a long cache) take the same online
+    softmax without conditionals, over key blocks sized to the budget, so memory is bounded
+    whatever S is; the slot masses of `want_mass` then come from the log-sum-exps in a second
+    bounded pass (`key_mass_from_lse`). Shapes as in the module docstring."""
     b, t, nq, h = q.shape
+    s = k.shape[2]
     # CPU only: on GPUs / TPUs each `lax.cond` is a device-to-host sync, and the kernels serve
     # the long prefills there anyway.
-    skip = not want_mass and t > 1 and k.shape[2] > kv_chunk and jax.default_backend() == "cpu"
+    cpu = jax.default_backend() == "cpu"
+    skip = cpu and not want_mass and t > 1 and s > kv_chunk
+    rows = b * nq * min(t, q_chunk) * 4
+    blocked = not cpu and t > 1 and rows * s > score_budget
     if skip:
         q_chunk = kv_chunk
+    elif blocked:
+        kv_chunk = _key_block(s, score_budget // rows)
+
+    def one(qc, pc):
+        if skip or blocked:
+            return _skipping_attention(qc, k, v, pc, k_pos, window, scale, kv_chunk, skip=skip) + (None,)
+        return _attention_block(qc, k, v, pc, k_pos, window, scale, want_mass)
+
     if t <= q_chunk:
-        if skip:
-            return AttentionOutput(*_skipping_attention(q, k, v, q_pos, k_pos, window, scale, kv_chunk))
-        out, lse, mass = _attention_block(q, k, v, q_pos, k_pos, window, scale, want_mass)
-        return AttentionOutput(out, lse, mass)
-    pad = (-t) % q_chunk
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    pp = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
-    nc = (t + pad) // q_chunk
-    qc = qp.reshape(b, nc, q_chunk, nq, h).swapaxes(0, 1)
-    pc = pp.reshape(b, nc, q_chunk).swapaxes(0, 1)
-
-    def one(args):
-        if skip:
-            return _skipping_attention(args[0], k, v, args[1], k_pos, window, scale, kv_chunk) + (None,)
-        return _attention_block(args[0], k, v, args[1], k_pos, window, scale, want_mass)
-
-    out, lse, mass = jax.lax.map(one, (qc, pc))
-    out = out.swapaxes(0, 1).reshape(b, nc * q_chunk, nq, h)[:, :t]
-    lse = lse.swapaxes(0, 1).reshape(b, nc * q_chunk, nq)[:, :t]
-    mass = jnp.sum(mass, axis=0) if want_mass else None
+        out, lse, mass = one(q, q_pos)
+    else:
+        pad = (-t) % q_chunk
+        qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        pp = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
+        nc = (t + pad) // q_chunk
+        qc = qp.reshape(b, nc, q_chunk, nq, h).swapaxes(0, 1)
+        pc = pp.reshape(b, nc, q_chunk).swapaxes(0, 1)
+        out, lse, mass = jax.lax.map(lambda a: one(*a), (qc, pc))
+        out = out.swapaxes(0, 1).reshape(b, nc * q_chunk, nq, h)[:, :t]
+        lse = lse.swapaxes(0, 1).reshape(b, nc * q_chunk, nq)[:, :t]
+        mass = jnp.sum(mass, axis=0) if mass is not None else None
+    if blocked and want_mass:
+        mass = key_mass_from_lse(q, k, q_pos, k_pos, lse, window=window, scale=scale, budget_bytes=score_budget)
     return AttentionOutput(out, lse, mass)
 
 
@@ -247,6 +282,7 @@ def merge_partials(outs, lses):
 
 __all__ = [
     "MASK_VALUE",
+    "SCORE_BUDGET",
     "AttentionOutput",
     "attention_logits",
     "attention_probs",

@@ -1,0 +1,118 @@
+"""Chunked prefill through the kernels (`attend(implementation="pallas")` with T > 1 queries at an
+offset): the chunk kernels over a prefix-valid past, the tiled position-masked decode kernel over
+any other layout, and the reference's key blocks off the CPU; each equal to the reference, and no
+program holding a [T, S] score array."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import attention, attention_reference
+from kvjax.pallas_kernels.testing import assert_attention_close
+
+
+@pytest.fixture
+def kernel_runs(monkeypatch):
+    """The kernels that actually ran (the dispatcher picks one with lax.switch at run time)."""
+    from kvjax import attention_kernels
+
+    runs = []
+
+    def probe(name):
+        fn = getattr(attention_kernels, name)
+
+        def wrapped(*a, **kw):
+            out = fn(*a, **kw)
+            jax.debug.callback(lambda: runs.append(name))
+            return out
+
+        monkeypatch.setattr(attention_kernels, name, wrapped)
+
+    probe("block_sparse_attention")
+    probe("sparse_decode_attention")
+    return runs
+
+
+def _chunk_case(rng, b, t, nq, n, s, h, off, lens, shuffle=False, dtype=jnp.float32):
+    """A cache of capacity s holding positions 0..len-1 per row (shuffled over the slots, with
+    a fifth of them evicted, when `shuffle`), and T queries at off..off+T-1 (-1 past a row's length)."""
+    k, v = (jnp.asarray(rng.standard_normal((b, n, s, h)), jnp.float32).astype(dtype) for _ in range(2))
+    ar = np.arange(s)
+    kp = np.broadcast_to(np.where(ar[None, None] < np.asarray(lens)[:, None, None], ar, -1), (b, n, s)).copy()
+    if shuffle:
+        for i in np.ndindex(b, n):
+            kp[i] = kp[i][rng.permutation(s)]
+        kp[(rng.random(kp.shape) < 0.2) & (kp < off)] = -1
+    q = jnp.asarray(rng.standard_normal((b, t, nq, h)), jnp.float32).astype(dtype)
+    qp = off + np.arange(t)[None]
+    qp = np.where(qp < np.asarray(lens)[:, None], qp, -1)
+    return q, k, v, jnp.asarray(qp, jnp.int32), jnp.asarray(kp, jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "off, shuffle, window, kernels",
+    [
+        (64, False, None, ["block_sparse_attention"] * 2),  # past + chunk, merged
+        (0, False, None, ["block_sparse_attention"]),  # the first chunk: one causal call
+        (64, True, None, ["sparse_decode_attention"] * 2),  # evicted, shuffled past: decode kernel, 2 tiles
+        (64, False, 40, ["sparse_decode_attention"] * 2),  # a window at an offset: the same
+    ],
+)
+def test_chunk_equals_reference(rng, off, shuffle, window, kernels, kernel_runs):
+    """A 48-query chunk (two tiles of the decode kernel: 32 queries x 2 heads per tile) over a
+    192-slot cache; rows of different lengths (one ends inside the chunk)."""
+    args = _chunk_case(rng, 2, 48, 4, 2, 192, 32, off, [150, off + 20], shuffle)
+    got = jax.jit(lambda *a: attention.attend(*a, implementation="pallas", window=window))(*args)
+    want = attention.attend(*args, implementation="reference", window=window)
+    assert_attention_close(got.out, got.lse, want.out, want.lse, jnp.float32, f"chunk at {off}")
+    assert kernel_runs == kernels
+
+
+def test_chunk_bfloat16_and_odd_offset(rng, kernel_runs):
+    """An offset that is no multiple of any block, a single row, bfloat16."""
+    args = _chunk_case(rng, 1, 40, 4, 1, 256, 32, 131, [256], dtype=jnp.bfloat16)
+    got = jax.jit(lambda *a: attention.attend(*a, implementation="pallas"))(*args)
+    want = attention.attend(*args, implementation="reference")
+    assert_attention_close(got.out, got.lse, want.out, want.lse, jnp.bfloat16, "chunk at 131")
+    assert kernel_runs == ["block_sparse_attention"] * 2
+
+
+def test_blocked_reference_off_the_cpu(rng, monkeypatch):
+    """Off the CPU, a query chunk whose scores would pass `score_budget` runs over key blocks with
+    an online softmax (no conditionals); the same output, log-sum-exps and slot masses. The
+    backend query is patched to "gpu"; the budget forces 128-slot blocks and a padded last one."""
+    args = _chunk_case(rng, 2, 40, 4, 2, 300, 16, 100, [300, 120], shuffle=True)
+    want = attention_reference.attention_reference(*args, want_mass=True, window=64)
+    monkeypatch.setattr(attention_reference.jax, "default_backend", lambda: "gpu")
+    got = attention_reference.attention_reference(*args, want_mass=True, window=64, score_budget=2 * 4 * 40 * 128 * 4)
+    assert_attention_close(got.out, got.lse, want.out, want.lse, jnp.float32, "blocked reference")
+    np.testing.assert_allclose(got.key_mass, want.key_mass, rtol=2e-5, atol=2e-5)
+
+
+_TENSOR = re.compile(r"tensor<([\dx]+)x(?:f32|bf16|f16)>")
+
+
+def _largest_float_tensor(fn, *args) -> int:
+    """Elements of the largest floating-point array in the lowered program of fn(*args)."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return max(int(np.prod([int(d) for d in m.group(1).split("x")])) for m in _TENSOR.finditer(text))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_chunk_program_holds_no_chunk_by_context_scores(rng, shuffle, monkeypatch):
+    """A 64-query chunk against a 4096-slot cache: every branch of the lowered program (the chunk
+    kernels, the tiled decode kernel) holds no array as large as one KV head's [G, T, S] scores;
+    neither does the reference off the CPU when those scores pass its budget. The reference with an
+    unbounded budget does (the check can fail)."""
+    b, t, nq, n, s, h = 1, 64, 2, 1, 4096, 16
+    args = _chunk_case(rng, b, t, nq, n, s, h, 1024, [s], shuffle)
+    scores = (nq // n) * t * s
+    assert _largest_float_tensor(lambda *a: attention.attend(*a, implementation="pallas"), *args) < scores
+    monkeypatch.setattr(attention_reference.jax, "default_backend", lambda: "gpu")
+    bounded = lambda *a: attention_reference.attention_reference(*a, score_budget=scores)
+    assert _largest_float_tensor(bounded, *args) < scores
+    unbounded = lambda *a: attention_reference.attention_reference(*a, score_budget=1 << 62)
+    assert _largest_float_tensor(unbounded, *args) >= scores
