@@ -24,7 +24,7 @@ def _failed(message: str):
 
 
 def calibrate(
-    method: str = typer.Option(..., help="kvquant, rotatekv, bfp or kv4"),
+    method: str = typer.Option(..., help="kvquant, rotatekv, bfp, kv4, a2ats or cskv"),
     model: str = typer.Option("smollm2", help=MODEL_HELP),
     text: str = typer.Option("pydoc", help="calibration text: 'pydoc', 'kjv-judges' or a UTF-8 file"),
     tokens: int = typer.Option(1024, help="calibration tokens (at most the model's max_position)"),
@@ -32,6 +32,9 @@ def calibrate(
         None,
         help="artifact directory (default: the user cache, $XDG_CACHE_HOME/kvjax/calibration/METHOD/MODEL, "
         "where the policies look before the artifacts shipped with kvjax)",
+    ),
+    variant: str = typer.Option(
+        "svd", help="cskv only: 'svd' (closed-form optimum) or 'asvd' (the paper's ASVD initialisation)"
     ),
 ):
     """Calibrate a quantized cache offline (codebooks, channel orders) and save it with orbax;
@@ -42,9 +45,18 @@ def calibrate(
     calibration.check_method(method)
     if tokens < 2:
         raise ValueError(f"--tokens {tokens} must be >= 2")
+    if variant != "svd" and method != "cskv":
+        raise ValueError(f"--variant {variant!r} applies to --method cskv only")
+    if method == "cskv" and variant not in ("svd", "asvd"):
+        raise ValueError(f"--variant {variant!r} must be 'svd' or 'asvd'")
     haystack = load_text(text)
     m = load_model(model)
-    path, shapes = calibration.calibrate(method, m, haystack, tokens=tokens, out=out, progress=True)
+    if method == "cskv":
+        from ..policies import cskv
+
+        path, shapes = cskv.calibrate(m, haystack, tokens=tokens, out=out, variant=variant)
+    else:
+        path, shapes = calibration.calibrate(method, m, haystack, tokens=tokens, out=out, progress=True)
     typer.echo(json.dumps({"method": method, "path": path, "arrays": shapes}))
 
 

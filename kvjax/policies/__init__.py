@@ -5,6 +5,7 @@ from .adakv import AdaKV
 from .base import Policy, PolicyError
 from .chunkkv import ChunkKV
 from .compose import Compose
+from .cskv import CSKV
 from .dense import Dense
 from .elastic_cache import ElasticCache
 from .h2o import H2O
@@ -23,6 +24,7 @@ from .triforce_retrieval import TriForceRetrieval
 
 __all__ = [
     "A2ATS",
+    "CSKV",
     "H2O",
     "REGISTRY",
     "TOVA",

@@ -2,7 +2,9 @@
 
 Spec: ``NAME[:key=value,...]`` joined with ``+`` to compose, e.g.
 ``snapkv:budget=0.2,window=32+kivi:bits=2``. ``dense`` is the uncompressed cache. A key
-may appear once per policy; see `Compose` for which policies compose.
+may appear once per policy; see `Compose` for which policies compose. A low-rank store
+followed by a quantizer (``cskv:k_density=0.5+kivi:bits=4``) becomes one policy that
+quantizes its own coefficients (the store's `absorb`).
 
 `RANGES` states, for every parameter of every registered policy, the values its
 constructor accepts (what `kvjax policies --verbose` prints); a test checks each range
@@ -91,6 +93,9 @@ def parse_policy(spec: str):
     if any(not t.strip() for t in texts):
         raise ValueError(f"policy spec {spec!r} has an empty part around '+'; e.g. 'snapkv:budget=0.2+kivi:bits=2'")
     parts = [parse_one(t) for t in texts]
+    for i in range(len(parts) - 2, -1, -1):  # a low-rank store quantizes its own coefficients
+        if hasattr(parts[i], "absorb"):
+            parts[i : i + 2] = [parts[i].absorb(parts[i + 1])]
     if len(parts) == 1:
         return parts[0]
     from .compose import Compose
@@ -225,6 +230,14 @@ RANGES: dict[str, dict[str, Range]] = {
         "local": at_least(0, "last prompt chunks kept exact"),
         "outliers": Range(0, 1, note="exact outlier chunks, a fraction of the selected chunks"),
         "offload": OFFLOAD,
+    },
+    "cskv": {
+        "k_density": Range(0, 1, low_open=True, note="fraction of the N*H key channels kept"),
+        "v_density": Range(0, 1, low_open=True, note="fraction of the N*H value channels kept"),
+        "window": RESIDUAL,
+        "group": at_least(1, "tokens per flush; with bits, a multiple of 32 // bits"),
+        "bits": Range(choices=(0, 2, 4, 8), note="0 = float coefficients; '+kivi:bits=B' sets it"),
+        "calibration": CALIBRATION,
     },
     "offload": {
         "window": at_least(1, "recent tokens on the device (from a block boundary)"),
