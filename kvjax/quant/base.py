@@ -476,6 +476,11 @@ class QuantPolicy(Policy):
         fused = self.fused_attention(state, q, q_pos, ctx)
         if fused is not None and not self.tracks_residual_mass:
             return state, fused
+        if attention.resolve_implementation(ctx.implementation, strict=False) == "pallas":
+            why = "it tracks the residual window's mass" if fused is not None else "no fused kernel takes this state"
+            attention.record_fallback(
+                f"{self.name} (T={q.shape[1]}): {why}; the streams are dequantized, then attended"
+            )
         return self.attend_reference(state, q, q_pos, ctx)
 
     def attend_reference(self, state: QuantState, q, q_pos, ctx: LayerContext):
