@@ -116,3 +116,27 @@ def test_chunk_program_holds_no_chunk_by_context_scores(rng, shuffle, monkeypatc
     assert _largest_float_tensor(bounded, *args) < scores
     unbounded = lambda *a: attention_reference.attention_reference(*a, score_budget=1 << 62)
     assert _largest_float_tensor(unbounded, *args) >= scores
+
+
+@pytest.mark.parametrize("spec", ["dense", "kivi:bits=2"])
+def test_chunked_prefill_program_holds_no_chunk_by_context_scores(spec):
+    """`kvjax.generation.prefill` of a 4096-token prompt in 64-token chunks through the kernels
+    (one-layer tiny model, lowered program only): no array as large as one KV head's [G, T, S]
+    scores anywhere in it."""
+    from helpers import tiny_config
+
+    from kvjax.generation import prefill
+    from kvjax.models import init_params
+    from kvjax.policies import parse_policy
+
+    cfg = tiny_config(num_layers=1, max_position=8192, name="tiny-chunked-prefill-program")
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    t, s = 64, 4096
+
+    def run(p, tokens, lengths):
+        kw = dict(config=cfg, policy=parse_policy(spec), max_new_tokens=8, implementation="pallas")
+        return prefill(p, tokens, lengths, prefill_chunk=t, **kw)
+
+    tokens, lengths = jax.ShapeDtypeStruct((1, s), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
+    g = cfg.num_heads // cfg.num_kv_heads
+    assert _largest_float_tensor(run, params, tokens, lengths) < g * t * s
