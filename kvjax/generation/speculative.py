@@ -269,16 +269,15 @@ def parse_speculative(spec) -> TriForce:
 
 
 def check_verifier(policy: Policy, gamma: int) -> None:
-    """Raise PolicyError for a verifier policy that cannot append gamma + 1 tokens in one step
-    and roll them back."""
+    """Raise PolicyError for a verifier policy that cannot roll back gamma tokens exactly (a
+    policy that evicts while decoding; a quantized cache whose full-precision residual window is
+    shorter than gamma)."""
     if policy.evicts_on_decode:
         raise PolicyError(
             f"speculative decoding rolls the verifier's cache back to the accepted tokens, but {policy.spec()!r} "
             "evicts tokens while decoding and cannot be rolled back; use dense, a quantized or a prompt-time "
             "eviction policy"
         )
-    if not appends_in_chunks(policy):
-        raise PolicyError(f"the verifier policy {policy.spec()!r} cannot take {gamma + 1} tokens in one decode step")
     limit = getattr(policy, "rollback_limit", None)
     if callable(limit) and limit() < gamma:
         raise PolicyError(
@@ -295,20 +294,35 @@ def _ctx(level: Level, t: int, implementation):
 
 
 def _feed(params, level: Level, state, tokens, positions, implementation, last_only=False):
-    """tokens, positions [B, T] into `state` (decode phase). Returns (float32 logits [B, T, V]
-    or [B, V] when last_only, state)."""
+    """tokens, positions [B, T] into `state` (decode phase): one forward, or one per token in a
+    `lax.scan` for a policy whose decode step takes one token at a time (quantized caches,
+    `resume.appends_in_chunks`). Returns (float32 logits [B, T, V] or [B, V] when last_only,
+    state)."""
     b, t = tokens.shape
-    return forward(
-        params[level.model],
-        tokens,
-        positions,
-        state,
-        config=level.config,
-        policy=level.policy,
-        ctx=_ctx(level, t, implementation),
-        dtype=level.dtype,
-        logits_at=jnp.full((b,), t - 1, jnp.int32) if last_only else None,
-    )
+
+    def fwd(st, tok, pos, at):
+        return forward(
+            params[level.model],
+            tok,
+            pos,
+            st,
+            config=level.config,
+            policy=level.policy,
+            ctx=_ctx(level, tok.shape[1], implementation),
+            dtype=level.dtype,
+            logits_at=at,
+        )
+
+    if t == 1 or appends_in_chunks(level.policy):
+        return fwd(state, tokens, positions, jnp.full((b,), t - 1, jnp.int32) if last_only else None)
+
+    def step(st, xs):
+        logits, st = fwd(st, xs[0][:, None], xs[1][:, None], jnp.zeros((b,), jnp.int32))
+        return st, logits
+
+    state, logits = jax.lax.scan(step, state, (tokens.T, positions.T))
+    logits = jnp.swapaxes(logits, 0, 1)
+    return (logits[:, -1] if last_only else logits), state
 
 
 def _truncate(levels, states, lengths, frm: int):
@@ -455,7 +469,9 @@ def speculative_decode(
         out = out.at[jnp.arange(b)[:, None], dest].set(seq, mode="drop")
         n_out = n_out + count
         new_done = done | (first_stop <= gamma) & live | (n_out >= limit)
-        new = jnp.where(live, pos + 1 + n, pos)
+        # committed: the pending x and seq[:count - 1] are fed, seq[count - 1] is pending (a row
+        # that stops here keeps exactly its output minus the last token, as plain decoding does)
+        new = jnp.where(live, pos + count, pos)
         states = (rows.per_row_fill(tgt.policy.truncate(st, new)),) + states[1:]
         states = _truncate(levels, states, new, 1)
         states = tuple(
