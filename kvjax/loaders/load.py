@@ -14,6 +14,7 @@ from ..models.config import LlamaConfig
 from ..tokenizer import Tokenizer
 from . import gguf_file, safetensors_dir
 from .convert import param_sources
+from .dtypes import compute_dtype
 from .errors import ModelFileError
 from .place import place
 from .sources import ByteCounter
@@ -68,7 +69,9 @@ def load(
     slice (`kvjax.loaders.place`); host memory never holds the whole model.
     dtype: parameter and compute dtype. None (default): the checkpoint's own (the embedding
     table's stored dtype for safetensors, e.g. bfloat16; float32 for GGUF, whose quantized blocks
-    are dequantized). Tensors stored in another dtype are cast one slice at a time.
+    are dequantized), except that bfloat16 becomes float16 on a GPU without bfloat16 (compute
+    capability < 8.0, e.g. a T4: `kvjax.loaders.compute_dtype`). Tensors stored in another dtype
+    are cast one slice at a time.
     mesh: a `jax.sharding.Mesh` (`kvjax.parallel.make_mesh`) to shard the parameters over, by the
     logical-axis rules of `kvjax.parallel.mesh` (tensor parallel over its "tensor" axis: q/k/v
     and gate/up by output columns, o and down by input rows, embedding and LM head by vocabulary);
@@ -93,7 +96,7 @@ def load(
     t0 = time.perf_counter()
     counter = ByteCounter()
     path, config, tensors, blocks, tok, default_dtype = _open(os.fspath(name_or_path), quantized_matmul, mesh, counter)
-    dtype = default_dtype if dtype is None else jnp.dtype(dtype)
+    dtype = compute_dtype(default_dtype) if dtype is None else jnp.dtype(dtype)
     groups = _tensor_size(mesh) if fuse_projections else None
     if blocks is not None and fuse_projections:
         groups = 1
