@@ -143,7 +143,7 @@ class Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, positions, state, ctx):
+    def __call__(self, x, positions, state, ctx, policy_params=None):
         c = self.config
         b, t, _ = x.shape
         nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -168,7 +168,14 @@ class Attention(nn.Module):
         if c.attn_logit_softcap is not None:
             ctx = dataclasses.replace(ctx, implementation=SoftcapAttention(c.attn_logit_softcap, ctx.implementation))
         step = self.policy.prefill if ctx.phase == "prefill" else self.policy.decode
-        state, out = step(state, q, k, v, positions, ctx)
+        if policy_params is None:
+            state, out = step(state, q, k, v, positions, ctx)
+        else:  # traced policy parameters (`forward(..., policy_params=...)`): jax.grad reaches them
+            if not getattr(self.policy, "takes_params", False):
+                raise ValueError(
+                    f"policy_params were given but policy {self.policy.spec()!r} takes no traced parameters"
+                )
+            state, out = step(state, q, k, v, positions, ctx, params=policy_params)
         if ctx.phase == "prefill":
             # The next layer starts only after this layer's cache is final (compressed, quantized):
             # nothing downstream reads the compressed state, so XLA's scheduler may otherwise
@@ -214,10 +221,11 @@ class Block(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, positions, state, ctx):
+    def __call__(self, x, positions, state, ctx, policy_params=None):
         c = self.config
         h = _norm(c, self.dtype, "input_layernorm")(x)
-        h, state = Attention(c, self.policy, self.dtype, self.param_dtype, name="self_attn")(h, positions, state, ctx)
+        attn = Attention(c, self.policy, self.dtype, self.param_dtype, name="self_attn")
+        h, state = attn(h, positions, state, ctx, policy_params)
         if c.sandwich_norms:
             x = x + _norm(c, self.dtype, "post_attention_layernorm")(h)
             h = _norm(c, self.dtype, "pre_feedforward_layernorm")(x)
@@ -229,9 +237,11 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder. __call__(tokens [B,T], positions [B,T], layer_states, ctx) ->
+    """Decoder. __call__(tokens [B,T], positions [B,T], layer_states, ctx, policy_params=None) ->
     (hidden [B,T,D], layer_states). `ctx` is a `kvjax.state.LayerContext` template;
-    the layer index and the layer's config are filled in per layer."""
+    the layer index and the layer's config are filled in per layer. policy_params: a pytree of
+    traced policy parameters handed whole to every layer's policy call as `params=` (the policy
+    picks its layer's slice by `ctx.layer`); only policies with `takes_params` accept them."""
 
     config: LlamaConfig
     policy: Any
@@ -249,14 +259,15 @@ class Llama(nn.Module):
         if not c.tie_embeddings:
             self.lm_head = _dense(c.vocab_size, "lm_head", self.dtype, self.param_dtype)
 
-    def __call__(self, tokens, positions, layer_states, ctx):
+    def __call__(self, tokens, positions, layer_states, ctx, policy_params=None):
         c = self.config
         x = self.embed_tokens(tokens, c.tensor_axis if c.vocab_parallel else None)
         if c.embed_scale:  # Gemma: sqrt(hidden_size), rounded to the compute dtype as HF does
             x = x * jnp.asarray(c.hidden_size**0.5, x.dtype)
         new_states = []
         for i, block in enumerate(self.layers):
-            x, st = block(x, positions, layer_states[i], dataclasses.replace(ctx, layer=i, config=c.for_layer(i)))
+            layer_ctx = dataclasses.replace(ctx, layer=i, config=c.for_layer(i))
+            x, st = block(x, positions, layer_states[i], layer_ctx, policy_params)
             new_states.append(st)
         x = self.norm(x)
         if self.is_initializing():

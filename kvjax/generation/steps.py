@@ -8,7 +8,8 @@ is an array, so a new prompt of a similar length, or a new `limit` within the sa
 `max_new_tokens` bucket, reuses the compiled program. `decode` donates its input state: the
 loop updates the cache in place and the caller's `state` is deleted (pass a copy to keep it).
 `decode_start` / `decode_steps` split `decode` so a host loop can stream tokens chunk by chunk
-with the same loop body (and the same tokens).
+with the same loop body (and the same tokens). `policy_params` (None by default) is a traced
+pytree of policy parameters handed to `forward` (MatryoshkaKV's projections).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def prefill(
     dtype=jnp.float32,
     implementation: str | None = None,
     longest: int | None = None,
+    policy_params=None,
 ):
     """Run the prompt tokens [B, Tb] (right-padded; true lengths [B]) through the model.
 
@@ -95,6 +97,7 @@ def prefill(
             ctx=dataclasses.replace(ctx, prefix_cache=True),  # the whole prompt into the empty state
             dtype=dtype,
             logits_at=jnp.maximum(lengths - 1, 0),
+            policy_params=policy_params,
         )
         return logits, state
     if tb % prefill_chunk:
@@ -106,7 +109,9 @@ def prefill(
     def run_chunk(carry, i, chunk, c):
         state, last_hidden = carry
         pos = prompt_positions(lengths, prefill_chunk, offset=i * prefill_chunk)
-        h, state = hidden_states(params, chunk, pos, state, config=config, policy=policy, ctx=c, dtype=dtype)
+        h, state = hidden_states(
+            params, chunk, pos, state, config=config, policy=policy, ctx=c, dtype=dtype, policy_params=policy_params
+        )
         local = lengths - 1 - i * prefill_chunk
         here = (local >= 0) & (local < prefill_chunk)
         picked = jnp.take_along_axis(h, jnp.clip(local, 0, prefill_chunk - 1)[:, None, None], axis=1)[:, 0]
@@ -154,7 +159,9 @@ def _start(state, first_logits, key, *, config, max_new_tokens, sampler, stop_id
     return DecodeLoop(jnp.ones((), jnp.int32), tok, out, done, jnp.ones((b,), jnp.int32), state, key)
 
 
-def _run(params, loop: DecodeLoop, until, *, config, policy, sampler, stop_ids, dtype, implementation) -> DecodeLoop:
+def _run(
+    params, loop: DecodeLoop, until, *, config, policy, sampler, stop_ids, dtype, implementation, policy_params=None
+) -> DecodeLoop:
     """Decode steps while `loop.step < until` (traced) and some row is still going."""
     b, max_new = loop.out.shape
     stops = _stops(stop_ids)
@@ -180,6 +187,7 @@ def _run(params, loop: DecodeLoop, until, *, config, policy, sampler, stop_ids, 
             ctx=ctx,
             dtype=dtype,
             logits_at=jnp.zeros((b,), jnp.int32),
+            policy_params=policy_params,
         )
         if not host.unchanged_host_leaves(st, on_host):
             raise ValueError(f"policy {policy.spec()!r} rewrote a host-resident state leaf in a decode step")
@@ -214,6 +222,7 @@ def decode(
     stop_ids: tuple[int, ...],
     dtype=jnp.float32,
     implementation: str | None = None,
+    policy_params=None,
 ):
     """Sample up to `limit` tokens per row (default and at most `max_new_tokens`) with a
     `lax.while_loop`; a row stops after a token in `stop_ids`.
@@ -235,6 +244,7 @@ def decode(
         stop_ids=stop_ids,
         dtype=dtype,
         implementation=implementation,
+        policy_params=policy_params,
     )
     return loop.out, loop.n_out, loop.state
 
@@ -268,6 +278,7 @@ def decode_steps(
     stop_ids: tuple[int, ...],
     dtype=jnp.float32,
     implementation: str | None = None,
+    policy_params=None,
 ) -> DecodeLoop:
     """Continue `loop` until `loop.step == until` (traced) or every row is done; the loop
     body is `decode`'s, so the tokens equal `decode`'s. `loop` is donated."""
@@ -281,4 +292,5 @@ def decode_steps(
         stop_ids=stop_ids,
         dtype=dtype,
         implementation=implementation,
+        policy_params=policy_params,
     )
