@@ -102,15 +102,16 @@ class _Call:
         self.tokens = jnp.asarray(tokens)
         self.common = dict(config=cfg, policy=opts.policy, dtype=model.dtype, implementation=implementation)
         self.times = {"prefill_s": 0.0, "decode_s": 0.0, "prefill_compile_s": 0.0, "decode_compile_s": 0.0}
+        self.pp: dict = {}  # {"policy_params": pytree} when `generate` was given traced policy parameters
 
     def prefill(self):
         opts = self.req.options
         args = (self.model.params, self.tokens, self.lengths)
         static = dict(max_new_tokens=opts.new_tokens_bucket, prefill_chunk=opts.prefill_chunk, **self.common)
         static["longest"] = bound_length(max(len(t) for t in self.req.ids), self.req.width)
-        exe, self.times["prefill_compile_s"] = _compiled(prefill, args, static)
+        exe, self.times["prefill_compile_s"] = _compiled(prefill, args, {**static, **self.pp})
         t0 = time.perf_counter()
-        logits, state = jax.block_until_ready(exe(*args))
+        logits, state = jax.block_until_ready(exe(*args, **self.pp))
         self.times["prefill_s"] = time.perf_counter() - t0
         self.kv_after_prefill = state.nbytes
         return logits, state
@@ -151,6 +152,7 @@ def generate(
     share_prefixes: bool | int = False,
     speculative=None,
     draft_model=None,
+    policy_params=None,
 ) -> GenerateOutput:
     """Generate continuations for one prompt or a batch of prompts of any lengths.
 
@@ -195,6 +197,9 @@ def generate(
         target_forwards.
       draft_model: a loaded model with the target's vocabulary for the StreamingLLM level
         (None: the target model itself).
+      policy_params: a pytree of arrays the policy reads as traced parameters instead of its
+        shipped constants (`matryoshka`'s projections; `forward(..., policy_params=...)`).
+        None (the default): the policy's own. Not with share_prefixes or speculative.
 
     Returns a `GenerateOutput`: texts, tokens [B, max_new_tokens], n_tokens [B], the final
     KV state and `stats`: prompt_tokens, generated_tokens; prefill_s and decode_s (run time,
@@ -228,6 +233,14 @@ def generate(
         chat=chat,
         on_token=on_token,
     )
+    if policy_params is not None:
+        if (
+            speculative is not None
+            or draft_model is not None
+            or (share_prefixes is not False and share_prefixes is not None)
+        ):
+            raise ValueError("policy_params is not supported with speculative decoding or share_prefixes")
+        call.pp = {"policy_params": policy_params}
     if speculative is not None or draft_model is not None:
         if on_token is not None or (share_prefixes is not False and share_prefixes is not None):
             raise ValueError("speculative decoding runs the whole batch at once: on_token and share_prefixes are off")
@@ -248,10 +261,10 @@ def generate(
     opts = call.req.options
     logits, state = call.prefill()
     args = (model.params, state, logits, jax.random.key(opts.seed), jnp.int32(opts.max_new_tokens))
-    exe, call.times["decode_compile_s"] = _compiled(decode, args, call.decode_static())
+    exe, call.times["decode_compile_s"] = _compiled(decode, args, {**call.decode_static(), **call.pp})
     del state  # donated: `decode` consumes the prefill state, so the cache never exists twice
     t0 = time.perf_counter()
-    out, n_out, state = jax.block_until_ready(exe(*args))
+    out, n_out, state = jax.block_until_ready(exe(*args, **call.pp))
     call.times["decode_s"] = time.perf_counter() - t0
     out = np.asarray(out)[:, : opts.max_new_tokens]
     n_out = np.asarray(n_out)
@@ -299,7 +312,7 @@ class TokenStream:
         steps_static = {k: v for k, v in static.items() if k != "max_new_tokens"}
         start, c0 = _compiled(decode_start, start_args, start_static)
         loop_shape = jax.eval_shape(lambda *a: decode_start(*a, **start_static), *start_args)
-        steps, c1 = _compiled(decode_steps, (params, loop_shape, jnp.int32(0)), steps_static)
+        steps, c1 = _compiled(decode_steps, (params, loop_shape, jnp.int32(0)), {**steps_static, **call.pp})
         call.times["decode_compile_s"] = c0 + c1
         clock = time.perf_counter()
         loop = start(*start_args)
@@ -324,7 +337,7 @@ class TokenStream:
                 break
             if (finished & ~done).any():  # stopped by a stop string: let the device skip the row
                 loop = loop.replace(done=jnp.asarray(done | finished))
-            loop = steps(params, loop, jnp.int32(min(seen + self.chunk_steps, limit)))
+            loop = steps(params, loop, jnp.int32(min(seen + self.chunk_steps, limit)), **call.pp)
         out = np.array(out[:, :limit])
         n_tokens = np.array([row.n_tokens for row in rows], np.int32)
         for r, n in enumerate(n_tokens):
