@@ -42,3 +42,82 @@ def test_case_parsing(longctx_bench):
     ]
     with pytest.raises(ValueError, match="expected SPEC@BxS"):
         longctx_bench.parse_cases("dense")
+
+
+def test_cpu_smoke_chunked_prefill_and_hf_floor(longctx_bench):
+    """--prefill-chunk (the prompt in 32-token chunks) and --hf (HF transformers at the same
+    B x S, torch on the CPU) in one run; the compression overhead column against dense."""
+    rows = longctx_bench.main(
+        ["--device", "cpu", "--steps", "2", "--cases", "dense@1x64,kivi:bits=2@1x64", "--prefill-chunk", "32", "--hf"]
+    )
+    assert [r["policy"].split(" ")[0] for r in rows] == ["dense", "kivi:bits=2", "HF-torch"]
+    assert rows[0]["prefill chunk"] == rows[1]["prefill chunk"] == 32
+    assert rows[0]["prefill x dense"] == 1.0 and rows[1]["prefill x dense"] > 0
+    assert rows[2]["B"] == 1 and rows[2]["S"] == 64 and rows[2]["decode ms/step"] > 0
+    for r in rows[:2]:
+        assert r["decode ms/step"] > 0 and r["KV GB read/step"] > 0 and r["fallbacks"] == 0
+
+
+def test_cpu_smoke_max_batch(longctx_bench, capsys):
+    """--max-batch runs batches 1 and 2 (the limit) of the tiny model; both fit."""
+    rows = longctx_bench.main(
+        ["--device", "cpu", "--max-batch", "--policies", "dense", "--max-batch-context", "64", "--max-batch-limit", "2"]
+    )
+    assert rows == [{"policy": "dense", "S": 64, "max batch": 2, "first failing batch": None, "trials": "1+ 2+"}]
+    assert "| dense | 64 | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "largest, limit, tolerance, want_trials",
+    [
+        (5, 256, 0.0, [1, 2, 4, 8, 6, 5]),  # double until 8 fails, bisect 4..8
+        (0, 256, 0.0, [1]),  # nothing fits
+        (300, 256, 0.0, [1, 2, 4, 8, 16, 32, 64, 128, 256]),  # everything up to the limit fits
+        (200, 256, 0.0, [1, 2, 4, 8, 16, 32, 64, 128, 256, 192, 224, 208, 200, 204, 202, 201]),
+        (200, 256, 0.125, [1, 2, 4, 8, 16, 32, 64, 128, 256, 192, 224, 208]),  # within 1/8 of 192
+        (6, 6, 0.0, [1, 2, 4, 6]),  # a limit that is no power of two is tried itself
+    ],
+)
+def test_largest_batch_search(longctx_bench, largest, limit, tolerance, want_trials):
+    best, fail, trials = longctx_bench.largest_batch(lambda b: b <= largest, limit, tolerance)
+    assert [b for b, _ in trials] == want_trials
+    assert all(ok == (b <= largest) for b, ok in trials)
+    if largest >= limit:
+        assert (best, fail) == (limit, None)
+    elif tolerance == 0:
+        assert (best, fail) == (largest, largest + 1 if largest else 1)
+    else:
+        assert best <= largest < fail and fail - best <= tolerance * best
+
+
+def test_largest_batch_passes_other_errors(longctx_bench):
+    def fits(b):
+        if b == 4:
+            raise RuntimeError("INTERNAL: something else")
+        return True
+
+    with pytest.raises(RuntimeError, match="something else"):
+        longctx_bench.largest_batch(fits, 64)
+
+
+def test_out_of_memory_messages(longctx_bench):
+    assert longctx_bench.is_out_of_memory(
+        "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 66035122176 bytes."
+    )
+    assert longctx_bench.is_out_of_memory("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert not longctx_bench.is_out_of_memory("ValueError: context 100 must be a multiple of --prefill-chunk 64")
+
+
+def test_default_policies_parse(longctx_bench):
+    """Every policy of the default GPU tables is a valid spec; policy lists split on specs."""
+    from kvjax.policies import parse_policy
+
+    cases = longctx_bench.parse_cases(longctx_bench.GPU_CASES) + longctx_bench.parse_cases(longctx_bench.GPU_LONG_CASES)
+    for spec in {c[0] for c in cases}:
+        parse_policy(spec)
+    assert {"quest", "shadowkv", "offload"} <= {c[0] for c in cases}
+    assert longctx_bench.parse_policies("dense,snapkv:budget=0.2,window=32+kivi:bits=2,quest") == [
+        "dense",
+        "snapkv:budget=0.2,window=32+kivi:bits=2",
+        "quest",
+    ]
