@@ -17,7 +17,7 @@
     python benchmarks/quality_sweep.py run merging_4k                 # 4k: the same at 4k
     python benchmarks/quality_sweep.py run quant_2k                   # 2k: quantized caches at 2 / 4 bits (kvjax only)
     python benchmarks/quality_sweep.py run quant_4k                   # 4k: the same, passkey / qa / KV retrieval
-    python benchmarks/quality_sweep.py run retrieval_4k               # 4k: quest, shadowkv, offload, a2ats vs eviction, question excluded / inside
+    python benchmarks/quality_sweep.py run retrieval_4k               # 4k: quest, shadowkv, offload vs snapkv, question excluded
     python benchmarks/quality_sweep.py status quant_2k                # cells recorded, and the keys of those left
     python benchmarks/quality_sweep.py table eviction_4k              # markdown for BENCHMARKS.md
     python benchmarks/quality_sweep.py report tasks_2k                # docs/quality/tasks_2k_4k: report.md + PNG plots
@@ -279,26 +279,25 @@ GRIDS = {
         options=TUNED,
     ),
     # retrieval / offload against eviction at the same tokens read or kept (512 of 4,096), the
-    # question inside the prompt and excluded from it (asked after the compressed context)
+    # question excluded from the compressed prompt (asked after it, as in a multi-turn session)
     "retrieval_4k": dict(
         tasks=["passkey"],
         contexts=[4096],
-        modes=["excluded", "inside"],
+        modes=["excluded"],
         engines=["kvjax"],
         methods=(
             "dense",
             "quest:budget=512",
+            "quest:budget=512,gqa=union",
             "shadowkv:budget=512",
             "offload:topk=8",
-            "a2ats",
             "snapkv:budget=0.125",
-            "streaming:budget=0.125",
         ),
         trials={"passkey": 20},
         batch_size=5,
-        mode_first=False,
     ),
 }
+
 BUDGETS = [0.5, 0.2, 0.1]
 
 
