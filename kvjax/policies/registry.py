@@ -220,7 +220,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "gqa": Range(choices=("max", "union")),
     },
     "triforce_retrieval": {
-        "budget": at_least(1, "prompt tokens kept (whole chunks, sinks included); a multiple of chunk"),
+        "budget": Range(0, low_open=True, note="a fraction of the prompt (<= 1) or whole tokens (> 1), in chunks"),
         "chunk": at_least(1, "consecutive keys per chunk"),
     },
     "shadowkv": {
