@@ -8,15 +8,17 @@
     no check (the capacity must be a multiple of 16 slots; `Dense` rounds it up to 64).
   * a whole prompt into an empty cache (`prefix_cache=True`, the caller's promise): block-sparse
     flash attention (causal, plus the sliding window) over the transposed, padded cache.
-  * a prompt chunk (T > 1) at an offset: an on-device check (one `lax.switch`, every branch
+  * a few queries (T > 1, T x G <= `ROWS_PER_TILE` rows; speculative verification, a short
+    chunk): one tile of the decode kernel, any layout, no check.
+  * a longer prompt chunk at an offset: an on-device check (one `lax.switch`, every branch
     traced) of whether the cache is prefix-valid (slots hold 0..len-1 in order, the same len for
     every KV head) and the queries sit at off..off+T-1 (or -1 = padding) for one offset `off`.
     If so, at off = 0 the prefill kernel as above; at off > 0 two block-sparse calls whose
     log-sum-exps merge (`merge_partials`): the chunk's queries against the past slots 0..off-1
     with no mask but the length (key blocks past it are skipped), and against the chunk's own T
     slots, causal. Otherwise (an evicted, merged or re-ordered past, or a sliding window at a
-    non-zero offset), the position-masked decode kernel over tiles of queries (`_any_layout`: at
-    most `ROWS_PER_TILE` query rows x G heads per tile, a `lax.map` over the tiles). No branch
+    non-zero offset), the position-masked decode kernel over tiles of queries (`_any_layout`:
+    `ROWS_PER_TILE` rows = queries x G heads per tile, a `lax.map` over the tiles). No branch
     holds a [T, S] score array, so a chunked prefill of a long prompt needs no memory
     proportional to chunk x context.
 With `want_mass` the kernels' log-sum-exps give each slot's softmax mass in one more q.k pass
@@ -48,8 +50,8 @@ from .pallas_kernels.sparse_decode_attention import sparse_decode_attention
 
 logger = logging.getLogger("kvjax.attention")
 
-#: Query rows (queries x the G query heads of a KV head) one decode-kernel program holds when a
-#: chunk over a non-prefix cache runs through it (`_any_layout`).
+#: Query rows (queries x the G query heads of a KV head) one decode-kernel program holds when
+#: several queries run through it (`_any_layout`).
 ROWS_PER_TILE = 64
 
 _FALLBACKS: collections.Counter[str] = collections.Counter()
@@ -273,6 +275,10 @@ def pallas_attention(
 
         if pb is not None and prefix_cache:  # the caller promised the layout: no check, no fallback
             res = _prefill(q, k, v, q_pos, _prefix_lengths(k_pos)[1][:, 0], window, scale, pb, interpret)
+        elif plan is not None and t * (q.shape[2] // k.shape[1]) <= ROWS_PER_TILE:
+            # a few queries (speculative verification, a short chunk): one decode-kernel tile reads
+            # the cache once, in place, for any layout, with no conditional
+            res = _decode(q, k, v, q_pos, k_pos, window, scale, interpret, *plan)
         elif pb is not None:  # one conditional: offset 0 / a later chunk (no window) / any layout
             ok, off, lens = _chunk_layout(q_pos, k_pos, s)
             branches = [

@@ -70,6 +70,17 @@ def test_chunk_equals_reference(rng, off, shuffle, window, kernels, kernel_runs)
     assert kernel_runs == kernels
 
 
+def test_few_queries_take_one_decode_tile(rng, kernel_runs):
+    """8 queries x 2 heads fit one decode-kernel tile: it serves the prefix-valid cache with no
+    conditional (speculative verification)."""
+    args = _chunk_case(rng, 2, 8, 4, 2, 192, 32, 100, [150, 104])
+    run = jax.jit(lambda *a: attention.attend(*a, implementation="pallas"))
+    assert "cond[" not in str(jax.make_jaxpr(run)(*args))
+    got, want = run(*args), attention.attend(*args, implementation="reference")
+    assert_attention_close(got.out, got.lse, want.out, want.lse, jnp.float32, "8 queries at 100")
+    assert kernel_runs == ["sparse_decode_attention"]
+
+
 @pytest.mark.slow
 def test_chunk_bfloat16_and_odd_offset(rng, kernel_runs):
     """An offset that is no multiple of any block, a single row, bfloat16."""
