@@ -12,6 +12,7 @@ from .h2o import H2O
 from .knorm import KNorm
 from .kvmerger import KVMerger
 from .locret import Locret
+from .matryoshka import Matryoshka
 from .offload import Offload
 from .pyramidkv import PyramidKV
 from .quest import Quest
@@ -36,6 +37,7 @@ __all__ = [
     "KNorm",
     "KVMerger",
     "Locret",
+    "Matryoshka",
     "Offload",
     "Policy",
     "PolicyError",

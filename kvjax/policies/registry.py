@@ -239,6 +239,12 @@ RANGES: dict[str, dict[str, Range]] = {
         "bits": Range(choices=(0, 2, 4, 8), note="0 = float coefficients; '+kivi:bits=B' sets it"),
         "calibration": CALIBRATION,
     },
+    "matryoshka": {
+        "k_rank": at_least(1, "directions kept per KV head; at most head_dim"),
+        "v_rank": at_least(1, "directions kept per KV head; at most head_dim"),
+        "schedule": Range(note="JSON file of per-(layer, head) ranks ('' = k_rank / v_rank everywhere)"),
+        "calibration": Range(note="checkpoint directory ('' = the one shipped for SmolLM2)"),
+    },
     "offload": {
         "window": at_least(1, "recent tokens on the device (from a block boundary)"),
         "block": at_least(1, "tokens per offloaded block; must divide the prompt bucket and prefill_chunk"),
