@@ -16,7 +16,8 @@ that runs out of memory is reported as such.
     --device gpu : Llama-3.1-8B-shaped random bf16 weights (fused projections), each case in its
                    own process.
     --device cpu : a tiny random model and short contexts, in this process (the test suite's
-                   smoke run of the same code).
+                   smoke run of the same code); with --isolate each case in its own process, as
+                   on GPU.
     --max-batch  : per policy, the largest batch that fits at the context `--max-batch-context`,
                    found by running prefill and decode (batch 1, 2, 4, ... until one runs out of
                    memory, XLA's RESOURCE_EXHAUSTED, then bisection between the last batch that
@@ -318,16 +319,20 @@ def gpu_model():
     return cfg, random_params(cfg, jnp.bfloat16)
 
 
+def cpu_config():
+    from kvjax.models import LlamaConfig
+
+    return LlamaConfig(
+        name="tiny-bench", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=32, max_position=4096,
+    )  # fmt: skip
+
+
 def cpu_model():
     import jax
     from benchmarks_common import random_params
 
-    from kvjax.models import LlamaConfig
-
-    cfg = LlamaConfig(
-        name="tiny-bench", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=32, max_position=4096,
-    )  # fmt: skip
+    cfg = cpu_config()
     return cfg, random_params(cfg, jax.numpy.float32)
 
 
@@ -340,22 +345,25 @@ def _error_row(spec, b, s, e: BaseException | str) -> dict:
 
 
 def one(args) -> dict:
-    """Child process: one GPU case (or HF case with --hf), one JSON line on stdout."""
+    """Child process: one case (or HF case with --hf), one JSON line on stdout; the 8B shape on
+    GPU, the tiny model with --device cpu (how the smoke test runs this path)."""
     spec, b, s = parse_cases(args.one)[0]
+    gpu = args.device == "gpu"
     if args.hf:
         from kvjax.models.presets import LLAMA3_1_8B
 
         try:
-            return hf_case(b, s, cfg=LLAMA3_1_8B, steps=args.steps, device="cuda")
+            cfg = LLAMA3_1_8B if gpu else cpu_config()
+            return hf_case(b, s, cfg=cfg, steps=args.steps, device="cuda" if gpu else "cpu")
         except Exception as e:  # torch.cuda.OutOfMemoryError and friends: reported in the row
             return _error_row(spec, b, s, e)
     import jax
 
-    cfg, params = gpu_model()
-    bw = copy_bandwidth()
+    cfg, params = gpu_model() if gpu else cpu_model()
+    bw = copy_bandwidth() if gpu else copy_bandwidth(1 << 24)
     row = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy TB/s": round(bw / 1e12, 3)}
     try:
-        hbw = host_bandwidth()
+        hbw = host_bandwidth() if gpu else bw
         row["host GB/s"] = round(hbw / 1e9, 1)
         row |= run_case(
             spec, b, s, cfg=cfg, params=params, steps=args.steps, bandwidth=bw, host_bw=hbw,
@@ -370,7 +378,7 @@ def in_child(case: str, args, hf: bool = False, steps: int | None = None) -> dic
     """Run one case in a child process (its own device memory and peak); its JSON row."""
     spec, b, s = parse_cases(case)[0]
     here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, os.path.join(here, "longctx_bench.py"), "--one", case]
+    cmd = [sys.executable, os.path.join(here, "longctx_bench.py"), "--one", case, "--device", args.device]
     cmd += ["--steps", str(steps or args.steps)]
     if args.prefill_chunk:
         cmd += ["--prefill-chunk", str(args.prefill_chunk)]
@@ -409,13 +417,14 @@ def table(rows, columns=COLUMNS):
 
 
 def max_batch_rows(args, cfg=None, params=None, bw=None) -> list[dict]:
-    """--max-batch: per policy, `largest_batch` at --max-batch-context (module docstring)."""
+    """--max-batch: per policy, `largest_batch` at --max-batch-context (module docstring); each
+    trial in a child process with --isolate (always on GPU), else in this one with cfg/params."""
     rows = []
     s = args.max_batch_context
     for spec in parse_policies(args.policies):
 
         def fits(b, spec=spec):
-            if args.device == "cpu":
+            if not args.isolate:
                 try:
                     run_case(
                         spec, b, s, cfg=cfg, params=params, steps=1, bandwidth=bw, prefill_chunk=args.prefill_chunk
@@ -457,45 +466,44 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--max-batch-context", type=int, default=131072)
     ap.add_argument("--max-batch-limit", type=int, default=256, help="largest batch tried")
     ap.add_argument("--max-batch-tolerance", type=float, default=0.0, help="stop bisecting within this fraction")
+    ap.add_argument("--isolate", action="store_true", help="cpu: each case in its own process, as on GPU")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.isolate = args.isolate or args.device == "gpu"
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         ap.error(f"--prefill-chunk {args.prefill_chunk} must be >= 1")
     if args.one:
         print(json.dumps(one(args)), flush=True)
         return []
-    if args.device == "cpu":
+    if args.max_batch:
+        model = () if args.isolate else (*cpu_model(), copy_bandwidth(1 << 24))
+        rows = max_batch_rows(args, *model)
+        table(rows, MAX_BATCH_COLUMNS)
+        return _write(rows)
+    cases = parse_cases(
+        args.cases or (CPU_CASES if args.device == "cpu" else GPU_LONG_CASES if args.long else GPU_CASES)
+    )
+    shapes = list(dict.fromkeys((b, s) for _, b, s in cases))
+    rows = []
+    if args.isolate:  # each case in its own process: its own device memory and peak
+        for spec, b, s in cases:
+            rows.append(in_child(f"{spec}@{b}x{s}", args))
+            print(json.dumps(rows[-1]), flush=True)
+        for b, s in shapes if args.hf else ():
+            rows.append(in_child(f"hf@{b}x{s}", args, hf=True))
+            print(json.dumps(rows[-1]), flush=True)
+    else:  # --device cpu: the tiny model in this process
         cfg, params = cpu_model()
         bw = copy_bandwidth(1 << 24)
-        if args.max_batch:
-            rows = max_batch_rows(args, cfg, params, bw)
-            table(rows, MAX_BATCH_COLUMNS)
-            return _write(rows)
-        rows = []
-        for spec, b, s in parse_cases(args.cases or CPU_CASES):
+        for spec, b, s in cases:
             rows.append(
                 run_case(spec, b, s, cfg=cfg, params=params, steps=args.steps, bandwidth=bw,
                          host_bw=bw, prefill_chunk=args.prefill_chunk)
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-        if args.hf:
-            for b, s in dict.fromkeys((b, s) for _, b, s in parse_cases(args.cases or CPU_CASES)):
-                rows.append(hf_case(b, s, cfg=cfg, steps=args.steps, device="cpu"))
-                print(json.dumps(rows[-1]), flush=True)
-    else:
-        if args.max_batch:
-            rows = max_batch_rows(args)
-            table(rows, MAX_BATCH_COLUMNS)
-            return _write(rows)
-        cases = args.cases or (GPU_LONG_CASES if args.long else GPU_CASES)
-        rows = []
-        for case in (f"{spec}@{b}x{s}" for spec, b, s in parse_cases(cases)):
-            rows.append(in_child(case, args))
+        for b, s in shapes if args.hf else ():
+            rows.append(hf_case(b, s, cfg=cfg, steps=args.steps, device="cpu"))
             print(json.dumps(rows[-1]), flush=True)
-        if args.hf:
-            for b, s in dict.fromkeys((b, s) for _, b, s in parse_cases(cases)):
-                rows.append(in_child(f"hf@{b}x{s}", args, hf=True))
-                print(json.dumps(rows[-1]), flush=True)
     add_prefill_ratios(rows)
     table(rows)
     return _write(rows)
