@@ -191,7 +191,10 @@ class Level:
     """One level of the hierarchy (static, hashable). model: 0 = the target's parameters, 1 =
     the draft model's; policy: the cache policy its decode steps run (append-only); gamma: the
     tokens it drafts per round for the level above (unused for level 0); window > 0: a
-    StreamingLLM cache re-evicted to `sink` + `window` after every outer round."""
+    StreamingLLM cache re-evicted to `sink` + `window` after every outer round. prefill_policy:
+    the policy that builds the level's cache from the prompt (None: `policy`); it is left out
+    of the level's hash and equality, so caches built with other budgets decode with the same
+    compiled loop (decode steps append, whatever the prompt-time selection was)."""
 
     model: int
     config: LlamaConfig
@@ -200,6 +203,11 @@ class Level:
     gamma: int = 0
     sink: int = 0
     window: int = 0
+    prefill_policy: Policy | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def builder(self) -> Policy:
+        return self.prefill_policy or self.policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,7 +512,14 @@ def build_levels(model, plan: TriForce, verifier: Policy, draft_model=None) -> t
     cfg = model.config
     levels = [
         Level(0, cfg, verifier, model.dtype),
-        Level(0, cfg, TriForceRetrieval(budget=plan.budget, chunk=plan.chunk), model.dtype, gamma=plan.gamma),
+        Level(
+            0,
+            cfg,
+            TriForceRetrieval(),  # decode steps append; the budget only shapes the prefill
+            model.dtype,
+            gamma=plan.gamma,
+            prefill_policy=TriForceRetrieval(budget=plan.budget, chunk=plan.chunk),
+        ),
     ]
     if plan.draft_gamma:
         dm = draft_model if draft_model is not None else model
@@ -513,16 +528,16 @@ def build_levels(model, plan: TriForce, verifier: Policy, draft_model=None) -> t
                 f"draft_model's vocabulary ({dm.config.vocab_size} tokens) differs from the target's "
                 f"({cfg.vocab_size}); speculative decoding compares their distributions token by token"
             )
-        drafter = StreamingDraft(sink=plan.sink, window=plan.window, headroom=plan.slack)
         levels.append(
             Level(
                 0 if draft_model is None else 1,
                 dm.config,
-                drafter,
+                StreamingDraft(),  # decode steps append; `reevict` applies sink + window
                 dm.dtype,
                 gamma=plan.draft_gamma,
                 sink=plan.sink,
                 window=plan.window,
+                prefill_policy=StreamingDraft(sink=plan.sink, window=plan.window, headroom=plan.slack),
             )
         )
     elif draft_model is not None:
@@ -534,7 +549,7 @@ def prefill_levels(model, levels, tokens, lengths, width: int, longest: int, max
     """Prefill every level: the target's levels (its full cache, the retrieval cache and, with no
     draft model, the StreamingLLM cache) in one pass of the target (`Tiered`), a draft model's
     cache in a pass of its own. Returns (target logits [B, V], states tuple)."""
-    own = [lev.policy for lev in levels if lev.model == 0]
+    own = [lev.builder for lev in levels if lev.model == 0]
     logits, state = prefill(
         model.params,
         tokens,
@@ -556,7 +571,7 @@ def prefill_levels(model, levels, tokens, lengths, width: int, longest: int, max
                 tokens,
                 lengths,
                 config=draft_model.config,
-                policy=lev.policy,
+                policy=lev.builder,
                 max_new_tokens=max_new_tokens,
                 dtype=draft_model.dtype,
                 longest=longest,

@@ -304,8 +304,8 @@ def test_bad_input(tiny1_model):
         parse_speculative("medusa:gamma=2")
     with pytest.raises(ValueError, match="'bugdet=3' is not key=value"):
         parse_speculative("triforce:bugdet=3")
-    with pytest.raises(PolicyError, match="budget=20 must be a multiple of chunk=8"):
-        parse_speculative("triforce:budget=20")
+    with pytest.raises(PolicyError, match=r"budget=0 must be a fraction of the prompt in \(0, 1\] or a token count"):
+        parse_speculative("triforce:budget=0")
     other = Model(tiny_config(num_layers=1, vocab_size=101), None, m.tokenizer, jnp.float32, "tiny-101")
     with pytest.raises(ValueError, match=r"vocabulary \(101 tokens\) differs from the target's \(97\)"):
         kvjax.generate(m, "hi", speculative="triforce:budget=8", draft_model=other)
