@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from . import evals, run
+from . import evals, run, serve
 from .common import user_errors_fail
 
 # rich_markup_mode=None: click's plain help, where boolean options show as flags (--chat /
@@ -27,6 +27,7 @@ COMMANDS = {
     "eval": evals.eval_cmd,
     "sweep": evals.sweep_cmd,
     "report": evals.report_cmd,
+    "serve": serve.serve,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(user_errors_fail(_fn))
