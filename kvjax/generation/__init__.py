@@ -4,15 +4,18 @@
     from kvjax.generation import generate, stream            # also kvjax.generate, kvjax.stream
     from kvjax.generation import prefill, decode, bucket_length
     from kvjax.generation import extend                      # continue from a state (resume)
+    from kvjax.generation import TriForce, speculative_decode  # speculative decoding
 
 See `steps` (the jitted prefill and decode loop), `request` (argument checks, tokenizing),
 `text` (incremental text and stop strings), `api` (generate, stream), `resume` (feed more
-tokens into an existing state at per-row offsets) and `prefix` (BatchLLM prefix sharing).
+tokens into an existing state at per-row offsets), `prefix` (BatchLLM prefix sharing) and
+`speculative` (lossless speculative decoding with compressed drafts, TriForce).
 """
 
 from .api import GenerateOutput, StreamPiece, TokenStream, generate, stream
 from .request import prepare_request
 from .resume import extend
+from .speculative import TriForce, speculative_decode
 from .steps import (
     DecodeLoop,
     bucket_length,
@@ -29,6 +32,7 @@ __all__ = [
     "GenerateOutput",
     "StreamPiece",
     "TokenStream",
+    "TriForce",
     "bucket_length",
     "decode",
     "decode_start",
@@ -39,5 +43,6 @@ __all__ = [
     "prefill",
     "prepare_request",
     "prompt_positions",
+    "speculative_decode",
     "stream",
 ]
