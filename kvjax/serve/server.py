@@ -143,7 +143,7 @@ class _Params:
         listed = isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
         if stop is not None and not isinstance(stop, str) and not listed:
             raise ApiError(400, f"stop={stop!r} must be a string or a list of up to 4 non-empty strings", "stop")
-        self.stop = stop or None
+        self.stop = None if stop is None or stop == [] else stop
         self.stream = body.get("stream", False)
         if not isinstance(self.stream, bool):
             raise ApiError(400, f"stream={self.stream!r} must be true or false", "stream")
