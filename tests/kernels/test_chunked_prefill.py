@@ -151,3 +151,20 @@ def test_chunked_prefill_program_holds_no_chunk_by_context_scores(spec):
     tokens, lengths = jax.ShapeDtypeStruct((1, s), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
     g = cfg.num_heads // cfg.num_kv_heads
     assert _largest_float_tensor(run, params, tokens, lengths) < g * t * s
+
+
+@pytest.mark.parametrize("backend, kernels", [("mosaic_gpu", {"mosaic_gpu", "triton"}), ("triton", {"triton"})])
+def test_chunk_dispatch_lowers_for_cuda(backend, kernels, monkeypatch):
+    """Every branch of a 256-query chunk over a 1024-slot bfloat16 cache (the prefill kernel, the
+    two chunk kernels, the tiled decode kernel) lowers for a CUDA target from this CPU machine
+    (Mosaic GPU for the block-sparse calls on Hopper, Triton for the decode kernel)."""
+    from kvjax.pallas_kernels import _compat
+    from kvjax.pallas_kernels.testing import lower_for
+
+    monkeypatch.setattr(_compat, "backend_kind", lambda: backend)
+    q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
+    k = jnp.zeros((1, 2, 1024, 128), jnp.bfloat16)
+    args = (q, k, k, jnp.zeros((1, 256), jnp.int32), jnp.zeros((1, 2, 1024), jnp.int32))
+    text = lower_for("cuda", lambda *a: attention.attend(*a, implementation="pallas"), *args)
+    assert {name for name in ("mosaic_gpu", "triton") if name in text} == kernels
+    assert text.count("custom_call") >= 4  # one per kernel call of the four branches
