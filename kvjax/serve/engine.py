@@ -263,6 +263,10 @@ def _decode_step(
     return sample_rows(logits, _keys(seeds, counters), temperature, top_k, top_p), state
 
 
+#: Jitted grow / insert programs by (config, policy, dtype, kind, bucket): `Engine._programs_fn`.
+_FNS: dict = {}
+
+
 class Engine:
     """Continuous batching with a compressed KV cache (module doc).
 
@@ -327,7 +331,6 @@ class Engine:
         self._bucket: tuple[int, int, int] | None = None  # (rows, prompt bound, headroom)
         self._targets: dict = {}
         self._programs: dict = {}
-        self._fns: dict = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counts = collections.Counter()
@@ -507,14 +510,7 @@ class Engine:
             if over and self.reserved_bytes(self._bucket_with([*live, req], row)) > self.max_kv_bytes:
                 return
             self._waiting.popleft()
-            req.row = row
-            req.state = _init_row(
-                config=self.model.config,
-                policy=self.policy,
-                prompt_len=req.bucket,
-                max_new=0,  # the decode headroom is added when the row joins the live state
-                dtype=self.model.dtype,
-            )
+            req.row = row  # its prefill state is made when its first chunk runs (`_chunk`)
             self._prefilling.append(req)
             self._counts["admitted"] += 1
 
@@ -533,8 +529,11 @@ class Engine:
         self._counts["grows"] += 1
 
     def _programs_fn(self, key, fn):
-        """A jitted `fn` (donating its first argument) kept per key: a bucket compiles once."""
-        if key not in self._fns:
+        """A jitted `fn` (donating its first argument) kept per key (with the model's config,
+        policy and dtype, shared by every engine): a bucket compiles once per process."""
+        self._note_program(*key)
+        key = (self.model.config, self.policy, str(jnp.dtype(self.model.dtype)), *key)
+        if key not in _FNS:
             jitted = jax.jit(fn, donate_argnums=0)
 
             def call(*args):
@@ -542,9 +541,8 @@ class Engine:
                     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
                     return jitted(*args)
 
-            self._fns[key] = call
-        self._note_program(*key)
-        return self._fns[key]
+            _FNS[key] = call
+        return _FNS[key]
 
     def _insert(self, req: _Req) -> None:
         """Write a request's compressed row into the live state (growing it first if needed)."""
@@ -621,6 +619,14 @@ class Engine:
     def _chunk(self, c: scheduler.Chunk) -> None:
         req = next(r for r in self._prefilling if r.rid == c.rid)
         cfg = self.model.config
+        if req.state is None:
+            req.state = _init_row(
+                config=cfg,
+                policy=self.policy,
+                prompt_len=req.bucket,
+                max_new=0,  # the decode headroom is added when the row joins the live state
+                dtype=self.model.dtype,
+            )
         toks = np.full((1, c.width), cfg.pad_id, np.int32)
         toks[0, : c.tokens] = req.ids[req.fed : req.fed + c.tokens]
         pos = np.full((1, c.width), -1, np.int32)
@@ -728,7 +734,9 @@ class Engine:
         step_tokens_max (the most tokens one step computed, <= token_budget), running,
         prefilling and waiting requests, bucket (rows, prompt bound, headroom of the live
         state), kv_bytes_reserved (the live state, every row), kv_bytes_needed (what the live
-        requests' rows need at their own sizes), programs (distinct compiled shapes used)."""
+        requests' rows need at their own sizes), kv_bytes_prefill (the one-row full-precision
+        states of prompts being prefilled, outside the live state), programs (distinct compiled
+        shapes used)."""
         bucket = self._bucket
         needed = sum(self.row_bytes(r.bound, r.headroom) for r in [*self._running.values(), *self._prefilling])
         return {
@@ -739,6 +747,7 @@ class Engine:
             "bucket": bucket,
             "kv_bytes_reserved": 0 if self._state is None else int(self._state.kv_bytes_held),
             "kv_bytes_needed": int(needed),
+            "kv_bytes_prefill": int(sum(r.state.kv_bytes_held for r in self._prefilling if r.state is not None)),
             "programs": len(self._programs),
             "policy": self.policy.spec(),
             "schedule": self.schedule,
