@@ -344,6 +344,40 @@ def reconstruction_error(x: np.ndarray, basis: np.ndarray, rank: int) -> float:
     return float(np.sum((xf - rec) ** 2) / np.sum(xf**2))
 
 
+def finetune_factors(x: np.ndarray, basis: np.ndarray, rank: int, steps: int = 300, lr: float = 1e-3):
+    """The paper's training of the factors on the reconstruction loss, with optax (Adam): from a
+    basis's first `rank` rows (e.g. ASVD's) as down factor A = B_r^T [D, r] and up factor B_r
+    [r, D], minimise mean ||x - x A B||^2 / mean ||x||^2 over tokens x [T, D] (one layer's stacked
+    keys or values). Returns (A, B, losses per step). The closed form is this loss's optimum
+    (A = B^T = the top right singular vectors), so fine-tuning only closes the gap from another
+    start; the policy stores the closed form's orthonormal basis."""
+    import optax
+
+    xf = jnp.asarray(np.asarray(x, np.float32).reshape(x.shape[0], -1))
+    b0 = jnp.asarray(np.asarray(basis, np.float32)[:rank])
+    scale = jnp.mean(jnp.sum(xf * xf, axis=-1))
+
+    def loss(f):
+        rec = (xf @ f["a"]) @ f["b"]
+        return jnp.mean(jnp.sum((xf - rec) ** 2, axis=-1)) / scale
+
+    opt = optax.adam(lr)
+    f = {"a": b0.T, "b": b0}
+    state = opt.init(f)
+
+    @jax.jit
+    def step(f, state):
+        val, g = jax.value_and_grad(loss)(f)
+        upd, state = opt.update(g, state, f)
+        return optax.apply_updates(f, upd), state, val
+
+    losses = []
+    for _ in range(steps):
+        f, state, val = step(f, state)
+        losses.append(float(val))
+    return np.asarray(f["a"]), np.asarray(f["b"]), losses
+
+
 def calibrate(model, text: str, tokens: int = 1024, out: str | None = None, variant: str = "svd") -> tuple[str, dict]:
     """Collect `tokens` tokens of `text` through `model` and save CSKV bases to `out` (default:
     the user cache, where the policy looks first). variant: "svd" (closed form) or "asvd" (the

@@ -81,6 +81,19 @@ def test_closed_form_error_never_above_asvd(stats):
         assert any(a < b - 1e-3 for a, b in errs)  # the closed form is strictly better somewhere
 
 
+def test_finetuning_from_asvd_closes_the_gap_to_the_closed_form(stats):
+    """optax fine-tuning of ASVD's factors on the reconstruction loss lowers it toward the closed
+    form's error (the optimum), never below it."""
+    model, ids, st = stats
+    asvd = cskv.asvd_bases(model, ids)
+    svd, _ = cskv.fit_bases(st["v"])
+    x, r = st["v"][1], 16
+    _, _, losses = cskv.finetune_factors(x, asvd["v_basis"][1], r, steps=150, lr=3e-3)
+    best = cskv.reconstruction_error(st["v"][1:2], svd[1:2], r)
+    assert losses[-1] < losses[0] - 1e-3
+    assert losses[-1] >= best - 1e-4
+
+
 def test_kivi_quantizes_the_coefficients_and_bytes_count_them(tiny_params, cal):
     """'cskv:...+kivi:bits=4' is one CSKV policy with 4-bit coefficients (KIVI's group); its state
     holds fewer bytes than float coefficients, which hold fewer than the dense cache; the bytes a
