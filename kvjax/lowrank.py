@@ -18,8 +18,12 @@ float rounding. Keys stored pre-RoPE are rotated at their positions when rebuilt
 (`rebuild_keys`); a store of pre-RoPE keys therefore keeps positions per row beside it.
 
 `LowRankStore` holds coefficients and basis as one pytree with its byte counts; ShadowKV keeps
-its prompt keys in one, and the channel-shrinking methods of issue 26 (CSKV, MatryoshkaKV)
-are meant to store theirs in it too, with a calibrated basis shared by rows.
+its prompt keys in one (a basis per row, fitted to the prompt). The channel-shrinking methods use
+the same functions with bases shared by every row: CSKV (`kvjax.policies.cskv`) `project`s
+pre-RoPE keys and values onto calibrated joint bases inside the quantized-cache engine's streams
+(which bring the exact recent window, its flushes and coefficient quantization); MatryoshkaKV
+(`kvjax.policies.matryoshka`) keeps per-head bases [N, r, H] with means and attends in the
+projected space.
 """
 
 from __future__ import annotations
