@@ -198,3 +198,24 @@ def test_kv_bytes_admission_favours_a_compressed_policy(tiny_model):
             assert 0 < eng.stats["kv_bytes_reserved"] <= budget or eng.stats["running"] == 0
         assert all(h.finish_reason == "length" for h in hs)
     assert admitted["dense"] == 2 and admitted["snapkv:budget=0.2,window=8"] >= 4, admitted
+
+
+@pytest.mark.slow
+def test_serve_bench_smoke():
+    """benchmarks/serve_bench.py's GPU path on CPU (--smoke): both schedules serve every
+    request; under one byte budget KIVI admits more 256-token requests than dense, and SnapKV +
+    KIVI more than KIVI."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "serve_bench.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("serve_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--smoke", "--warmup", "1"])
+    for run in out["schedules"].values():
+        assert run["failures"] == 0 and run["requests"] == 6 and run["ttft"]["n"] == 6
+    dense, kivi, both = (a["admitted"] for a in out["admission"])
+    assert 1 <= dense < kivi < both
