@@ -8,10 +8,12 @@ mode "inside": the context and the first question are prefilled (and compressed)
 (what `kvjax.generate` does with the whole prompt); "excluded": only the context is
 prefilled and compressed, the first question is appended afterwards (kvpress's default
 pipeline). The turns run through `kvjax.Session` (one row per context): every later piece
-is appended to the compressed state for good (`Session.extend`, the policy's decode step;
-T tokens at once where that is the same as T single steps, else one token at a time), each
-turn's answer is decoded greedily from a copy of the state (`Session.ask`), and the state
-kept for the next turn holds the gold answer, never the model's (no error propagation).
+is asked on a copy of the compressed state (`Session.ask`: appended by the policy's decode
+step, T tokens at once where that is the same as T single steps, else one token at a time,
+as a new turn, so retrieval and offload policies fetch for it) and its answer decoded
+greedily; then it is appended to the kept state for good (`Session.extend`) when a turn
+follows, so the state kept for the next turn holds the gold answer, never the model's (no
+error propagation).
 """
 
 from __future__ import annotations
@@ -156,14 +158,18 @@ def run_session(
     kv_bytes, dense = state.nbytes / len(ids), state.dense_nbytes(cfg) / len(ids)
     outputs = [[] for _ in ids]
     append_s = decode_s = 0.0
-    for t in range(len(turns[0])):
-        if t > 0 or mode == "excluded":
+    n_turns = len(turns[0])
+    for t in range(n_turns):
+        piece = [r[t] for r in turns] if t > 0 or mode == "excluded" else None
+        # The question goes to `ask` (a new turn: retrieval and offload policies fetch for it),
+        # then into the kept history for the turns after it.
+        answer = session.ask(piece, max_new_tokens=answer_tokens, stop_ids=tuple(model.tokenizer.eos_ids))
+        append_s += answer.stats["append_s"]
+        decode_s += answer.stats["decode_s"]
+        if piece is not None and t + 1 < n_turns:
             t1 = time.perf_counter()
-            session.extend([r[t] for r in turns])
+            session.extend(piece)
             append_s += time.perf_counter() - t1
-        t1 = time.perf_counter()
-        answer = session.ask(max_new_tokens=answer_tokens, stop_ids=tuple(model.tokenizer.eos_ids))
-        decode_s += time.perf_counter() - t1
         for r in range(len(ids)):
             outputs[r].append(answer.texts[r])
     session.close()

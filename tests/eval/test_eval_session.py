@@ -151,3 +151,15 @@ def test_run_session_modes_and_gold_history(tiny, rng):
     assert a.dense_kv_bytes > b.dense_kv_bytes  # inside: the first question is part of the prefill
     with pytest.raises(ValueError, match="mode='both'"):
         session.run_session(tiny, pol, ctx, turns, mode="both")
+
+
+def test_excluded_question_is_a_new_turn(tiny, rng):
+    """With the question excluded, the eval asks it as a new turn: block offload with a top-k
+    covering every block then answers exactly as the dense cache (without the fetch it would
+    see only its sinks and window)."""
+    ctx = [rng.integers(3, 90, 96).tolist()]
+    turns = [[rng.integers(3, 90, 6).tolist(), rng.integers(3, 90, 5).tolist()]]
+    dense = session.run_session(tiny, parse_policy("dense"), ctx, turns, mode="excluded", answer_tokens=4)
+    off = parse_policy("offload:window=16,block=16,topk=8,sinks=2,offload=device")
+    got = session.run_session(tiny, off, ctx, turns, mode="excluded", answer_tokens=4)
+    assert got.outputs == dense.outputs
