@@ -143,6 +143,7 @@ def cpu_load_test(args) -> dict:
         _wait_healthy(url, proc, timeout=300)
         # warm-up: one round of every client shape compiles the programs the timed run uses
         warm, warm_fail, warm_s = asyncio.run(_load(url, "bench", args.clients, 1, args.max_tokens))
+        before = httpx.get(url + "/health", timeout=10).json()
         records, failures, wall = asyncio.run(_load(url, "bench", args.clients, args.requests, args.max_tokens))
         health = httpx.get(url + "/health", timeout=10).json()
     finally:
@@ -168,6 +169,9 @@ def cpu_load_test(args) -> dict:
         "requests_per_s": round(len(records) / wall, 3),
         "ttft": percentiles([r["ttft"] for r in records]),
         "tbt": percentiles(tbt),
+        "engine_steps": health["steps"] - before["steps"],
+        # program shapes first used in the timed pass (each compiled then, inside the times)
+        "new_programs_in_timed_pass": health["programs"] - before["programs"],
         "server_health_after": health,
         "cpu_count": os.cpu_count(),
     }

@@ -16,14 +16,17 @@ What a step does (one `step()` call):
 3. Decode: ONE jitted forward over the live state's rows (every running request's last token
    at its own position; idle rows carry padding, position -1), then per-row sampling
    (`kvjax.serve.sampling`: greedy, temperature, top-k, top-p per request).
-4. Prefill chunks: each chunk is one jitted forward of that request's one-row state (the
-   policy's prefill step, `LayerContext.final=False`); the prompt's last chunk runs with
-   `final=True`, so the policy compresses the row then (SnapKV selects, KIVI quantizes), the
-   first token is sampled from its logits, and the compressed row is written into the live
-   state (`kvjax.policies.rows.set_rows`) where it decodes from the next step on.
+4. Prefill chunks: each request being prefilled has its own one-row state; the step's
+   chunks that share a program and a write offset (same width, same tokens already in, same
+   static sizes: e.g. requests of similar lengths that arrived together) run as one jitted
+   forward over their stacked states (the policy's prefill step, `LayerContext.final=False`).
+   A prompt's last chunk runs with `final=True`, so the policy compresses each row then
+   (SnapKV selects, KIVI quantizes), the first tokens are sampled from its logits, and the
+   compressed rows are written into the live state (`kvjax.policies.rows.set_rows`), where
+   they decode from the next step on.
 
-So a step is one batched decode forward plus up to budget-many prompt tokens in per-request
-chunk forwards, not one fused forward of a mixed batch: the policies' prefill and decode
+So a step is one batched decode forward plus up to budget-many prompt tokens in chunk
+forwards (one per group), not one fused forward of a mixed batch: the policies' prefill and decode
 steps are different programs (`LayerContext.phase` is static) and compression runs on a
 whole prompt, so a mixed batch would need per-row phases inside every policy. No decode waits
 for more than one step's worth of chunks (the budget), which is the stall-free property.
@@ -207,6 +210,11 @@ def _init_row(*, config, policy, prompt_len, max_new, dtype):
     return policy.init_state(config, 1, prompt_len, max_new, dtype)
 
 
+def _stack(states: list) -> KVState:
+    """One-row states of equal shapes (and equal scalar write offsets) stacked into rows."""
+    return jax.tree.map(lambda *xs: xs[0] if jnp.ndim(xs[0]) == 0 else jnp.concatenate(xs, axis=0), *states)
+
+
 def _keys(seeds, counters):
     return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, counters)
 
@@ -218,17 +226,17 @@ def _prefill_chunk(
     params, state, tokens, positions, last, seed, temperature, top_k, top_p, *, config, policy, dtype,
     implementation, final, prompt_len, max_new, longest,
 ):  # fmt: skip
-    """One prompt chunk of a one-row state: tokens, positions [1, W] (-1 = padding). With
-    `final` the policy compresses after it and the first token is sampled from the logits at
-    column `last` [1]; otherwise returns token -1."""
+    """One prompt chunk of k stacked one-row states: tokens, positions [k, W] (-1 = padding).
+    With `final` the policy compresses after it and each row's first token is sampled from the
+    logits at its column `last` [k]; otherwise returns tokens -1."""
     ctx = LayerContext(0, config, "prefill", final, prompt_len, max_new, implementation, longest)
     if not final:
         _, state = hidden_states(params, tokens, positions, state, config=config, policy=policy, ctx=ctx, dtype=dtype)
-        return jnp.full((1,), -1, jnp.int32), state
+        return jnp.full((tokens.shape[0],), -1, jnp.int32), state
     logits, state = forward(
         params, tokens, positions, state, config=config, policy=policy, ctx=ctx, dtype=dtype, logits_at=last
     )
-    keys = _keys(seed, jnp.zeros((1,), jnp.int32))
+    keys = _keys(seed, jnp.zeros(seed.shape, jnp.int32))
     return sample_rows(logits, keys, temperature, top_k, top_p), state
 
 
@@ -544,26 +552,30 @@ class Engine:
             _FNS[key] = call
         return _FNS[key]
 
-    def _insert(self, req: _Req) -> None:
-        """Write a request's compressed row into the live state (growing it first if needed)."""
-        live = list(self._running.values()) + [req]
-        bucket = self._bucket_with(live, req.row)
-        if self._state is None:
+    def _insert(self, reqs: list[_Req], state: KVState) -> None:
+        """Write the requests' compressed rows (`state`, one row each, in order) into the live
+        state, growing it first if needed."""
+        live = list(self._running.values()) + reqs
+        bucket = self._bucket_with(live, max(r.row for r in reqs))
+        target = self._target(1, bucket[1], bucket[2])
+        first = self._state is None
+        if first:  # the live state starts as copies of the first row (idle rows are overwritten on insert)
             self._bucket = bucket
-            target = self._target(1, bucket[1], bucket[2])
             fn = self._programs_fn(
-                ("first", bucket), lambda one: row_ops.broadcast_rows(pad_state(one, target, 1), bucket[0])
+                ("first", bucket),
+                lambda many: row_ops.broadcast_rows(pad_state(row_ops.take_rows(many, [0]), target, 1), bucket[0]),
             )
-            self._state = fn(req.state)
+            self._state = fn(state if len(reqs) == 1 else jax.tree.map(jnp.copy, state))  # donated
         else:
             self._grow(bucket)
-            target = self._target(1, bucket[1], bucket[2])
+        if not first or len(reqs) > 1:
             fn = self._programs_fn(
-                ("insert", bucket), lambda live, one, r: row_ops.set_rows(live, r, pad_state(one, target, 1))
+                ("insert", bucket),
+                lambda live, many, r: row_ops.set_rows(live, r, pad_state(many, target, r.shape[0])),
             )
-            self._state = fn(self._state, req.state, jnp.asarray([req.row], jnp.int32))
-        req.state = None
-        self._running[req.row] = req
+            self._state = fn(self._state, state, jnp.asarray([r.row for r in reqs], jnp.int32))
+        for req in reqs:
+            self._running[req.row] = req
 
     def _push(self, req: _Req, token: int) -> None:
         """Hand out one generated token; finish the request on a stop or at max_tokens."""
@@ -616,46 +628,70 @@ class Engine:
         for row, r in reqs.items():
             self._push(r, int(out[row]))
 
-    def _chunk(self, c: scheduler.Chunk) -> None:
+    def _chunk_static(self, c: scheduler.Chunk) -> tuple:
+        """(static arguments of a chunk's program, the key that groups chunks into one call:
+        same program, same write offset)."""
         req = next(r for r in self._prefilling if r.rid == c.rid)
-        cfg = self.model.config
-        if req.state is None:
-            req.state = _init_row(
-                config=cfg,
-                policy=self.policy,
-                prompt_len=req.bucket,
-                max_new=0,  # the decode headroom is added when the row joins the live state
-                dtype=self.model.dtype,
-            )
-        toks = np.full((1, c.width), cfg.pad_id, np.int32)
-        toks[0, : c.tokens] = req.ids[req.fed : req.fed + c.tokens]
-        pos = np.full((1, c.width), -1, np.int32)
-        pos[0, : c.tokens] = np.arange(req.fed, req.fed + c.tokens)
         if c.final:  # the policy compresses after it: the chunk ends at prompt_len, sized from the bound
             static = dict(final=True, prompt_len=req.fed + c.width, max_new=req.headroom, longest=req.bound)
         else:  # a middle chunk appends and attends only: one program per (state, width)
             static = dict(final=False, prompt_len=req.bucket, max_new=0, longest=0)
-        self._note_program("chunk", req.bucket, c.width, tuple(sorted(static.items())))
-        tok, req.state = (_last_chunk if c.final else _middle_chunk)(
+        return static, (req.bucket, req.fed, c.width, tuple(sorted(static.items())))
+
+    def _chunks(self, chunks: list[scheduler.Chunk], static: dict) -> None:
+        """Run chunks that share a program and a write offset as one forward over their
+        requests' stacked one-row states; after last chunks, sample each first token and
+        write the compressed rows into the live state together."""
+        reqs = [next(r for r in self._prefilling if r.rid == c.rid) for c in chunks]
+        cfg = self.model.config
+        for req in reqs:
+            if req.state is None:
+                req.state = _init_row(
+                    config=cfg,
+                    policy=self.policy,
+                    prompt_len=req.bucket,
+                    max_new=0,  # the decode headroom is added when the row joins the live state
+                    dtype=self.model.dtype,
+                )
+        k, width, fed = len(reqs), chunks[0].width, reqs[0].fed
+        toks = np.full((k, width), cfg.pad_id, np.int32)
+        pos = np.full((k, width), -1, np.int32)
+        for i, (req, c) in enumerate(zip(reqs, chunks)):
+            toks[i, : c.tokens] = req.ids[fed : fed + c.tokens]
+            pos[i, : c.tokens] = np.arange(fed, fed + c.tokens)
+        state = reqs[0].state if k == 1 else _stack([r.state for r in reqs])
+        for req in reqs:
+            req.state = None
+        self._note_program("chunk", k, reqs[0].bucket, width, tuple(sorted(static.items())))
+        tok, state = (_last_chunk if static["final"] else _middle_chunk)(
             self.model.params,
-            req.state,
+            state,
             jnp.asarray(toks),
             jnp.asarray(pos),
-            jnp.asarray([c.tokens - 1], jnp.int32),
-            jnp.asarray([req.seed], jnp.uint32),
-            jnp.asarray([req.temperature], jnp.float32),
-            jnp.asarray([req.top_k], jnp.int32),
-            jnp.asarray([req.top_p], jnp.float32),
+            jnp.asarray([c.tokens - 1 for c in chunks], jnp.int32),
+            jnp.asarray([r.seed for r in reqs], jnp.uint32),
+            jnp.asarray([r.temperature for r in reqs], jnp.float32),
+            jnp.asarray([r.top_k for r in reqs], jnp.int32),
+            jnp.asarray([r.top_p for r in reqs], jnp.float32),
             **static,
             **self._common,
         )
-        req.fed += c.tokens
-        self._counts["prefill_tokens"] += c.tokens
-        self._counts["prefill_padded_tokens"] += c.width
-        if c.final:
+        for req, c in zip(reqs, chunks):
+            req.fed += c.tokens
+            self._counts["prefill_tokens"] += c.tokens
+            self._counts["prefill_padded_tokens"] += width
+        self._counts["prefill_calls"] += 1
+        self._counts["prefill_chunks"] += k
+        if not static["final"]:
+            for i, req in enumerate(reqs):
+                req.state = state if k == 1 else row_ops.take_rows(state, [i])
+            return
+        for req in reqs:
             self._prefilling.remove(req)
-            self._insert(req)
-            self._push(req, int(np.asarray(tok)[0]))
+        self._insert(reqs, state)
+        tok = np.asarray(tok)
+        for i, req in enumerate(reqs):
+            self._push(req, int(tok[i]))
 
     def step(self) -> bool:
         """Run one engine step (module doc). Returns False when there was nothing to do."""
@@ -676,8 +712,12 @@ class Engine:
         )
         if plan.decodes:
             self._decode(plan.decodes)
-        for c in plan.chunks:
-            self._chunk(c)
+        groups: dict = {}
+        for c in plan.chunks:  # chunks sharing a program and a write offset run as one call
+            static, key = self._chunk_static(c)
+            groups.setdefault(key, (static, []))[1].append(c)
+        for static, chunks in groups.values():
+            self._chunks(chunks, static)
         self._counts["steps"] += 1
         self._counts["step_tokens_max"] = max(self._counts["step_tokens_max"], plan.tokens)
         return True
@@ -730,7 +770,8 @@ class Engine:
     @property
     def stats(self) -> dict:
         """steps, admitted, decode_tokens, prefill_tokens (true prompt tokens) and
-        prefill_padded_tokens, finished_<reason> counts, grows and shrinks of the live state,
+        prefill_padded_tokens, prefill_chunks and prefill_calls (chunks sharing a program and
+        a write offset run as one call), finished_<reason> counts, grows and shrinks of the live state,
         step_tokens_max (the most tokens one step computed, <= token_budget), running,
         prefilling and waiting requests, bucket (rows, prompt bound, headroom of the live
         state), kv_bytes_reserved (the live state, every row), kv_bytes_needed (what the live
@@ -740,6 +781,7 @@ class Engine:
         bucket = self._bucket
         needed = sum(self.row_bytes(r.bound, r.headroom) for r in [*self._running.values(), *self._prefilling])
         return {
+            "steps": 0,
             **{k: int(v) for k, v in self._counts.items()},
             "running": len(self._running),
             "prefilling": len(self._prefilling),

@@ -314,7 +314,8 @@ class Server:
 
     async def health(self, request: Request):
         stats = self.engine.stats
-        keys = ("running", "prefilling", "waiting", "kv_bytes_reserved", "kv_bytes_needed", "bucket", "policy")
+        keys = ("running", "prefilling", "waiting", "kv_bytes_reserved", "kv_bytes_needed", "kv_bytes_prefill")
+        keys += ("bucket", "policy", "steps", "programs")
         return JSONResponse({"status": "ok", "model": self.model_name, **{k: stats[k] for k in keys}})
 
 
