@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--text", default="pydoc")
     ap.add_argument("--out", required=True, help="checkpoint directory")
     ap.add_argument("--pca-out", default="", help="where to save the PCA initialisation (default: none)")
+    ap.add_argument("--init", default="", help="start from this checkpoint instead of computing the PCA")
     ap.add_argument("--log", required=True, help="JSONL training log")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--time-limit", type=float, default=1800.0, help="seconds of training at most")
@@ -55,8 +56,11 @@ def main() -> None:
     n_train = min(args.steps, args.max_windows) * args.batch * args.context  # windows are cycled
     ids = calibration._first_tokens(model.tokenizer, load_text(args.text), args.pca_tokens + n_train)
     t0 = time.time()
-    init = matryoshka.calibrate_pca(calibration.collect(model, ids[: args.pca_tokens]), cfg)
-    if args.pca_out:
+    if args.init:  # a saved initialisation (e.g. an earlier run's --pca-out)
+        init = matryoshka.load_params(cfg, args.init)
+    else:
+        init = matryoshka.calibrate_pca(calibration.collect(model, ids[: args.pca_tokens]), cfg)
+    if args.pca_out and not args.init:
         mt.save(args.pca_out, cfg, init, {"init": "pca", "text": args.text, "tokens": args.pca_tokens})
     rest = np.asarray(ids[args.pca_tokens :], np.int32)
     per = args.batch * args.context

@@ -133,13 +133,15 @@ def train(
         updates, opt_state = opt.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, kl, ce
 
-    rows, key, t0 = [], jax.random.key(seed), time.time()
+    rows, key, t0, compiled = [], jax.random.key(seed), time.time(), None
     for i in range(steps):
         tokens = jnp.asarray(token_batches[i % len(token_batches)], jnp.int32)
         key, sub = jax.random.split(key)
-        params, opt_state, loss, kl, ce = step(
-            params, opt_state, sub, model.params, tokens, teacher(model.params, tokens)
-        )
+        args = (params, opt_state, sub, model.params, tokens, teacher(model.params, tokens))
+        if compiled is None:  # one program: later steps' arguments are placed as its inputs were
+            compiled = step.lower(*args).compile()
+        args = jax.device_put(args, compiled.input_shardings[0])
+        params, opt_state, loss, kl, ce = compiled(*args)
         row = {
             "step": i + 1,
             "loss": float(loss),
