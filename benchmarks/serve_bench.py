@@ -277,9 +277,7 @@ def admitted_count(model, spec: str, context: int, max_tokens: int, kv_bytes: in
             eng.submit(ids, max_tokens=max_tokens, stop_ids=[])
     except ValueError as e:
         return {"policy": spec, "admitted": 0, "note": str(e)}
-    eng._take_inbox()
-    eng._admit()  # admission only: no prompt runs, no state is made
-    n = eng.stats["prefilling"]
+    n = eng.admit_waiting()  # admission only: no prompt runs, no state is made
     row = eng.row_bytes(eng._prefilling[0].bound, eng._prefilling[0].headroom) if n else None
     return {
         "policy": spec,

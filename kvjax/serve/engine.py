@@ -285,7 +285,8 @@ class Engine:
       rows: the most requests decoding at once (rows of the live state).
       token_budget: tokens one step computes: a decode token per running request plus prompt
         chunks (padded widths).
-      min_chunk: the narrowest prompt chunk (a power of two); chunk widths are powers of two.
+      min_chunk: the narrowest prompt chunk (a power of two <= 64); chunk widths are powers of
+        two up to 64, then multiples of 64 (`kvjax.serve.scheduler`).
       max_kv_bytes: admit a request only while the live state then reserves at most this many
         KV bytes (None: rows alone limit admission).
       schedule: "stall-free" (Sarathi-Serve) or "prefill-first" (prompt chunks run while
@@ -310,8 +311,8 @@ class Engine:
         check_servable(self.policy)
         self.rows = check_int("rows", rows, 1)
         self.min_chunk = check_int("min_chunk", min_chunk, 1)
-        if self.min_chunk & (self.min_chunk - 1):
-            raise ValueError(f"min_chunk={min_chunk} must be a power of two")
+        if self.min_chunk & (self.min_chunk - 1) or self.min_chunk > scheduler.QUANTUM:
+            raise ValueError(f"min_chunk={min_chunk} must be a power of two <= {scheduler.QUANTUM}")
         self.min_final = observation_window(self.policy)
         need = scheduler.min_budget(self.rows, self.min_chunk, self.min_final)
         self.token_budget = check_int("token_budget", token_budget, 1)
@@ -415,7 +416,7 @@ class Engine:
             on_event=on_event,
             bound=bound,
             headroom=headroom,
-            bucket=bucket_length(len(ids) + self.min_final + self.min_chunk),
+            bucket=scheduler.prefill_bucket(len(ids)),
         )
         with self._wake:
             self._inbox.append(req)
@@ -521,6 +522,14 @@ class Engine:
             req.row = row  # its prefill state is made when its first chunk runs (`_chunk`)
             self._prefilling.append(req)
             self._counts["admitted"] += 1
+
+    def admit_waiting(self) -> int:
+        """Take the queued requests and admit those that fit (rows, `max_kv_bytes`) without
+        running anything: what `step` does first. Returns how many are admitted in all
+        (prefilling or running)."""
+        self._take_inbox()
+        self._admit()
+        return len(self._prefilling) + len(self._running)
 
     def _note_program(self, *key) -> None:
         self._programs[key] = self._programs.get(key, 0) + 1
@@ -717,7 +726,10 @@ class Engine:
             static, key = self._chunk_static(c)
             groups.setdefault(key, (static, []))[1].append(c)
         for static, chunks in groups.values():
-            self._chunks(chunks, static)
+            while chunks:  # groups of power-of-two sizes: few distinct batch shapes to compile
+                k = scheduler.pow2_floor(len(chunks))
+                self._chunks(chunks[:k], static)
+                chunks = chunks[k:]
         self._counts["steps"] += 1
         self._counts["step_tokens_max"] = max(self._counts["step_tokens_max"], plan.tokens)
         return True

@@ -8,12 +8,13 @@ is the baseline it is compared with: while any prompt is waiting, a step runs pr
 only (up to the budget) and the decodes wait.
 
 Chunk widths are what the compiled prefill programs are specialised on, so they come from a
-small set: a chunk that does not end its prompt is a power of two of at least `min_chunk`
-tokens, and a prompt's last chunk is its remainder padded up to the next power of two (at
-least `min_chunk`). The padded width is what counts against the budget, and a chunk is kept
-inside the prompt's bucket (`Prefilling.bucket`): chunk starts are multiples of `min_chunk`,
-so the padded slots of the last chunk never run past the bucket the request's state was
-sized for.
+small set (`width_up` / `width_down`): powers of two from `min_chunk` to QUANTUM (64), then
+multiples of QUANTUM. A chunk that does not end its prompt has such a width exactly; a
+prompt's last chunk is its remainder padded up to one. The padded width is what counts
+against the budget, and chunks stay inside the prompt's bucket (`Prefilling.bucket`, at least
+`prefill_bucket(length)`): chunk starts are multiples of `min_chunk`, and a last chunk pads
+by less than QUANTUM, so its padded slots never run past the slots the request's prefill state
+was sized for.
 
     plan = schedule(decoding=[3, 5], prefilling=[Prefilling(7, 100, 0, 128)], budget=64)
     plan.decodes == [3, 5]; plan.chunks == [Chunk(7, 32, 32, False)]
@@ -26,6 +27,10 @@ import dataclasses
 SCHEDULES = ("stall-free", "prefill-first")
 
 
+#: Chunk widths above this are its multiples (below it, powers of two).
+QUANTUM = 64
+
+
 def pow2_ceil(n: int) -> int:
     """Smallest power of two >= n (n >= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -36,11 +41,31 @@ def pow2_floor(n: int) -> int:
     return 1 << (int(n).bit_length() - 1)
 
 
+def width_up(n: int, min_chunk: int) -> int:
+    """The chunk width that holds n tokens: a power of two >= min_chunk up to QUANTUM, else
+    the next multiple of QUANTUM."""
+    return max(min_chunk, pow2_ceil(n)) if n <= QUANTUM else -(-n // QUANTUM) * QUANTUM
+
+
+def width_down(n: int) -> int:
+    """The widest chunk width <= n (n >= 1)."""
+    return pow2_floor(n) if n < QUANTUM else n // QUANTUM * QUANTUM
+
+
+def prefill_bucket(length: int) -> int:
+    """Slots of the prefill state of a `length`-token prompt: length + QUANTUM (room for the
+    last chunk's padding) rounded up to an eighth of its power of two (a multiple of QUANTUM),
+    so nearby lengths share compiled programs."""
+    n = length + QUANTUM
+    step = max(QUANTUM, pow2_ceil(n) // 8)
+    return -(-n // step) * step
+
+
 @dataclasses.dataclass(frozen=True)
 class Prefilling:
     """A request whose prompt is being prefilled: `length` prompt tokens, `fed` of them in
-    already (a multiple of min_chunk), `bucket` the slots its prefill state holds (>= length,
-    a multiple of min_chunk)."""
+    already (a multiple of min_chunk), `bucket` the slots its prefill state holds (at least
+    `prefill_bucket(length)`, a multiple of min_chunk)."""
 
     rid: int
     length: int
@@ -78,20 +103,20 @@ def chunk_for(p: Prefilling, room: int, min_chunk: int, min_final: int = 0) -> C
     left = p.length - p.fed
     if left < 1:
         raise ValueError(f"request {p.rid} has no prompt tokens left (length={p.length}, fed={p.fed})")
-    width = max(min_chunk, pow2_ceil(left))
+    width = width_up(left, min_chunk)
     if width <= room and p.fed + width <= p.bucket:
         return Chunk(p.rid, left, width, True)
     step = min(room, left - min_final, p.bucket - p.fed)
     if step < min_chunk:
         return None
-    width = pow2_floor(step)
+    width = width_down(step)
     return Chunk(p.rid, width, width, False)
 
 
 def min_budget(decodes: int, min_chunk: int, min_final: int) -> int:
     """The smallest token budget that always makes progress: `decodes` tokens plus the widest
-    last chunk (a remainder below min_final + min_chunk, padded to a power of two)."""
-    return decodes + max(min_chunk, pow2_ceil(min_final + min_chunk - 1))
+    last chunk (a remainder below min_final + min_chunk, padded up, `width_up`)."""
+    return decodes + width_up(min_final + min_chunk - 1, min_chunk)
 
 
 def schedule(
@@ -110,8 +135,8 @@ def schedule(
     observation window must lie in the chunk it compresses after)."""
     if policy not in SCHEDULES:
         raise ValueError(f"policy={policy!r}; expected one of {SCHEDULES}")
-    if min_chunk < 1 or min_chunk & (min_chunk - 1):
-        raise ValueError(f"min_chunk={min_chunk} must be a power of two")
+    if min_chunk < 1 or min_chunk & (min_chunk - 1) or min_chunk > QUANTUM:
+        raise ValueError(f"min_chunk={min_chunk} must be a power of two <= {QUANTUM}")
     if budget < min_budget(len(decoding), min_chunk, min_final):
         raise ValueError(
             f"token budget {budget} < {min_budget(len(decoding), min_chunk, min_final)}: it must hold "
