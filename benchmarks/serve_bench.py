@@ -302,6 +302,7 @@ def gpu_bench(args) -> dict:
     budget = args.token_budget if args.token_budget else (64 if smoke else 512)
     rows = args.rows
     arrivals = _arrivals(n, rate, lengths, seed=0)
+    kv_bytes = int(args.kv_gb * 2**30) if args.kv_gb else (2 << 20 if smoke else 40 << 30)
     out = {
         "bench": "serve engine, synthetic Poisson arrivals",
         "model": model.source,
@@ -313,21 +314,21 @@ def gpu_bench(args) -> dict:
         "rows": rows,
         "token_budget": budget,
         "policy": args.policy,
+        "kv_bytes_budget": kv_bytes,
         "schedules": {},
     }
     for schedule in ("stall-free", "prefill-first"):
         # warm-up passes of the same arrivals compile the programs (bucket shapes depend on the
         # interleaving, so a program can still be new in the timed pass: counted below)
         for _ in range(args.warmup):
-            eng = Engine(model, args.policy, rows=rows, token_budget=budget, schedule=schedule)
+            eng = Engine(model, args.policy, rows=rows, token_budget=budget, schedule=schedule, max_kv_bytes=kv_bytes)
             _run_workload(eng, arrivals, max_tokens, model.config.vocab_size)
-        eng = Engine(model, args.policy, rows=rows, token_budget=budget, schedule=schedule)
+        eng = Engine(model, args.policy, rows=rows, token_budget=budget, schedule=schedule, max_kv_bytes=kv_bytes)
         before = compiled_programs()
         out["schedules"][schedule] = _run_workload(eng, arrivals, max_tokens, model.config.vocab_size)
         out["schedules"][schedule]["compiles_in_timed_pass"] = compiled_programs() - before
         print(schedule, json.dumps({k: v for k, v in out["schedules"][schedule].items() if k != "engine"}))
     context = 256 if smoke else 32768
-    kv_bytes = int(args.kv_gb * 2**30) if args.kv_gb else (2 << 20 if smoke else 40 << 30)
     specs = ("dense", "kivi:bits=2", "snapkv:budget=0.2+kivi:bits=2")
     out["admission"] = [
         admitted_count(model, s, context, max_tokens, kv_bytes, rows=args.admission_rows, budget=budget) for s in specs
@@ -350,7 +351,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--token-budget", type=int, default=None)
     ap.add_argument("--n-requests", type=int, default=None, help="gpu mode: requests in the Poisson workload")
     ap.add_argument("--rate", type=float, default=None, help="gpu mode: arrivals per second")
-    ap.add_argument("--kv-gb", type=float, default=None, help="gpu mode: KV byte budget for the admission count")
+    ap.add_argument("--kv-gb", type=float, default=None, help="gpu mode: KV byte budget (GiB; default 40)")
     ap.add_argument("--admission-rows", type=int, default=64, help="gpu mode: row limit for the admission count")
     ap.add_argument("--warmup", type=int, default=2, help="gpu mode: warm-up passes before the timed one")
     ap.add_argument("--out", default=None, help="write the result JSON here")
