@@ -77,6 +77,25 @@ def test_greedy_lossless_with_a_draft_model_and_stop_ids(tiny1_model):
     assert got.n_tokens[0] <= 10
 
 
+@pytest.mark.slow
+def test_greedy_is_lossless_on_smollm2(smollm2):
+    """SmolLM2, 20 prompts of 150-400 tokens (KJV Judges passages) in one batch, 64 new tokens,
+    both levels: the tokens equal plain dense decoding's."""
+    from kvjax.eval import load_text
+
+    words = load_text("kjv-judges").split()
+    rng = np.random.default_rng(0)
+    prompts = []
+    for _ in range(20):
+        start, n = int(rng.integers(0, len(words) - 400)), int(rng.integers(110, 300))
+        prompts.append(" ".join(words[start : start + n]))
+    spec = "triforce:budget=64,gamma=4,draft_gamma=2,sink=16,window=48"
+    ref = kvjax.generate(smollm2, prompts, max_new_tokens=64, stop_ids=[])
+    got = kvjax.generate(smollm2, prompts, max_new_tokens=64, stop_ids=[], speculative=spec)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    assert got.stats["tokens_per_verify"] > 1.0
+
+
 # ---- the accept / resample rule, exactly ------------------------------------------------------
 
 
@@ -214,15 +233,34 @@ def test_sampled_tokens_follow_the_target_distribution(tiny1_model):
 
 
 @pytest.mark.slow
-def test_sampled_tokens_follow_smollm2(smollm2):
-    """The real SmolLM2 at temperature 0.6 over a 300-token prompt, retrieval budget 64 and the
-    StreamingLLM level: 10^4 samples of one next token pass a chi-square test against the exact
-    target distribution."""
+def test_accept_rule_on_a_smollm2_distribution(smollm2):
+    """The real SmolLM2 at temperature 0.6 over a 300-token prompt: p = the full cache's next-token
+    distribution, q = the TriForce retrieval cache's (budget 64). 2 x 10^4 drafts drawn from q
+    and passed through `accept` give first tokens that pass a chi-square test against p, while
+    drafts are rejected at a rate that makes the resample path matter."""
+    m = smollm2
     text = "The history of the printing press begins in the fifteenth century. " * 30
-    ids = smollm2.tokenizer.encode(text)[:300]
-    plan = TriForce(budget=64, gamma=3, draft_gamma=2, sink=16, window=48)
-    samples, p = _one_round_samples(smollm2, "dense", ids, ids[-1], plan, 1000, 10, Sampler(temperature=0.6))
-    stat, pval = _chi_square_ok(samples, p)
+    ids = m.tokenizer.encode(text)[:300]
+    sampler = Sampler(temperature=0.6)
+    levels = build_levels(m, TriForce(budget=64, gamma=1, draft_gamma=0), parse_policy("dense"))
+    toks, lens = jnp.asarray([ids[:-1]]), jnp.asarray([len(ids) - 1])
+    _, states = prefill_levels(m, levels, toks, lens, len(ids) - 1, len(ids) - 1, 8)
+    p, q = (
+        sampler.probs(extend(m.params, st, [[ids[-1]]], [1], config=m.config, policy=lev.policy)[0])
+        for st, lev in zip(states, levels)
+    )
+    assert float(jnp.abs(p - q).sum()) > 0.05  # the draft differs from the target
+    samples, rejected = [], 0
+    for i in range(20):
+        kd, ku, kr = jax.random.split(jax.random.key(i), 3)
+        d = jax.random.categorical(kd, jnp.log(q), shape=(1000, 1)).astype(jnp.int32)
+        pp = jnp.broadcast_to(p[:, None], (1000, 2, p.shape[-1]))
+        qq = jnp.broadcast_to(q[:, None], (1000, 1, q.shape[-1]))
+        n, tok, _ = accept(pp, qq, d, jax.random.uniform(ku, (1000, 1)), kr)
+        samples.append(np.where(np.asarray(n) >= 1, np.asarray(d[:, 0]), np.asarray(tok)))
+        rejected += int((np.asarray(n) == 0).sum())
+    assert rejected > 100
+    stat, pval = _chi_square_ok(np.concatenate(samples), np.asarray(p[0], np.float64))
     assert pval > 1e-3, (stat, pval)
 
 
@@ -322,3 +360,22 @@ def test_bad_input(tiny1_model):
     with pytest.raises(ValueError, match="on_token and share_prefixes"):
         kvjax.generate(m, "hi", on_token=print, speculative="triforce:budget=8")
     assert isinstance(build_levels(m, TriForce(budget=8), parse_policy("dense"))[1].policy, TriForceRetrieval)
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(monkeypatch, tmp_path):
+    """benchmarks/triforce_bench.py --smoke, both modes, on a tiny random model (what a real run
+    would break on): every grid row equals plain greedy decoding at temperature 0."""
+    import importlib.util
+    import pathlib
+
+    bench = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("triforce_bench", bench / "triforce_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--smoke", "--out", str(tmp_path / "r.json")])
+    assert res["grid"] and all(r["equals_plain_greedy"] for r in res["grid"] if r["temperature"] == 0)
+    assert all(r.get("equals_plain_greedy", True) for r in res["wall"])
+    row = mod.main(["--smoke", "--device", "gpu", "--gammas", "2"])
+    assert row["target_1_token_ms"] > 0 and row["target_3_tokens_ms"] > 0 and row["retrieval_draft_1_token_ms"] > 0

@@ -42,7 +42,7 @@ def numpy_retrieval(k, pos, q_last, budget, chunk):
     return out
 
 
-@pytest.mark.parametrize("budget,chunk", [(24, 8), (13, 4), (64, 8), (0.3, 8)])
+@pytest.mark.parametrize("budget,chunk", [(24, 8), (13, 4), (0.3, 8)])
 def test_selection_equals_the_papers_rule(budget, chunk):
     rng = np.random.default_rng(1234)  # fixed tensors
     b, n, s, h, g = 2, 2, 45, 8, 3
