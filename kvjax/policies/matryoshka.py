@@ -20,7 +20,8 @@ Prefill attends through the projections too (so the projections are trained on e
 decoding reads). The directions come from a checkpoint: `kvjax calibrate --method matryoshka` gives
 the PCA initialisation (eigenvectors of each head's key / value covariance, strongest first, means =
 the calibration means); `kvjax.policies.matryoshka_train` trains them (Cayley parametrisation, the
-paper's Matryoshka objective) and ships SmolLM2's in kvjax/policies/data/. Trained or not, the
+paper's Matryoshka objective). The SmolLM2 checkpoint in kvjax/policies/data/ holds the PCA
+initialisation (its meta records `init: pca`). Trained or not, the
 first r rows are the ones kept, so one checkpoint serves every rank.
 
 Traced parameters (`forward(..., policy_params=...)`, `takes_params`): {"k_basis", "v_basis":
