@@ -33,6 +33,9 @@ def generate(
     speculative: str | None = typer.Option(
         None, metavar="SPEC", help="lossless speculative decoding, e.g. 'triforce:budget=256,gamma=6,draft_gamma=4'"
     ),
+    draft_model: str | None = typer.Option(
+        None, help="with --speculative: a smaller model of the same vocabulary for the StreamingLLM level"
+    ),
 ):
     """Generate text and print it with tokens/s, compile time and KV-cache bytes."""
     from ..generation import generate as run
@@ -65,7 +68,11 @@ def generate(
         except ValueError as e:
             fail(str(e))
         options["speculative"] = speculative
+    elif draft_model is not None:
+        fail("--draft-model drafts for --speculative; give --speculative too")
     m = load_model(model)
+    if draft_model is not None:
+        options["draft_model"] = load_model(draft_model)
     if system is not None:
         inputs = dict(
             messages=[[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in prompt]
