@@ -96,6 +96,27 @@ def test_greedy_is_lossless_on_smollm2(smollm2):
     assert got.stats["tokens_per_verify"] > 1.0
 
 
+def test_cli_speculative(tiny1_model, monkeypatch):
+    """`kvjax generate --speculative ... --json`: the plain greedy texts and the speculative stats;
+    a bad spec fails before a model loads."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import kvjax.cli.run as run
+    from kvjax.cli import app
+
+    monkeypatch.setattr(run, "load_model", lambda name: tiny1_model)
+    args = ["generate", "-p", PROMPTS[0], "-n", "8", "--json", "--speculative", "triforce:budget=16,gamma=3"]
+    r = CliRunner().invoke(app, args)
+    out = json.loads(r.stdout)
+    ref = kvjax.generate(tiny1_model, PROMPTS[0], max_new_tokens=8)
+    assert r.exit_code == 0 and out["texts"] == ref.texts
+    assert len(out["acceptance_rate"]) == 2 and out["tokens_per_verify"] >= 1
+    r = CliRunner().invoke(app, ["generate", "-p", "x", "--speculative", "triforce:window=0"])
+    assert r.exit_code == 2 and "window=0 must be an integer >= 1" in r.output
+
+
 # ---- the accept / resample rule, exactly ------------------------------------------------------
 
 
