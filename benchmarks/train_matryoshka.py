@@ -50,7 +50,7 @@ def main() -> None:
     from kvjax.policies import matryoshka_train as mt
     from kvjax.quant import calibration
 
-    model = load(args.model)
+    model = load(args.model, quantized_matmul=False)  # float matmuls: the gradient path
     cfg = model.config
     ranks = tuple(int(r) for r in args.ranks.split(","))
     n_train = min(args.steps, args.max_windows) * args.batch * args.context  # windows are cycled
