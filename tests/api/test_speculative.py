@@ -79,19 +79,20 @@ def test_greedy_lossless_with_a_draft_model_and_stop_ids(tiny1_model):
 
 @pytest.mark.slow
 def test_greedy_is_lossless_on_smollm2(smollm2):
-    """SmolLM2, 20 prompts of 150-400 tokens (KJV Judges passages) in one batch, 64 new tokens,
-    both levels: the tokens equal plain dense decoding's."""
+    """SmolLM2, 4 prompts of 150-400 tokens (KJV Judges passages) in one batch, 32 new tokens,
+    both levels: the tokens equal plain dense decoding's (`benchmarks/triforce_bench.py` checks
+    the same on every row of its grid at 2k and 8k)."""
     from kvjax.eval import load_text
 
     words = load_text("kjv-judges").split()
     rng = np.random.default_rng(0)
     prompts = []
-    for _ in range(20):
+    for _ in range(4):
         start, n = int(rng.integers(0, len(words) - 400)), int(rng.integers(110, 300))
         prompts.append(" ".join(words[start : start + n]))
     spec = "triforce:budget=64,gamma=4,draft_gamma=2,sink=16,window=48"
-    ref = kvjax.generate(smollm2, prompts, max_new_tokens=64, stop_ids=[])
-    got = kvjax.generate(smollm2, prompts, max_new_tokens=64, stop_ids=[], speculative=spec)
+    ref = kvjax.generate(smollm2, prompts, max_new_tokens=32, stop_ids=[])
+    got = kvjax.generate(smollm2, prompts, max_new_tokens=32, stop_ids=[], speculative=spec)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     assert got.stats["tokens_per_verify"] > 1.0
 
@@ -256,7 +257,7 @@ def test_sampled_tokens_follow_the_target_distribution(tiny1_model):
 @pytest.mark.slow
 def test_accept_rule_on_a_smollm2_distribution(smollm2):
     """The real SmolLM2 at temperature 0.6 over a 300-token prompt: p = the full cache's next-token
-    distribution, q = the TriForce retrieval cache's (budget 64). 2 x 10^4 drafts drawn from q
+    distribution, q = the TriForce retrieval cache's (budget 64). 10^4 drafts drawn from q
     and passed through `accept` give first tokens that pass a chi-square test against p, while
     drafts are rejected at a rate that makes the resample path matter."""
     m = smollm2
@@ -272,7 +273,7 @@ def test_accept_rule_on_a_smollm2_distribution(smollm2):
     )
     assert float(jnp.abs(p - q).sum()) > 0.05  # the draft differs from the target
     samples, rejected = [], 0
-    for i in range(20):
+    for i in range(10):
         kd, ku, kr = jax.random.split(jax.random.key(i), 3)
         d = jax.random.categorical(kd, jnp.log(q), shape=(1000, 1)).astype(jnp.int32)
         pp = jnp.broadcast_to(p[:, None], (1000, 2, p.shape[-1]))
@@ -280,7 +281,7 @@ def test_accept_rule_on_a_smollm2_distribution(smollm2):
         n, tok, _ = accept(pp, qq, d, jax.random.uniform(ku, (1000, 1)), kr)
         samples.append(np.where(np.asarray(n) >= 1, np.asarray(d[:, 0]), np.asarray(tok)))
         rejected += int((np.asarray(n) == 0).sum())
-    assert rejected > 100
+    assert rejected > 50
     stat, pval = _chi_square_ok(np.concatenate(samples), np.asarray(p[0], np.float64))
     assert pval > 1e-3, (stat, pval)
 
@@ -395,7 +396,7 @@ def test_benchmark_smoke(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("triforce_bench", bench / "triforce_bench.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    res = mod.main(["--smoke", "--out", str(tmp_path / "r.json")])
+    res = mod.main(["--smoke", "--gammas", "2", "--temperatures", "0,0.6", "--out", str(tmp_path / "r.json")])
     assert res["grid"] and all(r["equals_plain_greedy"] for r in res["grid"] if r["temperature"] == 0)
     assert all(r.get("equals_plain_greedy", True) for r in res["wall"])
     row = mod.main(["--smoke", "--device", "gpu", "--gammas", "2"])
