@@ -10,7 +10,9 @@ held, KV bytes read per decode step (device and host), peak device memory (`memo
 on GPU each case runs in its own process, so its peak is its own), the attention calls that
 took the jnp reference (`kvjax.attention.fallbacks()`), and x roofline = step time / roofline,
 roofline = (weight bytes + KV bytes read per step on the device) / copy bandwidth + host bytes
-read per step / host-to-device bandwidth, both bandwidths measured in the same process. A case
+read per step / host-to-device bandwidth, both bandwidths measured in the same process (x read
+roofline: the same over the bandwidth of a device reduction, which only reads, as decode does;
+on GPU the stricter of the two). A case
 that runs out of memory is reported as such.
 
     --device gpu : Llama-3.1-8B-shaped random bf16 weights (fused projections), each case in its
@@ -23,6 +25,9 @@ that runs out of memory is reported as such.
                    memory, XLA's RESOURCE_EXHAUSTED, then bisection between the last batch that
                    ran and the first that did not, down to `--max-batch-tolerance`); on GPU each
                    trial in its own process.
+    --profile N  : after the timed runs, N more decode steps under `jax.profiler.trace`; per
+                   operation (each layer's copies together) launches and microseconds per step,
+                   device busy time and span per step (the gap is launch overhead and syncs).
     --hf         : HF transformers (torch, sdpa attention, DynamicCache) at each case's batch and
                    context with the dense cache, the floor: prefill, then greedy decode steps
                    timed the same way (CUDA on GPU, float32 on the CPU); out of memory reported.
@@ -64,7 +69,7 @@ GPU_LONG_CASES = ",".join(f"{p}@1x{s}" for p in ("shadowkv", "offload", "kivi:bi
 CPU_CASES = "dense@2x256,kivi:bits=2@2x256,snapkv:budget=0.2+kivi:bits=2@1x512"
 COLUMNS = [
     "policy", "B", "S", "prefill s", "prefill tok/s", "prefill x dense", "decode ms/step", "KV GB",
-    "KV GB read/step", "peak GB", "x roofline", "fallbacks",
+    "KV GB read/step", "peak GB", "x roofline", "x read roofline", "fallbacks",
 ]  # fmt: skip
 MAX_BATCH_COLUMNS = ["policy", "S", "max batch", "first failing batch", "trials"]
 
@@ -157,6 +162,23 @@ def copy_bandwidth(n_bytes: int = 1 << 32) -> float:
     return 2 * x.nbytes / best
 
 
+def read_bandwidth(n_bytes: int = 1 << 32) -> float:
+    """Bytes read per second by a device reduction over `n_bytes` (best of 10): the bandwidth a
+    decode step, which reads weights and cache and writes little, can reach."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return x.nbytes / best
+
+
 def host_bandwidth(n_bytes: int = 1 << 28) -> float:
     """Bytes per second of a host-to-device copy (`jax.device_put` of a numpy array, best of 5)."""
     import jax
@@ -189,9 +211,13 @@ def run_case(
     steps: int,
     bandwidth: float,
     host_bw: float | None = None,
+    read_bw: float | None = None,
     prefill_chunk: int | None = None,
+    profile_steps: int = 0,
 ) -> dict:
-    """Prefill B x S random tokens with `spec`, decode, and time both (module docstring)."""
+    """Prefill B x S random tokens with `spec`, decode, and time both (module docstring); with
+    `profile_steps`, then trace that many more decode steps with the JAX profiler and add their
+    per-operation summary (`benchmarks_common.profile_summary`) as row["profile"]."""
     import jax
     import jax.numpy as jnp
 
@@ -202,7 +228,7 @@ def run_case(
 
     pol = parse_policy(spec)
     dtype = jax.tree.leaves(params)[0].dtype
-    new = 8 + 2 * steps
+    new = 8 + 2 * steps + profile_steps
     chunk = prefill_chunk if prefill_chunk and context > prefill_chunk else None
     if chunk and context % chunk:
         raise ValueError(f"context {context} must be a multiple of --prefill-chunk {chunk}")
@@ -246,10 +272,23 @@ def run_case(
     row["host GB read/step"] = round(host_read / 1e9, 4)
     row["roofline ms"] = round(1000 * roofline, 3)
     row["x roofline"] = round(step / roofline, 2)
+    if read_bw:
+        read_roof = (weights + device_read) / read_bw + (host_read / host_bw if host_read and host_bw else 0.0)
+        row["x read roofline"] = round(step / read_roof, 2)
     row["peak GB"] = round((peak_bytes() or 0) / 1e9, 2)
     row["fallbacks"] = sum(attention.fallbacks().values())
     if row["fallbacks"]:
         row["fallback reasons"] = attention.fallbacks()
+    if profile_steps:
+        import tempfile
+
+        from benchmarks_common import profile_summary
+
+        trace_dir = tempfile.mkdtemp(prefix="kvjax-profile-")
+        with jax.profiler.trace(trace_dir):
+            loop = decode_steps(params, loop, new, **run)
+            jax.block_until_ready(loop.token)
+        row["profile"] = profile_summary(trace_dir, profile_steps)
     return row
 
 
@@ -361,13 +400,15 @@ def one(args) -> dict:
 
     cfg, params = gpu_model() if gpu else cpu_model()
     bw = copy_bandwidth() if gpu else copy_bandwidth(1 << 24)
+    rbw = read_bandwidth() if gpu else read_bandwidth(1 << 24)
     row = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy TB/s": round(bw / 1e12, 3)}
+    row["read TB/s"] = round(rbw / 1e12, 3)
     try:
         hbw = host_bandwidth() if gpu else bw
         row["host GB/s"] = round(hbw / 1e9, 1)
         row |= run_case(
-            spec, b, s, cfg=cfg, params=params, steps=args.steps, bandwidth=bw, host_bw=hbw,
-            prefill_chunk=args.prefill_chunk,
+            spec, b, s, cfg=cfg, params=params, steps=args.steps, bandwidth=bw, host_bw=hbw, read_bw=rbw,
+            prefill_chunk=args.prefill_chunk, profile_steps=args.profile,
         )  # fmt: skip
     except Exception as e:  # out of memory and friends: reported in the row, the sweep goes on
         row |= _error_row(spec, b, s, e)
@@ -382,6 +423,8 @@ def in_child(case: str, args, hf: bool = False, steps: int | None = None) -> dic
     cmd += ["--steps", str(steps or args.steps)]
     if args.prefill_chunk:
         cmd += ["--prefill-chunk", str(args.prefill_chunk)]
+    if args.profile and not hf:
+        cmd += ["--profile", str(args.profile)]
     if hf:
         cmd += ["--hf"]
     env = dict(os.environ)
@@ -467,6 +510,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--max-batch-limit", type=int, default=256, help="largest batch tried")
     ap.add_argument("--max-batch-tolerance", type=float, default=0.0, help="stop bisecting within this fraction")
     ap.add_argument("--isolate", action="store_true", help="cpu: each case in its own process, as on GPU")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="trace N more decode steps per case (module doc)"
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.isolate = args.isolate or args.device == "gpu"
@@ -498,7 +544,7 @@ def main(argv=None) -> list[dict]:
         for spec, b, s in cases:
             rows.append(
                 run_case(spec, b, s, cfg=cfg, params=params, steps=args.steps, bandwidth=bw,
-                         host_bw=bw, prefill_chunk=args.prefill_chunk)
+                         host_bw=bw, prefill_chunk=args.prefill_chunk, profile_steps=args.profile)
             )  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
         for b, s in shapes if args.hf else ():
@@ -506,6 +552,12 @@ def main(argv=None) -> list[dict]:
             print(json.dumps(rows[-1]), flush=True)
     add_prefill_ratios(rows)
     table(rows)
+    if args.profile:
+        from benchmarks_common import print_profile
+
+        for r in rows:
+            if "profile" in r:
+                print_profile(f"{r['policy']} @ {r['B']}x{r['S']}", r["profile"])
     return _write(rows)
 
 

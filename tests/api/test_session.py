@@ -1,6 +1,5 @@
 """`kvjax.Session`: a context compressed once, asked many questions (question excluded)."""
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -126,26 +125,21 @@ def test_session_bad_inputs(model):
 
 
 @pytest.mark.slow
-def test_sixteen_questions_cost_one_prefill(smollm2):
-    """SmolLM2, a ~2k-token document, 16 questions: one context prefill in a session vs 16
-    independent generates (prefill tokens and wall time; BENCHMARKS.md "Sessions")."""
+def test_questions_cost_one_prefill(smollm2):
+    """SmolLM2, a ~1k-token document, 4 questions: one context prefill in a session vs 4
+    independent generates (prefill tokens; the same answers). The 16-question timing is
+    benchmarks/session_bench.py's (BENCHMARKS.md "Sessions")."""
     from kvjax.eval.texts import load_text
 
     tok = smollm2.tokenizer
-    doc = tok.decode(tok.encode(load_text("kjv-judges"))[:2000])
-    questions = [f"\nQuestion {i}: who is named in verse {i + 1}?\nAnswer:" for i in range(16)]
-    t0 = time.perf_counter()
+    doc = tok.decode(tok.encode(load_text("kjv-judges"))[:1000])
+    questions = [f"\nQuestion {i}: who is named in verse {i + 1}?\nAnswer:" for i in range(4)]
     s = kvjax.Session(smollm2, doc, max_new_tokens=8, max_question_tokens=32)
     answers = [s.ask(q, stop_ids=[]) for q in questions]
-    session_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
     alone = [kvjax.generate(smollm2, doc + q, max_new_tokens=8, stop_ids=[]) for q in questions]
-    independent_s = time.perf_counter() - t0
     session_prefill = s.stats["prefill_tokens"]
     independent_prefill = sum(g.stats["prompt_tokens"] for g in alone)
-    print(f"session: {session_prefill} prefill tokens, {session_s:.1f} s; 16 generates: "
-          f"{independent_prefill} prefill tokens, {independent_s:.1f} s")  # fmt: skip
     assert s.stats["prefills"] == 1
-    assert session_prefill < independent_prefill / 10
+    assert session_prefill < independent_prefill / 3
     same = sum(a.texts[0] == g.texts[0] for a, g in zip(answers, alone))
-    assert same >= 14  # dense: the same answers (token boundaries between document and question aside)
+    assert same >= 3  # dense: the same answers (token boundaries between document and question aside)
