@@ -272,6 +272,7 @@ class LayerContext:
     longest: int = 0
     prefix_cache: bool = False
     new_turn: bool = False
+    deferred: bool = False
 
     @property
     def prompt_bound(self) -> int:

@@ -167,6 +167,13 @@ def _run(
     stops = _stops(stop_ids)
     ctx = LayerContext(0, config, "decode", True, 0, max_new, implementation)
     until = jnp.minimum(jnp.asarray(until, jnp.int32), max_new)
+    layer_ctxs = [dataclasses.replace(ctx, layer=i, config=config.for_layer(i)) for i in range(config.num_layers)]
+    # Upkeep a policy defers to every `period` steps (a quantizer's flush): the loop runs that many
+    # steps with ctx.deferred set, then `maintain` on every layer (`Policy.maintenance_period`).
+    periods = [p for c in layer_ctxs if (p := policy.maintenance_period(c)) > 0]
+    period = min(periods) if periods else 0
+    if period:
+        ctx = dataclasses.replace(ctx, deferred=True)
 
     # Host-resident leaves (`kvjax.host`) are read-only while decoding: loop-invariant operands
     # of the while_loop, outside its carry, so no step carries or rewrites a host buffer.
@@ -198,9 +205,18 @@ def _run(
         done = s.done | jnp.isin(tok, stops)
         return DecodeLoop(s.step + 1, tok, out, done, n_out, host.split_host(st)[0], key)
 
+    def maintained(s: DecodeLoop):
+        """`period` steps (fewer when the loop ends), then every layer's `maintain`."""
+        _, s = jax.lax.while_loop(
+            lambda c: (c[0] < period) & cond(c[1]), lambda c: (c[0] + 1, body(c[1])), (jnp.zeros((), jnp.int32), s)
+        )
+        state = join(s.state, on_host)
+        layers = tuple(policy.maintain(layer, c) for layer, c in zip(state.layers, layer_ctxs))
+        return s.replace(state=host.split_host(state.replace(layers=layers))[0])
+
     if max_new == 1:
         return loop
-    final = jax.lax.while_loop(cond, body, loop.replace(state=carried))
+    final = jax.lax.while_loop(cond, maintained if period else body, loop.replace(state=carried))
     return final.replace(state=join(final.state, on_host))
 
 

@@ -79,6 +79,18 @@ class Policy:
         res = self.attend(state, q, q_pos, ctx)
         return state, res.out
 
+    def maintenance_period(self, ctx: LayerContext) -> int:
+        """Decode steps between two `maintain` calls the decode loop may run (0: no upkeep).
+        A policy whose per-token decode does work that only matters every few tokens (a quantizer
+        flushing its full-precision window) returns that count; `kvjax.generation`'s decode loop
+        then runs that many steps with `ctx.deferred` set, then `maintain` on every layer, instead
+        of doing the upkeep inside each step's `decode`."""
+        return 0
+
+    def maintain(self, state, ctx: LayerContext):
+        """The upkeep `decode` skips when `ctx.deferred` is set (default: none)."""
+        return state
+
     # ---- compression ----------------------------------------------------------------
     def wants_mass(self, ctx: LayerContext) -> bool:
         return False

@@ -90,6 +90,12 @@ class Compose(Policy):
     def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
         return self.policies[-1].decode(state, q, k, v, q_pos, ctx)
 
+    def maintenance_period(self, ctx: LayerContext) -> int:
+        return self.policies[-1].maintenance_period(ctx)
+
+    def maintain(self, state, ctx: LayerContext):
+        return self.policies[-1].maintain(state, ctx)
+
     def truncate_layer(self, layer, lengths):
         """The store decodes, so the store rolls its state back."""
         return self.policies[-1].truncate_layer(layer, lengths)

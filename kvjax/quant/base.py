@@ -7,8 +7,9 @@ A `QuantPolicy` prefills exactly on a full-precision `SlotKV` (as KIVI does), th
               every leaf of a stream's `data` is [B, N, tokens-ish, ...] with the token
               axis at 2, so blocks are written per (row, head) at `count`
     res_k/v   [B, N, W, H] full-precision residual window (newest tokens), res_pos
-              [B, N, W] (-1 = empty), res_len [B, N]; W = R + T, or fewer (`residual_window`)
-              when the kept tokens plus the decode headroom cannot fill R + T
+              [B, N, W] (-1 = empty), res_len [B, N]; W = R + 2T (room for the T appends
+              between two deferred flushes), or fewer (`residual_window`) when the kept tokens
+              plus the decode headroom cannot fill it
     aux       method extras (ZipCache channel scales, RotateKV's full-precision sinks)
 
 Sizes come from the tokens a row can bring (`_ingest`): the slots handed over, and for a
@@ -16,11 +17,16 @@ prompt the batch's static bound on true lengths (`LayerContext.prompt_bound`), n
 padded bucket. A window smaller than R + T never fills, so no token is quantized that R + T
 would have kept exact: the cache behaves the same, it only holds less.
 
-Decode appends the new token to the residual window, attends over the dequantized
-streams + residual (+ aux segments) merged through their log-sum-exps, and, when the
-window holds R + T tokens, quantizes its T oldest tokens as one block at the start of the
-next step (a masked write every step, static shapes, no conditional). So the last R tokens are always exact. Counts are per (row, head): evicted
-caches with different kept tokens per head work unchanged.
+Decode appends the new token to the residual window and attends over the dequantized
+streams + residual (+ aux segments) merged through their log-sum-exps. A window holding at
+least R + T tokens is flushed: its T oldest tokens are quantized as one block (a masked write,
+static shapes, no conditional). `generate`'s decode loop runs the flush once every T steps on
+every layer (`maintain`, `LayerContext.deferred`), so a step does no quantization work; any
+other caller of `decode` (several tokens at once, the serving engine, the sharded wrappers)
+flushes at the start of each token. Either way the last R tokens are always exact, and a
+flushed block is the same T tokens: the deferred schedule only keeps up to T - 1 more tokens
+exact for a while. Counts are per (row, head): evicted caches with different kept tokens per
+head work unchanged.
 """
 
 from __future__ import annotations
@@ -219,13 +225,23 @@ class QuantPolicy(Policy):
         return round_up(max(c_in + ctx.max_new_tokens - self.residual, t), t)
 
     def residual_window(self, c_in: int, ctx: LayerContext) -> int:
-        """Static residual-window slots W for rows of at most `c_in` kept tokens: R + T, or,
-        when those tokens plus the decode headroom cannot reach R + T, just enough for all
-        of them, rounded up to whole blocks of T (a flush reads the window's first T slots).
-        Such a window never fills, so nothing is ever quantized, exactly as in the R + T
-        window."""
+        """Static residual-window slots W for rows of at most `c_in` kept tokens: R + 2T, or,
+        when those tokens plus the decode headroom fit in fewer, just enough for all of them,
+        rounded up to whole blocks of T (a flush reads the window's first T slots).
+
+        A flush leaves at most R + T tokens (it runs when the window holds R + T or more and
+        takes T), so R + 2T holds the T tokens that `maintenance_period` decode steps append
+        before the next flush. A window that holds every token never overflows."""
         t = self.block(ctx)
-        return min(self.residual + t, round_up(c_in + ctx.max_new_tokens, t))
+        return min(self.residual + 2 * t, round_up(c_in + ctx.max_new_tokens, t))
+
+    def maintenance_period(self, ctx: LayerContext) -> int:
+        """T: the decode loop flushes every layer once every T steps (`maintain`)."""
+        return self.block(ctx)
+
+    def maintain(self, state, ctx: LayerContext):
+        """The deferred flush: quantize the T oldest tokens of every full window."""
+        return self._flush(state, ctx) if isinstance(state, QuantState) else state
 
     def init_aux(self, k, v, pos, scores, ctx: LayerContext) -> Any:
         """Method extras computed from all kept tokens at ingest (default: none)."""
@@ -302,7 +318,8 @@ class QuantPolicy(Policy):
 
     # ---- decode -------------------------------------------------------------------------
     def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
-        """Per new token: flush a full residual window (quantize its T oldest tokens), append the
+        """Per new token: flush a full residual window (quantize its T oldest tokens; skipped for
+        a single token when `ctx.deferred` is set: the decode loop calls `maintain`), append the
         token to the window, attend.
 
         The flush runs first and unconditionally: it writes only where a window is full (a masked
@@ -315,7 +332,8 @@ class QuantPolicy(Policy):
             raise PolicyError(f"{self.name}: decode needs the quantized state a final prefill chunk produces")
         outs = []
         for i in range(q.shape[1]):
-            state = self._flush(state, ctx)
+            if not ctx.deferred or q.shape[1] > 1:
+                state = self._flush(state, ctx)
             state = self._append(state, k[:, i], v[:, i], q_pos[:, i])
             state, out = self._attend(state, q[:, i : i + 1], q_pos[:, i : i + 1], ctx)
             outs.append(out)
@@ -346,7 +364,7 @@ class QuantPolicy(Policy):
 
     def _flush(self, state: QuantState, ctx: LayerContext) -> QuantState:
         t = self.block(ctx)
-        full = state.res_len >= state.res_k.shape[2]
+        full = state.res_len >= self.residual + t
         blocks = self.encode_block(
             state.res_k[:, :, :t],
             state.res_v[:, :, :t],
@@ -387,8 +405,8 @@ class QuantPolicy(Policy):
         the caller's guarantee; at most `rollback_limit()` tokens always qualify).
 
         The result is identical to the state that never saw the dropped tokens when no flush
-        ran while they were appended, i.e. the window had room for them (res_len + k <= W =
-        R + T before the k dropped tokens came). Otherwise that flush quantized the window's T
+        ran while they were appended, i.e. no window reached R + T tokens while they came (a
+        flush runs once it has; with `generate`'s deferred flush, at the next maintenance). Otherwise that flush quantized the window's T
         oldest tokens earlier than the shorter state would have (at its next full window), so
         the two differ in which of those T tokens are exact for up to T decode steps. Methods
         that fold decode-time attention into their stored statistics (`tracks_residual_mass`)
@@ -463,7 +481,7 @@ class QuantPolicy(Policy):
         return (self.codec(ctx),)
 
     def residual_mass(self, state: QuantState, mass, ctx: LayerContext) -> QuantState:
-        """Hook: softmax mass [B, N, R + T] the new query gave the residual window."""
+        """Hook: softmax mass [B, N, W] the new query gave the residual window."""
         return state
 
     tracks_residual_mass: ClassVar[bool] = False
