@@ -205,18 +205,23 @@ def _run(
         done = s.done | jnp.isin(tok, stops)
         return DecodeLoop(s.step + 1, tok, out, done, n_out, host.split_host(st)[0], key)
 
+    def maintain(s: DecodeLoop) -> DecodeLoop:
+        state = join(s.state, on_host)
+        layers = tuple(policy.maintain(layer, c) for layer, c in zip(state.layers, layer_ctxs))
+        return s.replace(state=host.split_host(state.replace(layers=layers))[0])
+
     def maintained(s: DecodeLoop):
         """`period` steps (fewer when the loop ends), then every layer's `maintain`."""
         _, s = jax.lax.while_loop(
             lambda c: (c[0] < period) & cond(c[1]), lambda c: (c[0] + 1, body(c[1])), (jnp.zeros((), jnp.int32), s)
         )
-        state = join(s.state, on_host)
-        layers = tuple(policy.maintain(layer, c) for layer, c in zip(state.layers, layer_ctxs))
-        return s.replace(state=host.split_host(state.replace(layers=layers))[0])
+        return maintain(s)
 
     if max_new == 1:
         return loop
     final = jax.lax.while_loop(cond, maintained if period else body, loop.replace(state=carried))
+    if not period:  # upkeep a policy leaves to the end of a run (none by default)
+        final = maintain(final)
     return final.replace(state=join(final.state, on_host))
 
 

@@ -88,7 +88,10 @@ class Policy:
         return 0
 
     def maintain(self, state, ctx: LayerContext):
-        """The upkeep `decode` skips when `ctx.deferred` is set (default: none)."""
+        """The upkeep `decode` skips when `ctx.deferred` is set (default: none). The decode loop
+        also calls it once when it stops, so it must be idempotent and leave a state every other
+        consumer can read (a policy may leave work pending between decode steps and settle it
+        here)."""
         return state
 
     # ---- compression ----------------------------------------------------------------
