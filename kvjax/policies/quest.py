@@ -11,8 +11,14 @@ an upper bound of its attention logits, and attention reads only K pages: the pa
 newest token (always) and the K - 1 best-scoring others. `budget` is in tokens (> 1: K =
 ceil(budget / page)) or a fraction (<= 1: K = ceil(budget * pages holding tokens), per row and
 KV head at every step, so the read fraction follows the growing context); K >= 1. The first
-`dense_layers` layers attend densely, as in the paper. Prefill is dense (exact). Ties between
-equal page scores go to the lower page number (`jax.lax.top_k`'s order).
+`dense_layers` layers attend densely, as in the paper. Prefill is dense (exact), and so, by
+default (`question="dense"`), are the tokens of a new turn's question appended to a kept cache
+(`LayerContext.new_turn`: `kvjax.Session.ask`): they are prompt, which the paper prefills densely
+(its code runs every multi-token call through dense attention and only single-token decode
+steps sparsely), so only the answer's tokens read a selection. `question="sparse"` selects pages
+for the question's tokens too, one step per token (`benchmarks/retrieval_diag.py` shows which
+layers' retrieving heads the selection misses). Ties between equal page scores go to the lower
+page number (`jax.lax.top_k`'s order).
 
 GQA (`gqa`): "max" (default) gives the G query heads of a KV head one page set, ranked by the
 max of their scores, so each KV head reads K pages (one block list per KV head, the layout the
@@ -51,6 +57,7 @@ from .base import Policy, PolicyError, check_positive, trim_slots
 from .registry import register
 
 GQA_MODES = ("max", "union")
+QUESTION_MODES = ("dense", "sparse")
 
 
 @struct.dataclass
@@ -180,13 +187,17 @@ def kernel_backend_for(page: int, head_dim: int) -> tuple[str, bool]:
 class Quest(Policy):
     """budget: what a decode step reads, as tokens (> 1, a whole number) or a fraction of the
     pages holding tokens (<= 1); page: slots per page; dense_layers: first layers read densely;
-    gqa: "max" (one page set per KV head) or "union" (each query head's own set, united)."""
+    gqa: "max" (one page set per KV head) or "union" (each query head's own set, united);
+    question: how a new turn's question tokens attend (`LayerContext.new_turn`, set by
+    `kvjax.Session.ask`): "dense" (every slot, as the paper's prefill) or "sparse" (selected
+    pages, like answer tokens)."""
 
     name = "quest"
     budget: float = 0.125
     page: int = 16
     dense_layers: int = 2
     gqa: str = "max"
+    question: str = "dense"
 
     stores_slots: ClassVar[bool] = True
     feeds_stores: ClassVar[bool] = False
@@ -206,6 +217,8 @@ class Quest(Policy):
         check_positive("dense_layers", self.dense_layers, 0)
         if self.gqa not in GQA_MODES:
             raise PolicyError(f"quest: gqa={self.gqa!r}; expected one of {GQA_MODES}")
+        if self.question not in QUESTION_MODES:
+            raise PolicyError(f"quest: question={self.question!r}; expected one of {QUESTION_MODES}")
 
     # ---- sizes --------------------------------------------------------------------------
     def validate(self, prompt_len, config):
@@ -294,6 +307,8 @@ class Quest(Policy):
         return state, jnp.concatenate(outs, axis=1)
 
     def _step(self, state: PagedKV, q, k, v, q_pos, ctx: LayerContext):
+        """Append one token (page bounds updated), then attend: over every slot for a new turn's
+        question under question="dense", else over the selected pages."""
         kv = state.kv
         b, n, _, h = state.kmax.shape
         slot = jnp.minimum(kv.fill, kv.capacity - 1)  # where `append` writes (scalar, or [B] per row)
@@ -307,6 +322,8 @@ class Quest(Policy):
         kmin = slots.write_rows(state.kmin, jnp.where(ok, jnp.minimum(lo, new), lo), cur)
         kmax, kmin = jax.lax.optimization_barrier((kmax, kmin))  # written before the scores read them
         state = state.replace(kv=kv, kmax=kmax, kmin=kmin)
+        if ctx.new_turn and self.question == "dense":  # the question is prompt: read it all
+            return state, self.attend(kv, q, q_pos, ctx).out
         scores = page_scores(q[:, 0].reshape(b, n, -1, h), kmax, kmin)
         limit = self.pages_for(jnp.sum(jnp.isfinite(scores[:, :, 0]), axis=2, dtype=jnp.int32))  # [B, N]
         pages, valid = select_pages(scores, cur, limit, state.rank, state.width, self.gqa)

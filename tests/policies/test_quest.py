@@ -126,6 +126,30 @@ def test_decode_step_attends_exactly_over_the_selected_pages(tiny_config, rng):
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("question", ["dense", "sparse"])
+def test_a_new_turns_question_reads_every_page_unless_sparse(tiny_config, rng, question):
+    """A step with ctx.new_turn (a question `Session.ask` appends) attends over every slot under
+    question="dense" (the paper prefills its prompt densely), over the selected pages under
+    "sparse"; either way the page bounds take the new token, and answer steps stay sparse."""
+    cfg = tiny_config
+    b, t, n, g, h = 1, 80, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    pol = Quest(budget=16, page=16, dense_layers=0, question=question)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q, k, v = f(b, t, n * g, h), f(b, t, n, h), f(b, t, n, h)
+    q_pos = jnp.arange(t, dtype=jnp.int32)[None]
+    st0, _ = pol.prefill(
+        pol.init_layer(0, b, t, 4, cfg, jnp.float32), q, k, v, q_pos, LayerContext(0, cfg, "prefill", True, t, 4)
+    )
+    q1, k1, v1, p1 = f(b, 1, n * g, h), f(b, 1, n, h), f(b, 1, n, h), jnp.full((b, 1), t, jnp.int32)
+    turn = LayerContext(0, cfg, "decode", True, 0, 4, new_turn=True)
+    st1, out = pol.decode(st0, q1, k1, v1, p1, turn)
+    np.testing.assert_array_equal(st1.kmax, page_bounds(st1.kv, 16)[0])
+    full = attention.attention_reference(q1, st1.kv.k, st1.kv.v, p1, st1.kv.pos).out
+    _, sparse_out = pol.decode(st0, q1, k1, v1, p1, LayerContext(0, cfg, "decode", True, 0, 4))
+    assert not np.allclose(sparse_out, full, atol=1e-3)  # one page of six: the selection differs from dense
+    np.testing.assert_allclose(out, full if question == "dense" else sparse_out, rtol=1e-6, atol=1e-6)
+
+
 # ---- a budget at or above the context is dense decoding --------------------------------------------
 @pytest.mark.parametrize("spec", ["quest:budget=1.0,dense_layers=0", "quest:budget=4096,dense_layers=1,gqa=union"])
 def test_budget_at_or_above_the_context_is_dense_decoding(spec, tiny_config, tiny_params, rng):
@@ -215,6 +239,7 @@ def test_refused_compositions(spec, message):
         (dict(budget=12.5), r"budget=12.5 is above 1, so a token count; it must be a whole number"),
         (dict(page=0), r"page=0 must be an integer >= 1"),
         (dict(gqa="mean"), r"gqa='mean'; expected one of \('max', 'union'\)"),
+        (dict(question="exact"), r"question='exact'; expected one of \('dense', 'sparse'\)"),
     ],
 )
 def test_bad_parameters(kwargs, message):
@@ -237,7 +262,7 @@ def test_page_size_the_kernel_cannot_take_and_too_many_dense_layers(tiny_config,
 def test_spec_roundtrip_and_defaults():
     pol = parse_policy("quest:budget=512")
     assert pol == Quest(budget=512.0) and parse_policy(pol.spec()) == pol
-    assert Quest().gqa == "max" and Quest().page == 16 and Quest().dense_layers == 2
+    assert Quest().gqa == "max" and Quest().page == 16 and Quest().dense_layers == 2 and Quest().question == "dense"
     assert parse_policy("snapkv:budget=0.5+quest").policies == (SnapKV(budget=0.5), Quest())
 
 
