@@ -128,6 +128,24 @@ def prefill(
     return logits_from_hidden(params, last, config=config, dtype=dtype), state
 
 
+def layer_contexts(ctx: LayerContext, config: LlamaConfig) -> list[LayerContext]:
+    """`ctx` for each layer (its index and its config: local / global layers differ)."""
+    return [dataclasses.replace(ctx, layer=i, config=config.for_layer(i)) for i in range(config.num_layers)]
+
+
+def maintenance_period(policy: Policy, ctx: LayerContext) -> int:
+    """Decode steps between two `maintain_state` calls (the smallest positive
+    `Policy.maintenance_period` over the layers; 0: the policy defers nothing)."""
+    periods = [p for c in layer_contexts(ctx, ctx.config) if (p := policy.maintenance_period(c)) > 0]
+    return min(periods) if periods else 0
+
+
+def maintain_state(policy: Policy, state: KVState, ctx: LayerContext) -> KVState:
+    """Every layer's `Policy.maintain` (the upkeep that decode steps run with `ctx.deferred` skip)."""
+    layers = tuple(policy.maintain(layer, c) for layer, c in zip(state.layers, layer_contexts(ctx, ctx.config)))
+    return state.replace(layers=layers)
+
+
 @struct.dataclass
 class DecodeLoop:
     """The carry of the decode loop (a pytree).
@@ -167,11 +185,10 @@ def _run(
     stops = _stops(stop_ids)
     ctx = LayerContext(0, config, "decode", True, 0, max_new, implementation)
     until = jnp.minimum(jnp.asarray(until, jnp.int32), max_new)
-    layer_ctxs = [dataclasses.replace(ctx, layer=i, config=config.for_layer(i)) for i in range(config.num_layers)]
     # Upkeep a policy defers to every `period` steps (a quantizer's flush): the loop runs that many
     # steps with ctx.deferred set, then `maintain` on every layer (`Policy.maintenance_period`).
-    periods = [p for c in layer_ctxs if (p := policy.maintenance_period(c)) > 0]
-    period = min(periods) if periods else 0
+    period = maintenance_period(policy, ctx)
+    plain_ctx = ctx
     if period:
         ctx = dataclasses.replace(ctx, deferred=True)
 
@@ -206,9 +223,8 @@ def _run(
         return DecodeLoop(s.step + 1, tok, out, done, n_out, host.split_host(st)[0], key)
 
     def maintain(s: DecodeLoop) -> DecodeLoop:
-        state = join(s.state, on_host)
-        layers = tuple(policy.maintain(layer, c) for layer, c in zip(state.layers, layer_ctxs))
-        return s.replace(state=host.split_host(state.replace(layers=layers))[0])
+        state = maintain_state(policy, join(s.state, on_host), plain_ctx)
+        return s.replace(state=host.split_host(state)[0])
 
     def maintained(s: DecodeLoop):
         """`period` steps (fewer when the loop ends), then every layer's `maintain`."""

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..generation.request import check_int, check_policy, check_stop, check_stop_ids
-from ..generation.steps import bucket_length, new_tokens_bucket, prefill
+from ..generation.steps import bucket_length, maintain_state, maintenance_period, new_tokens_bucket, prefill
 from ..generation.text import RowText
 from ..models.forward import forward, hidden_states
 from ..policies import rows as row_ops
@@ -256,6 +256,8 @@ def _decode_step(
     """One decode token for every row of the live state: tokens, positions [B] (-1 = idle
     row); returns (sampled tokens [B], state)."""
     ctx = LayerContext(0, config, "decode", True, 0, max_new, implementation)
+    if maintenance_period(policy, ctx):  # the upkeep runs every that many steps (`_maintain`)
+        ctx = dataclasses.replace(ctx, deferred=True)
     b = tokens.shape[0]
     logits, state = forward(
         params,
@@ -269,6 +271,15 @@ def _decode_step(
         logits_at=jnp.zeros((b,), jnp.int32),
     )
     return sample_rows(logits, _keys(seeds, counters), temperature, top_k, top_p), state
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "policy", "dtype", "implementation", "max_new"), donate_argnames=("state",)
+)
+def _maintain(state, *, config, policy, dtype, implementation, max_new):
+    """The upkeep `_decode_step` defers (`Policy.maintain` on every layer: a quantizer's flush)."""
+    del dtype
+    return maintain_state(policy, state, LayerContext(0, config, "decode", True, 0, max_new, implementation))
 
 
 #: Jitted grow / insert programs by (config, policy, dtype, kind, bucket): `Engine._programs_fn`.
@@ -343,6 +354,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counts = collections.Counter()
+        # Decode steps between two upkeeps of the live state (a quantizer's flush, `_maintain`).
+        self._period = maintenance_period(self.policy, LayerContext(0, model.config, "decode", True))
+        self._since_maintain = 0
 
     # ---- submitting -------------------------------------------------------------------
     def submit(
@@ -632,6 +646,10 @@ class Engine:
                 max_new=self._bucket[2],
                 **self._common,
             )
+        self._since_maintain += 1
+        if self._period and self._since_maintain >= self._period:
+            self._state = _maintain(self._state, max_new=self._bucket[2], **self._common)
+            self._since_maintain = 0
         out = np.asarray(out)
         self._counts["decode_tokens"] += len(reqs)
         for row, r in reqs.items():
