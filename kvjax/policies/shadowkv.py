@@ -20,6 +20,13 @@ at 128k, or a token count > 1), rebuilds their keys as U[rows] @ SV, rotates the
 positions, fetches their values from host memory (only those rows cross to the device), and
 attends over local + outliers + selected + generated tokens, merged through log-sum-exps.
 
+A new turn's question (`LayerContext.new_turn`: a question `kvjax.Session.ask` appends after
+the prompt) is prompt, which the paper prefills exactly before any sparse step; here the prompt's
+exact keys are gone by then, so with `question="dense"` (default) each question token attends
+over every prompt token -- the candidate chunks' keys rebuilt from the low-rank store and their
+values fetched, plus the outliers and local tokens -- and only the answer's tokens select
+chunks; `question="sparse"` selects for the question's tokens too.
+
 `rank` 0 picks the paper's share of the channels, 160 of 1024 (15.6%), rounded up to a
 multiple of 8: 32 of SmolLM2's 192 (its measured key spectrum is in BENCHMARKS.md). With rank
 = N*H and a budget that covers every chunk the policy decodes exactly as dense attention.
@@ -57,6 +64,8 @@ from .registry import register
 
 #: The paper's rank share of the key channels: 160 of Llama-3.1-8B's 8 x 128.
 PAPER_RANK_SHARE = 160 / 1024
+#: How a new turn's question tokens attend (`ShadowKV.question`).
+QUESTION_MODES = ("dense", "sparse")
 
 
 @struct.dataclass
@@ -167,7 +176,8 @@ class ShadowKV(Policy):
     step selects, a fraction of the row's prompt (<= 1) or a token count (> 1); chunk: tokens
     per chunk; local: last prompt chunks kept exact; outliers: exact outlier chunks as a
     fraction of the selected chunk count; offload: where the values live ("auto", "host",
-    "device")."""
+    "device"); question: how a new turn's question tokens attend ("dense": every prompt chunk,
+    "sparse": the selected ones, like answer tokens)."""
 
     name = "shadowkv"
     rank: int = 0
@@ -176,6 +186,7 @@ class ShadowKV(Policy):
     local: int = 4
     outliers: float = 0.1875
     offload: str = "auto"
+    question: str = "dense"
 
     feeds_stores: ClassVar[bool] = False
     feeds_stores_note: ClassVar[str] = "low-rank keys, values in host memory and exact outlier chunks"
@@ -195,6 +206,8 @@ class ShadowKV(Policy):
             raise PolicyError(f"shadowkv: outliers={o!r} must be a fraction of the selected chunks in [0, 1]")
         if self.offload not in host.OFFLOAD_CHOICES:
             raise PolicyError(f"shadowkv: offload={self.offload!r}; expected one of {host.OFFLOAD_CHOICES}")
+        if self.question not in QUESTION_MODES:
+            raise PolicyError(f"shadowkv: question={self.question!r}; expected one of {QUESTION_MODES}")
 
     # ---- sizes --------------------------------------------------------------------------------
     def key_rank(self, config) -> int:
@@ -359,7 +372,11 @@ class ShadowKV(Policy):
     def _step(self, state: ShadowKVState, q, k, v, q_pos, ctx: LayerContext):
         c = state.chunk
         local = slots.append(state.local, k, v, q_pos)
-        ids, valid = self.select(state, q)
+        if ctx.new_turn and self.question == "dense":  # a question: every candidate chunk (module doc)
+            ids = jnp.broadcast_to(jnp.arange(state.cand.shape[2], dtype=jnp.int32), state.cand.shape)
+            valid = state.cand
+        else:
+            ids, valid = self.select(state, q)
         b, n, w = ids.shape
         rows = (ids[..., None] * c + jnp.arange(c)).reshape(b, n, w * c)
         pos = jnp.where(jnp.repeat(valid, c, axis=2), rows, -1)

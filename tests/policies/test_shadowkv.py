@@ -50,6 +50,29 @@ def test_full_rank_and_budget_decode_exactly_as_dense(prefill_chunk, tiny_params
     np.testing.assert_array_equal(got.argmax(-1), dense.argmax(-1))
 
 
+@pytest.mark.parametrize("question", ["dense", "sparse"])
+def test_a_new_turns_question_reads_every_chunk_unless_sparse(question, tiny_params, tiny_config):
+    """At full rank (exact keys) and a one-chunk budget, a step with ctx.new_turn (a question
+    `Session.ask` appends) under question="dense" attends over every prompt token: the dense
+    cache's output; under "sparse" (and for answer steps) it reads one chunk and differs."""
+    cfg = tiny_config
+    tokens, lengths = _tokens(cfg, (64, 45), t=64)
+    pol = ShadowKV(rank=cfg.num_kv_heads * cfg.head_dim, budget=8, outliers=0.0, local=1, question=question)
+    kw = dict(config=cfg, max_new_tokens=4)
+    _, st_d = prefill(tiny_params, tokens, lengths, policy=parse_policy("dense"), **kw)
+    _, st_s = prefill(tiny_params, tokens, lengths, policy=pol, **kw)
+    b, n, g, h = 2, cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    rng = np.random.default_rng(1)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q, k, v, pos = f(b, 1, n * g, h), f(b, 1, n, h), f(b, 1, n, h), lengths[:, None]
+    turn = LayerContext(1, cfg, "decode", True, 0, 4, new_turn=True)
+    _, want = parse_policy("dense").decode(st_d.layers[1], q, k, v, pos, turn)
+    _, got = pol.decode(st_s.layers[1], q, k, v, pos, turn)
+    _, answer = pol.decode(st_s.layers[1], q, k, v, pos, LayerContext(1, cfg, "decode", True, 0, 4))
+    assert not np.allclose(answer, want, atol=1e-3)
+    np.testing.assert_allclose(got, want if question == "dense" else answer, atol=1e-5, rtol=0)
+
+
 def test_chunked_prefill_builds_the_same_state(tiny_params, tiny_config):
     """A prompt prefilled in chunks of 32 (K/V written to host memory, read back chunk by chunk)
     leaves the state a whole-prompt prefill leaves."""
