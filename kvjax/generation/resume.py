@@ -31,6 +31,7 @@ from ..policies.adakv import AdaKV
 from ..policies.base import Policy
 from ..policies.eviction import EvictionPolicy
 from ..state import KVState, LayerContext
+from . import steps
 
 PHASES = ("prefill", "decode")
 _SAFE_DECODES = (Policy.decode, EvictionPolicy.decode, AdaKV.decode)
@@ -80,9 +81,10 @@ def feed(
         )
     ctx = LayerContext(0, config, "decode", True, 0, int(t), implementation, new_turn=new_turn)
     if chunked:
-        return forward(
+        logits, state = forward(
             params, tokens, positions, state, config=config, policy=policy, ctx=ctx, dtype=dtype, logits_at=logits_at
         )
+        return logits, settle(policy, state, ctx)
 
     def step(carry, xs):
         st, kept = carry
@@ -102,7 +104,17 @@ def feed(
 
     init = (state, jnp.zeros((b, config.vocab_size), jnp.float32))
     (state, logits), _ = jax.lax.scan(step, init, (tokens.T, positions.T, jnp.arange(t, dtype=jnp.int32)))
-    return logits, state
+    return logits, settle(policy, state, ctx)
+
+
+def settle(policy, state: KVState, ctx: LayerContext) -> KVState:
+    """`state` after decode steps run outside `generate`'s loop, with what a step leaves pending
+    (lazy eviction: `kvjax.policies.eviction`) applied by every layer's `Policy.maintain`, as the
+    loop does when it stops. A policy with periodic upkeep (`maintenance_period` > 0: quantizers)
+    is left as its steps left it: without `ctx.deferred` those steps did their upkeep."""
+    if steps.maintenance_period(policy, ctx) > 0:
+        return state
+    return steps.maintain_state(policy, state, ctx)
 
 
 def extend(

@@ -21,6 +21,12 @@ tokens a slot averages) are kept in `ScoredKV.score`, so every merge is an exact
 mean. (The authors' code drops the truncated token and lets the cache grow to the same
 ratio of all tokens seen; kvjax keeps the size fixed, as its other decode-time evicting
 policies do, and merges instead of dropping, per the paper's merging principle.)
+
+A step chooses its merge after attention and leaves it pending (`ElasticKV`: truncated slot,
+anchor, whether to merge, [B, N] each); the next step, or `maintain`, applies it before writing
+and attending (lazy eviction, `kvjax.policies.eviction`): attention sees the merged cache, and
+no step writes K, V or positions after attention has read them, so the compiled decode loop
+updates them in place.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from ..state import LayerContext, SlotKV
 from . import slots
 from .base import PolicyError, check_positive
-from .eviction import EvictionPolicy, ScoredKV
+from .eviction import EvictingKV, EvictionPolicy, ScoredKV
 from .registry import register
 
 
@@ -94,6 +101,47 @@ def head_mean_mass(key_mass: jax.Array, group_size: int) -> jax.Array:
     return jnp.broadcast_to(m, key_mass.shape)
 
 
+@struct.dataclass
+class ElasticKV(EvictingKV):
+    """Elastic Cache's decode state: an EvictingKV (score = slot weights, the original tokens
+    each slot averages) whose pending decision also names anchor [B, N] int32, the slot the
+    truncated token `victim` merges into where `pending`."""
+
+    anchor: jax.Array
+
+    @classmethod
+    def settled(cls, kv: SlotKV, score: jax.Array, limit: jax.Array) -> ElasticKV:
+        """A state with nothing pending (what the final prefill chunk hands to decoding)."""
+        none = jnp.zeros(limit.shape, jnp.int32)
+        return cls(kv, score, limit, none, jnp.zeros(limit.shape, bool), none)
+
+    def decision(self) -> list[jax.Array]:
+        return [self.victim, self.pending, self.anchor]
+
+
+def merge_pending(state: ElasticKV) -> ElasticKV:
+    """`state` with its pending merge applied: where `pending`, the anchor's K and V become the
+    weighted mean of its own and the victim's, the anchor takes both weights and the victim slot
+    is emptied (weight 0, position -1); nothing pending afterwards. Idempotent."""
+    kv, weight, victim, anchor, full = state.kv, state.score, state.victim, state.anchor, state.pending
+    b, n, _ = kv.pos.shape
+    bi, ni = jnp.arange(b)[:, None], jnp.arange(n)[None]
+    vpos = kv.pos[bi, ni, victim]
+    wv, wa = weight[bi, ni, victim], weight[bi, ni, anchor]
+    tot = jnp.maximum(wv + wa, 1e-30)
+
+    def mix(x):
+        xa, xv = x[bi, ni, anchor].astype(jnp.float32), x[bi, ni, victim].astype(jnp.float32)
+        new = (wa[..., None] * xa + wv[..., None] * xv) / tot[..., None]
+        return x.at[bi, ni, anchor].set(jnp.where(full[..., None], new, xa).astype(x.dtype))
+
+    weight = weight.at[bi, ni, anchor].set(jnp.where(full, wa + wv, wa))
+    weight = weight.at[bi, ni, victim].set(jnp.where(full, 0.0, wv))
+    pos = kv.pos.at[bi, ni, victim].set(jnp.where(full, -1, vpos))
+    kv = kv.replace(k=mix(kv.k), v=mix(kv.v), pos=pos)
+    return state.replace(kv=kv, score=weight, pending=jnp.zeros_like(full))
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class ElasticCache(EvictionPolicy):
@@ -133,7 +181,8 @@ class ElasticCache(EvictionPolicy):
 
     def compress(self, state, ctx: LayerContext, **observations):
         """Anchors by frequency, every other token merged onto its nearest anchor.
-        Returns ScoredKV(kv [B, N, C + 1, H], weight [B, N, C + 1], kept count [B, N])."""
+        Returns ElasticKV(kv [B, N, C + 1, H], weight [B, N, C + 1], kept count [B, N]), nothing
+        pending."""
         kv, freq = state.kv, state.score
         lengths = slots.row_lengths(kv.pos)
         protected = (kv.pos >= 0) & ((kv.pos < self.sink) | (kv.pos == lengths[:, None, None] - 1))
@@ -147,7 +196,7 @@ class ElasticCache(EvictionPolicy):
         k, v, weight = merge_onto(kv, target, (kv.pos >= 0).astype(jnp.float32))
         kept = slots.gather(kv.replace(k=k, v=v), idx, valid, 1)  # one spare slot for decode
         w = jnp.pad(jnp.where(valid, take(weight, idx), 0.0), ((0, 0), (0, 0), (0, 1)))
-        return ScoredKV(kept, w, jnp.sum(valid, axis=2).astype(jnp.int32))
+        return ElasticKV.settled(kept, w, jnp.sum(valid, axis=2).astype(jnp.int32))
 
     # -- output generation ----------------------------------------------------------------
     def truncation_slot(self, pos: jax.Array, newest: jax.Array) -> jax.Array:
@@ -164,13 +213,24 @@ class ElasticCache(EvictionPolicy):
         oldest = jnp.argmin(jnp.where(cand, pos, jnp.iinfo(jnp.int32).max), axis=2)
         return jnp.where(n_free > 0, truncated, oldest)
 
+    def maintain(self, state, ctx: LayerContext):
+        """Apply the merge the last decode step left pending (`merge_pending`)."""
+        return merge_pending(state) if isinstance(state, ElasticKV) else state
+
     def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
-        """Write the new token into the spare slot, attend, then (cache over size) merge the
-        token at the truncation point into its nearest neighbour by position."""
+        """Apply the previous step's pending merge, write the new token into the first empty
+        slot, attend, then (cache over size) choose the merge of this step and leave it pending:
+        the token at the truncation point into its nearest neighbour by position."""
         if not isinstance(state, ScoredKV) or state.kv.pos.shape != state.score.shape:
             raise PolicyError("elastic decodes on the merged state its final prefill chunk produces")
         if k.shape[1] != 1:
             raise PolicyError(f"elastic merges one token per decode step; got {k.shape[1]} new tokens")
+        if not isinstance(state, ElasticKV):
+            raise PolicyError(
+                f"elastic decodes on the merged state (ElasticKV) its final prefill chunk produces; got a "
+                f"{type(state).__name__} (a prompt still being encoded)"
+            )
+        state = merge_pending(state)  # before anything below reads the cache
         kv = state.kv
         b, n, s = kv.pos.shape
         bi, ni = jnp.arange(b)[:, None], jnp.arange(n)[None]
@@ -184,16 +244,5 @@ class ElasticCache(EvictionPolicy):
         dist = jnp.abs(kv.pos - vpos[..., None]).astype(jnp.float32) * 2 + (kv.pos > vpos[..., None])
         others = (kv.pos >= 0) & (jnp.arange(s)[None, None] != victim[..., None])
         anchor = jnp.argmin(jnp.where(others, dist, jnp.inf), axis=2)
-        wv, wa = weight[bi, ni, victim], weight[bi, ni, anchor]
-        tot = jnp.maximum(wv + wa, 1e-30)
-
-        def mix(x):
-            xa, xv = x[bi, ni, anchor].astype(jnp.float32), x[bi, ni, victim].astype(jnp.float32)
-            new = (wa[..., None] * xa + wv[..., None] * xv) / tot[..., None]
-            return x.at[bi, ni, anchor].set(jnp.where(full[..., None], new, xa).astype(x.dtype))
-
-        weight = weight.at[bi, ni, anchor].set(jnp.where(full, wa + wv, wa))
-        weight = weight.at[bi, ni, victim].set(jnp.where(full, 0.0, wv))
-        pos = kv.pos.at[bi, ni, victim].set(jnp.where(full, -1, vpos))
-        kv = kv.replace(k=mix(kv.k), v=mix(kv.v), pos=pos)
-        return ScoredKV(kv, weight, state.limit), res.out
+        new = ElasticKV(kv, weight, state.limit, victim.astype(jnp.int32), full, anchor.astype(jnp.int32))
+        return new, res.out

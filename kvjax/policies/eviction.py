@@ -4,7 +4,15 @@ A subclass defines `scores(state, q, q_pos, res, ctx) -> [B, N, S]` (higher = ke
 After the final prompt chunk the cache keeps, per row, floor(budget * length) slots per
 KV head in a new, smaller state: real memory savings, not a mask. Policies that also evict
 while decoding (`evicts_on_decode`) keep one spare slot: each step writes the new token
-into it, attends, then empties the lowest-scoring slot.
+into it, attends, then picks the lowest-scoring slot to empty.
+
+Lazy eviction: a step stores only its choice (`EvictingKV.victim` / `pending`, [B, N]); the
+next step empties that slot first, then writes its token into the first empty slot, then
+attends. Attention sees exactly the slots it would see had the step emptied the slot itself,
+but every write to the cache happens before attention reads it, so the compiled decode loop
+updates the state buffers in place (a write after the read makes XLA copy the [B, N, S]
+positions every step). `maintain` applies a pending choice; `generate`'s decode loop calls it
+when it stops, so a returned state holds exactly the kept tokens.
 
 Short rows (the per-row rule, docs/memory.md): every count is decided per row from its
 true length L, never from the padded bucket. A row keeps min(L, max(floor(budget * L),
@@ -49,6 +57,40 @@ class ScoredKV:
         """Bytes one decode step reads: every slot's K, V, position and running score (attention
         visits every slot, the eviction ranks them all) plus the budgets."""
         return leaves_nbytes(self)
+
+
+@struct.dataclass
+class EvictingKV(ScoredKV):
+    """The state of a policy that evicts while decoding (`evicts_on_decode`): a ScoredKV plus
+    the eviction the last decode step chose and left pending (lazy eviction, module doc):
+    victim [B, N] int32, the slot to empty; pending [B, N] bool, whether it is to be emptied
+    (the (row, head) was over its budget). `maintain` / the next decode step apply it."""
+
+    victim: jax.Array
+    pending: jax.Array
+
+    @classmethod
+    def settled(cls, kv: SlotKV, score: jax.Array, limit: jax.Array) -> EvictingKV:
+        """A state with nothing pending (what the final prefill chunk hands to decoding)."""
+        return cls(kv, score, limit, jnp.zeros(limit.shape, jnp.int32), jnp.zeros(limit.shape, bool))
+
+    def decision(self) -> list[jax.Array]:
+        """The [B, N] leaves that hold the pending decision."""
+        return [self.victim, self.pending]
+
+    def nbytes_used(self) -> int:
+        """ScoredKV's bytes plus the pending decision's."""
+        per_slot = [self.kv.k, self.kv.v, self.kv.pos, self.score]
+        return slot_bytes_used(self.kv.pos >= 0, per_slot, [self.kv.fill, self.limit, *self.decision()])
+
+
+def evict_pending(state: EvictingKV) -> EvictingKV:
+    """`state` with its pending eviction applied: position -1 at `victim` where `pending`, and
+    nothing pending. Idempotent (a settled state comes back unchanged in value)."""
+    kv = state.kv
+    bi, ni = jnp.arange(kv.pos.shape[0])[:, None], jnp.arange(kv.pos.shape[1])[None]
+    pos = kv.pos.at[bi, ni, state.victim].set(jnp.where(state.pending, -1, kv.pos[bi, ni, state.victim]))
+    return state.replace(kv=kv.replace(pos=pos), pending=jnp.zeros_like(state.pending))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +141,7 @@ class EvictionPolicy(Policy):
         kept = slots.gather(state, idx, valid, 1)  # one spare slot for decode-time eviction
         carried = jnp.take_along_axis(self.carried_score(state, res, ctx), idx, axis=2)
         carried = jnp.pad(jnp.where(valid, carried, 0.0), ((0, 0), (0, 0), (0, 1)))
-        return ScoredKV(kept, carried, jnp.sum(valid, axis=2).astype(jnp.int32))
+        return EvictingKV.settled(kept, carried, jnp.sum(valid, axis=2).astype(jnp.int32))
 
     # -- decode-time eviction -------------------------------------------------------------
     def carried_score(self, state: SlotKV, res, ctx) -> jax.Array:
@@ -114,25 +156,36 @@ class EvictionPolicy(Policy):
         """Ranking used to pick the slot freed after a decode step (lowest goes)."""
         return score
 
+    def maintain(self, state, ctx: LayerContext):
+        """Apply the eviction the last decode step left pending (`evict_pending`)."""
+        return evict_pending(state) if isinstance(state, EvictingKV) else state
+
     def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
+        """Apply the previous step's pending eviction, write the new token into the first empty
+        slot, attend, then choose (and leave pending) the slot this step evicts: the lowest
+        `eviction_rank` among the older tokens, where the (row, head) holds more than its budget."""
         if not self.evicts_on_decode:
             return super().decode(state, q, k, v, q_pos, ctx)
         if k.shape[1] != 1:
             raise PolicyError(f"{self.name} evicts one token per decode step; got {k.shape[1]} new tokens")
+        if not isinstance(state, EvictingKV):
+            raise PolicyError(
+                f"{self.name} decodes on the EvictingKV its final prefill chunk produces; got {type(state).__name__}"
+            )
+        state = self.maintain(state, ctx)  # the previous step's eviction, before attention reads
         kv = state.kv
         free = jnp.argmin(jnp.where(kv.pos < 0, 0, 1), axis=2)  # an empty slot (there is always one)
         kv = slots.write_slot(kv, free, k, v, q_pos)
         bi, ni = jnp.arange(kv.pos.shape[0])[:, None], jnp.arange(kv.pos.shape[1])[None]
-        st = ScoredKV(kv, state.score.at[bi, ni, free].set(0.0), state.limit)
+        st = state.replace(kv=kv, score=state.score.at[bi, ni, free].set(0.0))
         res = self.attend(kv, q, q_pos, ctx, want_mass=True)
         score = self.decode_score(st, res, q_pos, ctx)
         # Never evict the token just written: it is the newest and the next query's neighbour.
         newest = kv.pos == q_pos[:, :1, None]
         ranked = jnp.where((kv.pos < 0) | newest, jnp.inf, self.eviction_rank(score, kv))
-        victim = jnp.argmin(ranked, axis=2)
+        victim = jnp.argmin(ranked, axis=2).astype(jnp.int32)
         full = jnp.sum(kv.pos >= 0, axis=2) > state.limit  # evict only beyond the row's budget
-        pos = kv.pos.at[bi, ni, victim].set(jnp.where(full, -1, kv.pos[bi, ni, victim]))
-        return ScoredKV(kv.replace(pos=pos), score, state.limit), res.out
+        return st.replace(score=score, victim=victim, pending=full), res.out
 
 
 def observation_window(q, q_pos, window: int, ctx: LayerContext):
