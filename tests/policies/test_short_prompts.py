@@ -175,11 +175,12 @@ def test_zipcache_saliency_probes_do_not_depend_on_the_batch(tiny_config, tiny_p
 
 def test_kivi_residual_window_is_sized_to_the_prompt(generated):
     """KIVI (R=128, G=32): a lone 5- or 11-token prompt with 4 new tokens gets a 32-slot
-    window, not R + G = 160; with a 600-token row in the batch the window is R + G again.
-    Nothing of the short rows is quantized either way."""
+    window, not R + 2G = 192 (room for the G tokens decoded between two deferred flushes); with a
+    600-token row in the batch the window is R + 2G again. Nothing of the short rows is quantized
+    either way."""
     run = generated("kivi")
     alone, batched = run["alone11"][1].layers[0], run["batched"][1].layers[0]
-    assert alone.res_k.shape[2] == 32 and batched.res_k.shape[2] == 160
+    assert alone.res_k.shape[2] == 32 and batched.res_k.shape[2] == 192
     np.testing.assert_array_equal(alone.res_len, 11)
     np.testing.assert_array_equal(batched.res_len[:2], [[5, 5], [11, 11]])
 
