@@ -14,17 +14,43 @@ each layer keeps on the device
 
 and in host memory (`kvjax.host`) the prompt's post-RoPE K and V in blocks of `block` tokens
 [B, N, P * block, H]. When a new question arrives (`LayerContext.new_turn`: `kvjax.Session.ask`
-sets it) each layer scores every block that lies wholly before the window by the cosine
-similarity of its mean key (all KV heads' channels concatenated) with the question's mean
-query (its tokens' queries averaged, each query head's group onto its KV head), fetches the
-top `topk` blocks' K and V from host memory, and the question and its answer attend over
-[sinks | retrieved blocks | window | question and answer tokens], merged through their
-log-sum-exps. Without a question (`kvjax.generate`: the question is inside the prompt) the
-prompt's last `block` tokens stand for it at the end of the prefill. Positions ride along,
-so a retrieved block attends at its true positions; a block's tokens that are also sinks are
-masked in it. Decode steps that are not a new turn append to the window, which has room for
-the question, the answer and history (no block leaves the device while decoding, so the host
-leaves are read-only and loop-invariant in the decode loop).
+sets it) each layer chooses `topk` of the blocks that lie wholly before the window, fetches
+their K and V from host memory, and the answer's tokens attend over [sinks | retrieved blocks |
+window | question and answer tokens], merged through their log-sum-exps. Two settings decide
+how the question itself attends and how the blocks are chosen:
+
+    question="dense" (default)  the question's tokens attend over every token of the context:
+                                 [sinks | window | question] plus every retrievable block, read
+                                 from the store one block at a time (`attend_all`). A new turn
+                                 therefore copies every block's K and V from host memory once
+                                 (`nbytes_host_read_per_turn` counts them), besides the
+                                 retrieved blocks; decode steps after it read only the device.
+    question="sparse"            the question attends like its answer, over the retrieved
+                                 blocks only (ReKV: retrieve for the question, then answer).
+    select="attention" (default) a block's score is the softmax attention mass the question's
+                                 own queries put on its tokens during that dense pass, summed
+                                 over the question's tokens and the G query heads of each KV
+                                 head, per layer; each KV head retrieves its own top `topk`
+                                 blocks (`got` holds positions per head). Needs question="dense".
+    select="cosine"              ReKV's rule: the cosine similarity of each block's mean key
+                                 (all KV heads' channels concatenated) with the question's mean
+                                 query (its tokens' queries averaged, each query head's group
+                                 onto its KV head), one block set shared by the KV heads.
+
+`select="cosine", question="sparse"` is the paper's method. The defaults deviate from it: on
+SmolLM2 a passkey asked after a 4k context (`benchmarks/retrieval_diag.py`) puts the needle's
+block at ranks 13-44 of ~58 by mean-key cosine in the layers that retrieve it, so ReKV's rule
+never fetches it at topk=8, while the needle's tokens are where those layers' question queries
+put their attention; a question that reads every block once is the price (the same as Quest's
+and ShadowKV's dense question, `kvjax.policies.quest`, `kvjax.policies.shadowkv`).
+
+Without a question (`kvjax.generate`: the question is inside the prompt) the prompt's last
+`block` queries stand for it at the end of the prefill (their attention over the whole prompt,
+one more read of every block, under select="attention"). Positions ride along, so a retrieved
+block attends at its true positions; a block's tokens that are also sinks are masked in it.
+Decode steps that are not a new turn append to the window, which has room for the question,
+the answer and history (no block leaves the device while decoding, so the host leaves are
+read-only and loop-invariant in the decode loop).
 
 ReKV encodes its video stream with sliding-window attention; here the prompt is prefilled with
 exact causal attention. A top-k covering every block retrieves the whole context: exactly dense
@@ -51,6 +77,10 @@ from ..state import LayerContext, SlotKV, leaf_nbytes, leaves_nbytes, slot_bytes
 from . import slots
 from .base import Policy, PolicyError, check_positive
 from .registry import register
+
+#: How a new turn's question tokens attend (`Offload.question`) and how blocks are chosen (`Offload.select`).
+QUESTION_MODES = ("dense", "sparse")
+SELECT_MODES = ("attention", "cosine")
 
 # ---- the prompt's K/V while it is prefilled ------------------------------------------------
 
@@ -164,8 +194,8 @@ def gather_tokens(x: jax.Array, rows: jax.Array) -> jax.Array:
 @struct.dataclass
 class OffloadPrefill:
     """The offload policy's state while its prompt is prefilled: the K/V store and each row's
-    last `block` queries (averaged onto KV heads) qbuf [B, block, N, H] float32 at positions
-    qpos [B, block] (-1 = none), the question stand-in at the end of the prompt."""
+    last `block` queries qbuf [B, block, Nq, H] float32 at positions qpos [B, block] (-1 = none),
+    the question stand-in at the end of the prompt."""
 
     kv: HostKV
     qbuf: jax.Array
@@ -181,7 +211,8 @@ class OffloadKV:
     room; got: SlotKV of the retrieved blocks [B, N, topk * block, H]; k, v [B, N, P * block, H]
     the prompt's blocks (host memory when `on_host`); reps [B, N, P, H] float32 their mean keys;
     ok [B, P] bool: blocks a question may retrieve (wholly before the window, not only sinks);
-    sink_end [B] int32: positions below it are in `local`."""
+    sink_end [B] int32: positions below it are in `local`; dense_turn: a new turn's question
+    reads every block (question="dense")."""
 
     local: SlotKV
     got: SlotKV
@@ -192,6 +223,7 @@ class OffloadKV:
     sink_end: jax.Array
     block: int = struct.field(pytree_node=False, default=64)
     on_host: bool = struct.field(pytree_node=False, default=False)
+    dense_turn: bool = struct.field(pytree_node=False, default=False)
 
     def nbytes_host(self) -> int:
         """The prompt's blocks when they are in host memory."""
@@ -213,16 +245,22 @@ class OffloadKV:
         return 0
 
     def nbytes_host_read_per_turn(self) -> int:
-        """Bytes a new turn copies from host memory: the retrieved blocks' K and V."""
-        return leaves_nbytes((self.got.k, self.got.v))
+        """Bytes a new turn copies from the block store (host memory when `on_host`): the
+        retrieved blocks' K and V, and with `dense_turn` every block's K and V once more (the
+        question attends over all of them)."""
+        every = leaf_nbytes(self.k) + leaf_nbytes(self.v) if self.dense_turn else 0
+        return int(leaves_nbytes((self.got.k, self.got.v)) + every)
 
 
 @register
 @dataclasses.dataclass(frozen=True)
 class Offload(Policy):
     """window: recent tokens kept on the device (from a block boundary, so up to window + block
-    - 1); block: tokens per offloaded block; topk: blocks a question retrieves; sinks: first
-    tokens kept on the device; offload: where the blocks live ("auto", "host", "device")."""
+    - 1); block: tokens per offloaded block; topk: blocks a question retrieves (per KV head
+    under select="attention"); sinks: first tokens kept on the device; offload: where the blocks
+    live ("auto", "host", "device"); question: how a new turn's question attends ("dense": every
+    block, "sparse": the retrieved ones); select: how blocks are scored ("attention": the
+    question's attention mass, "cosine": ReKV's mean-key cosine). Module doc."""
 
     name = "offload"
     window: int = 256
@@ -230,6 +268,8 @@ class Offload(Policy):
     topk: int = 8
     sinks: int = 4
     offload: str = "auto"
+    question: str = "dense"
+    select: str = "attention"
 
     feeds_stores: ClassVar[bool] = False
     feeds_stores_note: ClassVar[str] = "blocks in host memory with mean-key representatives"
@@ -245,6 +285,15 @@ class Offload(Policy):
         check_positive("sinks", self.sinks, 0)
         if self.offload not in host.OFFLOAD_CHOICES:
             raise PolicyError(f"offload: offload={self.offload!r}; expected one of {host.OFFLOAD_CHOICES}")
+        if self.question not in QUESTION_MODES:
+            raise PolicyError(f"offload: question={self.question!r}; expected one of {QUESTION_MODES}")
+        if self.select not in SELECT_MODES:
+            raise PolicyError(f"offload: select={self.select!r}; expected one of {SELECT_MODES}")
+        if self.select == "attention" and self.question != "dense":
+            raise PolicyError(
+                f"offload: select='attention' scores blocks by the question's attention over every block, "
+                f"which needs question='dense' (got question={self.question!r}); use select='cosine'"
+            )
 
     def on_host(self) -> bool:
         try:
@@ -261,7 +310,7 @@ class Offload(Policy):
 
     def init_layer(self, layer, batch, prompt_len, max_new_tokens, config, dtype):
         kv = HostKV.empty(batch, config.num_kv_heads, prompt_len, config.head_dim, dtype, self.on_host())
-        qbuf = jnp.zeros((batch, self.block, config.num_kv_heads, config.head_dim), jnp.float32)
+        qbuf = jnp.zeros((batch, self.block, config.num_heads, config.head_dim), jnp.float32)
         return OffloadPrefill(kv, qbuf, jnp.full((batch, self.block), -1, jnp.int32))
 
     # ---- prefill -------------------------------------------------------------------------------
@@ -279,11 +328,8 @@ class Offload(Policy):
         return self._build(state, src, t, ctx), out
 
     def _last_queries(self, state: OffloadPrefill, q, q_pos, ctx):
-        """Each row's last `block` queries so far (mean over each KV head's query heads)."""
-        b, t, nq, h = q.shape
-        n = ctx.config.num_kv_heads
-        qm = q.astype(jnp.float32).reshape(b, t, n, nq // n, h).mean(axis=3)
-        allq = jnp.concatenate([state.qbuf, qm], axis=1)
+        """Each row's last `block` queries so far ([B, block, Nq, H], positions [B, block])."""
+        allq = jnp.concatenate([state.qbuf, q.astype(jnp.float32)], axis=1)
         allp = jnp.concatenate([state.qpos, q_pos.astype(jnp.int32)], axis=1)
         _, idx = jax.lax.top_k(allp, self.block)  # the newest positions (-1s last)
         return jnp.take_along_axis(allq, idx[:, :, None, None], axis=1), jnp.take_along_axis(allp, idx, axis=1)
@@ -331,9 +377,9 @@ class Offload(Policy):
             pos=jnp.full((b, n, got_n), -1, jnp.int32),
             fill=jnp.asarray(got_n, jnp.int32),
         )
-        st = OffloadKV(local, empty, kb, vb, reps, ok, sink_end.astype(jnp.int32), blk, kv.on_host)
-        qm = jnp.sum(jnp.where((state.qpos >= 0)[:, :, None, None], state.qbuf, 0.0), axis=1)
-        return st.replace(got=self.retrieve(st, qm))
+        dense_turn = self.question == "dense"
+        st = OffloadKV(local, empty, kb, vb, reps, ok, sink_end.astype(jnp.int32), blk, kv.on_host, dense_turn)
+        return st.replace(got=self.retrieve(st, self.scores(st, st.local, state.qbuf, state.qpos, ctx)[1]))
 
     def _block_means(self, k_src, t: int, size: int, n: int, h: int) -> jax.Array:
         """Mean post-RoPE key of each block of the first `size` slots: [B, N, size / block, H]
@@ -356,9 +402,9 @@ class Offload(Policy):
 
     # ---- retrieval ------------------------------------------------------------------------------
     def block_scores(self, st: OffloadKV, qmean: jax.Array) -> jax.Array:
-        """Cosine similarity of each block's mean key with the question's mean query, all KV
-        heads' channels concatenated: qmean [B, N, H] -> [B, P] float32 (-inf for blocks the
-        question may not retrieve)."""
+        """ReKV's score (select="cosine"): the cosine similarity of each block's mean key with the
+        question's mean query, all KV heads' channels concatenated: qmean [B, N, H] -> [B, P]
+        float32 (-inf for blocks the question may not retrieve)."""
         b, n, p, h = st.reps.shape
         r = jnp.swapaxes(st.reps, 1, 2).reshape(b, p, n * h)
         qf = qmean.astype(jnp.float32).reshape(b, n * h)
@@ -367,25 +413,71 @@ class Offload(Policy):
         cos = dot / jnp.maximum(norm, 1e-8)
         return jnp.where(st.ok, cos, -jnp.inf)
 
-    def retrieve(self, st: OffloadKV, qmean: jax.Array) -> SlotKV:
-        """The top `topk` blocks for a question whose mean query (onto KV heads) is qmean
-        [B, N, H], fetched from the block store: a SlotKV [B, N, topk * block, H] in block order
-        (positions -1 for unused entries and for sink tokens, which `local` holds)."""
-        b, n = qmean.shape[:2]
+    @staticmethod
+    def mean_query(q: jax.Array, q_pos: jax.Array, num_kv_heads: int) -> jax.Array:
+        """The question's mean query onto KV heads: q [B, T, Nq, H] averaged over each KV head's
+        query heads and summed over the valid tokens (q_pos >= 0; a cosine ignores the scale)
+        -> [B, N, H] float32."""
+        b, t, nq, h = q.shape
+        qm = q.astype(jnp.float32).reshape(b, t, num_kv_heads, nq // num_kv_heads, h).mean(axis=3)
+        return jnp.sum(jnp.where((q_pos >= 0)[:, :, None, None], qm, 0.0), axis=1)
+
+    def attend_all(self, st: OffloadKV, local: SlotKV, q, q_pos, ctx: LayerContext):
+        """Exact attention of q [B, T, Nq, H] at q_pos [B, T] over every token of the row:
+        `local` (sinks, window and the question's own tokens) and every retrievable block, read
+        from the store one block at a time (`host.slice_tokens`: each block's K and V cross from
+        host memory once), merged through log-sum-exps. Returns (out [B, T, Nq, H], mass [B, N, P]
+        float32): the softmax mass the queries put on each block's tokens, exp(lse_block -
+        lse_all) summed over the valid queries and the G query heads of each KV head (-inf for
+        blocks the question may not retrieve)."""
+        b, t, nq, _ = q.shape
+        n, blk, p = st.k.shape[1], st.block, st.reps.shape[2]
+        out, lse = attend_segments(q, q_pos, [(local.k, local.v, local.pos)], ctx)
+        read_k, read_v = token_blocks(st.k, blk), token_blocks(st.v, blk)
+
+        def one(carry, j):
+            o, l = carry
+            pos = j * blk + jnp.arange(blk, dtype=jnp.int32)
+            keep = jnp.take(st.ok, j, axis=1)[:, None] & (pos[None, :] >= st.sink_end[:, None])  # [B, blk]
+            kpos = jnp.broadcast_to(jnp.where(keep, pos[None, :], -1)[:, None, :], (b, n, blk))
+            o2, l2 = attend_segments(q, q_pos, [(read_k(j), read_v(j), kpos)], ctx)
+            o, l = attention.merge_partials([o, o2.astype(jnp.float32)], [l, l2])
+            return (o, l), l2
+
+        (out, lse), lse_blocks = jax.lax.scan(one, (out.astype(jnp.float32), lse), jnp.arange(p))  # [P, B, T, Nq]
+        seen = (q_pos >= 0)[None, :, :, None] & jnp.isfinite(lse)[None] & jnp.isfinite(lse_blocks)
+        share = jnp.where(seen, jnp.exp(jnp.where(seen, lse_blocks - lse[None], 0.0)), 0.0)
+        mass = jnp.moveaxis(share.reshape(p, b, t, n, nq // n).sum(axis=(2, 4)), 0, 2)  # [B, N, P]
+        return out.astype(q.dtype), jnp.where(st.ok[:, None, :], mass, -jnp.inf)
+
+    def scores(self, st: OffloadKV, local: SlotKV, q, q_pos, ctx: LayerContext):
+        """The question's blocks scores [B, N, P] (-inf: not retrievable) under `select`, and its
+        attention output [B, T, Nq, H] over every token when question="dense" (else None)."""
+        out = mass = None
+        if self.question == "dense":
+            out, mass = self.attend_all(st, local, q, q_pos, ctx)
+        if self.select == "attention":
+            return out, mass
+        cos = self.block_scores(st, self.mean_query(q, q_pos, st.k.shape[1]))
+        return out, jnp.broadcast_to(cos[:, None, :], (cos.shape[0], st.k.shape[1], cos.shape[1]))
+
+    def retrieve(self, st: OffloadKV, scores: jax.Array) -> SlotKV:
+        """The top `topk` blocks of each KV head by scores [B, N, P] (-inf: not retrievable),
+        fetched from the block store: a SlotKV [B, N, topk * block, H], each head's blocks in
+        block order (positions -1 for unused entries and for sink tokens, which `local` holds)."""
+        b, n, _ = scores.shape
         blk = st.block
         width = st.got.capacity // blk
-        scores = self.block_scores(st, qmean)
-        vals, ids = jax.lax.top_k(scores, width)
+        vals, ids = jax.lax.top_k(scores, width)  # [B, N, W]
         valid = jnp.isfinite(vals)
-        order = jnp.argsort(jnp.where(valid, ids, jnp.iinfo(jnp.int32).max), axis=1)
-        ids, valid = jnp.take_along_axis(ids, order, axis=1), jnp.take_along_axis(valid, order, axis=1)
-        rows = (ids[:, :, None] * blk + jnp.arange(blk)).reshape(b, -1).astype(jnp.int32)
-        ok = jnp.repeat(valid, blk, axis=1) & (rows >= st.sink_end[:, None])
-        rows_h = jnp.broadcast_to(rows[:, None, :], (b, n, rows.shape[1]))
+        order = jnp.argsort(jnp.where(valid, ids, jnp.iinfo(jnp.int32).max), axis=-1)
+        ids, valid = jnp.take_along_axis(ids, order, axis=-1), jnp.take_along_axis(valid, order, axis=-1)
+        rows = (ids[..., None] * blk + jnp.arange(blk)).reshape(b, n, -1).astype(jnp.int32)
+        ok = jnp.repeat(valid, blk, axis=-1) & (rows >= st.sink_end[:, None, None])
         return SlotKV(
-            k=gather_tokens(st.k, rows_h),
-            v=gather_tokens(st.v, rows_h),
-            pos=jnp.broadcast_to(jnp.where(ok, rows, -1)[:, None, :], rows_h.shape),
+            k=gather_tokens(st.k, rows),
+            v=gather_tokens(st.v, rows),
+            pos=jnp.where(ok, rows, -1),
             fill=st.got.fill,
         )
 
@@ -395,11 +487,10 @@ class Offload(Policy):
             raise PolicyError("offload: decode needs the state a final prefill chunk produces")
         local = slots.append(state.local, k, v, q_pos)
         got = state.got
-        if ctx.new_turn:
-            b, t, nq, h = q.shape
-            n = ctx.config.num_kv_heads
-            ok = (q_pos >= 0)[:, :, None, None]
-            qm = jnp.sum(jnp.where(ok, q.astype(jnp.float32).reshape(b, t, n, nq // n, h).mean(axis=3), 0.0), axis=1)
-            got = self.retrieve(state, qm)
+        if ctx.new_turn:  # a question: choose the blocks (module doc)
+            out, scores = self.scores(state, local, q, q_pos, ctx)
+            got = self.retrieve(state, scores)
+            if out is not None:  # question="dense": it attended over every block
+                return state.replace(local=local, got=got), out
         out, _ = attend_segments(q, q_pos, [(local.k, local.v, local.pos), (got.k, got.v, got.pos)], ctx)
         return state.replace(local=local, got=got), out
