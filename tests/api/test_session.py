@@ -1,6 +1,5 @@
 """`kvjax.Session`: a context compressed once, asked many questions (question excluded)."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
