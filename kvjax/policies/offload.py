@@ -38,11 +38,11 @@ how the question itself attends and how the blocks are chosen:
                                  onto its KV head), one block set shared by the KV heads.
 
 `select="cosine", question="sparse"` is the paper's method. The defaults deviate from it: on
-SmolLM2 a passkey asked after a 4k context (`benchmarks/retrieval_diag.py`) puts the needle's
-block at ranks 13-44 of ~58 by mean-key cosine in the layers that retrieve it, so ReKV's rule
-never fetches it at topk=8, while the needle's tokens are where those layers' question queries
-put their attention; a question that reads every block once is the price (the same as Quest's
-and ShadowKV's dense question, `kvjax.policies.quest`, `kvjax.policies.shadowkv`).
+SmolLM2, for a passkey asked after the context, the mean-key cosine ranks the needle's block far
+below the top `topk` in the layers that retrieve it, while those layers' question queries put
+their attention on the needle's tokens (`benchmarks/retrieval_diag.py`; numbers in
+docs/methods.md). A question that reads every block once is the price (as Quest's and
+ShadowKV's dense question, `kvjax.policies.quest`, `kvjax.policies.shadowkv`).
 
 Without a question (`kvjax.generate`: the question is inside the prompt) the prompt's last
 `block` queries stand for it at the end of the prefill (their attention over the whole prompt,
