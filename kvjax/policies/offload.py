@@ -27,7 +27,8 @@ how the question itself attends and how the blocks are chosen:
                                  retrieved blocks; decode steps after it read only the device.
     question="sparse"            the question attends like its answer, over the retrieved
                                  blocks only (ReKV: retrieve for the question, then answer).
-    select="attention" (default) a block's score is the softmax attention mass the question's
+    select="auto" (default)      "attention" under question="dense", "cosine" under "sparse".
+    select="attention"           a block's score is the softmax attention mass the question's
                                  own queries put on its tokens during that dense pass, summed
                                  over the question's tokens and the G query heads of each KV
                                  head, per layer; each KV head retrieves its own top `topk`
@@ -37,7 +38,7 @@ how the question itself attends and how the blocks are chosen:
                                  query (its tokens' queries averaged, each query head's group
                                  onto its KV head), one block set shared by the KV heads.
 
-`select="cosine", question="sparse"` is the paper's method. The defaults deviate from it: on
+`question="sparse"` (select "auto" = "cosine") is the paper's method. The defaults deviate from it: on
 SmolLM2, for a passkey asked after the context, the mean-key cosine ranks the needle's block far
 below the top `topk` in the layers that retrieve it, while those layers' question queries put
 their attention on the needle's tokens (`benchmarks/retrieval_diag.py`; numbers in
@@ -80,7 +81,7 @@ from .registry import register
 
 #: How a new turn's question tokens attend (`Offload.question`) and how blocks are chosen (`Offload.select`).
 QUESTION_MODES = ("dense", "sparse")
-SELECT_MODES = ("attention", "cosine")
+SELECT_MODES = ("auto", "attention", "cosine")
 
 # ---- the prompt's K/V while it is prefilled ------------------------------------------------
 
@@ -260,7 +261,8 @@ class Offload(Policy):
     under select="attention"); sinks: first tokens kept on the device; offload: where the blocks
     live ("auto", "host", "device"); question: how a new turn's question attends ("dense": every
     block, "sparse": the retrieved ones); select: how blocks are scored ("attention": the
-    question's attention mass, "cosine": ReKV's mean-key cosine). Module doc."""
+    question's attention mass, "cosine": ReKV's mean-key cosine, "auto": attention under the
+    dense question, else cosine). Module doc."""
 
     name = "offload"
     window: int = 256
@@ -269,7 +271,7 @@ class Offload(Policy):
     sinks: int = 4
     offload: str = "auto"
     question: str = "dense"
-    select: str = "attention"
+    select: str = "auto"
 
     feeds_stores: ClassVar[bool] = False
     feeds_stores_note: ClassVar[str] = "blocks in host memory with mean-key representatives"
@@ -289,11 +291,18 @@ class Offload(Policy):
             raise PolicyError(f"offload: question={self.question!r}; expected one of {QUESTION_MODES}")
         if self.select not in SELECT_MODES:
             raise PolicyError(f"offload: select={self.select!r}; expected one of {SELECT_MODES}")
-        if self.select == "attention" and self.question != "dense":
+        if self.selection == "attention" and self.question != "dense":
             raise PolicyError(
                 f"offload: select='attention' scores blocks by the question's attention over every block, "
                 f"which needs question='dense' (got question={self.question!r}); use select='cosine'"
             )
+
+    @property
+    def selection(self) -> str:
+        """The block score in use: `select`, with "auto" resolved by `question`."""
+        if self.select == "auto":
+            return "attention" if self.question == "dense" else "cosine"
+        return self.select
 
     def on_host(self) -> bool:
         try:
@@ -456,7 +465,7 @@ class Offload(Policy):
         out = mass = None
         if self.question == "dense":
             out, mass = self.attend_all(st, local, q, q_pos, ctx)
-        if self.select == "attention":
+        if self.selection == "attention":
             return out, mass
         cos = self.block_scores(st, self.mean_query(q, q_pos, st.k.shape[1]))
         return out, jnp.broadcast_to(cos[:, None, :], (cos.shape[0], st.k.shape[1], cos.shape[1]))

@@ -150,6 +150,9 @@ BITS = Range(choices=(2, 3, 4, 8))
 CALIBRATION = Range(note="directory of a calibration artifact ('' = the one shipped for SmolLM2)")
 RESIDUAL = at_least(0, "recent tokens kept in full precision")
 OFFLOAD = Range(choices=("auto", "host", "device"), note="where host-resident leaves live (kvjax.host)")
+QUESTION = Range(
+    choices=("dense", "sparse"), note="how a new turn's question tokens attend: every token, or a selection"
+)
 
 RANGES: dict[str, dict[str, Range]] = {
     "dense": {},
@@ -218,6 +221,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "page": at_least(1, "slots per page; the sparse decode kernel takes powers of two >= 16 (GPU, CPU interpret)"),
         "dense_layers": at_least(0, "fewer than the model's layers"),
         "gqa": Range(choices=("max", "union")),
+        "question": QUESTION,
     },
     "triforce_retrieval": {
         "budget": Range(0, low_open=True, note="a fraction of the prompt (<= 1) or whole tokens (> 1), in chunks"),
@@ -230,6 +234,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "local": at_least(0, "last prompt chunks kept exact"),
         "outliers": Range(0, 1, note="exact outlier chunks, a fraction of the selected chunks"),
         "offload": OFFLOAD,
+        "question": QUESTION,
     },
     "cskv": {
         "k_density": Range(0, 1, low_open=True, note="fraction of the N*H key channels kept"),
@@ -251,6 +256,11 @@ RANGES: dict[str, dict[str, Range]] = {
         "topk": at_least(1, "blocks a question retrieves"),
         "sinks": at_least(0, "first tokens on the device"),
         "offload": OFFLOAD,
+        "question": QUESTION,
+        "select": Range(
+            choices=("auto", "attention", "cosine"),
+            note="block scores: the question's attention mass (needs question=dense), ReKV's cosine, or auto",
+        ),
     },
     "bfp": {
         "bits": BITS,

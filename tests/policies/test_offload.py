@@ -226,7 +226,7 @@ def test_a_new_turn_retrieves_by_the_questions_attention_mass_per_kv_head(tiny_c
             for strength, j in zip((1.0, 0.8, 0.6), planted[m]):
                 k[r, m, j * blk : (j + 1) * blk] += strength * qdir / np.linalg.norm(qdir) * np.sqrt(h)
     pol = Offload(window=100, block=blk, topk=3, sinks=8)
-    assert (pol.question, pol.select) == ("dense", "attention")
+    assert (pol.question, pol.selection) == ("dense", "attention")
     st = _prefilled(pol, cfg, k, v, lengths, tq, rng)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     qpos = jnp.asarray(np.array(lengths)[:, None] + np.arange(tq)[None], jnp.int32)
@@ -288,7 +288,11 @@ def test_bad_input(tiny_params, tiny_config):
         (dict(offload="disk"), "offload='disk'"),
         (dict(question="all"), "question='all'"),
         (dict(select="dot"), "select='dot'"),
-        (dict(question="sparse"), "select='attention' .* needs question='dense' \\(got question='sparse'\\)"),
+        (
+            dict(question="sparse", select="attention"),
+            "select='attention' .* needs question='dense' \\(got question='sparse'\\)",
+        ),
     ):
         with pytest.raises(PolicyError, match=msg):
             Offload(**bad)
+    assert Offload().selection == "attention" and Offload(question="sparse").selection == "cosine"

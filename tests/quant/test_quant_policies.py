@@ -27,7 +27,13 @@ CFG = TINY_QUANT
 QUANT = sorted(n for n, c in REGISTRY.items() if issubclass(c, QuantPolicy))
 CALIBRATED = tuple(n for n in QUANT if "calibration" in REGISTRY[n].parameters())  # kvquant, rotatekv, ...
 # small-shape settings per method (group / residual / gap sized for a 32-dim, ~50-token test)
-SMALL = {"kivi": "group=16,residual=16", "zipcache": "stream_gap=8", "rotatekv": "sinks=2", "kvquant": "outliers=0.05"}
+SMALL = {
+    "kivi": "group=16,residual=16",
+    "cskv": "window=16,group=16",
+    "zipcache": "stream_gap=8",
+    "rotatekv": "sinks=2",
+    "kvquant": "outliers=0.05",
+}
 
 
 @pytest.fixture(scope="module")
