@@ -146,20 +146,24 @@ def largest_batch(fits, limit: int, tolerance: float = 0.0) -> tuple[int, int | 
     return lo, hi, trials
 
 
+def _best_seconds(f, x, repeats: int = 10) -> float:
+    """Fastest of `repeats` timed calls f(x) (after one warm-up call that compiles)."""
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def copy_bandwidth(n_bytes: int = 1 << 32) -> float:
     """Bytes read + written per second by a device copy of `n_bytes` (best of 10)."""
     import jax
     import jax.numpy as jnp
 
     x = jnp.ones((n_bytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: a * 1.0001)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(10):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * x.nbytes / best
+    return 2 * x.nbytes / _best_seconds(jax.jit(lambda a: a * 1.0001), x)
 
 
 def read_bandwidth(n_bytes: int = 1 << 32) -> float:
@@ -169,14 +173,7 @@ def read_bandwidth(n_bytes: int = 1 << 32) -> float:
     import jax.numpy as jnp
 
     x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(10):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return x.nbytes / best
+    return x.nbytes / _best_seconds(jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), x)
 
 
 def host_bandwidth(n_bytes: int = 1 << 28) -> float:

@@ -74,6 +74,14 @@ def _rope(x, pos, theta):
     return x * cos + np.concatenate([-x[..., h // 2 :], x[..., : h // 2]], -1) * sin
 
 
+def _retrievable(length, window, block, sinks):
+    """(window start, sink end, blocks): a row of `length` tokens keeps its sinks and its device
+    window (from a block boundary) on the device; the whole blocks between are retrievable."""
+    win_start = max(0, (length - window) // block * block)
+    sink_end = min(sinks, win_start)
+    return win_start, sink_end, [j for j in range(length // block) if sink_end < (j + 1) * block <= win_start]
+
+
 def _rekv(k, v, qq, kq, vq, length, cfg, *, window, block, topk, sinks):
     """The policy's turn on one row, re-implemented: k, v [N, L, H] (post-RoPE) the context; a
     question's queries qq [T, Nq, H], keys kq, values vq [T, N, H] at positions L..L+T-1.
@@ -81,9 +89,7 @@ def _rekv(k, v, qq, kq, vq, length, cfg, *, window, block, topk, sinks):
     n, _, h = k.shape
     t, nq, _ = qq.shape
     g = nq // n
-    win_start = max(0, (length - window) // block * block)
-    sink_end = min(sinks, win_start)
-    blocks = [j for j in range(length // block) if (j + 1) * block <= win_start and (j + 1) * block > sink_end]
+    win_start, sink_end, blocks = _retrievable(length, window, block, sinks)
     reps = {j: k[:, j * block : (j + 1) * block].mean(1).reshape(-1) for j in blocks}  # all heads' channels
     qmean = qq.reshape(t, n, g, h).mean(axis=(0, 2)).reshape(-1)
     cos = {j: r @ qmean / (np.linalg.norm(r) * np.linalg.norm(qmean)) for j, r in reps.items()}
@@ -173,9 +179,7 @@ def _attention_mass_turn(k, v, qq, kq, vq, qa, ka, va, length, *, window, block,
     n, _, h = k.shape
     t, nq, _ = qq.shape
     g = nq // n
-    win_start = max(0, (length - window) // block * block)
-    sink_end = min(sinks, win_start)
-    blocks = [j for j in range(length // block) if (j + 1) * block <= win_start and (j + 1) * block > sink_end]
+    win_start, sink_end, blocks = _retrievable(length, window, block, sinks)
     keys = np.concatenate([k[:, :length], np.swapaxes(kq, 0, 1)], axis=1)  # [N, L + T, H]
     vals = np.concatenate([v[:, :length], np.swapaxes(vq, 0, 1)], axis=1)
     kpos = np.arange(length + t)
