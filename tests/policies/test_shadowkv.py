@@ -244,6 +244,7 @@ def test_bad_input(tiny_params, tiny_config):
         (dict(outliers=1.5), "outliers=1.5 must be a fraction"),
         (dict(offload="disk"), "offload='disk'; expected one of"),
         (dict(rank=-1), "rank=-1 must be an integer >= 0"),
+        (dict(question="all"), r"question='all'; expected one of \('dense', 'sparse'\)"),
     ):
         with pytest.raises(PolicyError, match=msg):
             ShadowKV(**bad)
