@@ -9,7 +9,7 @@ blocks. Such a leaf is written while the prompt is prefilled and only read while
   chunk, so a prefill's output carries the memory kind (`x.sharding.memory_kind ==
   "pinned_host"`) as out_shardings would give it;
 - reads: `take_along_axis` / `slice_tokens` run the gather or slice where the leaf lives (on
-  the host, under `compute_on("device_host")`, the indices copied there first) and move only
+  the host, in a host computation (`compute_on`, compute type "device_host"), the indices copied there first) and move only
   the selected rows to the device; a whole host leaf is never copied to the device;
 - writes (prefill only): `write` runs the `dynamic_update_slice` on the host;
 - the decode loop (`kvjax.generation.steps`) takes host leaves out of the `while_loop` carry
@@ -31,7 +31,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.compute_on import compute_on, compute_on2
+
+try:  # jax 0.10: the function transform is `compute_on2` (`compute_on` a context manager)
+    from jax.experimental.compute_on import compute_on2 as _compute_on
+except ImportError:  # jax 0.11: the same transform under the name `compute_on`
+    from jax.experimental.compute_on import compute_on as _compute_on
+
 
 #: The memory kind host leaves use (JAX's page-locked host memory, what fast copies need).
 HOST_KIND = "pinned_host"
@@ -85,9 +90,13 @@ def to_host(x: jax.Array) -> jax.Array:
 def zeros(shape, dtype) -> jax.Array:
     """A zero array made in host memory by a host computation (no device buffer of that size in
     between, as `to_host(jnp.zeros(...))` would have)."""
-    return compute_on2(
-        lambda: jnp.zeros(shape, dtype), compute_type="device_host", out_memory_spaces=jax.memory.Space.Host
-    )()
+    return _on_host(lambda: jnp.zeros(shape, dtype))
+
+
+def _on_host(fn, *args) -> jax.Array:
+    """fn(*args) computed on the host (XLA's "device_host" compute type), its output left in
+    host memory. The arguments must already be there."""
+    return _compute_on(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)(*args)
 
 
 def to_device(x: jax.Array) -> jax.Array:
@@ -101,9 +110,7 @@ def take_along_axis(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
     device. Indices must be in range (clip them; mask what they point to afterwards)."""
     if not is_host(x):
         return jnp.take_along_axis(x, idx, axis=axis)
-    idx = to_host(idx)
-    with compute_on("device_host"):
-        out = jnp.take_along_axis(x, idx, axis=axis, mode="promise_in_bounds")
+    out = _on_host(lambda x, i: jnp.take_along_axis(x, i, axis=axis, mode="promise_in_bounds"), x, to_host(idx))
     return to_device(out)
 
 
@@ -113,8 +120,7 @@ def slice_tokens(x: jax.Array, start, size: int, axis: int = 2) -> jax.Array:
     if not is_host(x):
         return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
     start = to_host(jnp.asarray(start, jnp.int32))
-    with compute_on("device_host"):
-        out = jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+    out = _on_host(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, size, axis=axis), x, start)
     return to_device(out)
 
 
@@ -124,8 +130,7 @@ def prefix(x: jax.Array, size: int, axis: int = 2) -> jax.Array:
         return x
     if not is_host(x):
         return jax.lax.slice_in_dim(x, 0, size, axis=axis)
-    with compute_on("device_host"):
-        return jax.lax.slice_in_dim(x, 0, size, axis=axis)
+    return _on_host(lambda x: jax.lax.slice_in_dim(x, 0, size, axis=axis), x)
 
 
 def write(buf: jax.Array, update: jax.Array, start, axis: int = 2) -> jax.Array:
@@ -135,9 +140,8 @@ def write(buf: jax.Array, update: jax.Array, start, axis: int = 2) -> jax.Array:
     update = update.astype(buf.dtype)
     if not is_host(buf):
         return jax.lax.dynamic_update_slice_in_dim(buf, update, start, axis=axis)
-    update, start = to_host(update), to_host(start)
-    with compute_on("device_host"):
-        return jax.lax.dynamic_update_slice_in_dim(buf, update, start, axis=axis)
+    fn = lambda b, u, s: jax.lax.dynamic_update_slice_in_dim(b, u, s, axis=axis)
+    return _on_host(fn, buf, to_host(update), to_host(start))
 
 
 def split_host(tree):

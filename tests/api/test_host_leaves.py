@@ -138,7 +138,7 @@ def test_device_placement_and_backends_without_host_memory(spec, tiny_params, ti
 
 
 def _eqns(jaxpr):
-    """Every equation, nested ones too, except inside host computations (`compute_on2`)."""
+    """Every equation, nested ones too, except inside host computations (`kvjax.host._on_host`)."""
     for eqn in jaxpr.eqns:
         yield eqn
         if eqn.primitive.name == "compute_on":
