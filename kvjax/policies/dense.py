@@ -6,8 +6,7 @@ import dataclasses
 
 from .base import Policy
 from .registry import register
-
-SLOT_MULTIPLE = 64
+from .slots import aligned
 
 
 @register
@@ -19,6 +18,5 @@ class Dense(Policy):
     name = "dense"
 
     def prefill_capacity(self, prompt_len: int, max_new_tokens: int) -> int:
-        # The GPU decode kernel reads the cache in blocks of 16-64 slots; a capacity that is not a
-        # multiple of the block sends every decode step to the jnp reference attention instead.
-        return -(-(prompt_len + max_new_tokens) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+        # rounded up to `slots.SLOT_MULTIPLE`, the capacity the GPU decode kernel reads in place
+        return aligned(prompt_len + max_new_tokens, always=True)

@@ -194,8 +194,8 @@ class ElasticCache(EvictionPolicy):
         anchor = jnp.zeros(kv.pos.shape, bool).at[bi, ni, idx].set(valid)  # top_k indices are distinct
         target = nearest_anchor(kv.pos, anchor)
         k, v, weight = merge_onto(kv, target, (kv.pos >= 0).astype(jnp.float32))
-        kept = slots.gather(kv.replace(k=k, v=v), idx, valid, 1)  # one spare slot for decode
-        w = jnp.pad(jnp.where(valid, take(weight, idx), 0.0), ((0, 0), (0, 0), (0, 1)))
+        kept = slots.gather(kv.replace(k=k, v=v), idx, valid, 1, align=True)  # one spare slot for decode
+        w = jnp.pad(jnp.where(valid, take(weight, idx), 0.0), ((0, 0), (0, 0), (0, kept.capacity - idx.shape[2])))
         return ElasticKV.settled(kept, w, jnp.sum(valid, axis=2).astype(jnp.int32))
 
     # -- output generation ----------------------------------------------------------------

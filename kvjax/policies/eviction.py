@@ -137,10 +137,10 @@ class EvictionPolicy(Policy):
         keep = self.keep_counts(lengths, ctx)
         idx, valid = slots.select_indices(state, scores, keep, cap)
         if not self.evicts_on_decode:
-            return slots.gather(state, idx, valid, ctx.max_new_tokens)
-        kept = slots.gather(state, idx, valid, 1)  # one spare slot for decode-time eviction
+            return slots.gather(state, idx, valid, ctx.max_new_tokens, align=True)
+        kept = slots.gather(state, idx, valid, 1, align=True)  # spare slots (at least one) for decode-time eviction
         carried = jnp.take_along_axis(self.carried_score(state, res, ctx), idx, axis=2)
-        carried = jnp.pad(jnp.where(valid, carried, 0.0), ((0, 0), (0, 0), (0, 1)))
+        carried = jnp.pad(jnp.where(valid, carried, 0.0), ((0, 0), (0, 0), (0, kept.capacity - idx.shape[2])))
         return EvictingKV.settled(kept, carried, jnp.sum(valid, axis=2).astype(jnp.int32))
 
     # -- decode-time eviction -------------------------------------------------------------

@@ -131,4 +131,4 @@ class KVMerger(EvictionPolicy):
         units = kv.replace(pos=jnp.where(is_pivot, kv.pos, -1))
         scores = jnp.where(recent, _BIG + kv.pos, mass)  # newest first among the window
         idx, valid = slots.select_indices(units, scores, keep, min(self.capacity(ctx.prompt_bound, ctx), kv.capacity))
-        return slots.gather(merged, idx, valid, ctx.max_new_tokens)
+        return slots.gather(merged, idx, valid, ctx.max_new_tokens, align=True)

@@ -209,7 +209,7 @@ class Locret(Policy):
             kept_score = jnp.pad(jnp.take_along_axis(score, idx, axis=2), ((0, 0), (0, 0), (0, cap - kept)))
             return ScoredKV(new, kept_score, state.limit), res.out
         idx, valid = slots.select_indices(kv, ranked, slots.keep_counts(lengths, self.budget), final_kept)
-        return slots.gather(kv, idx, valid, ctx.max_new_tokens), res.out
+        return slots.gather(kv, idx, valid, ctx.max_new_tokens, align=True), res.out
 
     def decode(self, state, q, k, v, q_pos, ctx: LayerContext):
         if not isinstance(state, SlotKV):

@@ -13,6 +13,15 @@ import numpy as np
 
 from ..state import SlotKV
 
+#: Long slot caches are allocated in multiples of this many slots (`aligned`): the GPU decode
+#: kernel reads a cache in blocks of 16-64 slots, and a capacity that is not a multiple of the
+#: block sends every decode step to the jnp reference attention instead
+#: (`kvjax.attention.fallbacks()`).
+SLOT_MULTIPLE = 64
+#: ... from this many slots on (at most 6% more slots); shorter caches keep their exact size,
+#: where the reference attention costs little and the spare slots would be a large share.
+ALIGN_FROM = 1024
+
 
 def to_heads_major(x: jax.Array) -> jax.Array:
     """[B, T, N, H] -> [B, N, T, H]."""
@@ -105,12 +114,24 @@ def select(state: SlotKV, scores: jax.Array, keep: jax.Array, capacity: int, hea
     return gather(state, idx, valid, headroom)
 
 
-def gather(state: SlotKV, idx: jax.Array, valid: jax.Array, headroom: int) -> SlotKV:
-    """New state from slots idx [B, N, C] (invalid ones emptied) plus `headroom` empty slots."""
+def aligned(slots: int, always: bool = False) -> int:
+    """`slots` rounded up to a multiple of `SLOT_MULTIPLE` when it is at least `ALIGN_FROM`
+    (or `always`), else unchanged."""
+    if slots < ALIGN_FROM and not always:
+        return slots
+    return -(-slots // SLOT_MULTIPLE) * SLOT_MULTIPLE
+
+
+def gather(state: SlotKV, idx: jax.Array, valid: jax.Array, headroom: int, align: bool = False) -> SlotKV:
+    """New state from slots idx [B, N, C] (invalid ones emptied) plus `headroom` empty slots;
+    with `align`, plus as many more as make the capacity `aligned(C + headroom)` (a compressed
+    cache the GPU decode kernel reads in place)."""
     k = jnp.take_along_axis(state.k, idx[..., None], axis=2)
     v = jnp.take_along_axis(state.v, idx[..., None], axis=2)
     pos = jnp.where(valid, jnp.take_along_axis(state.pos, idx, axis=2), -1)
     c = idx.shape[2]
+    if align:
+        headroom = aligned(c + headroom) - c
     if headroom:
         pad = ((0, 0), (0, 0), (0, headroom), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)

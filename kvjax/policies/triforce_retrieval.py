@@ -123,4 +123,4 @@ class TriForceRetrieval(Policy):
         idx, valid = select_chunks(
             state.k, state.pos, last_query(q, q_pos), self.budget, self.chunk, bound=ctx.prompt_bound
         )
-        return slots.gather(state, idx, valid, ctx.max_new_tokens)
+        return slots.gather(state, idx, valid, ctx.max_new_tokens, align=True)

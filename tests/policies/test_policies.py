@@ -261,3 +261,27 @@ def test_every_policy_is_a_registered_policy_class():
     for name, cls in REGISTRY.items():
         assert issubclass(cls, Policy) and cls.name == name
         assert cls.__doc__, f"{name} needs a docstring"
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o"])
+def test_long_compressed_caches_are_aligned_for_the_decode_kernel(name, tiny_config, tiny_params, rng, monkeypatch):
+    """A compressed cache of at least `slots.ALIGN_FROM` slots is allocated in multiples of
+    `slots.SLOT_MULTIPLE` (what the GPU decode kernel reads in place); the spare slots stay
+    empty and change nothing: the same logits and tokens as the exact-size cache."""
+    from kvjax.policies import slots
+
+    pol = make(name, budget=0.9)
+    tokens, lengths = _prompts(rng, tiny_config, b=2, t=1200)
+    logits, state, out, _ = _run(tiny_params, tiny_config, pol, tokens, lengths, max_new=3)
+    align_from = slots.ALIGN_FROM
+    monkeypatch.setattr(slots, "ALIGN_FROM", 1 << 30)
+    jax.clear_caches()  # retrace: the policy is a static argument, its programs are cached
+    logits_x, exact, out_x, _ = _run(tiny_params, tiny_config, pol, tokens, lengths, max_new=3)
+    jax.clear_caches()
+    for layer, layer_x in zip(state.layers, exact.layers):
+        kv, kv_x = (x.kv if isinstance(x, ScoredKV) else x for x in (layer, layer_x))
+        assert kv.capacity % slots.SLOT_MULTIPLE == 0 and kv.capacity >= align_from
+        assert kv.capacity > kv_x.capacity and kv_x.capacity % slots.SLOT_MULTIPLE, kv_x.capacity
+        assert int(jnp.sum(kv.pos >= 0)) == int(jnp.sum(kv_x.pos >= 0))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out_x))
