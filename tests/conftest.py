@@ -72,6 +72,13 @@ def pytest_runtest_setup(item):
     jax.config.update("jax_disable_most_optimizations", _PASSES_OFF_BY_USER or not slow)
 
 
+@pytest.fixture
+def xla_passes_off():
+    """For a `slow` test that is slow only because it compiles many small programs (the tiny
+    model, short contexts): compile without XLA's optimisation passes, as the fast tests do."""
+    jax.config.update("jax_disable_most_optimizations", True)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return TINY
