@@ -142,6 +142,7 @@ COMPRESSED = "snapkv:budget=0.3,window=8+kivi:bits=2,group=16,residual=16"
     ],
     ids=["dense", "snapkv", "snapkv+kivi"],
 )
+@pytest.mark.usefixtures("xla_passes_off")  # the tiny model: compile-bound even where `slow`
 def test_greedy_requests_equal_generate_alone(tiny_model, policy, mixes):
     """Arrival orders and mixes (two rows, so requests queue, reuse rows and join a running
     batch, which grows its bucket): each request's tokens equal `generate` of it alone."""
@@ -207,6 +208,7 @@ def test_kv_bytes_admission_favours_a_compressed_policy(tiny_model):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("xla_passes_off")  # a tiny random model: compile-bound
 def test_serve_bench_smoke():
     """benchmarks/serve_bench.py's GPU path on CPU (--smoke): both schedules serve every
     request; under one byte budget KIVI admits more 256-token requests than dense, and SnapKV +
