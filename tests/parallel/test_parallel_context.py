@@ -23,7 +23,11 @@ pytestmark = pytest.mark.slow  # one child process: ~20 s on an idle 2-core mach
 
 @pytest.fixture(scope="module")
 def ctx():
-    return run_child("context", 4)
+    # a tiny model compiled once per policy: the child compiles without XLA's optimisation
+    # passes, as the in-process fast tests do (conftest.py); the SmolLM2 child keeps them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+        return run_child("context", 4)
 
 
 @pytest.mark.parametrize("run", ["dense", "dense_striped", "kivi2_kernel", "knorm_kivi2"])
