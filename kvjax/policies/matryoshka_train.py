@@ -38,11 +38,55 @@ from .dense import Dense
 DEFAULT_RANKS = (8, 16, 24, 32, 40, 48, 56, 64)
 
 
+def _inverse_unpivoted(m: jax.Array) -> jax.Array:
+    """m^-1 for [..., H, H] matrices whose symmetric part is positive definite (I + S, S skew),
+    by Gauss-Jordan elimination without pivoting, which is stable for them (their LU factors
+    exist with bounded growth). Pure XLA, so no LAPACK call: XLA:CPU's LAPACK custom call inside
+    the training step's program deadlocked (the step never completed, every thread idle)."""
+    h = m.shape[-1]
+    rows = jnp.arange(h)
+
+    def eliminate(i, ab):
+        a, b = ab
+        row_a = jax.lax.dynamic_index_in_dim(a, i, axis=-2, keepdims=False)  # [..., H]
+        row_b = jax.lax.dynamic_index_in_dim(b, i, axis=-2, keepdims=False)
+        piv = jax.lax.dynamic_index_in_dim(row_a, i, axis=-1, keepdims=True)  # [..., 1]
+        row_a, row_b = row_a / piv, row_b / piv
+        col = jax.lax.dynamic_index_in_dim(a, i, axis=-1, keepdims=False)  # [..., H]: column i
+        col = jnp.where(rows == i, 0.0, col)[..., None]
+        a = jnp.where((rows == i)[:, None], row_a[..., None, :], a - col * row_a[..., None, :])
+        b = jnp.where((rows == i)[:, None], row_b[..., None, :], b - col * row_b[..., None, :])
+        return a, b
+
+    eye = jnp.broadcast_to(jnp.eye(h, dtype=m.dtype), m.shape)
+    return jax.lax.fori_loop(0, h, eliminate, (m, eye))[1]
+
+
+@jax.custom_vjp
+def _cayley_skew(s: jax.Array) -> jax.Array:
+    eye = jnp.eye(s.shape[-1], dtype=s.dtype)
+    return 2.0 * _inverse_unpivoted(eye + s) - eye
+
+
+def _cayley_fwd(s):
+    eye = jnp.eye(s.shape[-1], dtype=s.dtype)
+    inv = _inverse_unpivoted(eye + s)
+    return 2.0 * inv - eye, inv
+
+
+def _cayley_bwd(inv, g):
+    # Q = 2 M^-1 - I with M = I + S: dQ = -2 M^-1 dS M^-1, so dL/dS = -2 M^-T G M^-T
+    inv_t = jnp.swapaxes(inv, -1, -2)
+    return (-2.0 * inv_t @ g @ inv_t,)
+
+
+_cayley_skew.defvjp(_cayley_fwd, _cayley_bwd)
+
+
 def cayley(a: jax.Array) -> jax.Array:
-    """Orthogonal [..., H, H] from an unconstrained a: (I + S)^-1 (I - S), S = a - a^T."""
-    s = a - jnp.swapaxes(a, -1, -2)
-    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
-    return jnp.linalg.solve(eye + s, jnp.broadcast_to(eye, s.shape) - s)
+    """Orthogonal [..., H, H] from an unconstrained a: (I + S)^-1 (I - S) = 2 (I + S)^-1 - I,
+    S = a - a^T; the inverse by `_inverse_unpivoted`, the gradient in closed form."""
+    return _cayley_skew(a - jnp.swapaxes(a, -1, -2))
 
 
 def init_train(init: dict) -> dict:
