@@ -123,8 +123,10 @@ def select_pages(scores: jax.Array, current, limit: jax.Array, rank: int, width:
     (static): pages returned. mode "max": one ranking per KV head by the max over its G heads'
     scores; "union": each query head's own top limit - 1 pages, united.
 
-    Returns pages [B, N, width] int32 (selected first, in increasing page order) and valid
-    [B, N, width] bool. Ties: `jax.lax.top_k` takes the lower page number first."""
+    Returns pages [B, N, width] int32 and valid [B, N, width] bool, the selected pages first
+    (what the sparse decode kernel reads: the first count entries, in any order): "max" lists
+    the current page, then the others by descending score (no sort beyond the top-k); "union"
+    lists them in increasing page order. Ties: `jax.lax.top_k` takes the lower page number first."""
     b, n, _, p = scores.shape
     if mode == "max":
         scores = jnp.max(scores, axis=2, keepdims=True)
@@ -134,14 +136,13 @@ def select_pages(scores: jax.Array, current, limit: jax.Array, rank: int, width:
     idx = jnp.broadcast_to(current[:, None, None], (b, n, 1))
     ok = jnp.ones((b, n, 1), bool)
     if rank > 0:
-        vals, top = jax.lax.top_k(others, rank)  # [B, N, g, rank]
+        vals, top = jax.lax.top_k(others, rank)  # [B, N, g, rank], descending
+        # valid entries form a prefix: the first limit - 1, and -inf (empty pages) sorts last
         top_ok = (jnp.arange(rank) < (limit - 1)[:, :, None, None]) & jnp.isfinite(vals)
-        idx = jnp.concatenate([top.reshape(b, n, g * rank).astype(jnp.int32), idx], axis=2)
-        ok = jnp.concatenate([top_ok.reshape(b, n, g * rank), ok], axis=2)
-    if g == 1:  # distinct already: order the selected pages first, by page number
-        key = jnp.where(ok, idx, p + jnp.arange(idx.shape[2]))
-        order = jnp.argsort(key, axis=2)
-        return jnp.take_along_axis(idx, order, axis=2)[..., :width], jnp.take_along_axis(ok, order, axis=2)[..., :width]
+        idx = jnp.concatenate([idx, top.reshape(b, n, g * rank).astype(jnp.int32)], axis=2)
+        ok = jnp.concatenate([ok, top_ok.reshape(b, n, g * rank)], axis=2)
+    if g == 1:  # distinct, and the selected ones already first: the current page, then the top-k
+        return idx[..., :width], ok[..., :width]
     # union: a page mask [B, N, P], then its first `width` set pages in increasing order
     mask = jax.vmap(jax.vmap(lambda i, o: jnp.zeros((p,), bool).at[i].max(o)))(idx, ok)
     _, pages = jax.lax.top_k(jnp.where(mask, (p - jnp.arange(p)).astype(jnp.float32), 0.0), width)

@@ -93,7 +93,12 @@ def test_selection_equals_the_paper_per_query_head(rng, mode, k):
                 want = set(order[: k - 1]) | {num_pages - 1}
                 assert len(got) == k
             assert got == want, (bi, ni, got, want)
-            assert list(pages[bi, ni][valid[bi, ni]]) == sorted(got)  # selected first, in page order
+            count = int(valid[bi, ni].sum())
+            assert valid[bi, ni, :count].all()  # selected first: what the kernel reads
+            if mode == "max":  # the newest page, then the others by descending score
+                assert list(pages[bi, ni, :count]) == [num_pages - 1] + order[: k - 1]
+            else:  # in page order
+                assert list(pages[bi, ni, :count]) == sorted(got)
 
 
 def test_decode_step_attends_exactly_over_the_selected_pages(tiny_config, rng):
