@@ -41,6 +41,7 @@ implemented), with a second store, or after a selector that evicts while decodin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar
 
@@ -106,14 +107,18 @@ def page_bounds(kv: SlotKV, page: int):
 
 def page_scores(q: jax.Array, kmax: jax.Array, kmin: jax.Array) -> jax.Array:
     """Quest's page score: q [B, N, G, H], kmax / kmin [B, N, P, H] -> [B, N, G, P] float32,
-    sum_i max(q_i M_i, q_i m_i) = q+ . M + q- . m; -inf for empty pages."""
-    valid = jnp.isfinite(kmax[..., :1].astype(jnp.float32))  # [B, N, P, 1]
-    hi = jnp.where(valid, kmax.astype(jnp.float32), 0.0)
-    lo = jnp.where(valid, kmin.astype(jnp.float32), 0.0)
-    qf = q.astype(jnp.float32)
-    pos_part = jnp.einsum("bngh,bnph->bngp", jnp.maximum(qf, 0.0), hi, precision="highest")
-    neg_part = jnp.einsum("bngh,bnph->bngp", jnp.minimum(qf, 0.0), lo, precision="highest")
-    return jnp.where(valid[..., 0][:, :, None, :], pos_part + neg_part, -jnp.inf)
+    sum_i max(q_i M_i, q_i m_i) = q+ . M + q- . m; -inf for empty pages. The products are
+    taken in the bounds' dtype (the cache's: the bounds are read once, not widened into a
+    float32 copy; q rounded to it, as the paper's kernels compute in half precision) with
+    float32 accumulation; exact for a float32 cache."""
+    dt = kmax.dtype
+    valid = jnp.isfinite(kmax[..., 0])  # [B, N, P]
+    hi = jnp.where(valid[..., None], kmax, 0).astype(dt)
+    lo = jnp.where(valid[..., None], kmin, 0).astype(dt)
+    qd = q.astype(dt)
+    dot = functools.partial(jnp.einsum, "bngh,bnph->bngp", precision="highest", preferred_element_type=jnp.float32)
+    score = dot(jnp.maximum(qd, 0), hi) + dot(jnp.minimum(qd, 0), lo)
+    return jnp.where(valid[:, :, None, :], score, -jnp.inf)
 
 
 def select_pages(scores: jax.Array, current, limit: jax.Array, rank: int, width: int, mode: str):

@@ -53,6 +53,20 @@ def test_page_score_bounds_every_key_of_its_page(page, pages, h, empty, scale, s
             np.testing.assert_allclose(score[:, p], best, rtol=1e-5, atol=tol)
 
 
+def test_page_scores_of_a_bfloat16_cache_track_float32_and_keep_empty_pages_out(rng):
+    """A bfloat16 cache's bounds are scored in bfloat16 with float32 accumulation: within
+    bfloat16 rounding of the float32 scores of the same (rounded) bounds, -inf for empty pages."""
+    k = rng.standard_normal((1, 2, 64, 32)).astype(np.float32)
+    pos = np.broadcast_to(np.where(np.arange(64) < 40, np.arange(64), -1), (1, 2, 64)).astype(np.int32)
+    q = rng.standard_normal((1, 2, 3, 32)).astype(np.float32)
+    kv16 = SlotKV(jnp.asarray(k, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16), jnp.asarray(pos), jnp.asarray(40))
+    kmax, kmin = page_bounds(kv16, 16)
+    got = np.asarray(page_scores(jnp.asarray(q, jnp.bfloat16), kmax, kmin))
+    want = np.asarray(page_scores(jnp.asarray(q), kmax.astype(jnp.float32), kmin.astype(jnp.float32)))
+    assert got.dtype == np.float32 and np.all(got[..., 3] == -np.inf) and np.all(np.isfinite(got[..., :3]))
+    np.testing.assert_allclose(got[..., :3], want[..., :3], rtol=2e-2, atol=0.1)
+
+
 # ---- the selection: an independent re-implementation of the paper's algorithm ---------------------
 def paper_pages(q_head: np.ndarray, keys: np.ndarray, page: int, k: int) -> set[int]:
     """Quest's selection for one query head over one KV head's keys [S, H] (every slot filled,
