@@ -9,8 +9,9 @@ blocks. Such a leaf is written while the prompt is prefilled and only read while
   chunk, so a prefill's output carries the memory kind (`x.sharding.memory_kind ==
   "pinned_host"`) as out_shardings would give it;
 - reads: `take_along_axis` / `slice_tokens` run the gather or slice where the leaf lives (on
-  the host, in a host computation (`compute_on`, compute type "device_host"), the indices copied there first) and move only
-  the selected rows to the device; a whole host leaf is never copied to the device;
+  the host, in a host computation: `compute_on`, compute type "device_host", the indices
+  copied there first) and move only the selected rows to the device; a whole host leaf is
+  never copied to the device;
 - writes (prefill only): `write` runs the `dynamic_update_slice` on the host;
 - the decode loop (`kvjax.generation.steps`) takes host leaves out of the `while_loop` carry
   (`split_host`): they are loop-invariant operands, never carried and rewritten.

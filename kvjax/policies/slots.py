@@ -18,7 +18,7 @@ from ..state import SlotKV
 #: block sends every decode step to the jnp reference attention instead
 #: (`kvjax.attention.fallbacks()`).
 SLOT_MULTIPLE = 64
-#: ... from this many slots on (at most 6% more slots); shorter caches keep their exact size,
+#: ... from this many slots on (at most 63 spare slots, about 6%); shorter caches keep their exact size,
 #: where the reference attention costs little and the spare slots would be a large share.
 ALIGN_FROM = 1024
 
